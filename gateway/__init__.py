@@ -1,0 +1,25 @@
+"""Embedding gateway: one OpenAI-compatible HTTP API for text embeddings, any runtime behind it."""
+
+from __future__ import annotations
+
+import os
+
+# Never reach for a model hub at run time; a user who wants downloads sets these to 0 explicitly.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+
+from .backend import Backend, BackendError, Converter, ModelInfo, NoOptions
+from .hookspecs import hookimpl
+
+__all__ = ["Backend", "BackendError", "Converter", "ModelInfo", "NoOptions", "create_app", "hookimpl"]
+__version__ = "0.1.0"
+
+
+def __getattr__(name: str) -> object:
+    # create_app pulls in Litestar; plugins importing `hookimpl` should not pay for that.
+    if name == "create_app":
+        from .app import create_app
+
+        return create_app
+    raise AttributeError(name)

@@ -1,0 +1,80 @@
+"""What a backend plugin implements. Synchronous on purpose: every runtime we wrap blocks; the core moves
+calls off the event loop and batches them."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from typing import Any, ClassVar
+
+import msgspec
+import numpy as np
+
+
+class NoOptions(msgspec.Struct, forbid_unknown_fields=True):
+    """A backend that takes no options."""
+
+
+class ModelInfo(msgspec.Struct, frozen=True, kw_only=True):
+    """What a loaded model tells the core about itself."""
+
+    dimension: int
+    # The model's own limit, special tokens included (the count reported in usage is on the same basis).
+    max_input_tokens: int
+    # True when the vectors `embed` returns are unit length (so Matryoshka cuts are re-normalized).
+    normalized: bool
+
+
+class BackendError(Exception):
+    """A model cannot be loaded or served; the message is shown to operators (and in 503 bodies)."""
+
+
+class Backend(ABC):
+    """One served model. The core calls `load` once, then `count_tokens` and `embed` from worker threads.
+
+    `embed` is never called concurrently on one instance unless `max_concurrent_batches` says it may be
+    (a remote backend can allow several batches in flight; an in-process runtime uses one).
+    """
+
+    #: The `backend = "..."` value in gateway.toml.
+    name: ClassVar[str]
+    #: Struct that validates the model's `[models.X.options]` table.
+    Options: ClassVar[type[msgspec.Struct]] = NoOptions
+    default_max_batch_size: ClassVar[int] = 32
+    default_max_batch_tokens: ClassVar[int] = 16_384
+    max_concurrent_batches: ClassVar[int] = 1
+
+    def __init__(self, *, model: str, path: str, options: Any, trust_remote_code: bool = False) -> None:
+        self.model = model
+        self.path = path
+        self.options = options
+        self.trust_remote_code = trust_remote_code
+
+    @abstractmethod
+    def load(self) -> ModelInfo:
+        """Load the model (may take seconds); raise BackendError with a readable reason on failure."""
+
+    @abstractmethod
+    def count_tokens(self, texts: Sequence[str]) -> list[int]:
+        """Tokens the model's own tokenizer produces for each text, special tokens included, untruncated."""
+
+    @abstractmethod
+    def embed(self, texts: Sequence[str]) -> np.ndarray:
+        """Vectors for `texts` as float32 [len(texts), dimension], in input order."""
+
+    def close(self) -> None:  # noqa: B027 - optional hook, a no-op by default
+        """Release the model's resources."""
+
+
+class Converter(ABC):
+    """`gateway convert SRC --to NAME --out PATH`: a model format a plugin can produce."""
+
+    name: ClassVar[str]
+    help: ClassVar[str] = ""
+
+    def add_arguments(self, parser: Any) -> None:  # noqa: B027 - optional
+        """Add this converter's own options to the `convert` argparse parser."""
+
+    @abstractmethod
+    def convert(self, src: str, out: str, args: Any) -> None:
+        """Write the converted model to `out`; raise BackendError with a readable reason on failure."""

@@ -1,0 +1,182 @@
+"""The `gateway` command: serve | embed | models | check-config | convert | hash-key."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from .auth import KeyStore, hash_key, new_key
+from .config import DEFAULT_CONFIG, ConfigError, GatewayConfig, load_config, resolve_model_path
+from .plugins import PluginError, collect_backends, collect_converters, get_plugin_manager
+from .registry import Registry, build_specs, check_paths
+
+
+def _fail(message: str) -> int:
+    print(f"error: {message}", file=sys.stderr)
+    return 2
+
+
+def _load(path: str) -> tuple[GatewayConfig, Registry]:
+    config = load_config(path)
+    specs = build_specs(config, collect_backends(get_plugin_manager()), path)
+    return config, Registry(specs)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from .app import create_app
+
+    config = load_config(args.config)
+    keys = KeyStore.from_config(config.auth.api_keys)
+    if not keys:
+        # Like a notebook server's token: usable out of the box, still not open to anyone on the network.
+        key = new_key()
+        keys = KeyStore([key])
+        print(f"No API key configured; this run accepts: Authorization: Bearer {key}", file=sys.stderr, flush=True)
+    app = create_app(config, keys=keys)
+    host = args.host or config.server.host
+    port = args.port if args.port is not None else config.server.port
+    uvicorn.run(app, host=host, port=port, log_level=config.server.log_level, access_log=False)
+    return 0
+
+
+def cmd_embed(args: argparse.Namespace) -> int:
+    from .app import _embed
+    from .schemas import EmbeddingRequest
+
+    config, registry = _load(args.config)
+    model = registry.resolve(args.model)
+    model.load()
+    if model.state != "ready":
+        return _fail(f"model {model.name!r}: {model.error}")
+    from .app import Gateway
+
+    gw = Gateway(config, registry, KeyStore([]))
+    body = EmbeddingRequest(model=args.model, input=list(args.text), dimensions=args.dimensions)
+    try:
+        response = asyncio.run(_embed(gw, body))
+    finally:
+        model.close()
+    import msgspec
+
+    sys.stdout.write(msgspec.json.encode(response).decode() + "\n")
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    _, registry = _load(args.config)
+    rows = [("model", "backend", "aliases", "max tokens", "dimensions", "path")]
+    for name, m in registry.models.items():
+        cfg = m.spec.config
+        rows.append(
+            (
+                name,
+                cfg.backend,
+                ",".join(cfg.aliases) or "-",
+                str(cfg.max_input_tokens or "model's own"),
+                ",".join(map(str, cfg.matryoshka_dimensions or [])) or "full only",
+                cfg.path,
+            )
+        )
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
+    return 0
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    config, registry = _load(args.config)
+    problems = check_paths({n: m.spec for n, m in registry.models.items()})
+    if problems:
+        for p in problems:
+            print(f"error: {args.config}: {p}", file=sys.stderr)
+        return 2
+    print(f"{args.config}: OK ({len(config.models)} models: {', '.join(config.models) or 'none'})")
+    return 0
+
+
+def cmd_hash_key(args: argparse.Namespace) -> int:
+    key = args.key or new_key()
+    print(f"key:    {key}\nconfig: {hash_key(key)}")
+    return 0
+
+
+def build_parser(converters: dict[str, object] | None = None) -> argparse.ArgumentParser:
+    """The argparse tree; converters add their own options to `convert`."""
+    parser = argparse.ArgumentParser(prog="gateway", description="Embedding gateway: one HTTP API for embeddings.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def with_config(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        p.add_argument(
+            "--config",
+            default=os.environ.get("GATEWAY_CONFIG", DEFAULT_CONFIG),
+            help="path to gateway.toml (default: %(default)s)",
+        )
+        return p
+
+    p = with_config(sub.add_parser("serve", help="start the HTTP server"))
+    p.add_argument("--host", help="bind address (default: [server].host)")
+    p.add_argument("--port", type=int, help="port (default: [server].port)")
+    p.set_defaults(func=cmd_serve)
+
+    p = with_config(sub.add_parser("embed", help="embed texts in-process and print the JSON response"))
+    p.add_argument("text", nargs="+", help="texts to embed")
+    p.add_argument("--model", required=True, help="model name or alias")
+    p.add_argument("--dimensions", type=int, help="Matryoshka dimensions")
+    p.set_defaults(func=cmd_embed)
+
+    p = with_config(sub.add_parser("models", help="list configured models"))
+    p.set_defaults(func=cmd_models)
+
+    p = sub.add_parser("check-config", help="validate a config without loading any model")
+    p.add_argument("config", nargs="?", default=os.environ.get("GATEWAY_CONFIG", DEFAULT_CONFIG))
+    p.set_defaults(func=cmd_check_config)
+
+    p = sub.add_parser("hash-key", help="print a new (or the given) API key and its sha256 form for gateway.toml")
+    p.add_argument("key", nargs="?")
+    p.set_defaults(func=cmd_hash_key)
+
+    converters = converters or {}
+    p = sub.add_parser("convert", help="convert a model for another backend (" + ", ".join(converters) + ")")
+    p.add_argument("src", help="model folder, or pkg:PACKAGE/sub/path")
+    p.add_argument("--to", required=True, choices=sorted(converters), help="target format")
+    p.add_argument("--out", required=True, help="output path")
+    for conv in converters.values():
+        conv.add_arguments(p)  # type: ignore[attr-defined]
+    p.set_defaults(func=None, converters=converters)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `gateway` command."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from .backend import BackendError
+
+    try:
+        converters = collect_converters(get_plugin_manager())
+        args = build_parser(converters).parse_args(argv)
+        if args.command == "convert":
+            src = str(resolve_model_path(args.src, Path.cwd()))
+            args.converters[args.to].convert(src, args.out, args)
+            return 0
+        return int(args.func(args))
+    except (ConfigError, PluginError, BackendError) as exc:
+        return _fail(str(exc))
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:
+        from .errors import GatewayError
+
+        if isinstance(exc, GatewayError):
+            return _fail(exc.message)
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,139 @@
+"""`gateway.toml`: msgspec Structs, decoded strictly so a typo fails at start with its key path."""
+
+from __future__ import annotations
+
+import importlib.resources
+import os
+from pathlib import Path
+from typing import Any
+
+import msgspec
+
+DEFAULT_CONFIG = "gateway.toml"
+
+
+class ConfigError(Exception):
+    """The configuration is invalid; the message names the file and key path."""
+
+
+class _Strict(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    pass
+
+
+class ServerConfig(_Strict):
+    host: str = "127.0.0.1"
+    port: int = 8000
+    # OpenAI's own limits: 2048 inputs and 300k tokens per request.
+    max_items_per_request: int = 2048
+    max_tokens_per_request: int = 300_000
+    max_body_bytes: int = 16 * 1024 * 1024
+    request_timeout_s: float = 120.0
+    log_level: str = "info"
+
+
+class AuthConfig(_Strict):
+    # Plain keys or "sha256:<hex>" digests; GATEWAY_API_KEYS (comma-separated) adds more.
+    api_keys: list[str] = []
+
+
+class BatchingConfig(_Strict):
+    # None: the backend's own default.
+    max_batch_size: int | None = None
+    max_batch_tokens: int | None = None
+    # How long a worker waits for more inputs when its batch is not full. 0 keeps single-client latency
+    # at the raw batch-1 figure; under load batches fill anyway while the previous one computes.
+    max_wait_ms: float = 0.0
+    # Inputs (not requests) waiting per model; beyond this a request is refused with 429 at once.
+    max_queue: int = 4096
+
+
+class ModelConfig(_Strict):
+    backend: str
+    path: str
+    aliases: list[str] = []
+    max_input_tokens: int | None = None
+    matryoshka_dimensions: list[int] | None = None
+    trust_remote_code: bool = False
+    batching: BatchingConfig = msgspec.field(default_factory=BatchingConfig)
+    # Validated by the backend's own Options Struct once plugins are known.
+    options: dict[str, Any] = {}
+
+
+class GatewayConfig(_Strict):
+    server: ServerConfig = msgspec.field(default_factory=ServerConfig)
+    auth: AuthConfig = msgspec.field(default_factory=AuthConfig)
+    models: dict[str, ModelConfig] = {}
+
+
+def resolve_model_path(raw: str, base_dir: Path) -> Path:
+    """`pkg:NAME/sub/dir` -> a folder inside an installed package; relative paths -> beside the config."""
+    if raw.startswith("pkg:"):
+        package, _, sub = raw[4:].partition("/")
+        try:
+            root = importlib.resources.files(package)
+        except ModuleNotFoundError as exc:
+            raise ConfigError(f"package {package!r} named in path {raw!r} is not installed") from exc
+        return Path(str(root.joinpath(sub))) if sub else Path(str(root))
+    path = Path(os.path.expanduser(raw))
+    return path if path.is_absolute() else (base_dir / path)
+
+
+def _check_models(config: GatewayConfig, where: str) -> None:
+    seen: dict[str, str] = {}
+    for name, model in config.models.items():
+        key = f"$.models.{name}"
+        if model.max_input_tokens is not None and model.max_input_tokens < 1:
+            raise ConfigError(f"{where}: `{key}.max_input_tokens` must be a positive integer")
+        dims = model.matryoshka_dimensions
+        if dims is not None and (not dims or any(d < 1 for d in dims)):
+            raise ConfigError(f"{where}: `{key}.matryoshka_dimensions` must be a non-empty list of positive integers")
+        b = model.batching
+        for field in ("max_batch_size", "max_batch_tokens"):
+            value = getattr(b, field)
+            if value is not None and value < 1:
+                raise ConfigError(f"{where}: `{key}.batching.{field}` must be a positive integer")
+        if b.max_queue < 1 or b.max_wait_ms < 0:
+            raise ConfigError(f"{where}: `{key}.batching` needs max_queue >= 1 and max_wait_ms >= 0")
+        for label in (name, *model.aliases):
+            if label in seen:
+                raise ConfigError(f"{where}: name {label!r} at `{key}` is already used by model {seen[label]!r}")
+            seen[label] = name
+
+
+def parse_config(data: bytes | str, where: str = "<config>", base_dir: Path | None = None) -> GatewayConfig:
+    """Decode TOML text into a GatewayConfig; ConfigError names `where` and the key path.
+
+    Model paths come back resolved (absolute), relative ones against `base_dir` (default: cwd).
+    """
+    try:
+        config = msgspec.toml.decode(data, type=GatewayConfig)
+    except msgspec.ValidationError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+    except msgspec.DecodeError as exc:
+        raise ConfigError(f"{where}: not valid TOML: {exc}") from None
+    s = config.server
+    if not 0 <= s.port <= 65535:
+        raise ConfigError(f"{where}: `$.server.port` must be between 0 and 65535")
+    for field in ("max_items_per_request", "max_tokens_per_request", "max_body_bytes"):
+        if getattr(s, field) < 1:
+            raise ConfigError(f"{where}: `$.server.{field}` must be a positive integer")
+    if s.request_timeout_s <= 0:
+        raise ConfigError(f"{where}: `$.server.request_timeout_s` must be positive")
+    _check_models(config, where)
+    base = base_dir or Path.cwd()
+    for name, model in config.models.items():
+        try:
+            model.path = str(resolve_model_path(model.path, base))
+        except ConfigError as exc:
+            raise ConfigError(f"{where}: `$.models.{name}.path`: {exc}") from None
+    return config
+
+
+def load_config(path: str | os.PathLike[str]) -> GatewayConfig:
+    """Read and validate a config file (structure only: no model is loaded)."""
+    p = Path(path)
+    try:
+        data = p.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"{p}: cannot read config: {exc.strerror}") from None
+    return parse_config(data, str(p), p.resolve().parent)

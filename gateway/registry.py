@@ -1,0 +1,223 @@
+"""Configured models: name/alias -> backend + batcher, loaded in the background, swapped on reload."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import numpy as np
+
+from .backend import Backend, BackendError, ModelInfo
+from .batching import Batcher
+from .config import ConfigError, GatewayConfig, ModelConfig
+from .errors import GatewayError
+
+log = logging.getLogger("gateway.registry")
+
+
+@dataclass(frozen=True, slots=True)
+class ModelSpec:
+    """A model's config, validated against its backend (options converted to the backend's Struct)."""
+
+    name: str
+    config: ModelConfig
+    backend_cls: type[Backend]
+    options: Any
+
+
+def build_specs(
+    config: GatewayConfig, backends: Mapping[str, type[Backend]], where: str = "<config>"
+) -> dict[str, ModelSpec]:
+    """Check each model's backend exists and its options fit the backend's Options Struct."""
+    specs: dict[str, ModelSpec] = {}
+    for name, model in config.models.items():
+        cls = backends.get(model.backend)
+        if cls is None:
+            from .plugins import BROKEN
+
+            available = ", ".join(sorted(backends)) or "none installed"
+            hint = (
+                f"; plugin {model.backend!r} failed to import: {BROKEN[model.backend]}"
+                if model.backend in BROKEN
+                else ""
+            )
+            raise ConfigError(
+                f"{where}: `$.models.{name}.backend`: unknown backend {model.backend!r} (available: {available}){hint}"
+            )
+        try:
+            options = msgspec.convert(model.options, cls.Options)
+        except msgspec.ValidationError as exc:
+            msg = str(exc).replace("`$", f"`$.models.{name}.options")
+            raise ConfigError(f"{where}: {msg}") from None
+        specs[name] = ModelSpec(name=name, config=model, backend_cls=cls, options=options)
+    return specs
+
+
+def check_paths(specs: Mapping[str, ModelSpec]) -> list[str]:
+    """Problems with model paths that exist nowhere (check-config reports them; serve marks the model failed)."""
+    return [
+        f"`$.models.{name}.path`: {spec.config.path} does not exist"
+        for name, spec in specs.items()
+        if not Path(spec.config.path).exists()
+    ]
+
+
+@dataclass(eq=False)
+class ServedModel:
+    """One configured model and its lifecycle."""
+
+    spec: ModelSpec
+    state: str = "loading"
+    error: str | None = None
+    backend: Backend | None = None
+    info: ModelInfo | None = None
+    batcher: Batcher | None = None
+    created: int = field(default_factory=lambda: int(time.time()))
+    _loaded: threading.Event = field(default_factory=threading.Event)
+    # One tokenizer thread per model: tokenizers need not be safe for concurrent use.
+    _tokenize: ThreadPoolExecutor | None = None
+    inflight: int = 0
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    @property
+    def max_input_tokens(self) -> int:
+        assert self.info is not None
+        own = self.info.max_input_tokens
+        configured = self.spec.config.max_input_tokens
+        return min(own, configured) if configured else own
+
+    def load(self) -> None:
+        """Construct and load the backend (blocking); failures leave the model `failed` with a reason."""
+        spec = self.spec
+        started = time.perf_counter()
+        try:
+            if not Path(spec.config.path).exists():
+                raise BackendError(f"model path {spec.config.path} does not exist")
+            backend = spec.backend_cls(
+                model=spec.name,
+                path=spec.config.path,
+                options=spec.options,
+                trust_remote_code=spec.config.trust_remote_code,
+            )
+            info = backend.load()
+            dims = spec.config.matryoshka_dimensions or []
+            too_big = [d for d in dims if d > info.dimension]
+            if too_big:
+                backend.close()
+                raise BackendError(f"matryoshka_dimensions {too_big} exceed the model's dimension {info.dimension}")
+            b = spec.config.batching
+            self.batcher = Batcher(
+                backend,
+                model=spec.name,
+                max_batch_size=b.max_batch_size or spec.backend_cls.default_max_batch_size,
+                max_batch_tokens=b.max_batch_tokens or spec.backend_cls.default_max_batch_tokens,
+                max_wait_ms=b.max_wait_ms,
+                max_queue=b.max_queue,
+            )
+            self._tokenize = ThreadPoolExecutor(1, thread_name_prefix=f"tokenize-{spec.name}")
+            self.backend, self.info, self.state = backend, info, "ready"
+            log.info(
+                "model %r ready (%s, dim %d, max %d tokens) in %.1fs",
+                spec.name,
+                spec.config.backend,
+                info.dimension,
+                self.max_input_tokens,
+                time.perf_counter() - started,
+            )
+        except Exception as exc:  # a broken model must not take the others down
+            reason = str(exc) if isinstance(exc, BackendError) else f"{type(exc).__name__}: {exc}"
+            self.state, self.error = "failed", reason
+            log.error("model %r failed to load: %s", spec.name, reason, exc_info=not isinstance(exc, BackendError))
+        finally:
+            self._loaded.set()
+
+    async def ready(self, timeout: float) -> None:
+        """Wait for the load to finish; 503 if it failed or is still running after `timeout`."""
+        if not self._loaded.is_set():
+            loop = asyncio.get_running_loop()
+            done = await loop.run_in_executor(None, self._loaded.wait, timeout)
+            if not done:
+                raise GatewayError(
+                    503,
+                    f"model {self.name!r} is still loading; retry shortly",
+                    code="model_loading",
+                    headers={"Retry-After": "5"},
+                )
+        if self.state != "ready":
+            raise GatewayError(
+                503, f"model {self.name!r} is not available: {self.error or self.state}", code="model_unavailable"
+            )
+
+    async def count_tokens(self, texts: list[str]) -> list[int]:
+        assert self.backend is not None and self._tokenize is not None
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._tokenize, self.backend.count_tokens, texts)
+
+    async def embed(self, texts: list[str], tokens: list[int]) -> np.ndarray:
+        assert self.batcher is not None
+        self.inflight += 1
+        try:
+            return await self.batcher.embed(texts, tokens)
+        finally:
+            self.inflight -= 1
+
+    def close(self) -> None:
+        """Finish queued work, then release the model."""
+        if self.batcher is not None:
+            self.batcher.close()
+        if self._tokenize is not None:
+            self._tokenize.shutdown(wait=False)
+        if self.backend is not None:
+            try:
+                self.backend.close()
+            except Exception:
+                log.exception("closing model %r", self.name)
+        self.state = "unloaded"
+
+
+class Registry:
+    """Names and aliases -> ServedModel. Replaced as a whole on reload, so lookups never see a half state."""
+
+    def __init__(self, specs: Mapping[str, ModelSpec]) -> None:
+        self.models: dict[str, ServedModel] = {name: ServedModel(spec) for name, spec in specs.items()}
+        self._names: dict[str, ServedModel] = {}
+        for model in self.models.values():
+            self._names[model.name] = model
+            for alias in model.spec.config.aliases:
+                self._names[alias] = model
+
+    def resolve(self, name: str) -> ServedModel:
+        """The model called `name` (or aliased so); 404 listing what exists."""
+        model = self._names.get(name)
+        if model is None:
+            available = ", ".join(sorted(self.models)) or "none"
+            raise GatewayError(
+                404, f"model {name!r} not found; available models: {available}", param="model", code="model_not_found"
+            )
+        return model
+
+    def load_all(self) -> threading.Thread:
+        """Load every model in one background thread (one at a time: loading in parallel only thrashes)."""
+
+        def run() -> None:
+            for model in self.models.values():
+                model.load()
+
+        t = threading.Thread(target=run, name="model-loader", daemon=True)
+        t.start()
+        return t
+
+    def close(self) -> None:
+        for model in self.models.values():
+            model.close()

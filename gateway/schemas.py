@@ -1,0 +1,76 @@
+"""Wire types (msgspec Structs); Litestar validates requests against them and builds /schema from them."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import msgspec
+
+
+class EmbeddingRequest(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """Body of POST /v1/embeddings and /api/v3/inference/embeddings."""
+
+    model: str
+    input: str | list[str]
+    dimensions: int | None = None
+    encoding_format: Literal["float", "base64"] = "float"
+    # Accepted for OpenAI compatibility; not used.
+    user: str | None = None
+
+
+class EmbeddingData(msgspec.Struct, kw_only=True):
+    embedding: list[float] | str
+    index: int
+    object: Literal["embedding"] = "embedding"
+
+
+class Usage(msgspec.Struct, kw_only=True):
+    prompt_tokens: int
+    total_tokens: int
+
+
+class EmbeddingResponse(msgspec.Struct, kw_only=True):
+    id: str
+    data: list[EmbeddingData]
+    model: str
+    created: int
+    usage: Usage
+    object: Literal["embedding"] = "embedding"
+
+
+class ErrorDetail(msgspec.Struct, kw_only=True):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(msgspec.Struct, kw_only=True):
+    """Every non-2xx answer: OpenAI's error shape."""
+
+    error: ErrorDetail
+
+
+class ModelCard(msgspec.Struct, kw_only=True):
+    id: str
+    created: int
+    backend: str
+    ready: bool
+    state: Literal["loading", "ready", "failed", "unloaded"]
+    dimension: int | None
+    max_input_tokens: int | None
+    matryoshka_dimensions: list[int] | None
+    aliases: list[str]
+    error: str | None = None
+    object: Literal["model"] = "model"
+    owned_by: str = "embedding-gateway"
+
+
+class ModelList(msgspec.Struct, kw_only=True):
+    data: list[ModelCard]
+    object: Literal["list"] = "list"
+
+
+class Health(msgspec.Struct, kw_only=True):
+    status: str
+    models: dict[str, str] = {}

