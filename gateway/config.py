@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib.resources
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import msgspec
 
@@ -100,17 +100,34 @@ def _check_models(config: GatewayConfig, where: str) -> None:
             seen[label] = name
 
 
+T = TypeVar("T")
+
+
+def convert_at(obj: Any, type_: type[T], path: str, where: str) -> T:
+    """msgspec.convert with errors that name `where` and the full key path."""
+    try:
+        return msgspec.convert(obj, type_)
+    except msgspec.ValidationError as exc:
+        msg = str(exc)
+        msg = msg.replace("`$", f"`{path}", 1) if "`$" in msg else f"{msg} - at `{path}`"
+        raise ConfigError(f"{where}: {msg}") from None
+
+
 def parse_config(data: bytes | str, where: str = "<config>", base_dir: Path | None = None) -> GatewayConfig:
     """Decode TOML text into a GatewayConfig; ConfigError names `where` and the key path.
 
     Model paths come back resolved (absolute), relative ones against `base_dir` (default: cwd).
     """
     try:
-        config = msgspec.toml.decode(data, type=GatewayConfig)
-    except msgspec.ValidationError as exc:
-        raise ConfigError(f"{where}: {exc}") from None
+        raw = msgspec.toml.decode(data)
     except msgspec.DecodeError as exc:
         raise ConfigError(f"{where}: not valid TOML: {exc}") from None
+    # Models are converted one by one: msgspec names a dict value `$.models[...]`, we want the model's name.
+    models = raw.pop("models", {})
+    config = convert_at(raw, GatewayConfig, "$", where)
+    if not isinstance(models, dict):
+        raise ConfigError(f"{where}: `$.models` must be a table of models")
+    config.models = {name: convert_at(m, ModelConfig, f"$.models.{name}", where) for name, m in models.items()}
     s = config.server
     if not 0 <= s.port <= 65535:
         raise ConfigError(f"{where}: `$.server.port` must be between 0 and 65535")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 import uuid
 from typing import Any
 
@@ -71,25 +72,31 @@ def _gateway_error(_: Request[Any, Any, Any], exc: GatewayError) -> Response[dic
     return error_response(exc.status, exc.message, exc.param, exc.code, exc.headers)
 
 
-def _param_from_key(key: str | None) -> str | None:
-    # msgspec reports "$.input[2]"; OpenAI's `param` is the plain field path.
-    if not key:
-        return None
-    return key.removeprefix("$.").removeprefix("$") or None
+_FIELD = re.compile(r"field `([^`]+)`")
+
+
+def _param(key: str | None, message: str) -> str | None:
+    # Litestar names the whole body "data"; msgspec then names the field inside the message.
+    if key in (None, "", "data", "$"):
+        m = _FIELD.search(message)
+        return m.group(1) if m else None
+    return key.removeprefix("$.")
 
 
 def _validation_error(_: Request[Any, Any, Any], exc: ValidationException) -> Response[dict[str, Any]]:
     extra = exc.extra
-    if isinstance(extra, list) and extra and isinstance(extra[0], dict):
-        first = extra[0]
-        message = str(first.get("message", exc.detail))
-        param = _param_from_key(first.get("key"))
-        if param and param not in message:
-            message = f"{message} (field `{param}`)"
-        if "JSON is malformed" in message or "malformed" in str(exc.detail).lower():
-            return error_response(400, f"request body is not valid JSON: {message}", None, "invalid_json")
-        return error_response(400, f"invalid request: {message}", param, "invalid_value")
-    return error_response(400, f"invalid request: {exc.detail}", None, "invalid_value")
+    first = extra[0] if isinstance(extra, list) and extra and isinstance(extra[0], dict) else {}
+    message = str(first.get("message", exc.detail))
+    key = first.get("key")
+    if message == f"'{key}'":
+        # Litestar reports an empty body as a KeyError on its own parameter name.
+        return error_response(400, "request body is empty: expected a JSON object", None, "invalid_json")
+    if key == "data" and message.startswith("Expected `object`"):
+        message = f"request body must be a JSON object: {message}"
+    param = _param(key, message)
+    if param and f"`{param}`" not in message:
+        message = f"{message} - at `{param}`"
+    return error_response(400, f"invalid request: {message}", param, "invalid_value")
 
 
 def _http_error(_: Request[Any, Any, Any], exc: HTTPException) -> Response[dict[str, Any]]:
@@ -99,6 +106,8 @@ def _http_error(_: Request[Any, Any, Any], exc: HTTPException) -> Response[dict[
         message = f"no route for this path: {message}"
     elif status == 413:
         message = f"request body too large: {message}"
+    elif status == 400 and "JSON is malformed" in message:
+        return error_response(400, f"request body is not valid JSON: {message}", None, "invalid_json")
     return error_response(status, message, None, None, dict(exc.headers or {}))
 
 

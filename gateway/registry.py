@@ -12,12 +12,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import msgspec
 import numpy as np
 
 from .backend import Backend, BackendError, ModelInfo
 from .batching import Batcher
-from .config import ConfigError, GatewayConfig, ModelConfig
+from .config import ConfigError, GatewayConfig, ModelConfig, convert_at
 from .errors import GatewayError
 
 log = logging.getLogger("gateway.registry")
@@ -52,11 +51,7 @@ def build_specs(
             raise ConfigError(
                 f"{where}: `$.models.{name}.backend`: unknown backend {model.backend!r} (available: {available}){hint}"
             )
-        try:
-            options = msgspec.convert(model.options, cls.Options)
-        except msgspec.ValidationError as exc:
-            msg = str(exc).replace("`$", f"`$.models.{name}.options")
-            raise ConfigError(f"{where}: {msg}") from None
+        options = convert_at(model.options, cls.Options, f"$.models.{name}.options", where)
         specs[name] = ModelSpec(name=name, config=model, backend_cls=cls, options=options)
     return specs
 

@@ -104,3 +104,26 @@ def test_input_at_the_limit_is_accepted(torch_client):
     r = torch_client.post("/v1/embeddings", json={"model": "minilm", "input": "word " * 254})
     assert r.status_code == 200, r.text
     assert r.json()["usage"]["total_tokens"] == 256
+
+
+def test_concurrent_requests_equal_single_requests(torch_client):
+    """Requests merged into shared batches get exactly the answers they get alone."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    texts = [f"{s} #{i}" for i, s in enumerate(SENTENCES * 3)]
+    alone = {
+        t: torch_client.post("/v1/embeddings", json={"model": "minilm", "input": t}).json()["data"][0]["embedding"]
+        for t in texts
+    }
+
+    def call(i: int):
+        group = texts[i : i + 1 + i % 3]
+        r = torch_client.post("/v1/embeddings", json={"model": "minilm", "input": group})
+        assert r.status_code == 200, r.text
+        return group, r.json()
+
+    with ThreadPoolExecutor(16) as pool:
+        for group, body in pool.map(call, range(len(texts))):
+            assert [d["index"] for d in body["data"]] == list(range(len(group)))
+            for t, d in zip(group, body["data"], strict=True):
+                assert cosine(alone[t], d["embedding"]) > 0.9999

@@ -1,0 +1,221 @@
+"""The per-model batcher, with a fake backend: order, sizes, budgets, isolation, cancellation, backpressure."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Sequence
+
+import numpy as np
+import pytest
+
+from gateway import Backend, ModelInfo
+from gateway.batching import Batcher, BatchFailed, QueueFull
+
+from .conftest import FAKE_TOML, fake_vector, serve
+
+
+class Recorder(Backend):
+    name = "recorder"
+
+    def __init__(self, delay: float = 0.0, fail_on: str | None = None, gate: threading.Event | None = None) -> None:
+        super().__init__(model="rec", path=".", options=None)
+        self.delay, self.fail_on, self.gate = delay, fail_on, gate
+        self.batches: list[list[str]] = []
+
+    def load(self) -> ModelInfo:
+        return ModelInfo(dimension=8, max_input_tokens=100, normalized=True)
+
+    def count_tokens(self, texts: Sequence[str]) -> list[int]:
+        return [len(t) for t in texts]
+
+    def embed(self, texts: Sequence[str]) -> np.ndarray:
+        if self.gate is not None:
+            self.gate.wait(5)
+        self.batches.append(list(texts))
+        if self.delay:
+            time.sleep(self.delay)
+        if self.fail_on and any(self.fail_on in t for t in texts):
+            raise ValueError("bad batch")
+        return np.stack([fake_vector(t) for t in texts])
+
+
+def _batcher(backend: Backend, **kw) -> Batcher:
+    kw.setdefault("max_batch_size", 8)
+    kw.setdefault("max_batch_tokens", 10_000)
+    return Batcher(backend, model="rec", **kw)
+
+
+async def _embed(b: Batcher, texts: list[str]) -> np.ndarray:
+    return await b.embed(texts, [len(t) for t in texts])
+
+
+def test_results_in_input_order_across_merged_requests():
+    backend = Recorder(delay=0.02)
+    b = _batcher(backend)
+
+    async def main():
+        reqs = [[f"r{i}-{'x' * (i * 7 % 5)}-{j}" for j in range(i % 4 + 1)] for i in range(20)]
+        outs = await asyncio.gather(*(_embed(b, r) for r in reqs))
+        for texts, out in zip(reqs, outs, strict=True):
+            assert out.shape == (len(texts), 8)
+            for t, v in zip(texts, out, strict=True):
+                np.testing.assert_allclose(v, fake_vector(t), rtol=1e-6)
+
+    asyncio.run(main())
+    b.close()
+    assert max(len(x) for x in backend.batches) > 1, "concurrent requests should share batches"
+    assert all(len(x) <= 8 for x in backend.batches)
+    # inside a batch, inputs are sorted by length (less padding)
+    assert all([len(t) for t in x] == sorted(len(t) for t in x) for x in backend.batches)
+
+
+def test_a_large_request_is_split_into_backend_sized_batches():
+    backend = Recorder()
+    b = _batcher(backend, max_batch_size=4)
+    texts = [f"t{i}" for i in range(10)]
+    out = asyncio.run(_embed(b, texts))
+    b.close()
+    assert [len(x) for x in backend.batches] == [4, 4, 2]
+    np.testing.assert_allclose(out[7], fake_vector("t7"), rtol=1e-6)
+
+
+def test_token_budget_bounds_the_padded_batch():
+    backend = Recorder()
+    b = _batcher(backend, max_batch_size=100, max_batch_tokens=40)
+    texts = ["a" * 10] * 3 + ["b" * 20] * 2 + ["c" * 5] * 4
+    asyncio.run(_embed(b, texts))
+    b.close()
+    for batch in backend.batches:
+        assert max(len(t) for t in batch) * len(batch) <= 40 or len(batch) == 1
+    assert sum(len(x) for x in backend.batches) == len(texts)
+
+
+def test_single_input_larger_than_budget_still_runs():
+    backend = Recorder()
+    b = _batcher(backend, max_batch_tokens=5)
+    out = asyncio.run(_embed(b, ["x" * 50]))
+    b.close()
+    assert out.shape == (1, 8)
+
+
+def test_a_failing_batch_fails_only_its_own_requests():
+    gate = threading.Event()
+    backend = Recorder(fail_on="poison", gate=gate)
+    b = _batcher(backend, max_batch_size=2)
+
+    async def main():
+        first = asyncio.ensure_future(_embed(b, ["hold"]))  # occupies the worker while the rest queue
+        await asyncio.sleep(0.05)
+        bad = asyncio.ensure_future(_embed(b, ["poison", "p2"]))
+        good = asyncio.ensure_future(_embed(b, ["fine", "also fine"]))
+        await asyncio.sleep(0.05)
+        gate.set()
+        results = await asyncio.gather(first, bad, good, return_exceptions=True)
+        assert isinstance(results[1], BatchFailed)
+        assert isinstance(results[0], np.ndarray) and isinstance(results[2], np.ndarray)
+        # the worker survives
+        assert (await _embed(b, ["after"])).shape == (1, 8)
+
+    asyncio.run(main())
+    b.close()
+
+
+def test_cancelled_request_is_dropped_from_the_queue():
+    gate = threading.Event()
+    backend = Recorder(gate=gate)
+    b = _batcher(backend)
+
+    async def main():
+        first = asyncio.ensure_future(_embed(b, ["running"]))
+        await asyncio.sleep(0.05)
+        doomed = asyncio.ensure_future(_embed(b, ["never computed"]))
+        await asyncio.sleep(0.01)
+        assert b.queued == 1
+        doomed.cancel()
+        await asyncio.sleep(0.01)
+        assert b.queued == 0
+        gate.set()
+        await first
+        await _embed(b, ["later"])
+
+    asyncio.run(main())
+    b.close()
+    assert ["never computed"] not in backend.batches
+    assert all("never computed" not in x for x in backend.batches)
+
+
+def test_queue_full_is_refused_at_once():
+    gate = threading.Event()
+    backend = Recorder(gate=gate)
+    b = _batcher(backend, max_queue=3)
+
+    async def main():
+        first = asyncio.ensure_future(_embed(b, ["running"]))
+        await asyncio.sleep(0.05)
+        queued = asyncio.ensure_future(_embed(b, ["q1", "q2"]))
+        await asyncio.sleep(0.01)
+        started = time.perf_counter()
+        with pytest.raises(QueueFull, match="2 inputs queued"):
+            await _embed(b, ["q3", "q4"])
+        assert time.perf_counter() - started < 0.05
+        gate.set()
+        await asyncio.gather(first, queued)
+
+    asyncio.run(main())
+    b.close()
+
+
+def test_queue_full_over_http_is_429_with_retry_after():
+    toml = (
+        FAKE_TOML + "[models.fake.options]\ndelay_s = 0.5\n[models.fake.batching]\nmax_queue = 2\nmax_batch_size = 1\n"
+    )
+    with serve(toml) as client:
+        results: list[int] = []
+        headers: list[str | None] = []
+
+        def call(text: str) -> None:
+            r = client.post("/v1/embeddings", json={"model": "fake", "input": [text, text + " x"]})
+            results.append(r.status_code)
+            headers.append(r.headers.get("retry-after"))
+            if r.status_code == 429:
+                assert r.json()["error"]["type"] == "rate_limit_error"
+                assert "overloaded" in r.json()["error"]["message"]
+
+        threads = [threading.Thread(target=call, args=(f"t{i}",)) for i in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert 429 in results and 200 in results
+        assert set(results) <= {200, 429}
+        assert all(h == "1" for s, h in zip(results, headers, strict=True) if s == 429)
+
+
+def test_health_answers_while_a_long_batch_computes():
+    toml = FAKE_TOML + "[models.fake.options]\ndelay_s = 2.0\n"
+    with serve(toml) as client:
+        done = threading.Event()
+
+        def slow() -> None:
+            client.post("/v1/embeddings", json={"model": "fake", "input": "slow one"})
+            done.set()
+
+        t = threading.Thread(target=slow)
+        t.start()
+        time.sleep(0.3)
+        started = time.perf_counter()
+        assert client.get("/health").status_code == 200
+        assert time.perf_counter() - started < 0.5
+        assert not done.is_set(), "the slow batch should still be computing"
+        t.join()
+
+
+def test_timeout_is_504():
+    toml = "[server]\nrequest_timeout_s = 0.3\n" + FAKE_TOML + "[models.fake.options]\ndelay_s = 1.5\n"
+    with serve(toml) as client:
+        r = client.post("/v1/embeddings", json={"model": "fake", "input": "slow"})
+        assert r.status_code == 504
+        assert "did not finish within 0.3s" in r.json()["error"]["message"]
+        assert client.get("/health").status_code == 200

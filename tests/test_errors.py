@@ -1,0 +1,145 @@
+"""Every bad request gets a clear OpenAI-shaped error (fake backend: this is about the core)."""
+
+from __future__ import annotations
+
+import pytest
+
+from .conftest import FAKE_TOML, serve
+
+URL = "/api/v3/inference/embeddings"
+
+
+def _error(r, status):
+    assert r.status_code == status, r.text
+    body = r.json()
+    assert set(body) == {"error"}
+    assert set(body["error"]) == {"message", "type", "param", "code"}
+    return body["error"]
+
+
+def test_missing_key(fake_client):
+    r = fake_client.post(URL, json={"model": "fake", "input": "x"}, headers={"Authorization": ""})
+    err = _error(r, 401)
+    assert err["type"] == "authentication_error" and "missing API key" in err["message"]
+
+
+@pytest.mark.parametrize("header", ["Bearer nope", "Basic dGVzdA==", "Bearer", "test-key"])
+def test_wrong_key(fake_client, header):
+    err = _error(fake_client.post(URL, json={"model": "fake", "input": "x"}, headers={"Authorization": header}), 401)
+    assert "API key" in err["message"] or "Authorization" in err["message"]
+
+
+def test_auth_checked_before_body(fake_client):
+    r = fake_client.post(URL, content=b"{not json", headers={"Authorization": "Bearer nope"})
+    _error(r, 401)
+
+
+def test_unknown_model_lists_available(fake_client):
+    err = _error(fake_client.post(URL, json={"model": "gpt-9", "input": "x"}), 404)
+    assert err["param"] == "model" and err["code"] == "model_not_found"
+    assert "'gpt-9' not found" in err["message"] and "available models: fake" in err["message"]
+
+
+def test_alias_is_served_and_echoed(fake_client):
+    r = fake_client.post(URL, json={"model": "fake-alias", "input": "x"})
+    assert r.status_code == 200 and r.json()["model"] == "fake-alias"
+
+
+@pytest.mark.parametrize(
+    ("payload", "param", "needle"),
+    [
+        ({"model": "fake", "input": ""}, "input", "`input` is an empty string"),
+        ({"model": "fake", "input": []}, "input", "must not be an empty list"),
+        ({"model": "fake", "input": ["ok", ""]}, "input[1]", "`input[1]` is an empty string"),
+        ({"model": "fake", "input": ["ok", 3]}, "input[1]", "Expected `str`, got `int`"),
+        ({"model": "fake", "input": [[1, 2, 3]]}, "input[0]", "Expected `str`, got `array`"),
+        ({"model": "fake", "input": None}, "input", "Expected `str | array`, got `null`"),
+        ({"model": "fake"}, "input", "missing required field `input`"),
+        ({"input": "x"}, "model", "missing required field `model`"),
+        ({"model": 7, "input": "x"}, "model", "Expected `str`, got `int`"),
+        ({"model": "fake", "input": "x", "temperature": 1}, "temperature", "unknown field `temperature`"),
+        ({"model": "fake", "input": "x", "encoding_format": "int8"}, "encoding_format", "Invalid enum value 'int8'"),
+        ({"model": "fake", "input": "x", "dimensions": "eight"}, "dimensions", "Expected `int | null`, got `str`"),
+        ({"model": "fake", "input": "x", "dimensions": 3}, "dimensions", "allowed: [2, 4, 8]"),
+        ({"model": "fake", "input": "x", "dimensions": 16}, "dimensions", "larger than the model's dimension 8"),
+    ],
+)
+def test_invalid_request(fake_client, payload, param, needle):
+    err = _error(fake_client.post(URL, json=payload), 400)
+    assert err["type"] == "invalid_request_error"
+    assert err["param"] == param
+    assert needle in err["message"], err["message"]
+
+
+def test_input_over_limit_names_count_and_limit(fake_client):
+    words = " ".join(["w"] * 20)
+    err = _error(fake_client.post(URL, json={"model": "fake", "input": ["a", words]}), 400)
+    assert err["message"] == "`input[1]` has 22 tokens; model 'fake' accepts at most 16 tokens per input"
+
+
+@pytest.mark.parametrize("body", [b"{not json", b"", b"[1, 2]", b'"just a string"'])
+def test_malformed_json(fake_client, body):
+    err = _error(fake_client.post(URL, content=body, headers={"Content-Type": "application/json"}), 400)
+    assert err["type"] == "invalid_request_error"
+
+
+def test_too_many_items():
+    toml = "[server]\nmax_items_per_request = 3\n" + FAKE_TOML
+    with serve(toml) as client:
+        err = _error(client.post(URL, json={"model": "fake", "input": ["a", "b", "c", "d"]}), 400)
+        assert "4 items" in err["message"] and "limit is 3" in err["message"]
+
+
+def test_too_many_tokens_per_request():
+    toml = "[server]\nmax_tokens_per_request = 10\n" + FAKE_TOML
+    with serve(toml) as client:
+        err = _error(client.post(URL, json={"model": "fake", "input": ["a b c", "d e f", "g h"]}), 400)
+        assert err["code"] == "too_many_tokens" and "14 tokens" in err["message"] and "limit is 10" in err["message"]
+
+
+def test_body_too_large():
+    toml = "[server]\nmax_body_bytes = 1000\n" + FAKE_TOML
+    with serve(toml) as client:
+        err = _error(client.post(URL, json={"model": "fake", "input": "x" * 5000}), 413)
+        assert "too large" in err["message"]
+
+
+def test_unknown_route_and_method(fake_client):
+    assert "no route" in _error(fake_client.get("/v2/nothing"), 404)["message"]
+    _error(fake_client.get(URL), 405)
+
+
+def test_failing_batch_is_a_500_with_an_id_and_the_server_keeps_serving():
+    toml = FAKE_TOML + '\n[models.fake.options]\nfail_on = "explode"\n'
+    with serve(toml) as client:
+        err = _error(client.post(URL, json={"model": "fake", "input": ["fine", "please explode"]}), 500)
+        assert err["type"] == "api_error" and "error id" in err["message"] and err["code"]
+        assert "Traceback" not in err["message"]
+        ok = client.post(URL, json={"model": "fake", "input": "still fine"})
+        assert ok.status_code == 200
+
+
+def test_model_that_fails_to_load_is_503_while_others_serve():
+    toml = (
+        FAKE_TOML
+        + """
+    [models.broken]
+    backend = "fake"
+    path = "."
+    [models.broken.options]
+    fail_load = true
+
+    [models.missing]
+    backend = "fake"
+    path = "/nonexistent/model/dir"
+    """
+    )
+    with serve(toml) as client:
+        err = _error(client.post(URL, json={"model": "broken", "input": "x"}), 503)
+        assert "refuses to load" in err["message"]
+        err = _error(client.post(URL, json={"model": "missing", "input": "x"}), 503)
+        assert "/nonexistent/model/dir does not exist" in err["message"]
+        assert client.post(URL, json={"model": "fake", "input": "x"}).status_code == 200
+        ready = client.get("/ready")
+        assert ready.status_code == 503
+        assert ready.json()["models"] == {"fake": "ready", "broken": "failed", "missing": "failed"}
