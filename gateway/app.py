@@ -5,26 +5,33 @@ from __future__ import annotations
 import asyncio
 import base64
 import logging
+import signal
 import time
 import uuid
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, suppress
+from pathlib import Path
 from typing import Any
 
+import msgspec
 import numpy as np
 import pluggy
 from litestar import Litestar, Request, get, post
 from litestar.connection import ASGIConnection
 from litestar.datastructures import State
 from litestar.handlers.base import BaseRouteHandler
+from litestar.middleware.base import DefineMiddleware
 from litestar.openapi import OpenAPIConfig, ResponseSpec
 from litestar.params import JSONBody
+from litestar.plugins.prometheus import PrometheusConfig, PrometheusController
 from litestar.response import Response
 
-from .auth import KeyStore
+from .auth import ApiKey, KeyStore
+from .backend import Backend
 from .batching import BatchFailed, QueueFull
-from .config import GatewayConfig
+from .config import ConfigError, GatewayConfig, load_config
 from .errors import EXCEPTION_HANDLERS, GatewayError
+from .observability import QUEUES, RequestContextMiddleware
 from .plugins import collect_backends, get_plugin_manager
 from .registry import Registry, ServedModel, build_specs
 from .schemas import (
@@ -35,6 +42,7 @@ from .schemas import (
     Health,
     ModelCard,
     ModelList,
+    ReloadResult,
     Usage,
 )
 
@@ -42,12 +50,70 @@ log = logging.getLogger("gateway")
 
 
 class Gateway:
-    """Everything a request needs, kept on `app.state.gateway`; `registry` is swapped whole on reload."""
+    """Everything a request needs, kept on `app.state.gateway`.
 
-    def __init__(self, config: GatewayConfig, registry: Registry, keys: KeyStore) -> None:
+    `config`, `keys` and `registry` are replaced whole on reload (one assignment each, on the event loop),
+    so a request sees either the old or the new set, never a mix within one lookup.
+    """
+
+    def __init__(
+        self,
+        config: GatewayConfig,
+        backends: dict[str, type[Backend]],
+        *,
+        keys: KeyStore | None = None,
+        config_path: str | None = None,
+    ) -> None:
         self.config = config
-        self.registry = registry
-        self.keys = keys
+        self.backends = backends
+        self.config_path = config_path
+        # Keys given by the caller (tests, a generated key) stay fixed; keys from config follow reloads.
+        self._fixed_keys = keys
+        self.keys = keys if keys is not None else KeyStore.from_config(config.auth)
+        self.registry = Registry(build_specs(config, backends, config_path or "<config>"))
+        self._reload_lock = asyncio.Lock()
+
+    async def reload(self) -> ReloadResult:
+        """Re-read the config file: load new/changed models beside the old ones, swap, retire the old."""
+        if self.config_path is None:
+            raise ConfigError("this gateway was not started from a config file; nothing to reload")
+        async with self._reload_lock:
+            loop = asyncio.get_running_loop()
+            config = await loop.run_in_executor(None, load_config, self.config_path)
+            specs = build_specs(config, self.backends, self.config_path)
+            old = self.registry
+            new = Registry(specs, reuse=old.models)
+            fresh = [m for m in new.models.values() if m.state == "loading"]
+            # Loaded off the loop, one at a time, while the old models keep serving.
+            await loop.run_in_executor(None, lambda: [m.load() for m in fresh])
+            kept_old: list[str] = []
+            for m in fresh:
+                previous = old.models.get(m.name)
+                if m.state == "failed" and previous is not None and previous.state == "ready":
+                    # A changed model that fails to load must not replace a working one.
+                    log.error(
+                        "reload: model %r failed to load (%s); the previous version keeps serving", m.name, m.error
+                    )
+                    new.replace(previous)
+                    kept_old.append(m.name)
+            self.config = config
+            if self._fixed_keys is None:
+                self.keys = KeyStore.from_config(config.auth)
+            self.registry = new
+            live = {id(m) for m in new.models.values()}
+            retired = [m for m in old.models.values() if id(m) not in live]
+            for m in retired:
+                loop.run_in_executor(None, m.retire, config.server.request_timeout_s)
+            result = ReloadResult(
+                status="reloaded",
+                added=sorted(n for n in new.models if n not in old.models),
+                changed=sorted(m.name for m in fresh if m.name in old.models and m.name not in kept_old),
+                removed=sorted(n for n in old.models if n not in new.models),
+                failed={m.name: m.error or "" for m in fresh if m.state == "failed"},
+                models={n: m.state for n, m in new.models.items()},
+            )
+            log.info("config reloaded: %s", msgspec.json.encode(result).decode())
+            return result
 
 
 def _gateway(connection: ASGIConnection[Any, Any, Any, Any]) -> Gateway:
@@ -55,8 +121,17 @@ def _gateway(connection: ASGIConnection[Any, Any, Any, Any]) -> Gateway:
 
 
 def require_key(connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHandler) -> None:
-    """Guard: a valid bearer key."""
-    _gateway(connection).keys.check(connection.headers.get("authorization"))
+    """Guard: a valid bearer key, which then counts one request against its limit."""
+    key = _gateway(connection).keys.check(connection.headers.get("authorization"))
+    connection.scope["state"]["api_key"] = key
+    key.charge_request()
+
+
+def require_admin(connection: ASGIConnection[Any, Any, Any, Any], handler: BaseRouteHandler) -> None:
+    """Guard: a valid key with admin rights."""
+    require_key(connection, handler)
+    if not connection.scope["state"]["api_key"].admin:
+        raise GatewayError(403, "this API key may not use admin endpoints", code="forbidden")
 
 
 def _errors(*statuses: int) -> dict[int, ResponseSpec]:
@@ -147,29 +222,44 @@ def _encode(vectors: np.ndarray, fmt: str) -> list[EmbeddingData]:
     return [EmbeddingData(embedding=row, index=i) for i, row in enumerate(vectors.tolist())]
 
 
-async def _embed(gw: Gateway, body: EmbeddingRequest) -> EmbeddingResponse:
+async def _embed(gw: Gateway, body: EmbeddingRequest, state: dict[str, Any] | None = None) -> EmbeddingResponse:
+    state = state if state is not None else {}
     server = gw.config.server
-    model = gw.registry.resolve(body.model)
-    texts = _texts(body, server.max_items_per_request)
-    try:
-        async with asyncio.timeout(server.request_timeout_s):
-            await model.ready(server.request_timeout_s)
-            dims = _dimensions(body.dimensions, model)
-            counts = await model.count_tokens(texts)
-            total = _check_tokens(texts, counts, model, server.max_tokens_per_request)
-            vectors = await model.embed(texts, counts)
-    except TimeoutError:
+    key: ApiKey | None = state.get("api_key")
+    model = gw.registry.resolve(body.model, key)
+    if key is not None and not key.may_use(model.name):
         raise GatewayError(
-            504,
-            f"request did not finish within {server.request_timeout_s:g}s (model {model.name!r})",
-            code="timeout",
-        ) from None
-    except QueueFull as exc:
-        raise GatewayError(429, str(exc), code="queue_full", headers={"Retry-After": str(exc.retry_after)}) from None
-    except BatchFailed as exc:
-        error_id = uuid.uuid4().hex[:16]
-        log.error("request failed (error id %s): %s", error_id, exc)
-        raise GatewayError(500, f"{exc} (error id {error_id})", code=error_id) from None
+            403, f"this API key may not use model {body.model!r}", param="model", code="model_not_allowed"
+        )
+    state["model"] = model.name
+    texts = _texts(body, server.max_items_per_request)
+    with model.in_use():
+        try:
+            async with asyncio.timeout(server.request_timeout_s):
+                await model.ready(server.request_timeout_s)
+                dims = _dimensions(body.dimensions, model)
+                counts = await model.count_tokens(texts)
+                total = _check_tokens(texts, counts, model, server.max_tokens_per_request)
+                if key is not None:
+                    key.charge_tokens(total)
+                log.debug("embedding %d texts on %r: %r", len(texts), model.name, texts)
+                vectors = await model.embed(texts, counts)
+        except TimeoutError:
+            raise GatewayError(
+                504,
+                f"request did not finish within {server.request_timeout_s:g}s (model {model.name!r})",
+                code="timeout",
+            ) from None
+        except QueueFull as exc:
+            raise GatewayError(
+                429, str(exc), code="queue_full", headers={"Retry-After": str(exc.retry_after)}
+            ) from None
+        except BatchFailed as exc:
+            error_id = uuid.uuid4().hex[:16]
+            log.error("request failed (error id %s): %s", error_id, exc)
+            raise GatewayError(500, f"{exc} (error id {error_id})", code=error_id) from None
+    state["tokens"] = total
+    state["inputs"] = len(texts)
     if dims is not None:
         vectors = vectors[:, :dims]
         assert model.info is not None
@@ -190,11 +280,11 @@ async def _embed(gw: Gateway, body: EmbeddingRequest) -> EmbeddingResponse:
     status_code=200,
     guards=[require_key],
     summary="Create embeddings",
-    responses=_errors(400, 401, 404, 413, 429, 500, 503, 504),
+    responses=_errors(400, 401, 403, 404, 413, 429, 500, 503, 504),
 )
 async def create_embeddings(request: Request[Any, Any, Any], data: JSONBody[EmbeddingRequest]) -> EmbeddingResponse:
     """Embed one string or a list of strings with a configured model."""
-    return await _embed(_gateway(request), data)
+    return await _embed(_gateway(request), data, request.scope["state"])
 
 
 def _card(model: ServedModel) -> ModelCard:
@@ -214,10 +304,12 @@ def _card(model: ServedModel) -> ModelCard:
     )
 
 
-@get(["/v1/models", "/api/v3/inference/models"], guards=[require_key], responses=_errors(401))
+@get(["/v1/models", "/api/v3/inference/models"], guards=[require_key], responses=_errors(401, 429))
 async def list_models(request: Request[Any, Any, Any]) -> ModelList:
-    """Configured models and what each can do."""
-    return ModelList(data=[_card(m) for m in _gateway(request).registry.models.values()])
+    """The models this key may use, and what each can do."""
+    key: ApiKey = request.scope["state"]["api_key"]
+    models = _gateway(request).registry.models.values()
+    return ModelList(data=[_card(m) for m in models if key.may_use(m.name)])
 
 
 @get("/health", summary="Liveness")
@@ -228,10 +320,20 @@ async def health() -> Health:
 
 @get("/ready", summary="Readiness", responses={503: ResponseSpec(data_container=Health)})
 async def ready(request: Request[Any, Any, Any]) -> Response[Health]:
-    """200 when every configured model is loaded; 503 listing the ones that are not."""
+    """200 when every configured model is loaded; 503 listing the state of each."""
     states = {name: m.state for name, m in _gateway(request).registry.models.items()}
     ok = all(s == "ready" for s in states.values())
     return Response(Health(status="ready" if ok else "not ready", models=states), status_code=200 if ok else 503)
+
+
+@post("/admin/reload", status_code=200, guards=[require_admin], responses=_errors(400, 401, 403))
+async def admin_reload(request: Request[Any, Any, Any]) -> ReloadResult:
+    """Re-read gateway.toml now (as SIGHUP does); an invalid config is refused and the running one kept."""
+    try:
+        return await _gateway(request).reload()
+    except ConfigError as exc:
+        log.error("reload refused: %s", exc)
+        raise GatewayError(400, f"reload refused, the running config is kept: {exc}", code="invalid_config") from None
 
 
 def create_app(
@@ -239,25 +341,54 @@ def create_app(
     *,
     plugin_manager: pluggy.PluginManager | None = None,
     keys: KeyStore | None = None,
+    config_path: str | Path | None = None,
 ) -> Litestar:
     """Build the app; models load in the background once it starts (see /ready)."""
     pm = plugin_manager or get_plugin_manager()
-    specs = build_specs(config, collect_backends(pm))
-    gateway = Gateway(config, Registry(specs), keys if keys is not None else KeyStore.from_config(config.auth.api_keys))
+    gateway = Gateway(
+        config, collect_backends(pm), keys=keys, config_path=str(config_path) if config_path is not None else None
+    )
+    QUEUES.gateways.add(gateway)
 
     @asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
+        loop = asyncio.get_running_loop()
         gateway.registry.load_all()
+        reload_tasks: set[asyncio.Task[Any]] = set()
+
+        async def on_sighup() -> None:
+            try:
+                await gateway.reload()
+            except ConfigError as exc:
+                log.error("reload refused, the running config is kept: %s", exc)
+
+        def sighup() -> None:
+            task = loop.create_task(on_sighup())
+            reload_tasks.add(task)
+            task.add_done_callback(reload_tasks.discard)
+
+        # Only the main thread may own signals (a test client runs the app in another thread).
+        with suppress(ValueError, RuntimeError, NotImplementedError):
+            loop.add_signal_handler(signal.SIGHUP, sighup)
         try:
             yield
         finally:
+            with suppress(ValueError, RuntimeError, NotImplementedError):
+                loop.remove_signal_handler(signal.SIGHUP)
             # Queued work finishes before models are released (graceful shutdown).
-            await asyncio.get_running_loop().run_in_executor(None, gateway.registry.close)
+            await loop.run_in_executor(None, gateway.registry.close)
+            QUEUES.gateways.discard(gateway)
 
+    prometheus = PrometheusConfig(app_name="gateway", prefix="gateway_http", group_path=True, exclude=["/metrics"])
+    middleware = [
+        DefineMiddleware(RequestContextMiddleware, log_requests=config.server.access_log),
+        prometheus.middleware,
+    ]
     return Litestar(
-        route_handlers=[create_embeddings, list_models, health, ready],
+        route_handlers=[create_embeddings, list_models, health, ready, admin_reload, PrometheusController],
         exception_handlers=EXCEPTION_HANDLERS,
         request_max_body_size=config.server.max_body_bytes,
+        middleware=middleware,
         lifespan=[lifespan],
         state=State({"gateway": gateway}),
         openapi_config=OpenAPIConfig(title="Embedding gateway", version="0.1.0", path="/schema"),

@@ -1,13 +1,19 @@
-"""Bearer API keys: plain or `sha256:<hex>`, compared as digests in constant time."""
+"""Bearer API keys: plain or `sha256:<hex>`, held as digests and compared in constant time; per-key
+model access and rate limits."""
 
 from __future__ import annotations
 
 import hashlib
 import hmac
+import math
 import os
 import secrets
+import threading
+import time
 from collections.abc import Iterable
+from dataclasses import dataclass, field
 
+from .config import AuthConfig, KeyConfig
 from .errors import GatewayError
 
 ENV_KEYS = "GATEWAY_API_KEYS"
@@ -23,32 +29,109 @@ def new_key() -> str:
     return "gw-" + secrets.token_urlsafe(24)
 
 
-class KeyStore:
-    """The accepted keys, held only as SHA-256 digests."""
+def _digest(key: str) -> bytes:
+    key = key.strip()
+    if key.startswith("sha256:"):
+        return bytes.fromhex(key[7:])
+    return hashlib.sha256(key.encode()).digest()
 
-    def __init__(self, keys: Iterable[str]) -> None:
-        digests: list[bytes] = []
-        for key in keys:
-            key = key.strip()
-            if not key:
-                continue
-            if key.startswith("sha256:"):
-                digests.append(bytes.fromhex(key[7:]))
-            else:
-                digests.append(hashlib.sha256(key.encode()).digest())
-        self._digests = digests
+
+class TokenBucket:
+    """`rate` units per minute, bursting up to one minute's worth; thread-safe.
+
+    Written by hand: Litestar's rate-limit middleware counts requests per client before auth, and cannot
+    weigh a request by the tokens it carries, which is what an embeddings quota is about.
+    """
+
+    def __init__(self, per_minute: int) -> None:
+        self.capacity = float(per_minute)
+        self.rate = per_minute / 60.0
+        self.level = self.capacity
+        self.stamp = time.monotonic()
+        self._lock = threading.Lock()
+
+    def take(self, amount: float) -> float:
+        """Take `amount` now and return 0, or take nothing and return the seconds until it would fit."""
+        with self._lock:
+            now = time.monotonic()
+            self.level = min(self.capacity, self.level + (now - self.stamp) * self.rate)
+            self.stamp = now
+            # A request bigger than the whole bucket is admitted when the bucket is full, or it never would be.
+            need = min(amount, self.capacity)
+            if self.level >= need:
+                self.level -= amount
+                return 0.0
+            return (need - self.level) / self.rate
+
+
+@dataclass(eq=False)
+class ApiKey:
+    """One accepted key and what it may do."""
+
+    name: str
+    digest: bytes
+    models: frozenset[str] | None = None
+    admin: bool = True
+    requests: TokenBucket | None = None
+    tokens: TokenBucket | None = None
+    extra: dict[str, str] = field(default_factory=dict)
+
+    def may_use(self, model: str) -> bool:
+        """Whether this key may call `model` (its configured name, not an alias)."""
+        return self.models is None or model in self.models
+
+    def _limit(self, bucket: TokenBucket | None, amount: float, what: str) -> None:
+        if bucket is None:
+            return
+        wait = bucket.take(amount)
+        if wait:
+            raise GatewayError(
+                429,
+                f"rate limit exceeded for key {self.name!r}: {int(bucket.capacity)} {what} per minute; "
+                f"retry in {math.ceil(wait)}s",
+                code="rate_limit_exceeded",
+                headers={"Retry-After": str(math.ceil(wait))},
+            )
+
+    def charge_request(self) -> None:
+        """Count one request against the key's requests/minute (429 when over)."""
+        self._limit(self.requests, 1, "requests")
+
+    def charge_tokens(self, tokens: int) -> None:
+        """Count `tokens` against the key's tokens/minute (429 when over)."""
+        self._limit(self.tokens, tokens, "tokens")
+
+
+class KeyStore:
+    """The accepted keys."""
+
+    def __init__(self, keys: Iterable[str] = (), entries: Iterable[KeyConfig] = ()) -> None:
+        self._keys: list[ApiKey] = []
+        for i, key in enumerate(k for k in keys if k.strip()):
+            self._keys.append(ApiKey(name=f"key-{i + 1}", digest=_digest(key)))
+        for i, entry in enumerate(entries):
+            self._keys.append(
+                ApiKey(
+                    name=entry.name or f"keys[{i}]",
+                    digest=_digest(entry.key),
+                    models=frozenset(entry.models) if entry.models is not None else None,
+                    admin=entry.admin,
+                    requests=TokenBucket(entry.requests_per_minute) if entry.requests_per_minute else None,
+                    tokens=TokenBucket(entry.tokens_per_minute) if entry.tokens_per_minute else None,
+                )
+            )
 
     def __bool__(self) -> bool:
-        return bool(self._digests)
+        return bool(self._keys)
 
     @classmethod
-    def from_config(cls, configured: Iterable[str]) -> KeyStore:
-        """Keys from gateway.toml plus GATEWAY_API_KEYS."""
+    def from_config(cls, auth: AuthConfig) -> KeyStore:
+        """Keys from gateway.toml plus GATEWAY_API_KEYS (comma-separated, full access)."""
         env = os.environ.get(ENV_KEYS, "")
-        return cls([*configured, *env.split(",")])
+        return cls([*auth.api_keys, *env.split(",")], auth.keys)
 
-    def check(self, authorization: str | None) -> None:
-        """Raise 401 unless the header carries an accepted bearer key."""
+    def check(self, authorization: str | None) -> ApiKey:
+        """The key the header carries; 401 unless it is accepted."""
         if not authorization:
             raise GatewayError(
                 401, "missing API key: send the header `Authorization: Bearer <key>`", code="missing_api_key"
@@ -59,8 +142,10 @@ class KeyStore:
             raise GatewayError(401, "malformed Authorization header: expected `Bearer <key>`", code="invalid_api_key")
         digest = hashlib.sha256(token.encode()).digest()
         # Compare against every key so timing does not reveal which one (or whether any) matched.
-        ok = False
-        for known in self._digests:
-            ok |= hmac.compare_digest(digest, known)
-        if not ok:
+        found: ApiKey | None = None
+        for key in self._keys:
+            if hmac.compare_digest(digest, key.digest) and found is None:
+                found = key
+        if found is None:
             raise GatewayError(401, "invalid API key", code="invalid_api_key")
+        return found

@@ -80,7 +80,7 @@ class Batcher:
         max_batch_tokens: int,
         max_wait_ms: float = 0.0,
         max_queue: int = 4096,
-        on_batch: Callable[[int, int, float], None] | None = None,
+        on_batch: Callable[[str, int, int, float], None] | None = None,
     ) -> None:
         self.backend = backend
         self.model = model
@@ -198,7 +198,7 @@ class Batcher:
         self.stats.batches += 1
         self.stats.inputs += len(batch)
         if self._on_batch is not None:
-            self._on_batch(len(batch), sum(it.tokens for it in batch), elapsed)
+            self._on_batch(self.model, len(batch), sum(it.tokens for it in batch), elapsed)
         for it, vec in zip(batch, vectors, strict=True):
             req = it.request
             if req.done:

@@ -9,11 +9,15 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .auth import KeyStore, hash_key, new_key
 from .config import DEFAULT_CONFIG, ConfigError, GatewayConfig, load_config, resolve_model_path
 from .plugins import PluginError, collect_backends, collect_converters, get_plugin_manager
 from .registry import Registry, build_specs, check_paths
+
+if TYPE_CHECKING:
+    from .app import Gateway
 
 
 def _fail(message: str) -> int:
@@ -27,19 +31,26 @@ def _load(path: str) -> tuple[GatewayConfig, Registry]:
     return config, Registry(specs)
 
 
+def _gateway(path: str) -> Gateway:
+    from .app import Gateway
+
+    return Gateway(load_config(path), collect_backends(get_plugin_manager()), keys=KeyStore(), config_path=path)
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from .app import create_app
 
     config = load_config(args.config)
-    keys = KeyStore.from_config(config.auth.api_keys)
-    if not keys:
+    keys = KeyStore.from_config(config.auth)
+    generated = not keys
+    if generated:
         # Like a notebook server's token: usable out of the box, still not open to anyone on the network.
         key = new_key()
         keys = KeyStore([key])
         print(f"No API key configured; this run accepts: Authorization: Bearer {key}", file=sys.stderr, flush=True)
-    app = create_app(config, keys=keys)
+    app = create_app(config, keys=keys if generated else None, config_path=args.config)
     host = args.host or config.server.host
     port = args.port if args.port is not None else config.server.port
     uvicorn.run(app, host=host, port=port, log_level=config.server.log_level, access_log=False)
@@ -50,14 +61,11 @@ def cmd_embed(args: argparse.Namespace) -> int:
     from .app import _embed
     from .schemas import EmbeddingRequest
 
-    config, registry = _load(args.config)
-    model = registry.resolve(args.model)
+    gw = _gateway(args.config)
+    model = gw.registry.resolve(args.model)
     model.load()
     if model.state != "ready":
         return _fail(f"model {model.name!r}: {model.error}")
-    from .app import Gateway
-
-    gw = Gateway(config, registry, KeyStore([]))
     body = EmbeddingRequest(model=args.model, input=list(args.text), dimensions=args.dimensions)
     try:
         response = asyncio.run(_embed(gw, body))

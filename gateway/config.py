@@ -29,11 +29,26 @@ class ServerConfig(_Strict):
     max_body_bytes: int = 16 * 1024 * 1024
     request_timeout_s: float = 120.0
     log_level: str = "info"
+    # One line per request (request id, model, status, tokens, latency); never keys, never texts.
+    access_log: bool = True
+
+
+class KeyConfig(_Strict):
+    """A key with limits: `[[auth.keys]]`."""
+
+    key: str
+    name: str | None = None
+    # None: every model. Configured model names (aliases of a listed model work too).
+    models: list[str] | None = None
+    admin: bool = False
+    requests_per_minute: int | None = None
+    tokens_per_minute: int | None = None
 
 
 class AuthConfig(_Strict):
-    # Plain keys or "sha256:<hex>" digests; GATEWAY_API_KEYS (comma-separated) adds more.
+    # Full-access keys, plain or "sha256:<hex>"; GATEWAY_API_KEYS (comma-separated) adds more.
     api_keys: list[str] = []
+    keys: list[KeyConfig] = []
 
 
 class BatchingConfig(_Strict):
@@ -76,6 +91,27 @@ def resolve_model_path(raw: str, base_dir: Path) -> Path:
         return Path(str(root.joinpath(sub))) if sub else Path(str(root))
     path = Path(os.path.expanduser(raw))
     return path if path.is_absolute() else (base_dir / path)
+
+
+def _check_keys(config: GatewayConfig, where: str) -> None:
+    for i, entry in enumerate(config.auth.keys):
+        key = f"$.auth.keys[{i}]"
+        if entry.key.startswith("sha256:"):
+            digest = entry.key[7:]
+            if len(digest) != 64 or any(c not in "0123456789abcdefABCDEF" for c in digest):
+                raise ConfigError(f"{where}: `{key}.key`: a sha256: key needs 64 hex digits")
+        elif len(entry.key) < 8:
+            raise ConfigError(f"{where}: `{key}.key` is too short (8 characters at least)")
+        for field in ("requests_per_minute", "tokens_per_minute"):
+            value = getattr(entry, field)
+            if value is not None and value < 1:
+                raise ConfigError(f"{where}: `{key}.{field}` must be a positive integer")
+        for model in entry.models or []:
+            if model not in config.models:
+                raise ConfigError(f"{where}: `{key}.models`: no model named {model!r}")
+    for i, raw in enumerate(config.auth.api_keys):
+        if raw.startswith("sha256:") and (len(raw) != 71 or any(c not in "0123456789abcdefABCDEF" for c in raw[7:])):
+            raise ConfigError(f"{where}: `$.auth.api_keys[{i}]`: a sha256: key needs 64 hex digits")
 
 
 def _check_models(config: GatewayConfig, where: str) -> None:
@@ -137,6 +173,7 @@ def parse_config(data: bytes | str, where: str = "<config>", base_dir: Path | No
     if s.request_timeout_s <= 0:
         raise ConfigError(f"{where}: `$.server.request_timeout_s` must be positive")
     _check_models(config, where)
+    _check_keys(config, where)
     base = base_dir or Path.cwd()
     for name, model in config.models.items():
         try:

@@ -6,11 +6,12 @@ import asyncio
 import logging
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -18,6 +19,10 @@ from .backend import Backend, BackendError, ModelInfo
 from .batching import Batcher
 from .config import ConfigError, GatewayConfig, ModelConfig, convert_at
 from .errors import GatewayError
+from .observability import record_batch
+
+if TYPE_CHECKING:
+    from .auth import ApiKey
 
 log = logging.getLogger("gateway.registry")
 
@@ -119,6 +124,7 @@ class ServedModel:
                 max_batch_tokens=b.max_batch_tokens or spec.backend_cls.default_max_batch_tokens,
                 max_wait_ms=b.max_wait_ms,
                 max_queue=b.max_queue,
+                on_batch=record_batch,
             )
             self._tokenize = ThreadPoolExecutor(1, thread_name_prefix=f"tokenize-{spec.name}")
             self.backend, self.info, self.state = backend, info, "ready"
@@ -154,6 +160,23 @@ class ServedModel:
                 503, f"model {self.name!r} is not available: {self.error or self.state}", code="model_unavailable"
             )
 
+    @contextmanager
+    def in_use(self) -> Iterator[None]:
+        """Mark a request as using this model (a retired model closes only when none does)."""
+        self.inflight += 1
+        try:
+            yield
+        finally:
+            self.inflight -= 1
+
+    def retire(self, grace_s: float) -> None:
+        """Close once in-flight requests are done (blocking; run in a thread after a reload swap)."""
+        deadline = time.monotonic() + grace_s
+        while self.inflight and time.monotonic() < deadline:
+            time.sleep(0.05)
+        log.info("model %r (%s) unloaded", self.name, self.spec.config.backend)
+        self.close()
+
     async def count_tokens(self, texts: list[str]) -> list[int]:
         assert self.backend is not None and self._tokenize is not None
         loop = asyncio.get_running_loop()
@@ -161,11 +184,7 @@ class ServedModel:
 
     async def embed(self, texts: list[str], tokens: list[int]) -> np.ndarray:
         assert self.batcher is not None
-        self.inflight += 1
-        try:
-            return await self.batcher.embed(texts, tokens)
-        finally:
-            self.inflight -= 1
+        return await self.batcher.embed(texts, tokens)
 
     def close(self) -> None:
         """Finish queued work, then release the model."""
@@ -184,19 +203,34 @@ class ServedModel:
 class Registry:
     """Names and aliases -> ServedModel. Replaced as a whole on reload, so lookups never see a half state."""
 
-    def __init__(self, specs: Mapping[str, ModelSpec]) -> None:
-        self.models: dict[str, ServedModel] = {name: ServedModel(spec) for name, spec in specs.items()}
+    def __init__(self, specs: Mapping[str, ModelSpec], reuse: Mapping[str, ServedModel] | None = None) -> None:
+        """`reuse`: loaded models of a previous registry; one whose spec is unchanged is kept as is."""
+        self.models: dict[str, ServedModel] = {}
+        for name, spec in specs.items():
+            old = (reuse or {}).get(name)
+            self.models[name] = (
+                old if old is not None and old.spec == spec and old.state == "ready" else ServedModel(spec)
+            )
+        self._index()
+
+    def _index(self) -> None:
         self._names: dict[str, ServedModel] = {}
         for model in self.models.values():
             self._names[model.name] = model
             for alias in model.spec.config.aliases:
                 self._names[alias] = model
 
-    def resolve(self, name: str) -> ServedModel:
-        """The model called `name` (or aliased so); 404 listing what exists."""
+    def replace(self, model: ServedModel) -> None:
+        """Put `model` in place of the one with its name (before this registry goes live)."""
+        self.models[model.name] = model
+        self._index()
+
+    def resolve(self, name: str, key: ApiKey | None = None) -> ServedModel:
+        """The model called `name` (or aliased so); 404 listing what exists (what `key` may use)."""
         model = self._names.get(name)
         if model is None:
-            available = ", ".join(sorted(self.models)) or "none"
+            visible = [n for n in self.models if key is None or key.may_use(n)]
+            available = ", ".join(sorted(visible)) or "none"
             raise GatewayError(
                 404, f"model {name!r} not found; available models: {available}", param="model", code="model_not_found"
             )

@@ -19,9 +19,9 @@ class EmbeddingRequest(msgspec.Struct, forbid_unknown_fields=True, kw_only=True)
 
 
 class EmbeddingData(msgspec.Struct, kw_only=True):
+    object: Literal["embedding"] = "embedding"
     embedding: list[float] | str
     index: int
-    object: Literal["embedding"] = "embedding"
 
 
 class Usage(msgspec.Struct, kw_only=True):
@@ -31,11 +31,11 @@ class Usage(msgspec.Struct, kw_only=True):
 
 class EmbeddingResponse(msgspec.Struct, kw_only=True):
     id: str
+    object: Literal["embedding"] = "embedding"
     data: list[EmbeddingData]
     model: str
     created: int
     usage: Usage
-    object: Literal["embedding"] = "embedding"
 
 
 class ErrorDetail(msgspec.Struct, kw_only=True):
@@ -53,7 +53,9 @@ class ErrorResponse(msgspec.Struct, kw_only=True):
 
 class ModelCard(msgspec.Struct, kw_only=True):
     id: str
+    object: Literal["model"] = "model"
     created: int
+    owned_by: str = "embedding-gateway"
     backend: str
     ready: bool
     state: Literal["loading", "ready", "failed", "unloaded"]
@@ -62,13 +64,21 @@ class ModelCard(msgspec.Struct, kw_only=True):
     matryoshka_dimensions: list[int] | None
     aliases: list[str]
     error: str | None = None
-    object: Literal["model"] = "model"
-    owned_by: str = "embedding-gateway"
 
 
 class ModelList(msgspec.Struct, kw_only=True):
-    data: list[ModelCard]
     object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class ReloadResult(msgspec.Struct, kw_only=True):
+    status: str
+    added: list[str]
+    changed: list[str]
+    removed: list[str]
+    # Models of the new config that failed to load (a changed one keeps its previous version serving).
+    failed: dict[str, str]
+    models: dict[str, str]
 
 
 class Health(msgspec.Struct, kw_only=True):
