@@ -30,6 +30,7 @@ class FakeOptions(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     delay_s: float = 0.0
     fail_on: str | None = None
     fail_load: bool = False
+    load_delay_s: float = 0.0
 
 
 class FakeBackend(Backend):
@@ -41,6 +42,8 @@ class FakeBackend(Backend):
     batches: ClassVar[list[list[str]]] = []
 
     def load(self) -> ModelInfo:
+        if self.options.load_delay_s:
+            time.sleep(self.options.load_delay_s)
         if self.options.fail_load:
             raise BackendError("fake model refuses to load")
         return ModelInfo(dimension=self.options.dimension, max_input_tokens=self.options.max_tokens, normalized=True)
@@ -57,6 +60,15 @@ class FakeBackend(Backend):
         return np.stack([fake_vector(t, self.options.dimension) for t in texts])
 
 
+class OtherFakeBackend(FakeBackend):
+    """A second backend (vectors negated), to switch a model's backend by config."""
+
+    name = "fake-b"
+
+    def embed(self, texts: Sequence[str]) -> np.ndarray:
+        return -super().embed(texts)
+
+
 def fake_vector(text: str, dim: int = 8) -> np.ndarray:
     """The vector FakeBackend returns for `text` (unit length)."""
     seed = int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little")
@@ -71,17 +83,28 @@ class FakePlugin:
     @hookimpl
     def register_backends(register: Callable[[type[Backend]], None]) -> None:
         register(FakeBackend)
+        register(OtherFakeBackend)
 
 
-def make_app(toml: str, *, plugins: Sequence[object] = (FakePlugin,), base_dir: Path | None = None) -> Any:
-    """A Litestar app for `toml` with the installed plugins plus `plugins`."""
+def make_app(
+    toml: str,
+    *,
+    plugins: Sequence[object] = (FakePlugin,),
+    base_dir: Path | None = None,
+    config_path: Path | None = None,
+    keys: KeyStore | None = None,
+) -> Any:
+    """A Litestar app for `toml` (or the file `config_path`) with the installed plugins plus `plugins`."""
     from gateway.app import create_app
+    from gateway.config import load_config
 
-    config = parse_config(textwrap.dedent(toml), "test.toml", base_dir)
+    config = load_config(config_path) if config_path else parse_config(textwrap.dedent(toml), "test.toml", base_dir)
     pm = get_plugin_manager()
     for plugin in plugins:
         pm.register(plugin)
-    return create_app(config, plugin_manager=pm, keys=KeyStore([API_KEY]))
+    return create_app(
+        config, plugin_manager=pm, keys=keys if keys is not None else KeyStore([API_KEY]), config_path=config_path
+    )
 
 
 def wait_loaded(client: TestClient, timeout: float = 300) -> None:
@@ -96,14 +119,13 @@ def wait_loaded(client: TestClient, timeout: float = 300) -> None:
 
 
 @contextmanager
-def serve(
-    toml: str, *, plugins: Sequence[object] = (FakePlugin,), base_dir: Path | None = None
-) -> Iterator[TestClient]:
+def serve(toml: str = "", *, wait: bool = True, **kw: Any) -> Iterator[TestClient]:
     """A started app (lifespan run, models loaded) and a client that sends the test key."""
-    app = make_app(toml, plugins=plugins, base_dir=base_dir)
+    app = make_app(toml, **kw)
     with TestClient(app=app, timeout=120) as client:
         client.headers.update(AUTH)
-        wait_loaded(client)
+        if wait:
+            wait_loaded(client)
         yield client
 
 

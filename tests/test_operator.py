@@ -1,0 +1,284 @@
+"""The operator's surface: models list, readiness, metrics, request ids, keys and limits, config reload."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from gateway.auth import KeyStore, hash_key
+from gateway.config import parse_config
+
+from .conftest import API_KEY, FAKE_TOML, fake_vector, serve, wait_loaded
+
+URL = "/v1/embeddings"
+
+
+def test_models_list(fake_client):
+    for path in ("/v1/models", "/api/v3/inference/models"):
+        r = fake_client.get(path)
+        assert r.status_code == 200
+        body = r.json()
+        assert body["object"] == "list"
+        (card,) = body["data"]
+        assert card == {
+            "id": "fake",
+            "object": "model",
+            "created": card["created"],
+            "owned_by": "embedding-gateway",
+            "backend": "fake",
+            "ready": True,
+            "state": "ready",
+            "dimension": 8,
+            "max_input_tokens": 16,
+            "matryoshka_dimensions": [2, 4, 8],
+            "aliases": ["fake-alias"],
+            "error": None,
+        }
+
+
+def test_models_list_needs_a_key(fake_client):
+    assert fake_client.get("/v1/models", headers={"Authorization": ""}).status_code == 401
+
+
+def test_ready_before_and_after_load():
+    toml = FAKE_TOML + "[models.fake.options]\nload_delay_s = 1.0\n"
+    with serve(toml, wait=False) as client:
+        assert client.get("/health").json() == {"status": "ok", "models": {}}
+        r = client.get("/ready")
+        assert r.status_code == 503 and r.json()["models"] == {"fake": "loading"}
+        # a request for a loading model waits for it instead of failing
+        assert client.post(URL, json={"model": "fake", "input": "early"}).status_code == 200
+        r = client.get("/ready")
+        assert r.status_code == 200 and r.json() == {"status": "ready", "models": {"fake": "ready"}}
+
+
+def test_metrics_count_requests_tokens_and_batches(fake_client):
+    def value(text: str, name: str) -> float:
+        return sum(
+            s.value
+            for family in text_string_to_metric_families(text)
+            for s in family.samples
+            if s.name == name and s.labels.get("model") == "fake" and s.labels.get("status", "200") == "200"
+        )
+
+    before = fake_client.get("/metrics").text
+    r = fake_client.post(URL, json={"model": "fake", "input": ["one two", "three"]})
+    assert r.status_code == 200
+    after = fake_client.get("/metrics").text
+    assert value(after, "gateway_tokens_total") - value(before, "gateway_tokens_total") == 7
+    assert value(after, "gateway_inputs_total") - value(before, "gateway_inputs_total") == 2
+    assert value(after, "gateway_embedding_requests_total") - value(before, "gateway_embedding_requests_total") == 1
+    assert 'gateway_batch_size_count{model="fake"}' in after
+    assert 'gateway_queue_depth{model="fake"} 0.0' in after
+    assert 'gateway_model_ready{model="fake"} 1.0' in after
+    assert "gateway_http_requests_total" in after  # Litestar's own request metrics
+
+
+def test_request_id_is_honoured_or_generated(fake_client):
+    r = fake_client.post(URL, json={"model": "fake", "input": "x"}, headers={"X-Request-ID": "abc-123"})
+    assert r.headers["x-request-id"] == "abc-123"
+    r = fake_client.post(URL, json={"model": "nope", "input": "x"})
+    assert r.status_code == 404 and len(r.headers["x-request-id"]) == 32
+    r = fake_client.get("/health", headers={"X-Request-ID": "bad id with spaces"})
+    assert r.headers["x-request-id"] != "bad id with spaces"
+
+
+def test_access_log_has_no_keys_or_texts(fake_client, caplog):
+    with caplog.at_level("INFO", logger="gateway.access"):
+        fake_client.post(URL, json={"model": "fake", "input": "secret text"}, headers={"X-Request-ID": "r-1"})
+    lines = [r.getMessage() for r in caplog.records if r.name == "gateway.access"]
+    assert any("request_id=r-1" in line and "status=200" in line and "model=fake" in line for line in lines)
+    assert not any("secret text" in line or API_KEY in line for line in lines)
+
+
+def test_openapi_schema_documents_routes_and_errors(fake_client):
+    schema = fake_client.get("/schema/openapi.json").json()
+    paths = schema["paths"]
+    for p in ("/v1/embeddings", "/api/v3/inference/embeddings", "/v1/models", "/health", "/ready", "/admin/reload"):
+        assert p in paths
+    responses = paths["/v1/embeddings"]["post"]["responses"]
+    assert {"200", "400", "401", "403", "404", "413", "429", "500", "503", "504"} <= set(responses)
+    assert "EmbeddingRequest" in str(schema["components"]["schemas"])
+
+
+# --- keys ------------------------------------------------------------------------------------------------
+
+KEYS_TOML = (
+    FAKE_TOML
+    + """
+[models.other]
+backend = "fake"
+path = "."
+"""
+)
+
+
+def _keyed_client(auth_toml: str, monkeypatch=None, env: str | None = None):
+    if monkeypatch is not None and env is not None:
+        monkeypatch.setenv("GATEWAY_API_KEYS", env)
+    config = parse_config(auth_toml + KEYS_TOML)
+    return serve(auth_toml + KEYS_TOML, keys=KeyStore.from_config(config.auth))
+
+
+def test_hashed_and_env_keys(monkeypatch):
+    auth = f'[auth]\napi_keys = ["{hash_key("hashed-secret-1")}"]\n'
+    with _keyed_client(auth, monkeypatch, env="env-key-1, env-key-2") as client:
+        for key in ("hashed-secret-1", "env-key-1", "env-key-2"):
+            r = client.post(URL, json={"model": "fake", "input": "x"}, headers={"Authorization": f"Bearer {key}"})
+            assert r.status_code == 200, key
+        r = client.post(URL, json={"model": "fake", "input": "x"}, headers={"Authorization": f"Bearer {hash_key('x')}"})
+        assert r.status_code == 401
+
+
+def test_key_denied_a_model_gets_403_and_does_not_see_it():
+    auth = '[[auth.keys]]\nkey = "limited-key-1"\nmodels = ["other"]\n'
+    with _keyed_client(auth) as client:
+        h = {"Authorization": "Bearer limited-key-1"}
+        assert client.post(URL, json={"model": "other", "input": "x"}, headers=h).status_code == 200
+        r = client.post(URL, json={"model": "fake-alias", "input": "x"}, headers=h)
+        assert r.status_code == 403
+        assert r.json()["error"] == {
+            "message": "this API key may not use model 'fake-alias'",
+            "type": "permission_error",
+            "param": "model",
+            "code": "model_not_allowed",
+        }
+        assert [m["id"] for m in client.get("/v1/models", headers=h).json()["data"]] == ["other"]
+        r = client.post(URL, json={"model": "zzz", "input": "x"}, headers=h)
+        assert r.status_code == 404 and r.json()["error"]["message"].endswith("available models: other")
+        # a limited key is not an admin
+        assert client.post("/admin/reload", headers=h).status_code == 403
+
+
+def test_rate_limit_requests_then_recovery():
+    auth = '[[auth.keys]]\nkey = "slow-key-12"\nrequests_per_minute = 120\n'
+    with _keyed_client(auth) as client:
+        h = {"Authorization": "Bearer slow-key-12"}
+        codes = [client.post(URL, json={"model": "fake", "input": "x"}, headers=h).status_code for _ in range(125)]
+        assert codes.count(429) >= 1 and codes[:100] == [200] * 100
+        r = client.post(URL, json={"model": "fake", "input": "x"}, headers=h)
+        assert r.status_code == 429
+        assert (
+            r.json()["error"]["type"] == "rate_limit_error"
+            and "120 requests per minute" in r.json()["error"]["message"]
+        )
+        assert 1 <= int(r.headers["retry-after"]) <= 2
+        time.sleep(1.1)  # 2 requests/second refill
+        assert client.post(URL, json={"model": "fake", "input": "x"}, headers=h).status_code == 200
+
+
+def test_rate_limit_tokens():
+    auth = '[[auth.keys]]\nkey = "token-key-12"\ntokens_per_minute = 30\n'
+    with _keyed_client(auth) as client:
+        h = {"Authorization": "Bearer token-key-12"}
+        body = {"model": "fake", "input": ["a b c d e f g h i j"] * 2}  # 24 tokens
+        assert client.post(URL, json=body, headers=h).status_code == 200
+        r = client.post(URL, json=body, headers=h)
+        assert r.status_code == 429 and "30 tokens per minute" in r.json()["error"]["message"]
+        assert int(r.headers["retry-after"]) >= 1
+
+
+@pytest.mark.parametrize(
+    ("auth", "needle"),
+    [
+        ('[[auth.keys]]\nkey = "sha256:abc"\n', "64 hex digits"),
+        ('[[auth.keys]]\nkey = "short"\n', "too short"),
+        ('[[auth.keys]]\nkey = "long-enough-key"\nmodels = ["ghost"]\n', "no model named 'ghost'"),
+        ('[[auth.keys]]\nkey = "long-enough-key"\nrequests_per_minute = 0\n', "positive integer"),
+        ('[[auth.keys]]\nkey = "long-enough-key"\nmodel = ["fake"]\n', "unknown field `model` - at `$.auth.keys[0]`"),
+    ],
+)
+def test_invalid_key_config(auth, needle):
+    from gateway.config import ConfigError
+
+    with pytest.raises(ConfigError, match=None) as info:
+        parse_config(auth + KEYS_TOML)
+    assert needle in str(info.value)
+
+
+# --- reload ----------------------------------------------------------------------------------------------
+
+
+def _hammer(client, model: str, stop: threading.Event, results: list[int]) -> None:
+    while not stop.is_set():
+        results.append(client.post(URL, json={"model": model, "input": "steady traffic"}).status_code)
+
+
+def _reload(client, path, text):
+    path.write_text(text)
+    return client.post("/admin/reload")
+
+
+def test_reload_adds_a_model_while_requests_keep_succeeding(tmp_path):
+    cfg = tmp_path / "gateway.toml"
+    cfg.write_text(FAKE_TOML)
+    with serve(config_path=cfg) as client:
+        stop, results = threading.Event(), []
+        t = threading.Thread(target=_hammer, args=(client, "fake", stop, results))
+        t.start()
+        r = _reload(
+            client,
+            cfg,
+            FAKE_TOML + '[models.new]\nbackend = "fake"\npath = "."\n[models.new.options]\nload_delay_s = 0.5\n',
+        )
+        stop.set()
+        t.join()
+        assert r.status_code == 200, r.text
+        assert r.json()["added"] == ["new"] and r.json()["models"] == {"fake": "ready", "new": "ready"}
+        assert results and set(results) == {200}
+        assert client.post(URL, json={"model": "new", "input": "x"}).status_code == 200
+
+
+def test_reload_switches_a_models_backend(tmp_path):
+    cfg = tmp_path / "gateway.toml"
+    cfg.write_text(FAKE_TOML)
+    with serve(config_path=cfg) as client:
+        before = client.post(URL, json={"model": "fake", "input": "x"}).json()["data"][0]["embedding"]
+        assert before == pytest.approx(fake_vector("x").tolist(), abs=1e-6)
+        stop, results = threading.Event(), []
+        t = threading.Thread(target=_hammer, args=(client, "fake-alias", stop, results))
+        t.start()
+        r = _reload(client, cfg, FAKE_TOML.replace('backend = "fake"', 'backend = "fake-b"'))
+        time.sleep(0.2)
+        stop.set()
+        t.join()
+        assert r.status_code == 200 and r.json()["changed"] == ["fake"]
+        assert set(results) == {200}
+        after = client.post(URL, json={"model": "fake", "input": "x"}).json()["data"][0]["embedding"]
+        assert after == pytest.approx((-fake_vector("x")).tolist(), abs=1e-6)
+        assert client.get("/v1/models").json()["data"][0]["backend"] == "fake-b"
+
+
+def test_invalid_reload_is_refused_and_the_old_config_kept(tmp_path):
+    cfg = tmp_path / "gateway.toml"
+    cfg.write_text(FAKE_TOML)
+    with serve(config_path=cfg) as client:
+        stop, results = threading.Event(), []
+        t = threading.Thread(target=_hammer, args=(client, "fake", stop, results))
+        t.start()
+        r = _reload(client, cfg, FAKE_TOML + "typo_key = 1\n")
+        stop.set()
+        t.join()
+        assert r.status_code == 400
+        assert "reload refused, the running config is kept" in r.json()["error"]["message"]
+        assert "unknown field `typo_key`" in r.json()["error"]["message"]
+        assert set(results) == {200}
+        assert client.post(URL, json={"model": "fake", "input": "x"}).status_code == 200
+
+
+def test_reload_removes_a_model_and_a_broken_change_keeps_the_old_one(tmp_path):
+    cfg = tmp_path / "gateway.toml"
+    two = FAKE_TOML + '[models.gone]\nbackend = "fake"\npath = "."\n'
+    cfg.write_text(two)
+    with serve(config_path=cfg) as client:
+        r = _reload(client, cfg, FAKE_TOML + "[models.fake.options]\nfail_load = true\n")
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert body["removed"] == ["gone"] and "refuses to load" in body["failed"]["fake"]
+        assert body["models"] == {"fake": "ready"}  # the previous version keeps serving
+        assert client.post(URL, json={"model": "fake", "input": "x"}).status_code == 200
+        assert client.post(URL, json={"model": "gone", "input": "x"}).status_code == 404
+        wait_loaded(client)
