@@ -26,6 +26,7 @@ from litestar.params import JSONBody
 from litestar.plugins.prometheus import PrometheusConfig, PrometheusController
 from litestar.response import Response
 
+from . import schemas
 from .auth import ApiKey, KeyStore
 from .backend import Backend
 from .batching import BatchFailed, QueueFull
@@ -336,6 +337,26 @@ async def admin_reload(request: Request[Any, Any, Any]) -> ReloadResult:
         raise GatewayError(400, f"reload refused, the running config is kept: {exc}", code="invalid_config") from None
 
 
+class MetricsController(PrometheusController):
+    """Prometheus text format at /metrics (kept out of the JSON API's schema: it is not JSON)."""
+
+    include_in_schema = False
+
+
+def _strict_request_schemas(app: Litestar) -> None:
+    # Litestar's Struct schemas omit forbid_unknown_fields; say it, so clients and fuzzers know unknown
+    # fields are refused.
+    components = app.openapi_schema.components
+    for name, schema in (components.schemas or {}).items():
+        struct = getattr(schemas, name, None)
+        if (
+            isinstance(struct, type)
+            and issubclass(struct, msgspec.Struct)
+            and struct.__struct_config__.forbid_unknown_fields
+        ):
+            schema.additional_properties = False
+
+
 def create_app(
     config: GatewayConfig,
     *,
@@ -354,6 +375,7 @@ def create_app(
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
         loop = asyncio.get_running_loop()
         gateway.registry.load_all()
+        _strict_request_schemas(app)
         reload_tasks: set[asyncio.Task[Any]] = set()
 
         async def on_sighup() -> None:
@@ -385,7 +407,7 @@ def create_app(
         prometheus.middleware,
     ]
     return Litestar(
-        route_handlers=[create_embeddings, list_models, health, ready, admin_reload, PrometheusController],
+        route_handlers=[create_embeddings, list_models, health, ready, admin_reload, MetricsController],
         exception_handlers=EXCEPTION_HANDLERS,
         request_max_body_size=config.server.max_body_bytes,
         middleware=middleware,

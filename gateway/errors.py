@@ -72,6 +72,12 @@ def _gateway_error(_: Request[Any, Any, Any], exc: GatewayError) -> Response[dic
     return error_response(exc.status, exc.message, exc.param, exc.code, exc.headers)
 
 
+# msgspec's constraint messages, said the way a client reads them.
+_PLAIN = {
+    "Expected `str` of length >= 1": "`{param}` is an empty string",
+    "Expected `array` of length >= 1": "`{param}` must not be an empty list",
+    "Expected `int` >= 1": "`{param}` must be a positive integer",
+}
 _FIELD = re.compile(r"field `([^`]+)`")
 
 
@@ -94,6 +100,9 @@ def _validation_error(_: Request[Any, Any, Any], exc: ValidationException) -> Re
     if key == "data" and message.startswith("Expected `object`"):
         message = f"request body must be a JSON object: {message}"
     param = _param(key, message)
+    plain = _PLAIN.get(message)
+    if param and plain:
+        return error_response(400, plain.format(param=param), param, "invalid_value")
     if param and f"`{param}`" not in message:
         message = f"{message} - at `{param}`"
     return error_response(400, f"invalid request: {message}", param, "invalid_value")

@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 import msgspec
+
+Text = Annotated[str, msgspec.Meta(min_length=1, description="A text to embed; never empty.")]
 
 
 class EmbeddingRequest(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     """Body of POST /v1/embeddings and /api/v3/inference/embeddings."""
 
     model: str
-    input: str | list[str]
-    dimensions: int | None = None
+    input: Text | Annotated[list[Text], msgspec.Meta(min_length=1)]
+    dimensions: Annotated[int, msgspec.Meta(ge=1)] | None = None
     encoding_format: Literal["float", "base64"] = "float"
     # Accepted for OpenAI compatibility; not used.
     user: str | None = None
