@@ -1,0 +1,332 @@
+"""onnxruntime backend for BERT-family encoders exported by `gateway convert --to onnx` (or any ONNX file
+whose inputs are input_ids / attention_mask [/ token_type_ids] and whose output is per-token states).
+
+onnxruntime, tokenizers and friends are imported inside methods: the core imports every plugin at start,
+and a plugin nobody configured must not cost a second of import time or fail for a missing extra.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal
+
+import msgspec
+import numpy as np
+
+from gateway.backend import Backend, BackendError, ModelInfo
+
+if TYPE_CHECKING:
+    import onnxruntime
+    import tokenizers
+
+log = logging.getLogger("gateway.onnx")
+
+Pooling = Literal["mean", "cls", "last"]
+
+# Keys of sentence-transformers' 1_Pooling/config.json that map onto a pooling we implement.
+_POOLING_KEYS: dict[str, Pooling] = {
+    "pooling_mode_mean_tokens": "mean",
+    "pooling_mode_cls_token": "cls",
+    "pooling_mode_lasttoken": "last",
+}
+_GRAPH_LEVELS = ("disable", "basic", "extended", "all")
+# Rows per onnxruntime call when `embed` gets more inputs than a core batch (benchmarks, direct use):
+# sorting by length and running in slices keeps padding low without huge activations.
+_SLICE = 64
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise BackendError(f"cannot read {path}: {exc}") from exc
+
+
+def sentence_transformers_layout(model_dir: Path) -> tuple[Pooling | None, bool, Path | None]:
+    """(pooling, has Normalize module, Transformer module folder) from modules.json; (None, False, None)
+    when the folder is not a sentence-transformers model."""
+    modules_file = model_dir / "modules.json"
+    if not modules_file.is_file():
+        return None, False, None
+    modules = _read_json(modules_file)
+    if not isinstance(modules, list):
+        raise BackendError(f"{modules_file}: expected a JSON list of modules")
+    pooling: Pooling | None = None
+    normalize = False
+    transformer_dir: Path | None = None
+    for module in modules:
+        kind = str(module.get("type", ""))
+        sub = model_dir / str(module.get("path", ""))
+        if kind.endswith(".Transformer"):
+            transformer_dir = sub
+        elif kind.endswith(".Normalize"):
+            normalize = True
+        elif kind.endswith(".Pooling"):
+            config = _read_json(sub / "config.json")
+            modes = [mode for key, mode in _POOLING_KEYS.items() if config.get(key)]
+            others = [k for k, v in config.items() if k.startswith("pooling_mode") and v and k not in _POOLING_KEYS]
+            if others or len(modes) != 1:
+                raise BackendError(
+                    f"{sub / 'config.json'}: pooling {others or modes or 'none'} is not supported; "
+                    "set options.pooling to one of mean, cls, last"
+                )
+            pooling = modes[0]
+        else:
+            # Dense, LayerNorm, custom modules: serving without them would return wrong vectors silently.
+            raise BackendError(f"{modules_file}: module {kind or module!r} is not supported by the onnx backend")
+    return pooling, normalize, transformer_dir
+
+
+def pool(hidden: np.ndarray, mask: np.ndarray, how: Pooling) -> np.ndarray:
+    """[n, seq, dim] token states -> [n, dim], ignoring padding (right-padded inputs)."""
+    if how == "cls":
+        return hidden[:, 0]
+    if how == "last":
+        last = mask.sum(axis=1).astype(np.int64) - 1
+        return hidden[np.arange(hidden.shape[0]), last]
+    m = mask[:, :, None].astype(hidden.dtype)
+    return (hidden * m).sum(axis=1) / np.clip(m.sum(axis=1), 1e-9, None)
+
+
+def l2_normalize(x: np.ndarray) -> np.ndarray:
+    # Same epsilon as torch.nn.functional.normalize, which sentence-transformers' Normalize uses.
+    return x / np.clip(np.linalg.norm(x, axis=1, keepdims=True), 1e-12, None)
+
+
+class OnnxOptions(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """`[models.X.options]` for `backend = "onnx"`."""
+
+    # None: onnxruntime's default (one thread per physical core).
+    intra_op_threads: Annotated[int, msgspec.Meta(ge=1)] | None = None
+    graph_optimization: Literal["disable", "basic", "extended", "all"] = "all"
+    providers: list[str] = msgspec.field(default_factory=lambda: ["CPUExecutionProvider"])
+    # The ONNX file inside the model folder (an int8 conversion is its own folder with its own model.onnx).
+    file: str = "model.onnx"
+    # None: from 1_Pooling/config.json when the folder is a sentence-transformers model, else mean.
+    pooling: Pooling | None = None
+    # None: True exactly when modules.json lists a Normalize module.
+    normalize: bool | None = None
+
+
+class OnnxBackend(Backend):
+    name: ClassVar[str] = "onnx"
+    Options: ClassVar[type[msgspec.Struct]] = OnnxOptions
+
+    _session: onnxruntime.InferenceSession
+    _count_tok: tokenizers.Tokenizer
+    _embed_tok: tokenizers.Tokenizer
+
+    def __init__(self, *, model: str, path: str, options: Any = None, trust_remote_code: bool = False) -> None:
+        super().__init__(model=model, path=path, options=options or OnnxOptions(), trust_remote_code=trust_remote_code)
+        self._input_names: list[str] = []
+        self._int32_inputs: set[str] = set()
+        self._output_index = 0
+        self._pooled_output = False
+        self._pooling: Pooling = "mean"
+        self._normalize = False
+        self._pad_id = 0
+        self._max_tokens = 0
+        self._dimension = 0
+
+    # -- loading ------------------------------------------------------------------------------------
+    def _paths(self) -> tuple[Path, Path]:
+        opts: OnnxOptions = self.options
+        root = Path(self.path)
+        # A path straight to an .onnx file is accepted too: its folder is the model folder.
+        if root.is_file() and root.suffix == ".onnx":
+            return root.parent, root
+        if not root.is_dir():
+            raise BackendError(f"model folder {root} does not exist")
+        onnx_file = root / opts.file
+        if not onnx_file.is_file():
+            found = sorted(str(p.relative_to(root)) for p in root.rglob("*.onnx"))
+            hint = (
+                f"; .onnx files there: {', '.join(found[:5])} (set options.file)"
+                if found
+                else ("; convert one with `gateway convert SRC --to onnx --out DIR`")
+            )
+            raise BackendError(f"ONNX file {onnx_file} not found{hint}")
+        return root, onnx_file
+
+    def _providers(self) -> list[str]:
+        import onnxruntime as ort
+
+        available = ort.get_available_providers()
+        wanted = list(self.options.providers) or ["CPUExecutionProvider"]
+        missing = [p for p in wanted if p not in available]
+        if missing:
+            extra = (
+                " (CUDA needs the onnxruntime-gpu package and a visible GPU)"
+                if any("CUDA" in p or "Tensorrt" in p for p in missing)
+                else ""
+            )
+            raise BackendError(
+                f"execution provider(s) {', '.join(missing)} not available in this onnxruntime build"
+                f"{extra}; available: {', '.join(available)}"
+            )
+        return wanted
+
+    def _load_tokenizer(self, model_dir: Path, onnx_file: Path) -> None:
+        from tokenizers import Tokenizer
+
+        candidates = [model_dir / "tokenizer.json", onnx_file.parent / "tokenizer.json"]
+        tok_file = next((p for p in candidates if p.is_file()), None)
+        if tok_file is None:
+            raise BackendError(
+                f"no tokenizer.json in {model_dir}; `gateway convert` writes one, or save the model's fast "
+                "tokenizer there"
+            )
+        try:
+            tok = Tokenizer.from_file(str(tok_file))
+        except Exception as exc:
+            raise BackendError(f"cannot load tokenizer {tok_file}: {exc}") from exc
+        # Keep the file's pad id before dropping its padding: all-MiniLM's tokenizer.json pads every input
+        # to a fixed 128 and truncates at 128, neither of which sentence-transformers uses.
+        padding = tok.padding
+        if padding is not None:
+            self._pad_id = int(padding["pad_id"])
+        else:
+            pad = tok.token_to_id("[PAD]") if tok.token_to_id("[PAD]") is not None else tok.token_to_id("<pad>")
+            self._pad_id = int(pad or 0)
+        tok.no_padding()
+        tok.no_truncation()
+        self._count_tok = tok
+        # A second copy truncates at the model limit, as sentence-transformers does; the core normally
+        # rejects longer inputs first, but a position beyond the embedding table would crash the graph.
+        embed_tok = Tokenizer.from_str(tok.to_str())
+        embed_tok.enable_truncation(max_length=self._max_tokens)
+        self._embed_tok = embed_tok
+
+    def _max_input_tokens(self, model_dir: Path, transformer_dir: Path | None) -> int:
+        for folder in dict.fromkeys(d for d in (transformer_dir, model_dir) if d is not None):
+            sbert = folder / "sentence_bert_config.json"
+            if sbert.is_file():
+                value = _read_json(sbert).get("max_seq_length")
+                if isinstance(value, int) and value > 0:
+                    return value
+        config = model_dir / "config.json"
+        if config.is_file():
+            value = _read_json(config).get("max_position_embeddings")
+            if isinstance(value, int) and value > 0:
+                return value
+        log.warning("%s: no sentence_bert_config.json or config.json; assuming 512 input tokens", model_dir)
+        return 512
+
+    def load(self) -> ModelInfo:
+        import onnxruntime as ort
+
+        opts: OnnxOptions = self.options
+        model_dir, onnx_file = self._paths()
+        st_pooling, st_normalize, transformer_dir = sentence_transformers_layout(model_dir)
+        self._pooling = opts.pooling or st_pooling or "mean"
+        self._normalize = st_normalize if opts.normalize is None else opts.normalize
+        self._max_tokens = self._max_input_tokens(model_dir, transformer_dir)
+        self._load_tokenizer(model_dir, onnx_file)
+
+        so = ort.SessionOptions()
+        so.graph_optimization_level = {
+            "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+            "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+            "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+            "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+        }[opts.graph_optimization]
+        if opts.intra_op_threads is not None:
+            so.intra_op_num_threads = opts.intra_op_threads
+        providers = self._providers()
+        try:
+            self._session = ort.InferenceSession(str(onnx_file), sess_options=so, providers=providers)
+        except Exception as exc:
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise BackendError(f"cannot load ONNX model {onnx_file}: {reason}") from exc
+        self._inspect_graph(onnx_file)
+        try:
+            probe = self.embed(["warm up"])
+        except BackendError:
+            raise
+        except Exception as exc:
+            raise BackendError(f"ONNX model {onnx_file} failed a test inference: {exc}") from exc
+        self._dimension = int(probe.shape[1])
+        log.info(
+            "loaded %s (%s, pooling=%s, normalize=%s, max %d tokens, providers %s)",
+            onnx_file,
+            self._dimension,
+            self._pooling,
+            self._normalize,
+            self._max_tokens,
+            self._session.get_providers(),
+        )
+        return ModelInfo(dimension=self._dimension, max_input_tokens=self._max_tokens, normalized=self._normalize)
+
+    def _inspect_graph(self, onnx_file: Path) -> None:
+        inputs = self._session.get_inputs()
+        self._input_names = [i.name for i in inputs]
+        self._int32_inputs = {i.name for i in inputs if i.type == "tensor(int32)"}
+        unknown = set(self._input_names) - {"input_ids", "attention_mask", "token_type_ids"}
+        if unknown or "input_ids" not in self._input_names:
+            raise BackendError(
+                f"{onnx_file}: inputs {self._input_names} are not an encoder's "
+                "(expected input_ids, attention_mask and optionally token_type_ids)"
+            )
+        outputs = self._session.get_outputs()
+        # Per-token states are pooled here; a graph that already pools (a 2-D output) is used as is.
+        by_name = {o.name: i for i, o in enumerate(outputs)}
+        for name in ("last_hidden_state", "token_embeddings"):
+            if name in by_name:
+                self._output_index = by_name[name]
+                return
+        for i, o in enumerate(outputs):
+            if len(o.shape) == 3:
+                self._output_index = i
+                return
+        for name in ("sentence_embedding", "pooler_output"):
+            if name in by_name:
+                self._output_index, self._pooled_output = by_name[name], True
+                return
+        raise BackendError(f"{onnx_file}: no [batch, sequence, hidden] output among {list(by_name)}")
+
+    # -- serving ------------------------------------------------------------------------------------
+    def count_tokens(self, texts: Sequence[str]) -> list[int]:
+        return [len(e.ids) for e in self._count_tok.encode_batch(list(texts))]
+
+    def _run(self, encodings: Sequence[Any]) -> np.ndarray:
+        width = max(len(e.ids) for e in encodings)
+        n = len(encodings)
+        ids = np.full((n, width), self._pad_id, dtype=np.int64)
+        mask = np.zeros((n, width), dtype=np.int64)
+        types = np.zeros((n, width), dtype=np.int64)
+        for row, enc in enumerate(encodings):
+            k = len(enc.ids)
+            ids[row, :k] = enc.ids
+            mask[row, :k] = 1
+            types[row, :k] = enc.type_ids
+        arrays = {"input_ids": ids, "attention_mask": mask, "token_type_ids": types}
+        feed = {
+            name: arrays[name].astype(np.int32) if name in self._int32_inputs else arrays[name]
+            for name in self._input_names
+        }
+        out = self._session.run(None, feed)[self._output_index]
+        if self._pooled_output:
+            return np.asarray(out, dtype=np.float32)
+        return pool(np.asarray(out, dtype=np.float32), mask, self._pooling)
+
+    def embed(self, texts: Sequence[str]) -> np.ndarray:
+        if not texts:
+            return np.zeros((0, self._dimension), dtype=np.float32)
+        encodings = self._embed_tok.encode_batch(list(texts))
+        if len(encodings) <= _SLICE:
+            vectors = self._run(encodings)
+        else:
+            order = sorted(range(len(encodings)), key=lambda i: len(encodings[i].ids))
+            parts = [self._run([encodings[i] for i in order[s : s + _SLICE]]) for s in range(0, len(order), _SLICE)]
+            vectors = np.empty((len(encodings), parts[0].shape[1]), dtype=np.float32)
+            vectors[order] = np.concatenate(parts)
+        if self._normalize:
+            vectors = l2_normalize(vectors)
+        return np.ascontiguousarray(vectors, dtype=np.float32)
+
+    def close(self) -> None:
+        # Dropping the session frees its arena; the core drops the backend right after.
+        self.__dict__.pop("_session", None)
