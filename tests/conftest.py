@@ -129,6 +129,38 @@ def serve(toml: str = "", *, wait: bool = True, **kw: Any) -> Iterator[TestClien
         yield client
 
 
+@contextmanager
+def uvicorn_server(app: Any) -> Iterator[tuple[str, Any]]:
+    """`app` served by uvicorn on a free loopback port, in a thread; yields (base url, server)."""
+    import socket
+    import threading
+
+    import httpx
+    import uvicorn
+
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 300
+    while True:
+        try:
+            if httpx.get(f"{url}/ready").status_code == 200:
+                break
+        except httpx.TransportError:
+            pass
+        if time.monotonic() > deadline:
+            raise TimeoutError("server did not become ready")
+        time.sleep(0.1)
+    try:
+        yield url, server
+    finally:
+        server.should_exit = True
+        thread.join(30)
+
+
 FAKE_TOML = """
 [models.fake]
 backend = "fake"

@@ -3,18 +3,13 @@
 from __future__ import annotations
 
 import base64
-import socket
-import threading
-import time
 from collections.abc import Iterator
 
-import httpx
 import numpy as np
 import openai
 import pytest
-import uvicorn
 
-from .conftest import API_KEY, SENTENCES, cosine, make_app
+from .conftest import API_KEY, SENTENCES, cosine, make_app, uvicorn_server
 
 
 @pytest.fixture(scope="module")
@@ -25,27 +20,8 @@ def base_url(minilm_path: str) -> Iterator[str]:
     path = "{minilm_path}"
     matryoshka_dimensions = [128, 256, 384]
     """
-    app = make_app(toml, plugins=())
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"{url}/ready").status_code == 200:
-                break
-        except httpx.TransportError:
-            pass
-        time.sleep(0.1)
-    else:
-        raise TimeoutError("server did not become ready")
-    yield url
-    server.should_exit = True
-    thread.join(10)
+    with uvicorn_server(make_app(toml, plugins=())) as (url, _):
+        yield url
 
 
 @pytest.fixture(params=["/v1", "/api/v3/inference"])

@@ -11,7 +11,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from gateway.auth import KeyStore, hash_key
 from gateway.config import parse_config
 
-from .conftest import API_KEY, FAKE_TOML, fake_vector, serve, wait_loaded
+from .conftest import API_KEY, AUTH, FAKE_TOML, fake_vector, serve, wait_loaded
 
 URL = "/v1/embeddings"
 
@@ -282,3 +282,24 @@ def test_reload_removes_a_model_and_a_broken_change_keeps_the_old_one(tmp_path):
         assert client.post(URL, json={"model": "fake", "input": "x"}).status_code == 200
         assert client.post(URL, json={"model": "gone", "input": "x"}).status_code == 404
         wait_loaded(client)
+
+
+def test_graceful_shutdown_finishes_in_flight_requests():
+    import httpx
+
+    from .conftest import make_app, uvicorn_server
+
+    app = make_app(FAKE_TOML + "[models.fake.options]\ndelay_s = 1.0\n")
+    with uvicorn_server(app) as (url, server):
+        result: list[httpx.Response] = []
+        t = threading.Thread(
+            target=lambda: result.append(
+                httpx.post(f"{url}/v1/embeddings", json={"model": "fake", "input": "x"}, headers=AUTH, timeout=10)
+            )
+        )
+        t.start()
+        time.sleep(0.3)
+        server.should_exit = True  # what SIGTERM does
+        t.join()
+    assert result[0].status_code == 200
+    assert len(result[0].json()["data"][0]["embedding"]) == 8
