@@ -285,7 +285,25 @@ async def _embed(gw: Gateway, body: EmbeddingRequest, state: dict[str, Any] | No
 )
 async def create_embeddings(request: Request[Any, Any, Any], data: JSONBody[EmbeddingRequest]) -> EmbeddingResponse:
     """Embed one string or a list of strings with a configured model."""
-    return await _embed(_gateway(request), data, request.scope["state"])
+    work = asyncio.ensure_future(_embed(_gateway(request), data, request.scope["state"]))
+    gone = asyncio.ensure_future(_disconnected(request))
+    try:
+        await asyncio.wait((work, gone), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+    if not work.done():
+        # The client hung up: cancelling drops its inputs from the model's queue, nobody computes them.
+        work.cancel()
+        with suppress(asyncio.CancelledError):
+            await work
+        raise GatewayError(499, "client closed the request", code="client_closed")
+    return work.result()
+
+
+async def _disconnected(request: Request[Any, Any, Any]) -> None:
+    # The body has been read, so the next ASGI message can only be the client going away.
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 def _card(model: ServedModel) -> ModelCard:

@@ -303,3 +303,26 @@ def test_graceful_shutdown_finishes_in_flight_requests():
         t.join()
     assert result[0].status_code == 200
     assert len(result[0].json()["data"][0]["embedding"]) == 8
+
+
+def test_a_client_that_hangs_up_is_dropped_from_the_queue():
+    import httpx
+
+    from .conftest import FakeBackend, make_app, uvicorn_server
+
+    FakeBackend.batches = []
+    app = make_app(FAKE_TOML + "[models.fake.options]\ndelay_s = 0.8\n[models.fake.batching]\nmax_batch_size = 1\n")
+    with uvicorn_server(app) as (url, _):
+        first = threading.Thread(
+            target=lambda: httpx.post(f"{url}{URL}", json={"model": "fake", "input": "first"}, headers=AUTH, timeout=10)
+        )
+        first.start()
+        time.sleep(0.2)
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(f"{url}{URL}", json={"model": "fake", "input": "abandoned"}, headers=AUTH, timeout=0.2)
+        first.join()
+        time.sleep(0.9)
+        assert ["first"] in FakeBackend.batches
+        assert ["abandoned"] not in FakeBackend.batches
+        r = httpx.post(f"{url}{URL}", json={"model": "fake", "input": "later"}, headers=AUTH, timeout=10)
+        assert r.status_code == 200
