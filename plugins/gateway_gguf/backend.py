@@ -1,0 +1,284 @@
+"""llama.cpp backend: serves an embedding GGUF (e.g. one written by `gateway convert --to gguf`).
+
+llama_cpp is imported inside methods (gguf only by the converter): the core imports every plugin at
+start-up, and a plugin nobody configured must neither cost import time nor fail for a missing extra.
+
+Why not `llama_cpp.Llama` (see _llama.py for loading): its `embed` truncates an over-long input by
+cutting off the final [SEP] (so vectors differ from sentence-transformers' truncation), returns Python lists
+of floats, and packs up to 512 tokens / n_batch sequences per call. We drive the llama.cpp batch API
+directly, pack at most `seqs_per_call` sequences and one micro-batch of tokens per call (attention over a
+packed batch grows with its square), and copy pooled vectors straight into numpy.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Annotated, Any, ClassVar, Literal
+
+import msgspec
+import numpy as np
+
+from gateway.backend import Backend, BackendError, ModelInfo
+
+from . import _llama
+
+log = logging.getLogger("gateway.gguf")
+
+Pooling = Literal["mean", "cls", "last"]
+
+#: Metadata key (written by our converter) holding sentence-transformers' `max_seq_length`: the length the
+#: model was trained for, smaller than its position table. The torch and ONNX backends cap inputs at the
+#: same value, so one model answers the same inputs whichever runtime serves it.
+MAX_SEQ_LENGTH_KEY = "sentence_transformers.max_seq_length"
+
+# llama.cpp's pooling enum (llama.h): the GGUF key `<arch>.pooling_type` and context params use it.
+_POOLING_IDS: dict[str, int] = {"mean": 1, "cls": 2, "last": 3}
+_POOLING_NAMES = {v: k for k, v in _POOLING_IDS.items()}
+_GGUF_MAGIC = b"GGUF"
+
+PositiveInt = Annotated[int, msgspec.Meta(ge=1)]
+
+
+def _cpu_count() -> int:
+    # Affinity, not the host's core count: containers often pin us to fewer cores than they show.
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def check_magic(path: Path) -> None:
+    """Fail early, with a plain reason, on a file that is not GGUF at all (llama.cpp's own error is terse)."""
+    try:
+        with path.open("rb") as fh:
+            magic = fh.read(4)
+    except OSError as exc:
+        raise BackendError(f"cannot open GGUF file {path}: {exc.strerror or exc}") from exc
+    if magic != _GGUF_MAGIC:
+        raise BackendError(f"{path} is not a GGUF file (it does not start with the GGUF magic bytes)")
+
+
+def _meta(lib: Any, model: Any, key: str) -> str | None:
+    """A GGUF metadata value as text (llama.cpp keeps them all), or None when absent."""
+    buf = ctypes.create_string_buffer(256)
+    n = lib.llama_model_meta_val_str(model, key.encode(), buf, len(buf))
+    return buf.value.decode("utf-8", errors="replace") if n >= 0 else None
+
+
+def _meta_int(lib: Any, model: Any, key: str) -> int | None:
+    value = _meta(lib, model, key)
+    try:
+        return int(value) if value is not None else None
+    except ValueError:
+        return None
+
+
+class GgufOptions(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """`[models.X.options]` for `backend = "gguf"`."""
+
+    #: CPU threads for llama.cpp; default: every core this process may run on.
+    n_threads: PositiveInt | None = None
+    #: Pooling of token states; default: the GGUF's `<arch>.pooling_type`.
+    pooling: Pooling | None = None
+    #: Return unit-length vectors (what sentence-transformers models with a Normalize module produce).
+    normalize: bool = True
+    #: Overrides of llama.cpp's context sizes. By default all three equal the model's input limit, so any
+    #: accepted input fits one micro-batch (llama.cpp aborts an encoder batch larger than n_ubatch). A
+    #: smaller n_ubatch lowers max_input_tokens to it.
+    n_ctx: PositiveInt | None = None
+    n_batch: PositiveInt | None = None
+    n_ubatch: PositiveInt | None = None
+    #: Most sequences packed into one llama.cpp call (a call also never exceeds n_ubatch tokens). Measured
+    #: with bench/raw_gguf.py on 2 cores: 4-16 per call ran ~1.5x the sentences/s of 1 per call (each call
+    #: has a fixed graph/thread start-up cost); the token cap keeps the packed attention small.
+    seqs_per_call: PositiveInt = 16
+    #: llama.cpp's extra weight buffers (repacked / AMX kernels). Off: on AVX-512+AMX machines the AMX int8
+    #: kernel for Q8_0 crashed the process with SIGILL; f16 never uses them.
+    extra_buffers: bool = False
+
+
+class GgufBackend(Backend):
+    """One GGUF embedding model in llama.cpp (CPU)."""
+
+    name: ClassVar[str] = "gguf"
+    Options: ClassVar[type[msgspec.Struct]] = GgufOptions
+    # A core batch of 32 becomes a few packed llama.cpp calls (see seqs_per_call).
+    default_max_batch_size: ClassVar[int] = 32
+    max_concurrent_batches: ClassVar[int] = 1
+
+    def __init__(self, *, model: str, path: str, options: Any, trust_remote_code: bool = False) -> None:
+        super().__init__(model=model, path=path, options=options, trust_remote_code=trust_remote_code)
+        self.opts: GgufOptions = options if isinstance(options, GgufOptions) else GgufOptions()
+        # One llama context holds one set of activations and output buffers: calls must not interleave.
+        self._lock = threading.Lock()
+        self._lib: Any = None
+        self._model: Any = None
+        self._ctx: Any = None
+        self._vocab: Any = None
+        self._batch: Any = None
+        self._dim = 0
+        self._max_tokens = 0
+        self._n_ubatch = 0
+        self._seqs_per_call = 1
+
+    # -- loading -----------------------------------------------------------------------------------------
+
+    def load(self) -> ModelInfo:
+        lib = _llama.lib()
+        path = Path(self.path).expanduser()
+        if not path.exists():
+            raise BackendError(f"GGUF file {path} does not exist")
+        if path.is_dir():
+            ggufs = sorted(path.glob("*.gguf"))
+            if len(ggufs) != 1:
+                raise BackendError(f"{path} is a folder with {len(ggufs)} .gguf files; point `path` at one file")
+            path = ggufs[0]
+        check_magic(path)
+        o = self.opts
+        threads = o.n_threads or _cpu_count()
+        self._seqs_per_call = min(o.seqs_per_call, int(lib.llama_max_parallel_sequences()))
+        self.close()  # a second load() replaces the first model instead of leaking it
+        # Metadata comes from llama.cpp itself after loading the weights (mmap, ~50 ms); gguf.GGUFReader
+        # took over a second to parse the vocabulary arrays of a small model.
+        model = _llama.load_model(path, extra_buffers=o.extra_buffers)
+        try:
+            arch = _meta(lib, model, "general.architecture") or "?"
+            limit = int(lib.llama_model_n_ctx_train(model))
+            if limit < 1:
+                raise BackendError(f"{path}: the GGUF declares no context length ({arch}.context_length)")
+            seq_len = _meta_int(lib, model, MAX_SEQ_LENGTH_KEY)
+            if seq_len is not None and 0 < seq_len < limit:
+                limit = seq_len
+            n_ubatch = o.n_ubatch or limit
+            n_batch = max(o.n_batch or n_ubatch, n_ubatch)
+            n_ctx = max(o.n_ctx or n_batch, n_batch)
+            # llama.cpp encodes a whole sequence in one micro-batch: an input longer than n_ubatch aborts
+            # the process (GGML_ASSERT), so the advertised limit never exceeds it.
+            self._max_tokens = min(limit, n_ubatch)
+            self._n_ubatch = n_ubatch
+            pooling = _POOLING_IDS[o.pooling] if o.pooling else _meta_int(lib, model, f"{arch}.pooling_type")
+            if pooling not in _POOLING_NAMES:
+                raise BackendError(
+                    f"{path}: the GGUF declares no usable pooling ({arch}.pooling_type={pooling!r}); "
+                    "set options.pooling to 'mean', 'cls' or 'last'"
+                )
+            ctx = _llama.new_context(
+                model,
+                n_ctx=n_ctx,
+                n_batch=n_batch,
+                n_ubatch=n_ubatch,
+                n_seq_max=self._seqs_per_call,
+                threads=threads,
+                pooling=pooling,
+            )
+        except BackendError:
+            lib.llama_model_free(model)
+            raise
+        self._lib, self._model, self._ctx = lib, model, ctx
+        self._vocab = lib.llama_model_get_vocab(model)
+        self._dim = int(lib.llama_model_n_embd(model))
+        # One reusable batch: token, pos, seq_id and logits arrays sized for a full micro-batch.
+        self._batch = lib.llama_batch_init(n_batch, 0, 1)
+        log.info(
+            "gguf %s: arch=%s dim=%d max_input_tokens=%d pooling=%s threads=%d seqs_per_call=%d",
+            path.name,
+            arch,
+            self._dim,
+            self._max_tokens,
+            _POOLING_NAMES[pooling],
+            threads,
+            o.seqs_per_call,
+        )
+        return ModelInfo(dimension=self._dim, max_input_tokens=self._max_tokens, normalized=o.normalize)
+
+    def close(self) -> None:
+        with self._lock:
+            lib = self._lib
+            if lib is None:
+                return
+            if self._batch is not None:
+                lib.llama_batch_free(self._batch)
+            if self._ctx is not None:
+                lib.llama_free(self._ctx)
+            if self._model is not None:
+                lib.llama_model_free(self._model)
+            self._batch = self._ctx = self._model = self._vocab = None
+
+    # -- tokens ------------------------------------------------------------------------------------------
+
+    def _tokenize(self, text: str) -> list[int]:
+        # llama.cpp adds [CLS] ... [SEP] as the HF tokenizer does, and maps special-token text typed in the
+        # input ("[SEP]") to its id as HF does; our converter types only real special tokens CONTROL.
+        vocab = self._vocab
+        if vocab is None:
+            raise BackendError(f"model {self.model!r} is not loaded")
+        return _llama.tokenize(vocab, text)
+
+    def count_tokens(self, texts: Sequence[str]) -> list[int]:
+        # No lock: llama_tokenize only reads the vocabulary, and each call has its own output buffer (the
+        # core stops calling a model before it closes it).
+        return [len(self._tokenize(t)) for t in texts]
+
+    # -- embeddings --------------------------------------------------------------------------------------
+
+    def _truncate(self, tokens: list[int]) -> list[int]:
+        # The core rejects over-long inputs; a direct caller gets sentence-transformers' truncation (keep
+        # the leading tokens and the final [SEP]) instead of a llama.cpp abort.
+        if len(tokens) <= self._max_tokens:
+            return tokens
+        return [*tokens[: self._max_tokens - 1], tokens[-1]]
+
+    def _run(self, seqs: list[list[int]], out: np.ndarray, rows: list[int]) -> None:
+        """Encode `seqs` in one llama.cpp call and write their pooled vectors into out[rows]."""
+        lib, ctx, batch = self._lib, self._ctx, self._batch
+        k = 0
+        for s, tokens in enumerate(seqs):
+            for p, tok in enumerate(tokens):
+                batch.token[k] = tok
+                batch.pos[k] = p
+                batch.n_seq_id[k] = 1
+                batch.seq_id[k][0] = s
+                batch.logits[k] = True
+                k += 1
+        batch.n_tokens = k
+        mem = lib.llama_get_memory(ctx)
+        if mem:  # encoder-only models have no KV cache; a decoder-style one must start clean each call
+            lib.llama_memory_clear(mem, True)
+        rc = lib.llama_decode(ctx, batch)
+        if rc != 0:
+            raise BackendError(f"llama.cpp decode failed (code {rc}) on a batch of {len(seqs)} inputs")
+        for s, row in enumerate(rows):
+            ptr = lib.llama_get_embeddings_seq(ctx, s)
+            if not ptr:
+                raise BackendError("llama.cpp returned no pooled embedding (is the GGUF an embedding model?)")
+            out[row] = np.ctypeslib.as_array(ctypes.cast(ptr, ctypes.POINTER(ctypes.c_float)), (self._dim,))
+
+    def embed(self, texts: Sequence[str]) -> np.ndarray:
+        seqs = [self._truncate(self._tokenize(t)) for t in texts]
+        out = np.empty((len(seqs), self._dim), dtype=np.float32)
+        per_call = self._seqs_per_call
+        with self._lock:
+            if self._ctx is None:
+                raise BackendError(f"model {self.model!r} is closed")
+            # Pack consecutive inputs up to `seqs_per_call` sequences and one micro-batch of tokens.
+            chunk: list[list[int]] = []
+            rows: list[int] = []
+            used = 0
+            for i, tokens in enumerate(seqs):
+                if chunk and (len(chunk) >= per_call or used + len(tokens) > self._n_ubatch):
+                    self._run(chunk, out, rows)
+                    chunk, rows, used = [], [], 0
+                chunk.append(tokens)
+                rows.append(i)
+                used += len(tokens)
+            if chunk:
+                self._run(chunk, out, rows)
+        if self.opts.normalize and len(out):
+            norms = np.linalg.norm(out, axis=1, keepdims=True)
+            out /= np.maximum(norms, 1e-12)
+        return out

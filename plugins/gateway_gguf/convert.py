@@ -1,0 +1,422 @@
+"""`gateway convert SRC --to gguf --out FILE [--type f16|q8_0]`: a BERT (WordPiece) model folder -> GGUF.
+
+Written against the GGUF spec and what llama.cpp's `bert` architecture reads: hyper-parameters under
+`bert.*`, tensors named by gguf.TensorNameMap, and a WordPiece vocabulary rewritten to llama.cpp's
+convention (word-start tokens carry U+2581, `##` continuations lose the `##`, [bracketed] tokens are
+CONTROL). After writing, the GGUF's tokenizer is checked against tokenizer.json on sample texts: a model
+that tokenizes differently would serve quietly wrong vectors, so a mismatch fails the conversion.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+
+from gateway.backend import BackendError, Converter
+
+from .backend import MAX_SEQ_LENGTH_KEY
+
+WORD_START = "\u2581"  # llama.cpp's "phantom space" before a word's first piece
+# Token-id parity samples: casing, accents, punctuation, digits, CJK, emoji, symbols, odd whitespace.
+VERIFY_TEXTS = (
+    "hello world",
+    "The quick brown fox jumps over the lazy dog.",
+    "Crème brûlée, naïve façade; São Paulo — Zürich!",
+    "東京は日本の首都です。北京欢迎你",
+    "Emoji 🙂👍🏽 and symbols: $5.00 + 20% = ~@#^&*() [CLS] <b>x</b>",
+    "  multiple   spaces\tand\nnewlines  ",
+    "unbelievably antidisestablishmentarianism supercalifragilisticexpialidocious",
+    "Привет, мир! Ελληνικά. עברית. العربية.",
+    "[CLS] [unused0] [MASK] [cls] ##ing",
+    "",
+)
+# HF tensors llama.cpp's bert graph does not use: the position-id buffer, the pooler (sentence-transformers
+# pools itself) and masked-LM / NSP heads.
+_SKIP_PREFIXES = ("pooler.", "cls.", "bert.pooler.")
+_SKIP_SUFFIXES = ("position_ids",)
+
+
+def _say(msg: str) -> None:
+    print(f"gguf: {msg}", file=sys.stderr, flush=True)
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise BackendError(f"cannot read {path}: {exc}") from exc
+
+
+class _Source:
+    """What the converter needs from a sentence-transformers or plain Hugging Face BERT folder."""
+
+    def __init__(self, root: Path) -> None:
+        if not root.is_dir():
+            raise BackendError(f"{root} is not a model folder")
+        self.root = root
+        self.model_dir = root  # the Transformer module's folder (weights, config.json, tokenizer)
+        self.pooling: str | None = None
+        self.normalize = False
+        modules_file = root / "modules.json"
+        if modules_file.is_file():
+            modules = _read_json(modules_file)
+            if not isinstance(modules, list):
+                raise BackendError(f"{modules_file}: expected a JSON list")
+            for module in modules:
+                kind = str(module.get("type", ""))
+                sub = root / str(module.get("path", ""))
+                if kind.endswith(".Transformer"):
+                    self.model_dir = sub
+                elif kind.endswith(".Pooling"):
+                    self.pooling = self._pooling(sub / "config.json")
+                elif kind.endswith(".Normalize"):
+                    self.normalize = True
+                else:
+                    # A Dense projection (or any module llama.cpp cannot run) would change the vectors.
+                    raise BackendError(f"{root}: sentence-transformers module {kind!r} is not supported by GGUF")
+        config_file = self.model_dir / "config.json"
+        if not config_file.is_file():
+            raise BackendError(f"{root} has no config.json (not a Hugging Face model folder)")
+        self.config: dict[str, Any] = _read_json(config_file)
+        model_type = self.config.get("model_type")
+        if model_type != "bert":
+            raise BackendError(
+                f"{root}: model_type {model_type!r} is not supported; the gguf converter writes BERT models"
+            )
+        if self.config.get("position_embedding_type", "absolute") != "absolute":
+            raise BackendError(f"{root}: only absolute position embeddings are supported by llama.cpp's bert")
+        self.max_seq_length: int | None = None
+        for cfg in (root / "sentence_bert_config.json", self.model_dir / "sentence_bert_config.json"):
+            if cfg.is_file():
+                value = _read_json(cfg).get("max_seq_length")
+                if isinstance(value, int) and value > 0:
+                    self.max_seq_length = value
+                break
+
+    @staticmethod
+    def _pooling(path: Path) -> str:
+        cfg = _read_json(path)
+        modes = [k for k, v in cfg.items() if k.startswith("pooling_mode_") and v is True]
+        mapping = {
+            "pooling_mode_mean_tokens": "mean",
+            "pooling_mode_cls_token": "cls",
+            "pooling_mode_lasttoken": "last",
+        }
+        if len(modes) != 1 or modes[0] not in mapping:
+            raise BackendError(f"{path}: pooling {modes} is not supported by llama.cpp (mean, cls or last only)")
+        return mapping[modes[0]]
+
+    def tensors(self) -> Iterator[tuple[str, np.ndarray]]:
+        """(HF name, float32 array) for every weight; safetensors (sharded or not) or pytorch_model.bin."""
+        files = sorted(self.model_dir.glob("*.safetensors"))
+        if files:
+            from safetensors import safe_open
+
+            for file in files:
+                try:
+                    with safe_open(str(file), framework="np") as fh:
+                        for name in fh.keys():  # noqa: SIM118 - safe_open has no __iter__
+                            yield name, fh.get_tensor(name)
+                except (OSError, ValueError, RuntimeError) as exc:
+                    # safetensors reports truncation/corruption as a SafetensorError (a RuntimeError kind)
+                    raise BackendError(f"cannot read {file}: {exc}") from exc
+            return
+        bins = sorted(self.model_dir.glob("pytorch_model*.bin"))
+        if not bins:
+            raise BackendError(f"{self.model_dir} has no model.safetensors or pytorch_model.bin")
+        try:
+            import torch
+        except ImportError as exc:
+            raise BackendError(f"{bins[0].name} needs torch to read; install the `torch` extra") from exc
+        for file in bins:
+            try:
+                state = torch.load(str(file), map_location="cpu", weights_only=True)
+            except Exception as exc:  # torch raises many types for a bad pickle
+                raise BackendError(f"cannot read {file}: {exc}") from exc
+            for name, t in state.items():
+                yield name, t.float().numpy() if t.is_floating_point() else t.numpy()
+
+    def vocab(self) -> tuple[list[str], set[str], dict[str, Any]]:
+        """The WordPiece vocabulary in id order, its special tokens, and the normalizer settings."""
+        specials: set[str] = set()
+        tok_file = self.model_dir / "tokenizer.json"
+        if tok_file.is_file():
+            tok = _read_json(tok_file)
+            model = tok.get("model") or {}
+            if model.get("type") != "WordPiece":
+                raise BackendError(f"{tok_file}: tokenizer {model.get('type')!r} is not WordPiece")
+            if model.get("continuing_subword_prefix", "##") != "##":
+                raise BackendError(f"{tok_file}: only the `##` continuation prefix is supported")
+            by_id = {int(i): t for t, i in model["vocab"].items()}
+            for added in tok.get("added_tokens") or []:
+                by_id.setdefault(int(added["id"]), added["content"])
+                if added.get("special"):
+                    specials.add(added["content"])
+            normalizer = tok.get("normalizer") or {}
+        else:
+            vocab_file = self.model_dir / "vocab.txt"
+            if not vocab_file.is_file():
+                raise BackendError(f"{self.model_dir} has neither tokenizer.json nor vocab.txt")
+            lines = vocab_file.read_text(encoding="utf-8").split("\n")
+            if lines and lines[-1] == "":
+                lines.pop()
+            by_id = dict(enumerate(lines))
+            tcfg_file = self.model_dir / "tokenizer_config.json"
+            tcfg = _read_json(tcfg_file) if tcfg_file.is_file() else {}
+            normalizer = {
+                "lowercase": tcfg.get("do_lower_case", True),
+                "strip_accents": tcfg.get("strip_accents"),
+            }
+            specials = {"[CLS]", "[SEP]", "[UNK]", "[PAD]", "[MASK]"}
+        if sorted(by_id) != list(range(len(by_id))):
+            raise BackendError(f"{self.model_dir}: vocabulary ids are not contiguous")
+        return [by_id[i] for i in range(len(by_id))], specials, normalizer
+
+
+def _gguf_vocab(tokens: list[str], specials: set[str], n_rows: int) -> tuple[list[str], list[int]]:
+    """llama.cpp's spelling of a WordPiece vocabulary and the token types.
+
+    Only the tokenizer's special tokens are CONTROL: the backend tokenizes with llama.cpp's special-token
+    parsing on, because the HF tokenizer also turns "[CLS]" typed in user text into the [CLS] id. Other
+    bracketed tokens ([unused0], ...) never come out of HF's tokenizer, so they are UNUSED (a CONTROL one
+    would be matched in text).
+    """
+    import gguf
+
+    out: list[str] = []
+    types: list[int] = []
+    seen: set[str] = set()
+    for tok in tokens:
+        if tok in specials:
+            text, kind = tok, gguf.TokenType.CONTROL
+        elif len(tok) > 2 and tok.startswith("[") and tok.endswith("]"):
+            text, kind = tok, gguf.TokenType.UNUSED
+        elif tok.startswith("##") and len(tok) > 2:
+            text, kind = tok[2:], gguf.TokenType.NORMAL
+        else:
+            text, kind = WORD_START + tok, gguf.TokenType.NORMAL
+        if text in seen:
+            # Two HF tokens with one llama.cpp spelling: the second can never be produced; keep the row
+            # (ids must stay aligned with the embedding matrix) under a name nothing matches.
+            text, kind = f"[gguf-duplicate-{len(out)}]", gguf.TokenType.UNUSED
+        seen.add(text)
+        out.append(text)
+        types.append(int(kind))
+    # An embedding matrix padded past the vocabulary (common for speed) needs a token per row.
+    for i in range(len(out), n_rows):
+        out.append(f"[PAD{i}]")
+        types.append(int(gguf.TokenType.UNUSED))
+    return out, types
+
+
+class GgufConverter(Converter):
+    name: ClassVar[str] = "gguf"
+    help: ClassVar[str] = "GGUF for llama.cpp (BERT / WordPiece models), f16 or q8_0"
+
+    def add_arguments(self, parser: Any) -> None:
+        # The convert parser is shared by all converters: only `--type` is ours (dest kept distinct).
+        parser.add_argument(
+            "--type",
+            dest="gguf_type",
+            choices=("f16", "q8_0"),
+            default="f16",
+            help="gguf: weight type of the matrices (default f16; q8_0 is ~half the size)",
+        )
+
+    def convert(self, src: str, out: str, args: Any) -> None:
+        try:
+            import gguf
+        except ImportError as exc:
+            raise BackendError("converting to GGUF needs the gguf package: install the `gguf` extra") from exc
+        qtype = getattr(args, "gguf_type", None) or "f16"
+        if qtype not in ("f16", "q8_0"):
+            raise BackendError(f"--type {qtype!r}: expected f16 or q8_0")
+        started = time.perf_counter()
+        source = _Source(Path(src).expanduser())
+        out_path = Path(out).expanduser()
+        if out_path.is_dir():
+            raise BackendError(f"--out {out_path} is a folder; give a file name such as model.gguf")
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+        # Write beside the target and rename at the end: a failed run never leaves a half-written GGUF.
+        part = out_path.with_name(out_path.name + ".part")
+        try:
+            self._write(source, part, qtype, gguf)
+            self._verify(source, part)
+            os.replace(part, out_path)
+        finally:
+            part.unlink(missing_ok=True)
+        size = out_path.stat().st_size / 2**20
+        _say(f"wrote {out_path} ({size:.1f} MiB, {qtype}) in {time.perf_counter() - started:.1f}s")
+
+    # -- writing -----------------------------------------------------------------------------------------
+
+    def _write(self, source: _Source, path: Path, qtype: str, gguf: Any) -> None:
+        cfg = source.config
+        try:
+            n_layers = int(cfg["num_hidden_layers"])
+            hidden = int(cfg["hidden_size"])
+            n_ctx = int(cfg["max_position_embeddings"])
+            ffn = int(cfg["intermediate_size"])
+            heads = int(cfg["num_attention_heads"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise BackendError(f"{source.model_dir}/config.json lacks a BERT hyper-parameter: {exc}") from exc
+        eps = float(cfg.get("layer_norm_eps", 1e-12))
+        pooling = source.pooling
+        if pooling is None:
+            pooling = "mean"
+            _say("no sentence-transformers pooling config; writing mean pooling")
+        if pooling != "mean" and pooling != "cls" and pooling != "last":
+            raise BackendError(f"unsupported pooling {pooling!r}")
+
+        tensor_map = gguf.TensorNameMap(gguf.MODEL_ARCH.BERT, n_layers)
+        ftype = gguf.LlamaFileType.MOSTLY_F16 if qtype == "f16" else gguf.LlamaFileType.MOSTLY_Q8_0
+        writer = gguf.GGUFWriter(str(path), gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.BERT])
+        try:
+            _say(f"reading {source.model_dir} ({n_layers} layers, dim {hidden}, {qtype})")
+            n_vocab_rows = 0
+            n_tensors = 0
+            for hf_name, data in source.tensors():
+                name = hf_name.removeprefix("bert.")
+                if name.startswith(_SKIP_PREFIXES) or name.endswith(_SKIP_SUFFIXES):
+                    continue
+                mapped = tensor_map.get_type_and_name(name, try_suffixes=(".weight", ".bias"))
+                if mapped is None:
+                    raise BackendError(f"tensor {hf_name!r} has no llama.cpp bert counterpart")
+                kind, new_name = mapped
+                if kind == gguf.MODEL_TENSOR.TOKEN_EMBD:
+                    n_vocab_rows = data.shape[0]
+                array, raw = self._encode(np.ascontiguousarray(data, dtype=np.float32), kind, qtype, gguf)
+                if raw is None:
+                    writer.add_tensor(new_name, array)
+                else:
+                    writer.add_tensor(new_name, array, raw_dtype=raw)
+                n_tensors += 1
+            if not n_vocab_rows:
+                raise BackendError(f"{source.model_dir}: no word-embedding tensor found")
+
+            writer.add_name(source.root.name)
+            writer.add_context_length(n_ctx)
+            writer.add_embedding_length(hidden)
+            writer.add_feed_forward_length(ffn)
+            writer.add_block_count(n_layers)
+            writer.add_head_count(heads)
+            writer.add_layer_norm_eps(eps)
+            writer.add_causal_attention(False)
+            writer.add_pooling_type(
+                {"mean": gguf.PoolingType.MEAN, "cls": gguf.PoolingType.CLS, "last": gguf.PoolingType.LAST}[pooling]
+            )
+            writer.add_file_type(ftype)
+            if qtype != "f16":
+                writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+            if source.max_seq_length:
+                # Our own key (llama.cpp ignores it): the length sentence-transformers caps inputs at.
+                writer.add_uint32(MAX_SEQ_LENGTH_KEY, source.max_seq_length)
+            writer.add_bool("sentence_transformers.normalize", source.normalize)
+            self._add_vocab(writer, source, n_vocab_rows, gguf)
+
+            _say(f"writing {n_tensors} tensors to {path.name}")
+            writer.write_header_to_file()
+            writer.write_kv_data_to_file()
+            writer.write_tensors_to_file(progress=False)
+        except OSError as exc:
+            raise BackendError(f"cannot write {path}: {exc}") from exc
+        finally:
+            writer.close()
+
+    @staticmethod
+    def _encode(data: np.ndarray, kind: Any, qtype: str, gguf: Any) -> tuple[np.ndarray, Any]:
+        """The tensor as stored: (array, raw GGML type or None for plain numpy dtypes)."""
+        # Biases and norms are tiny and precision-sensitive: f32. Token-type embeddings stay f32 as
+        # llama.cpp adds them to f32 activations directly (and they are 2 rows).
+        if data.ndim < 2 or kind == gguf.MODEL_TENSOR.TOKEN_TYPES:
+            return data, None
+        if qtype == "q8_0" and data.shape[-1] % 32 == 0:
+            try:
+                q8 = gguf.GGMLQuantizationType.Q8_0
+                return gguf.quants.quantize(data, q8), q8
+            except (gguf.quants.QuantError, NotImplementedError):
+                pass  # rows not a multiple of the block: f16 below
+        return data.astype(np.float16), None
+
+    @staticmethod
+    def _add_vocab(writer: Any, source: _Source, n_rows: int, gguf: Any) -> None:
+        tokens, specials, normalizer = source.vocab()
+        if len(tokens) > n_rows:
+            raise BackendError(f"vocabulary has {len(tokens)} tokens but the embedding matrix only {n_rows} rows")
+        index = {t: i for i, t in enumerate(tokens)}
+        tcfg_file = source.model_dir / "tokenizer_config.json"
+        tcfg = _read_json(tcfg_file) if tcfg_file.is_file() else {}
+
+        def special(key: str, default: str) -> int:
+            value = tcfg.get(key, default)
+            if isinstance(value, dict):  # older configs store AddedToken dicts
+                value = value.get("content", default)
+            if value not in index:
+                raise BackendError(f"special token {key}={value!r} is not in the vocabulary")
+            return index[value]
+
+        gguf_tokens, types = _gguf_vocab(tokens, specials, n_rows)
+        writer.add_tokenizer_model("bert")
+        writer.add_token_list(gguf_tokens)
+        writer.add_token_types(types)
+        writer.add_token_type_count(int(source.config.get("type_vocab_size", 2)))
+        cls_id, sep_id = special("cls_token", "[CLS]"), special("sep_token", "[SEP]")
+        # llama.cpp's WordPiece tokenizer adds BOS first and SEP last when asked for special tokens.
+        writer.add_bos_token_id(cls_id)
+        writer.add_eos_token_id(sep_id)
+        writer.add_sep_token_id(sep_id)
+        writer.add_unk_token_id(special("unk_token", "[UNK]"))
+        writer.add_pad_token_id(special("pad_token", "[PAD]"))
+        writer.add_mask_token_id(special("mask_token", "[MASK]"))
+        writer.add_add_bos_token(True)
+        writer.add_add_sep_token(True)
+        writer.add_add_eos_token(False)
+        # HF BertNormalizer: strip_accents None means "strip when lowercasing"; llama.cpp reads both keys.
+        lowercase = bool(normalizer.get("lowercase", True))
+        strip = normalizer.get("strip_accents")
+        writer.add_bool("tokenizer.ggml.normalizer.lowercase", lowercase)
+        strip_accents = lowercase if strip is None else bool(strip)
+        writer.add_bool("tokenizer.ggml.normalizer.strip_accents", strip_accents)
+
+    # -- verification ------------------------------------------------------------------------------------
+
+    @staticmethod
+    def _verify(source: _Source, path: Path) -> None:
+        tok_file = source.model_dir / "tokenizer.json"
+        try:
+            import llama_cpp  # noqa: F401 - only probing that the runtime is installed
+            import tokenizers
+        except ImportError:
+            _say("llama-cpp-python or tokenizers missing: skipped the token-id check")
+            return
+        if not tok_file.is_file():
+            _say("no tokenizer.json: skipped the token-id check")
+            return
+        from . import _llama
+
+        hf = tokenizers.Tokenizer.from_file(str(tok_file))
+        hf.no_padding()  # tokenizer.json files often pin padding/truncation (all-MiniLM: 128)
+        hf.no_truncation()
+        model = _llama.load_model(path, vocab_only=True)
+        try:
+            vocab = _llama.lib().llama_model_get_vocab(model)
+            for text in VERIFY_TEXTS:
+                want = hf.encode(text).ids
+                got = _llama.tokenize(vocab, text)
+                if got != want:
+                    at = next((i for i, (a, b) in enumerate(zip(got, want, strict=False)) if a != b), None)
+                    at = min(len(got), len(want)) if at is None else at
+                    raise BackendError(
+                        f"GGUF tokenizer disagrees with tokenizer.json on {text!r} at token {at}: "
+                        f"{got[at : at + 5]} vs {want[at : at + 5]}"
+                    )
+        finally:
+            _llama.lib().llama_model_free(model)
+        _say(f"token ids match tokenizer.json on {len(VERIFY_TEXTS)} sample texts")
