@@ -50,6 +50,10 @@ from .schemas import (
 log = logging.getLogger("gateway")
 
 
+# [server] settings fixed when the server starts (the others follow a reload).
+_RESTART_FIELDS = ("host", "port", "max_body_bytes", "access_log", "log_level")
+
+
 class Gateway:
     """Everything a request needs, kept on `app.state.gateway`.
 
@@ -63,16 +67,26 @@ class Gateway:
         backends: dict[str, type[Backend]],
         *,
         keys: KeyStore | None = None,
+        fallback_keys: KeyStore | None = None,
         config_path: str | None = None,
     ) -> None:
         self.config = config
         self.backends = backends
         self.config_path = config_path
-        # Keys given by the caller (tests, a generated key) stay fixed; keys from config follow reloads.
+        # `keys` given by the caller stay fixed; otherwise keys come from config (and follow reloads), and
+        # `fallback_keys` (the key generated at start) serve while the config names none.
         self._fixed_keys = keys
-        self.keys = keys if keys is not None else KeyStore.from_config(config.auth)
+        self._fallback_keys = fallback_keys
+        self.keys = KeyStore()
+        self.keys = self._keys_for(config)
         self.registry = Registry(build_specs(config, backends, config_path or "<config>"))
         self._reload_lock = asyncio.Lock()
+
+    def _keys_for(self, config: GatewayConfig) -> KeyStore:
+        if self._fixed_keys is not None:
+            return self._fixed_keys
+        keys = KeyStore.from_config(config.auth, previous=self.keys)
+        return keys if keys or self._fallback_keys is None else self._fallback_keys
 
     async def reload(self) -> ReloadResult:
         """Re-read the config file: load new/changed models beside the old ones, swap, retire the old."""
@@ -84,27 +98,30 @@ class Gateway:
             specs = build_specs(config, self.backends, self.config_path)
             old = self.registry
             new = Registry(specs, reuse=old.models)
-            fresh = [m for m in new.models.values() if m.state == "loading"]
+            previous = {id(m) for m in old.models.values()}
+            fresh = [m for m in new.models.values() if id(m) not in previous]
             # Loaded off the loop, one at a time, while the old models keep serving.
             await loop.run_in_executor(None, lambda: [m.load() for m in fresh])
             kept_old: list[str] = []
             for m in fresh:
-                previous = old.models.get(m.name)
-                if m.state == "failed" and previous is not None and previous.state == "ready":
+                prior = old.models.get(m.name)
+                if m.state == "failed" and prior is not None and prior.state == "ready":
                     # A changed model that fails to load must not replace a working one.
                     log.error(
                         "reload: model %r failed to load (%s); the previous version keeps serving", m.name, m.error
                     )
-                    new.replace(previous)
+                    new.replace(prior)
                     kept_old.append(m.name)
+            restart = [f for f in _RESTART_FIELDS if getattr(config.server, f) != getattr(self.config.server, f)]
+            if restart:
+                log.warning("reload: [server] %s changed; that takes a restart to apply", ", ".join(restart))
             self.config = config
-            if self._fixed_keys is None:
-                self.keys = KeyStore.from_config(config.auth)
+            self.keys = self._keys_for(config)
             self.registry = new
             live = {id(m) for m in new.models.values()}
             retired = [m for m in old.models.values() if id(m) not in live]
             for m in retired:
-                loop.run_in_executor(None, m.retire, config.server.request_timeout_s)
+                m.retire_in_background(config.server.request_timeout_s)
             result = ReloadResult(
                 status="reloaded",
                 added=sorted(n for n in new.models if n not in old.models),
@@ -139,7 +156,7 @@ def _errors(*statuses: int) -> dict[int, ResponseSpec]:
     return {s: ResponseSpec(data_container=ErrorResponse, description="OpenAI-shaped error") for s in statuses}
 
 
-def _texts(body: EmbeddingRequest, max_items: int) -> list[str]:
+def _texts(body: EmbeddingRequest, max_items: int, max_chars: int) -> list[str]:
     texts = [body.input] if isinstance(body.input, str) else body.input
     if not texts:
         raise GatewayError(400, "`input` must not be an empty list", param="input", code="empty_input")
@@ -151,9 +168,16 @@ def _texts(body: EmbeddingRequest, max_items: int) -> list[str]:
             code="too_many_inputs",
         )
     for i, text in enumerate(texts):
+        where = "input" if isinstance(body.input, str) else f"input[{i}]"
         if not text:
-            where = "input" if isinstance(body.input, str) else f"input[{i}]"
             raise GatewayError(400, f"`{where}` is an empty string", param=where, code="empty_input")
+        if len(text) > max_chars:
+            raise GatewayError(
+                400,
+                f"`{where}` has {len(text)} characters; the limit is {max_chars} characters per input",
+                param=where,
+                code="input_too_long",
+            )
     return texts
 
 
@@ -233,7 +257,15 @@ async def _embed(gw: Gateway, body: EmbeddingRequest, state: dict[str, Any] | No
             403, f"this API key may not use model {body.model!r}", param="model", code="model_not_allowed"
         )
     state["model"] = model.name
-    texts = _texts(body, server.max_items_per_request)
+    texts = _texts(body, server.max_items_per_request, server.max_input_chars)
+    queue_limit = model.spec.config.batching.max_queue
+    if len(texts) > queue_limit:
+        raise GatewayError(
+            400,
+            f"`input` has {len(texts)} items; model {model.name!r} queues at most {queue_limit} inputs",
+            param="input",
+            code="too_many_inputs",
+        )
     with model.in_use():
         try:
             async with asyncio.timeout(server.request_timeout_s):
@@ -380,12 +412,20 @@ def create_app(
     *,
     plugin_manager: pluggy.PluginManager | None = None,
     keys: KeyStore | None = None,
+    fallback_keys: KeyStore | None = None,
     config_path: str | Path | None = None,
 ) -> Litestar:
-    """Build the app; models load in the background once it starts (see /ready)."""
+    """Build the app; models load in the background once it starts (see /ready).
+
+    `keys`: fixed keys (config keys ignored); `fallback_keys`: used while the config names no key.
+    """
     pm = plugin_manager or get_plugin_manager()
     gateway = Gateway(
-        config, collect_backends(pm), keys=keys, config_path=str(config_path) if config_path is not None else None
+        config,
+        collect_backends(pm),
+        keys=keys,
+        fallback_keys=fallback_keys,
+        config_path=str(config_path) if config_path is not None else None,
     )
     QUEUES.gateways.add(gateway)
 

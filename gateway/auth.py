@@ -13,10 +13,11 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from .config import AuthConfig, KeyConfig
+from .config import AuthConfig, ConfigError, KeyConfig, key_problem
 from .errors import GatewayError
 
 ENV_KEYS = "GATEWAY_API_KEYS"
+_CHALLENGE = {"WWW-Authenticate": "Bearer"}
 
 
 def hash_key(key: str) -> str:
@@ -102,10 +103,21 @@ class ApiKey:
         self._limit(self.tokens, tokens, "tokens")
 
 
+def _limits(key: ApiKey) -> tuple[float | None, float | None]:
+    return (
+        key.requests.capacity if key.requests else None,
+        key.tokens.capacity if key.tokens else None,
+    )
+
+
 class KeyStore:
     """The accepted keys."""
 
-    def __init__(self, keys: Iterable[str] = (), entries: Iterable[KeyConfig] = ()) -> None:
+    def __init__(
+        self, keys: Iterable[str] = (), entries: Iterable[KeyConfig] = (), previous: KeyStore | None = None
+    ) -> None:
+        """`previous`: the store this one replaces; a key with unchanged limits keeps its buckets' levels,
+        so a reload does not hand every client a fresh quota."""
         self._keys: list[ApiKey] = []
         for i, key in enumerate(k for k in keys if k.strip()):
             self._keys.append(ApiKey(name=f"key-{i + 1}", digest=_digest(key)))
@@ -121,25 +133,44 @@ class KeyStore:
                 )
             )
 
+        if previous is not None:
+            before = {(k.digest, _limits(k)): k for k in previous._keys}
+            for key in self._keys:
+                old = before.get((key.digest, _limits(key)))
+                if old is not None:
+                    key.requests, key.tokens = old.requests, old.tokens
+
     def __bool__(self) -> bool:
         return bool(self._keys)
 
     @classmethod
-    def from_config(cls, auth: AuthConfig) -> KeyStore:
+    def from_config(cls, auth: AuthConfig, previous: KeyStore | None = None) -> KeyStore:
         """Keys from gateway.toml plus GATEWAY_API_KEYS (comma-separated, full access)."""
-        env = os.environ.get(ENV_KEYS, "")
-        return cls([*auth.api_keys, *env.split(",")], auth.keys)
+        env = [k for k in os.environ.get(ENV_KEYS, "").split(",") if k.strip()]
+        for i, key in enumerate(env):
+            problem = key_problem(key.strip())
+            if problem:
+                raise ConfigError(f"{ENV_KEYS}: key {i + 1}: {problem}")
+        return cls([*auth.api_keys, *env], auth.keys, previous)
 
     def check(self, authorization: str | None) -> ApiKey:
         """The key the header carries; 401 unless it is accepted."""
         if not authorization:
             raise GatewayError(
-                401, "missing API key: send the header `Authorization: Bearer <key>`", code="missing_api_key"
+                401,
+                "missing API key: send the header `Authorization: Bearer <key>`",
+                code="missing_api_key",
+                headers=_CHALLENGE,
             )
         scheme, _, token = authorization.partition(" ")
         token = token.strip()
         if scheme.lower() != "bearer" or not token:
-            raise GatewayError(401, "malformed Authorization header: expected `Bearer <key>`", code="invalid_api_key")
+            raise GatewayError(
+                401,
+                "malformed Authorization header: expected `Bearer <key>`",
+                code="invalid_api_key",
+                headers=_CHALLENGE,
+            )
         digest = hashlib.sha256(token.encode()).digest()
         # Compare against every key so timing does not reveal which one (or whether any) matched.
         found: ApiKey | None = None
@@ -147,5 +178,5 @@ class KeyStore:
             if hmac.compare_digest(digest, key.digest) and found is None:
                 found = key
         if found is None:
-            raise GatewayError(401, "invalid API key", code="invalid_api_key")
+            raise GatewayError(401, "invalid API key", code="invalid_api_key", headers=_CHALLENGE)
         return found

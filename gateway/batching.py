@@ -3,17 +3,21 @@
 Written by hand: no maintained library batches across asyncio requests into a synchronous runtime with a
 token budget (Infinity and TEI each carry their own). Worker threads own the backend; the event loop only
 enqueues and awaits futures.
+
+Batches are filled round-robin across the queued requests, one input from each in turn, so a request with
+thousands of inputs shares every batch with the small requests behind it instead of holding them up.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -31,25 +35,20 @@ class QueueFull(Exception):
 
 
 class BatchFailed(Exception):
-    """The backend raised while computing a batch that held this request's inputs."""
+    """The backend raised (or returned garbage) while computing a batch that held this request's inputs."""
 
 
 @dataclass(eq=False, slots=True)
 class _Request:
     loop: asyncio.AbstractEventLoop
     future: asyncio.Future[np.ndarray]
-    n: int
-    vectors: np.ndarray | None = None
+    texts: Sequence[str]
+    tokens: Sequence[int]
+    vectors: np.ndarray
+    # Next input to hand to a batch, and inputs not computed yet; both change only under the batcher's lock.
+    next: int = 0
     remaining: int = 0
     done: bool = False
-
-
-@dataclass(slots=True)
-class _Item:
-    text: str
-    tokens: int
-    index: int
-    request: _Request = field(repr=False)
 
 
 @dataclass(slots=True)
@@ -68,6 +67,12 @@ def _resolve(req: _Request, result: np.ndarray | None, exc: BaseException | None
         req.future.set_result(result)  # type: ignore[arg-type]
 
 
+def _notify(req: _Request, result: np.ndarray | None, exc: BaseException | None) -> None:
+    # From a worker thread: the future belongs to the request's event loop.
+    with contextlib.suppress(RuntimeError):  # that loop is gone (its client and server with it)
+        req.loop.call_soon_threadsafe(_resolve, req, result, exc)
+
+
 class Batcher:
     """Queue + worker threads for one loaded backend."""
 
@@ -76,6 +81,7 @@ class Batcher:
         backend: Backend,
         *,
         model: str,
+        dimension: int,
         max_batch_size: int,
         max_batch_tokens: int,
         max_wait_ms: float = 0.0,
@@ -84,13 +90,15 @@ class Batcher:
     ) -> None:
         self.backend = backend
         self.model = model
+        self.dimension = dimension
         self.max_batch_size = max_batch_size
         self.max_batch_tokens = max_batch_tokens
         self.max_wait = max_wait_ms / 1000.0
         self.max_queue = max_queue
         self.stats = BatchStats()
         self._on_batch = on_batch
-        self._queue: deque[_Item] = deque()
+        self._queue: deque[_Request] = deque()
+        self._pending = 0  # inputs queued, not yet taken by a worker
         self._cond = threading.Condition()
         self._closed = False
         self._busy = 0
@@ -104,63 +112,85 @@ class Batcher:
     @property
     def queued(self) -> int:
         """Inputs waiting for a worker."""
-        return len(self._queue)
+        return self._pending
 
     @property
     def idle(self) -> bool:
         """Nothing queued and nothing computing."""
         with self._cond:
-            return not self._queue and self._busy == 0
+            return not self._pending and self._busy == 0
 
     async def embed(self, texts: Sequence[str], tokens: Sequence[int]) -> np.ndarray:
         """Vectors for `texts` (float32 [n, dim], input order); `tokens` are their counts."""
+        if len(texts) != len(tokens):
+            raise ValueError("one token count per text")
+        if len(texts) > self.max_queue:
+            raise ValueError(f"{len(texts)} inputs can never fit model {self.model!r}'s queue of {self.max_queue}")
         loop = asyncio.get_running_loop()
-        req = _Request(loop=loop, future=loop.create_future(), n=len(texts), remaining=len(texts))
+        req = _Request(
+            loop=loop,
+            future=loop.create_future(),
+            texts=texts,
+            tokens=tokens,
+            vectors=np.empty((len(texts), self.dimension), dtype=np.float32),
+            remaining=len(texts),
+        )
         with self._cond:
             if self._closed:
                 raise RuntimeError(f"model {self.model!r} is shutting down")
-            # An oversized request is still admitted into an empty queue, or it could never be served.
-            if self._queue and len(self._queue) + len(texts) > self.max_queue:
-                raise QueueFull(self.model, len(self._queue), self.max_queue)
-            self._queue.extend(_Item(t, k, i, req) for i, (t, k) in enumerate(zip(texts, tokens, strict=True)))
+            if self._pending + len(texts) > self.max_queue:
+                raise QueueFull(self.model, self._pending, self.max_queue)
+            self._queue.append(req)
+            self._pending += len(texts)
             self._cond.notify()
         try:
             return await req.future
         except asyncio.CancelledError:
             # The client went away (or timed out): drop what has not started so nobody computes it.
             with self._cond:
-                req.done = True
-                if any(it.request is req for it in self._queue):
-                    self._queue = deque(it for it in self._queue if it.request is not req)
+                if not req.done:
+                    req.done = True
+                    self._pending -= len(texts) - req.next
+                    req.next = len(texts)
+                    if req in self._queue:
+                        self._queue.remove(req)
             raise
 
-    def _take(self) -> list[_Item] | None:
+    def _take(self) -> list[tuple[_Request, int]] | None:
         with self._cond:
-            while not self._queue:
+            while not self._pending:
                 if self._closed:
                     return None
                 self._cond.wait()
-            if self.max_wait and len(self._queue) < self.max_batch_size:
+            if self.max_wait and self._pending < self.max_batch_size:
                 deadline = time.monotonic() + self.max_wait
-                while len(self._queue) < self.max_batch_size and not self._closed:
+                while self._pending < self.max_batch_size and not self._closed:
                     left = deadline - time.monotonic()
                     if left <= 0 or not self._cond.wait(left):
                         break
-            batch: list[_Item] = []
+            batch: list[tuple[_Request, int]] = []
             longest = 0
-            while self._queue and len(batch) < self.max_batch_size:
-                item = self._queue[0]
-                if item.request.done:
-                    self._queue.popleft()
-                    continue
-                # Budget is the padded size of the batch, what the runtime actually allocates.
-                width = max(longest, item.tokens)
-                if batch and width * (len(batch) + 1) > self.max_batch_tokens:
-                    break
-                batch.append(self._queue.popleft())
-                longest = width
+            full = False
+            while self._queue and not full:
+                # One pass: one input from each queued request, oldest first.
+                for req in list(self._queue):
+                    i = req.next
+                    # Budget is the padded size of the batch, what the runtime actually allocates.
+                    width = max(longest, req.tokens[i])
+                    if batch and width * (len(batch) + 1) > self.max_batch_tokens:
+                        full = True
+                        break
+                    batch.append((req, i))
+                    longest = width
+                    req.next += 1
+                    self._pending -= 1
+                    if req.next == len(req.texts):
+                        self._queue.remove(req)
+                    if len(batch) >= self.max_batch_size:
+                        full = True
+                        break
             self._busy += 1
-            if self._queue:
+            if self._pending:
                 self._cond.notify()
             return batch
 
@@ -170,46 +200,75 @@ class Batcher:
             if batch is None:
                 return
             try:
-                if batch:
-                    self._compute(batch)
+                self._compute(batch)
+            except BaseException:  # the worker must outlive any batch, whatever happens in it
+                log.exception("batcher for model %r: unexpected error", self.model)
+                self._fail(batch, BatchFailed(f"model {self.model!r} failed on a batch"))
             finally:
                 with self._cond:
                     self._busy -= 1
                     self._cond.notify_all()
 
-    def _compute(self, batch: list[_Item]) -> None:
-        # Length-sorted batches pad less; results go back by each item's own index.
-        batch.sort(key=lambda it: it.tokens)
+    def _fail(self, batch: list[tuple[_Request, int]], err: Exception) -> None:
+        with self._cond:
+            reqs = {id(r): r for r, _ in batch if not r.done}.values()
+            for req in reqs:
+                req.done = True
+                self._pending -= len(req.texts) - req.next
+                req.next = len(req.texts)
+                if req in self._queue:
+                    self._queue.remove(req)
+        for req in reqs:
+            _notify(req, None, err)
+
+    def _compute(self, batch: list[tuple[_Request, int]]) -> None:
+        # Length-sorted batches pad less; results go back by each input's own index.
+        batch.sort(key=lambda ri: ri[0].tokens[ri[1]])
         started = time.perf_counter()
         try:
-            vectors = self.backend.embed([it.text for it in batch])
-            if vectors.shape[0] != len(batch):
-                raise RuntimeError(f"backend returned {vectors.shape[0]} vectors for {len(batch)} inputs")
+            vectors = self.backend.embed([req.texts[i] for req, i in batch])
+            shape = getattr(vectors, "shape", None)
+            if shape != (len(batch), self.dimension):
+                raise RuntimeError(f"backend returned shape {shape} for {len(batch)} inputs of width {self.dimension}")
+            if not np.isfinite(vectors).all():
+                raise RuntimeError("backend returned NaN or infinite values")
         except Exception as exc:
             self.stats.failures += 1
-            log.exception("batch of %d inputs failed on model %r", len(batch), self.model)
-            err = BatchFailed(f"model {self.model!r} failed on a batch: {type(exc).__name__}")
-            for req in {id(it.request): it.request for it in batch}.values():
-                if not req.done:
-                    req.done = True
-                    req.loop.call_soon_threadsafe(_resolve, req, None, err)
+            groups: dict[int, list[tuple[_Request, int]]] = {}
+            for req, i in batch:
+                groups.setdefault(id(req), []).append((req, i))
+            if len(groups) > 1:
+                # Several requests shared the failed batch: run each request's inputs on their own, so only
+                # the request that holds the bad input fails.
+                log.warning(
+                    "batch of %d inputs failed on model %r (%s); retrying per request", len(batch), self.model, exc
+                )
+                for group in groups.values():
+                    self._compute(group)
+                return
+            log.error("batch of %d inputs failed on model %r", len(batch), self.model, exc_info=exc)
+            self._fail(batch, BatchFailed(f"model {self.model!r} failed on a batch: {type(exc).__name__}"))
             return
         elapsed = time.perf_counter() - started
         self.stats.batches += 1
         self.stats.inputs += len(batch)
+        finished: list[_Request] = []
+        with self._cond:
+            for (req, i), vec in zip(batch, vectors, strict=True):
+                if req.done:
+                    continue
+                req.vectors[i] = vec
+                req.remaining -= 1
+                if req.remaining == 0:
+                    req.done = True
+                    finished.append(req)
+        for req in finished:
+            _notify(req, req.vectors, None)
         if self._on_batch is not None:
-            self._on_batch(self.model, len(batch), sum(it.tokens for it in batch), elapsed)
-        for it, vec in zip(batch, vectors, strict=True):
-            req = it.request
-            if req.done:
-                continue
-            if req.vectors is None:
-                req.vectors = np.empty((req.n, vectors.shape[1]), dtype=np.float32)
-            req.vectors[it.index] = vec
-            req.remaining -= 1
-            if req.remaining == 0:
-                req.done = True
-                req.loop.call_soon_threadsafe(_resolve, req, req.vectors, None)
+            try:
+                self._on_batch(self.model, len(batch), sum(req.tokens[i] for req, i in batch), elapsed)
+            except Exception:
+                log.exception("batch metrics callback failed")
 
     def close(self, timeout: float | None = 30.0) -> None:
         """Finish what is queued, then stop the workers."""

@@ -50,7 +50,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         key = new_key()
         keys = KeyStore([key])
         print(f"No API key configured; this run accepts: Authorization: Bearer {key}", file=sys.stderr, flush=True)
-    app = create_app(config, keys=keys if generated else None, config_path=args.config)
+    app = create_app(config, fallback_keys=keys if generated else None, config_path=args.config)
     host = args.host or config.server.host
     port = args.port if args.port is not None else config.server.port
     uvicorn.run(app, host=host, port=port, log_level=config.server.log_level, access_log=False)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib.resources
 import os
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 import msgspec
 
@@ -26,9 +26,12 @@ class ServerConfig(_Strict):
     # OpenAI's own limits: 2048 inputs and 300k tokens per request.
     max_items_per_request: int = 2048
     max_tokens_per_request: int = 300_000
-    max_body_bytes: int = 16 * 1024 * 1024
+    # Checked before tokenizing: tokenizing megabytes costs seconds and gigabytes before any token limit
+    # can refuse it. 100k characters is far beyond any input a 8k-token model accepts.
+    max_input_chars: int = 100_000
+    max_body_bytes: int = 8 * 1024 * 1024
     request_timeout_s: float = 120.0
-    log_level: str = "info"
+    log_level: Literal["critical", "error", "warning", "info", "debug", "trace"] = "info"
     # One line per request (request id, model, status, tokens, latency); never keys, never texts.
     access_log: bool = True
 
@@ -93,15 +96,23 @@ def resolve_model_path(raw: str, base_dir: Path) -> Path:
     return path if path.is_absolute() else (base_dir / path)
 
 
+def key_problem(key: str) -> str | None:
+    """What is wrong with an API key as written in config or env, or None."""
+    if key.startswith("sha256:"):
+        digest = key[7:]
+        if len(digest) != 64 or any(c not in "0123456789abcdefABCDEF" for c in digest):
+            return "a sha256: key needs 64 hex digits"
+    elif len(key) < 8:
+        return "too short (8 characters at least)"
+    return None
+
+
 def _check_keys(config: GatewayConfig, where: str) -> None:
     for i, entry in enumerate(config.auth.keys):
         key = f"$.auth.keys[{i}]"
-        if entry.key.startswith("sha256:"):
-            digest = entry.key[7:]
-            if len(digest) != 64 or any(c not in "0123456789abcdefABCDEF" for c in digest):
-                raise ConfigError(f"{where}: `{key}.key`: a sha256: key needs 64 hex digits")
-        elif len(entry.key) < 8:
-            raise ConfigError(f"{where}: `{key}.key` is too short (8 characters at least)")
+        problem = key_problem(entry.key)
+        if problem:
+            raise ConfigError(f"{where}: `{key}.key`: {problem}")
         for field in ("requests_per_minute", "tokens_per_minute"):
             value = getattr(entry, field)
             if value is not None and value < 1:
@@ -110,8 +121,9 @@ def _check_keys(config: GatewayConfig, where: str) -> None:
             if model not in config.models:
                 raise ConfigError(f"{where}: `{key}.models`: no model named {model!r}")
     for i, raw in enumerate(config.auth.api_keys):
-        if raw.startswith("sha256:") and (len(raw) != 71 or any(c not in "0123456789abcdefABCDEF" for c in raw[7:])):
-            raise ConfigError(f"{where}: `$.auth.api_keys[{i}]`: a sha256: key needs 64 hex digits")
+        problem = key_problem(raw)
+        if problem:
+            raise ConfigError(f"{where}: `$.auth.api_keys[{i}]`: {problem}")
 
 
 def _check_models(config: GatewayConfig, where: str) -> None:
@@ -167,7 +179,7 @@ def parse_config(data: bytes | str, where: str = "<config>", base_dir: Path | No
     s = config.server
     if not 0 <= s.port <= 65535:
         raise ConfigError(f"{where}: `$.server.port` must be between 0 and 65535")
-    for field in ("max_items_per_request", "max_tokens_per_request", "max_body_bytes"):
+    for field in ("max_items_per_request", "max_tokens_per_request", "max_input_chars", "max_body_bytes"):
         if getattr(s, field) < 1:
             raise ConfigError(f"{where}: `$.server.{field}` must be a positive integer")
     if s.request_timeout_s <= 0:

@@ -100,6 +100,14 @@ def _validation_error(_: Request[Any, Any, Any], exc: ValidationException) -> Re
     if key == "data" and message.startswith("Expected `object`"):
         message = f"request body must be a JSON object: {message}"
     param = _param(key, message)
+    if param and param.startswith("input[") and message in ("Expected `str`, got `array`", "Expected `str`, got `int`"):
+        return error_response(
+            400,
+            f"`{param}` is not a string: `input` must be a string or a list of strings; token-id arrays are not "
+            "accepted (LangChain's OpenAIEmbeddings sends them unless check_embedding_ctx_length=False)",
+            param,
+            "invalid_value",
+        )
     plain = _PLAIN.get(message)
     if param and plain:
         return error_response(400, plain.format(param=param), param, "invalid_value")
@@ -117,6 +125,14 @@ def _http_error(_: Request[Any, Any, Any], exc: HTTPException) -> Response[dict[
         message = f"request body too large: {message}"
     elif status == 400 and "JSON is malformed" in message:
         return error_response(400, f"request body is not valid JSON: {message}", None, "invalid_json")
+    elif status == 400 and message == "Input data was truncated":
+        # msgspec says this of a cut-off document and of an unpaired surrogate escape such as "\ud800".
+        return error_response(
+            400,
+            "request body is not valid JSON: it ends early or holds an unpaired UTF-16 surrogate escape",
+            None,
+            "invalid_json",
+        )
     return error_response(status, message, None, None, dict(exc.headers or {}))
 
 
@@ -126,8 +142,13 @@ def _internal_error(request: Request[Any, Any, Any], exc: Exception) -> Response
     return error_response(500, f"internal error (id {error_id}); the server log has the details", None, error_id)
 
 
+def _unicode_error(_: Request[Any, Any, Any], exc: UnicodeError) -> Response[dict[str, Any]]:
+    return error_response(400, f"request body is not valid UTF-8: {exc.reason}", None, "invalid_json")
+
+
 EXCEPTION_HANDLERS: dict[type[Exception] | int, Any] = {
     GatewayError: _gateway_error,
+    UnicodeError: _unicode_error,
     ValidationException: _validation_error,
     HTTPException: _http_error,
     Exception: _internal_error,

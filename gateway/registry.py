@@ -116,10 +116,20 @@ class ServedModel:
             if too_big:
                 backend.close()
                 raise BackendError(f"matryoshka_dimensions {too_big} exceed the model's dimension {info.dimension}")
+            configured = spec.config.max_input_tokens
+            if configured and configured > info.max_input_tokens:
+                log.warning(
+                    "model %r: max_input_tokens = %d is above the model's own limit %d; using %d",
+                    spec.name,
+                    configured,
+                    info.max_input_tokens,
+                    info.max_input_tokens,
+                )
             b = spec.config.batching
             self.batcher = Batcher(
                 backend,
                 model=spec.name,
+                dimension=info.dimension,
                 max_batch_size=b.max_batch_size or spec.backend_cls.default_max_batch_size,
                 max_batch_tokens=b.max_batch_tokens or spec.backend_cls.default_max_batch_tokens,
                 max_wait_ms=b.max_wait_ms,
@@ -146,9 +156,11 @@ class ServedModel:
     async def ready(self, timeout: float) -> None:
         """Wait for the load to finish; 503 if it failed or is still running after `timeout`."""
         if not self._loaded.is_set():
-            loop = asyncio.get_running_loop()
-            done = await loop.run_in_executor(None, self._loaded.wait, timeout)
-            if not done:
+            # Polled, not waited on in a thread: a crowd of early requests must not hold the executor.
+            deadline = time.monotonic() + timeout
+            while not self._loaded.is_set() and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+            if not self._loaded.is_set():
                 raise GatewayError(
                     503,
                     f"model {self.name!r} is still loading; retry shortly",
@@ -170,12 +182,17 @@ class ServedModel:
             self.inflight -= 1
 
     def retire(self, grace_s: float) -> None:
-        """Close once in-flight requests are done (blocking; run in a thread after a reload swap)."""
+        """Close once loaded and no request uses it any more (blocking: run it in its own thread)."""
+        self._loaded.wait()
         deadline = time.monotonic() + grace_s
         while self.inflight and time.monotonic() < deadline:
             time.sleep(0.05)
-        log.info("model %r (%s) unloaded", self.name, self.spec.config.backend)
         self.close()
+        log.info("model %r (%s) unloaded", self.name, self.spec.config.backend)
+
+    def retire_in_background(self, grace_s: float) -> None:
+        """`retire` on a thread of its own (the shared executor must not wait on in-flight requests)."""
+        threading.Thread(target=self.retire, args=(grace_s,), name=f"retire-{self.name}", daemon=True).start()
 
     async def count_tokens(self, texts: list[str]) -> list[int]:
         assert self.backend is not None and self._tokenize is not None
@@ -191,7 +208,8 @@ class ServedModel:
         if self.batcher is not None:
             self.batcher.close()
         if self._tokenize is not None:
-            self._tokenize.shutdown(wait=False)
+            # A tokenization still running (its request timed out) must finish before the backend goes.
+            self._tokenize.shutdown(wait=True, cancel_futures=True)
         if self.backend is not None:
             try:
                 self.backend.close()
@@ -208,9 +226,9 @@ class Registry:
         self.models: dict[str, ServedModel] = {}
         for name, spec in specs.items():
             old = (reuse or {}).get(name)
-            self.models[name] = (
-                old if old is not None and old.spec == spec and old.state == "ready" else ServedModel(spec)
-            )
+            # A model still loading with the same spec is kept too: loading it twice would only leak one.
+            unchanged = old is not None and old.spec == spec and old.state in ("ready", "loading")
+            self.models[name] = old if unchanged and old is not None else ServedModel(spec)
         self._index()
 
     def _index(self) -> None:

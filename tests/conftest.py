@@ -92,9 +92,12 @@ def make_app(
     plugins: Sequence[object] = (FakePlugin,),
     base_dir: Path | None = None,
     config_path: Path | None = None,
-    keys: KeyStore | None = None,
+    keys: KeyStore | str | None = None,
 ) -> Any:
-    """A Litestar app for `toml` (or the file `config_path`) with the installed plugins plus `plugins`."""
+    """A Litestar app for `toml` (or the file `config_path`) with the installed plugins plus `plugins`.
+
+    `keys`: the test key by default; "config" for the keys the config names (and that follow reloads).
+    """
     from gateway.app import create_app
     from gateway.config import load_config
 
@@ -103,7 +106,10 @@ def make_app(
     for plugin in plugins:
         pm.register(plugin)
     return create_app(
-        config, plugin_manager=pm, keys=keys if keys is not None else KeyStore([API_KEY]), config_path=config_path
+        config,
+        plugin_manager=pm,
+        keys=None if keys == "config" else keys if isinstance(keys, KeyStore) else KeyStore([API_KEY]),
+        config_path=config_path,
     )
 
 

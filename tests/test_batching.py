@@ -44,7 +44,7 @@ class Recorder(Backend):
 def _batcher(backend: Backend, **kw) -> Batcher:
     kw.setdefault("max_batch_size", 8)
     kw.setdefault("max_batch_tokens", 10_000)
-    return Batcher(backend, model="rec", **kw)
+    return Batcher(backend, model="rec", dimension=8, **kw)
 
 
 async def _embed(b: Batcher, texts: list[str]) -> np.ndarray:
@@ -92,6 +92,77 @@ def test_token_budget_bounds_the_padded_batch():
     assert sum(len(x) for x in backend.batches) == len(texts)
 
 
+def test_small_requests_share_batches_with_a_large_one():
+    """Round-robin: a single text queued behind a 40-text request rides in the very next batch."""
+    gate = threading.Event()
+    backend = Recorder(gate=gate)
+    b = _batcher(backend, max_batch_size=4)
+
+    async def main():
+        first = asyncio.ensure_future(_embed(b, ["hold"]))
+        await asyncio.sleep(0.05)
+        big = asyncio.ensure_future(_embed(b, [f"big{i}" for i in range(40)]))
+        await asyncio.sleep(0.01)
+        small = asyncio.ensure_future(_embed(b, ["small"]))
+        await asyncio.sleep(0.01)
+        gate.set()
+        await asyncio.gather(first, big, small)
+
+    asyncio.run(main())
+    b.close()
+    assert backend.batches[0] == ["hold"]
+    assert "small" in backend.batches[1]
+    assert sorted(t for x in backend.batches for t in x if t.startswith("big")) == sorted(f"big{i}" for i in range(40))
+
+
+class Misbehaving(Recorder):
+    def __init__(self, result) -> None:
+        super().__init__()
+        self.result = result
+
+    def embed(self, texts):
+        out = super().embed(texts)
+        return self.result(out) if any("bad" in t for t in texts) else out
+
+
+@pytest.mark.parametrize(
+    "result",
+    [
+        lambda out: out[:, :, None],  # wrong rank
+        lambda out: out[:-1],  # too few rows
+        lambda out: out * np.nan,  # NaN
+        lambda out: [[0.0] * 8],  # not an array at all
+    ],
+)
+def test_garbage_from_a_backend_fails_that_batch_and_the_worker_lives(result):
+    b = _batcher(Misbehaving(result), max_batch_size=1)
+
+    async def main():
+        with pytest.raises(BatchFailed):
+            await _embed(b, ["bad one"])
+        out = await _embed(b, ["good one"])
+        np.testing.assert_allclose(out[0], fake_vector("good one"), rtol=1e-6)
+
+    asyncio.run(main())
+    b.close()
+
+
+def test_several_workers_return_every_row_exactly():
+    class Parallel(Recorder):
+        max_concurrent_batches = 4
+
+    b = _batcher(Parallel(), max_batch_size=1)
+
+    async def main():
+        reqs = [[f"r{i}-{j}" for j in range(3)] for i in range(60)]
+        outs = await asyncio.gather(*(_embed(b, r) for r in reqs))
+        for texts, out in zip(reqs, outs, strict=True):
+            np.testing.assert_allclose(out, np.stack([fake_vector(t) for t in texts]), rtol=1e-6)
+
+    asyncio.run(main())
+    b.close()
+
+
 def test_single_input_larger_than_budget_still_runs():
     backend = Recorder()
     b = _batcher(backend, max_batch_tokens=5)
@@ -120,6 +191,9 @@ def test_a_failing_batch_fails_only_its_own_requests():
 
     asyncio.run(main())
     b.close()
+    # the good request shared the failed batch, then was retried on its own
+    assert any("poison" in x and "fine" in x for x in backend.batches)
+    assert ["fine", "also fine"] in backend.batches or ["fine"] in backend.batches
 
 
 def test_cancelled_request_is_dropped_from_the_queue():

@@ -51,8 +51,8 @@ def test_alias_is_served_and_echoed(fake_client):
         ({"model": "fake", "input": ""}, "input", "`input` is an empty string"),
         ({"model": "fake", "input": []}, "input", "must not be an empty list"),
         ({"model": "fake", "input": ["ok", ""]}, "input[1]", "`input[1]` is an empty string"),
-        ({"model": "fake", "input": ["ok", 3]}, "input[1]", "Expected `str`, got `int`"),
-        ({"model": "fake", "input": [[1, 2, 3]]}, "input[0]", "Expected `str`, got `array`"),
+        ({"model": "fake", "input": ["ok", 3]}, "input[1]", "`input[1]` is not a string"),
+        ({"model": "fake", "input": [[1, 2, 3]]}, "input[0]", "token-id arrays are not accepted"),
         ({"model": "fake", "input": None}, "input", "Expected `str | array`, got `null`"),
         ({"model": "fake"}, "input", "missing required field `input`"),
         ({"input": "x"}, "model", "missing required field `model`"),
@@ -77,10 +77,45 @@ def test_input_over_limit_names_count_and_limit(fake_client):
     assert err["message"] == "`input[1]` has 22 tokens; model 'fake' accepts at most 16 tokens per input"
 
 
-@pytest.mark.parametrize("body", [b"{not json", b"", b"[1, 2]", b'"just a string"'])
-def test_malformed_json(fake_client, body):
+@pytest.mark.parametrize(
+    ("body", "needle"),
+    [
+        (b"{not json", "not valid JSON"),
+        (b'{"model": "fake", "input": ', "not valid JSON: it ends early"),
+        (b"", "request body is empty"),
+        (b"[1, 2]", "must be a JSON object"),
+        (b'"just a string"', "must be a JSON object"),
+        (b'{"model": "fake", "input": "a\\ud800b"}', "unpaired UTF-16 surrogate"),
+        (b'{"model": "fake", "input": "a\xffb"}', "not valid UTF-8"),
+    ],
+)
+def test_malformed_json(fake_client, body, needle):
     err = _error(fake_client.post(URL, content=body, headers={"Content-Type": "application/json"}), 400)
     assert err["type"] == "invalid_request_error"
+    assert needle in err["message"]
+
+
+def test_token_id_arrays_are_refused_with_a_hint(fake_client):
+    err = _error(fake_client.post(URL, json={"model": "fake", "input": [[101, 7592, 102]]}), 400)
+    assert err["param"] == "input[0]" and "token-id arrays are not accepted" in err["message"]
+
+
+def test_huge_input_is_refused_before_tokenizing():
+    toml = "[server]\nmax_input_chars = 50\n" + FAKE_TOML
+    with serve(toml) as client:
+        err = _error(client.post(URL, json={"model": "fake", "input": ["ok", "x" * 51]}), 400)
+        assert err["message"] == "`input[1]` has 51 characters; the limit is 50 characters per input"
+
+
+def test_request_larger_than_the_queue_is_a_400():
+    with serve(FAKE_TOML + "[models.fake.batching]\nmax_queue = 3\n") as client:
+        err = _error(client.post(URL, json={"model": "fake", "input": ["a", "b", "c", "d"]}), 400)
+        assert "queues at most 3 inputs" in err["message"]
+
+
+def test_401_carries_a_bearer_challenge(fake_client):
+    r = fake_client.post(URL, json={"model": "fake", "input": "x"}, headers={"Authorization": "Bearer nope"})
+    assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer"
 
 
 def test_too_many_items():

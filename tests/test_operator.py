@@ -326,3 +326,63 @@ def test_a_client_that_hangs_up_is_dropped_from_the_queue():
         assert ["abandoned"] not in FakeBackend.batches
         r = httpx.post(f"{url}{URL}", json={"model": "fake", "input": "later"}, headers=AUTH, timeout=10)
         assert r.status_code == 200
+
+
+def test_reload_while_a_model_is_still_loading_loads_it_once(tmp_path):
+    cfg = tmp_path / "gateway.toml"
+    text = FAKE_TOML + "[models.fake.options]\nload_delay_s = 0.5\n"
+    cfg.write_text(text)
+    with serve(config_path=cfg, wait=False) as client:
+        r = client.post("/admin/reload")
+        assert r.status_code == 200 and r.json()["changed"] == [] and r.json()["added"] == []
+        wait_loaded(client)
+        time.sleep(0.2)
+        workers = [t.name for t in threading.enumerate() if t.name.startswith("batcher-fake-")]
+        assert workers == ["batcher-fake-0"]
+
+
+def test_reload_keeps_rate_limit_levels(tmp_path):
+    cfg = tmp_path / "gateway.toml"
+    cfg.write_text('[[auth.keys]]\nkey = "admin-key-1"\nadmin = true\nrequests_per_minute = 3\n' + FAKE_TOML)
+    from gateway.config import load_config
+
+    with serve(config_path=cfg, keys="config") as client:
+        h = {"Authorization": "Bearer admin-key-1"}
+        assert client.post(URL, json={"model": "fake", "input": "x"}, headers=h).status_code == 200
+        assert client.post("/admin/reload", headers=h).status_code == 200  # the 2nd request of 3
+        assert client.post(URL, json={"model": "fake", "input": "x"}, headers=h).status_code == 200
+        assert client.post(URL, json={"model": "fake", "input": "x"}, headers=h).status_code == 429
+    assert load_config(cfg).auth.keys[0].requests_per_minute == 3
+
+
+def test_generated_key_gives_way_to_configured_keys_on_reload(tmp_path):
+    from litestar.testing import TestClient
+
+    from gateway.app import create_app
+    from gateway.config import load_config
+    from gateway.plugins import get_plugin_manager
+
+    from .conftest import FakePlugin
+
+    cfg = tmp_path / "gateway.toml"
+    cfg.write_text(FAKE_TOML)
+    pm = get_plugin_manager()
+    pm.register(FakePlugin)
+    app = create_app(load_config(cfg), plugin_manager=pm, fallback_keys=KeyStore(["generated-key"]), config_path=cfg)
+    with TestClient(app=app) as client:
+        wait_loaded(client)
+        old = {"Authorization": "Bearer generated-key"}
+        assert client.post(URL, json={"model": "fake", "input": "x"}, headers=old).status_code == 200
+        cfg.write_text('[auth]\napi_keys = ["configured-key"]\n' + FAKE_TOML)
+        assert client.post("/admin/reload", headers=old).status_code == 200
+        assert client.post(URL, json={"model": "fake", "input": "x"}, headers=old).status_code == 401
+        new = {"Authorization": "Bearer configured-key"}
+        assert client.post(URL, json={"model": "fake", "input": "x"}, headers=new).status_code == 200
+
+
+def test_bad_env_key_is_a_config_error(monkeypatch):
+    from gateway.config import AuthConfig, ConfigError
+
+    monkeypatch.setenv("GATEWAY_API_KEYS", "sha256:zz")
+    with pytest.raises(ConfigError, match="GATEWAY_API_KEYS: key 1: a sha256: key needs 64 hex digits"):
+        KeyStore.from_config(AuthConfig())
