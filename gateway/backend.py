@@ -43,6 +43,11 @@ class Backend(ABC):
     default_max_batch_size: ClassVar[int] = 32
     default_max_batch_tokens: ClassVar[int] = 16_384
     max_concurrent_batches: ClassVar[int] = 1
+    #: True when the runtime pads a batch to its longest input (torch, onnxruntime): the core then splits a
+    #: length-sorted batch into calls of similar lengths where that saves more than it costs.
+    pads_to_longest: ClassVar[bool] = True
+    #: The fixed cost of one `embed` call, in tokens of compute (measured per runtime; see bench/).
+    call_overhead_tokens: ClassVar[int] = 32
 
     def __init__(self, *, model: str, path: str, options: Any, trust_remote_code: bool = False) -> None:
         self.model = model

@@ -17,7 +17,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -45,10 +45,14 @@ class _Request:
     texts: Sequence[str]
     tokens: Sequence[int]
     vectors: np.ndarray
-    # Next input to hand to a batch, and inputs not computed yet; both change only under the batcher's lock.
-    next: int = 0
+    # Inputs not handed to a batch yet (in input order), and inputs not computed yet; both change only under
+    # the batcher's lock.
+    waiting: list[int] = field(default_factory=list)
     remaining: int = 0
     done: bool = False
+    # When a batch last took inputs from this request (its arrival until then): the request served
+    # longest ago anchors the next batch, so every queued request moves forward in turn.
+    served: float = field(default_factory=time.monotonic)
 
 
 @dataclass(slots=True)
@@ -71,6 +75,32 @@ def _notify(req: _Request, result: np.ndarray | None, exc: BaseException | None)
     # From a worker thread: the future belongs to the request's event loop.
     with contextlib.suppress(RuntimeError):  # that loop is gone (its client and server with it)
         req.loop.call_soon_threadsafe(_resolve, req, result, exc)
+
+
+# How many candidates (times max_batch_size) a batch is chosen from.
+_CANDIDATES = 4
+
+
+def split_by_padding(lengths: Sequence[int], overhead: int) -> list[int]:
+    """Where to cut a length-sorted batch so that sum(calls x overhead + rows x longest) is least.
+
+    Runtimes that pad a batch to its longest input waste compute on mixed lengths; each extra call costs a
+    fixed `overhead` (in token units). Exact dynamic programme over the cut points; batches are small.
+    Returns the end index of each group.
+    """
+    n = len(lengths)
+    best = [0] + [0] * n
+    cut = [0] * (n + 1)
+    for end in range(1, n + 1):
+        best[end], cut[end] = min(
+            (best[start] + overhead + (end - start) * lengths[end - 1], start) for start in range(end)
+        )
+    ends: list[int] = []
+    end = n
+    while end:
+        ends.append(end)
+        end = cut[end]
+    return ends[::-1]
 
 
 class Batcher:
@@ -133,6 +163,7 @@ class Batcher:
             texts=texts,
             tokens=tokens,
             vectors=np.empty((len(texts), self.dimension), dtype=np.float32),
+            waiting=list(range(len(texts))),
             remaining=len(texts),
         )
         with self._cond:
@@ -150,11 +181,15 @@ class Batcher:
             with self._cond:
                 if not req.done:
                     req.done = True
-                    self._pending -= len(texts) - req.next
-                    req.next = len(texts)
-                    if req in self._queue:
-                        self._queue.remove(req)
+                    self._drop(req)
             raise
+
+    def _drop(self, req: _Request) -> None:
+        # Under the lock: forget the inputs of `req` that no batch has taken yet.
+        self._pending -= len(req.waiting)
+        req.waiting = []
+        if req in self._queue:
+            self._queue.remove(req)
 
     def _take(self) -> list[tuple[_Request, int]] | None:
         with self._cond:
@@ -168,31 +203,55 @@ class Batcher:
                     left = deadline - time.monotonic()
                     if left <= 0 or not self._cond.wait(left):
                         break
-            batch: list[tuple[_Request, int]] = []
-            longest = 0
-            full = False
-            while self._queue and not full:
-                # One pass: one input from each queued request, oldest first.
-                for req in list(self._queue):
-                    i = req.next
-                    # Budget is the padded size of the batch, what the runtime actually allocates.
-                    width = max(longest, req.tokens[i])
-                    if batch and width * (len(batch) + 1) > self.max_batch_tokens:
-                        full = True
-                        break
-                    batch.append((req, i))
-                    longest = width
-                    req.next += 1
-                    self._pending -= 1
-                    if req.next == len(req.texts):
-                        self._queue.remove(req)
-                    if len(batch) >= self.max_batch_size:
-                        full = True
-                        break
+            batch = self._choose()
+            taken: dict[int, set[int]] = {}
+            for req, i in batch:
+                taken.setdefault(id(req), set()).add(i)
+            now = time.monotonic()
+            for req in [r for r in self._queue if id(r) in taken]:
+                req.served = now
+                req.waiting = [i for i in req.waiting if i not in taken[id(req)]]
+                if not req.waiting:
+                    self._queue.remove(req)
+            self._pending -= len(batch)
             self._busy += 1
             if self._pending:
                 self._cond.notify()
             return batch
+
+    def _choose(self) -> list[tuple[_Request, int]]:
+        """The next batch (under the lock): inputs of similar lengths around one anchor input.
+
+        The anchor is the next input of the request served longest ago, so requests take turns and a huge
+        request cannot hold small ones back. Candidates are drawn round-robin across queued requests; the
+        batch is the run of up to max_batch_size consecutive lengths that holds the anchor and starts as
+        short as possible: less padding, and nothing waits forever.
+        """
+        window = self.max_batch_size * _CANDIDATES
+        first = min(self._queue, key=lambda r: r.served)
+        anchor = (first, first.waiting[0])
+        candidates: list[tuple[_Request, int]] = [anchor]
+        depth = 0
+        while len(candidates) < window:
+            added = False
+            for req in self._queue:
+                if depth < len(req.waiting):
+                    added = True
+                    if depth or req is not first:
+                        candidates.append((req, req.waiting[depth]))
+                    if len(candidates) >= window:
+                        break
+            if not added:
+                break
+            depth += 1
+        candidates.sort(key=lambda ri: ri[0].tokens[ri[1]])
+        at = next(k for k, c in enumerate(candidates) if c is anchor)
+        start = max(0, at - self.max_batch_size + 1)
+        batch = candidates[start : start + self.max_batch_size]
+        # Budget is the padded size of the batch, what the runtime actually allocates.
+        while len(batch) > 1 and len(batch) * batch[-1][0].tokens[batch[-1][1]] > self.max_batch_tokens:
+            batch.pop(-1 if batch[-1] is not anchor else 0)
+        return batch
 
     def _run(self) -> None:
         while True:
@@ -214,10 +273,7 @@ class Batcher:
             reqs = {id(r): r for r, _ in batch if not r.done}.values()
             for req in reqs:
                 req.done = True
-                self._pending -= len(req.texts) - req.next
-                req.next = len(req.texts)
-                if req in self._queue:
-                    self._queue.remove(req)
+                self._drop(req)
         for req in reqs:
             _notify(req, None, err)
 
@@ -226,12 +282,13 @@ class Batcher:
         batch.sort(key=lambda ri: ri[0].tokens[ri[1]])
         started = time.perf_counter()
         try:
-            vectors = self.backend.embed([req.texts[i] for req, i in batch])
-            shape = getattr(vectors, "shape", None)
-            if shape != (len(batch), self.dimension):
-                raise RuntimeError(f"backend returned shape {shape} for {len(batch)} inputs of width {self.dimension}")
-            if not np.isfinite(vectors).all():
-                raise RuntimeError("backend returned NaN or infinite values")
+            texts = [req.texts[i] for req, i in batch]
+            if self.backend.pads_to_longest and len(batch) > 1:
+                lengths = [req.tokens[i] for req, i in batch]
+                ends = split_by_padding(lengths, self.backend.call_overhead_tokens)
+                vectors = np.concatenate([self._call(texts[a:b]) for a, b in zip([0, *ends], ends, strict=False)])
+            else:
+                vectors = self._call(texts)
         except Exception as exc:
             self.stats.failures += 1
             groups: dict[int, list[tuple[_Request, int]]] = {}
@@ -269,6 +326,15 @@ class Batcher:
                 self._on_batch(self.model, len(batch), sum(req.tokens[i] for req, i in batch), elapsed)
             except Exception:
                 log.exception("batch metrics callback failed")
+
+    def _call(self, texts: list[str]) -> np.ndarray:
+        vectors = self.backend.embed(texts)
+        shape = getattr(vectors, "shape", None)
+        if shape != (len(texts), self.dimension):
+            raise RuntimeError(f"backend returned shape {shape} for {len(texts)} inputs of width {self.dimension}")
+        if not np.isfinite(vectors).all():
+            raise RuntimeError("backend returned NaN or infinite values")
+        return vectors
 
     def close(self, timeout: float | None = 30.0) -> None:
         """Finish what is queued, then stop the workers."""
