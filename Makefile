@@ -44,8 +44,10 @@ test: $(STAMP)
 	$(PY) -m ruff check .
 	$(PY) -m pytest -q
 
+# Needs wrk (Debian package `wrk`); results land in bench/results/<timestamp>/.
 bench: $(STAMP) models
-	$(PY) bench/run.py
+	$(PY) -m pip install -q -e '.[bench]'
+	$(PY) bench/run.py $(BENCH_ARGS)
 
 clean:
 	rm -rf models bench/results

@@ -32,7 +32,7 @@ from .backend import Backend
 from .batching import BatchFailed, QueueFull
 from .config import ConfigError, GatewayConfig, load_config
 from .errors import EXCEPTION_HANDLERS, GatewayError
-from .observability import QUEUES, RequestContextMiddleware
+from .observability import QUEUES, RequestContextMiddleware, new_id
 from .plugins import collect_backends, get_plugin_manager
 from .registry import Registry, ServedModel, build_specs
 from .schemas import (
@@ -138,16 +138,16 @@ def _gateway(connection: ASGIConnection[Any, Any, Any, Any]) -> Gateway:
     return connection.app.state.gateway  # type: ignore[no-any-return]
 
 
-def require_key(connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHandler) -> None:
+async def require_key(connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHandler) -> None:
     """Guard: a valid bearer key, which then counts one request against its limit."""
     key = _gateway(connection).keys.check(connection.headers.get("authorization"))
     connection.scope["state"]["api_key"] = key
     key.charge_request()
 
 
-def require_admin(connection: ASGIConnection[Any, Any, Any, Any], handler: BaseRouteHandler) -> None:
+async def require_admin(connection: ASGIConnection[Any, Any, Any, Any], handler: BaseRouteHandler) -> None:
     """Guard: a valid key with admin rights."""
-    require_key(connection, handler)
+    await require_key(connection, handler)
     if not connection.scope["state"]["api_key"].admin:
         raise GatewayError(403, "this API key may not use admin endpoints", code="forbidden")
 
@@ -308,7 +308,7 @@ async def _embed(gw: Gateway, body: EmbeddingRequest, state: dict[str, Any] | No
             norms = np.linalg.norm(vectors, axis=1, keepdims=True)
             vectors = vectors / np.maximum(norms, 1e-12)
     return EmbeddingResponse(
-        id=f"embed-{uuid.uuid4().hex}",
+        id=f"embed-{new_id()}",
         data=(
             await asyncio.get_running_loop().run_in_executor(None, _encode, vectors, body.encoding_format)
             if vectors.size > _OFFLOAD_FLOATS

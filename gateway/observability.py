@@ -6,10 +6,11 @@ labels before the body is read, so the per-model series (tokens, batches, queue 
 
 from __future__ import annotations
 
+import itertools
 import logging
 import re
+import secrets
 import time
-import uuid
 import weakref
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
@@ -24,6 +25,17 @@ if TYPE_CHECKING:
     from .app import Gateway
 
 access_log = logging.getLogger("gateway.access")
+# Ids: a random per-process prefix and a counter. uuid4 reads the OS's random source on every call, a
+# measurable share of the event loop's time per request on a small machine.
+_ID_PREFIX = secrets.token_hex(6)
+_ID_COUNTER = itertools.count()
+
+
+def new_id() -> str:
+    """A unique id for a request or a response (unique across restarts thanks to the random prefix)."""
+    return f"{_ID_PREFIX}{next(_ID_COUNTER):010x}"
+
+
 _VALID_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 
 EMBED_REQUESTS = Counter("gateway_embedding_requests", "Embedding requests by model and status", ["model", "status"])
@@ -88,7 +100,7 @@ class RequestContextMiddleware:
             if name == b"x-request-id":
                 incoming = value.decode("latin-1")
                 break
-        request_id = incoming if incoming and _VALID_ID.match(incoming) else uuid.uuid4().hex
+        request_id = incoming if incoming and _VALID_ID.match(incoming) else new_id()
         state: dict[str, Any] = scope.setdefault("state", {})
         state["request_id"] = request_id
         status = 500

@@ -101,10 +101,10 @@ class OnnxOptions(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
 
     # None: onnxruntime's default (one thread per physical core).
     intra_op_threads: Annotated[int, msgspec.Meta(ge=1)] | None = None
-    # onnxruntime's workers busy-wait between runs by default; on a small machine that steals the cores
-    # the event loop and tokenizer need (measured: batch 1 184 -> 223/s with spinning off beside a busy
-    # thread).
-    allow_spinning: bool = False
+    # onnxruntime's workers busy-wait between runs (its default). Through the gateway on 2 cores, measured
+    # with wrk: spinning on, 1 client 201 req/s (p50 4.7 ms) and 32 clients 271/s; off, 150/s (6.3 ms) and
+    # 285/s. Off suits a machine shared with other busy processes.
+    allow_spinning: bool = True
     graph_optimization: Literal["disable", "basic", "extended", "all"] = "all"
     providers: list[str] = msgspec.field(default_factory=lambda: ["CPUExecutionProvider"])
     # The ONNX file inside the model folder (an int8 conversion is its own folder with its own model.onnx).
@@ -118,8 +118,9 @@ class OnnxOptions(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
 class OnnxBackend(Backend):
     name: ClassVar[str] = "onnx"
     Options: ClassVar[type[msgspec.Struct]] = OnnxOptions
-    # A call costs about as much as 16 tokens of compute (bench: 3.2 ms at batch 1, 0.12 ms per token).
-    call_overhead_tokens: ClassVar[int] = 16
+    # A call costs about as much as 16-25 tokens of compute (bench/run.py raw figures: fp32 about 1 ms fixed
+    # and 0.15 ms per token; int8 about 1.6 ms fixed and 0.06 ms per token).
+    call_overhead_tokens: ClassVar[int] = 24
 
     _session: onnxruntime.InferenceSession
     _count_tok: tokenizers.Tokenizer

@@ -31,8 +31,9 @@ class TorchBackend(Backend):
     Options = TorchOptions
     default_max_batch_size = 32
     default_max_batch_tokens = 16_384
-    # A call costs about as much as 48 tokens of compute (bench: 8.9 ms at batch 1, 0.15 ms per token).
-    call_overhead_tokens = 48
+    # A call costs about as much as 128 tokens of compute (bench/run.py raw figures: about 13 ms fixed per
+    # call, about 0.1 ms per token).
+    call_overhead_tokens = 128
 
     def load(self) -> ModelInfo:
         """Load the SentenceTransformer and a private copy of its tokenizer for counting."""
