@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import logging
 import threading
 import time
@@ -79,6 +80,27 @@ def _notify(req: _Request, result: np.ndarray | None, exc: BaseException | None)
 
 # How many candidates (times max_batch_size) a batch is chosen from.
 _CANDIDATES = 4
+# Seconds between heap trims by a worker (see _trim_heap).
+_TRIM_EVERY_S = 1.0
+
+
+def _load_malloc_trim() -> Callable[[int], int] | None:
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        return libc.malloc_trim  # type: ignore[no-any-return]
+    except (OSError, AttributeError):  # not glibc
+        return None
+
+
+_MALLOC_TRIM = _load_malloc_trim()
+
+
+def _trim_heap() -> None:
+    # Batches of ever-different shapes leave glibc's heap fragmented: freed tensor memory stays in the
+    # process. Measured on torch MiniLM: RSS climbed 625 -> 775 MB over 1500 mixed batches without trims,
+    # and swung between 640 and 720 MB with one trim per 20 batches (each trim about 8 ms).
+    if _MALLOC_TRIM is not None:
+        _MALLOC_TRIM(0)
 
 
 def split_by_padding(lengths: Sequence[int], overhead: int) -> list[int]:
@@ -254,10 +276,14 @@ class Batcher:
         return batch
 
     def _run(self) -> None:
+        trimmed = time.monotonic()
         while True:
             batch = self._take()
             if batch is None:
                 return
+            if time.monotonic() - trimmed > _TRIM_EVERY_S:
+                _trim_heap()
+                trimmed = time.monotonic()
             try:
                 self._compute(batch)
             except BaseException:  # the worker must outlive any batch, whatever happens in it
