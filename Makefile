@@ -40,7 +40,7 @@ models/minilm-q8_0.gguf: | $(STAMP)
 serve: $(STAMP) models
 	$(PY) -m gateway serve --config gateway.toml
 
-test: $(STAMP)
+test: $(STAMP) models
 	$(PY) -m ruff check .
 	$(PY) -m pytest -q
 
