@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -202,9 +204,22 @@ def test_invalid_key_config(auth, needle):
 # --- reload ----------------------------------------------------------------------------------------------
 
 
-def _hammer(client, model: str, stop: threading.Event, results: list[int]) -> None:
-    while not stop.is_set():
-        results.append(client.post(URL, json={"model": model, "input": "steady traffic"}).status_code)
+@contextmanager
+def _steady_traffic(client, model: str) -> Iterator[list[int]]:
+    """Requests for `model` sent back to back while the block runs; yields their statuses."""
+    stop, results = threading.Event(), []
+
+    def hammer() -> None:
+        while not stop.is_set():
+            results.append(client.post(URL, json={"model": model, "input": "steady traffic"}).status_code)
+
+    t = threading.Thread(target=hammer)
+    t.start()
+    try:
+        yield results
+    finally:
+        stop.set()
+        t.join()
 
 
 def _reload(client, path, text):
@@ -216,16 +231,9 @@ def test_reload_adds_a_model_while_requests_keep_succeeding(tmp_path):
     cfg = tmp_path / "gateway.toml"
     cfg.write_text(FAKE_TOML)
     with serve(config_path=cfg) as client:
-        stop, results = threading.Event(), []
-        t = threading.Thread(target=_hammer, args=(client, "fake", stop, results))
-        t.start()
-        r = _reload(
-            client,
-            cfg,
-            FAKE_TOML + '[models.new]\nbackend = "fake"\npath = "."\n[models.new.options]\nload_delay_s = 0.5\n',
-        )
-        stop.set()
-        t.join()
+        with _steady_traffic(client, "fake") as results:
+            new = '[models.new]\nbackend = "fake"\npath = "."\n[models.new.options]\nload_delay_s = 0.5\n'
+            r = _reload(client, cfg, FAKE_TOML + new)
         assert r.status_code == 200, r.text
         assert r.json()["added"] == ["new"] and r.json()["models"] == {"fake": "ready", "new": "ready"}
         assert results and set(results) == {200}
@@ -238,13 +246,9 @@ def test_reload_switches_a_models_backend(tmp_path):
     with serve(config_path=cfg) as client:
         before = client.post(URL, json={"model": "fake", "input": "x"}).json()["data"][0]["embedding"]
         assert before == pytest.approx(fake_vector("x").tolist(), abs=1e-6)
-        stop, results = threading.Event(), []
-        t = threading.Thread(target=_hammer, args=(client, "fake-alias", stop, results))
-        t.start()
-        r = _reload(client, cfg, FAKE_TOML.replace('backend = "fake"', 'backend = "fake-b"'))
-        time.sleep(0.2)
-        stop.set()
-        t.join()
+        with _steady_traffic(client, "fake-alias") as results:
+            r = _reload(client, cfg, FAKE_TOML.replace('backend = "fake"', 'backend = "fake-b"'))
+            time.sleep(0.2)
         assert r.status_code == 200 and r.json()["changed"] == ["fake"]
         assert set(results) == {200}
         after = client.post(URL, json={"model": "fake", "input": "x"}).json()["data"][0]["embedding"]
@@ -256,12 +260,8 @@ def test_invalid_reload_is_refused_and_the_old_config_kept(tmp_path):
     cfg = tmp_path / "gateway.toml"
     cfg.write_text(FAKE_TOML)
     with serve(config_path=cfg) as client:
-        stop, results = threading.Event(), []
-        t = threading.Thread(target=_hammer, args=(client, "fake", stop, results))
-        t.start()
-        r = _reload(client, cfg, FAKE_TOML + "typo_key = 1\n")
-        stop.set()
-        t.join()
+        with _steady_traffic(client, "fake") as results:
+            r = _reload(client, cfg, FAKE_TOML + "typo_key = 1\n")
         assert r.status_code == 400
         assert "reload refused, the running config is kept" in r.json()["error"]["message"]
         assert "unknown field `typo_key`" in r.json()["error"]["message"]
