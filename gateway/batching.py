@@ -56,13 +56,6 @@ class _Request:
     served: float = field(default_factory=time.monotonic)
 
 
-@dataclass(slots=True)
-class BatchStats:
-    batches: int = 0
-    inputs: int = 0
-    failures: int = 0
-
-
 def _resolve(req: _Request, result: np.ndarray | None, exc: BaseException | None) -> None:
     if req.future.done():
         return
@@ -147,13 +140,11 @@ class Batcher:
         self.max_batch_tokens = max_batch_tokens
         self.max_wait = max_wait_ms / 1000.0
         self.max_queue = max_queue
-        self.stats = BatchStats()
         self._on_batch = on_batch
         self._queue: deque[_Request] = deque()
         self._pending = 0  # inputs queued, not yet taken by a worker
         self._cond = threading.Condition()
         self._closed = False
-        self._busy = 0
         self._threads = [
             threading.Thread(target=self._run, name=f"batcher-{model}-{i}", daemon=True)
             for i in range(max(1, backend.max_concurrent_batches))
@@ -165,12 +156,6 @@ class Batcher:
     def queued(self) -> int:
         """Inputs waiting for a worker."""
         return self._pending
-
-    @property
-    def idle(self) -> bool:
-        """Nothing queued and nothing computing."""
-        with self._cond:
-            return not self._pending and self._busy == 0
 
     async def embed(self, texts: Sequence[str], tokens: Sequence[int]) -> np.ndarray:
         """Vectors for `texts` (float32 [n, dim], input order); `tokens` are their counts."""
@@ -236,7 +221,6 @@ class Batcher:
                 if not req.waiting:
                     self._queue.remove(req)
             self._pending -= len(batch)
-            self._busy += 1
             if self._pending:
                 self._cond.notify()
             return batch
@@ -289,10 +273,6 @@ class Batcher:
             except BaseException:  # the worker must outlive any batch, whatever happens in it
                 log.exception("batcher for model %r: unexpected error", self.model)
                 self._fail(batch, BatchFailed(f"model {self.model!r} failed on a batch"))
-            finally:
-                with self._cond:
-                    self._busy -= 1
-                    self._cond.notify_all()
 
     def _fail(self, batch: list[tuple[_Request, int]], err: Exception) -> None:
         with self._cond:
@@ -316,7 +296,6 @@ class Batcher:
             else:
                 vectors = self._call(texts)
         except Exception as exc:
-            self.stats.failures += 1
             groups: dict[int, list[tuple[_Request, int]]] = {}
             for req, i in batch:
                 groups.setdefault(id(req), []).append((req, i))
@@ -333,8 +312,6 @@ class Batcher:
             self._fail(batch, BatchFailed(f"model {self.model!r} failed on a batch: {type(exc).__name__}"))
             return
         elapsed = time.perf_counter() - started
-        self.stats.batches += 1
-        self.stats.inputs += len(batch)
         finished: list[_Request] = []
         with self._cond:
             for (req, i), vec in zip(batch, vectors, strict=True):
