@@ -11,7 +11,7 @@ import secrets
 import threading
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from .config import AuthConfig, ConfigError, KeyConfig, key_problem
 from .errors import GatewayError
@@ -75,7 +75,6 @@ class ApiKey:
     admin: bool = True
     requests: TokenBucket | None = None
     tokens: TokenBucket | None = None
-    extra: dict[str, str] = field(default_factory=dict)
 
     def may_use(self, model: str) -> bool:
         """Whether this key may call `model` (its configured name, not an alias)."""

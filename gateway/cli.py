@@ -25,16 +25,16 @@ def _fail(message: str) -> int:
     return 2
 
 
-def _load(path: str) -> tuple[GatewayConfig, Registry]:
-    config = load_config(path)
-    specs = build_specs(config, collect_backends(get_plugin_manager()), path)
+def _load(args: argparse.Namespace) -> tuple[GatewayConfig, Registry]:
+    config = load_config(args.config)
+    specs = build_specs(config, collect_backends(args.plugins), args.config)
     return config, Registry(specs)
 
 
-def _gateway(path: str) -> Gateway:
+def _gateway(args: argparse.Namespace) -> Gateway:
     from .app import Gateway
 
-    return Gateway(load_config(path), collect_backends(get_plugin_manager()), keys=KeyStore(), config_path=path)
+    return Gateway(load_config(args.config), collect_backends(args.plugins), keys=KeyStore(), config_path=args.config)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -50,7 +50,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         key = new_key()
         keys = KeyStore([key])
         print(f"No API key configured; this run accepts: Authorization: Bearer {key}", file=sys.stderr, flush=True)
-    app = create_app(config, fallback_keys=keys if generated else None, config_path=args.config)
+    app = create_app(
+        config, plugin_manager=args.plugins, fallback_keys=keys if generated else None, config_path=args.config
+    )
     host = args.host or config.server.host
     port = args.port if args.port is not None else config.server.port
     uvicorn.run(app, host=host, port=port, log_level=config.server.log_level, access_log=False)
@@ -61,7 +63,7 @@ def cmd_embed(args: argparse.Namespace) -> int:
     from .app import _embed
     from .schemas import EmbeddingRequest
 
-    gw = _gateway(args.config)
+    gw = _gateway(args)
     model = gw.registry.resolve(args.model)
     model.load()
     if model.state != "ready":
@@ -78,7 +80,7 @@ def cmd_embed(args: argparse.Namespace) -> int:
 
 
 def cmd_models(args: argparse.Namespace) -> int:
-    _, registry = _load(args.config)
+    _, registry = _load(args)
     rows = [("model", "backend", "aliases", "max tokens", "dimensions", "path")]
     for name, m in registry.models.items():
         cfg = m.spec.config
@@ -99,7 +101,7 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
-    config, registry = _load(args.config)
+    config, registry = _load(args)
     problems = check_paths({n: m.spec for n, m in registry.models.items()})
     if problems:
         for p in problems:
@@ -167,8 +169,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     from .backend import BackendError
 
     try:
-        converters = collect_converters(get_plugin_manager())
+        # One plugin manager for the whole command: entry points are imported once.
+        plugins = get_plugin_manager()
+        converters = collect_converters(plugins)
         args = build_parser(converters).parse_args(argv)
+        args.plugins = plugins
         if args.command == "convert":
             src = str(resolve_model_path(args.src, Path.cwd()))
             args.converters[args.to].convert(src, args.out, args)
