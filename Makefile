@@ -25,16 +25,16 @@ $(STAMP): pyproject.toml
 
 models: $(MODELS)
 
-models/minilm-onnx/model.onnx: | $(STAMP)
+models/minilm-onnx/model.onnx: plugins/gateway_onnx/convert.py | $(STAMP)
 	$(PY) -m gateway convert $(MINILM) --to onnx --out models/minilm-onnx
 
-models/minilm-onnx-int8/model.onnx: | $(STAMP)
+models/minilm-onnx-int8/model.onnx: plugins/gateway_onnx/convert.py | $(STAMP)
 	$(PY) -m gateway convert $(MINILM) --to onnx --quantize int8 --out models/minilm-onnx-int8
 
-models/minilm-f16.gguf: | $(STAMP)
+models/minilm-f16.gguf: plugins/gateway_gguf/convert.py | $(STAMP)
 	$(PY) -m gateway convert $(MINILM) --to gguf --type f16 --out $@
 
-models/minilm-q8_0.gguf: | $(STAMP)
+models/minilm-q8_0.gguf: plugins/gateway_gguf/convert.py | $(STAMP)
 	$(PY) -m gateway convert $(MINILM) --to gguf --type q8_0 --out $@
 
 serve: $(STAMP) models

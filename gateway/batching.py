@@ -226,7 +226,8 @@ class Batcher:
             return batch
 
     def _choose(self) -> list[tuple[_Request, int]]:
-        """The next batch (under the lock): inputs of similar lengths around one anchor input.
+        """The next batch (under the lock): for a backend that pads, inputs of similar lengths around one
+        anchor input.
 
         The anchor is the next input of the request served longest ago, so requests take turns and a huge
         request cannot hold small ones back. Candidates are drawn round-robin across queued requests; the
@@ -250,6 +251,15 @@ class Batcher:
             if not added:
                 break
             depth += 1
+        if not self.backend.pads_to_longest:
+            # Lengths cost nothing extra together (packed rows, or one sequence at a time): take inputs in
+            # turn order, within the token budget.
+            batch = candidates[: self.max_batch_size]
+            total = sum(req.tokens[i] for req, i in batch)
+            while len(batch) > 1 and total > self.max_batch_tokens:
+                req, i = batch.pop()
+                total -= req.tokens[i]
+            return batch
         candidates.sort(key=lambda ri: ri[0].tokens[ri[1]])
         at = next(k for k, c in enumerate(candidates) if c is anchor)
         start = max(0, at - self.max_batch_size + 1)

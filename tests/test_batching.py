@@ -92,6 +92,30 @@ def test_token_budget_bounds_the_padded_batch():
     assert sum(len(x) for x in backend.batches) == len(texts)
 
 
+def test_a_backend_without_padding_gets_inputs_in_turn_with_a_token_budget():
+    """Packed (or one-at-a-time) runtimes: no length sorting or padded budget, just turns and summed tokens."""
+    gate = threading.Event()
+    backend = Recorder(gate=gate)
+    backend.pads_to_longest = False
+    b = _batcher(backend, max_batch_size=4, max_batch_tokens=24)
+
+    async def main() -> None:
+        first = asyncio.create_task(_embed(b, ["x"]))  # holds the worker until the others are queued
+        await asyncio.sleep(0.05)
+        big = asyncio.create_task(_embed(b, ["b" * 10, "b" * 10, "b" * 10]))
+        await asyncio.sleep(0.01)
+        small = asyncio.create_task(_embed(b, ["a" * 2, "a" * 3]))
+        await asyncio.sleep(0.05)
+        gate.set()
+        await asyncio.gather(first, big, small)
+
+    asyncio.run(main())
+    b.close()
+    # Turns: big, small, big, small (4 inputs, 25 tokens), trimmed to the budget: 22 tokens, where a padding
+    # budget would count 3 x 10. Each batch reaches the backend sorted by length.
+    assert backend.batches[1:] == [["a" * 2, "b" * 10, "b" * 10], ["a" * 3, "b" * 10]]
+
+
 def test_small_requests_share_batches_with_a_large_one():
     """A single text queued behind a 40-text request does not wait for the 40: requests take turns."""
     gate = threading.Event()

@@ -136,6 +136,45 @@ def test_alone_equals_batched_and_order_kept(backends):
     np.testing.assert_allclose(big, np.tile(together, (6, 1)), atol=2e-5)
 
 
+def test_packed_graph_and_its_padded_path_agree(onnx_dirs, backends, reference):
+    """The converted graph takes position ids and reads the mask as segment ids: several inputs share a
+    row with no padding. Fed one input per row (pack_tokens = 0), it pads like any graph; same vectors."""
+    packed = backends["fp32"]
+    assert "position_ids" in packed._input_names and packed.pads_to_longest is False
+    padded = OnnxBackend(model="padded", path=str(onnx_dirs["fp32"]), options=OnnxOptions(pack_tokens=0))
+    padded.load()
+    assert padded.pads_to_longest is True
+    np.testing.assert_allclose(padded.embed(TEXTS), packed.embed(TEXTS), atol=2e-5)
+    small = OnnxBackend(model="tiny-rows", path=str(onnx_dirs["fp32"]), options=OnnxOptions(pack_tokens=8))
+    small.load()
+    np.testing.assert_allclose(small.embed(TEXTS), reference, atol=2e-5)
+
+
+def test_a_graph_that_fails_packed_is_written_padded(minilm_path, st_model, tmp_path, monkeypatch, capsys):
+    """A model whose positions do not restart at 0 per input (RoBERTa's) disagrees once packed: the
+    converter then writes a graph without position_ids, which the backend serves padded."""
+    from gateway_onnx import convert
+
+    real = convert.OnnxConverter._check
+    calls = []
+
+    def first_fails(self, model, out_dir, quantize):
+        calls.append(out_dir)
+        if len(calls) == 1:
+            raise convert._Mismatch("converted model disagrees with the source: min cosine 0.5000 < 0.999")
+        return real(self, model, out_dir, quantize)
+
+    monkeypatch.setattr(convert.OnnxConverter, "_check", first_fails)
+    out = _convert(minilm_path, tmp_path / "plain")
+    assert "exporting a padded graph instead" in capsys.readouterr().err
+    b = OnnxBackend(model="plain", path=str(out))
+    b.load()
+    assert "position_ids" not in b._input_names and b.pads_to_longest is True
+    got = b.embed(TEXTS[:5])
+    for text, vec in zip(TEXTS[:5], got, strict=True):
+        assert cosine(vec, st_model.encode([text])[0]) > 0.9999
+
+
 def test_empty_batch(backends):
     assert backends["fp32"].embed([]).shape == (0, 384)
 

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal
 import msgspec
 import numpy as np
 
+from gateway import packing
 from gateway.backend import Backend, BackendError, ModelInfo
 
 if TYPE_CHECKING:
@@ -113,6 +114,9 @@ class OnnxOptions(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     pooling: Pooling | None = None
     # None: True exactly when modules.json lists a Normalize module.
     normalize: bool | None = None
+    # With a graph from `gateway convert` (it takes position_ids): inputs share rows of this many tokens
+    # with no padding (gateway/packing.py); 0 pads each batch to its longest input instead.
+    pack_tokens: Annotated[int, msgspec.Meta(ge=0, le=65_536)] = 64
 
 
 class OnnxBackend(Backend):
@@ -132,6 +136,7 @@ class OnnxBackend(Backend):
         self._int32_inputs: set[str] = set()
         self._output_index = 0
         self._pooled_output = False
+        self._packed = False
         self._pooling: Pooling = "mean"
         self._normalize = False
         self._pad_id = 0
@@ -272,12 +277,15 @@ class OnnxBackend(Backend):
         inputs = self._session.get_inputs()
         self._input_names = [i.name for i in inputs]
         self._int32_inputs = {i.name for i in inputs if i.type == "tensor(int32)"}
-        unknown = set(self._input_names) - {"input_ids", "attention_mask", "token_type_ids"}
+        unknown = set(self._input_names) - {"input_ids", "attention_mask", "token_type_ids", "position_ids"}
         if unknown or "input_ids" not in self._input_names:
             raise BackendError(
                 f"{onnx_file}: inputs {self._input_names} are not an encoder's "
-                "(expected input_ids, attention_mask and optionally token_type_ids)"
+                "(expected input_ids, attention_mask and optionally token_type_ids, position_ids)"
             )
+        # Our converter writes position_ids only into graphs that read attention_mask as segment ids.
+        self._packed = "position_ids" in self._input_names and self.options.pack_tokens > 0
+        self.pads_to_longest = not self._packed
         outputs = self._session.get_outputs()
         # Per-token states are pooled here; a graph that already pools (a 2-D output) is used as is.
         by_name = {o.name: i for i, o in enumerate(outputs)}
@@ -299,6 +307,25 @@ class OnnxBackend(Backend):
     def count_tokens(self, texts: Sequence[str]) -> list[int]:
         return [len(e.ids) for e in self._count_tok.encode_batch(list(texts))]
 
+    def _feed(self, arrays: dict[str, np.ndarray]) -> np.ndarray:
+        feed = {
+            name: arrays[name].astype(np.int32) if name in self._int32_inputs else arrays[name]
+            for name in self._input_names
+        }
+        return np.asarray(self._session.run(None, feed)[self._output_index], dtype=np.float32)
+
+    def _run_packed(self, encodings: Sequence[Any]) -> np.ndarray:
+        batch = packing.pack([e.ids for e in encodings], self.options.pack_tokens, self._pad_id)
+        hidden = self._feed(
+            {
+                "input_ids": batch.input_ids,
+                "attention_mask": batch.segments,
+                "position_ids": batch.position_ids,
+                "token_type_ids": np.zeros_like(batch.input_ids),
+            }
+        )
+        return packing.pool(hidden, batch.spans, "lasttoken" if self._pooling == "last" else self._pooling)
+
     def _run(self, encodings: Sequence[Any]) -> np.ndarray:
         width = max(len(e.ids) for e in encodings)
         n = len(encodings)
@@ -310,21 +337,19 @@ class OnnxBackend(Backend):
             ids[row, :k] = enc.ids
             mask[row, :k] = 1
             types[row, :k] = enc.type_ids
-        arrays = {"input_ids": ids, "attention_mask": mask, "token_type_ids": types}
-        feed = {
-            name: arrays[name].astype(np.int32) if name in self._int32_inputs else arrays[name]
-            for name in self._input_names
-        }
-        out = self._session.run(None, feed)[self._output_index]
+        positions = np.tile(np.arange(width, dtype=np.int64), (n, 1))
+        out = self._feed({"input_ids": ids, "attention_mask": mask, "token_type_ids": types, "position_ids": positions})
         if self._pooled_output:
-            return np.asarray(out, dtype=np.float32)
-        return pool(np.asarray(out, dtype=np.float32), mask, self._pooling)
+            return out
+        return pool(out, mask, self._pooling)
 
     def embed(self, texts: Sequence[str]) -> np.ndarray:
         if not texts:
             return np.zeros((0, self._dimension), dtype=np.float32)
         encodings = self._embed_tok.encode_batch(list(texts))
-        if len(encodings) <= _SLICE:
+        if self._packed and not self._pooled_output:
+            vectors = self._run_packed(encodings)
+        elif len(encodings) <= _SLICE:
             vectors = self._run(encodings)
         else:
             order = sorted(range(len(encodings)), key=lambda i: len(encodings[i].ids))

@@ -73,6 +73,10 @@ CHECK_SENTENCES = (
 )
 
 
+class _Mismatch(BackendError):
+    """The written graph's vectors disagree with the source model's."""
+
+
 def _say(message: str) -> None:
     print(f"[convert onnx] {message}", file=sys.stderr, flush=True)
 
@@ -110,23 +114,34 @@ class OnnxConverter(Converter):
         out_dir.mkdir(parents=True, exist_ok=True)
 
         started = time.perf_counter()
-        model, with_types = self._load_torch(hf_dir, trust_remote_code)
+        model, extra = self._load_torch(hf_dir, trust_remote_code)
+        # Packing needs positions that restart at 0 for each input; a model whose positions do not (RoBERTa
+        # counts from padding_idx + 1) fails the check below and gets a padded graph instead.
+        packed = "position_ids" in extra
         target = out_dir / "model.onnx"
-        with tempfile.TemporaryDirectory(prefix="gateway-onnx-", dir=out_dir) as tmp:
-            fp32 = Path(tmp) / "model.onnx"
-            self._export(model, with_types, fp32)
-            if quantize == "int8":
-                staged = Path(tmp) / "model.int8.onnx"
-                self._quantize(fp32, staged)
-            else:
-                staged = fp32
-            # Replace atomically so a server reading DIR never sees half a file.
-            os.replace(staged, target)
-        self._copy_support_files(src_dir, hf_dir, out_dir)
-        _say(f"wrote {target} ({target.stat().st_size / 1e6:.1f} MB) in {time.perf_counter() - started:.1f}s")
-        self._check(model, out_dir, quantize)
+        while True:
+            with tempfile.TemporaryDirectory(prefix="gateway-onnx-", dir=out_dir) as tmp:
+                fp32 = Path(tmp) / "model.onnx"
+                self._export(model, extra, fp32, packed)
+                if quantize == "int8":
+                    staged = Path(tmp) / "model.int8.onnx"
+                    self._quantize(fp32, staged)
+                else:
+                    staged = fp32
+                # Replace atomically so a server reading DIR never sees half a file.
+                os.replace(staged, target)
+            self._copy_support_files(src_dir, hf_dir, out_dir)
+            _say(f"wrote {target} ({target.stat().st_size / 1e6:.1f} MB) in {time.perf_counter() - started:.1f}s")
+            try:
+                self._check(model, out_dir, quantize)
+                return
+            except _Mismatch as exc:
+                if not packed:
+                    raise
+                _say(f"the packed graph disagrees with the source ({exc}); exporting a padded graph instead")
+                packed = False
 
-    def _load_torch(self, hf_dir: Path, trust_remote_code: bool) -> tuple[Any, bool]:
+    def _load_torch(self, hf_dir: Path, trust_remote_code: bool) -> tuple[Any, list[str]]:
         import inspect
 
         try:
@@ -155,43 +170,47 @@ class OnnxConverter(Converter):
         params = inspect.signature(model.forward).parameters
         if "input_ids" not in params or "attention_mask" not in params:
             raise BackendError(f"{hf_dir}: {type(model).__name__} is not an encoder taking input_ids/attention_mask")
-        return model, "token_type_ids" in params
+        return model, [name for name in ("token_type_ids", "position_ids") if name in params]
 
-    def _export(self, model: Any, with_types: bool, path: Path) -> None:
+    def _export(self, model: Any, extra: list[str], path: Path, packed: bool) -> None:
         import torch
 
         # transformers 5's forward takes more keyword arguments than the legacy exporter passes
-        # positionally ("got multiple values for argument"): a wrapper fixes the signature and calls by
-        # keyword. DistilBERT/MPNet have no token types, so they get the two-input wrapper.
-        class WithTypes(torch.nn.Module):
+        # positionally ("got multiple values for argument"): a wrapper fixes the inputs and calls by keyword.
+        # DistilBERT/MPNet have no token types; a packed graph (gateway/packing.py) takes position ids and
+        # reads attention_mask as segment ids (1, 2, ... per input of a row, 0 on padding), from which it
+        # builds the block-diagonal mask. A plain 0/1 mask is one segment per row, so it still works.
+        names = ["input_ids", "attention_mask"] + [n for n in extra if n != "position_ids" or packed]
+
+        class Wrapper(torch.nn.Module):
             def __init__(self, inner: Any) -> None:
                 super().__init__()
                 self.inner = inner
 
-            def forward(
-                self, input_ids: torch.Tensor, attention_mask: torch.Tensor, token_type_ids: torch.Tensor
-            ) -> torch.Tensor:
-                return self.inner(
-                    input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids
-                ).last_hidden_state
-
-        class NoTypes(torch.nn.Module):
-            def __init__(self, inner: Any) -> None:
-                super().__init__()
-                self.inner = inner
-
-            def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-                return self.inner(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+            def forward(self, *args: torch.Tensor) -> torch.Tensor:
+                kwargs = dict(zip(names, args, strict=True))
+                if packed:
+                    seg = kwargs["attention_mask"]
+                    same = seg[:, None, :, None] == seg[:, None, None, :]
+                    # Additive, as eager attention adds the mask to the scores.
+                    kwargs["attention_mask"] = torch.where(same, 0.0, torch.finfo(torch.float32).min)
+                return self.inner(**kwargs).last_hidden_state
 
         # A fresh Module is in training mode, and the exporter restores the wrapper's mode afterwards,
         # recursively: without eval() here the source model comes back with dropout on.
-        wrapper = (WithTypes(model) if with_types else NoTypes(model)).eval()
-        names = ["input_ids", "attention_mask", "token_type_ids"] if with_types else ["input_ids", "attention_mask"]
-        # Two rows of different true length, so the traced graph sees a real mask rather than all ones.
-        ids = torch.tensor([[101, 7592, 2088, 2003, 1037, 3231, 102], [101, 7592, 102, 0, 0, 0, 0]])
+        wrapper = Wrapper(model).eval()
+        # Rows with real padding (and, packed, two inputs in one row), so the traced graph sees a real mask.
+        ids = torch.tensor([[101, 7592, 2088, 2003, 1037, 3231, 102], [101, 7592, 102, 101, 2088, 102, 0]])
         ids = ids.clamp(max=model.config.vocab_size - 1)
-        mask = (ids != 0).long()
-        dummy = (ids, mask, torch.zeros_like(ids)) if with_types else (ids, mask)
+        if packed:
+            mask = torch.tensor([[1, 1, 1, 1, 1, 1, 1], [1, 1, 1, 2, 2, 2, 0]])
+            positions = torch.tensor([[0, 1, 2, 3, 4, 5, 6], [0, 1, 2, 0, 1, 2, 0]])
+        else:
+            mask = (ids != 0).long()
+            positions = torch.arange(ids.shape[1]).expand_as(ids)
+        values = {"input_ids": ids, "attention_mask": mask, "token_type_ids": torch.zeros_like(ids)}
+        values["position_ids"] = positions
+        dummy = tuple(values[n] for n in names)
         axes = {name: {0: "batch", 1: "sequence"} for name in names}
         axes["last_hidden_state"] = {0: "batch", 1: "sequence"}
         _say(f"exporting ONNX opset {OPSET} (inputs {', '.join(names)})")
@@ -282,4 +301,4 @@ class OnnxConverter(Converter):
         _say(f"check vs torch on {len(cos)} sentences: min cosine {worst:.5f}, mean {np.mean(cos):.5f}")
         floor = 0.95 if quantize else 0.999
         if worst < floor:
-            raise BackendError(f"converted model disagrees with the source: min cosine {worst:.4f} < {floor}")
+            raise _Mismatch(f"converted model disagrees with the source: min cosine {worst:.4f} < {floor}")

@@ -3,17 +3,26 @@
 from __future__ import annotations
 
 import copy
+import logging
 import os
 import threading
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Annotated, Any
 
 import msgspec
+import numpy as np
 
 from gateway import Backend, BackendError, ModelInfo, hookimpl
+from gateway.packing import POOLING_MODES, pack, pool
 
-if TYPE_CHECKING:
-    import numpy as np
+log = logging.getLogger("gateway.torch")
+
+# Inputs of different lengths, so the load-time check covers positions restarting inside a row.
+_PROBES = (
+    "a",
+    "The quick brown fox jumps over the lazy dog.",
+    "Packing puts several inputs in one row of the batch; this one is longer than the others on purpose.",
+)
 
 
 class TorchOptions(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -22,6 +31,10 @@ class TorchOptions(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     threads: int | None = None
     # None: as the model defines (a Normalize module); True/False force it.
     normalize: bool | None = None
+    # Inputs share batch rows of this many tokens, with no padding (gateway/packing.py); 0 pads each batch
+    # to its longest input instead. Checked against the model's own encode at load, and turned off with a
+    # warning for a model where the two disagree (e.g. positions that do not start at 0).
+    pack_tokens: Annotated[int, msgspec.Meta(ge=0, le=65_536)] = 64
 
 
 class TorchBackend(Backend):
@@ -74,7 +87,52 @@ class TorchBackend(Backend):
         dim = dim or model.get_sentence_embedding_dimension()
         if normalized is False and has_normalize:
             raise BackendError("normalize = false, but the model itself ends in a Normalize module")
+        self._unit = bool(normalized)
+        self._packer: _Packer | None = None
+        if opts.pack_tokens:
+            self._packer = self._make_packer(model, opts.pack_tokens)
+            # Packed rows carry no padding: the core need not split batches by length.
+            self.pads_to_longest = self._packer is None
         return ModelInfo(dimension=int(dim), max_input_tokens=int(limit), normalized=normalized)
+
+    def _make_packer(self, model: Any, row_tokens: int) -> _Packer | None:
+        modules = list(model)
+        first, second, rest = modules[0], modules[1] if len(modules) > 1 else None, modules[2:]
+        mode = getattr(second, "pooling_mode", None)
+        if mode is None and hasattr(second, "get_pooling_mode_str"):  # sentence-transformers < 6
+            mode = second.get_pooling_mode_str()
+        why = ""
+        if not hasattr(first, "auto_model") or getattr(first, "backend", "torch") != "torch":
+            why = "its first module is not a transformers model"
+        elif mode not in POOLING_MODES:
+            why = f"pooling mode {mode!r} is not one of {', '.join(POOLING_MODES)}"
+        elif any(type(m).__name__ != "Normalize" for m in rest):
+            why = "modules after pooling other than Normalize"
+        elif getattr(model.tokenizer, "backend_tokenizer", None) is None:
+            why = "no fast tokenizer"
+        if why:
+            log.warning("model %r: packing off (%s); batches are padded", self.model, why)
+            return None
+        packer = _Packer(model, first, str(mode), row_tokens, self._unit)
+        try:
+            reference = self._encode(_PROBES)
+            packed = packer.embed(_PROBES, self._torch, row_tokens=10_000)  # all in one row
+            cosine = float(
+                np.min(
+                    np.sum(reference * packed, axis=1)
+                    / np.linalg.norm(reference, axis=1)
+                    / np.linalg.norm(packed, axis=1)
+                )
+            )
+        except Exception as exc:  # a model whose forward takes no position_ids or mask of this shape
+            log.warning("model %r: packing off (%s: %s); batches are padded", self.model, type(exc).__name__, exc)
+            return None
+        if not cosine > 0.9999:
+            log.warning(
+                "model %r: packing off (packed vectors differ, cosine %.6f); batches are padded", self.model, cosine
+            )
+            return None
+        return packer
 
     @staticmethod
     def _make_counter(tokenizer: Any) -> Callable[[Sequence[str]], list[int]]:
@@ -95,8 +153,12 @@ class TorchBackend(Backend):
 
     def embed(self, texts: Sequence[str]) -> np.ndarray:
         """One forward pass over the whole batch (the core already sized and sorted it)."""
-        import numpy as np
+        if self._packer is not None:
+            with self._lock:
+                return self._packer.embed(texts, self._torch)
+        return self._encode(texts)
 
+    def _encode(self, texts: Sequence[str]) -> np.ndarray:
         with self._lock, self._torch.inference_mode():
             out = self._model.encode(
                 list(texts),
@@ -110,6 +172,47 @@ class TorchBackend(Backend):
     def close(self) -> None:
         """Drop the model so its memory can be reclaimed."""
         self._model = None
+        self._packer = None
+
+
+class _Packer:
+    """Runs the transformer on packed rows and pools per input, as the model's own modules would."""
+
+    def __init__(self, model: Any, transformer: Any, mode: str, row_tokens: int, unit: bool) -> None:
+        self.net = transformer.auto_model
+        self.device = model.device
+        self.dtype = self.net.dtype
+        self.mode = mode
+        self.row_tokens = row_tokens
+        self.unit = unit
+        self.lower = bool(getattr(transformer, "do_lower_case", False))
+        tok = copy.deepcopy(model.tokenizer.backend_tokenizer)
+        tok.no_padding()
+        tok.enable_truncation(int(model.max_seq_length or 512))
+        self.tok = tok
+        pad = model.tokenizer.pad_token_id
+        self.pad_id = int(pad) if pad is not None else 0
+
+    def embed(self, texts: Sequence[str], torch: Any, row_tokens: int | None = None) -> np.ndarray:
+        if self.lower:
+            texts = [t.lower() for t in texts]
+        ids = [e.ids for e in self.tok.encode_batch(list(texts))]
+        batch = pack(ids, row_tokens or self.row_tokens, self.pad_id)
+        with torch.inference_mode():
+            segments = torch.from_numpy(batch.segments).to(self.device)
+            same = (segments[:, :, None] == segments[:, None, :])[:, None]
+            # Additive, which both eager attention (adds it to the scores) and SDPA read the same way.
+            mask = torch.where(same, 0.0, torch.finfo(self.dtype).min).to(self.dtype)
+            out = self.net(
+                input_ids=torch.from_numpy(batch.input_ids).to(self.device),
+                attention_mask=mask,
+                position_ids=torch.from_numpy(batch.position_ids).to(self.device),
+            )
+            hidden = out.last_hidden_state.float().cpu().numpy()
+        vectors = pool(hidden, batch.spans, self.mode)
+        if self.unit:
+            vectors /= np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
+        return vectors
 
 
 @hookimpl(trylast=True)

@@ -1,0 +1,107 @@
+"""Padding-free batches: the packing layout, pooling, and the torch backend's packed path against
+sentence-transformers itself (the ONNX graph's packed path is tested in test_onnx.py)."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pytest
+
+from gateway.packing import pack, pool
+
+from .conftest import SENTENCES, cosine
+
+
+def test_pack_layout():
+    ids = [[1, 2, 3], [4] * 10, [5, 6], [7] * 4]
+    batch = pack(ids, row_tokens=12, pad_id=-1)
+    rows, width = batch.input_ids.shape
+    assert width <= 12 and rows == 2  # 19 tokens in rows of 12: 10 + 2, then 4 + 3
+    for k, (r, s, n) in enumerate(batch.spans.tolist()):
+        assert n == len(ids[k])
+        assert batch.input_ids[r, s : s + n].tolist() == ids[k]
+        assert batch.position_ids[r, s : s + n].tolist() == list(range(n))
+        assert len(set(batch.segments[r, s : s + n].tolist())) == 1 and batch.segments[r, s] >= 1
+    # Each input has its own segment within its row; padding is segment 0 with the pad id.
+    for r in range(rows):
+        used = batch.spans[batch.spans[:, 0] == r]
+        assert len(set(batch.segments[r][batch.segments[r] > 0].tolist())) == len(used)
+        assert (batch.input_ids[r][batch.segments[r] == 0] == -1).all()
+    assert batch.input_ids.dtype == np.int64
+
+
+def test_pack_row_grows_to_the_longest_input():
+    assert pack([[1] * 50, [2] * 3], row_tokens=8).input_ids.shape == (2, 50)
+    assert pack([[1] * 50, [2] * 3, [3] * 40], row_tokens=8).input_ids.shape == (2, 50)  # 40 + 3 share
+
+
+def test_pack_rejects_empty():
+    with pytest.raises(ValueError, match="nothing"):
+        pack([], 8)
+    with pytest.raises(ValueError, match="empty input"):
+        pack([[1], []], 8)
+
+
+def test_pool_modes():
+    hidden = np.arange(2 * 5 * 2, dtype=np.float32).reshape(2, 5, 2)
+    spans = np.array([[0, 1, 3], [1, 0, 2]])
+    np.testing.assert_allclose(pool(hidden, spans, "mean"), [hidden[0, 1:4].mean(0), hidden[1, 0:2].mean(0)])
+    np.testing.assert_allclose(pool(hidden, spans, "cls"), [hidden[0, 1], hidden[1, 0]])
+    np.testing.assert_allclose(pool(hidden, spans, "max"), [hidden[0, 3], hidden[1, 1]])
+    np.testing.assert_allclose(pool(hidden, spans, "lasttoken"), [hidden[0, 3], hidden[1, 1]])
+    with pytest.raises(ValueError, match="weightedmean"):
+        pool(hidden, spans, "weightedmean")
+
+
+@pytest.fixture(scope="module")
+def torch_backend(minilm_path):
+    pytest.importorskip("torch")
+    from gateway_torch import TorchBackend, TorchOptions
+
+    backend = TorchBackend(model="m", path=minilm_path, options=TorchOptions(pack_tokens=16))
+    backend.load()
+    yield backend
+    backend.close()
+
+
+def test_torch_packs_and_matches_sentence_transformers(torch_backend, st_model):
+    assert torch_backend.pads_to_longest is False  # the core need not split its batches
+    texts = [*SENTENCES, "", "ok", *SENTENCES[::-1]]
+    got = torch_backend.embed(texts)
+    assert got.dtype == np.float32 and got.shape == (len(texts), 384)
+    # The reference computes each text alone, so no padding and no neighbours.
+    for text, vec in zip(texts, got, strict=True):
+        want = st_model.encode([text], convert_to_numpy=True)[0]
+        assert cosine(vec, want) > 0.99999, text
+    np.testing.assert_allclose(np.linalg.norm(got, axis=1), 1.0, atol=1e-5)
+
+
+def test_torch_packing_off_pads(minilm_path):
+    from gateway_torch import TorchBackend, TorchOptions
+
+    backend = TorchBackend(model="m", path=minilm_path, options=TorchOptions(pack_tokens=0))
+    backend.load()
+    assert backend.pads_to_longest is True
+    assert backend._packer is None
+
+
+def test_torch_packing_turns_itself_off_when_it_disagrees(minilm_path, monkeypatch, caplog):
+    """A model whose packed vectors differ from its own encode (say, positions that do not start at 0)
+    is served padded, with a warning, rather than wrong."""
+    import gateway_torch
+    from gateway_torch import TorchBackend, TorchOptions
+
+    real = gateway_torch._Packer.embed
+
+    def shifted(self, texts, torch, row_tokens=None):
+        out = real(self, texts, torch, row_tokens)
+        return np.roll(out, 1, axis=1)
+
+    monkeypatch.setattr(gateway_torch._Packer, "embed", shifted)
+    backend = TorchBackend(model="odd", path=minilm_path, options=TorchOptions())
+    with caplog.at_level(logging.WARNING, logger="gateway.torch"):
+        backend.load()
+    assert backend.pads_to_longest is True
+    assert "model 'odd': packing off (packed vectors differ" in caplog.text
+    assert cosine(backend.embed(["hello world"])[0], backend._encode(["hello world"])[0]) > 0.99999
