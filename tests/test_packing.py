@@ -67,6 +67,7 @@ def torch_backend(minilm_path):
 
 def test_torch_packs_and_matches_sentence_transformers(torch_backend, st_model):
     assert torch_backend.pads_to_longest is False  # the core need not split its batches
+    assert torch_backend._packer.traced is not None  # TorchScript by default
     texts = [*SENTENCES, "", "ok", *SENTENCES[::-1]]
     got = torch_backend.embed(texts)
     assert got.dtype == np.float32 and got.shape == (len(texts), 384)
@@ -75,6 +76,25 @@ def test_torch_packs_and_matches_sentence_transformers(torch_backend, st_model):
         want = st_model.encode([text], convert_to_numpy=True)[0]
         assert cosine(vec, want) > 0.99999, text
     np.testing.assert_allclose(np.linalg.norm(got, axis=1), 1.0, atol=1e-5)
+
+
+def test_torch_without_a_trace_runs_eagerly(minilm_path, monkeypatch, caplog):
+    import torch
+    from gateway_torch import TorchBackend, TorchOptions
+
+    def refuse(*args, **kwargs):
+        raise RuntimeError("cannot trace this model\nsecond line")
+
+    monkeypatch.setattr(torch.jit, "trace", refuse)
+    backend = TorchBackend(model="eager", path=minilm_path, options=TorchOptions())
+    with caplog.at_level(logging.WARNING, logger="gateway.torch"):
+        backend.load()
+    assert "model 'eager': TorchScript off (RuntimeError: cannot trace this model)" in caplog.text
+    assert backend._packer is not None and backend._packer.traced is None
+    untraced = TorchBackend(model="m", path=minilm_path, options=TorchOptions(jit=False))
+    untraced.load()
+    assert untraced._packer.traced is None
+    np.testing.assert_allclose(backend.embed(SENTENCES), untraced.embed(SENTENCES), atol=1e-6)
 
 
 def test_torch_packing_off_pads(minilm_path):

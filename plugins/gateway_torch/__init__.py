@@ -35,6 +35,10 @@ class TorchOptions(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     # to its longest input instead. Checked against the model's own encode at load, and turned off with a
     # warning for a model where the two disagree (e.g. positions that do not start at 0).
     pack_tokens: Annotated[int, msgspec.Meta(ge=0, le=65_536)] = 64
+    # Run the packed forward as a TorchScript trace: no Python per layer, and the GIL is free while it runs
+    # (the event loop shares it). Measured on all-MiniLM-L6-v2, 2 cores: 1.4x at 1 input per call, 1.1x at
+    # 16-32. Checked against the eager model at load (several shapes); eager where a model does not trace.
+    jit: bool = True
 
 
 class TorchBackend(Backend):
@@ -132,6 +136,10 @@ class TorchBackend(Backend):
                 "model %r: packing off (packed vectors differ, cosine %.6f); batches are padded", self.model, cosine
             )
             return None
+        if self.options.jit:
+            why = packer.trace(self._torch)
+            if why:
+                log.warning("model %r: TorchScript off (%s); the packed forward runs eagerly", self.model, why)
         return packer
 
     @staticmethod
@@ -192,23 +200,65 @@ class _Packer:
         self.tok = tok
         pad = model.tokenizer.pad_token_id
         self.pad_id = int(pad) if pad is not None else 0
+        self.max_tokens = int(model.max_seq_length or 512)
+        self.traced: Any = None
 
-    def embed(self, texts: Sequence[str], torch: Any, row_tokens: int | None = None) -> np.ndarray:
+    def _eager(self, input_ids: Any, mask: Any, position_ids: Any) -> Any:
+        return self.net(input_ids=input_ids, attention_mask=mask, position_ids=position_ids).last_hidden_state
+
+    def _inputs(self, texts: Sequence[str], torch: Any, row_tokens: int | None = None) -> tuple[Any, tuple[Any, ...]]:
         if self.lower:
             texts = [t.lower() for t in texts]
         ids = [e.ids for e in self.tok.encode_batch(list(texts))]
         batch = pack(ids, row_tokens or self.row_tokens, self.pad_id)
+        segments = torch.from_numpy(batch.segments).to(self.device)
+        same = (segments[:, :, None] == segments[:, None, :])[:, None]
+        # Additive, which both eager attention (adds it to the scores) and SDPA read the same way.
+        mask = torch.where(same, 0.0, torch.finfo(self.dtype).min).to(self.dtype)
+        ids_t = torch.from_numpy(batch.input_ids).to(self.device)
+        return batch, (ids_t, mask, torch.from_numpy(batch.position_ids).to(self.device))
+
+    def trace(self, torch: Any) -> str:
+        """Swap in a frozen TorchScript trace of the forward; the reason when it cannot be used."""
+        import warnings
+
+        outer = self
+
+        class Forward(torch.nn.Module):
+            def __init__(self) -> None:
+                super().__init__()
+                self.net = outer.net
+
+            def forward(self, input_ids: Any, mask: Any, position_ids: Any) -> Any:
+                return outer._eager(input_ids, mask, position_ids)
+
+        long_text = " ".join(["tokens"] * (self.max_tokens + 8))  # truncated to the model's limit
+        shapes = [list(_PROBES), [_PROBES[0]], [_PROBES[2], long_text, *_PROBES], [long_text]]
+        # Tracing reads config attributes that transformers warns about (loss_type); nothing to act on.
+        hf_log = logging.getLogger("transformers")
+        level = hf_log.level
+        hf_log.setLevel(logging.ERROR)
+        try:
+            with torch.inference_mode(), warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # the tracer's warnings are about Python values we do not vary
+                _, example = self._inputs(list(_PROBES) * 3, torch, row_tokens=16)
+                traced = torch.jit.freeze(torch.jit.trace(Forward().eval(), example, check_trace=False))
+                for texts in shapes:
+                    _, args = self._inputs(texts, torch)
+                    diff = float((traced(*args) - self._eager(*args)).abs().max())
+                    if not diff < 1e-4:
+                        return f"the trace differs from the model by {diff:.2g} at shape {tuple(args[0].shape)}"
+        except Exception as exc:
+            return f"{type(exc).__name__}: {exc}".splitlines()[0]
+        finally:
+            hf_log.setLevel(level)
+        self.traced = traced
+        return ""
+
+    def embed(self, texts: Sequence[str], torch: Any, row_tokens: int | None = None) -> np.ndarray:
         with torch.inference_mode():
-            segments = torch.from_numpy(batch.segments).to(self.device)
-            same = (segments[:, :, None] == segments[:, None, :])[:, None]
-            # Additive, which both eager attention (adds it to the scores) and SDPA read the same way.
-            mask = torch.where(same, 0.0, torch.finfo(self.dtype).min).to(self.dtype)
-            out = self.net(
-                input_ids=torch.from_numpy(batch.input_ids).to(self.device),
-                attention_mask=mask,
-                position_ids=torch.from_numpy(batch.position_ids).to(self.device),
-            )
-            hidden = out.last_hidden_state.float().cpu().numpy()
+            batch, args = self._inputs(texts, torch, row_tokens)
+            hidden = (self.traced or self._eager)(*args).float().cpu().numpy()
         vectors = pool(hidden, batch.spans, self.mode)
         if self.unit:
             vectors /= np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
