@@ -99,17 +99,19 @@ def raw_main(args: argparse.Namespace) -> int:
     tokens = backend.count_tokens(corpus)
     n = len(corpus)
 
-    # Batch 1: one call per sentence, corpus order (what a lone client sees).
-    for t in corpus[:10]:
-        backend.embed([t])
-    calls = []
-    t0 = time.perf_counter()
-    for t in corpus:
-        s = time.perf_counter()
-        backend.embed([t])
-        calls.append(time.perf_counter() - s)
-    b1_rate = n / (time.perf_counter() - t0)
-    b1_p50 = statistics.median(calls) * 1000
+    # Batch 1: one call per sentence, corpus order (what a lone client sees); best of `repeat` passes, as
+    # for the batches below (a first pass also warms runtimes that specialise on shapes, like TorchScript).
+    b1_rate, b1_p50 = 0.0, 0.0
+    for _ in range(max(2, args.repeat)):
+        calls = []
+        t0 = time.perf_counter()
+        for t in corpus:
+            s = time.perf_counter()
+            backend.embed([t])
+            calls.append(time.perf_counter() - s)
+        rate_now = n / (time.perf_counter() - t0)
+        if rate_now > b1_rate:
+            b1_rate, b1_p50 = rate_now, statistics.median(calls) * 1000
 
     order = sorted(range(n), key=lambda i: tokens[i])
 

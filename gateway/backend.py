@@ -40,12 +40,15 @@ class Backend(ABC):
     name: ClassVar[str]
     #: Struct that validates the model's `[models.X.options]` table.
     Options: ClassVar[type[msgspec.Struct]] = NoOptions
-    default_max_batch_size: ClassVar[int] = 32
-    default_max_batch_tokens: ClassVar[int] = 16_384
+    #: Batch limits when the config sets none. These and `pads_to_longest` are read after `load`, so a
+    #: backend may set them on the instance there (a runtime that packs rows suits bigger batches).
+    default_max_batch_size: int = 32
+    default_max_batch_tokens: int = 16_384
     max_concurrent_batches: ClassVar[int] = 1
-    #: True when the runtime pads a batch to its longest input (torch, onnxruntime): the core then splits a
-    #: length-sorted batch into calls of similar lengths where that saves more than it costs.
-    pads_to_longest: ClassVar[bool] = True
+    #: True when the runtime pads a batch to its longest input: the core then groups similar lengths and
+    #: splits a length-sorted batch into calls where that saves more than it costs. False for a runtime that
+    #: packs inputs without padding (gateway/packing.py) or takes them one at a time.
+    pads_to_longest: bool = True
     #: The fixed cost of one `embed` call, in tokens of compute (measured per runtime; see bench/).
     call_overhead_tokens: ClassVar[int] = 32
 

@@ -130,8 +130,9 @@ class ServedModel:
                 backend,
                 model=spec.name,
                 dimension=info.dimension,
-                max_batch_size=b.max_batch_size or spec.backend_cls.default_max_batch_size,
-                max_batch_tokens=b.max_batch_tokens or spec.backend_cls.default_max_batch_tokens,
+                # Read from the loaded instance: a backend may settle its defaults in load().
+                max_batch_size=b.max_batch_size or backend.default_max_batch_size,
+                max_batch_tokens=b.max_batch_tokens or backend.default_max_batch_tokens,
                 max_wait_ms=b.max_wait_ms,
                 max_queue=b.max_queue,
                 on_batch=record_batch,

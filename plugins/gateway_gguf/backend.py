@@ -108,10 +108,10 @@ class GgufBackend(Backend):
     name: ClassVar[str] = "gguf"
     Options: ClassVar[type[msgspec.Struct]] = GgufOptions
     # A core batch of 32 becomes a few packed llama.cpp calls (see seqs_per_call).
-    default_max_batch_size: ClassVar[int] = 32
+    default_max_batch_size = 32
     max_concurrent_batches: ClassVar[int] = 1
     # Sequences are packed token by token into llama.cpp's batch: nothing is padded, nothing to split.
-    pads_to_longest: ClassVar[bool] = False
+    pads_to_longest = False
 
     def __init__(self, *, model: str, path: str, options: Any, trust_remote_code: bool = False) -> None:
         super().__init__(model=model, path=path, options=options, trust_remote_code=trust_remote_code)
