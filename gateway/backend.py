@@ -41,7 +41,7 @@ class Backend(ABC):
     #: Struct that validates the model's `[models.X.options]` table.
     Options: ClassVar[type[msgspec.Struct]] = NoOptions
     #: Batch limits when the config sets none. These and `pads_to_longest` are read after `load`, so a
-    #: backend may set them on the instance there (a runtime that packs rows suits bigger batches).
+    #: backend may set them on the instance there (say, bigger batches once it knows it packs rows).
     default_max_batch_size: int = 32
     default_max_batch_tokens: int = 16_384
     max_concurrent_batches: ClassVar[int] = 1

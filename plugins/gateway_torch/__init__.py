@@ -46,9 +46,8 @@ class TorchBackend(Backend):
 
     name = "torch"
     Options = TorchOptions
-    # Packed rows (the default) run best at 64 inputs per call (bench/run.py raw figures, random corpus
-    # batches: 32 -> 521/s, 64 -> 602/s, 128 -> 470/s); padded batches at 32, set in load().
-    default_max_batch_size = 64
+    # Packed random corpus batches, alternated 4 times: 16 -> 370-457/s, 32 -> 429-472/s, 64 -> 384-485/s.
+    default_max_batch_size = 32
     default_max_batch_tokens = 16_384
     # A call costs about as much as 128 tokens of compute (bench/run.py raw figures: about 13 ms fixed per
     # call, about 0.1 ms per token).
@@ -99,8 +98,6 @@ class TorchBackend(Backend):
             self._packer = self._make_packer(model, opts.pack_tokens)
             # Packed rows carry no padding: the core need not split batches by length.
             self.pads_to_longest = self._packer is None
-        if self.pads_to_longest:
-            self.default_max_batch_size = 32
         return ModelInfo(dimension=int(dim), max_input_tokens=int(limit), normalized=normalized)
 
     def _make_packer(self, model: Any, row_tokens: int) -> _Packer | None:
