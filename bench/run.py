@@ -77,8 +77,8 @@ def write_bodies(path: Path, model: str, corpus: list[str], per_request: int) ->
 # ----------------------------------------------------------------------------------------- raw runtime
 
 
-def raw_main(args: argparse.Namespace) -> int:
-    """Subprocess entry: measure one model's backend in-process; print one JSON line."""
+def load_backend(args: argparse.Namespace, name: str) -> tuple[Any, Any, Any]:
+    """(spec, backend, info): the model's backend built and loaded the way the gateway does it."""
     sys.path.insert(0, str(ROOT))
     from gateway.config import load_config
     from gateway.plugins import collect_backends, get_plugin_manager
@@ -86,12 +86,86 @@ def raw_main(args: argparse.Namespace) -> int:
 
     config = load_config(args.config)
     specs = build_specs(config, collect_backends(get_plugin_manager()), args.config)
-    spec = specs[args.raw]
-    started = time.perf_counter()
+    spec = specs[name]
     backend = spec.backend_cls(
         model=spec.name, path=spec.config.path, options=spec.options, trust_remote_code=spec.config.trust_remote_code
     )
-    info = backend.load()
+    return spec, backend, backend.load()
+
+
+def probe_main(args: argparse.Namespace) -> int:
+    """Subprocess entry: load the backend once, then answer `SIZE SECONDS` lines on stdin with one
+    `PROBE {...}` line: texts/s and p50 per call over corpus batches of SIZE in arrival order.
+
+    Runs beside the idle server, between gateway points, so each gateway figure has a raw figure taken
+    seconds apart: these machines have slow phases lasting minutes, which a raw run at the start of a
+    model's points does not see."""
+    _, backend, _ = load_backend(args, args.probe)
+    corpus = load_corpus()
+    n = len(corpus)
+    print("PROBE ready", flush=True)
+    start = 0
+    for line in sys.stdin:
+        size, seconds = int(line.split()[0]), float(line.split()[1])
+        backend.embed(corpus[start : start + size] or corpus[:size])  # warm at this size
+        calls: list[float] = []
+        texts = 0
+        t0 = time.perf_counter()
+        while time.perf_counter() - t0 < seconds:
+            batch = [corpus[(start + j) % n] for j in range(size)]
+            start = (start + size) % n
+            s = time.perf_counter()
+            backend.embed(batch)
+            calls.append(time.perf_counter() - s)
+            texts += size
+        rate = texts / (time.perf_counter() - t0)
+        p50 = statistics.median(calls) * 1000
+        print("PROBE " + json.dumps({"size": size, "rate": rate, "p50_ms": p50}), flush=True)
+    backend.close()
+    return 0
+
+
+class Probe:
+    """The `--_probe` subprocess of one model."""
+
+    def __init__(self, config_path: str, name: str, log: Path) -> None:
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--config", config_path, "--_probe", name]
+        self.log = log.open("w")
+        self.proc = subprocess.Popen(
+            cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log, text=True, cwd=ROOT
+        )
+        self.ok = self._read() is not None
+
+    def _read(self) -> str | None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            if line.startswith("PROBE "):
+                return line[6:].strip()
+        return None
+
+    def measure(self, size: int, seconds: float) -> dict[str, Any] | None:
+        if not self.ok or self.proc.poll() is not None:
+            return None
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(f"{size} {seconds}\n")
+        self.proc.stdin.flush()
+        got = self._read()
+        return json.loads(got) if got else None
+
+    def close(self) -> None:
+        if self.proc.stdin:
+            self.proc.stdin.close()
+        try:
+            self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+        self.log.close()
+
+
+def raw_main(args: argparse.Namespace) -> int:
+    """Subprocess entry: measure one model's backend in-process; print one JSON line."""
+    started = time.perf_counter()
+    spec, backend, info = load_backend(args, args.raw)
     load_s = time.perf_counter() - started
     corpus = load_corpus()
     if args.raw_n:
@@ -446,6 +520,11 @@ COLUMNS = [
     ("non-2xx", "non_2xx"),
     ("gateway/raw-best", "ratio_best"),
     ("gateway/raw-batch1", "ratio_b1"),
+    ("raw best now", "raw_best_now"),
+    ("raw b1 now", "raw_b1_now"),
+    ("raw b1 p50 now", "raw_b1_p50_now"),
+    ("gw/raw-best now", "ratio_best_now"),
+    ("gw/raw-b1 now", "ratio_b1_now"),
     ("RSS MB", "rss_mb"),
     ("server CPU %", "server_cpu_pct"),
     ("wrk CPU %", "wrk_cpu_pct"),
@@ -486,32 +565,41 @@ def evaluate(results: dict[str, Any], args: argparse.Namespace) -> list[str]:
             continue
         backend = raw["backend"]
         by = {(r["clients"], r["texts_per_req"]): r for r in rows}
+
+        def ref(row: dict[str, Any], now: str, run: str, raw: dict[str, Any] = raw) -> tuple[float, str]:
+            # The raw figure taken right after the point when there is one, else the model's raw run.
+            return (row[now], "paired") if row.get(now) else (raw[run], "raw run")
+
         r32 = by.get((32, 1))
         if r32:
             if backend == "gguf":
-                goal, what = raw["batch1_rate"], "raw batch-1"
+                base, when = ref(r32, "raw_b1_now", "batch1_rate")
+                goal, what = base, "raw batch-1"
             else:
-                goal, what = 0.9 * raw["best_rate"], "0.9 x raw best-batch"
+                base, when = ref(r32, "raw_best_now", "best_rate")
+                goal, what = 0.9 * base, "0.9 x raw best-batch"
             ok = r32["texts_per_s"] >= goal
             lines.append(
                 f"{'PASS' if ok else 'FAIL'} (a) {name}: 32 clients x 1 text: {r32['texts_per_s']:.0f} texts/s "
-                f"vs {what} {goal:.0f}" + noisy(r32, raw)
+                f"vs {what} {goal:.0f} ({when})" + noisy(r32, raw)
             )
         r1 = by.get((1, 1))
         if r1:
-            goal = raw["batch1_p50_ms"] + 3
+            base, when = ref(r1, "raw_b1_p50_now", "batch1_p50_ms")
+            goal = base + 3
             ok = r1["p50_ms"] <= goal
             lines.append(
                 f"{'PASS' if ok else 'FAIL'} (b) {name}: 1 client p50 {r1['p50_ms']:.1f} ms vs raw batch-1 "
-                f"{raw['batch1_p50_ms']:.1f} ms + 3 = {goal:.1f} ms" + noisy(r1, raw)
+                f"{base:.1f} ms + 3 = {goal:.1f} ms ({when})" + noisy(r1, raw)
             )
         rb = by.get((args.batch_clients, args.batch_texts))
         if rb:
-            goal = 0.95 * raw["best_rate"]
+            base, when = ref(rb, "raw_best_now", "best_rate")
+            goal = 0.95 * base
             ok = rb["texts_per_s"] >= goal
             lines.append(
                 f"{'PASS' if ok else 'FAIL'} (c) {name}: {big}: {rb['texts_per_s']:.0f} texts/s vs 0.95 x raw "
-                f"best-batch {goal:.0f}" + noisy(rb, raw)
+                f"best-batch {goal:.0f} ({when})" + noisy(rb, raw)
             )
     ov = results.get("overload")
     if ov and "error" not in ov:
@@ -587,6 +675,7 @@ def bench_model(
         + ", ".join(f"{k}:{v:.0f}" for k, v in raw["batch_rates"].items()),
         flush=True,
     )
+    probe = Probe(str(cfg_path), name, out / f"probe-{name}.log") if args.pair_seconds > 0 else None
     server = gateway_server(cfg_path, args.port, out / f"server-{name}.log")
     try:
         ok, why = server.ready(args.ready_timeout)
@@ -609,18 +698,33 @@ def bench_model(
             row["model"] = name
             row["ratio_best"] = row["texts_per_s"] / raw["best_rate"]
             row["ratio_b1"] = row["texts_per_s"] / raw["batch1_rate"]
+            if probe is not None:
+                # The same runtime in-process, right after this point (the server is idle by now).
+                best = probe.measure(raw["best_size"], args.pair_seconds)
+                one = probe.measure(1, args.pair_seconds)
+                if best and one:
+                    row["raw_best_now"], row["raw_b1_now"], row["raw_b1_p50_now"] = (
+                        best["rate"],
+                        one["rate"],
+                        one["p50_ms"],
+                    )
+                    row["ratio_best_now"] = row["texts_per_s"] / best["rate"]
+                    row["ratio_b1_now"] = row["texts_per_s"] / one["rate"]
             m["rows"].append(row)
             print(
                 f"   {clients:>3} x {per:<2}: {row['texts_per_s']:7.1f} texts/s  p50 {row['p50_ms']:7.1f} ms  "
                 f"p99 {row['p99_ms']:7.1f} ms  non-2xx {row['non_2xx']}  sock err {row['socket_errors']}  "
                 f"srv cpu {row['server_cpu_pct']:.0f}%  wrk cpu {row['wrk_cpu_pct']:.0f}%  "
                 f"other cpu {row['other_cpu_pct']:.0f}%  mean batch {fmt(row['mean_batch'])}  "
-                f"backend busy {fmt(row['backend_busy_pct'])}%",
+                f"backend busy {fmt(row['backend_busy_pct'])}%  raw now: best {fmt(row.get('raw_best_now'))}/s "
+                f"b1 {fmt(row.get('raw_b1_now'))}/s (p50 {fmt(row.get('raw_b1_p50_now'))} ms)",
                 flush=True,
             )
         m["rss_end_mb"] = server.rss_mb()
     finally:
         server.stop()
+        if probe is not None:
+            probe.close()
     return m
 
 
@@ -657,7 +761,11 @@ def overload(args: argparse.Namespace, config: Any, name: str, corpus: list[str]
         server.stop()
 
 
-def infinity(args: argparse.Namespace, corpus: list[str], work: Path, out: Path) -> dict[str, Any]:
+def infinity(
+    args: argparse.Namespace, corpus: list[str], work: Path, out: Path, pair: str | None = None
+) -> dict[str, Any]:
+    """Infinity at 32 single-text clients; then, when `pair` names a torch model of this run, the gateway on
+    that model at the same load right after, so the two figures are seconds apart rather than minutes."""
     # Infinity runs from its own environment (it pins its own torch/transformers): the executable comes
     # from --infinity-bin, else $INFINITY_BIN, else `infinity_emb` on PATH; nothing is imported here.
     want = args.infinity_bin or os.environ.get("INFINITY_BIN") or "infinity_emb"
@@ -690,9 +798,30 @@ def infinity(args: argparse.Namespace, corpus: list[str], work: Path, out: Path)
         row = measure_point(args, server, bodies, 32, 1, "/embeddings")
         row["model"] = "infinity (torch)"
         print(f"   32 x 1: {row['texts_per_s']:.1f} texts/s p50 {row['p50_ms']:.1f} ms", flush=True)
-        return {"row": row}
     finally:
         server.stop()
+    res: dict[str, Any] = {"row": row}
+    if pair:
+        gw = gateway_server(work / f"{pair}.toml", args.port, out / f"server-{pair}-vs-infinity.log")
+        try:
+            ok, why = gw.ready(args.ready_timeout)
+            if ok:
+                gw_bodies = work / f"{pair}-1.jsonl"
+                if args.warmup > 0:
+                    run_wrk(args, gw.port, gw_bodies, 8, args.warmup, "/v1/embeddings", "30s")
+                    gw.wait_idle()
+                gw_row = measure_point(args, gw, gw_bodies, 32, 1)
+                gw_row["model"] = pair
+                res["gateway_row"] = gw_row
+                res["ratio"] = gw_row["texts_per_s"] / row["texts_per_s"]
+                print(
+                    f"   gateway {pair} right after, 32 x 1: {gw_row['texts_per_s']:.1f} texts/s "
+                    f"({res['ratio']:.2f}x infinity)",
+                    flush=True,
+                )
+        finally:
+            gw.stop()
+    return res
 
 
 def parse_ints(s: str) -> list[int]:
@@ -738,10 +867,19 @@ def main() -> int:
     p.add_argument("--ready-timeout", type=float, default=180.0)
     p.add_argument("--wrk", default=shutil.which("wrk") or "/usr/bin/wrk")
     p.add_argument("--out", default=str(HERE / "results"), help="results folder (default bench/results)")
+    p.add_argument(
+        "--pair-seconds",
+        type=float,
+        default=3.0,
+        help="after each point, seconds of raw best-batch and batch-1 in-process (0: off; default 3)",
+    )
     p.add_argument("--_raw", dest="raw", help=argparse.SUPPRESS)
+    p.add_argument("--_probe", dest="probe", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.raw:
         return raw_main(args)
+    if args.probe:
+        return probe_main(args)
 
     sys.path.insert(0, str(ROOT))
     from gateway.config import load_config
@@ -787,7 +925,8 @@ def main() -> int:
             if target:
                 results["overload"] = overload(args, config, target, corpus, work, out)
         if args.compare_infinity:
-            results["infinity"] = infinity(args, corpus, work, out)
+            ran = [n for n in names if results["models"][n].get("rows") and config.models[n].backend == "torch"]
+            results["infinity"] = infinity(args, corpus, work, out, ran[0] if ran else None)
     results["host"]["loadavg_end"] = os.getloadavg()
 
     rows = [r for m in results["models"].values() for r in m.get("rows", [])]
@@ -837,6 +976,12 @@ def main() -> int:
                 f"- infinity (torch engine), 32 clients x 1: {r['texts_per_s']:.0f} texts/s, "
                 f"p50 {r['p50_ms']:.1f} ms, p99 {r['p99_ms']:.1f} ms"
             )
+            if inf.get("gateway_row"):
+                g = inf["gateway_row"]
+                notes.append(
+                    f"- gateway {g['model']} right after it, same load: {g['texts_per_s']:.0f} texts/s, "
+                    f"p50 {g['p50_ms']:.1f} ms: {inf['ratio']:.2f}x infinity"
+                )
         else:
             notes.append(f"- {inf.get('skipped')}")
     h = results["host"]

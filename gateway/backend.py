@@ -51,6 +51,10 @@ class Backend(ABC):
     pads_to_longest: bool = True
     #: The fixed cost of one `embed` call, in tokens of compute (measured per runtime; see bench/).
     call_overhead_tokens: ClassVar[int] = 32
+    #: True when `count_tokens` is a local tokenizer call that takes microseconds per sentence and is safe
+    #: beside a running `embed` and beside itself: the core then calls it on the event loop for small
+    #: requests. Leave False for a tokenizer that does I/O (a remote service) or holds the GIL for long.
+    local_tokenizer: ClassVar[bool] = False
 
     def __init__(self, *, model: str, path: str, options: Any, trust_remote_code: bool = False) -> None:
         self.model = model

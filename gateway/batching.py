@@ -71,6 +71,21 @@ def _notify(req: _Request, result: np.ndarray | None, exc: BaseException | None)
         req.loop.call_soon_threadsafe(_resolve, req, result, exc)
 
 
+def _resolve_done(reqs: list[_Request]) -> None:
+    for req in reqs:
+        _resolve(req, req.vectors, None)
+
+
+def _notify_done(reqs: list[_Request]) -> None:
+    # One wake-up per event loop for all the requests a batch completed, not one per request.
+    by_loop: dict[asyncio.AbstractEventLoop, list[_Request]] = {}
+    for req in reqs:
+        by_loop.setdefault(req.loop, []).append(req)
+    for loop, group in by_loop.items():
+        with contextlib.suppress(RuntimeError):
+            loop.call_soon_threadsafe(_resolve_done, group)
+
+
 # How many candidates (times max_batch_size) a batch is chosen from.
 _CANDIDATES = 4
 # Seconds between heap trims by a worker (see _trim_heap).
@@ -332,8 +347,7 @@ class Batcher:
                 if req.remaining == 0:
                     req.done = True
                     finished.append(req)
-        for req in finished:
-            _notify(req, req.vectors, None)
+        _notify_done(finished)
         if self._on_batch is not None:
             try:
                 self._on_batch(self.model, len(batch), sum(req.tokens[i] for req, i in batch), elapsed)

@@ -6,6 +6,7 @@ import asyncio
 import threading
 import time
 from collections.abc import Sequence
+from typing import ClassVar
 
 import numpy as np
 import pytest
@@ -317,3 +318,40 @@ def test_timeout_is_504():
         assert r.status_code == 504
         assert "did not finish within 0.3s" in r.json()["error"]["message"]
         assert client.get("/health").status_code == 200
+
+
+def test_small_requests_tokenize_on_the_loop_large_ones_in_a_thread():
+    """A local tokenizer is called on the event loop for small requests (no thread hand-offs); large
+    requests, and backends whose tokenizer may do I/O, go to the model's tokenizer thread."""
+    from gateway.config import parse_config
+    from gateway.registry import ServedModel, build_specs
+
+    from .conftest import FakeBackend
+
+    class Local(FakeBackend):
+        name = "fake-local"
+        local_tokenizer = True
+        threads: ClassVar[list[str]] = []
+
+        def count_tokens(self, texts: Sequence[str]) -> list[int]:
+            Local.threads.append(threading.current_thread().name)
+            return super().count_tokens(texts)
+
+    toml = '[models.a]\nbackend = "fake-local"\npath = "."\n[models.b]\nbackend = "fake"\npath = "."\n'
+    specs = build_specs(parse_config(toml, "t.toml", None), {"fake-local": Local, "fake": FakeBackend})
+    models = {name: ServedModel(spec) for name, spec in specs.items()}
+    for m in models.values():
+        m.load()
+
+    async def main() -> None:
+        here = threading.current_thread().name
+        assert await models["a"].count_tokens(["two words"]) == [4]
+        assert Local.threads == [here]
+        await models["a"].count_tokens(["word " * 500])  # 2500 characters
+        assert Local.threads[-1].startswith("tokenize-a")
+
+    asyncio.run(main())
+    FakeBackend.batches = []
+    assert asyncio.run(models["b"].count_tokens(["x"])) == [3]  # the plain fake: through its thread
+    for m in models.values():
+        m.close()

@@ -112,6 +112,7 @@ class GgufBackend(Backend):
     max_concurrent_batches: ClassVar[int] = 1
     # Sequences are packed token by token into llama.cpp's batch: nothing is padded, nothing to split.
     pads_to_longest = False
+    local_tokenizer: ClassVar[bool] = True
 
     def __init__(self, *, model: str, path: str, options: Any, trust_remote_code: bool = False) -> None:
         super().__init__(model=model, path=path, options=options, trust_remote_code=trust_remote_code)

@@ -52,6 +52,7 @@ class TorchBackend(Backend):
     # A call costs about as much as 128 tokens of compute (bench/run.py raw figures: about 13 ms fixed per
     # call, about 0.1 ms per token).
     call_overhead_tokens = 128
+    local_tokenizer = True
 
     def load(self) -> ModelInfo:
         """Load the SentenceTransformer and a private copy of its tokenizer for counting."""
