@@ -338,8 +338,10 @@ class OnnxBackend(Backend):
             ids[row, :k] = enc.ids
             mask[row, :k] = 1
             types[row, :k] = enc.type_ids
-        positions = np.tile(np.arange(width, dtype=np.int64), (n, 1))
-        out = self._feed({"input_ids": ids, "attention_mask": mask, "token_type_ids": types, "position_ids": positions})
+        arrays = {"input_ids": ids, "attention_mask": mask, "token_type_ids": types}
+        if "position_ids" in self._input_names:  # a packed graph with packing off
+            arrays["position_ids"] = np.tile(np.arange(width, dtype=np.int64), (n, 1))
+        out = self._feed(arrays)
         if self._pooled_output:
             return out
         return pool(out, mask, self._pooling)

@@ -196,13 +196,13 @@ class _Packer:
         self.row_tokens = row_tokens
         self.unit = unit
         self.lower = bool(getattr(transformer, "do_lower_case", False))
+        self.max_tokens = int(model.max_seq_length or 512)
         tok = copy.deepcopy(model.tokenizer.backend_tokenizer)
         tok.no_padding()
-        tok.enable_truncation(int(model.max_seq_length or 512))
+        tok.enable_truncation(self.max_tokens)
         self.tok = tok
         pad = model.tokenizer.pad_token_id
         self.pad_id = int(pad) if pad is not None else 0
-        self.max_tokens = int(model.max_seq_length or 512)
         self.traced: Any = None
 
     def _eager(self, input_ids: Any, mask: Any, position_ids: Any) -> Any:
