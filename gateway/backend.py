@@ -44,7 +44,8 @@ class Backend(ABC):
     #: backend may set them on the instance there (say, bigger batches once it knows it packs rows).
     default_max_batch_size: int = 32
     default_max_batch_tokens: int = 16_384
-    max_concurrent_batches: ClassVar[int] = 1
+    #: Batches `embed` may run at once (one worker thread each). Read after `load`, like the defaults above.
+    max_concurrent_batches: int = 1
     #: True when the runtime pads a batch to its longest input: the core then groups similar lengths and
     #: splits a length-sorted batch into calls where that saves more than it costs. False for a runtime that
     #: packs inputs without padding (gateway/packing.py) or takes them one at a time.

@@ -150,6 +150,19 @@ def test_packed_graph_and_its_padded_path_agree(onnx_dirs, backends, reference):
     np.testing.assert_allclose(small.embed(TEXTS), reference, atol=2e-5)
 
 
+def test_parallel_batches_share_the_cores_and_agree(onnx_dirs, backends):
+    from concurrent.futures import ThreadPoolExecutor
+
+    b = OnnxBackend(model="par", path=str(onnx_dirs["fp32"]), options=OnnxOptions(parallel_batches=2))
+    b.load()
+    assert b.max_concurrent_batches == 2
+    batches = [TEXTS[:6], TEXTS[6:], TEXTS[::-1], TEXTS[::2]]
+    with ThreadPoolExecutor(len(batches)) as pool:
+        results = list(pool.map(b.embed, batches))
+    for got, texts in zip(results, batches, strict=True):
+        np.testing.assert_allclose(got, backends["fp32"].embed(texts), atol=2e-5)
+
+
 def test_a_graph_that_fails_packed_is_written_padded(minilm_path, st_model, tmp_path, monkeypatch, capsys):
     """A model whose positions do not restart at 0 per input (RoBERTa's) disagrees once packed: the
     converter then writes a graph without position_ids, which the backend serves padded."""

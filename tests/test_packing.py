@@ -125,3 +125,22 @@ def test_torch_packing_turns_itself_off_when_it_disagrees(minilm_path, monkeypat
     assert backend.pads_to_longest is True
     assert "model 'odd': packing off (packed vectors differ" in caplog.text
     assert cosine(backend.embed(["hello world"])[0], backend._encode(["hello world"])[0]) > 0.99999
+
+
+def _concurrently(embed, batches):
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(len(batches)) as pool:
+        return list(pool.map(embed, batches))
+
+
+def test_torch_parallel_batches_give_the_same_vectors(minilm_path, torch_backend):
+    from gateway_torch import TorchBackend, TorchOptions
+
+    backend = TorchBackend(model="par", path=minilm_path, options=TorchOptions(parallel_batches=2))
+    backend.load()
+    assert backend.max_concurrent_batches == 2  # the core starts two batch workers
+    batches = [SENTENCES[:5], SENTENCES[4:], ["ok", *SENTENCES[::2]], SENTENCES[::-1]]
+    for got, texts in zip(_concurrently(backend.embed, batches), batches, strict=True):
+        np.testing.assert_allclose(got, torch_backend.embed(texts), atol=1e-5)
+    assert backend._running == 0

@@ -109,7 +109,7 @@ class GgufBackend(Backend):
     Options: ClassVar[type[msgspec.Struct]] = GgufOptions
     # A core batch of 32 becomes a few packed llama.cpp calls (see seqs_per_call).
     default_max_batch_size = 32
-    max_concurrent_batches: ClassVar[int] = 1
+    max_concurrent_batches = 1
     # Sequences are packed token by token into llama.cpp's batch: nothing is padded, nothing to split.
     pads_to_longest = False
     local_tokenizer: ClassVar[bool] = True
