@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import itertools
 import json
 import math
 import os
@@ -33,9 +34,11 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -77,6 +80,45 @@ def write_bodies(path: Path, model: str, corpus: list[str], per_request: int) ->
 # ----------------------------------------------------------------------------------------- raw runtime
 
 
+def timed_calls(backend: Any, batches: Iterator[list[str]], seconds: float, workers: int) -> tuple[float, float]:
+    """(texts/s, p50 ms per call): `workers` threads call `backend.embed` on `batches` until `seconds` pass."""
+    lock = threading.Lock()
+    calls: list[float] = []
+    texts = 0
+    t0 = time.perf_counter()
+
+    def loop() -> None:
+        nonlocal texts
+        while time.perf_counter() - t0 < seconds:
+            with lock:
+                batch = next(batches)
+            s = time.perf_counter()
+            backend.embed(batch)
+            with lock:
+                calls.append(time.perf_counter() - s)
+                texts += len(batch)
+
+    threads = [threading.Thread(target=loop) for _ in range(workers)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return texts / (time.perf_counter() - t0), statistics.median(calls) * 1000
+
+
+def run_all(backend: Any, batches: list[list[str]]) -> None:
+    """`backend.embed` over `batches`, from as many threads as it runs batches at once in the gateway."""
+    workers = max(1, backend.max_concurrent_batches)
+    if workers == 1:
+        for b in batches:
+            backend.embed(b)
+        return
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(workers) as pool:
+        list(pool.map(backend.embed, batches))
+
+
 def load_backend(args: argparse.Namespace, name: str) -> tuple[Any, Any, Any]:
     """(spec, backend, info): the model's backend built and loaded the way the gateway does it."""
     sys.path.insert(0, str(ROOT))
@@ -108,18 +150,12 @@ def probe_main(args: argparse.Namespace) -> int:
     for line in sys.stdin:
         size, seconds = int(line.split()[0]), float(line.split()[1])
         backend.embed(corpus[start : start + size] or corpus[:size])  # warm at this size
-        calls: list[float] = []
-        texts = 0
-        t0 = time.perf_counter()
-        while time.perf_counter() - t0 < seconds:
-            batch = [corpus[(start + j) % n] for j in range(size)]
-            start = (start + size) % n
-            s = time.perf_counter()
-            backend.embed(batch)
-            calls.append(time.perf_counter() - s)
-            texts += size
-        rate = texts / (time.perf_counter() - t0)
-        p50 = statistics.median(calls) * 1000
+        # Batch 1 is one call at a time (its latency is the point); bigger batches run as the gateway runs
+        # them, as many at once as the backend allows.
+        workers = 1 if size == 1 else max(1, backend.max_concurrent_batches)
+        batches = iter([corpus[(start + k * size + j) % n] for j in range(size)] for k in itertools.count())
+        rate, p50 = timed_calls(backend, batches, seconds, workers)
+        start = (start + 97 * size) % n  # somewhere else in the corpus next time
         print("PROBE " + json.dumps({"size": size, "rate": rate, "p50_ms": p50}), flush=True)
     backend.close()
     return 0
@@ -194,8 +230,7 @@ def raw_main(args: argparse.Namespace) -> int:
         best = 0.0
         for _ in range(args.repeat):
             s = time.perf_counter()
-            for b in batches:
-                backend.embed(b)
+            run_all(backend, batches)
             best = max(best, n / (time.perf_counter() - s))
         return best
 
