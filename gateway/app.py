@@ -279,12 +279,12 @@ async def _embed(gw: Gateway, body: EmbeddingRequest, state: dict[str, Any] | No
             async with asyncio.timeout(server.request_timeout_s):
                 await model.ready(server.request_timeout_s)
                 dims = _dimensions(body.dimensions, model)
-                counts = await model.count_tokens(texts)
+                counts, token_ids = await model.tokenize(texts)
                 total = _check_tokens(texts, counts, model, server.max_tokens_per_request)
                 if key is not None:
                     key.charge_tokens(total)
                 log.debug("embedding %d texts on %r: %r", len(texts), model.name, texts)
-                vectors = await model.embed(texts, counts)
+                vectors = await model.embed(texts, counts, token_ids)
         except TimeoutError:
             raise GatewayError(
                 504,

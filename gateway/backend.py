@@ -30,7 +30,8 @@ class BackendError(Exception):
 
 
 class Backend(ABC):
-    """One served model. The core calls `load` once, then `count_tokens` and `embed` from worker threads.
+    """One served model. The core calls `load` once, then `count_tokens` (or `tokenize`) and `embed` from
+    worker threads.
 
     `embed` is never called concurrently on one instance unless `max_concurrent_batches` says it may be
     (a remote backend can allow several batches in flight; an in-process runtime uses one).
@@ -56,6 +57,11 @@ class Backend(ABC):
     #: beside a running `embed` and beside itself: the core then calls it on the event loop for small
     #: requests. Leave False for a tokenizer that does I/O (a remote service) or holds the GIL for long.
     local_tokenizer: ClassVar[bool] = False
+    #: True when `tokenize` gives the ids `embed` would compute itself, and `embed` takes them back
+    #: (`token_ids=`): the core then tokenizes each input once, on arrival (for counting and limits), and the
+    #: ids travel with it to its batch. Read after `load`. A backend whose runtime takes text (a remote
+    #: server, llama.cpp) leaves it False and is never passed ids.
+    reuses_token_ids: bool = False
 
     def __init__(self, *, model: str, path: str, options: Any, trust_remote_code: bool = False) -> None:
         self.model = model
@@ -71,9 +77,18 @@ class Backend(ABC):
     def count_tokens(self, texts: Sequence[str]) -> list[int]:
         """Tokens the model's own tokenizer produces for each text, special tokens included, untruncated."""
 
+    def tokenize(self, texts: Sequence[str]) -> list[list[int]]:
+        """Token ids for each text, special tokens included, untruncated (so `len` is `count_tokens`).
+        Called instead of `count_tokens` only when `reuses_token_ids` is True."""
+        raise NotImplementedError(f"{type(self).__name__} does not hand out token ids")
+
     @abstractmethod
-    def embed(self, texts: Sequence[str]) -> np.ndarray:
-        """Vectors for `texts` as float32 [len(texts), dimension], in input order."""
+    def embed(self, texts: Sequence[str], token_ids: Sequence[Sequence[int]] | None = None) -> np.ndarray:
+        """Vectors for `texts` as float32 [len(texts), dimension], in input order.
+
+        With `reuses_token_ids`, the core passes `token_ids`: what `tokenize` returned for these texts, none
+        longer than the model's max input tokens. Other backends are called with the texts alone.
+        """
 
     def close(self) -> None:  # noqa: B027 - optional hook, a no-op by default
         """Release the model's resources."""

@@ -45,6 +45,8 @@ class _Request:
     future: asyncio.Future[np.ndarray]
     texts: Sequence[str]
     tokens: Sequence[int]
+    # The backend's own ids for each text, when it takes them back (Backend.reuses_token_ids).
+    token_ids: Sequence[Sequence[int]] | None
     vectors: np.ndarray
     # Inputs not handed to a batch yet (in input order), and inputs not computed yet; both change only under
     # the batcher's lock.
@@ -172,10 +174,13 @@ class Batcher:
         """Inputs waiting for a worker."""
         return self._pending
 
-    async def embed(self, texts: Sequence[str], tokens: Sequence[int]) -> np.ndarray:
-        """Vectors for `texts` (float32 [n, dim], input order); `tokens` are their counts."""
-        if len(texts) != len(tokens):
-            raise ValueError("one token count per text")
+    async def embed(
+        self, texts: Sequence[str], tokens: Sequence[int], token_ids: Sequence[Sequence[int]] | None = None
+    ) -> np.ndarray:
+        """Vectors for `texts` (float32 [n, dim], input order); `tokens` are their counts, `token_ids` (with a
+        backend that takes them back) the backend's ids for each text, handed to `embed` with its batch."""
+        if len(texts) != len(tokens) or (token_ids is not None and len(token_ids) != len(texts)):
+            raise ValueError("one token count (and one id list, if any) per text")
         if len(texts) > self.max_queue:
             raise ValueError(f"{len(texts)} inputs can never fit model {self.model!r}'s queue of {self.max_queue}")
         loop = asyncio.get_running_loop()
@@ -184,6 +189,7 @@ class Batcher:
             future=loop.create_future(),
             texts=texts,
             tokens=tokens,
+            token_ids=token_ids,
             vectors=np.empty((len(texts), self.dimension), dtype=np.float32),
             waiting=list(range(len(texts))),
             remaining=len(texts),
@@ -314,12 +320,24 @@ class Batcher:
         started = time.perf_counter()
         try:
             texts = [req.texts[i] for req, i in batch]
+            # With a backend that reuses ids every request carries them (the backend's flag decides, not the
+            # request); all() only guards a caller that passed none.
+            ids = (
+                [req.token_ids[i] for req, i in batch]  # type: ignore[index]
+                if all(req.token_ids is not None for req, _ in batch)
+                else None
+            )
             if self.backend.pads_to_longest and len(batch) > 1:
                 lengths = [req.tokens[i] for req, i in batch]
                 ends = split_by_padding(lengths, self.backend.call_overhead_tokens)
-                vectors = np.concatenate([self._call(texts[a:b]) for a, b in zip([0, *ends], ends, strict=False)])
+                vectors = np.concatenate(
+                    [
+                        self._call(texts[a:b], ids[a:b] if ids is not None else None)
+                        for a, b in zip([0, *ends], ends, strict=False)
+                    ]
+                )
             else:
-                vectors = self._call(texts)
+                vectors = self._call(texts, ids)
         except Exception as exc:
             groups: dict[int, list[tuple[_Request, int]]] = {}
             for req, i in batch:
@@ -354,8 +372,9 @@ class Batcher:
             except Exception:
                 log.exception("batch metrics callback failed")
 
-    def _call(self, texts: list[str]) -> np.ndarray:
-        vectors = self.backend.embed(texts)
+    def _call(self, texts: list[str], token_ids: list[Sequence[int]] | None) -> np.ndarray:
+        # Third-party backends written before token ids existed take texts alone.
+        vectors = self.backend.embed(texts, token_ids) if token_ids is not None else self.backend.embed(texts)
         shape = getattr(vectors, "shape", None)
         if shape != (len(texts), self.dimension):
             raise RuntimeError(f"backend returned shape {shape} for {len(texts)} inputs of width {self.dimension}")

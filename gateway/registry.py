@@ -200,17 +200,26 @@ class ServedModel:
         """`retire` on a thread of its own (the shared executor must not wait on in-flight requests)."""
         threading.Thread(target=self.retire, args=(grace_s,), name=f"retire-{self.name}", daemon=True).start()
 
-    async def count_tokens(self, texts: list[str]) -> list[int]:
-        assert self.backend is not None and self._tokenize is not None
-        if self.backend.local_tokenizer and sum(len(t) for t in texts) <= _INLINE_CHARS:
+    async def tokenize(self, texts: list[str]) -> tuple[list[int], list[list[int]] | None]:
+        """Token counts per text, and the token ids when the backend takes them back in `embed`."""
+        backend = self.backend
+        assert backend is not None and self._tokenize is not None
+        if backend.local_tokenizer and sum(len(t) for t in texts) <= _INLINE_CHARS:
             # A sentence tokenizes in microseconds, less than the two thread hand-offs around a worker call.
-            return self.backend.count_tokens(texts)
+            return self._tokens(backend, texts)
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._tokenize, self.backend.count_tokens, texts)
+        return await loop.run_in_executor(self._tokenize, self._tokens, backend, texts)
 
-    async def embed(self, texts: list[str], tokens: list[int]) -> np.ndarray:
+    @staticmethod
+    def _tokens(backend: Backend, texts: list[str]) -> tuple[list[int], list[list[int]] | None]:
+        if backend.reuses_token_ids:
+            ids = backend.tokenize(texts)
+            return [len(i) for i in ids], ids
+        return backend.count_tokens(texts), None
+
+    async def embed(self, texts: list[str], tokens: list[int], token_ids: list[list[int]] | None = None) -> np.ndarray:
         assert self.batcher is not None
-        return await self.batcher.embed(texts, tokens)
+        return await self.batcher.embed(texts, tokens, token_ids)
 
     def close(self) -> None:
         """Finish queued work, then release the model."""

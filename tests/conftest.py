@@ -233,3 +233,19 @@ SENTENCES = [
 def cosine(a: Any, b: Any) -> float:
     a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
     return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
+
+
+def check_reuses_token_ids(backend: Any, texts: Sequence[str], limit: int, atol: float) -> None:
+    """A backend that hands out token ids: their lengths are its counts, and `embed` runs on the ids it is
+    given (other ids, other vectors); ids over the model's limit make it tokenize (and truncate) itself."""
+    assert backend.reuses_token_ids is True
+    ids = backend.tokenize(texts)
+    assert [len(i) for i in ids] == backend.count_tokens(texts)
+    fits = [k for k, i in enumerate(ids) if len(i) <= limit]
+    over = [k for k, i in enumerate(ids) if len(i) > limit]
+    assert len(fits) >= 2 and over, "the texts must cover both sides of the limit"
+    a, a_ids = [texts[k] for k in fits], [ids[k] for k in fits]
+    np.testing.assert_allclose(backend.embed(a, a_ids), backend.embed(a), atol=atol)
+    np.testing.assert_allclose(backend.embed(a[:2], [a_ids[1], a_ids[0]]), backend.embed([a[1], a[0]]), atol=atol)
+    b, b_ids = [texts[k] for k in over], [ids[k] for k in over]
+    np.testing.assert_allclose(backend.embed(b, b_ids), backend.embed(b), atol=atol)

@@ -345,13 +345,96 @@ def test_small_requests_tokenize_on_the_loop_large_ones_in_a_thread():
 
     async def main() -> None:
         here = threading.current_thread().name
-        assert await models["a"].count_tokens(["two words"]) == [4]
+        assert await models["a"].tokenize(["two words"]) == ([4], None)
         assert Local.threads == [here]
-        await models["a"].count_tokens(["word " * 500])  # 2500 characters
+        await models["a"].tokenize(["word " * 500])  # 2500 characters
         assert Local.threads[-1].startswith("tokenize-a")
 
     asyncio.run(main())
     FakeBackend.batches = []
-    assert asyncio.run(models["b"].count_tokens(["x"])) == [3]  # the plain fake: through its thread
+    assert asyncio.run(models["b"].tokenize(["x"])) == ([3], None)  # the plain fake: through its thread
+    for m in models.values():
+        m.close()
+
+
+class IdRecorder(Recorder):
+    """Takes back the ids it hands out, and records which ids came with which text."""
+
+    reuses_token_ids = True
+
+    def __init__(self, **kw) -> None:
+        super().__init__(**kw)
+        self.seen: list[tuple[str, list[int]]] = []
+        self.counted = 0
+
+    def tokenize(self, texts: Sequence[str]) -> list[list[int]]:
+        return [[ord(c) for c in t] for t in texts]
+
+    def count_tokens(self, texts: Sequence[str]) -> list[int]:
+        self.counted += 1
+        return super().count_tokens(texts)
+
+    def embed(self, texts: Sequence[str], token_ids: Sequence[Sequence[int]] | None = None) -> np.ndarray:
+        assert token_ids is not None, "a backend that reuses ids is always passed them"
+        self.seen.extend((t, list(i)) for t, i in zip(texts, token_ids, strict=True))
+        return super().embed(texts)
+
+
+def test_token_ids_travel_with_their_inputs_through_merged_batches():
+    backend = IdRecorder(delay=0.01)
+    b = _batcher(backend, max_batch_size=5)
+
+    async def main():
+        reqs = [[f"q{i}-{'y' * (i % 3)}-{j}" for j in range(i % 4 + 1)] for i in range(12)]
+        outs = await asyncio.gather(*(b.embed(r, [len(t) for t in r], backend.tokenize(r)) for r in reqs))
+        for r, out in zip(reqs, outs, strict=True):
+            np.testing.assert_allclose(out, np.stack([fake_vector(t) for t in r]), rtol=1e-6)
+
+    asyncio.run(main())
+    b.close()
+    assert len(backend.batches) > 1 and max(len(x) for x in backend.batches) <= 5
+    assert backend.seen and all(ids == [ord(c) for c in t] for t, ids in backend.seen)
+
+
+def test_served_model_tokenizes_once_and_hands_the_ids_on():
+    """With `reuses_token_ids`, counts come from `tokenize` (count_tokens is never called) and the ids reach
+    `embed`; a backend without it is counted and called with texts alone (the older interface)."""
+    from gateway.config import parse_config
+    from gateway.registry import ServedModel, build_specs
+
+    from .conftest import FakeBackend
+
+    class Reusing(FakeBackend):
+        name = "fake-ids"
+        reuses_token_ids = True
+        got: ClassVar[list[list[list[int]]]] = []
+
+        def tokenize(self, texts: Sequence[str]) -> list[list[int]]:
+            return [[101, *range(len(t.split())), 102] for t in texts]
+
+        def count_tokens(self, texts: Sequence[str]) -> list[int]:
+            raise AssertionError("counted twice")
+
+        def embed(self, texts: Sequence[str], token_ids: Sequence[Sequence[int]] | None = None) -> np.ndarray:
+            Reusing.got.append([list(i) for i in token_ids or []])
+            return super().embed(texts)
+
+    toml = '[models.a]\nbackend = "fake-ids"\npath = "."\n[models.b]\nbackend = "fake"\npath = "."\n'
+    specs = build_specs(parse_config(toml, "t.toml", None), {"fake-ids": Reusing, "fake": FakeBackend})
+    models = {name: ServedModel(spec) for name, spec in specs.items()}
+    for m in models.values():
+        m.load()
+
+    async def main() -> None:
+        counts, ids = await models["a"].tokenize(["two words", "one"])
+        assert counts == [4, 3] and ids == [[101, 0, 1, 102], [101, 0, 102]]
+        out = await models["a"].embed(["two words", "one"], counts, ids)
+        assert out.shape == (2, 8)
+        assert sorted(Reusing.got[-1]) == sorted(ids)
+        counts, ids = await models["b"].tokenize(["two words"])
+        assert (counts, ids) == ([4], None)
+        await models["b"].embed(["two words"], counts, ids)
+
+    asyncio.run(main())
     for m in models.values():
         m.close()

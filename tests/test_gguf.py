@@ -27,6 +27,8 @@ from gateway_gguf.backend import GgufOptions
 
 from gateway.backend import BackendError
 
+from .conftest import check_reuses_token_ids
+
 LONG = " ".join(
     f"Sentence {i} talks about embeddings, tokenizers and llama.cpp's bert graph on CPUs." for i in range(8)
 )
@@ -120,6 +122,11 @@ def test_token_ids_match_hf(backends, hf_tokenizer) -> None:
 def test_token_ids_devanagari(backends, hf_tokenizer) -> None:
     text = "हिन्दी"
     assert backends["f16"]._tokenize(text) == hf_tokenizer.encode(text).ids
+
+
+def test_reuses_the_ids_it_counted(backends) -> None:
+    b = backends["f16"]
+    check_reuses_token_ids(b, TEXTS, b._max_tokens, atol=1e-5)
 
 
 def test_count_tokens(backends, hf_tokenizer) -> None:

@@ -28,7 +28,7 @@ from gateway_onnx import OnnxBackend, OnnxConverter, OnnxOptions
 
 from gateway.backend import BackendError
 
-from .conftest import SENTENCES, cosine, serve
+from .conftest import SENTENCES, check_reuses_token_ids, cosine, serve
 
 LONG = " ".join(
     f"Paragraph {i} explains how onnxruntime pools token states into one sentence vector." for i in range(11)
@@ -125,6 +125,12 @@ def test_token_counts(backends, st_model):
     assert backends["fp32"].count_tokens(["hello world"]) == [4]
 
 
+@pytest.mark.parametrize("name", ["fp32", "int8"])
+def test_packed_path_reuses_the_ids_it_counted(backends, name):
+    b = backends[name]
+    check_reuses_token_ids(b, TEXTS, b._max_tokens, atol=1e-5)
+
+
 def test_alone_equals_batched_and_order_kept(backends):
     b = backends["fp32"]
     together = b.embed(TEXTS)
@@ -144,6 +150,7 @@ def test_packed_graph_and_its_padded_path_agree(onnx_dirs, backends, reference):
     padded = OnnxBackend(model="padded", path=str(onnx_dirs["fp32"]), options=OnnxOptions(pack_tokens=0))
     padded.load()
     assert padded.pads_to_longest is True
+    assert padded.reuses_token_ids is False  # the padded path reads type ids off its own encodings
     np.testing.assert_allclose(padded.embed(TEXTS), packed.embed(TEXTS), atol=2e-5)
     small = OnnxBackend(model="tiny-rows", path=str(onnx_dirs["fp32"]), options=OnnxOptions(pack_tokens=8))
     small.load()

@@ -10,7 +10,7 @@ import pytest
 
 from gateway.packing import pack, pool
 
-from .conftest import SENTENCES, cosine
+from .conftest import SENTENCES, check_reuses_token_ids, cosine
 
 
 def test_pack_layout():
@@ -78,6 +78,12 @@ def test_torch_packs_and_matches_sentence_transformers(torch_backend, st_model):
     np.testing.assert_allclose(np.linalg.norm(got, axis=1), 1.0, atol=1e-5)
 
 
+def test_torch_reuses_the_ids_it_counted(torch_backend):
+    """The core tokenizes each input once, on arrival; the packed forward runs on those ids."""
+    long = " ".join(["tokens"] * 300)  # over the model's 256
+    check_reuses_token_ids(torch_backend, [*SENTENCES, "", long], torch_backend._packer.max_tokens, atol=1e-5)
+
+
 def test_torch_without_a_trace_runs_eagerly(minilm_path, monkeypatch, caplog):
     import torch
     from gateway_torch import TorchBackend, TorchOptions
@@ -104,6 +110,7 @@ def test_torch_packing_off_pads(minilm_path):
     backend.load()
     assert backend.pads_to_longest is True
     assert backend._packer is None
+    assert backend.reuses_token_ids is False  # sentence-transformers' encode takes texts
 
 
 def test_torch_packing_turns_itself_off_when_it_disagrees(minilm_path, monkeypatch, caplog):

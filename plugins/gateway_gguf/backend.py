@@ -113,6 +113,8 @@ class GgufBackend(Backend):
     # Sequences are packed token by token into llama.cpp's batch: nothing is padded, nothing to split.
     pads_to_longest = False
     local_tokenizer: ClassVar[bool] = True
+    # embed runs on llama.cpp's own ids, which tokenize hands out: each input is tokenized once.
+    reuses_token_ids = True
 
     def __init__(self, *, model: str, path: str, options: Any, trust_remote_code: bool = False) -> None:
         super().__init__(model=model, path=path, options=options, trust_remote_code=trust_remote_code)
@@ -227,6 +229,9 @@ class GgufBackend(Backend):
         # core stops calling a model before it closes it).
         return [len(self._tokenize(t)) for t in texts]
 
+    def tokenize(self, texts: Sequence[str]) -> list[list[int]]:
+        return [self._tokenize(t) for t in texts]
+
     # -- embeddings --------------------------------------------------------------------------------------
 
     def _truncate(self, tokens: list[int]) -> list[int]:
@@ -261,8 +266,10 @@ class GgufBackend(Backend):
                 raise BackendError("llama.cpp returned no pooled embedding (is the GGUF an embedding model?)")
             out[row] = np.ctypeslib.as_array(ctypes.cast(ptr, ctypes.POINTER(ctypes.c_float)), (self._dim,))
 
-    def embed(self, texts: Sequence[str]) -> np.ndarray:
-        seqs = [self._truncate(self._tokenize(t)) for t in texts]
+    def embed(self, texts: Sequence[str], token_ids: Sequence[Sequence[int]] | None = None) -> np.ndarray:
+        if token_ids is None:
+            token_ids = [self._tokenize(t) for t in texts]
+        seqs = [self._truncate(list(ids)) for ids in token_ids]
         out = np.empty((len(seqs), self._dim), dtype=np.float32)
         per_call = self._seqs_per_call
         with self._lock:

@@ -265,6 +265,8 @@ class OnnxBackend(Backend):
             reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise BackendError(f"cannot load ONNX model {onnx_file}: {reason}") from exc
         self._inspect_graph(onnx_file)
+        # The packed path runs on ids alone, so the ids counted on arrival can be reused in the batch.
+        self.reuses_token_ids = self._packed and not self._pooled_output
         try:
             probe = self.embed(["warm up"])
         except BackendError:
@@ -317,6 +319,9 @@ class OnnxBackend(Backend):
     def count_tokens(self, texts: Sequence[str]) -> list[int]:
         return [len(e.ids) for e in self._count_tok.encode_batch(list(texts))]
 
+    def tokenize(self, texts: Sequence[str]) -> list[list[int]]:
+        return [e.ids for e in self._count_tok.encode_batch(list(texts))]
+
     def _feed(self, arrays: dict[str, np.ndarray]) -> np.ndarray:
         feed = {
             name: arrays[name].astype(np.int32) if name in self._int32_inputs else arrays[name]
@@ -324,8 +329,8 @@ class OnnxBackend(Backend):
         }
         return np.asarray(self._session.run(None, feed)[self._output_index], dtype=np.float32)
 
-    def _run_packed(self, encodings: Sequence[Any]) -> np.ndarray:
-        batch = packing.pack([e.ids for e in encodings], self.options.pack_tokens, self._pad_id)
+    def _run_packed(self, token_ids: Sequence[Sequence[int]]) -> np.ndarray:
+        batch = packing.pack(token_ids, self.options.pack_tokens, self._pad_id)
         hidden = self._feed(
             {
                 "input_ids": batch.input_ids,
@@ -355,16 +360,21 @@ class OnnxBackend(Backend):
             return out
         return pool(out, mask, self._pooling)
 
-    def embed(self, texts: Sequence[str]) -> np.ndarray:
+    def embed(self, texts: Sequence[str], token_ids: Sequence[Sequence[int]] | None = None) -> np.ndarray:
         if not texts:
             return np.zeros((0, self._dimension), dtype=np.float32)
-        encodings = self._embed_tok.encode_batch(list(texts))
-        if self._packed and not self._pooled_output:
+        if self.reuses_token_ids:
+            if token_ids is None or any(len(ids) > self._max_tokens for ids in token_ids):
+                token_ids = [e.ids for e in self._embed_tok.encode_batch(list(texts))]
             # Slices bound the activations; packing needs no sorting.
             vectors = np.concatenate(
-                [self._run_packed(encodings[s : s + _SLICE]) for s in range(0, len(encodings), _SLICE)]
+                [self._run_packed(token_ids[s : s + _SLICE]) for s in range(0, len(token_ids), _SLICE)]
             )
-        elif len(encodings) <= _SLICE:
+            if self._normalize:
+                vectors = l2_normalize(vectors)
+            return np.ascontiguousarray(vectors, dtype=np.float32)
+        encodings = self._embed_tok.encode_batch(list(texts))
+        if len(encodings) <= _SLICE:
             vectors = self._run(encodings)
         else:
             order = sorted(range(len(encodings)), key=lambda i: len(encodings[i].ids))

@@ -102,8 +102,10 @@ class TorchBackend(Backend):
         self._packer: _Packer | None = None
         if opts.pack_tokens:
             self._packer = self._make_packer(model, opts.pack_tokens)
-            # Packed rows carry no padding: the core need not split batches by length.
+            # Packed rows carry no padding: the core need not split batches by length. The packer tokenizes
+            # with the counting tokenizer's rules, so the ids counted on arrival are reused in the batch.
             self.pads_to_longest = self._packer is None
+            self.reuses_token_ids = self._packer is not None
         self._threads = torch.get_num_threads()
         self._running = 0
         if self._packer is not None:
@@ -154,7 +156,7 @@ class TorchBackend(Backend):
         return packer
 
     @staticmethod
-    def _make_counter(tokenizer: Any) -> Callable[[Sequence[str]], list[int]]:
+    def _make_counter(tokenizer: Any) -> Callable[[Sequence[str]], list[list[int]]]:
         # A private copy: the encode path mutates its tokenizer's truncation settings on every call, and a
         # Rust tokenizer being mutated cannot be read from another thread ("Already borrowed").
         fast = getattr(tokenizer, "backend_tokenizer", None)
@@ -162,20 +164,26 @@ class TorchBackend(Backend):
             fast = copy.deepcopy(fast)
             fast.no_padding()
             fast.no_truncation()
-            return lambda texts: [len(e.ids) for e in fast.encode_batch(list(texts))]
+            return lambda texts: [e.ids for e in fast.encode_batch(list(texts))]
         slow = copy.deepcopy(tokenizer)
-        return lambda texts: [len(ids) for ids in slow(list(texts), truncation=False)["input_ids"]]
+        return lambda texts: list(slow(list(texts), truncation=False)["input_ids"])
 
     def count_tokens(self, texts: Sequence[str]) -> list[int]:
         """Tokens with [CLS]/[SEP] (what the model consumes), untruncated."""
+        return [len(ids) for ids in self.tokenize(texts)]
+
+    def tokenize(self, texts: Sequence[str]) -> list[list[int]]:
+        """The ids the packed forward runs on (the model's lower-casing applied), untruncated."""
+        if self._packer is not None and self._packer.lower:
+            texts = [t.lower() for t in texts]
         return self._counter(texts)
 
-    def embed(self, texts: Sequence[str]) -> np.ndarray:
+    def embed(self, texts: Sequence[str], token_ids: Sequence[Sequence[int]] | None = None) -> np.ndarray:
         """One forward pass over the whole batch (the core already sized and sorted it)."""
         if self._packer is not None:
             if self.max_concurrent_batches == 1:
                 with self._lock:
-                    return self._packer.embed(texts, self._torch)
+                    return self._packer.embed(texts, self._torch, ids=token_ids)
             with self._lock:
                 self._running += 1
                 # torch's thread count belongs to the calling thread: a batch alone gets them all, batches
@@ -183,7 +191,7 @@ class TorchBackend(Backend):
                 share = self._threads if self._running == 1 else max(1, self._threads // self.max_concurrent_batches)
             try:
                 self._torch.set_num_threads(share)
-                return self._packer.embed(texts, self._torch)
+                return self._packer.embed(texts, self._torch, ids=token_ids)
             finally:
                 with self._lock:
                     self._running -= 1
@@ -229,10 +237,17 @@ class _Packer:
     def _eager(self, input_ids: Any, mask: Any, position_ids: Any) -> Any:
         return self.net(input_ids=input_ids, attention_mask=mask, position_ids=position_ids).last_hidden_state
 
-    def _inputs(self, texts: Sequence[str], torch: Any, row_tokens: int | None = None) -> tuple[Any, tuple[Any, ...]]:
-        if self.lower:
-            texts = [t.lower() for t in texts]
-        ids = [e.ids for e in self.tok.encode_batch(list(texts))]
+    def _inputs(
+        self,
+        texts: Sequence[str],
+        torch: Any,
+        row_tokens: int | None = None,
+        ids: Sequence[Sequence[int]] | None = None,
+    ) -> tuple[Any, tuple[Any, ...]]:
+        if ids is None or any(len(i) > self.max_tokens for i in ids):
+            if self.lower:
+                texts = [t.lower() for t in texts]
+            ids = [e.ids for e in self.tok.encode_batch(list(texts))]
         batch = pack(ids, row_tokens or self.row_tokens, self.pad_id)
         segments = torch.from_numpy(batch.segments).to(self.device)
         same = (segments[:, :, None] == segments[:, None, :])[:, None]
@@ -285,9 +300,15 @@ class _Packer:
         self.traced = traced
         return ""
 
-    def embed(self, texts: Sequence[str], torch: Any, row_tokens: int | None = None) -> np.ndarray:
+    def embed(
+        self,
+        texts: Sequence[str],
+        torch: Any,
+        row_tokens: int | None = None,
+        ids: Sequence[Sequence[int]] | None = None,
+    ) -> np.ndarray:
         with torch.inference_mode():
-            batch, args = self._inputs(texts, torch, row_tokens)
+            batch, args = self._inputs(texts, torch, row_tokens, ids)
             hidden = (self.traced or self._eager)(*args).float().cpu().numpy()
         vectors = pool(hidden, batch.spans, self.mode)
         if self.unit:
