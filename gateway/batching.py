@@ -147,6 +147,7 @@ class Batcher:
         max_batch_size: int,
         max_batch_tokens: int,
         max_wait_ms: float = 0.0,
+        return_wait: float = 0.0,
         max_queue: int = 4096,
         on_batch: Callable[[str, int, int, float], None] | None = None,
     ) -> None:
@@ -156,6 +157,12 @@ class Batcher:
         self.max_batch_size = max_batch_size
         self.max_batch_tokens = max_batch_tokens
         self.max_wait = max_wait_ms / 1000.0
+        self.return_wait = return_wait
+        # Inputs expected right after the last batch (those queued then, plus one per request it answered:
+        # a client that got its answer tends to send again), and how long that batch computed (see _take).
+        self._expect = 0
+        self._last_compute_s = 0.0
+        self._finished_at = 0.0
         self.max_queue = max_queue
         self._on_batch = on_batch
         self._queue: deque[_Request] = deque()
@@ -231,6 +238,21 @@ class Batcher:
                     left = deadline - time.monotonic()
                     if left <= 0 or not self._cond.wait(left):
                         break
+            elif (
+                self.return_wait
+                and self._pending < min(self._expect, self.max_batch_size)
+                # Clients come back within moments or not at all: after a quiet spell, nobody is expected.
+                and time.monotonic() - self._finished_at < self._last_compute_s
+            ):
+                # The clients just answered are on their way back: without this wait, clients that each
+                # await their answer split into two alternating half-size batches (BatchingConfig.return_wait).
+                want = min(self._expect, self.max_batch_size)
+                deadline = time.monotonic() + self.return_wait * self._last_compute_s
+                while self._pending < want and not self._closed:
+                    left = deadline - time.monotonic()
+                    if left <= 0 or not self._cond.wait(left):
+                        break
+            self._expect = 0
             batch = self._choose()
             taken: dict[int, set[int]] = {}
             for req, i in batch:
@@ -365,6 +387,9 @@ class Batcher:
                 if req.remaining == 0:
                     req.done = True
                     finished.append(req)
+            self._expect = self._pending + len(finished)
+            self._last_compute_s = elapsed
+            self._finished_at = time.monotonic()
         _notify_done(finished)
         if self._on_batch is not None:
             try:

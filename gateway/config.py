@@ -61,6 +61,14 @@ class BatchingConfig(_Strict):
     # How long a worker waits for more inputs when its batch is not full. 0 keeps single-client latency
     # at the raw batch-1 figure; under load batches fill anyway while the previous one computes.
     max_wait_ms: float = 0.0
+    # When a batch is not full, a worker waits for the clients the last batch answered (they tend to send
+    # again at once), up to this share of that batch's compute time. Without it, N clients that each wait
+    # for their answer split into two alternating batches of N/2. Measured through the gateway, 2 cores,
+    # 32 clients: torch 307 -> 371 texts/s, onnx int8 541 -> 613; 8 clients on torch 4 -> 8 inputs per
+    # batch, 238 -> 318/s; onnx fp32 unchanged. A lone client is never delayed (nobody else to wait for),
+    # and the cost is bounded: at most this share of throughput when nobody comes back. 0 turns it off;
+    # ignored when max_wait_ms is set.
+    return_wait: float = 0.2
     # Inputs (not requests) waiting per model; beyond this a request is refused with 429 at once.
     max_queue: int = 4096
 
@@ -140,8 +148,10 @@ def _check_models(config: GatewayConfig, where: str) -> None:
             value = getattr(b, field)
             if value is not None and value < 1:
                 raise ConfigError(f"{where}: `{key}.batching.{field}` must be a positive integer")
-        if b.max_queue < 1 or b.max_wait_ms < 0:
-            raise ConfigError(f"{where}: `{key}.batching` needs max_queue >= 1 and max_wait_ms >= 0")
+        if b.max_queue < 1 or b.max_wait_ms < 0 or not 0 <= b.return_wait <= 1:
+            raise ConfigError(
+                f"{where}: `{key}.batching` needs max_queue >= 1, max_wait_ms >= 0 and 0 <= return_wait <= 1"
+            )
         for label in (name, *model.aliases):
             if label in seen:
                 raise ConfigError(f"{where}: name {label!r} at `{key}` is already used by model {seen[label]!r}")

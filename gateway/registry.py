@@ -139,6 +139,7 @@ class ServedModel:
                 max_batch_size=b.max_batch_size or backend.default_max_batch_size,
                 max_batch_tokens=b.max_batch_tokens or backend.default_max_batch_tokens,
                 max_wait_ms=b.max_wait_ms,
+                return_wait=b.return_wait,
                 max_queue=b.max_queue,
                 on_batch=record_batch,
             )

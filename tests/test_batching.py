@@ -438,3 +438,54 @@ def test_served_model_tokenizes_once_and_hands_the_ids_on():
     asyncio.run(main())
     for m in models.values():
         m.close()
+
+
+def _closed_loop(b: Batcher, clients: int, rounds: int) -> None:
+    async def client(c: int) -> None:
+        for r in range(rounds):
+            await _embed(b, [f"c{c}-r{r}"])
+            # The round trip back to the server takes a moment, longer for some clients than for others.
+            await asyncio.sleep(0.0005 * c)
+
+    async def main() -> None:
+        await asyncio.gather(*(client(c) for c in range(clients)))
+
+    asyncio.run(main())
+
+
+def test_return_wait_keeps_a_closed_loop_of_clients_in_one_batch():
+    """Clients that each await their answer before sending again: without the wait the worker takes what
+    queued during the last batch and the clients split into two alternating halves; with it, the worker
+    waits (briefly) for the ones it just answered."""
+    sizes = {}
+    for wait in (0.0, 0.5):
+        backend = Recorder(delay=0.02)
+        b = _batcher(backend, max_batch_size=8, return_wait=wait)
+        _closed_loop(b, clients=8, rounds=12)
+        b.close()
+        sizes[wait] = [len(x) for x in backend.batches]
+    assert sum(sizes[0.5]) == sum(sizes[0.0]) == 96
+    assert len(sizes[0.5]) <= 16, sizes[0.5]  # 12 full batches, give or take the first few
+    assert len(sizes[0.0]) >= 20, sizes[0.0]  # halves: about twice as many calls
+
+
+def test_return_wait_never_delays_a_lone_client_or_one_after_a_quiet_spell():
+    backend = Recorder(delay=0.05)
+    b = _batcher(backend, max_batch_size=8, return_wait=1.0)  # a wrongful wait would add 50 ms
+
+    async def main() -> list[float]:
+        took = []
+        for _ in range(4):
+            t = time.perf_counter()
+            await _embed(b, ["alone"])
+            took.append(time.perf_counter() - t)
+        await asyncio.gather(*(_embed(b, [f"burst{i}"]) for i in range(6)))
+        await asyncio.sleep(0.12)  # longer than a batch: the burst's clients are not coming back
+        t = time.perf_counter()
+        await _embed(b, ["after a pause"])
+        took.append(time.perf_counter() - t)
+        return took
+
+    took = asyncio.run(main())
+    b.close()
+    assert max(took) < 0.09, took
