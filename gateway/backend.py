@@ -60,7 +60,7 @@ class Backend(ABC):
     #: True when `tokenize` gives the ids `embed` would compute itself, and `embed` takes them back
     #: (`token_ids=`): the core then tokenizes each input once, on arrival (for counting and limits), and the
     #: ids travel with it to its batch. Read after `load`. A backend whose runtime takes text (a remote
-    #: server, llama.cpp) leaves it False and is never passed ids.
+    #: OpenAI-compatible server, say) leaves it False and is never passed ids.
     reuses_token_ids: bool = False
 
     def __init__(self, *, model: str, path: str, options: Any, trust_remote_code: bool = False) -> None:

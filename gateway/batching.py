@@ -228,31 +228,12 @@ class Batcher:
 
     def _take(self) -> list[tuple[_Request, int]] | None:
         with self._cond:
+            self._wait_for_inputs()
             while not self._pending:
+                # Everything queued was cancelled while this worker waited for more: start over.
                 if self._closed:
                     return None
-                self._cond.wait()
-            if self.max_wait and self._pending < self.max_batch_size:
-                deadline = time.monotonic() + self.max_wait
-                while self._pending < self.max_batch_size and not self._closed:
-                    left = deadline - time.monotonic()
-                    if left <= 0 or not self._cond.wait(left):
-                        break
-            elif (
-                self.return_wait
-                and self._pending < min(self._expect, self.max_batch_size)
-                # Clients come back within moments or not at all: after a quiet spell, nobody is expected.
-                and time.monotonic() - self._finished_at < self._last_compute_s
-            ):
-                # The clients just answered are on their way back: without this wait, clients that each
-                # await their answer split into two alternating half-size batches (BatchingConfig.return_wait).
-                want = min(self._expect, self.max_batch_size)
-                deadline = time.monotonic() + self.return_wait * self._last_compute_s
-                while self._pending < want and not self._closed:
-                    left = deadline - time.monotonic()
-                    if left <= 0 or not self._cond.wait(left):
-                        break
-            self._expect = 0
+                self._wait_for_inputs()
             batch = self._choose()
             taken: dict[int, set[int]] = {}
             for req, i in batch:
@@ -267,6 +248,28 @@ class Batcher:
             if self._pending:
                 self._cond.notify()
             return batch
+
+    def _wait_for_inputs(self) -> None:
+        # Under the lock: until something is queued, then, if configured, a little longer for more. Queued
+        # inputs can disappear meanwhile (cancelled requests): the caller checks _pending again.
+        while not self._pending:
+            if self._closed:
+                return
+            self._cond.wait()
+        want, deadline = 0, 0.0
+        if self.max_wait:
+            want, deadline = self.max_batch_size, time.monotonic() + self.max_wait
+        elif self.return_wait and time.monotonic() - self._finished_at < self._last_compute_s:
+            # Clients just answered are on their way back: without this wait, clients that each await their
+            # answer split into two alternating half-size batches (BatchingConfig.return_wait). They come
+            # back within moments or not at all, hence nothing is expected after a quiet spell.
+            want = min(self._expect, self.max_batch_size)
+            deadline = time.monotonic() + self.return_wait * self._last_compute_s
+        self._expect = 0
+        while self._pending < want and not self._closed:
+            left = deadline - time.monotonic()
+            if left <= 0 or not self._cond.wait(left):
+                break
 
     def _choose(self) -> list[tuple[_Request, int]]:
         """The next batch (under the lock): for a backend that pads, inputs of similar lengths around one
@@ -315,7 +318,12 @@ class Batcher:
     def _run(self) -> None:
         trimmed = time.monotonic()
         while True:
-            batch = self._take()
+            try:
+                batch = self._take()
+            except Exception:  # a bug here must not end the worker: every later request would hang
+                log.exception("batcher for model %r: cannot take a batch", self.model)
+                time.sleep(0.01)
+                continue
             if batch is None:
                 return
             if time.monotonic() - trimmed > _TRIM_EVERY_S:

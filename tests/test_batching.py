@@ -489,3 +489,24 @@ def test_return_wait_never_delays_a_lone_client_or_one_after_a_quiet_spell():
     took = asyncio.run(main())
     b.close()
     assert max(took) < 0.09, took
+
+
+@pytest.mark.parametrize("kw", [{"max_wait_ms": 300}, {"return_wait": 1.0}])
+def test_requests_cancelled_while_a_worker_waits_for_more_do_not_kill_it(kw):
+    """A worker waiting to fill its batch finds the queue emptied by cancellations (clients gone): it must
+    go back to waiting, not crash (a dead worker hangs every later request of the model)."""
+    backend = Recorder(delay=0.15)
+    b = _batcher(backend, max_batch_size=8, **kw)
+
+    async def main() -> None:
+        # return_wait: a first batch answers 2 requests, so the worker then expects 2 back and waits.
+        await asyncio.gather(_embed(b, ["warm 1"]), _embed(b, ["warm 2"]))
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(_embed(b, ["given up on"]), 0.05)
+        await asyncio.sleep(0.4)  # past any wait: the worker has looked at its (empty) queue again
+        out = await asyncio.wait_for(_embed(b, ["still served"]), 2.0)
+        np.testing.assert_allclose(out[0], fake_vector("still served"), rtol=1e-6)
+
+    asyncio.run(main())
+    b.close()
+    assert "given up on" not in [t for x in backend.batches for t in x]
