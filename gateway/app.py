@@ -274,6 +274,7 @@ async def _embed(gw: Gateway, body: EmbeddingRequest, state: dict[str, Any] | No
             param="input",
             code="too_many_inputs",
         )
+    charged = 0
     with model.in_use():
         try:
             async with asyncio.timeout(server.request_timeout_s):
@@ -283,8 +284,10 @@ async def _embed(gw: Gateway, body: EmbeddingRequest, state: dict[str, Any] | No
                 total = _check_tokens(texts, counts, model, server.max_tokens_per_request)
                 if key is not None:
                     key.charge_tokens(total)
+                    charged = total
                 log.debug("embedding %d texts on %r: %r", len(texts), model.name, texts)
                 vectors = await model.embed(texts, counts, token_ids)
+                charged = 0  # delivered: the charge stands
         except TimeoutError:
             raise GatewayError(
                 504,
@@ -299,6 +302,10 @@ async def _embed(gw: Gateway, body: EmbeddingRequest, state: dict[str, Any] | No
             error_id = uuid.uuid4().hex[:16]
             log.error("request failed (error id %s): %s", error_id, exc)
             raise GatewayError(500, f"{exc} (error id {error_id})", code=error_id) from None
+        finally:
+            # Timed out, refused (queue full), failed or cancelled after the charge: no embeddings, no cost.
+            if charged and key is not None:
+                key.refund_tokens(charged)
     state["tokens"] = total
     state["inputs"] = len(texts)
     if dims is not None:

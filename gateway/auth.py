@@ -64,6 +64,11 @@ class TokenBucket:
                 return 0.0
             return (need - self.level) / self.rate
 
+    def give_back(self, amount: float) -> None:
+        """Return units taken for work that was not done."""
+        with self._lock:
+            self.level = min(self.capacity, self.level + amount)
+
 
 @dataclass(eq=False)
 class ApiKey:
@@ -100,6 +105,11 @@ class ApiKey:
     def charge_tokens(self, tokens: int) -> None:
         """Count `tokens` against the key's tokens/minute (429 when over)."""
         self._limit(self.tokens, tokens, "tokens")
+
+    def refund_tokens(self, tokens: int) -> None:
+        """Give back tokens charged for a request that returned no embeddings (failed, refused, cancelled)."""
+        if self.tokens is not None:
+            self.tokens.give_back(tokens)
 
 
 def _limits(key: ApiKey) -> tuple[float | None, float | None]:

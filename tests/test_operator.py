@@ -183,6 +183,20 @@ def test_rate_limit_tokens():
         assert int(r.headers["retry-after"]) >= 1
 
 
+def test_tokens_of_a_failed_request_are_given_back():
+    auth = '[[auth.keys]]\nkey = "token-key-12"\ntokens_per_minute = 30\n'
+    broken = '[models.broken]\nbackend = "fake"\npath = "."\n[models.broken.options]\nfail_on = "boom"\n'
+    config = parse_config(auth + KEYS_TOML + broken)
+    with serve(auth + KEYS_TOML + broken, keys=KeyStore.from_config(config.auth)) as client:
+        h = {"Authorization": "Bearer token-key-12"}
+        r = client.post(URL, json={"model": "broken", "input": ["boom a b c d e f g h i"] * 2}, headers=h)
+        assert r.status_code == 500  # 24 tokens charged, then the batch failed: charge returned
+        body = {"model": "fake", "input": ["a b c d e f g h i j"] * 2}  # 24 tokens
+        assert client.post(URL, json=body, headers=h).status_code == 200
+        r = client.post(URL, json=body, headers=h)
+        assert r.status_code == 429 and "30 tokens per minute" in r.json()["error"]["message"]
+
+
 @pytest.mark.parametrize(
     ("auth", "needle"),
     [
