@@ -6,7 +6,7 @@ import asyncio
 import threading
 import time
 from collections.abc import Sequence
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import numpy as np
 import pytest
@@ -320,11 +320,24 @@ def test_timeout_is_504():
         assert client.get("/health").status_code == 200
 
 
+def _served_pair(backend_cls: type[Backend]) -> dict[str, Any]:
+    """Loaded ServedModels: "a" on `backend_cls`, "b" on the plain fake backend."""
+    from gateway.config import parse_config
+    from gateway.registry import ServedModel, build_specs
+
+    from .conftest import FakeBackend
+
+    toml = f'[models.a]\nbackend = "{backend_cls.name}"\npath = "."\n[models.b]\nbackend = "fake"\npath = "."\n'
+    specs = build_specs(parse_config(toml, "t.toml", None), {backend_cls.name: backend_cls, "fake": FakeBackend})
+    models = {name: ServedModel(spec) for name, spec in specs.items()}
+    for m in models.values():
+        m.load()
+    return models
+
+
 def test_small_requests_tokenize_on_the_loop_large_ones_in_a_thread():
     """A local tokenizer is called on the event loop for small requests (no thread hand-offs); large
     requests, and backends whose tokenizer may do I/O, go to the model's tokenizer thread."""
-    from gateway.config import parse_config
-    from gateway.registry import ServedModel, build_specs
 
     from .conftest import FakeBackend
 
@@ -337,11 +350,7 @@ def test_small_requests_tokenize_on_the_loop_large_ones_in_a_thread():
             Local.threads.append(threading.current_thread().name)
             return super().count_tokens(texts)
 
-    toml = '[models.a]\nbackend = "fake-local"\npath = "."\n[models.b]\nbackend = "fake"\npath = "."\n'
-    specs = build_specs(parse_config(toml, "t.toml", None), {"fake-local": Local, "fake": FakeBackend})
-    models = {name: ServedModel(spec) for name, spec in specs.items()}
-    for m in models.values():
-        m.load()
+    models = _served_pair(Local)
 
     async def main() -> None:
         here = threading.current_thread().name
@@ -399,8 +408,6 @@ def test_token_ids_travel_with_their_inputs_through_merged_batches():
 def test_served_model_tokenizes_once_and_hands_the_ids_on():
     """With `reuses_token_ids`, counts come from `tokenize` (count_tokens is never called) and the ids reach
     `embed`; a backend without it is counted and called with texts alone (the older interface)."""
-    from gateway.config import parse_config
-    from gateway.registry import ServedModel, build_specs
 
     from .conftest import FakeBackend
 
@@ -419,11 +426,7 @@ def test_served_model_tokenizes_once_and_hands_the_ids_on():
             Reusing.got.append([list(i) for i in token_ids or []])
             return super().embed(texts)
 
-    toml = '[models.a]\nbackend = "fake-ids"\npath = "."\n[models.b]\nbackend = "fake"\npath = "."\n'
-    specs = build_specs(parse_config(toml, "t.toml", None), {"fake-ids": Reusing, "fake": FakeBackend})
-    models = {name: ServedModel(spec) for name, spec in specs.items()}
-    for m in models.values():
-        m.load()
+    models = _served_pair(Reusing)
 
     async def main() -> None:
         counts, ids = await models["a"].tokenize(["two words", "one"])
