@@ -225,11 +225,11 @@ class GgufBackend(Backend):
         return _llama.tokenize(vocab, text)
 
     def count_tokens(self, texts: Sequence[str]) -> list[int]:
-        # No lock: llama_tokenize only reads the vocabulary, and each call has its own output buffer (the
-        # core stops calling a model before it closes it).
-        return [len(self._tokenize(t)) for t in texts]
+        return [len(ids) for ids in self.tokenize(texts)]
 
     def tokenize(self, texts: Sequence[str]) -> list[list[int]]:
+        # No lock: llama_tokenize only reads the vocabulary, and each call has its own output buffer (the
+        # core stops calling a model before it closes it).
         return [self._tokenize(t) for t in texts]
 
     # -- embeddings --------------------------------------------------------------------------------------

@@ -317,7 +317,7 @@ class OnnxBackend(Backend):
 
     # -- serving ------------------------------------------------------------------------------------
     def count_tokens(self, texts: Sequence[str]) -> list[int]:
-        return [len(e.ids) for e in self._count_tok.encode_batch(list(texts))]
+        return [len(ids) for ids in self.tokenize(texts)]
 
     def tokenize(self, texts: Sequence[str]) -> list[list[int]]:
         return [e.ids for e in self._count_tok.encode_batch(list(texts))]
