@@ -370,20 +370,21 @@ class OnnxBackend(Backend):
             vectors = np.concatenate(
                 [self._run_packed(token_ids[s : s + _SLICE]) for s in range(0, len(token_ids), _SLICE)]
             )
-            if self._normalize:
-                vectors = l2_normalize(vectors)
-            return np.ascontiguousarray(vectors, dtype=np.float32)
-        encodings = self._embed_tok.encode_batch(list(texts))
-        if len(encodings) <= _SLICE:
-            vectors = self._run(encodings)
         else:
-            order = sorted(range(len(encodings)), key=lambda i: len(encodings[i].ids))
-            parts = [self._run([encodings[i] for i in order[s : s + _SLICE]]) for s in range(0, len(order), _SLICE)]
-            vectors = np.empty((len(encodings), parts[0].shape[1]), dtype=np.float32)
-            vectors[order] = np.concatenate(parts)
+            vectors = self._embed_padded(texts)
         if self._normalize:
             vectors = l2_normalize(vectors)
         return np.ascontiguousarray(vectors, dtype=np.float32)
+
+    def _embed_padded(self, texts: Sequence[str]) -> np.ndarray:
+        encodings = self._embed_tok.encode_batch(list(texts))
+        if len(encodings) <= _SLICE:
+            return self._run(encodings)
+        order = sorted(range(len(encodings)), key=lambda i: len(encodings[i].ids))
+        parts = [self._run([encodings[i] for i in order[s : s + _SLICE]]) for s in range(0, len(order), _SLICE)]
+        vectors = np.empty((len(encodings), parts[0].shape[1]), dtype=np.float32)
+        vectors[order] = np.concatenate(parts)
+        return vectors
 
     def close(self) -> None:
         # Dropping the session frees its arena; the core drops the backend right after.
