@@ -76,7 +76,22 @@ def test_metrics_count_requests_tokens_and_batches(fake_client):
     assert 'gateway_batch_size_count{model="fake"}' in after
     assert 'gateway_queue_depth{model="fake"} 0.0' in after
     assert 'gateway_model_ready{model="fake"} 1.0' in after
-    assert "gateway_http_requests_total" in after  # Litestar's own request metrics
+    # HTTP series under the names and labels of Litestar's Prometheus plugin.
+    http = {"method": "POST", "path": URL, "status_code": "200", "app_name": "gateway"}
+
+    def http_value(text: str, name: str) -> float:
+        return sum(
+            s.value
+            for family in text_string_to_metric_families(text)
+            for s in family.samples
+            if s.name == name and s.labels == http
+        )
+
+    assert http_value(after, "gateway_http_requests_total") - http_value(before, "gateway_http_requests_total") == 1
+    seconds = "gateway_http_request_duration_seconds_count"
+    assert http_value(after, seconds) - http_value(before, seconds) == 1
+    assert http_value(after, "gateway_http_requests_in_progress") == 0
+    assert 'path="/metrics"' not in after
 
 
 def test_request_id_is_honoured_or_generated(fake_client):
