@@ -32,7 +32,7 @@ from .backend import Backend
 from .batching import BatchFailed, QueueFull
 from .config import ConfigError, GatewayConfig, load_config
 from .errors import EXCEPTION_HANDLERS, GatewayError
-from .observability import QUEUES, RequestContextMiddleware, new_id
+from .observability import ACCESS_LOG, QUEUES, RequestContextMiddleware, new_id
 from .plugins import collect_backends, get_plugin_manager
 from .registry import Registry, ServedModel, build_specs
 from .schemas import (
@@ -524,6 +524,7 @@ def create_app(
             # Queued work finishes before models are released (graceful shutdown).
             await loop.run_in_executor(None, gateway.registry.close)
             QUEUES.gateways.discard(gateway)
+            ACCESS_LOG.flush()
 
     # Request ids, the access log and the HTTP metrics in one middleware (see gateway/observability.py).
     middleware = [DefineMiddleware(RequestContextMiddleware, log_requests=config.server.access_log)]

@@ -9,10 +9,13 @@ with a zero-cost model). Litestar's PrometheusController still serves /metrics.
 
 from __future__ import annotations
 
+import atexit
+import collections
 import itertools
 import logging
 import re
 import secrets
+import threading
 import time
 import weakref
 from collections.abc import Iterator
@@ -111,6 +114,71 @@ QUEUES = _QueueCollector()
 REGISTRY.register(QUEUES)
 
 
+_ACCESS_FORMAT = "request_id=%s method=%s path=%s status=%d model=%s tokens=%s latency_ms=%.1f"
+
+
+class AccessLog:
+    """One line per request on the `gateway.access` logger, made and handed on by a background thread.
+
+    The event loop only appends the line's fields; a thread turns them into log records every `interval`
+    seconds, with the time each request ended, and passes them to the logger (its level, filters, handlers
+    and propagation apply as usual). Logging from the loop cost about a tenth of its CPU per request (int8,
+    32 clients, access log on vs off, alternated runs): the record, the formatting and waking Litestar's
+    queue listener once per line. Written by hand: the stdlib's QueueHandler and MemoryHandler still build
+    the record on the calling thread. `flush()` hands on what is pending now (tests, shutdown).
+    """
+
+    def __init__(self, logger: logging.Logger, interval: float = 0.1) -> None:
+        self.logger = logger
+        self.interval = interval
+        # deque: append on the loop and popleft on the thread are atomic, no lock on the loop's side.
+        self._pending: collections.deque[tuple[float, tuple[Any, ...]]] = collections.deque()
+        self._flushing = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self._start_lock = threading.Lock()
+
+    def add(self, *args: Any) -> None:
+        """Queue one line (`_ACCESS_FORMAT`'s fields) if the logger would take an INFO record."""
+        if self.logger.isEnabledFor(logging.INFO):
+            self._pending.append((time.time(), args))
+            if self._thread is None:
+                self._start()
+
+    def _start(self) -> None:
+        with self._start_lock:
+            if self._thread is None:
+                thread = threading.Thread(target=self._run, name="access-log", daemon=True)
+                thread.start()
+                self._thread = thread
+                atexit.register(self.flush)
+
+    def _run(self) -> None:
+        while True:
+            time.sleep(self.interval)
+            try:
+                self.flush()
+            except Exception:  # a broken handler must not stop the access log for good
+                logging.getLogger(__name__).exception("access log: handing records on failed")
+
+    def flush(self) -> None:
+        with self._flushing:
+            while True:
+                try:
+                    created, args = self._pending.popleft()
+                except IndexError:
+                    return
+                record = self.logger.makeRecord(self.logger.name, logging.INFO, __file__, 0, _ACCESS_FORMAT, args, None)
+                # The time the request ended, not the time the line was handed on.
+                shift = record.created - created
+                record.created = created
+                record.msecs = int((created - int(created)) * 1000) + 0.0
+                record.relativeCreated -= shift * 1000
+                self.logger.handle(record)
+
+
+ACCESS_LOG = AccessLog(access_log)
+
+
 class RequestContextMiddleware:
     """Honours or assigns X-Request-ID, returns it, and logs one line per request.
 
@@ -170,8 +238,7 @@ class RequestContextMiddleware:
                     _child(TOKENS, model).inc(state.get("tokens", 0))
                     _child(INPUTS, model).inc(state.get("inputs", 0))
             if self.log_requests and scope["path"] not in ("/health", "/metrics"):
-                access_log.info(
-                    "request_id=%s method=%s path=%s status=%d model=%s tokens=%s latency_ms=%.1f",
+                ACCESS_LOG.add(
                     request_id,
                     scope["method"],
                     scope["path"],

@@ -104,11 +104,44 @@ def test_request_id_is_honoured_or_generated(fake_client):
 
 
 def test_access_log_has_no_keys_or_texts(fake_client, caplog):
+    from gateway.observability import ACCESS_LOG
+
     with caplog.at_level("INFO", logger="gateway.access"):
         fake_client.post(URL, json={"model": "fake", "input": "secret text"}, headers={"X-Request-ID": "r-1"})
+        ACCESS_LOG.flush()
     lines = [r.getMessage() for r in caplog.records if r.name == "gateway.access"]
     assert any("request_id=r-1" in line and "status=200" in line and "model=fake" in line for line in lines)
     assert not any("secret text" in line or API_KEY in line for line in lines)
+
+
+def test_access_log_lines_arrive_in_order_stamped_when_each_request_ended(fake_client, caplog):
+    with caplog.at_level("INFO", logger="gateway.access"):
+        stamps = []
+        for i in range(3):
+            fake_client.post(URL, json={"model": "fake", "input": "x"}, headers={"X-Request-ID": f"order-{i}"})
+            stamps.append(time.time())
+            time.sleep(0.05)
+        deadline = time.monotonic() + 5
+        # No flush here: the background thread hands them on by itself, within its interval.
+        while time.monotonic() < deadline:
+            records = [r for r in caplog.records if r.name == "gateway.access" and "order-" in r.getMessage()]
+            if len(records) == 3:
+                break
+            time.sleep(0.02)
+    assert [r.getMessage().split()[0] for r in records] == [f"request_id=order-{i}" for i in range(3)]
+    for record, stamp in zip(records, stamps, strict=True):
+        assert stamp - 1.0 < record.created <= stamp  # the request's end, not the hand-over 0.1 s later
+
+
+def test_access_log_follows_the_logger_level(fake_client, caplog):
+    from gateway.observability import ACCESS_LOG
+
+    with caplog.at_level("WARNING", logger="gateway.access"):
+        fake_client.post(URL, json={"model": "fake", "input": "x"}, headers={"X-Request-ID": "quiet-1"})
+    # Back at INFO before the hand-over: the line was never queued, so it cannot appear late.
+    with caplog.at_level("INFO", logger="gateway.access"):
+        ACCESS_LOG.flush()
+    assert not [r for r in caplog.records if "quiet-1" in r.getMessage()]
 
 
 def test_openapi_schema_documents_routes_and_errors(fake_client):
