@@ -320,6 +320,11 @@ class OnnxBackend(Backend):
         return [len(ids) for ids in self.tokenize(texts)]
 
     def tokenize(self, texts: Sequence[str]) -> list[list[int]]:
+        if len(texts) == 1:
+            # On this thread: encode_batch hands even one text to the tokenizers' thread pool, whose threads
+            # then wait for a core beside the runtime's. Through the gateway, int8 at 32 single-text
+            # clients, alternated: 676-782 texts/s this way against 659-718 (and full batches of 32).
+            return [self._count_tok.encode(texts[0]).ids]
         return [e.ids for e in self._count_tok.encode_batch(list(texts))]
 
     def _feed(self, arrays: dict[str, np.ndarray]) -> np.ndarray:

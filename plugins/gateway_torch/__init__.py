@@ -164,7 +164,15 @@ class TorchBackend(Backend):
             fast = copy.deepcopy(fast)
             fast.no_padding()
             fast.no_truncation()
-            return lambda texts: [e.ids for e in fast.encode_batch(list(texts))]
+
+            def count(texts: Sequence[str]) -> list[list[int]]:
+                if len(texts) == 1:
+                    # On this thread: encode_batch hands even one text to the tokenizers' thread pool,
+                    # whose threads then wait for a core beside torch's (measured through the gateway).
+                    return [fast.encode(texts[0]).ids]
+                return [e.ids for e in fast.encode_batch(list(texts))]
+
+            return count
         slow = copy.deepcopy(tokenizer)
         return lambda texts: list(slow(list(texts), truncation=False)["input_ids"])
 
