@@ -241,6 +241,8 @@ def check_reuses_token_ids(backend: Any, texts: Sequence[str], limit: int, atol:
     assert backend.reuses_token_ids is True
     ids = backend.tokenize(texts)
     assert [len(i) for i in ids] == backend.count_tokens(texts)
+    # One text may take another path through the tokenizer than a list; the ids must not differ.
+    assert [backend.tokenize([t])[0] for t in texts] == ids
     fits = [k for k, i in enumerate(ids) if len(i) <= limit]
     over = [k for k, i in enumerate(ids) if len(i) > limit]
     assert len(fits) >= 2 and over, "the texts must cover both sides of the limit"
