@@ -19,19 +19,22 @@ import pluggy
 from litestar import Litestar, Request, get, post
 from litestar.connection import ASGIConnection
 from litestar.datastructures import State
+from litestar.exceptions import HTTPException, MethodNotAllowedException
+from litestar.handlers import HTTPRouteHandler, asgi
 from litestar.handlers.base import BaseRouteHandler
 from litestar.middleware.base import DefineMiddleware
 from litestar.openapi import OpenAPIConfig, ResponseSpec
 from litestar.params import JSONBody
 from litestar.plugins.prometheus import PrometheusController
 from litestar.response import Response
+from litestar.types import Receive, Scope, Send
 
 from . import schemas
 from .auth import ApiKey, KeyStore
 from .backend import Backend
 from .batching import BatchFailed, QueueFull
 from .config import ConfigError, GatewayConfig, load_config
-from .errors import EXCEPTION_HANDLERS, GatewayError
+from .errors import EXCEPTION_HANDLERS, GatewayError, invalid_body, unreadable_body
 from .observability import ACCESS_LOG, QUEUES, RequestContextMiddleware, new_id
 from .plugins import collect_backends, get_plugin_manager
 from .registry import Registry, ServedModel, build_specs
@@ -80,6 +83,8 @@ class Gateway:
         self.keys = KeyStore()
         self.keys = self._keys_for(config)
         self.registry = Registry(build_specs(config, backends, config_path or "<config>"))
+        # Fixed at start, like the rest of _RESTART_FIELDS.
+        self.max_body_bytes = config.server.max_body_bytes
         self._reload_lock = asyncio.Lock()
 
     def _keys_for(self, config: GatewayConfig) -> KeyStore:
@@ -138,11 +143,17 @@ def _gateway(connection: ASGIConnection[Any, Any, Any, Any]) -> Gateway:
     return connection.app.state.gateway  # type: ignore[no-any-return]
 
 
+def _authorize(gw: Gateway, authorization: str | None, state: dict[str, Any]) -> ApiKey:
+    # A valid bearer key, which then counts one request against its limit.
+    key = gw.keys.check(authorization)
+    state["api_key"] = key
+    key.charge_request()
+    return key
+
+
 async def require_key(connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHandler) -> None:
     """Guard: a valid bearer key, which then counts one request against its limit."""
-    key = _gateway(connection).keys.check(connection.headers.get("authorization"))
-    connection.scope["state"]["api_key"] = key
-    key.charge_request()
+    _authorize(_gateway(connection), connection.headers.get("authorization"), connection.scope["state"])
 
 
 async def require_admin(connection: ASGIConnection[Any, Any, Any, Any], handler: BaseRouteHandler) -> None:
@@ -150,15 +161,6 @@ async def require_admin(connection: ASGIConnection[Any, Any, Any, Any], handler:
     await require_key(connection, handler)
     if not connection.scope["state"]["api_key"].admin:
         raise GatewayError(403, "this API key may not use admin endpoints", code="forbidden")
-
-
-class _post(post):
-    """Litestar's `post`, minus the copy of the handler it makes for each guard call: 7% of the event loop's
-    CPU per embedding request (measured with a zero-cost model). Our guards only read the handler."""
-
-    async def authorize_connection(self, connection: ASGIConnection[Any, Any, Any, Any]) -> None:
-        for guard in self.resolve_guards():
-            await guard(connection, self)
 
 
 def _errors(*statuses: int) -> dict[int, ResponseSpec]:
@@ -336,20 +338,48 @@ async def _embed(gw: Gateway, body: EmbeddingRequest, state: dict[str, Any] | No
     )
 
 
-@_post(
-    ["/v1/embeddings", "/api/v3/inference/embeddings"],
-    status_code=200,
-    guards=[require_key],
-    summary="Create embeddings",
-    responses=_errors(400, 401, 403, 404, 413, 429, 500, 503, 504),
-)
-async def create_embeddings(
-    request: Request[Any, Any, Any], data: JSONBody[EmbeddingRequest]
-) -> Response[EmbeddingResponse]:
-    """Embed one string or a list of strings with a configured model."""
-    with _HangUpWatch(request) as watch:
+_EMBEDDINGS_PATHS = ["/v1/embeddings", "/api/v3/inference/embeddings"]
+# Lax, as Litestar's own parsing of this body was: `"dimensions": "256"` reads as 256.
+_REQUEST_DECODER = msgspec.json.Decoder(EmbeddingRequest, strict=False)
+_JSON_HEADERS = [(b"content-type", b"application/json")]
+
+
+@asgi(_EMBEDDINGS_PATHS, is_mount=False, copy_scope=False)
+async def serve_embeddings(scope: Scope, receive: Receive, send: Send) -> None:
+    """POST /v1/embeddings: an ASGI handler, not a Litestar `post` handler.
+
+    Litestar's per-request handler machinery (kwargs and signature models, the response object, guards)
+    was a third of the event loop's CPU per embedding request, and that CPU is what a busy server takes from
+    inference (bench/overhead.py; bench/README.md). Routing, the middleware, the exception handlers and
+    therefore every error response stay Litestar's; the route's OpenAPI description comes from
+    `create_embeddings`. Written by hand: the method check, the body read under its size limit and the
+    decode, each raising what Litestar raised, so clients see the same answers.
+    """
+    method = scope["method"]
+    if method != "POST":
+        if method == "OPTIONS":
+            await send({"type": "http.response.start", "status": 204, "headers": [(b"allow", b"OPTIONS, POST")]})
+            await send({"type": "http.response.body", "body": b""})
+            return
+        raise MethodNotAllowedException(headers={"allow": "POST, OPTIONS"})
+    gw: Gateway = scope["app"].state.gateway
+    state: dict[str, Any] = scope.setdefault("state", {})
+    authorization = None
+    for name, value in scope["headers"]:
+        if name == b"authorization":
+            authorization = value.decode("latin-1")
+            break
+    _authorize(gw, authorization, state)
+    body = await _read_body(scope, receive, gw.max_body_bytes)
+    try:
+        data = _REQUEST_DECODER.decode(body)
+    except msgspec.ValidationError as exc:
+        raise invalid_body(str(exc)) from None
+    except (msgspec.DecodeError, UnicodeDecodeError) as exc:
+        raise unreadable_body(body, exc) from None
+    with _HangUpWatch(receive) as watch:
         try:
-            result = await _embed(_gateway(request), data, request.scope["state"])
+            result = await _embed(gw, data, state)
         except asyncio.CancelledError:
             if not watch.hung_up:
                 raise
@@ -357,10 +387,61 @@ async def create_embeddings(
             watch.task.uncancel()
             raise GatewayError(499, "client closed the request", code="client_closed") from None
     if len(result.data) * len(result.data[0].embedding) > _OFFLOAD_FLOATS:
-        body = await asyncio.get_running_loop().run_in_executor(None, msgspec.json.encode, result)
+        out = await asyncio.get_running_loop().run_in_executor(None, msgspec.json.encode, result)
     else:
-        body = msgspec.json.encode(result)
-    return Response(body, media_type="application/json")
+        out = msgspec.json.encode(result)
+    await send(
+        {
+            "type": "http.response.start",
+            "status": 200,
+            "headers": [*_JSON_HEADERS, (b"content-length", str(len(out)).encode())],
+        }
+    )
+    await send({"type": "http.response.body", "body": out})
+
+
+async def _read_body(scope: Scope, receive: Receive, limit: int) -> bytes:
+    # Refused as soon as it is known to be too large, from Content-Length or from what has arrived.
+    for name, value in scope["headers"]:
+        if name == b"content-length":
+            if value.isdigit() and int(value) > limit:
+                raise HTTPException(status_code=413)
+            break
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise GatewayError(499, "client closed the request", code="client_closed")
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            raise HTTPException(status_code=413)
+        chunks.append(chunk)
+        if not message.get("more_body", False):
+            return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+@post(
+    _EMBEDDINGS_PATHS,
+    status_code=200,
+    summary="Create embeddings",
+    responses=_errors(400, 401, 403, 404, 413, 429, 500, 503, 504),
+)
+async def create_embeddings(data: JSONBody[EmbeddingRequest]) -> EmbeddingResponse:
+    """Embed one string or a list of strings with a configured model."""
+    # Never routed: it describes `serve_embeddings` (an ASGI handler, which Litestar leaves out of the
+    # schema) for /schema; see _describe().
+    raise NotImplementedError
+
+
+def _describe(app: Litestar, *handlers: HTTPRouteHandler) -> None:
+    # Litestar's own schema for `handlers`, built by a throwaway app with the same OpenAPI config, merged
+    # into the app's schema (which is built once, here, and then served as it is).
+    described = Litestar(route_handlers=list(handlers), openapi_config=app.openapi_config).openapi_schema
+    schema = app.openapi_schema
+    schema.paths = {**(described.paths or {}), **(schema.paths or {})}
+    schema.components.schemas = {**(described.components.schemas or {}), **(schema.components.schemas or {})}
 
 
 class _HangUpWatch:
@@ -370,8 +451,8 @@ class _HangUpWatch:
     request was a measurable share of the loop's time (a hang-up is then noticed at most that much later).
     """
 
-    def __init__(self, request: Request[Any, Any, Any]) -> None:
-        self.request = request
+    def __init__(self, receive: Receive) -> None:
+        self.receive = receive
         task = asyncio.current_task()
         assert task is not None
         self.task = task
@@ -395,7 +476,7 @@ class _HangUpWatch:
 
     async def _watch(self) -> None:
         # The body has been read, so the next ASGI message can only be the client going away.
-        while (await self.request.receive())["type"] != "http.disconnect":
+        while (await self.receive())["type"] != "http.disconnect":
             pass
         self.hung_up = True
         self.task.cancel()
@@ -528,8 +609,8 @@ def create_app(
 
     # Request ids, the access log and the HTTP metrics in one middleware (see gateway/observability.py).
     middleware = [DefineMiddleware(RequestContextMiddleware, log_requests=config.server.access_log)]
-    return Litestar(
-        route_handlers=[create_embeddings, list_models, health, ready, admin_reload, MetricsController],
+    app = Litestar(
+        route_handlers=[serve_embeddings, list_models, health, ready, admin_reload, MetricsController],
         exception_handlers=EXCEPTION_HANDLERS,
         request_max_body_size=config.server.max_body_bytes,
         middleware=middleware,
@@ -537,3 +618,5 @@ def create_app(
         state=State({"gateway": gateway}),
         openapi_config=OpenAPIConfig(title="Embedding gateway", version="0.1.0", path="/schema"),
     )
+    _describe(app, create_embeddings)
+    return app

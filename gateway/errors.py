@@ -89,31 +89,54 @@ def _param(key: str | None, message: str) -> str | None:
     return key.removeprefix("$.")
 
 
-def _validation_error(_: Request[Any, Any, Any], exc: ValidationException) -> Response[dict[str, Any]]:
-    extra = exc.extra
-    first = extra[0] if isinstance(extra, list) and extra and isinstance(extra[0], dict) else {}
-    message = str(first.get("message", exc.detail))
-    key = first.get("key")
-    if message == f"'{key}'":
-        # Litestar reports an empty body as a KeyError on its own parameter name.
-        return error_response(400, "request body is empty: expected a JSON object", None, "invalid_json")
+def _invalid(message: str, key: str | None) -> GatewayError:
+    # `message` is msgspec's, about the value at `key` ("data" or None: the body as a whole).
     if key == "data" and message.startswith("Expected `object`"):
         message = f"request body must be a JSON object: {message}"
     param = _param(key, message)
     if param and param.startswith("input[") and message in ("Expected `str`, got `array`", "Expected `str`, got `int`"):
-        return error_response(
+        return GatewayError(
             400,
             f"`{param}` is not a string: `input` must be a string or a list of strings; token-id arrays are not "
             "accepted (LangChain's OpenAIEmbeddings sends them unless check_embedding_ctx_length=False)",
-            param,
-            "invalid_value",
+            param=param,
+            code="invalid_value",
         )
     plain = _PLAIN.get(message)
     if param and plain:
-        return error_response(400, plain.format(param=param), param, "invalid_value")
+        return GatewayError(400, plain.format(param=param), param=param, code="invalid_value")
     if param and f"`{param}`" not in message:
         message = f"{message} - at `{param}`"
-    return error_response(400, f"invalid request: {message}", param, "invalid_value")
+    return GatewayError(400, f"invalid request: {message}", param=param, code="invalid_value")
+
+
+_AT = re.compile(r" - at `\$\.(.+)`$")
+
+
+def invalid_body(error: str) -> GatewayError:
+    """The error for a JSON body that does not fit its Struct (`error`: msgspec's ValidationError text)."""
+    at = _AT.search(error)
+    return _invalid(error.split(" - ", 1)[0], at.group(1) if at else "data")
+
+
+def unreadable_body(body: bytes, exc: Exception) -> GatewayError:
+    """The error for a body that is not JSON at all (`exc`: msgspec's DecodeError, or a UnicodeDecodeError)."""
+    if not body:
+        return GatewayError(400, "request body is empty: expected a JSON object", code="invalid_json")
+    if isinstance(exc, UnicodeDecodeError):
+        return GatewayError(400, f"request body is not valid UTF-8: {exc.reason}", code="invalid_json")
+    message = str(exc)
+    if message == "Input data was truncated":
+        # msgspec says this of a cut-off document and of an unpaired surrogate escape such as "\ud800".
+        message = "it ends early or holds an unpaired UTF-16 surrogate escape"
+    return GatewayError(400, f"request body is not valid JSON: {message}", code="invalid_json")
+
+
+def _validation_error(request: Request[Any, Any, Any], exc: ValidationException) -> Response[dict[str, Any]]:
+    # Litestar's own validation (of a route other than embeddings, which decodes its body itself).
+    extra = exc.extra
+    first = extra[0] if isinstance(extra, list) and extra and isinstance(extra[0], dict) else {}
+    return _gateway_error(request, _invalid(str(first.get("message", exc.detail)), first.get("key")))
 
 
 def _http_error(_: Request[Any, Any, Any], exc: HTTPException) -> Response[dict[str, Any]]:
@@ -123,16 +146,6 @@ def _http_error(_: Request[Any, Any, Any], exc: HTTPException) -> Response[dict[
         message = f"no route for this path: {message}"
     elif status == 413:
         message = f"request body too large: {message}"
-    elif status == 400 and "JSON is malformed" in message:
-        return error_response(400, f"request body is not valid JSON: {message}", None, "invalid_json")
-    elif status == 400 and message == "Input data was truncated":
-        # msgspec says this of a cut-off document and of an unpaired surrogate escape such as "\ud800".
-        return error_response(
-            400,
-            "request body is not valid JSON: it ends early or holds an unpaired UTF-16 surrogate escape",
-            None,
-            "invalid_json",
-        )
     return error_response(status, message, None, None, dict(exc.headers or {}))
 
 

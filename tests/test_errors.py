@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
-from .conftest import FAKE_TOML, serve
+from .conftest import AUTH, FAKE_TOML, serve
 
 URL = "/api/v3/inference/embeddings"
 
@@ -139,9 +141,51 @@ def test_body_too_large():
         assert "too large" in err["message"]
 
 
+def test_body_too_large_without_a_content_length():
+    # Sent in chunks, so only the bytes that arrive tell: refused once past the limit.
+    toml = "[server]\nmax_body_bytes = 1000\n" + FAKE_TOML
+    with serve(toml) as client:
+        chunks = (b'{"model": "fake", "input": "', *[b"x" * 400] * 4, b'"}')
+        r = client.post(URL, content=iter(chunks), headers={"Content-Type": "application/json"})
+        assert "content-length" not in r.request.headers
+        assert "too large" in _error(r, 413)["message"]
+
+
 def test_unknown_route_and_method(fake_client):
     assert "no route" in _error(fake_client.get("/v2/nothing"), 404)["message"]
-    _error(fake_client.get(URL), 405)
+    for method in ("GET", "PUT", "DELETE", "PATCH"):
+        r = fake_client.request(method, URL)
+        assert _error(r, 405)["message"] == "Method Not Allowed"
+        assert r.headers["allow"] == "POST, OPTIONS"
+    r = fake_client.options("/v1/embeddings")
+    assert r.status_code == 204 and set(r.headers["allow"].split(", ")) == {"POST", "OPTIONS"}
+    assert fake_client.head(URL).status_code == 405
+
+
+def test_a_client_gone_while_sending_its_body_is_a_499_and_nothing_breaks():
+    import socket
+
+    import httpx
+
+    from .conftest import make_app, uvicorn_server
+
+    with uvicorn_server(make_app(FAKE_TOML)) as (url, _):
+        host, port = url.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port))) as sock:
+            sock.sendall(
+                f"POST {URL} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer test-key\r\n"
+                'Content-Type: application/json\r\nContent-Length: 500\r\n\r\n{"model": "fake", '.encode()
+            )
+            time.sleep(0.2)
+        r = httpx.post(f"{url}{URL}", json={"model": "fake", "input": "still here"}, headers=AUTH, timeout=10)
+        assert r.status_code == 200
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            metrics = httpx.get(f"{url}/metrics", headers=AUTH, timeout=10).text
+            if 'status_code="499"' in metrics:
+                break
+            time.sleep(0.05)
+        assert 'gateway_http_requests_total{app_name="gateway",method="POST",path="/api/v3/inference/embeddings",status_code="499"} 1.0' in metrics
 
 
 def test_failing_batch_is_a_500_with_an_id_and_the_server_keeps_serving():
