@@ -1,4 +1,4 @@
-"""Wire types (msgspec Structs); Litestar validates requests against them and builds /schema from them."""
+"""Wire types (msgspec Structs): requests are decoded and validated into them, and /schema is built from them."""
 
 from __future__ import annotations
 
