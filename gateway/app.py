@@ -364,12 +364,8 @@ async def serve_embeddings(scope: Scope, receive: Receive, send: Send) -> None:
         raise MethodNotAllowedException(headers={"allow": "POST, OPTIONS"})
     gw: Gateway = scope["app"].state.gateway
     state: dict[str, Any] = scope.setdefault("state", {})
-    authorization = None
-    for name, value in scope["headers"]:
-        if name == b"authorization":
-            authorization = value.decode("latin-1")
-            break
-    _authorize(gw, authorization, state)
+    authorization = _header(scope, b"authorization")
+    _authorize(gw, authorization.decode("latin-1") if authorization is not None else None, state)
     body = await _read_body(scope, receive, gw.max_body_bytes)
     try:
         data = _REQUEST_DECODER.decode(body)
@@ -400,13 +396,19 @@ async def serve_embeddings(scope: Scope, receive: Receive, send: Send) -> None:
     await send({"type": "http.response.body", "body": out})
 
 
+def _header(scope: Scope, name: bytes) -> bytes | None:
+    # The first value of header `name` (lower case, as ASGI gives names).
+    for key, value in scope["headers"]:
+        if key == name:
+            return value
+    return None
+
+
 async def _read_body(scope: Scope, receive: Receive, limit: int) -> bytes:
     # Refused as soon as it is known to be too large, from Content-Length or from what has arrived.
-    for name, value in scope["headers"]:
-        if name == b"content-length":
-            if value.isdigit() and int(value) > limit:
-                raise HTTPException(status_code=413)
-            break
+    length = _header(scope, b"content-length")
+    if length is not None and length.isdigit() and int(length) > limit:
+        raise HTTPException(status_code=413)
     chunks: list[bytes] = []
     size = 0
     while True:
