@@ -35,7 +35,7 @@ from .backend import Backend
 from .batching import BatchFailed, QueueFull
 from .config import ConfigError, GatewayConfig, load_config
 from .errors import EXCEPTION_HANDLERS, GatewayError, invalid_body, unreadable_body
-from .observability import ACCESS_LOG, QUEUES, RequestContextMiddleware, new_id
+from .observability import ACCESS_LOG, QUEUES, RequestContextMiddleware, header, new_id
 from .plugins import collect_backends, get_plugin_manager
 from .registry import Registry, ServedModel, build_specs
 from .schemas import (
@@ -364,7 +364,7 @@ async def serve_embeddings(scope: Scope, receive: Receive, send: Send) -> None:
         raise MethodNotAllowedException(headers={"allow": "POST, OPTIONS"})
     gw: Gateway = scope["app"].state.gateway
     state: dict[str, Any] = scope.setdefault("state", {})
-    authorization = _header(scope, b"authorization")
+    authorization = header(scope, b"authorization")
     _authorize(gw, authorization.decode("latin-1") if authorization is not None else None, state)
     body = await _read_body(scope, receive, gw.max_body_bytes)
     try:
@@ -396,17 +396,9 @@ async def serve_embeddings(scope: Scope, receive: Receive, send: Send) -> None:
     await send({"type": "http.response.body", "body": out})
 
 
-def _header(scope: Scope, name: bytes) -> bytes | None:
-    # The first value of header `name` (lower case, as ASGI gives names).
-    for key, value in scope["headers"]:
-        if key == name:
-            return value
-    return None
-
-
 async def _read_body(scope: Scope, receive: Receive, limit: int) -> bytes:
     # Refused as soon as it is known to be too large, from Content-Length or from what has arrived.
-    length = _header(scope, b"content-length")
+    length = header(scope, b"content-length")
     if length is not None and length.isdigit() and int(length) > limit:
         raise HTTPException(status_code=413)
     chunks: list[bytes] = []

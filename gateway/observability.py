@@ -179,6 +179,14 @@ class AccessLog:
 ACCESS_LOG = AccessLog(access_log)
 
 
+def header(scope: Scope, name: bytes) -> bytes | None:
+    """The first value of header `name` (lower case, as ASGI gives names), without a Request object."""
+    for key, value in scope["headers"]:
+        if key == name:
+            return value
+    return None
+
+
 class RequestContextMiddleware:
     """Honours or assigns X-Request-ID, returns it, and logs one line per request.
 
@@ -196,11 +204,8 @@ class RequestContextMiddleware:
             await self.app(scope, receive, send)
             return
         started = time.perf_counter()
-        incoming = None
-        for name, value in scope["headers"]:
-            if name == b"x-request-id":
-                incoming = value.decode("latin-1")
-                break
+        raw_id = header(scope, b"x-request-id")
+        incoming = raw_id.decode("latin-1") if raw_id is not None else None
         request_id = incoming if incoming and _VALID_ID.match(incoming) else new_id()
         state: dict[str, Any] = scope.setdefault("state", {})
         state["request_id"] = request_id
