@@ -143,12 +143,11 @@ def _gateway(connection: ASGIConnection[Any, Any, Any, Any]) -> Gateway:
     return connection.app.state.gateway  # type: ignore[no-any-return]
 
 
-def _authorize(gw: Gateway, authorization: str | None, state: dict[str, Any]) -> ApiKey:
+def _authorize(gw: Gateway, authorization: str | None, state: dict[str, Any]) -> None:
     # A valid bearer key, which then counts one request against its limit.
     key = gw.keys.check(authorization)
     state["api_key"] = key
     key.charge_request()
-    return key
 
 
 async def require_key(connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHandler) -> None:
