@@ -380,7 +380,7 @@ async def serve_embeddings(scope: Scope, receive: Receive, send: Send) -> None:
                 raise
             # Cancelled because the client hung up: its inputs left the model's queue, nobody computes them.
             watch.task.uncancel()
-            raise GatewayError(499, "client closed the request", code="client_closed") from None
+            raise _client_closed() from None
     if len(result.data) * len(result.data[0].embedding) > _OFFLOAD_FLOATS:
         out = await asyncio.get_running_loop().run_in_executor(None, msgspec.json.encode, result)
     else:
@@ -395,6 +395,11 @@ async def serve_embeddings(scope: Scope, receive: Receive, send: Send) -> None:
     await send({"type": "http.response.body", "body": out})
 
 
+def _client_closed() -> GatewayError:
+    # 499 (nginx's "client closed request"): counted and logged like any answer, though nobody reads it.
+    return GatewayError(499, "client closed the request", code="client_closed")
+
+
 async def _read_body(scope: Scope, receive: Receive, limit: int) -> bytes:
     # Refused as soon as it is known to be too large, from Content-Length or from what has arrived.
     length = header(scope, b"content-length")
@@ -405,7 +410,7 @@ async def _read_body(scope: Scope, receive: Receive, limit: int) -> bytes:
     while True:
         message = await receive()
         if message["type"] == "http.disconnect":
-            raise GatewayError(499, "client closed the request", code="client_closed")
+            raise _client_closed()
         chunk = message.get("body", b"")
         size += len(chunk)
         if size > limit:
