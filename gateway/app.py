@@ -34,7 +34,8 @@ from .auth import ApiKey, KeyStore
 from .backend import Backend
 from .batching import BatchFailed, QueueFull
 from .config import ConfigError, GatewayConfig, load_config
-from .errors import EXCEPTION_HANDLERS, GatewayError, invalid_body, unreadable_body
+from .decoding import BodyDecoder
+from .errors import EXCEPTION_HANDLERS, GatewayError
 from .observability import ACCESS_LOG, QUEUES, RequestContextMiddleware, header, new_id
 from .plugins import collect_backends, get_plugin_manager
 from .registry import Registry, ServedModel, build_specs
@@ -338,8 +339,7 @@ async def _embed(gw: Gateway, body: EmbeddingRequest, state: dict[str, Any] | No
 
 
 _EMBEDDINGS_PATHS = ["/v1/embeddings", "/api/v3/inference/embeddings"]
-# Lax, as Litestar's own parsing of this body was: `"dimensions": "256"` reads as 256.
-_REQUEST_DECODER = msgspec.json.Decoder(EmbeddingRequest, strict=False)
+_REQUEST_DECODER = BodyDecoder(EmbeddingRequest)
 _JSON_HEADERS = [(b"content-type", b"application/json")]
 
 
@@ -366,12 +366,7 @@ async def serve_embeddings(scope: Scope, receive: Receive, send: Send) -> None:
     authorization = header(scope, b"authorization")
     _authorize(gw, authorization.decode("latin-1") if authorization is not None else None, state)
     body = await _read_body(scope, receive, gw.max_body_bytes)
-    try:
-        data = _REQUEST_DECODER.decode(body)
-    except msgspec.ValidationError as exc:
-        raise invalid_body(str(exc)) from None
-    except (msgspec.DecodeError, UnicodeDecodeError) as exc:
-        raise unreadable_body(body, exc) from None
+    data = _REQUEST_DECODER.decode(body)
     with _HangUpWatch(receive) as watch:
         try:
             result = await _embed(gw, data, state)

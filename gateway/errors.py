@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import re
 import uuid
 from typing import Any
 
@@ -72,71 +71,9 @@ def _gateway_error(_: Request[Any, Any, Any], exc: GatewayError) -> Response[dic
     return error_response(exc.status, exc.message, exc.param, exc.code, exc.headers)
 
 
-# msgspec's constraint messages, said the way a client reads them.
-_PLAIN = {
-    "Expected `str` of length >= 1": "`{param}` is an empty string",
-    "Expected `array` of length >= 1": "`{param}` must not be an empty list",
-    "Expected `int` >= 1": "`{param}` must be a positive integer",
-}
-_FIELD = re.compile(r"field `([^`]+)`")
-
-
-def _param(key: str | None, message: str) -> str | None:
-    # Litestar names the whole body "data"; msgspec then names the field inside the message.
-    if key in (None, "", "data", "$"):
-        m = _FIELD.search(message)
-        return m.group(1) if m else None
-    return key.removeprefix("$.")
-
-
-def _invalid(message: str, key: str | None) -> GatewayError:
-    # `message` is msgspec's, about the value at `key` ("data" or None: the body as a whole).
-    if key == "data" and message.startswith("Expected `object`"):
-        message = f"request body must be a JSON object: {message}"
-    param = _param(key, message)
-    if param and param.startswith("input[") and message in ("Expected `str`, got `array`", "Expected `str`, got `int`"):
-        return GatewayError(
-            400,
-            f"`{param}` is not a string: `input` must be a string or a list of strings; token-id arrays are not "
-            "accepted (LangChain's OpenAIEmbeddings sends them unless check_embedding_ctx_length=False)",
-            param=param,
-            code="invalid_value",
-        )
-    plain = _PLAIN.get(message)
-    if param and plain:
-        return GatewayError(400, plain.format(param=param), param=param, code="invalid_value")
-    if param and f"`{param}`" not in message:
-        message = f"{message} - at `{param}`"
-    return GatewayError(400, f"invalid request: {message}", param=param, code="invalid_value")
-
-
-_AT = re.compile(r" - at `\$\.(.+)`$")
-
-
-def invalid_body(error: str) -> GatewayError:
-    """The error for a JSON body that does not fit its Struct (`error`: msgspec's ValidationError text)."""
-    at = _AT.search(error)
-    return _invalid(error.split(" - ", 1)[0], at.group(1) if at else "data")
-
-
-def unreadable_body(body: bytes, exc: Exception) -> GatewayError:
-    """The error for a body that is not JSON at all (`exc`: msgspec's DecodeError, or a UnicodeDecodeError)."""
-    if not body:
-        return GatewayError(400, "request body is empty: expected a JSON object", code="invalid_json")
-    if isinstance(exc, UnicodeDecodeError):
-        return GatewayError(400, f"request body is not valid UTF-8: {exc.reason}", code="invalid_json")
-    message = str(exc)
-    if message == "Input data was truncated":
-        # msgspec says this of a cut-off document and of an unpaired surrogate escape such as "\ud800".
-        message = "it ends early or holds an unpaired UTF-16 surrogate escape"
-    return GatewayError(400, f"request body is not valid JSON: {message}", code="invalid_json")
-
-
-def _validation_error(request: Request[Any, Any, Any], exc: ValidationException) -> Response[dict[str, Any]]:
-    # Litestar's own validation (of a route other than embeddings, which decodes its body itself).
-    extra = exc.extra
-    first = extra[0] if isinstance(extra, list) and extra and isinstance(extra[0], dict) else {}
-    return _gateway_error(request, _invalid(str(first.get("message", exc.detail)), first.get("key")))
+def _validation_error(_: Request[Any, Any, Any], exc: ValidationException) -> Response[dict[str, Any]]:
+    # Litestar's own parameter validation; no route takes parameters today (bodies go through decoding.py).
+    return error_response(400, f"invalid request: {exc.detail}", None, "invalid_value")
 
 
 def _http_error(_: Request[Any, Any, Any], exc: HTTPException) -> Response[dict[str, Any]]:

@@ -88,13 +88,59 @@ def test_input_over_limit_names_count_and_limit(fake_client):
         (b"[1, 2]", "must be a JSON object"),
         (b'"just a string"', "must be a JSON object"),
         (b'{"model": "fake", "input": "a\\ud800b"}', "unpaired UTF-16 surrogate"),
-        (b'{"model": "fake", "input": "a\xffb"}', "not valid UTF-8"),
+        (b'{"model": "fake", "input": "a\\udc00b"}', "unpaired UTF-16 surrogate"),
+        (b'{"model": "fake", "input": "a\xffb"}', "not valid UTF-8: invalid start byte"),
+        (b'{"model": "fake", "input": "x"} {}', "trailing characters after the JSON value at line 1, column 33"),
+        (b'{"model": "fake",\n "input": NaN}', "NaN and Infinity are not JSON numbers"),
+        (b'{"model": "fake",\n "input" "x"}', "unexpected character at line 2, column 10"),
+        (b" \n ", "request body is empty"),
     ],
 )
 def test_malformed_json(fake_client, body, needle):
     err = _error(fake_client.post(URL, content=body, headers={"Content-Type": "application/json"}), 400)
     assert err["type"] == "invalid_request_error"
+    assert err["code"] == ("invalid_value" if needle == "must be a JSON object" else "invalid_json")
     assert needle in err["message"]
+
+
+class _Gibberish:
+    """A decoder that fails the way any msgspec version might, in words nobody can parse."""
+
+    def decode(self, body):
+        import msgspec
+
+        raise msgspec.ValidationError("zut alors") if body.startswith(b"{") else msgspec.DecodeError("kaputt")
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        (b'{"model": "m", "input": ["ok", 3]}', "`input[1]` is not a string"),
+        (b'{"model": "m", "input": []}', "`input` must not be an empty list"),
+        (b'{"model": "m", "input": "x", "dimensions": "eight"}', "Expected `int | null`, got `str` - at `dimensions`"),
+        (b'{"model": "m", "input": "x", "dimensions": "0"}', "`dimensions` must be a positive integer"),
+        (b'{"model": "m"}', "invalid request: Object missing required field `input`"),
+        (b'{"model": "m", "input": "x", "seed": 1}', "invalid request: Object contains unknown field `seed`"),
+        (
+            b'{"model": "m", "input": "x", "encoding_format": "int4"}',
+            "Invalid enum value 'int4' - at `encoding_format`",
+        ),
+        (b'{"model": "m", "input": ', "request body is not valid JSON: it ends early"),
+        (b'{"model": "m", "input": "\xff"}', "request body is not valid UTF-8: invalid start byte"),
+    ],
+)
+def test_messages_do_not_come_from_the_decoders_wording(body, message):
+    """What a client reads is worked out from the body itself: a decoder's own error text never reaches it."""
+    from gateway.decoding import BodyDecoder
+    from gateway.errors import GatewayError
+    from gateway.schemas import EmbeddingRequest
+
+    decoder = BodyDecoder(EmbeddingRequest)
+    decoder._decoder = _Gibberish()  # type: ignore[assignment]
+    with pytest.raises(GatewayError) as caught:
+        decoder.decode(body)
+    assert caught.value.status == 400 and message in caught.value.message
+    assert "zut" not in caught.value.message and "kaputt" not in caught.value.message
 
 
 def test_token_id_arrays_are_refused_with_a_hint(fake_client):
