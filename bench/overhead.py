@@ -34,7 +34,7 @@ from gateway import Backend, ModelInfo, hookimpl  # noqa: E402
 from gateway.app import create_app  # noqa: E402
 from gateway.auth import KeyStore  # noqa: E402
 from gateway.config import parse_config  # noqa: E402
-from gateway.plugins import get_plugin_manager  # noqa: E402
+from gateway.plugins import load_plugins  # noqa: E402
 
 KEY = "overhead-key"
 
@@ -43,17 +43,21 @@ class ZeroCostBackend(Backend):
     """Word counts for tokens, one constant unit vector per text."""
 
     name = "zero-cost"
-    local_tokenizer = True
-    pads_to_longest = False
-    default_max_batch_size = 64
 
     def load(self) -> ModelInfo:
-        return ModelInfo(dimension=384, max_input_tokens=256, normalized=True)
+        return ModelInfo(
+            dimension=384,
+            max_input_tokens=256,
+            normalized=True,
+            max_batch_size=64,
+            pads_to_longest=False,
+            local_tokenizer=True,
+        )
 
-    def count_tokens(self, texts: Sequence[str]) -> list[int]:
-        return [len(t.split()) + 2 for t in texts]
+    def tokenize(self, texts: Sequence[str]) -> list[list[int]]:
+        return [[101, *range(len(t.split())), 102] for t in texts]
 
-    def embed(self, texts: Sequence[str], token_ids: Sequence[Sequence[int]] | None = None) -> np.ndarray:
+    def embed(self, texts: Sequence[str], token_ids: Sequence[Sequence[int]]) -> np.ndarray:
         vectors = np.zeros((len(texts), 384), np.float32)
         vectors[:, 0] = 1.0
         return vectors
@@ -119,9 +123,9 @@ async def _request(app: Any, body: bytes, statuses: dict[int, int]) -> None:
 async def measure(args: argparse.Namespace) -> None:
     toml = f"[server]\naccess_log = {'false' if args.no_access_log else 'true'}\n"
     toml += f'[models.zero]\nbackend = "zero-cost"\npath = "{ROOT}"\n'
-    pm = get_plugin_manager()
-    pm.register(ZeroCostPlugin)
-    app = create_app(parse_config(toml, "overhead.toml", None), plugin_manager=pm, keys=KeyStore([KEY]))
+    plugins = load_plugins()
+    plugins.register(ZeroCostPlugin)
+    app = create_app(parse_config(toml, "overhead.toml", None), plugins=plugins, keys=KeyStore([KEY]))
     lifespan = await _lifespan_startup(app)
     model = app.state.gateway.registry.models["zero"]
     while model.state != "ready":

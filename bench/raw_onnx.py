@@ -87,7 +87,7 @@ def main() -> None:
     for kind in ("fp32", "int8"):
         backend = OnnxBackend(model=kind, path=getattr(args, kind))
         backend.load()
-        runtimes[f"onnx {kind}"] = backend.embed
+        runtimes[f"onnx {kind}"] = lambda b, backend=backend: backend.embed(b, backend.tokenize(b))
 
     print(f"{args.n} sentences, torch threads {torch.get_num_threads()}, {os.cpu_count()} CPUs")
     results: dict[str, tuple[float, float]] = {}

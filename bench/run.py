@@ -108,9 +108,27 @@ def timed_calls(backend: Any, batches: Iterator[list[str]], seconds: float, work
     return texts / (time.perf_counter() - t0), statistics.median(calls) * 1000
 
 
-def run_all(backend: Any, batches: list[list[str]]) -> None:
+class Raw:
+    """A loaded backend called as the gateway calls it: texts tokenized, then embedded with their ids."""
+
+    def __init__(self, backend: Any) -> None:
+        self.backend = backend
+        self.info = backend.load()
+        self.concurrent_batches = self.info.concurrent_batches
+
+    def embed(self, texts: list[str]) -> Any:
+        return self.backend.embed(texts, self.backend.tokenize(texts))
+
+    def count(self, texts: list[str]) -> list[int]:
+        return [len(ids) for ids in self.backend.tokenize(texts)]
+
+    def close(self) -> None:
+        self.backend.close()
+
+
+def run_all(backend: Raw, batches: list[list[str]]) -> None:
     """`backend.embed` over `batches`, from as many threads as it runs batches at once in the gateway."""
-    workers = max(1, backend.max_concurrent_batches)
+    workers = backend.concurrent_batches
     if workers == 1:
         for b in batches:
             backend.embed(b)
@@ -121,20 +139,22 @@ def run_all(backend: Any, batches: list[list[str]]) -> None:
         list(pool.map(backend.embed, batches))
 
 
-def load_backend(args: argparse.Namespace, name: str) -> tuple[Any, Any, Any]:
+def load_backend(args: argparse.Namespace, name: str) -> tuple[Any, Raw, Any]:
     """(spec, backend, info): the model's backend built and loaded the way the gateway does it."""
     sys.path.insert(0, str(ROOT))
     from gateway.config import load_config
-    from gateway.plugins import collect_backends, get_plugin_manager
+    from gateway.plugins import load_plugins
     from gateway.registry import build_specs
 
     config = load_config(args.config)
-    specs = build_specs(config, collect_backends(get_plugin_manager()), args.config)
+    plugins = load_plugins()
+    specs = build_specs(config, plugins.backends(), args.config, plugins.broken)
     spec = specs[name]
     backend = spec.backend_cls(
         model=spec.name, path=spec.config.path, options=spec.options, trust_remote_code=spec.config.trust_remote_code
     )
-    return spec, backend, backend.load()
+    raw = Raw(backend)
+    return spec, raw, raw.info
 
 
 def probe_main(args: argparse.Namespace) -> int:
@@ -154,7 +174,7 @@ def probe_main(args: argparse.Namespace) -> int:
         backend.embed(corpus[start : start + size] or corpus[:size])  # warm at this size
         # Batch 1 is one call at a time (its latency is the point); bigger batches run as the gateway runs
         # them, as many at once as the backend allows.
-        workers = 1 if size == 1 else max(1, backend.max_concurrent_batches)
+        workers = 1 if size == 1 else backend.concurrent_batches
         batches = iter([corpus[(start + k * size + j) % n] for j in range(size)] for k in itertools.count())
         rate, p50 = timed_calls(backend, batches, seconds, workers)
         start = (start + 97 * size) % n  # somewhere else in the corpus next time
@@ -208,7 +228,7 @@ def raw_main(args: argparse.Namespace) -> int:
     corpus = load_corpus()
     if args.raw_n:
         corpus = corpus[: args.raw_n]
-    tokens = backend.count_tokens(corpus)
+    tokens = backend.count(corpus)
     n = len(corpus)
 
     # Batch 1: one call per sentence, corpus order (what a lone client sees); best of `repeat` passes, as
@@ -282,13 +302,14 @@ def shipped_rates(
     (`pack_tokens = 0`). For context only: the targets compare against our own backend, packed."""
     if spec.config.backend not in ("torch", "onnx") or not getattr(spec.options, "pack_tokens", 0):
         return {}
-    plain = spec.backend_cls(
-        model=spec.name,
-        path=spec.config.path,
-        options=msgspec.structs.replace(spec.options, pack_tokens=0),
-        trust_remote_code=spec.config.trust_remote_code,
+    plain = Raw(
+        spec.backend_cls(
+            model=spec.name,
+            path=spec.config.path,
+            options=msgspec.structs.replace(spec.options, pack_tokens=0),
+            trust_remote_code=spec.config.trust_remote_code,
+        )
     )
-    plain.load()
     sorted_texts = [corpus[i] for i in order]
     rates: dict[int, float] = {}
     for size in (16, 32, 64):

@@ -2,13 +2,6 @@
 
 from __future__ import annotations
 
-import os
-
-# Never reach for a model hub at run time; a user who wants downloads sets these to 0 explicitly.
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
-
 from .backend import Backend, BackendError, Converter, ModelInfo, NoOptions
 from .hookspecs import hookimpl
 

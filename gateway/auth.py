@@ -12,6 +12,7 @@ import threading
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
 from .config import AuthConfig, ConfigError, KeyConfig, key_problem
 from .errors import GatewayError
@@ -189,3 +190,12 @@ class KeyStore:
         if found is None:
             raise GatewayError(401, "invalid API key", code="invalid_api_key", headers=_CHALLENGE)
         return found
+
+
+def authorize(keys: KeyStore, authorization: str | None, state: dict[str, Any]) -> ApiKey:
+    """The key the Authorization header carries, charged one request (401 or 429 otherwise); it is also put on
+    the request's `state` as "api_key"."""
+    key = keys.check(authorization)
+    state["api_key"] = key
+    key.charge_request()
+    return key

@@ -5,24 +5,46 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from typing import Any, ClassVar
+from typing import Annotated, Any, ClassVar
 
 import msgspec
 import numpy as np
+
+Positive = Annotated[int, msgspec.Meta(ge=1)]
 
 
 class NoOptions(msgspec.Struct, forbid_unknown_fields=True):
     """A backend that takes no options."""
 
 
-class ModelInfo(msgspec.Struct, frozen=True, kw_only=True):
-    """What a loaded model tells the core about itself."""
+class ModelInfo(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """What a loaded model tells the core: its vectors, its limits, and how to schedule its batches.
 
-    dimension: int
-    # The model's own limit, special tokens included (the count reported in usage is on the same basis).
-    max_input_tokens: int
-    # True when the vectors `embed` returns are unit length (so Matryoshka cuts are re-normalized).
+    Returned by `Backend.load` and checked there: a value out of range fails the load with a message naming
+    the backend.
+    """
+
+    dimension: Positive
+    #: The model's own limit, special tokens included (the count reported in usage is on the same basis).
+    max_input_tokens: Positive
+    #: True when the vectors `embed` returns are unit length (so Matryoshka cuts are re-normalized).
     normalized: bool
+    #: Batch limits when gateway.toml sets none.
+    max_batch_size: Positive = 32
+    max_batch_tokens: Positive = 16_384
+    #: Batches `embed` may run at once, one worker thread each (a remote server may take several; an
+    #: in-process runtime usually one).
+    concurrent_batches: Positive = 1
+    #: True when the runtime pads a batch to its longest input: the core then groups similar lengths and
+    #: splits a batch where padding would cost more than a call. False for a runtime that packs inputs
+    #: without padding (gateway/packing.py) or takes them one at a time.
+    pads_to_longest: bool = True
+    #: The fixed cost of one `embed` call, in tokens of compute (weighs padding against calls).
+    call_overhead_tokens: Annotated[int, msgspec.Meta(ge=0)] = 32
+    #: True when `tokenize` is a local call that takes microseconds per sentence and is safe beside a running
+    #: `embed` and beside itself: the core then runs it on the event loop for small requests. Leave False
+    #: for a tokenizer that does I/O or holds the GIL for long.
+    local_tokenizer: bool = False
 
 
 class BackendError(Exception):
@@ -30,38 +52,15 @@ class BackendError(Exception):
 
 
 class Backend(ABC):
-    """One served model. The core calls `load` once, then `count_tokens` (or `tokenize`) and `embed` from
-    worker threads.
+    """One served model. The core calls `load` once, then `tokenize` and `embed` from worker threads.
 
-    `embed` is never called concurrently on one instance unless `max_concurrent_batches` says it may be
-    (a remote backend can allow several batches in flight; an in-process runtime uses one).
+    `embed` is never called concurrently on one instance unless `ModelInfo.concurrent_batches` allows it.
     """
 
     #: The `backend = "..."` value in gateway.toml.
     name: ClassVar[str]
     #: Struct that validates the model's `[models.X.options]` table.
     Options: ClassVar[type[msgspec.Struct]] = NoOptions
-    #: Batch limits when the config sets none. These and `pads_to_longest` are read after `load`, so a
-    #: backend may set them on the instance there (say, bigger batches once it knows it packs rows).
-    default_max_batch_size: int = 32
-    default_max_batch_tokens: int = 16_384
-    #: Batches `embed` may run at once (one worker thread each). Read after `load`, like the defaults above.
-    max_concurrent_batches: int = 1
-    #: True when the runtime pads a batch to its longest input: the core then groups similar lengths and
-    #: splits a length-sorted batch into calls where that saves more than it costs. False for a runtime that
-    #: packs inputs without padding (gateway/packing.py) or takes them one at a time.
-    pads_to_longest: bool = True
-    #: The fixed cost of one `embed` call, in tokens of compute (measured per runtime; see bench/).
-    call_overhead_tokens: ClassVar[int] = 32
-    #: True when `count_tokens` is a local tokenizer call that takes microseconds per sentence and is safe
-    #: beside a running `embed` and beside itself: the core then calls it on the event loop for small
-    #: requests. Leave False for a tokenizer that does I/O (a remote service) or holds the GIL for long.
-    local_tokenizer: ClassVar[bool] = False
-    #: True when `tokenize` gives the ids `embed` would compute itself, and `embed` takes them back
-    #: (`token_ids=`): the core then tokenizes each input once, on arrival (for counting and limits), and the
-    #: ids travel with it to its batch. Read after `load`. A backend whose runtime takes text (a remote
-    #: OpenAI-compatible server, say) leaves it False and is never passed ids.
-    reuses_token_ids: bool = False
 
     def __init__(self, *, model: str, path: str, options: Any, trust_remote_code: bool = False) -> None:
         self.model = model
@@ -74,24 +73,31 @@ class Backend(ABC):
         """Load the model (may take seconds); raise BackendError with a readable reason on failure."""
 
     @abstractmethod
-    def count_tokens(self, texts: Sequence[str]) -> list[int]:
-        """Tokens the model's own tokenizer produces for each text, special tokens included, untruncated."""
-
     def tokenize(self, texts: Sequence[str]) -> list[list[int]]:
-        """Token ids for each text, special tokens included, untruncated (so `len` is `count_tokens`).
-        Called instead of `count_tokens` only when `reuses_token_ids` is True."""
-        raise NotImplementedError(f"{type(self).__name__} does not hand out token ids")
+        """The model's own token ids for each text, special tokens included, untruncated: their lengths are
+        what requests are charged and checked against."""
 
     @abstractmethod
-    def embed(self, texts: Sequence[str], token_ids: Sequence[Sequence[int]] | None = None) -> np.ndarray:
+    def embed(self, texts: Sequence[str], token_ids: Sequence[Sequence[int]]) -> np.ndarray:
         """Vectors for `texts` as float32 [len(texts), dimension], in input order.
 
-        With `reuses_token_ids`, the core passes `token_ids`: what `tokenize` returned for these texts, none
-        longer than the model's max input tokens. Other backends are called with the texts alone.
+        `token_ids` are what `tokenize` returned for these texts, none longer than the model's input limit;
+        a runtime that works on ids uses them instead of tokenizing again, one that takes text ignores them.
         """
 
     def close(self) -> None:  # noqa: B027 - optional hook, a no-op by default
         """Release the model's resources."""
+
+
+def check_info(backend: Backend, info: object) -> ModelInfo:
+    """`info` as `load` returned it, checked; BackendError naming the backend when it is not a valid ModelInfo."""
+    where = f"backend {type(backend).name!r} (model {backend.model!r}): load()"
+    if not isinstance(info, ModelInfo):
+        raise BackendError(f"{where} returned {type(info).__name__}, not a ModelInfo")
+    try:
+        return msgspec.convert(msgspec.structs.asdict(info), ModelInfo)
+    except msgspec.ValidationError as exc:
+        raise BackendError(f"{where} returned an invalid ModelInfo: {exc}") from None
 
 
 class Converter(ABC):
@@ -106,3 +112,9 @@ class Converter(ABC):
     @abstractmethod
     def convert(self, src: str, out: str, args: Any) -> None:
         """Write the converted model to `out`; raise BackendError with a readable reason on failure."""
+
+    def say(self, message: str) -> None:
+        """A progress line on stderr, prefixed with the converter's name."""
+        import sys
+
+        print(f"[convert {self.name}] {message}", file=sys.stderr, flush=True)

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import logging
 import threading
 import time
@@ -22,7 +21,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .backend import Backend
+from .backend import Backend, ModelInfo
 
 log = logging.getLogger("gateway.batching")
 
@@ -45,8 +44,8 @@ class _Request:
     future: asyncio.Future[np.ndarray]
     texts: Sequence[str]
     tokens: Sequence[int]
-    # The backend's own ids for each text, when it takes them back (Backend.reuses_token_ids).
-    token_ids: Sequence[Sequence[int]] | None
+    # The backend's own ids for each text (what its `tokenize` returned), handed back with the batch.
+    token_ids: Sequence[Sequence[int]]
     vectors: np.ndarray
     # Inputs not handed to a batch yet (in input order), and inputs not computed yet; both change only under
     # the batcher's lock.
@@ -90,27 +89,6 @@ def _notify_done(reqs: list[_Request]) -> None:
 
 # How many candidates (times max_batch_size) a batch is chosen from.
 _CANDIDATES = 4
-# Seconds between heap trims by a worker (see _trim_heap).
-_TRIM_EVERY_S = 1.0
-
-
-def _load_malloc_trim() -> Callable[[int], int] | None:
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        return libc.malloc_trim  # type: ignore[no-any-return]
-    except (OSError, AttributeError):  # not glibc
-        return None
-
-
-_MALLOC_TRIM = _load_malloc_trim()
-
-
-def _trim_heap() -> None:
-    # Batches of ever-different shapes leave glibc's heap fragmented: freed tensor memory stays in the
-    # process. Measured on torch MiniLM: RSS climbed 625 -> 775 MB over 1500 mixed batches without trims,
-    # and swung between 640 and 720 MB with one trim per 20 batches (each trim about 8 ms).
-    if _MALLOC_TRIM is not None:
-        _MALLOC_TRIM(0)
 
 
 def split_by_padding(lengths: Sequence[int], overhead: int) -> list[int]:
@@ -141,21 +119,24 @@ class Batcher:
     def __init__(
         self,
         backend: Backend,
+        info: ModelInfo,
         *,
         model: str,
-        dimension: int,
-        max_batch_size: int,
-        max_batch_tokens: int,
+        max_batch_size: int | None = None,
+        max_batch_tokens: int | None = None,
         max_wait_ms: float = 0.0,
         return_wait: float = 0.0,
         max_queue: int = 4096,
         on_batch: Callable[[str, int, int, float], None] | None = None,
     ) -> None:
+        """`info`: what the loaded backend declared; batch limits left None take its defaults."""
         self.backend = backend
         self.model = model
-        self.dimension = dimension
-        self.max_batch_size = max_batch_size
-        self.max_batch_tokens = max_batch_tokens
+        self.dimension = info.dimension
+        self.pads_to_longest = info.pads_to_longest
+        self.call_overhead_tokens = info.call_overhead_tokens
+        self.max_batch_size = max_batch_size or info.max_batch_size
+        self.max_batch_tokens = max_batch_tokens or info.max_batch_tokens
         self.max_wait = max_wait_ms / 1000.0
         self.return_wait = return_wait
         # Inputs expected right after the last batch (those queued then, plus one per request it answered:
@@ -171,7 +152,7 @@ class Batcher:
         self._closed = False
         self._threads = [
             threading.Thread(target=self._run, name=f"batcher-{model}-{i}", daemon=True)
-            for i in range(max(1, backend.max_concurrent_batches))
+            for i in range(info.concurrent_batches)
         ]
         for t in self._threads:
             t.start()
@@ -181,13 +162,11 @@ class Batcher:
         """Inputs waiting for a worker."""
         return self._pending
 
-    async def embed(
-        self, texts: Sequence[str], tokens: Sequence[int], token_ids: Sequence[Sequence[int]] | None = None
-    ) -> np.ndarray:
-        """Vectors for `texts` (float32 [n, dim], input order); `tokens` are their counts, `token_ids` (with a
-        backend that takes them back) the backend's ids for each text, handed to `embed` with its batch."""
-        if len(texts) != len(tokens) or (token_ids is not None and len(token_ids) != len(texts)):
-            raise ValueError("one token count (and one id list, if any) per text")
+    async def embed(self, texts: Sequence[str], token_ids: Sequence[Sequence[int]]) -> np.ndarray:
+        """Vectors for `texts` (float32 [n, dim], input order); `token_ids` are the backend's ids for each
+        text, handed to its `embed` with the batch."""
+        if len(texts) != len(token_ids):
+            raise ValueError("one id list per text")
         if len(texts) > self.max_queue:
             raise ValueError(f"{len(texts)} inputs can never fit model {self.model!r}'s queue of {self.max_queue}")
         loop = asyncio.get_running_loop()
@@ -195,7 +174,7 @@ class Batcher:
             loop=loop,
             future=loop.create_future(),
             texts=texts,
-            tokens=tokens,
+            tokens=list(map(len, token_ids)),
             token_ids=token_ids,
             vectors=np.empty((len(texts), self.dimension), dtype=np.float32),
             waiting=list(range(len(texts))),
@@ -297,7 +276,7 @@ class Batcher:
             if not added:
                 break
             depth += 1
-        if not self.backend.pads_to_longest:
+        if not self.pads_to_longest:
             # Lengths cost nothing extra together (packed rows, or one sequence at a time): take inputs in
             # turn order, within the token budget.
             batch = candidates[: self.max_batch_size]
@@ -316,7 +295,6 @@ class Batcher:
         return batch
 
     def _run(self) -> None:
-        trimmed = time.monotonic()
         while True:
             try:
                 batch = self._take()
@@ -326,9 +304,6 @@ class Batcher:
                 continue
             if batch is None:
                 return
-            if time.monotonic() - trimmed > _TRIM_EVERY_S:
-                _trim_heap()
-                trimmed = time.monotonic()
             try:
                 self._compute(batch)
             except BaseException:  # the worker must outlive any batch, whatever happens in it
@@ -350,21 +325,12 @@ class Batcher:
         started = time.perf_counter()
         try:
             texts = [req.texts[i] for req, i in batch]
-            # With a backend that reuses ids every request carries them (the backend's flag decides, not the
-            # request); all() only guards a caller that passed none.
-            ids = (
-                [req.token_ids[i] for req, i in batch]  # type: ignore[index]
-                if all(req.token_ids is not None for req, _ in batch)
-                else None
-            )
-            if self.backend.pads_to_longest and len(batch) > 1:
+            ids = [req.token_ids[i] for req, i in batch]
+            if self.pads_to_longest and len(batch) > 1:
                 lengths = [req.tokens[i] for req, i in batch]
-                ends = split_by_padding(lengths, self.backend.call_overhead_tokens)
+                ends = split_by_padding(lengths, self.call_overhead_tokens)
                 vectors = np.concatenate(
-                    [
-                        self._call(texts[a:b], ids[a:b] if ids is not None else None)
-                        for a, b in zip([0, *ends], ends, strict=False)
-                    ]
+                    [self._call(texts[a:b], ids[a:b]) for a, b in zip([0, *ends], ends, strict=False)]
                 )
             else:
                 vectors = self._call(texts, ids)
@@ -405,9 +371,8 @@ class Batcher:
             except Exception:
                 log.exception("batch metrics callback failed")
 
-    def _call(self, texts: list[str], token_ids: list[Sequence[int]] | None) -> np.ndarray:
-        # Third-party backends written before token ids existed take texts alone.
-        vectors = self.backend.embed(texts, token_ids) if token_ids is not None else self.backend.embed(texts)
+    def _call(self, texts: list[str], token_ids: list[Sequence[int]]) -> np.ndarray:
+        vectors = self.backend.embed(texts, token_ids)
         shape = getattr(vectors, "shape", None)
         if shape != (len(texts), self.dimension):
             raise RuntimeError(f"backend returned shape {shape} for {len(texts)} inputs of width {self.dimension}")

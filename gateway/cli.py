@@ -13,11 +13,14 @@ from typing import TYPE_CHECKING
 
 from .auth import KeyStore, hash_key, new_key
 from .config import DEFAULT_CONFIG, ConfigError, GatewayConfig, load_config, resolve_model_path
-from .plugins import PluginError, collect_backends, collect_converters, get_plugin_manager
-from .registry import Registry, build_specs, check_paths
+from .plugins import PluginError, load_plugins
+from .registry import ModelState, Registry, build_specs, check_paths
 
 if TYPE_CHECKING:
-    from .app import Gateway
+    from .state import Gateway
+
+# Never reach for a model hub at run time; a user who wants downloads sets these to 0 explicitly.
+_OFFLINE = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1"}
 
 
 def _fail(message: str) -> int:
@@ -27,14 +30,21 @@ def _fail(message: str) -> int:
 
 def _load(args: argparse.Namespace) -> tuple[GatewayConfig, Registry]:
     config = load_config(args.config)
-    specs = build_specs(config, collect_backends(args.plugins), args.config)
+    specs = build_specs(config, args.plugins.backends(), args.config, args.plugins.broken)
     return config, Registry(specs)
 
 
 def _gateway(args: argparse.Namespace) -> Gateway:
-    from .app import Gateway
+    from .state import Gateway
 
-    return Gateway(load_config(args.config), collect_backends(args.plugins), keys=KeyStore(), config_path=args.config)
+    plugins = args.plugins
+    return Gateway(
+        load_config(args.config),
+        plugins.backends(),
+        broken=plugins.broken,
+        keys=KeyStore(),
+        config_path=args.config,
+    )
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -50,9 +60,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         key = new_key()
         keys = KeyStore([key])
         print(f"No API key configured; this run accepts: Authorization: Bearer {key}", file=sys.stderr, flush=True)
-    app = create_app(
-        config, plugin_manager=args.plugins, fallback_keys=keys if generated else None, config_path=args.config
-    )
+    app = create_app(config, plugins=args.plugins, fallback_keys=keys if generated else None, config_path=args.config)
     host = args.host or config.server.host
     port = args.port if args.port is not None else config.server.port
     uvicorn.run(app, host=host, port=port, log_level=config.server.log_level, access_log=False)
@@ -60,21 +68,21 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_embed(args: argparse.Namespace) -> int:
-    from .app import _embed
+    import msgspec
+
+    from . import service
     from .schemas import EmbeddingRequest
 
     gw = _gateway(args)
     model = gw.registry.resolve(args.model)
     model.load()
-    if model.state != "ready":
+    if model.state != ModelState.READY:
         return _fail(f"model {model.name!r}: {model.error}")
     body = EmbeddingRequest(model=args.model, input=list(args.text), dimensions=args.dimensions)
     try:
-        response = asyncio.run(_embed(gw, body))
+        response = asyncio.run(service.embed(gw, body))
     finally:
         model.close()
-    import msgspec
-
     sys.stdout.write(msgspec.json.encode(response).decode() + "\n")
     return 0
 
@@ -166,12 +174,14 @@ def build_parser(converters: dict[str, object] | None = None) -> argparse.Argume
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `gateway` command."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for name, value in _OFFLINE.items():
+        os.environ.setdefault(name, value)
     from .backend import BackendError
 
     try:
         # One plugin manager for the whole command: entry points are imported once.
-        plugins = get_plugin_manager()
-        converters = collect_converters(plugins)
+        plugins = load_plugins()
+        converters = plugins.converters()
         args = build_parser(converters).parse_args(argv)
         args.plugins = plugins
         if args.command == "convert":

@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib.resources
 import os
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 import msgspec
 
@@ -20,17 +20,20 @@ class _Strict(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     pass
 
 
+Positive = Annotated[int, msgspec.Meta(ge=1)]
+
+
 class ServerConfig(_Strict):
     host: str = "127.0.0.1"
-    port: int = 8000
+    port: Annotated[int, msgspec.Meta(ge=0, le=65535)] = 8000
     # OpenAI's own limits: 2048 inputs and 300k tokens per request.
-    max_items_per_request: int = 2048
-    max_tokens_per_request: int = 300_000
-    # Checked before tokenizing: tokenizing megabytes costs seconds and gigabytes before any token limit
-    # can refuse it. 100k characters is far beyond any input a 8k-token model accepts.
-    max_input_chars: int = 100_000
-    max_body_bytes: int = 8 * 1024 * 1024
-    request_timeout_s: float = 120.0
+    max_items_per_request: Positive = 2048
+    max_tokens_per_request: Positive = 300_000
+    # Checked before tokenizing, which would cost seconds for megabytes of text before any token limit could
+    # refuse them; far beyond any input an 8k-token model accepts.
+    max_input_chars: Positive = 100_000
+    max_body_bytes: Positive = 8 * 1024 * 1024
+    request_timeout_s: Annotated[float, msgspec.Meta(gt=0)] = 120.0
     log_level: Literal["critical", "error", "warning", "info", "debug", "trace"] = "info"
     # One line per request (request id, model, status, tokens, latency); never keys, never texts.
     access_log: bool = True
@@ -44,8 +47,8 @@ class KeyConfig(_Strict):
     # None: every model. Configured model names (aliases of a listed model work too).
     models: list[str] | None = None
     admin: bool = False
-    requests_per_minute: int | None = None
-    tokens_per_minute: int | None = None
+    requests_per_minute: Positive | None = None
+    tokens_per_minute: Positive | None = None
 
 
 class AuthConfig(_Strict):
@@ -56,29 +59,27 @@ class AuthConfig(_Strict):
 
 class BatchingConfig(_Strict):
     # None: the backend's own default.
-    max_batch_size: int | None = None
-    max_batch_tokens: int | None = None
-    # How long a worker waits for more inputs when its batch is not full. 0 keeps single-client latency
-    # at the raw batch-1 figure; under load batches fill anyway while the previous one computes.
-    max_wait_ms: float = 0.0
+    max_batch_size: Positive | None = None
+    max_batch_tokens: Positive | None = None
+    # How long a worker waits for more inputs when its batch is not full. 0 keeps a lone client's latency at
+    # the runtime's own; under load batches fill anyway while the previous one computes.
+    max_wait_ms: Annotated[float, msgspec.Meta(ge=0)] = 0.0
     # When a batch is not full, a worker waits for the clients the last batch answered (they tend to send
-    # again at once), up to this share of that batch's compute time. Without it, N clients that each wait
-    # for their answer split into two alternating batches of N/2. Measured through the gateway, 2 cores,
-    # 32 clients: torch 307 -> 371 texts/s, onnx int8 541 -> 613; 8 clients on torch 4 -> 8 inputs per
-    # batch, 238 -> 318/s; onnx fp32 unchanged. A lone client is never delayed (nobody else to wait for),
-    # and the cost is bounded: at most this share of throughput when nobody comes back. 0 turns it off;
-    # ignored when max_wait_ms is set.
-    return_wait: float = 0.2
+    # again at once), up to this share of that batch's compute time: without it, N clients that each wait
+    # for their answer split into two alternating batches of N/2 (bench/README.md, "return_wait"). A lone
+    # client is never delayed, and the cost is bounded by this share of throughput. 0 turns it off; ignored
+    # when max_wait_ms is set.
+    return_wait: Annotated[float, msgspec.Meta(ge=0, le=1)] = 0.2
     # Inputs (not requests) waiting per model; beyond this a request is refused with 429 at once.
-    max_queue: int = 4096
+    max_queue: Positive = 4096
 
 
 class ModelConfig(_Strict):
     backend: str
     path: str
     aliases: list[str] = []
-    max_input_tokens: int | None = None
-    matryoshka_dimensions: list[int] | None = None
+    max_input_tokens: Positive | None = None
+    matryoshka_dimensions: Annotated[list[Positive], msgspec.Meta(min_length=1)] | None = None
     trust_remote_code: bool = False
     batching: BatchingConfig = msgspec.field(default_factory=BatchingConfig)
     # Validated by the backend's own Options Struct once plugins are known.
@@ -121,10 +122,6 @@ def _check_keys(config: GatewayConfig, where: str) -> None:
         problem = key_problem(entry.key)
         if problem:
             raise ConfigError(f"{where}: `{key}.key`: {problem}")
-        for field in ("requests_per_minute", "tokens_per_minute"):
-            value = getattr(entry, field)
-            if value is not None and value < 1:
-                raise ConfigError(f"{where}: `{key}.{field}` must be a positive integer")
         for model in entry.models or []:
             if model not in config.models:
                 raise ConfigError(f"{where}: `{key}.models`: no model named {model!r}")
@@ -134,27 +131,14 @@ def _check_keys(config: GatewayConfig, where: str) -> None:
             raise ConfigError(f"{where}: `$.auth.api_keys[{i}]`: {problem}")
 
 
-def _check_models(config: GatewayConfig, where: str) -> None:
+def _check_names(config: GatewayConfig, where: str) -> None:
     seen: dict[str, str] = {}
     for name, model in config.models.items():
-        key = f"$.models.{name}"
-        if model.max_input_tokens is not None and model.max_input_tokens < 1:
-            raise ConfigError(f"{where}: `{key}.max_input_tokens` must be a positive integer")
-        dims = model.matryoshka_dimensions
-        if dims is not None and (not dims or any(d < 1 for d in dims)):
-            raise ConfigError(f"{where}: `{key}.matryoshka_dimensions` must be a non-empty list of positive integers")
-        b = model.batching
-        for field in ("max_batch_size", "max_batch_tokens"):
-            value = getattr(b, field)
-            if value is not None and value < 1:
-                raise ConfigError(f"{where}: `{key}.batching.{field}` must be a positive integer")
-        if b.max_queue < 1 or b.max_wait_ms < 0 or not 0 <= b.return_wait <= 1:
-            raise ConfigError(
-                f"{where}: `{key}.batching` needs max_queue >= 1, max_wait_ms >= 0 and 0 <= return_wait <= 1"
-            )
         for label in (name, *model.aliases):
             if label in seen:
-                raise ConfigError(f"{where}: name {label!r} at `{key}` is already used by model {seen[label]!r}")
+                raise ConfigError(
+                    f"{where}: name {label!r} at `$.models.{name}` is already used by model {seen[label]!r}"
+                )
             seen[label] = name
 
 
@@ -186,15 +170,7 @@ def parse_config(data: bytes | str, where: str = "<config>", base_dir: Path | No
     if not isinstance(models, dict):
         raise ConfigError(f"{where}: `$.models` must be a table of models")
     config.models = {name: convert_at(m, ModelConfig, f"$.models.{name}", where) for name, m in models.items()}
-    s = config.server
-    if not 0 <= s.port <= 65535:
-        raise ConfigError(f"{where}: `$.server.port` must be between 0 and 65535")
-    for field in ("max_items_per_request", "max_tokens_per_request", "max_input_chars", "max_body_bytes"):
-        if getattr(s, field) < 1:
-            raise ConfigError(f"{where}: `$.server.{field}` must be a positive integer")
-    if s.request_timeout_s <= 0:
-        raise ConfigError(f"{where}: `$.server.request_timeout_s` must be positive")
-    _check_models(config, where)
+    _check_names(config, where)
     _check_keys(config, where)
     base = base_dir or Path.cwd()
     for name, model in config.models.items():

@@ -8,6 +8,9 @@ from typing import Any
 
 from litestar import Request, Response
 from litestar.exceptions import HTTPException, ValidationException
+from litestar.openapi import ResponseSpec
+
+from .schemas import ErrorResponse
 
 log = logging.getLogger("gateway.errors")
 
@@ -65,6 +68,11 @@ def error_response(
 ) -> Response[dict[str, Any]]:
     """A Response carrying `error_body`."""
     return Response(error_body(status, message, param, code), status_code=status, headers=headers)
+
+
+def error_responses(*statuses: int) -> dict[int, ResponseSpec]:
+    """OpenAPI entries for a route's error answers, all in OpenAI's shape."""
+    return {s: ResponseSpec(data_container=ErrorResponse, description="OpenAI-shaped error") for s in statuses}
 
 
 def _gateway_error(_: Request[Any, Any, Any], exc: GatewayError) -> Response[dict[str, Any]]:

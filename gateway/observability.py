@@ -2,9 +2,9 @@
 
 One middleware does all three per request. The HTTP series keep the names and labels Litestar's Prometheus
 middleware gives them (`gateway_http_requests_total{method,path,status_code,app_name}` and friends); that
-middleware is not used because, stacked beside this one, it cost 45 us of the ~300 us of event-loop CPU an
-embedding request takes (a Request object, a functools.wraps and four label lookups per request, measured
-with a zero-cost model). Litestar's PrometheusController still serves /metrics.
+middleware is not used because, stacked beside this one, it took a sixth of the event-loop CPU of an
+embedding request (bench/README.md, "The embeddings route"). Litestar's PrometheusController still serves
+/metrics.
 """
 
 from __future__ import annotations
@@ -17,18 +17,17 @@ import re
 import secrets
 import threading
 import time
-import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client import REGISTRY, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from .asgi import header
+
 if TYPE_CHECKING:
     from litestar.types import ASGIApp, Message, Receive, Scope, Send
-
-    from .app import Gateway
 
 access_log = logging.getLogger("gateway.access")
 # Ids: a random per-process prefix and a counter. uuid4 reads the OS's random source on every call, a
@@ -93,25 +92,36 @@ def record_batch(model: str, size: int, tokens: int, seconds: float) -> None:
     _child(BATCH_SECONDS, model).observe(seconds)
 
 
-class _QueueCollector(Collector):
-    """Queue depth and in-flight requests per model, read live at scrape time."""
+#: One model's live figures for the gauges: (name, inputs queued, ready).
+ModelStatus = tuple[str, int, bool]
+
+
+class ModelGauges(Collector):
+    """Queue depth and readiness per model, asked at scrape time of each source an app has added."""
 
     def __init__(self) -> None:
-        self.gateways: weakref.WeakSet[Gateway] = weakref.WeakSet()
+        self._sources: list[Callable[[], Iterable[ModelStatus]]] = []
+
+    def add(self, source: Callable[[], Iterable[ModelStatus]]) -> None:
+        self._sources.append(source)
+
+    def remove(self, source: Callable[[], Iterable[ModelStatus]]) -> None:
+        if source in self._sources:
+            self._sources.remove(source)
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
         depth = GaugeMetricFamily("gateway_queue_depth", "Inputs waiting for a batch, by model", labels=["model"])
         ready = GaugeMetricFamily("gateway_model_ready", "1 when the model is loaded and serving", labels=["model"])
-        for gw in list(self.gateways):
-            for name, model in gw.registry.models.items():
-                depth.add_metric([name], model.batcher.queued if model.batcher else 0)
-                ready.add_metric([name], 1.0 if model.state == "ready" else 0.0)
+        for source in list(self._sources):
+            for name, queued, is_ready in source():
+                depth.add_metric([name], queued)
+                ready.add_metric([name], 1.0 if is_ready else 0.0)
         yield depth
         yield ready
 
 
-QUEUES = _QueueCollector()
-REGISTRY.register(QUEUES)
+MODEL_GAUGES = ModelGauges()
+REGISTRY.register(MODEL_GAUGES)
 
 
 _ACCESS_FORMAT = "request_id=%s method=%s path=%s status=%d model=%s tokens=%s latency_ms=%.1f"
@@ -122,9 +132,9 @@ class AccessLog:
 
     The event loop only appends the line's fields; a thread turns them into log records every `interval`
     seconds, with the time each request ended, and passes them to the logger (its level, filters, handlers
-    and propagation apply as usual). Logging from the loop cost about a tenth of its CPU per request (int8,
-    32 clients, access log on vs off, alternated runs): the record, the formatting and waking Litestar's
-    queue listener once per line. Written by hand: the stdlib's QueueHandler and MemoryHandler still build
+    and propagation apply as usual). Logging from the loop cost about a tenth of its CPU per request
+    (bench/README.md, "The embeddings route"): the record, the formatting and waking Litestar's queue
+    listener once per line. Written by hand: the stdlib's QueueHandler and MemoryHandler still build
     the record on the calling thread. `flush()` hands on what is pending now (tests, shutdown).
     """
 
@@ -177,14 +187,6 @@ class AccessLog:
 
 
 ACCESS_LOG = AccessLog(access_log)
-
-
-def header(scope: Scope, name: bytes) -> bytes | None:
-    """The first value of header `name` (lower case, as ASGI gives names), without a Request object."""
-    for key, value in scope["headers"]:
-        if key == name:
-            return value
-    return None
 
 
 class RequestContextMiddleware:

@@ -1,11 +1,10 @@
 """Padding-free batches for encoder models: several inputs share one row of the batch, each attending only
 to itself (a block-diagonal attention mask) with positions restarting at 0 for each input.
 
-Padding a batch of mixed lengths to its longest input wastes most of the compute on short-text traffic:
-measured here on all-MiniLM-L6-v2 (bench/), random batches of 32 sentences ran at half the rate of the same
-batch size over length-sorted sentences. Packed rows carry almost no padding, so a batch of whatever
-arrived runs about as fast as a sorted one. The results are the same vectors (cosine 1 - 1e-7 against one
-input per call): attention never crosses an input's boundary, and every other layer works per token.
+Padding a batch of mixed lengths to its longest input wastes most of the compute on short-text traffic
+(bench/README.md, "Packing"). Packed rows carry almost no padding, so a batch of whatever arrived runs
+about as fast as a sorted one, and the vectors are the same: attention never crosses an input's boundary,
+and every other layer works per token.
 
 Written by hand: the runtimes we wrap pack only on GPU (flash-attention's varlen kernels), and
 sentence-transformers and onnxruntime's CPU path always pad.
@@ -17,6 +16,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
+
+from .hf import POOLING_MODES, Pooling
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,11 +73,10 @@ def pack(token_ids: Sequence[Sequence[int]], row_tokens: int, pad_id: int = 0) -
     return PackedBatch(input_ids, position_ids, segments, spans)
 
 
-POOLING_MODES = ("mean", "cls", "max", "lasttoken")
-
-
-def pool(hidden: np.ndarray, spans: np.ndarray, mode: str) -> np.ndarray:
+def pool(hidden: np.ndarray, spans: np.ndarray, mode: Pooling) -> np.ndarray:
     """One vector per span of `hidden` [rows, L, dim], float32 [inputs, dim], as sentence-transformers pools."""
+    if mode not in POOLING_MODES:
+        raise ValueError(f"pooling mode {mode!r} is not one of {', '.join(POOLING_MODES)}")
     out = np.empty((len(spans), hidden.shape[-1]), dtype=np.float32)
     for k, (r, s, size) in enumerate(spans.tolist()):
         tokens = hidden[r, s : s + size]
@@ -86,8 +86,6 @@ def pool(hidden: np.ndarray, spans: np.ndarray, mode: str) -> np.ndarray:
             out[k] = tokens[0]
         elif mode == "max":
             out[k] = tokens.max(axis=0)
-        elif mode == "lasttoken":
-            out[k] = tokens[-1]
         else:
-            raise ValueError(f"pooling mode {mode!r} is not one of {', '.join(POOLING_MODES)}")
+            out[k] = tokens[-1]
     return out

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import enum
 import logging
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -15,18 +16,28 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .backend import Backend, BackendError, ModelInfo
+from .backend import Backend, BackendError, ModelInfo, check_info
 from .batching import Batcher
 from .config import ConfigError, GatewayConfig, ModelConfig, convert_at
 from .errors import GatewayError
-from .observability import record_batch
 
 # Requests up to this many characters are tokenized on the event loop (local tokenizers only): tens of
-# microseconds for the fast tokenizers, and no hand-off to a thread and back.
+# microseconds for the fast tokenizers, less than the hand-off to a thread and back.
 _INLINE_CHARS = 2000
 
 if TYPE_CHECKING:
     from .auth import ApiKey
+
+#: Called after each backend batch: (model, inputs, tokens, seconds).
+BatchObserver = Callable[[str, int, int, float], None]
+
+
+class ModelState(enum.StrEnum):
+    LOADING = "loading"
+    READY = "ready"
+    FAILED = "failed"
+    UNLOADED = "unloaded"
+
 
 log = logging.getLogger("gateway.registry")
 
@@ -42,19 +53,24 @@ class ModelSpec:
 
 
 def build_specs(
-    config: GatewayConfig, backends: Mapping[str, type[Backend]], where: str = "<config>"
+    config: GatewayConfig,
+    backends: Mapping[str, type[Backend]],
+    where: str = "<config>",
+    broken: Mapping[str, str] | None = None,
 ) -> dict[str, ModelSpec]:
-    """Check each model's backend exists and its options fit the backend's Options Struct."""
+    """Check each model's backend exists and its options fit the backend's Options Struct.
+
+    `broken`: plugins that failed to import, by name, and why (named when a model asks for one of them).
+    """
     specs: dict[str, ModelSpec] = {}
+    broken = broken or {}
     for name, model in config.models.items():
         cls = backends.get(model.backend)
         if cls is None:
-            from .plugins import BROKEN
-
             available = ", ".join(sorted(backends)) or "none installed"
             hint = (
-                f"; plugin {model.backend!r} failed to import: {BROKEN[model.backend]}"
-                if model.backend in BROKEN
+                f"; plugin {model.backend!r} failed to import: {broken[model.backend]}"
+                if model.backend in broken
                 else ""
             )
             raise ConfigError(
@@ -79,7 +95,8 @@ class ServedModel:
     """One configured model and its lifecycle."""
 
     spec: ModelSpec
-    state: str = "loading"
+    on_batch: BatchObserver | None = None
+    state: ModelState = ModelState.LOADING
     error: str | None = None
     backend: Backend | None = None
     info: ModelInfo | None = None
@@ -115,7 +132,12 @@ class ServedModel:
                 options=spec.options,
                 trust_remote_code=spec.config.trust_remote_code,
             )
-            info = backend.load()
+            loaded = backend.load()
+            try:
+                info = check_info(backend, loaded)
+            except BackendError:
+                backend.close()
+                raise
             dims = spec.config.matryoshka_dimensions or []
             too_big = [d for d in dims if d > info.dimension]
             if too_big:
@@ -133,18 +155,17 @@ class ServedModel:
             b = spec.config.batching
             self.batcher = Batcher(
                 backend,
+                info,
                 model=spec.name,
-                dimension=info.dimension,
-                # Read from the loaded instance: a backend may settle its defaults in load().
-                max_batch_size=b.max_batch_size or backend.default_max_batch_size,
-                max_batch_tokens=b.max_batch_tokens or backend.default_max_batch_tokens,
+                max_batch_size=b.max_batch_size,
+                max_batch_tokens=b.max_batch_tokens,
                 max_wait_ms=b.max_wait_ms,
                 return_wait=b.return_wait,
                 max_queue=b.max_queue,
-                on_batch=record_batch,
+                on_batch=self.on_batch,
             )
             self._tokenize = ThreadPoolExecutor(1, thread_name_prefix=f"tokenize-{spec.name}")
-            self.backend, self.info, self.state = backend, info, "ready"
+            self.backend, self.info, self.state = backend, info, ModelState.READY
             log.info(
                 "model %r ready (%s, dim %d, max %d tokens) in %.1fs",
                 spec.name,
@@ -155,7 +176,7 @@ class ServedModel:
             )
         except Exception as exc:  # a broken model must not take the others down
             reason = str(exc) if isinstance(exc, BackendError) else f"{type(exc).__name__}: {exc}"
-            self.state, self.error = "failed", reason
+            self.state, self.error = ModelState.FAILED, reason
             log.error("model %r failed to load: %s", spec.name, reason, exc_info=not isinstance(exc, BackendError))
         finally:
             self._loaded.set()
@@ -174,7 +195,7 @@ class ServedModel:
                     code="model_loading",
                     headers={"Retry-After": "5"},
                 )
-        if self.state != "ready":
+        if self.state != ModelState.READY:
             raise GatewayError(
                 503, f"model {self.name!r} is not available: {self.error or self.state}", code="model_unavailable"
             )
@@ -201,26 +222,18 @@ class ServedModel:
         """`retire` on a thread of its own (the shared executor must not wait on in-flight requests)."""
         threading.Thread(target=self.retire, args=(grace_s,), name=f"retire-{self.name}", daemon=True).start()
 
-    async def tokenize(self, texts: list[str]) -> tuple[list[int], list[list[int]] | None]:
-        """Token counts per text, and the token ids when the backend takes them back in `embed`."""
-        backend = self.backend
-        assert backend is not None and self._tokenize is not None
-        if backend.local_tokenizer and sum(len(t) for t in texts) <= _INLINE_CHARS:
-            # A sentence tokenizes in microseconds, less than the two thread hand-offs around a worker call.
-            return self._tokens(backend, texts)
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._tokenize, self._tokens, backend, texts)
+    async def tokenize(self, texts: list[str]) -> list[list[int]]:
+        """The backend's token ids for each text (their lengths are the counts)."""
+        backend, info = self.backend, self.info
+        assert backend is not None and info is not None and self._tokenize is not None
+        if info.local_tokenizer and sum(len(t) for t in texts) <= _INLINE_CHARS:
+            return backend.tokenize(texts)
+        return await asyncio.get_running_loop().run_in_executor(self._tokenize, backend.tokenize, texts)
 
-    @staticmethod
-    def _tokens(backend: Backend, texts: list[str]) -> tuple[list[int], list[list[int]] | None]:
-        if backend.reuses_token_ids:
-            ids = backend.tokenize(texts)
-            return [len(i) for i in ids], ids
-        return backend.count_tokens(texts), None
-
-    async def embed(self, texts: list[str], tokens: list[int], token_ids: list[list[int]] | None = None) -> np.ndarray:
+    async def embed(self, texts: list[str], token_ids: list[list[int]]) -> np.ndarray:
+        """Vectors for `texts`, computed in the model's batches."""
         assert self.batcher is not None
-        return await self.batcher.embed(texts, tokens, token_ids)
+        return await self.batcher.embed(texts, token_ids)
 
     def close(self) -> None:
         """Finish queued work, then release the model."""
@@ -234,20 +247,26 @@ class ServedModel:
                 self.backend.close()
             except Exception:
                 log.exception("closing model %r", self.name)
-        self.state = "unloaded"
+        self.state = ModelState.UNLOADED
 
 
 class Registry:
     """Names and aliases -> ServedModel. Replaced as a whole on reload, so lookups never see a half state."""
 
-    def __init__(self, specs: Mapping[str, ModelSpec], reuse: Mapping[str, ServedModel] | None = None) -> None:
-        """`reuse`: loaded models of a previous registry; one whose spec is unchanged is kept as is."""
+    def __init__(
+        self,
+        specs: Mapping[str, ModelSpec],
+        reuse: Mapping[str, ServedModel] | None = None,
+        on_batch: BatchObserver | None = None,
+    ) -> None:
+        """`reuse`: loaded models of a previous registry; one whose spec is unchanged is kept as is.
+        `on_batch`: told of every batch of every model (metrics)."""
         self.models: dict[str, ServedModel] = {}
         for name, spec in specs.items():
             old = (reuse or {}).get(name)
             # A model still loading with the same spec is kept too: loading it twice would only leak one.
-            unchanged = old is not None and old.spec == spec and old.state in ("ready", "loading")
-            self.models[name] = old if unchanged and old is not None else ServedModel(spec)
+            unchanged = old is not None and old.spec == spec and old.state in (ModelState.READY, ModelState.LOADING)
+            self.models[name] = old if unchanged and old is not None else ServedModel(spec, on_batch)
         self._index()
 
     def _index(self) -> None:

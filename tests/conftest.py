@@ -18,7 +18,7 @@ from litestar.testing import TestClient
 from gateway import Backend, BackendError, ModelInfo, hookimpl
 from gateway.auth import KeyStore
 from gateway.config import parse_config
-from gateway.plugins import get_plugin_manager
+from gateway.plugins import load_plugins
 
 API_KEY = "test-key"
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
@@ -38,7 +38,6 @@ class FakeBackend(Backend):
 
     name = "fake"
     Options = FakeOptions
-    default_max_batch_size = 4
     batches: ClassVar[list[list[str]]] = []
 
     def load(self) -> ModelInfo:
@@ -46,12 +45,17 @@ class FakeBackend(Backend):
             time.sleep(self.options.load_delay_s)
         if self.options.fail_load:
             raise BackendError("fake model refuses to load")
-        return ModelInfo(dimension=self.options.dimension, max_input_tokens=self.options.max_tokens, normalized=True)
+        return ModelInfo(
+            dimension=self.options.dimension,
+            max_input_tokens=self.options.max_tokens,
+            normalized=True,
+            max_batch_size=4,
+        )
 
-    def count_tokens(self, texts: Sequence[str]) -> list[int]:
-        return [len(t.split()) + 2 for t in texts]
+    def tokenize(self, texts: Sequence[str]) -> list[list[int]]:
+        return [[101, *(len(w) for w in t.split()), 102] for t in texts]
 
-    def embed(self, texts: Sequence[str]) -> np.ndarray:
+    def embed(self, texts: Sequence[str], token_ids: Sequence[Sequence[int]]) -> np.ndarray:
         FakeBackend.batches.append(list(texts))
         if self.options.fail_on is not None and any(self.options.fail_on in t for t in texts):
             raise RuntimeError("boom")
@@ -65,8 +69,8 @@ class OtherFakeBackend(FakeBackend):
 
     name = "fake-b"
 
-    def embed(self, texts: Sequence[str]) -> np.ndarray:
-        return -super().embed(texts)
+    def embed(self, texts: Sequence[str], token_ids: Sequence[Sequence[int]]) -> np.ndarray:
+        return -super().embed(texts, token_ids)
 
 
 def fake_vector(text: str, dim: int = 8) -> np.ndarray:
@@ -102,12 +106,12 @@ def make_app(
     from gateway.config import load_config
 
     config = load_config(config_path) if config_path else parse_config(textwrap.dedent(toml), "test.toml", base_dir)
-    pm = get_plugin_manager()
+    installed = load_plugins()
     for plugin in plugins:
-        pm.register(plugin)
+        installed.register(plugin)
     return create_app(
         config,
-        plugin_manager=pm,
+        plugins=installed,
         keys=None if keys == "config" else keys if isinstance(keys, KeyStore) else KeyStore([API_KEY]),
         config_path=config_path,
     )
@@ -235,19 +239,31 @@ def cosine(a: Any, b: Any) -> float:
     return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
 
 
-def check_reuses_token_ids(backend: Any, texts: Sequence[str], limit: int, atol: float) -> None:
-    """A backend that hands out token ids: their lengths are its counts, and `embed` runs on the ids it is
-    given (other ids, other vectors); ids over the model's limit make it tokenize (and truncate) itself."""
-    assert backend.reuses_token_ids is True
+def embed(backend: Backend, texts: Sequence[str]) -> np.ndarray:
+    """`backend.embed` as the core calls it: with the ids its own `tokenize` gives."""
+    return backend.embed(texts, backend.tokenize(texts))
+
+
+def count(backend: Backend, texts: Sequence[str]) -> list[int]:
+    """Tokens per text, as the core counts them."""
+    return [len(ids) for ids in backend.tokenize(texts)]
+
+
+def check_runs_on_token_ids(backend: Any, texts: Sequence[str], limit: int, atol: float) -> None:
+    """A backend that works on token ids: one text tokenizes as in a list, and `embed` runs on the ids it is
+    given (other ids, other vectors); ids over the model's limit (from a direct caller) make it tokenize
+    and truncate itself."""
     ids = backend.tokenize(texts)
-    assert [len(i) for i in ids] == backend.count_tokens(texts)
     # One text may take another path through the tokenizer than a list; the ids must not differ.
     assert [backend.tokenize([t])[0] for t in texts] == ids
     fits = [k for k, i in enumerate(ids) if len(i) <= limit]
     over = [k for k, i in enumerate(ids) if len(i) > limit]
     assert len(fits) >= 2 and over, "the texts must cover both sides of the limit"
     a, a_ids = [texts[k] for k in fits], [ids[k] for k in fits]
-    np.testing.assert_allclose(backend.embed(a, a_ids), backend.embed(a), atol=atol)
-    np.testing.assert_allclose(backend.embed(a[:2], [a_ids[1], a_ids[0]]), backend.embed([a[1], a[0]]), atol=atol)
+    np.testing.assert_allclose(backend.embed(a, a_ids), embed(backend, a), atol=atol)
+    swapped = backend.embed(a[:2], [a_ids[1], a_ids[0]])
+    np.testing.assert_allclose(swapped, embed(backend, [a[1], a[0]]), atol=atol)
+    assert not np.allclose(swapped, embed(backend, a[:2]), atol=atol)
     b, b_ids = [texts[k] for k in over], [ids[k] for k in over]
-    np.testing.assert_allclose(backend.embed(b, b_ids), backend.embed(b), atol=atol)
+    truncated = [[*i[: limit - 1], i[-1]] for i in b_ids]
+    np.testing.assert_allclose(backend.embed(b, b_ids), backend.embed(b, truncated), atol=atol)

@@ -8,6 +8,7 @@ import time
 from collections.abc import Sequence
 from typing import Any, ClassVar
 
+import msgspec
 import numpy as np
 import pytest
 
@@ -18,23 +19,27 @@ from .conftest import FAKE_TOML, fake_vector, serve
 
 
 class Recorder(Backend):
+    """One token per character; records each batch and the ids that came with each text."""
+
     name = "recorder"
 
     def __init__(self, delay: float = 0.0, fail_on: str | None = None, gate: threading.Event | None = None) -> None:
         super().__init__(model="rec", path=".", options=None)
         self.delay, self.fail_on, self.gate = delay, fail_on, gate
         self.batches: list[list[str]] = []
+        self.seen: list[tuple[str, list[int]]] = []
 
     def load(self) -> ModelInfo:
         return ModelInfo(dimension=8, max_input_tokens=100, normalized=True)
 
-    def count_tokens(self, texts: Sequence[str]) -> list[int]:
-        return [len(t) for t in texts]
+    def tokenize(self, texts: Sequence[str]) -> list[list[int]]:
+        return [[ord(c) for c in t] for t in texts]
 
-    def embed(self, texts: Sequence[str]) -> np.ndarray:
+    def embed(self, texts: Sequence[str], token_ids: Sequence[Sequence[int]]) -> np.ndarray:
         if self.gate is not None:
             self.gate.wait(5)
         self.batches.append(list(texts))
+        self.seen.extend((t, list(i)) for t, i in zip(texts, token_ids, strict=True))
         if self.delay:
             time.sleep(self.delay)
         if self.fail_on and any(self.fail_on in t for t in texts):
@@ -42,14 +47,15 @@ class Recorder(Backend):
         return np.stack([fake_vector(t) for t in texts])
 
 
-def _batcher(backend: Backend, **kw) -> Batcher:
+def _batcher(backend: Backend, info: dict[str, Any] | None = None, **kw) -> Batcher:
+    """A batcher for `backend`, whose ModelInfo gets `info`'s fields."""
     kw.setdefault("max_batch_size", 8)
     kw.setdefault("max_batch_tokens", 10_000)
-    return Batcher(backend, model="rec", dimension=8, **kw)
+    return Batcher(backend, msgspec.structs.replace(backend.load(), **(info or {})), model="rec", **kw)
 
 
 async def _embed(b: Batcher, texts: list[str]) -> np.ndarray:
-    return await b.embed(texts, [len(t) for t in texts])
+    return await b.embed(texts, b.backend.tokenize(texts))
 
 
 def test_results_in_input_order_across_merged_requests():
@@ -97,8 +103,7 @@ def test_a_backend_without_padding_gets_inputs_in_turn_with_a_token_budget():
     """Packed (or one-at-a-time) runtimes: no length sorting or padded budget, just turns and summed tokens."""
     gate = threading.Event()
     backend = Recorder(gate=gate)
-    backend.pads_to_longest = False
-    b = _batcher(backend, max_batch_size=4, max_batch_tokens=24)
+    b = _batcher(backend, {"pads_to_longest": False}, max_batch_size=4, max_batch_tokens=24)
 
     async def main() -> None:
         first = asyncio.create_task(_embed(b, ["x"]))  # holds the worker until the others are queued
@@ -145,8 +150,8 @@ class Misbehaving(Recorder):
         super().__init__()
         self.result = result
 
-    def embed(self, texts):
-        out = super().embed(texts)
+    def embed(self, texts, token_ids):
+        out = super().embed(texts, token_ids)
         return self.result(out) if any("bad" in t for t in texts) else out
 
 
@@ -173,10 +178,7 @@ def test_garbage_from_a_backend_fails_that_batch_and_the_worker_lives(result):
 
 
 def test_several_workers_return_every_row_exactly():
-    class Parallel(Recorder):
-        max_concurrent_batches = 4
-
-    b = _batcher(Parallel(), max_batch_size=1)
+    b = _batcher(Recorder(), {"concurrent_batches": 4}, max_batch_size=1)
 
     async def main():
         reqs = [[f"r{i}-{j}" for j in range(3)] for i in range(60)]
@@ -343,59 +345,38 @@ def test_small_requests_tokenize_on_the_loop_large_ones_in_a_thread():
 
     class Local(FakeBackend):
         name = "fake-local"
-        local_tokenizer = True
         threads: ClassVar[list[str]] = []
 
-        def count_tokens(self, texts: Sequence[str]) -> list[int]:
+        def load(self) -> ModelInfo:
+            return msgspec.structs.replace(super().load(), local_tokenizer=True)
+
+        def tokenize(self, texts: Sequence[str]) -> list[list[int]]:
             Local.threads.append(threading.current_thread().name)
-            return super().count_tokens(texts)
+            return super().tokenize(texts)
 
     models = _served_pair(Local)
 
     async def main() -> None:
         here = threading.current_thread().name
-        assert await models["a"].tokenize(["two words"]) == ([4], None)
+        assert await models["a"].tokenize(["two words"]) == [[101, 3, 5, 102]]
         assert Local.threads == [here]
         await models["a"].tokenize(["word " * 500])  # 2500 characters
         assert Local.threads[-1].startswith("tokenize-a")
 
     asyncio.run(main())
     FakeBackend.batches = []
-    assert asyncio.run(models["b"].tokenize(["x"])) == ([3], None)  # the plain fake: through its thread
+    assert asyncio.run(models["b"].tokenize(["x"])) == [[101, 1, 102]]  # the plain fake: through its thread
     for m in models.values():
         m.close()
 
 
-class IdRecorder(Recorder):
-    """Takes back the ids it hands out, and records which ids came with which text."""
-
-    reuses_token_ids = True
-
-    def __init__(self, **kw) -> None:
-        super().__init__(**kw)
-        self.seen: list[tuple[str, list[int]]] = []
-        self.counted = 0
-
-    def tokenize(self, texts: Sequence[str]) -> list[list[int]]:
-        return [[ord(c) for c in t] for t in texts]
-
-    def count_tokens(self, texts: Sequence[str]) -> list[int]:
-        self.counted += 1
-        return super().count_tokens(texts)
-
-    def embed(self, texts: Sequence[str], token_ids: Sequence[Sequence[int]] | None = None) -> np.ndarray:
-        assert token_ids is not None, "a backend that reuses ids is always passed them"
-        self.seen.extend((t, list(i)) for t, i in zip(texts, token_ids, strict=True))
-        return super().embed(texts)
-
-
 def test_token_ids_travel_with_their_inputs_through_merged_batches():
-    backend = IdRecorder(delay=0.01)
+    backend = Recorder(delay=0.01)
     b = _batcher(backend, max_batch_size=5)
 
     async def main():
         reqs = [[f"q{i}-{'y' * (i % 3)}-{j}" for j in range(i % 4 + 1)] for i in range(12)]
-        outs = await asyncio.gather(*(b.embed(r, [len(t) for t in r], backend.tokenize(r)) for r in reqs))
+        outs = await asyncio.gather(*(_embed(b, r) for r in reqs))
         for r, out in zip(reqs, outs, strict=True):
             np.testing.assert_allclose(out, np.stack([fake_vector(t) for t in r]), rtol=1e-6)
 
@@ -406,37 +387,32 @@ def test_token_ids_travel_with_their_inputs_through_merged_batches():
 
 
 def test_served_model_tokenizes_once_and_hands_the_ids_on():
-    """With `reuses_token_ids`, counts come from `tokenize` (count_tokens is never called) and the ids reach
-    `embed`; a backend without it is counted and called with texts alone (the older interface)."""
+    """Counts are the lengths of `tokenize`'s ids, and those ids reach `embed` with their texts."""
 
     from .conftest import FakeBackend
 
-    class Reusing(FakeBackend):
+    class Counting(FakeBackend):
         name = "fake-ids"
-        reuses_token_ids = True
+        calls: ClassVar[int] = 0
         got: ClassVar[list[list[list[int]]]] = []
 
         def tokenize(self, texts: Sequence[str]) -> list[list[int]]:
+            Counting.calls += 1
             return [[101, *range(len(t.split())), 102] for t in texts]
 
-        def count_tokens(self, texts: Sequence[str]) -> list[int]:
-            raise AssertionError("counted twice")
+        def embed(self, texts: Sequence[str], token_ids: Sequence[Sequence[int]]) -> np.ndarray:
+            Counting.got.append([list(i) for i in token_ids])
+            return super().embed(texts, token_ids)
 
-        def embed(self, texts: Sequence[str], token_ids: Sequence[Sequence[int]] | None = None) -> np.ndarray:
-            Reusing.got.append([list(i) for i in token_ids or []])
-            return super().embed(texts)
-
-    models = _served_pair(Reusing)
+    models = _served_pair(Counting)
 
     async def main() -> None:
-        counts, ids = await models["a"].tokenize(["two words", "one"])
-        assert counts == [4, 3] and ids == [[101, 0, 1, 102], [101, 0, 102]]
-        out = await models["a"].embed(["two words", "one"], counts, ids)
+        ids = await models["a"].tokenize(["two words", "one"])
+        assert ids == [[101, 0, 1, 102], [101, 0, 102]]
+        out = await models["a"].embed(["two words", "one"], ids)
         assert out.shape == (2, 8)
-        assert sorted(Reusing.got[-1]) == sorted(ids)
-        counts, ids = await models["b"].tokenize(["two words"])
-        assert (counts, ids) == ([4], None)
-        await models["b"].embed(["two words"], counts, ids)
+        assert sorted(Counting.got[-1]) == sorted(ids)
+        assert Counting.calls == 1
 
     asyncio.run(main())
     for m in models.values():

@@ -27,7 +27,7 @@ from gateway_gguf.backend import GgufOptions
 
 from gateway.backend import BackendError
 
-from .conftest import check_reuses_token_ids
+from .conftest import check_runs_on_token_ids, count, embed
 
 LONG = " ".join(
     f"Sentence {i} talks about embeddings, tokenizers and llama.cpp's bert graph on CPUs." for i in range(8)
@@ -124,20 +124,21 @@ def test_token_ids_devanagari(backends, hf_tokenizer) -> None:
     assert backends["f16"]._tokenize(text) == hf_tokenizer.encode(text).ids
 
 
-def test_reuses_the_ids_it_counted(backends) -> None:
+def test_runs_on_the_ids_it_counted(backends) -> None:
     b = backends["f16"]
-    check_reuses_token_ids(b, TEXTS, b._max_tokens, atol=1e-5)
+    assert b.info.pads_to_longest is False and b.info.local_tokenizer is True
+    check_runs_on_token_ids(b, TEXTS, b._max_tokens, atol=1e-5)
 
 
 def test_count_tokens(backends, hf_tokenizer) -> None:
     for b in backends.values():
-        assert b.count_tokens(["hello world"]) == [4]
-        assert b.count_tokens(TEXTS) == [len(hf_tokenizer.encode(t).ids) for t in TEXTS]
+        assert count(b, ["hello world"]) == [4]
+        assert count(b, TEXTS) == [len(hf_tokenizer.encode(t).ids) for t in TEXTS]
 
 
 @pytest.mark.parametrize(("qtype", "floor"), [("f16", 0.9999), ("q8_0", 0.995)])
 def test_parity_with_sentence_transformers(backends, reference, qtype: str, floor: float) -> None:
-    got = backends[qtype].embed(TEXTS)
+    got = embed(backends[qtype], TEXTS)
     assert got.dtype == np.float32
     assert got.shape == (len(TEXTS), 384)
     np.testing.assert_allclose(np.linalg.norm(got, axis=1), 1.0, atol=1e-5)
@@ -150,10 +151,10 @@ def test_packed_calls_match_single(gguf_files, backends) -> None:
     # give the same vectors (no cross-talk between packed sequences).
     single = _load(gguf_files["f16"], seqs_per_call=1, n_threads=1)
     try:
-        a = single.embed(TEXTS)
+        a = embed(single, TEXTS)
     finally:
         single.close()
-    b = backends["f16"].embed(TEXTS)
+    b = embed(backends["f16"], TEXTS)
     assert np.sum(a * b, axis=1).min() >= 0.99999
 
 
@@ -161,11 +162,11 @@ def test_unnormalized_option(gguf_files, backends) -> None:
     raw = _load(gguf_files["q8_0"], normalize=False, n_threads=1)
     try:
         assert raw.info.normalized is False
-        v = raw.embed(["hello world"])
+        v = embed(raw, ["hello world"])
     finally:
         raw.close()
     assert abs(float(np.linalg.norm(v)) - 1.0) > 1e-3  # mean pooling alone is not unit length
-    unit = backends["q8_0"].embed(["hello world"])
+    unit = embed(backends["q8_0"], ["hello world"])
     np.testing.assert_allclose(v / np.linalg.norm(v), unit, atol=1e-5)
 
 
@@ -174,7 +175,7 @@ def test_concurrent_embeds_do_not_mix(backends) -> None:
     b = backends["f16"]
     topics = ["cooking pasta", "quantum physics", "football results", "tax law", "jazz piano", "volcanoes"]
     texts = [f"{i}: a note about {topics[i % len(topics)]} number {i}" for i in range(12)]
-    expected = b.embed(texts)
+    expected = embed(b, texts)
     pairwise = expected @ expected.T - np.eye(len(texts))
     assert pairwise.max() < 0.999  # distinct enough that a cross-talk would be caught
     errors: list[BaseException] = []
@@ -183,10 +184,10 @@ def test_concurrent_embeds_do_not_mix(backends) -> None:
         try:
             for r in range(2):
                 idx = [(offset + r + k) % len(texts) for k in range(3)]
-                got = b.embed([texts[i] for i in idx])
+                got = embed(b, [texts[i] for i in idx])
                 cos = np.sum(got * expected[idx], axis=1)
                 assert cos.min() >= 0.99999, cos
-                b.count_tokens([texts[i] for i in idx])
+                b.tokenize([texts[i] for i in idx])
         except BaseException as exc:
             errors.append(exc)
 
@@ -199,7 +200,7 @@ def test_concurrent_embeds_do_not_mix(backends) -> None:
 
 
 def test_empty_batch(backends) -> None:
-    assert backends["f16"].embed([]).shape == (0, 384)
+    assert embed(backends["f16"], []).shape == (0, 384)
 
 
 def test_missing_file(tmp_path: Path) -> None:
@@ -244,12 +245,12 @@ def test_convert_bad_source(tmp_path: Path) -> None:
 def test_plugin_registers_by_hooks() -> None:
     import gateway_gguf
 
-    from gateway.plugins import collect_backends, collect_converters, get_plugin_manager
+    from gateway.plugins import load_plugins
 
-    pm = get_plugin_manager(entry_points=False)
-    pm.register(gateway_gguf, name="gguf")
-    assert collect_backends(pm)["gguf"] is GgufBackend
-    assert isinstance(collect_converters(pm)["gguf"], GgufConverter)
+    plugins = load_plugins(entry_points=False)
+    plugins.register(gateway_gguf, name="gguf")
+    assert plugins.backends()["gguf"] is GgufBackend
+    assert isinstance(plugins.converters()["gguf"], GgufConverter)
 
 
 def test_import_is_light() -> None:

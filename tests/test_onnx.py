@@ -28,7 +28,7 @@ from gateway_onnx import OnnxBackend, OnnxConverter, OnnxOptions
 
 from gateway.backend import BackendError
 
-from .conftest import SENTENCES, check_reuses_token_ids, cosine, serve
+from .conftest import SENTENCES, check_runs_on_token_ids, cosine, count, embed, serve
 
 LONG = " ".join(
     f"Paragraph {i} explains how onnxruntime pools token states into one sentence vector." for i in range(11)
@@ -106,14 +106,14 @@ def test_model_info(backends):
 
 
 def test_fp32_parity(backends, reference):
-    got = backends["fp32"].embed(TEXTS)
+    got = embed(backends["fp32"], TEXTS)
     assert got.dtype == np.float32 and got.shape == (len(TEXTS), 384)
     cos = (got.astype(np.float64) * reference).sum(axis=1)
     assert cos.min() >= 0.9999, cos
 
 
 def test_int8_parity(backends, reference):
-    got = backends["int8"].embed(TEXTS)
+    got = embed(backends["int8"], TEXTS)
     cos = (got.astype(np.float64) * reference).sum(axis=1)
     assert cos.min() >= 0.95, cos
 
@@ -121,24 +121,24 @@ def test_int8_parity(backends, reference):
 def test_token_counts(backends, st_model):
     want = [len(ids) for ids in st_model.tokenizer(TEXTS)["input_ids"]]
     for b in backends.values():
-        assert b.count_tokens(TEXTS) == want
-    assert backends["fp32"].count_tokens(["hello world"]) == [4]
+        assert count(b, TEXTS) == want
+    assert count(backends["fp32"], ["hello world"]) == [4]
 
 
 @pytest.mark.parametrize("name", ["fp32", "int8"])
 def test_packed_path_reuses_the_ids_it_counted(backends, name):
     b = backends[name]
-    check_reuses_token_ids(b, TEXTS, b._max_tokens, atol=1e-5)
+    check_runs_on_token_ids(b, TEXTS, b._max_tokens, atol=1e-5)
 
 
 def test_alone_equals_batched_and_order_kept(backends):
     b = backends["fp32"]
-    together = b.embed(TEXTS)
+    together = embed(b, TEXTS)
     for i, text in enumerate(TEXTS):
-        assert cosine(b.embed([text])[0], together[i]) > 0.99999
+        assert cosine(embed(b, [text])[0], together[i]) > 0.99999
     # More than one internal slice: sorted by length inside, returned in input order.
     many = TEXTS * 6
-    big = b.embed(many)
+    big = embed(b, many)
     np.testing.assert_allclose(big, np.tile(together, (6, 1)), atol=2e-5)
 
 
@@ -146,28 +146,27 @@ def test_packed_graph_and_its_padded_path_agree(onnx_dirs, backends, reference):
     """The converted graph takes position ids and reads the mask as segment ids: several inputs share a
     row with no padding. Fed one input per row (pack_tokens = 0), it pads like any graph; same vectors."""
     packed = backends["fp32"]
-    assert "position_ids" in packed._input_names and packed.pads_to_longest is False
+    assert "position_ids" in packed._input_names and packed.info.pads_to_longest is False
     padded = OnnxBackend(model="padded", path=str(onnx_dirs["fp32"]), options=OnnxOptions(pack_tokens=0))
-    padded.load()
-    assert padded.pads_to_longest is True
-    assert padded.reuses_token_ids is False  # the padded path reads type ids off its own encodings
-    np.testing.assert_allclose(padded.embed(TEXTS), packed.embed(TEXTS), atol=2e-5)
+    assert padded.load().pads_to_longest is True
+    # The padded path reads type ids off its own encodings: the ids it is given are not used.
+    np.testing.assert_allclose(padded.embed(TEXTS[:2], [[101, 102], [101, 102]]), embed(padded, TEXTS[:2]))
+    np.testing.assert_allclose(embed(padded, TEXTS), embed(packed, TEXTS), atol=2e-5)
     small = OnnxBackend(model="tiny-rows", path=str(onnx_dirs["fp32"]), options=OnnxOptions(pack_tokens=8))
     small.load()
-    np.testing.assert_allclose(small.embed(TEXTS), reference, atol=2e-5)
+    np.testing.assert_allclose(embed(small, TEXTS), reference, atol=2e-5)
 
 
 def test_parallel_batches_share_the_cores_and_agree(onnx_dirs, backends):
     from concurrent.futures import ThreadPoolExecutor
 
     b = OnnxBackend(model="par", path=str(onnx_dirs["fp32"]), options=OnnxOptions(parallel_batches=2))
-    b.load()
-    assert b.max_concurrent_batches == 2
+    assert b.load().concurrent_batches == 2
     batches = [TEXTS[:6], TEXTS[6:], TEXTS[::-1], TEXTS[::2]]
     with ThreadPoolExecutor(len(batches)) as pool:
-        results = list(pool.map(b.embed, batches))
+        results = list(pool.map(lambda texts: embed(b, texts), batches))
     for got, texts in zip(results, batches, strict=True):
-        np.testing.assert_allclose(got, backends["fp32"].embed(texts), atol=2e-5)
+        np.testing.assert_allclose(got, embed(backends["fp32"], texts), atol=2e-5)
 
 
 def test_a_graph_that_fails_packed_is_written_padded(minilm_path, st_model, tmp_path, monkeypatch, capsys):
@@ -188,29 +187,28 @@ def test_a_graph_that_fails_packed_is_written_padded(minilm_path, st_model, tmp_
     out = _convert(minilm_path, tmp_path / "plain")
     assert "exporting a padded graph instead" in capsys.readouterr().err
     b = OnnxBackend(model="plain", path=str(out))
-    b.load()
-    assert "position_ids" not in b._input_names and b.pads_to_longest is True
-    got = b.embed(TEXTS[:5])
+    assert b.load().pads_to_longest is True and "position_ids" not in b._input_names
+    got = embed(b, TEXTS[:5])
     for text, vec in zip(TEXTS[:5], got, strict=True):
         assert cosine(vec, st_model.encode([text])[0]) > 0.9999
 
 
 def test_empty_batch(backends):
-    assert backends["fp32"].embed([]).shape == (0, 384)
+    assert embed(backends["fp32"], []).shape == (0, 384)
 
 
 def test_pooling_and_normalize_options(onnx_dirs, backends):
     b = OnnxBackend(model="raw", path=str(onnx_dirs["fp32"]), options=OnnxOptions(normalize=False))
     info = b.load()
     assert info.normalized is False
-    raw = b.embed(TEXTS[:4])
+    raw = embed(b, TEXTS[:4])
     assert not np.allclose(np.linalg.norm(raw, axis=1), 1.0)
     np.testing.assert_allclose(
-        raw / np.linalg.norm(raw, axis=1, keepdims=True), backends["fp32"].embed(TEXTS[:4]), atol=1e-5
+        raw / np.linalg.norm(raw, axis=1, keepdims=True), embed(backends["fp32"], TEXTS[:4]), atol=1e-5
     )
     cls = OnnxBackend(model="cls", path=str(onnx_dirs["fp32"]), options=OnnxOptions(pooling="cls"))
     cls.load()
-    assert cosine(cls.embed(["hello world"])[0], backends["fp32"].embed(["hello world"])[0]) < 0.99
+    assert cosine(embed(cls, ["hello world"])[0], embed(backends["fp32"], ["hello world"])[0]) < 0.99
 
 
 def test_options_are_strict():
@@ -280,11 +278,11 @@ def test_import_is_light():
 
 
 def test_registered_through_entry_point():
-    from gateway.plugins import collect_backends, collect_converters, get_plugin_manager
+    from gateway.plugins import load_plugins
 
-    pm = get_plugin_manager()
-    assert collect_backends(pm)["onnx"] is OnnxBackend
-    assert isinstance(collect_converters(pm)["onnx"], OnnxConverter)
+    plugins = load_plugins()
+    assert plugins.backends()["onnx"] is OnnxBackend
+    assert isinstance(plugins.converters()["onnx"], OnnxConverter)
 
 
 # -- HTTP, through the app ---------------------------------------------------------------------------

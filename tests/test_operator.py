@@ -251,7 +251,10 @@ def test_tokens_of_a_failed_request_are_given_back():
         ('[[auth.keys]]\nkey = "sha256:abc"\n', "64 hex digits"),
         ('[[auth.keys]]\nkey = "short"\n', "too short"),
         ('[[auth.keys]]\nkey = "long-enough-key"\nmodels = ["ghost"]\n', "no model named 'ghost'"),
-        ('[[auth.keys]]\nkey = "long-enough-key"\nrequests_per_minute = 0\n', "positive integer"),
+        (
+            '[[auth.keys]]\nkey = "long-enough-key"\nrequests_per_minute = 0\n',
+            "Expected `int` >= 1 - at `$.auth.keys[0].requests_per_minute`",
+        ),
         ('[[auth.keys]]\nkey = "long-enough-key"\nmodel = ["fake"]\n', "unknown field `model` - at `$.auth.keys[0]`"),
     ],
 )
@@ -426,15 +429,15 @@ def test_generated_key_gives_way_to_configured_keys_on_reload(tmp_path):
 
     from gateway.app import create_app
     from gateway.config import load_config
-    from gateway.plugins import get_plugin_manager
+    from gateway.plugins import load_plugins
 
     from .conftest import FakePlugin
 
     cfg = tmp_path / "gateway.toml"
     cfg.write_text(FAKE_TOML)
-    pm = get_plugin_manager()
-    pm.register(FakePlugin)
-    app = create_app(load_config(cfg), plugin_manager=pm, fallback_keys=KeyStore(["generated-key"]), config_path=cfg)
+    plugins = load_plugins()
+    plugins.register(FakePlugin)
+    app = create_app(load_config(cfg), plugins=plugins, fallback_keys=KeyStore(["generated-key"]), config_path=cfg)
     with TestClient(app=app) as client:
         wait_loaded(client)
         old = {"Authorization": "Bearer generated-key"}

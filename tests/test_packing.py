@@ -10,7 +10,7 @@ import pytest
 
 from gateway.packing import pack, pool
 
-from .conftest import SENTENCES, check_reuses_token_ids, cosine
+from .conftest import SENTENCES, check_runs_on_token_ids, cosine, embed
 
 
 def test_pack_layout():
@@ -49,7 +49,7 @@ def test_pool_modes():
     np.testing.assert_allclose(pool(hidden, spans, "mean"), [hidden[0, 1:4].mean(0), hidden[1, 0:2].mean(0)])
     np.testing.assert_allclose(pool(hidden, spans, "cls"), [hidden[0, 1], hidden[1, 0]])
     np.testing.assert_allclose(pool(hidden, spans, "max"), [hidden[0, 3], hidden[1, 1]])
-    np.testing.assert_allclose(pool(hidden, spans, "lasttoken"), [hidden[0, 3], hidden[1, 1]])
+    np.testing.assert_allclose(pool(hidden, spans, "last"), [hidden[0, 3], hidden[1, 1]])
     with pytest.raises(ValueError, match="weightedmean"):
         pool(hidden, spans, "weightedmean")
 
@@ -60,16 +60,16 @@ def torch_backend(minilm_path):
     from gateway_torch import TorchBackend, TorchOptions
 
     backend = TorchBackend(model="m", path=minilm_path, options=TorchOptions(pack_tokens=16))
-    backend.load()
+    backend.info = backend.load()  # type: ignore[attr-defined]
     yield backend
     backend.close()
 
 
 def test_torch_packs_and_matches_sentence_transformers(torch_backend, st_model):
-    assert torch_backend.pads_to_longest is False  # the core need not split its batches
+    assert torch_backend.info.pads_to_longest is False  # the core need not split its batches
     assert torch_backend._packer.traced is not None  # TorchScript by default
     texts = [*SENTENCES, "", "ok", *SENTENCES[::-1]]
-    got = torch_backend.embed(texts)
+    got = embed(torch_backend, texts)
     assert got.dtype == np.float32 and got.shape == (len(texts), 384)
     # The reference computes each text alone, so no padding and no neighbours.
     for text, vec in zip(texts, got, strict=True):
@@ -78,10 +78,10 @@ def test_torch_packs_and_matches_sentence_transformers(torch_backend, st_model):
     np.testing.assert_allclose(np.linalg.norm(got, axis=1), 1.0, atol=1e-5)
 
 
-def test_torch_reuses_the_ids_it_counted(torch_backend):
+def test_torch_runs_on_the_ids_it_counted(torch_backend):
     """The core tokenizes each input once, on arrival; the packed forward runs on those ids."""
     long = " ".join(["tokens"] * 300)  # over the model's 256
-    check_reuses_token_ids(torch_backend, [*SENTENCES, "", long], torch_backend._packer.max_tokens, atol=1e-5)
+    check_runs_on_token_ids(torch_backend, [*SENTENCES, "", long], torch_backend._packer.max_tokens, atol=1e-5)
 
 
 def test_torch_without_a_trace_runs_eagerly(minilm_path, monkeypatch, caplog):
@@ -100,17 +100,17 @@ def test_torch_without_a_trace_runs_eagerly(minilm_path, monkeypatch, caplog):
     untraced = TorchBackend(model="m", path=minilm_path, options=TorchOptions(jit=False))
     untraced.load()
     assert untraced._packer.traced is None
-    np.testing.assert_allclose(backend.embed(SENTENCES), untraced.embed(SENTENCES), atol=1e-6)
+    np.testing.assert_allclose(embed(backend, SENTENCES), embed(untraced, SENTENCES), atol=1e-6)
 
 
 def test_torch_packing_off_pads(minilm_path):
     from gateway_torch import TorchBackend, TorchOptions
 
     backend = TorchBackend(model="m", path=minilm_path, options=TorchOptions(pack_tokens=0))
-    backend.load()
-    assert backend.pads_to_longest is True
+    assert backend.load().pads_to_longest is True
     assert backend._packer is None
-    assert backend.reuses_token_ids is False  # sentence-transformers' encode takes texts
+    # sentence-transformers' encode takes texts: the ids it is given are not used.
+    np.testing.assert_allclose(backend.embed(SENTENCES[:2], [[101, 102], [101, 102]]), embed(backend, SENTENCES[:2]))
 
 
 def test_torch_packing_turns_itself_off_when_it_disagrees(minilm_path, monkeypatch, caplog):
@@ -121,17 +121,17 @@ def test_torch_packing_turns_itself_off_when_it_disagrees(minilm_path, monkeypat
 
     real = gateway_torch._Packer.embed
 
-    def shifted(self, texts, torch, row_tokens=None):
-        out = real(self, texts, torch, row_tokens)
+    def shifted(self, texts, torch, row_tokens=None, ids=None):
+        out = real(self, texts, torch, row_tokens, ids)
         return np.roll(out, 1, axis=1)
 
     monkeypatch.setattr(gateway_torch._Packer, "embed", shifted)
     backend = TorchBackend(model="odd", path=minilm_path, options=TorchOptions())
     with caplog.at_level(logging.WARNING, logger="gateway.torch"):
-        backend.load()
-    assert backend.pads_to_longest is True
+        info = backend.load()
+    assert info.pads_to_longest is True
     assert "model 'odd': packing off (packed vectors differ" in caplog.text
-    assert cosine(backend.embed(["hello world"])[0], backend._encode(["hello world"])[0]) > 0.99999
+    assert cosine(embed(backend, ["hello world"])[0], backend._encode(["hello world"])[0]) > 0.99999
 
 
 def _concurrently(embed, batches):
@@ -145,9 +145,8 @@ def test_torch_parallel_batches_give_the_same_vectors(minilm_path, torch_backend
     from gateway_torch import TorchBackend, TorchOptions
 
     backend = TorchBackend(model="par", path=minilm_path, options=TorchOptions(parallel_batches=2))
-    backend.load()
-    assert backend.max_concurrent_batches == 2  # the core starts two batch workers
+    assert backend.load().concurrent_batches == 2  # the core starts two batch workers
     batches = [SENTENCES[:5], SENTENCES[4:], ["ok", *SENTENCES[::2]], SENTENCES[::-1]]
-    for got, texts in zip(_concurrently(backend.embed, batches), batches, strict=True):
-        np.testing.assert_allclose(got, torch_backend.embed(texts), atol=1e-5)
+    for got, texts in zip(_concurrently(lambda t: embed(backend, t), batches), batches, strict=True):
+        np.testing.assert_allclose(got, embed(torch_backend, texts), atol=1e-5)
     assert backend._running == 0

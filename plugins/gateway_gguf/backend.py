@@ -24,6 +24,7 @@ import msgspec
 import numpy as np
 
 from gateway.backend import Backend, BackendError, ModelInfo
+from gateway.hf import l2_normalize
 
 from . import _llama
 
@@ -93,9 +94,9 @@ class GgufOptions(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     n_ctx: PositiveInt | None = None
     n_batch: PositiveInt | None = None
     n_ubatch: PositiveInt | None = None
-    #: Most sequences packed into one llama.cpp call (a call also never exceeds n_ubatch tokens). Measured
-    #: with bench/raw_gguf.py on 2 cores: 4-16 per call ran ~1.5x the sentences/s of 1 per call (each call
-    #: has a fixed graph/thread start-up cost); the token cap keeps the packed attention small.
+    #: Most sequences packed into one llama.cpp call (a call also never exceeds n_ubatch tokens): each call
+    #: has a fixed graph and thread start-up cost (bench/README.md, "gguf"), and the token cap keeps the
+    #: packed attention small.
     seqs_per_call: PositiveInt = 16
     #: llama.cpp's extra weight buffers (repacked / AMX kernels). Off: on AVX-512+AMX machines the AMX int8
     #: kernel for Q8_0 crashed the process with SIGILL; f16 never uses them.
@@ -107,14 +108,6 @@ class GgufBackend(Backend):
 
     name: ClassVar[str] = "gguf"
     Options: ClassVar[type[msgspec.Struct]] = GgufOptions
-    # A core batch of 32 becomes a few packed llama.cpp calls (see seqs_per_call).
-    default_max_batch_size = 32
-    max_concurrent_batches = 1
-    # Sequences are packed token by token into llama.cpp's batch: nothing is padded, nothing to split.
-    pads_to_longest = False
-    local_tokenizer: ClassVar[bool] = True
-    # embed runs on llama.cpp's own ids, which tokenize hands out: each input is tokenized once.
-    reuses_token_ids = True
 
     def __init__(self, *, model: str, path: str, options: Any, trust_remote_code: bool = False) -> None:
         super().__init__(model=model, path=path, options=options, trust_remote_code=trust_remote_code)
@@ -148,8 +141,8 @@ class GgufBackend(Backend):
         threads = o.n_threads or _cpu_count()
         self._seqs_per_call = min(o.seqs_per_call, int(lib.llama_max_parallel_sequences()))
         self.close()  # a second load() replaces the first model instead of leaking it
-        # Metadata comes from llama.cpp itself after loading the weights (mmap, ~50 ms); gguf.GGUFReader
-        # took over a second to parse the vocabulary arrays of a small model.
+        # Metadata comes from llama.cpp itself after loading the weights (mmap); gguf.GGUFReader takes far
+        # longer to parse the vocabulary arrays.
         model = _llama.load_model(path, extra_buffers=o.extra_buffers)
         try:
             arch = _meta(lib, model, "general.architecture") or "?"
@@ -199,7 +192,16 @@ class GgufBackend(Backend):
             threads,
             o.seqs_per_call,
         )
-        return ModelInfo(dimension=self._dim, max_input_tokens=self._max_tokens, normalized=o.normalize)
+        return ModelInfo(
+            dimension=self._dim,
+            max_input_tokens=self._max_tokens,
+            normalized=o.normalize,
+            # A core batch of 32 becomes a few packed llama.cpp calls (see seqs_per_call).
+            max_batch_size=32,
+            # Sequences are packed token by token into llama.cpp's batch: nothing is padded, nothing to split.
+            pads_to_longest=False,
+            local_tokenizer=True,
+        )
 
     def close(self) -> None:
         with self._lock:
@@ -223,9 +225,6 @@ class GgufBackend(Backend):
         if vocab is None:
             raise BackendError(f"model {self.model!r} is not loaded")
         return _llama.tokenize(vocab, text)
-
-    def count_tokens(self, texts: Sequence[str]) -> list[int]:
-        return [len(ids) for ids in self.tokenize(texts)]
 
     def tokenize(self, texts: Sequence[str]) -> list[list[int]]:
         # No lock: llama_tokenize only reads the vocabulary, and each call has its own output buffer (the
@@ -266,9 +265,8 @@ class GgufBackend(Backend):
                 raise BackendError("llama.cpp returned no pooled embedding (is the GGUF an embedding model?)")
             out[row] = np.ctypeslib.as_array(ctypes.cast(ptr, ctypes.POINTER(ctypes.c_float)), (self._dim,))
 
-    def embed(self, texts: Sequence[str], token_ids: Sequence[Sequence[int]] | None = None) -> np.ndarray:
-        if token_ids is None:
-            token_ids = [self._tokenize(t) for t in texts]
+    def embed(self, texts: Sequence[str], token_ids: Sequence[Sequence[int]]) -> np.ndarray:
+        """Vectors from llama.cpp's own ids, which `tokenize` handed out: each input is tokenized once."""
         seqs = [self._truncate(list(ids)) for ids in token_ids]
         out = np.empty((len(seqs), self._dim), dtype=np.float32)
         per_call = self._seqs_per_call
@@ -288,7 +286,4 @@ class GgufBackend(Backend):
                 used += len(tokens)
             if chunk:
                 self._run(chunk, out, rows)
-        if self.opts.normalize and len(out):
-            norms = np.linalg.norm(out, axis=1, keepdims=True)
-            out /= np.maximum(norms, 1e-12)
-        return out
+        return l2_normalize(out) if self.opts.normalize and len(out) else out

@@ -9,9 +9,7 @@ that tokenizes differently would serve quietly wrong vectors, so a mismatch fail
 
 from __future__ import annotations
 
-import json
 import os
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,6 +17,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from gateway import hf
 from gateway.backend import BackendError, Converter
 
 from .backend import MAX_SEQ_LENGTH_KEY
@@ -43,17 +42,6 @@ _SKIP_PREFIXES = ("pooler.", "cls.", "bert.pooler.")
 _SKIP_SUFFIXES = ("position_ids",)
 
 
-def _say(msg: str) -> None:
-    print(f"gguf: {msg}", file=sys.stderr, flush=True)
-
-
-def _read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise BackendError(f"cannot read {path}: {exc}") from exc
-
-
 class _Source:
     """What the converter needs from a sentence-transformers or plain Hugging Face BERT folder."""
 
@@ -61,30 +49,22 @@ class _Source:
         if not root.is_dir():
             raise BackendError(f"{root} is not a model folder")
         self.root = root
-        self.model_dir = root  # the Transformer module's folder (weights, config.json, tokenizer)
-        self.pooling: str | None = None
-        self.normalize = False
-        modules_file = root / "modules.json"
-        if modules_file.is_file():
-            modules = _read_json(modules_file)
-            if not isinstance(modules, list):
-                raise BackendError(f"{modules_file}: expected a JSON list")
-            for module in modules:
-                kind = str(module.get("type", ""))
-                sub = root / str(module.get("path", ""))
-                if kind.endswith(".Transformer"):
-                    self.model_dir = sub
-                elif kind.endswith(".Pooling"):
-                    self.pooling = self._pooling(sub / "config.json")
-                elif kind.endswith(".Normalize"):
-                    self.normalize = True
-                else:
-                    # A Dense projection (or any module llama.cpp cannot run) would change the vectors.
-                    raise BackendError(f"{root}: sentence-transformers module {kind!r} is not supported by GGUF")
+        layout = hf.read_layout(root)
+        if layout.unsupported:
+            # A Dense projection (or any module llama.cpp cannot run) would change the vectors.
+            raise BackendError(
+                f"{root}: sentence-transformers module {layout.unsupported[0]!r} is not supported by GGUF"
+            )
+        if layout.pooling == "max":
+            raise BackendError(f"{root}: pooling 'max' is not supported by llama.cpp (mean, cls or last only)")
+        self.model_dir = layout.transformer_dir  # the Transformer module's folder (weights, config.json, tokenizer)
+        self.pooling = layout.pooling
+        self.normalize = layout.normalize
+        self.max_seq_length = layout.max_seq_length
         config_file = self.model_dir / "config.json"
         if not config_file.is_file():
             raise BackendError(f"{root} has no config.json (not a Hugging Face model folder)")
-        self.config: dict[str, Any] = _read_json(config_file)
+        self.config: dict[str, Any] = hf.read_json(config_file)
         model_type = self.config.get("model_type")
         if model_type != "bert":
             raise BackendError(
@@ -92,26 +72,6 @@ class _Source:
             )
         if self.config.get("position_embedding_type", "absolute") != "absolute":
             raise BackendError(f"{root}: only absolute position embeddings are supported by llama.cpp's bert")
-        self.max_seq_length: int | None = None
-        for cfg in (root / "sentence_bert_config.json", self.model_dir / "sentence_bert_config.json"):
-            if cfg.is_file():
-                value = _read_json(cfg).get("max_seq_length")
-                if isinstance(value, int) and value > 0:
-                    self.max_seq_length = value
-                break
-
-    @staticmethod
-    def _pooling(path: Path) -> str:
-        cfg = _read_json(path)
-        modes = [k for k, v in cfg.items() if k.startswith("pooling_mode_") and v is True]
-        mapping = {
-            "pooling_mode_mean_tokens": "mean",
-            "pooling_mode_cls_token": "cls",
-            "pooling_mode_lasttoken": "last",
-        }
-        if len(modes) != 1 or modes[0] not in mapping:
-            raise BackendError(f"{path}: pooling {modes} is not supported by llama.cpp (mean, cls or last only)")
-        return mapping[modes[0]]
 
     def tensors(self) -> Iterator[tuple[str, np.ndarray]]:
         """(HF name, float32 array) for every weight; safetensors (sharded or not) or pytorch_model.bin."""
@@ -148,7 +108,7 @@ class _Source:
         specials: set[str] = set()
         tok_file = self.model_dir / "tokenizer.json"
         if tok_file.is_file():
-            tok = _read_json(tok_file)
+            tok = hf.read_json(tok_file)
             model = tok.get("model") or {}
             if model.get("type") != "WordPiece":
                 raise BackendError(f"{tok_file}: tokenizer {model.get('type')!r} is not WordPiece")
@@ -169,7 +129,7 @@ class _Source:
                 lines.pop()
             by_id = dict(enumerate(lines))
             tcfg_file = self.model_dir / "tokenizer_config.json"
-            tcfg = _read_json(tcfg_file) if tcfg_file.is_file() else {}
+            tcfg = hf.read_json(tcfg_file) if tcfg_file.is_file() else {}
             normalizer = {
                 "lowercase": tcfg.get("do_lower_case", True),
                 "strip_accents": tcfg.get("strip_accents"),
@@ -253,7 +213,7 @@ class GgufConverter(Converter):
         finally:
             part.unlink(missing_ok=True)
         size = out_path.stat().st_size / 2**20
-        _say(f"wrote {out_path} ({size:.1f} MiB, {qtype}) in {time.perf_counter() - started:.1f}s")
+        self.say(f"wrote {out_path} ({size:.1f} MiB, {qtype}) in {time.perf_counter() - started:.1f}s")
 
     # -- writing -----------------------------------------------------------------------------------------
 
@@ -271,7 +231,7 @@ class GgufConverter(Converter):
         pooling = source.pooling
         if pooling is None:
             pooling = "mean"
-            _say("no sentence-transformers pooling config; writing mean pooling")
+            self.say("no sentence-transformers pooling config; writing mean pooling")
         if pooling != "mean" and pooling != "cls" and pooling != "last":
             raise BackendError(f"unsupported pooling {pooling!r}")
 
@@ -279,7 +239,7 @@ class GgufConverter(Converter):
         ftype = gguf.LlamaFileType.MOSTLY_F16 if qtype == "f16" else gguf.LlamaFileType.MOSTLY_Q8_0
         writer = gguf.GGUFWriter(str(path), gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.BERT])
         try:
-            _say(f"reading {source.model_dir} ({n_layers} layers, dim {hidden}, {qtype})")
+            self.say(f"reading {source.model_dir} ({n_layers} layers, dim {hidden}, {qtype})")
             n_vocab_rows = 0
             n_tensors = 0
             for hf_name, data in source.tensors():
@@ -321,7 +281,7 @@ class GgufConverter(Converter):
             writer.add_bool("sentence_transformers.normalize", source.normalize)
             self._add_vocab(writer, source, n_vocab_rows, gguf)
 
-            _say(f"writing {n_tensors} tensors to {path.name}")
+            self.say(f"writing {n_tensors} tensors to {path.name}")
             writer.write_header_to_file()
             writer.write_kv_data_to_file()
             writer.write_tensors_to_file(progress=False)
@@ -352,7 +312,7 @@ class GgufConverter(Converter):
             raise BackendError(f"vocabulary has {len(tokens)} tokens but the embedding matrix only {n_rows} rows")
         index = {t: i for i, t in enumerate(tokens)}
         tcfg_file = source.model_dir / "tokenizer_config.json"
-        tcfg = _read_json(tcfg_file) if tcfg_file.is_file() else {}
+        tcfg = hf.read_json(tcfg_file) if tcfg_file.is_file() else {}
 
         def special(key: str, default: str) -> int:
             value = tcfg.get(key, default)
@@ -387,17 +347,16 @@ class GgufConverter(Converter):
 
     # -- verification ------------------------------------------------------------------------------------
 
-    @staticmethod
-    def _verify(source: _Source, path: Path) -> None:
+    def _verify(self, source: _Source, path: Path) -> None:
         tok_file = source.model_dir / "tokenizer.json"
         try:
             import llama_cpp  # noqa: F401 - only probing that the runtime is installed
             import tokenizers
         except ImportError:
-            _say("llama-cpp-python or tokenizers missing: skipped the token-id check")
+            self.say("llama-cpp-python or tokenizers missing: skipped the token-id check")
             return
         if not tok_file.is_file():
-            _say("no tokenizer.json: skipped the token-id check")
+            self.say("no tokenizer.json: skipped the token-id check")
             return
         from . import _llama
 
@@ -419,4 +378,4 @@ class GgufConverter(Converter):
                     )
         finally:
             _llama.lib().llama_model_free(model)
-        _say(f"token ids match tokenizer.json on {len(VERIFY_TEXTS)} sample texts")
+        self.say(f"token ids match tokenizer.json on {len(VERIFY_TEXTS)} sample texts")

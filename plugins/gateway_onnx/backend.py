@@ -7,7 +7,6 @@ and a plugin nobody configured must not cost a second of import time or fail for
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from collections.abc import Sequence
@@ -17,7 +16,7 @@ from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal
 import msgspec
 import numpy as np
 
-from gateway import packing
+from gateway import hf, packing
 from gateway.backend import Backend, BackendError, ModelInfo
 
 if TYPE_CHECKING:
@@ -26,76 +25,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("gateway.onnx")
 
-Pooling = Literal["mean", "cls", "last"]
-
-# Keys of sentence-transformers' 1_Pooling/config.json that map onto a pooling we implement.
-_POOLING_KEYS: dict[str, Pooling] = {
-    "pooling_mode_mean_tokens": "mean",
-    "pooling_mode_cls_token": "cls",
-    "pooling_mode_lasttoken": "last",
-}
 _GRAPH_LEVELS = ("disable", "basic", "extended", "all")
 # Rows per onnxruntime call when `embed` gets more inputs than a core batch (benchmarks, direct use):
 # sorting by length and running in slices keeps padding low without huge activations.
 _SLICE = 64
-
-
-def _read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise BackendError(f"cannot read {path}: {exc}") from exc
-
-
-def sentence_transformers_layout(model_dir: Path) -> tuple[Pooling | None, bool, Path | None]:
-    """(pooling, has Normalize module, Transformer module folder) from modules.json; (None, False, None)
-    when the folder is not a sentence-transformers model."""
-    modules_file = model_dir / "modules.json"
-    if not modules_file.is_file():
-        return None, False, None
-    modules = _read_json(modules_file)
-    if not isinstance(modules, list):
-        raise BackendError(f"{modules_file}: expected a JSON list of modules")
-    pooling: Pooling | None = None
-    normalize = False
-    transformer_dir: Path | None = None
-    for module in modules:
-        kind = str(module.get("type", ""))
-        sub = model_dir / str(module.get("path", ""))
-        if kind.endswith(".Transformer"):
-            transformer_dir = sub
-        elif kind.endswith(".Normalize"):
-            normalize = True
-        elif kind.endswith(".Pooling"):
-            config = _read_json(sub / "config.json")
-            modes = [mode for key, mode in _POOLING_KEYS.items() if config.get(key)]
-            others = [k for k, v in config.items() if k.startswith("pooling_mode") and v and k not in _POOLING_KEYS]
-            if others or len(modes) != 1:
-                raise BackendError(
-                    f"{sub / 'config.json'}: pooling {others or modes or 'none'} is not supported; "
-                    "set options.pooling to one of mean, cls, last"
-                )
-            pooling = modes[0]
-        else:
-            # Dense, LayerNorm, custom modules: serving without them would return wrong vectors silently.
-            raise BackendError(f"{modules_file}: module {kind or module!r} is not supported by the onnx backend")
-    return pooling, normalize, transformer_dir
-
-
-def pool(hidden: np.ndarray, mask: np.ndarray, how: Pooling) -> np.ndarray:
-    """[n, seq, dim] token states -> [n, dim], ignoring padding (right-padded inputs)."""
-    if how == "cls":
-        return hidden[:, 0]
-    if how == "last":
-        last = mask.sum(axis=1).astype(np.int64) - 1
-        return hidden[np.arange(hidden.shape[0]), last]
-    m = mask[:, :, None].astype(hidden.dtype)
-    return (hidden * m).sum(axis=1) / np.clip(m.sum(axis=1), 1e-9, None)
-
-
-def l2_normalize(x: np.ndarray) -> np.ndarray:
-    # Same epsilon as torch.nn.functional.normalize, which sentence-transformers' Normalize uses.
-    return x / np.clip(np.linalg.norm(x, axis=1, keepdims=True), 1e-12, None)
 
 
 class OnnxOptions(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -103,16 +36,15 @@ class OnnxOptions(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
 
     # None: onnxruntime's default (one thread per physical core).
     intra_op_threads: Annotated[int, msgspec.Meta(ge=1)] | None = None
-    # onnxruntime's workers busy-wait between runs (its default). Through the gateway on 2 cores, measured
-    # with wrk: spinning on, 1 client 201 req/s (p50 4.7 ms) and 32 clients 271/s; off, 150/s (6.3 ms) and
-    # 285/s. Off suits a machine shared with other busy processes.
+    # onnxruntime's workers busy-wait between runs (its default): lower latency for a lone client, a little
+    # less throughput under load (bench/README.md, "onnx"). Off suits a machine shared with busy processes.
     allow_spinning: bool = True
     graph_optimization: Literal["disable", "basic", "extended", "all"] = "all"
     providers: list[str] = msgspec.field(default_factory=lambda: ["CPUExecutionProvider"])
     # The ONNX file inside the model folder (an int8 conversion is its own folder with its own model.onnx).
     file: str = "model.onnx"
     # None: from 1_Pooling/config.json when the folder is a sentence-transformers model, else mean.
-    pooling: Pooling | None = None
+    pooling: hf.Pooling | None = None
     # None: True exactly when modules.json lists a Normalize module.
     normalize: bool | None = None
     # With a graph from `gateway convert` (it takes position_ids): inputs share rows of this many tokens
@@ -120,18 +52,14 @@ class OnnxOptions(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     pack_tokens: Annotated[int, msgspec.Meta(ge=0, le=65_536)] = 64
     # Batches run at once (sessions are safe to run from several threads); with intra_op_threads unset,
     # each gets an equal share of the cores. Two single-threaded batches beat one batch over 2 threads once
-    # anything else wants a core: in-process beside a thread busy 20% of the time, int8 702 vs 484-516
-    # texts/s, fp32 328-341 vs 258 (batches of 16). Costs latency when a batch runs alone.
+    # anything else wants a core (bench/README.md, "parallel_batches"); it costs latency when a batch runs
+    # alone.
     parallel_batches: Annotated[int, msgspec.Meta(ge=1, le=64)] = 1
 
 
 class OnnxBackend(Backend):
     name: ClassVar[str] = "onnx"
     Options: ClassVar[type[msgspec.Struct]] = OnnxOptions
-    # A call costs about as much as 16-25 tokens of compute (bench/run.py raw figures: fp32 about 1 ms fixed
-    # and 0.15 ms per token; int8 about 1.6 ms fixed and 0.06 ms per token).
-    call_overhead_tokens: ClassVar[int] = 24
-    local_tokenizer: ClassVar[bool] = True
 
     _session: onnxruntime.InferenceSession
     _count_tok: tokenizers.Tokenizer
@@ -144,7 +72,8 @@ class OnnxBackend(Backend):
         self._output_index = 0
         self._pooled_output = False
         self._packed = False
-        self._pooling: Pooling = "mean"
+        self._use_ids = False
+        self._pooling: hf.Pooling = "mean"
         self._normalize = False
         self._pad_id = 0
         self._max_tokens = 0
@@ -219,30 +148,18 @@ class OnnxBackend(Backend):
         embed_tok.enable_truncation(max_length=self._max_tokens)
         self._embed_tok = embed_tok
 
-    def _max_input_tokens(self, model_dir: Path, transformer_dir: Path | None) -> int:
-        for folder in dict.fromkeys(d for d in (transformer_dir, model_dir) if d is not None):
-            sbert = folder / "sentence_bert_config.json"
-            if sbert.is_file():
-                value = _read_json(sbert).get("max_seq_length")
-                if isinstance(value, int) and value > 0:
-                    return value
-        config = model_dir / "config.json"
-        if config.is_file():
-            value = _read_json(config).get("max_position_embeddings")
-            if isinstance(value, int) and value > 0:
-                return value
-        log.warning("%s: no sentence_bert_config.json or config.json; assuming 512 input tokens", model_dir)
-        return 512
-
     def load(self) -> ModelInfo:
         import onnxruntime as ort
 
         opts: OnnxOptions = self.options
         model_dir, onnx_file = self._paths()
-        st_pooling, st_normalize, transformer_dir = sentence_transformers_layout(model_dir)
-        self._pooling = opts.pooling or st_pooling or "mean"
-        self._normalize = st_normalize if opts.normalize is None else opts.normalize
-        self._max_tokens = self._max_input_tokens(model_dir, transformer_dir)
+        layout = hf.read_layout(model_dir)
+        if layout.unsupported:
+            # Dense, LayerNorm, custom modules: serving without them would return other vectors, silently.
+            raise BackendError(f"{model_dir}: module {layout.unsupported[0]!r} is not supported by the onnx backend")
+        self._pooling = opts.pooling or layout.pooling or "mean"
+        self._normalize = layout.normalize if opts.normalize is None else opts.normalize
+        self._max_tokens = hf.max_input_tokens(layout)
         self._load_tokenizer(model_dir, onnx_file)
 
         so = ort.SessionOptions()
@@ -256,7 +173,6 @@ class OnnxBackend(Backend):
             so.intra_op_num_threads = opts.intra_op_threads
         elif opts.parallel_batches > 1:
             so.intra_op_num_threads = max(1, (os.cpu_count() or 1) // opts.parallel_batches)
-        self.max_concurrent_batches = opts.parallel_batches
         so.add_session_config_entry("session.intra_op.allow_spinning", "1" if opts.allow_spinning else "0")
         providers = self._providers()
         try:
@@ -265,10 +181,10 @@ class OnnxBackend(Backend):
             reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise BackendError(f"cannot load ONNX model {onnx_file}: {reason}") from exc
         self._inspect_graph(onnx_file)
-        # The packed path runs on ids alone, so the ids counted on arrival can be reused in the batch.
-        self.reuses_token_ids = self._packed and not self._pooled_output
+        # The packed path runs on ids alone, so the ids counted on arrival are reused in the batch.
+        self._use_ids = self._packed and not self._pooled_output
         try:
-            probe = self.embed(["warm up"])
+            probe = self.embed(["warm up"], self.tokenize(["warm up"]))
         except BackendError:
             raise
         except Exception as exc:
@@ -283,7 +199,16 @@ class OnnxBackend(Backend):
             self._max_tokens,
             self._session.get_providers(),
         )
-        return ModelInfo(dimension=self._dimension, max_input_tokens=self._max_tokens, normalized=self._normalize)
+        return ModelInfo(
+            dimension=self._dimension,
+            max_input_tokens=self._max_tokens,
+            normalized=self._normalize,
+            concurrent_batches=opts.parallel_batches,
+            pads_to_longest=not self._packed,
+            # The per-call cost in tokens of compute: bench/README.md, "onnx".
+            call_overhead_tokens=24,
+            local_tokenizer=True,
+        )
 
     def _inspect_graph(self, onnx_file: Path) -> None:
         inputs = self._session.get_inputs()
@@ -297,7 +222,6 @@ class OnnxBackend(Backend):
             )
         # Our converter writes position_ids only into graphs that read attention_mask as segment ids.
         self._packed = "position_ids" in self._input_names and self.options.pack_tokens > 0
-        self.pads_to_longest = not self._packed
         outputs = self._session.get_outputs()
         # Per-token states are pooled here; a graph that already pools (a 2-D output) is used as is.
         by_name = {o.name: i for i, o in enumerate(outputs)}
@@ -316,14 +240,10 @@ class OnnxBackend(Backend):
         raise BackendError(f"{onnx_file}: no [batch, sequence, hidden] output among {list(by_name)}")
 
     # -- serving ------------------------------------------------------------------------------------
-    def count_tokens(self, texts: Sequence[str]) -> list[int]:
-        return [len(ids) for ids in self.tokenize(texts)]
-
     def tokenize(self, texts: Sequence[str]) -> list[list[int]]:
         if len(texts) == 1:
             # On this thread: encode_batch hands even one text to the tokenizers' thread pool, whose threads
-            # then wait for a core beside the runtime's. Through the gateway, int8 at 32 single-text
-            # clients, alternated: 676-782 texts/s this way against 659-718 (and full batches of 32).
+            # then wait for a core beside the runtime's (bench/README.md, "Tokenizing one text").
             return [self._count_tok.encode(texts[0]).ids]
         return [e.ids for e in self._count_tok.encode_batch(list(texts))]
 
@@ -344,7 +264,7 @@ class OnnxBackend(Backend):
                 "token_type_ids": np.zeros_like(batch.input_ids),
             }
         )
-        return packing.pool(hidden, batch.spans, "lasttoken" if self._pooling == "last" else self._pooling)
+        return packing.pool(hidden, batch.spans, self._pooling)
 
     def _run(self, encodings: Sequence[Any]) -> np.ndarray:
         width = max(len(e.ids) for e in encodings)
@@ -363,13 +283,13 @@ class OnnxBackend(Backend):
         out = self._feed(arrays)
         if self._pooled_output:
             return out
-        return pool(out, mask, self._pooling)
+        return hf.pool(out, mask, self._pooling)
 
-    def embed(self, texts: Sequence[str], token_ids: Sequence[Sequence[int]] | None = None) -> np.ndarray:
+    def embed(self, texts: Sequence[str], token_ids: Sequence[Sequence[int]]) -> np.ndarray:
         if not texts:
             return np.zeros((0, self._dimension), dtype=np.float32)
-        if self.reuses_token_ids:
-            if token_ids is None or any(len(ids) > self._max_tokens for ids in token_ids):
+        if self._use_ids:
+            if any(len(ids) > self._max_tokens for ids in token_ids):
                 token_ids = [e.ids for e in self._embed_tok.encode_batch(list(texts))]
             # Slices bound the activations; packing needs no sorting.
             vectors = np.concatenate(
@@ -378,7 +298,7 @@ class OnnxBackend(Backend):
         else:
             vectors = self._embed_padded(texts)
         if self._normalize:
-            vectors = l2_normalize(vectors)
+            vectors = hf.l2_normalize(vectors)
         return np.ascontiguousarray(vectors, dtype=np.float32)
 
     def _embed_padded(self, texts: Sequence[str]) -> np.ndarray:

@@ -1,24 +1,10 @@
 """`gateway convert SRC --to onnx --out DIR [--quantize int8]`: a Hugging Face / sentence-transformers
 BERT-family encoder to an ONNX folder the onnx backend serves.
 
-int8 choice, measured on all-MiniLM-L6-v2 (onnxruntime 1.32, 2-core AVX-512 VNNI machine): cosine of int8
-vs fp32 vectors over 24 varied sentences (3 to 198 tokens: short, long, accented, Cyrillic, CJK, emoji),
-QInt8 weights, activations quantized dynamically per batch, all of onnxruntime's default op types:
-
-    quantize_dynamic defaults (per-tensor, 8-bit range)   min 0.8530  mean 0.9459
-    reduce_range=True only                                min 0.5999  mean 0.8380
-    per_channel=True only                                 min 0.9553  mean 0.9887
-    per_channel=True, reduce_range=True                   min 0.9700  mean 0.9888
-
-Dynamic quantization picks one activation scale per tensor per call, so a vector depends on its
-batch-mates: in one batch of the 13 test texts (2 to 354 tokens) "ok" fell to 0.9435 with the last row
-above (0.9721 alone). Quantizing only the MatMuls (op_types_to_quantize=["MatMul"]), which leaves the
-word-embedding Gather in fp32, gave min 0.9679 in that batch (0.9646 alone), at the same speed (about
-800/s vs 250/s fp32 at batch 32) and 59 MB instead of 23 MB. That is what we ship: per-channel,
-reduced range, MatMul only. Per-channel scales carry most of the gain; 7-bit weights also avoid int16
-saturation in the u8 x s8 multiply-add on CPUs without VNNI. The worst vector is always a very short
-input, whose mean pools few tokens. STS-B with per-channel + reduced range: Spearman 81.97 vs 82.05
-fp32 and 81.70 with the defaults (measured earlier on the same machines).
+int8 is dynamic quantization of the MatMuls only, with per-channel QInt8 weights in a reduced range: of the
+settings tried, the one that kept vectors closest to fp32 (bench/README.md, "int8 conversion"). The word
+embedding Gather stays fp32, and per-channel scales carry most of the gain; 7-bit weights also avoid int16
+saturation in the u8 x s8 multiply-add on CPUs without VNNI.
 
 torch / transformers / onnx are imported inside `convert`: registering the converter must stay cheap.
 """
@@ -28,7 +14,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -36,9 +21,10 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from gateway import hf
 from gateway.backend import BackendError, Converter
 
-from .backend import OnnxBackend, OnnxOptions, l2_normalize, pool, sentence_transformers_layout
+from .backend import OnnxBackend, OnnxOptions
 
 OPSET = 17
 # Small files a served model needs beside the graph; weights (safetensors/bin) are deliberately left out.
@@ -77,10 +63,6 @@ class _Mismatch(BackendError):
     """The written graph's vectors disagree with the source model's."""
 
 
-def _say(message: str) -> None:
-    print(f"[convert onnx] {message}", file=sys.stderr, flush=True)
-
-
 def _one_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
@@ -105,8 +87,7 @@ class OnnxConverter(Converter):
         trust_remote_code = bool(getattr(args, "trust_remote_code", False))
         if not src_dir.is_dir():
             raise BackendError(f"source {src_dir} is not a folder (expected a Hugging Face model folder)")
-        _, _, transformer_dir = sentence_transformers_layout(src_dir)
-        hf_dir = transformer_dir or src_dir
+        hf_dir = hf.read_layout(src_dir).transformer_dir
         if not (hf_dir / "config.json").is_file():
             raise BackendError(f"source {hf_dir} has no config.json: not a Hugging Face model folder")
         if out_dir.resolve() == src_dir.resolve():
@@ -131,14 +112,14 @@ class OnnxConverter(Converter):
                 # Replace atomically so a server reading DIR never sees half a file.
                 os.replace(staged, target)
             self._copy_support_files(src_dir, hf_dir, out_dir)
-            _say(f"wrote {target} ({target.stat().st_size / 1e6:.1f} MB) in {time.perf_counter() - started:.1f}s")
+            self.say(f"wrote {target} ({target.stat().st_size / 1e6:.1f} MB) in {time.perf_counter() - started:.1f}s")
             try:
                 self._check(model, out_dir, quantize)
                 return
             except _Mismatch as exc:
                 if not packed:
                     raise
-                _say(f"the packed graph disagrees with the source ({exc}); exporting a padded graph instead")
+                self.say(f"the packed graph disagrees with the source ({exc}); exporting a padded graph instead")
                 packed = False
 
     def _load_torch(self, hf_dir: Path, trust_remote_code: bool) -> tuple[Any, list[str]]:
@@ -153,7 +134,7 @@ class OnnxConverter(Converter):
                 f"ONNX conversion needs torch, transformers and onnx ({exc.name} is missing): "
                 "pip install 'embedding-gateway[torch,onnx]'"
             ) from exc
-        _say(f"loading {hf_dir}")
+        self.say(f"loading {hf_dir}")
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
         try:
@@ -213,7 +194,7 @@ class OnnxConverter(Converter):
         dummy = tuple(values[n] for n in names)
         axes = {name: {0: "batch", 1: "sequence"} for name in names}
         axes["last_hidden_state"] = {0: "batch", 1: "sequence"}
-        _say(f"exporting ONNX opset {OPSET} (inputs {', '.join(names)})")
+        self.say(f"exporting ONNX opset {OPSET} (inputs {', '.join(names)})")
         try:
             with torch.no_grad():
                 torch.onnx.export(
@@ -233,7 +214,7 @@ class OnnxConverter(Converter):
     def _quantize(self, fp32: Path, int8: Path) -> None:
         from onnxruntime.quantization import QuantType, quantize_dynamic
 
-        _say("quantizing MatMuls to int8 (dynamic, per-channel QInt8 weights, reduced range)")
+        self.say("quantizing MatMuls to int8 (dynamic, per-channel QInt8 weights, reduced range)")
         try:
             quantize_dynamic(
                 model_input=str(fp32),
@@ -260,10 +241,10 @@ class OnnxConverter(Converter):
                 sub = str(module.get("path", ""))
                 if str(module.get("type", "")).endswith(".Transformer"):
                     module["path"] = ""
-                elif sub and (src_dir / sub).is_dir():
+                elif sub and hf.inside(src_dir, sub, str(modules_file)).is_dir():
                     shutil.copytree(
-                        src_dir / sub,
-                        out_dir / sub,
+                        hf.inside(src_dir, sub, str(modules_file)),
+                        hf.inside(out_dir, sub, str(modules_file)),
                         dirs_exist_ok=True,
                         ignore=shutil.ignore_patterns(*(f"*{s}" for s in _WEIGHT_SUFFIXES)),
                     )
@@ -272,7 +253,7 @@ class OnnxConverter(Converter):
             # Older repos ship only vocab.txt; the fast tokenizer serializes one tokenizer.json from it.
             from transformers import AutoTokenizer
 
-            _say("no tokenizer.json in source; writing one from the fast tokenizer")
+            self.say("no tokenizer.json in source; writing one from the fast tokenizer")
             try:
                 AutoTokenizer.from_pretrained(str(hf_dir), local_files_only=True).save_pretrained(str(out_dir))
             except Exception as exc:
@@ -284,7 +265,7 @@ class OnnxConverter(Converter):
 
         backend = OnnxBackend(model="convert-check", path=str(out_dir), options=OnnxOptions())
         backend.load()
-        got = backend.embed(list(CHECK_SENTENCES))
+        got = backend.embed(list(CHECK_SENTENCES), backend.tokenize(list(CHECK_SENTENCES)))
         enc = backend._embed_tok.encode_batch(list(CHECK_SENTENCES))
         cos = []
         with torch.no_grad():
@@ -294,11 +275,11 @@ class OnnxConverter(Converter):
                 if "token_type_ids" in backend._input_names:
                     kwargs["token_type_ids"] = torch.tensor([e.type_ids])
                 hidden = model(**kwargs).last_hidden_state.numpy()
-                ref = pool(hidden, np.ones(ids.shape, dtype=np.int64), backend._pooling)
-                cos.append(float((l2_normalize(ref) @ l2_normalize(vec[None]).T)[0, 0]))
+                ref = hf.pool(hidden, np.ones(ids.shape, dtype=np.int64), backend._pooling)
+                cos.append(float((hf.l2_normalize(ref) @ hf.l2_normalize(vec[None]).T)[0, 0]))
         backend.close()
         worst = min(cos)
-        _say(f"check vs torch on {len(cos)} sentences: min cosine {worst:.5f}, mean {np.mean(cos):.5f}")
+        self.say(f"check vs torch on {len(cos)} sentences: min cosine {worst:.5f}, mean {np.mean(cos):.5f}")
         floor = 0.95 if quantize else 0.999
         if worst < floor:
             raise _Mismatch(f"converted model disagrees with the source: min cosine {worst:.4f} < {floor}")

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import copy
+import ctypes
 import logging
 import os
 import threading
+import time
 from collections.abc import Callable, Sequence
 from typing import Annotated, Any
 
@@ -13,7 +15,8 @@ import msgspec
 import numpy as np
 
 from gateway import Backend, BackendError, ModelInfo, hookimpl
-from gateway.packing import POOLING_MODES, pack, pool
+from gateway.hf import POOLING_MODES, l2_normalize, pooling_name
+from gateway.packing import pack, pool
 
 log = logging.getLogger("gateway.torch")
 
@@ -36,13 +39,12 @@ class TorchOptions(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     # warning for a model where the two disagree (e.g. positions that do not start at 0).
     pack_tokens: Annotated[int, msgspec.Meta(ge=0, le=65_536)] = 64
     # Run the packed forward as a TorchScript trace: no Python per layer, and the GIL is free while it runs
-    # (the event loop shares it). Measured on all-MiniLM-L6-v2, 2 cores: 1.4x at 1 input per call, 1.1x at
-    # 16-32. Checked against the eager model at load (several shapes); eager where a model does not trace.
+    # (the event loop shares it; bench/README.md, "torch"). Checked against the eager model at load (several
+    # shapes); eager where a model does not trace.
     jit: bool = True
-    # Batches run at once, each on its own share of the threads (packed path only). Two single-threaded
-    # batches beat one batch split over 2 threads once anything else wants a core (the event loop does):
-    # in-process, batches of 16 beside a thread busy 20% of the time, 396/392 vs 290/236 texts/s. A batch
-    # that runs alone still gets every thread.
+    # Batches run at once, each on its own share of the threads (packed path only): two single-threaded
+    # batches beat one batch split over 2 threads once anything else wants a core, as the event loop does
+    # (bench/README.md, "parallel_batches"). A batch that runs alone still gets every thread.
     parallel_batches: Annotated[int, msgspec.Meta(ge=1, le=64)] = 1
 
 
@@ -51,13 +53,6 @@ class TorchBackend(Backend):
 
     name = "torch"
     Options = TorchOptions
-    # Packed random corpus batches, alternated 4 times: 16 -> 370-457/s, 32 -> 429-472/s, 64 -> 384-485/s.
-    default_max_batch_size = 32
-    default_max_batch_tokens = 16_384
-    # A call costs about as much as 128 tokens of compute (bench/run.py raw figures: about 13 ms fixed per
-    # call, about 0.1 ms per token).
-    call_overhead_tokens = 128
-    local_tokenizer = True
 
     def load(self) -> ModelInfo:
         """Load the SentenceTransformer and a private copy of its tokenizer for counting."""
@@ -99,30 +94,36 @@ class TorchBackend(Backend):
         if normalized is False and has_normalize:
             raise BackendError("normalize = false, but the model itself ends in a Normalize module")
         self._unit = bool(normalized)
-        self._packer: _Packer | None = None
-        if opts.pack_tokens:
-            self._packer = self._make_packer(model, opts.pack_tokens)
-            # Packed rows carry no padding: the core need not split batches by length. The packer tokenizes
-            # with the counting tokenizer's rules, so the ids counted on arrival are reused in the batch.
-            self.pads_to_longest = self._packer is None
-            self.reuses_token_ids = self._packer is not None
+        self._packer = self._make_packer(model, opts.pack_tokens) if opts.pack_tokens else None
         self._threads = torch.get_num_threads()
         self._running = 0
-        if self._packer is not None:
-            self.max_concurrent_batches = opts.parallel_batches
-        return ModelInfo(dimension=int(dim), max_input_tokens=int(limit), normalized=normalized)
+        self._parallel = opts.parallel_batches if self._packer is not None else 1
+        self._trim = _HeapTrimmer()
+        return ModelInfo(
+            dimension=int(dim),
+            max_input_tokens=int(limit),
+            normalized=normalized,
+            # Batch size and per-call cost: bench/README.md, "torch".
+            max_batch_size=32,
+            concurrent_batches=self._parallel,
+            # Packed rows carry no padding: the core need not split batches by length.
+            pads_to_longest=self._packer is None,
+            call_overhead_tokens=128,
+            local_tokenizer=True,
+        )
 
     def _make_packer(self, model: Any, row_tokens: int) -> _Packer | None:
         modules = list(model)
         first, second, rest = modules[0], modules[1] if len(modules) > 1 else None, modules[2:]
-        mode = getattr(second, "pooling_mode", None)
-        if mode is None and hasattr(second, "get_pooling_mode_str"):  # sentence-transformers < 6
-            mode = second.get_pooling_mode_str()
+        st_mode = getattr(second, "pooling_mode", None)
+        if st_mode is None and hasattr(second, "get_pooling_mode_str"):  # sentence-transformers < 6
+            st_mode = second.get_pooling_mode_str()
+        mode = pooling_name(str(st_mode))
         why = ""
         if not hasattr(first, "auto_model") or getattr(first, "backend", "torch") != "torch":
             why = "its first module is not a transformers model"
-        elif mode not in POOLING_MODES:
-            why = f"pooling mode {mode!r} is not one of {', '.join(POOLING_MODES)}"
+        elif mode is None:
+            why = f"pooling mode {st_mode!r} is not one of {', '.join(POOLING_MODES)}"
         elif any(type(m).__name__ != "Normalize" for m in rest):
             why = "modules after pooling other than Normalize"
         elif getattr(model.tokenizer, "backend_tokenizer", None) is None:
@@ -130,7 +131,7 @@ class TorchBackend(Backend):
         if why:
             log.warning("model %r: packing off (%s); batches are padded", self.model, why)
             return None
-        packer = _Packer(model, first, str(mode), row_tokens, self._unit)
+        packer = _Packer(model, first, mode, row_tokens, self._unit)
         try:
             reference = self._encode(_PROBES)
             packed = packer.embed(_PROBES, self._torch, row_tokens=10_000)  # all in one row
@@ -167,8 +168,8 @@ class TorchBackend(Backend):
 
             def count(texts: Sequence[str]) -> list[list[int]]:
                 if len(texts) == 1:
-                    # On this thread: encode_batch hands even one text to the tokenizers' thread pool,
-                    # whose threads then wait for a core beside torch's (measured through the gateway).
+                    # On this thread: encode_batch hands even one text to the tokenizers' thread pool, whose
+                    # threads then wait for a core beside torch's (bench/README.md, "Tokenizing one text").
                     return [fast.encode(texts[0]).ids]
                 return [e.ids for e in fast.encode_batch(list(texts))]
 
@@ -176,34 +177,34 @@ class TorchBackend(Backend):
         slow = copy.deepcopy(tokenizer)
         return lambda texts: list(slow(list(texts), truncation=False)["input_ids"])
 
-    def count_tokens(self, texts: Sequence[str]) -> list[int]:
-        """Tokens with [CLS]/[SEP] (what the model consumes), untruncated."""
-        return [len(ids) for ids in self.tokenize(texts)]
-
     def tokenize(self, texts: Sequence[str]) -> list[list[int]]:
-        """The ids the packed forward runs on (the model's lower-casing applied), untruncated."""
+        """Ids with [CLS]/[SEP] (what the model consumes; the model's lower-casing applied), untruncated."""
         if self._packer is not None and self._packer.lower:
             texts = [t.lower() for t in texts]
         return self._counter(texts)
 
-    def embed(self, texts: Sequence[str], token_ids: Sequence[Sequence[int]] | None = None) -> np.ndarray:
-        """One forward pass over the whole batch (the core already sized and sorted it)."""
-        if self._packer is not None:
-            if self.max_concurrent_batches == 1:
+    def embed(self, texts: Sequence[str], token_ids: Sequence[Sequence[int]]) -> np.ndarray:
+        """One forward pass over the whole batch (the core already sized and sorted it): packed, on the ids
+        counted on arrival, or padded through the model's own encode."""
+        try:
+            if self._packer is None:
+                return self._encode(texts)
+            if self._parallel == 1:
                 with self._lock:
                     return self._packer.embed(texts, self._torch, ids=token_ids)
             with self._lock:
                 self._running += 1
                 # torch's thread count belongs to the calling thread: a batch alone gets them all, batches
                 # side by side share them.
-                share = self._threads if self._running == 1 else max(1, self._threads // self.max_concurrent_batches)
+                share = self._threads if self._running == 1 else max(1, self._threads // self._parallel)
             try:
                 self._torch.set_num_threads(share)
                 return self._packer.embed(texts, self._torch, ids=token_ids)
             finally:
                 with self._lock:
                     self._running -= 1
-        return self._encode(texts)
+        finally:
+            self._trim()
 
     def _encode(self, texts: Sequence[str]) -> np.ndarray:
         with self._lock, self._torch.inference_mode():
@@ -225,7 +226,7 @@ class TorchBackend(Backend):
 class _Packer:
     """Runs the transformer on packed rows and pools per input, as the model's own modules would."""
 
-    def __init__(self, model: Any, transformer: Any, mode: str, row_tokens: int, unit: bool) -> None:
+    def __init__(self, model: Any, transformer: Any, mode: Any, row_tokens: int, unit: bool) -> None:
         self.net = transformer.auto_model
         self.device = model.device
         self.dtype = self.net.dtype
@@ -281,9 +282,9 @@ class _Packer:
         long_text = " ".join(["tokens"] * (self.max_tokens + 8))  # truncated to the model's limit
         shapes = [list(_PROBES), [_PROBES[0]], [_PROBES[2], long_text, *_PROBES], [long_text]]
         # TorchScript's default (profiling) executor re-specialises the graph on the shapes it sees; with the
-        # shapes of live traffic it got slower pass after pass (batch 1 over the bench corpus: 201, 166,
-        # 139/s), where the simple executor held 212-228/s. Private, process-wide switch; absent in some
-        # future torch, the default executor runs.
+        # shapes of live traffic it got slower pass after pass, where the simple executor held its speed
+        # (bench/README.md, "torch"). Private, process-wide switch; absent in some future torch, the default
+        # executor runs.
         switch = getattr(torch._C, "_jit_set_profiling_executor", None)
         if switch is not None:
             switch(False)
@@ -319,9 +320,30 @@ class _Packer:
             batch, args = self._inputs(texts, torch, row_tokens, ids)
             hidden = (self.traced or self._eager)(*args).float().cpu().numpy()
         vectors = pool(hidden, batch.spans, self.mode)
-        if self.unit:
-            vectors /= np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
-        return vectors
+        return l2_normalize(vectors) if self.unit else vectors
+
+
+class _HeapTrimmer:
+    """Hands freed memory back to the OS at most once a second (glibc only).
+
+    Batches of ever-different shapes leave glibc's heap fragmented, and torch's freed activations stay in
+    the process: without trims the resident size of a torch model kept climbing over mixed batches
+    (bench/README.md, "torch"). A trim takes milliseconds, hence at most once a second.
+    """
+
+    def __init__(self, every_s: float = 1.0) -> None:
+        self.every_s = every_s
+        self._last = time.monotonic()
+        try:
+            self._malloc_trim: Callable[[int], int] | None = ctypes.CDLL("libc.so.6").malloc_trim
+        except (OSError, AttributeError):  # not glibc
+            self._malloc_trim = None
+
+    def __call__(self) -> None:
+        now = time.monotonic()
+        if self._malloc_trim is not None and now - self._last > self.every_s:
+            self._last = now
+            self._malloc_trim(0)
 
 
 @hookimpl(trylast=True)

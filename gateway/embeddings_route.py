@@ -1,0 +1,155 @@
+"""POST /v1/embeddings (and /api/v3/inference/embeddings): the one hot route, as a raw ASGI handler.
+
+Litestar's per-request handler machinery (the Request object, the kwargs and signature models, the
+response object) costs more event-loop CPU than everything else an embedding request needs, and that
+CPU is what a busy server takes from inference (bench/README.md, "The embeddings route"). So this route
+is an ASGI handler inside the Litestar app: routing, the middleware and the exception handlers stay
+Litestar's, and therefore every error answer does. What Litestar would do for a `post` handler is done
+here, in this module only: the method check, the body read under the app's body limit, the decode and its
+error messages (decoding.py), and the route's OpenAPI description (`document`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from litestar import Litestar, post
+from litestar.exceptions import HTTPException, MethodNotAllowedException
+from litestar.handlers import asgi
+from litestar.params import JSONBody
+from litestar.types import Receive, Scope, Send
+
+from . import service
+from .asgi import header
+from .auth import authorize
+from .decoding import BodyDecoder
+from .errors import GatewayError, error_responses
+from .schemas import EmbeddingRequest, EmbeddingResponse
+from .state import Gateway
+
+PATHS = ["/v1/embeddings", "/api/v3/inference/embeddings"]
+_DECODER = BodyDecoder(EmbeddingRequest)
+_JSON = (b"content-type", b"application/json")
+_ALLOW = "POST, OPTIONS"  # in a 405; the 204 to OPTIONS lists them the other way round, as Litestar's does
+# Only requests still waiting after this long get a task that watches for their client hanging up: most
+# finish sooner, and a task per request is a measurable share of the loop's time.
+_WATCH_AFTER_S = 0.1
+
+
+@asgi(PATHS, is_mount=False, copy_scope=False)
+async def serve_embeddings(scope: Scope, receive: Receive, send: Send) -> None:
+    """Answer one embeddings request."""
+    method = scope["method"]
+    if method != "POST":
+        if method == "OPTIONS":
+            await send({"type": "http.response.start", "status": 204, "headers": [(b"allow", b"OPTIONS, POST")]})
+            await send({"type": "http.response.body", "body": b""})
+            return
+        raise MethodNotAllowedException(headers={"allow": _ALLOW})
+    app: Litestar = scope["litestar_app"]
+    gw: Gateway = app.state.gateway
+    state: dict[str, Any] = scope.setdefault("state", {})
+    authorization = header(scope, b"authorization")
+    key = authorize(gw.keys, authorization.decode("latin-1") if authorization is not None else None, state)
+    body = _DECODER.decode(await _read_body(scope, receive, app.request_max_body_size))
+    with _HangUpWatch(receive) as watch:
+        try:
+            out = await service.embed_json(gw, body, key, state)
+        except asyncio.CancelledError:
+            if not watch.hung_up:
+                raise
+            # Cancelled because the client hung up: its inputs left the model's queue, nobody computes them.
+            watch.task.uncancel()
+            raise _client_closed() from None
+    await send(
+        {
+            "type": "http.response.start",
+            "status": 200,
+            "headers": [_JSON, (b"content-length", str(len(out)).encode())],
+        }
+    )
+    await send({"type": "http.response.body", "body": out})
+
+
+def _client_closed() -> GatewayError:
+    # 499 (nginx's "client closed request"): counted and logged like any answer, though nobody reads it.
+    return GatewayError(499, "client closed the request", code="client_closed")
+
+
+async def _read_body(scope: Scope, receive: Receive, limit: int | None) -> bytes:
+    # Refused as soon as it is known to be too large, from Content-Length or from what has arrived.
+    limit = limit or 2**63
+    length = header(scope, b"content-length")
+    if length is not None and length.isdigit() and int(length) > limit:
+        raise HTTPException(status_code=413)
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise _client_closed()
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            raise HTTPException(status_code=413)
+        chunks.append(chunk)
+        if not message.get("more_body", False):
+            return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+class _HangUpWatch:
+    """Cancels the request's task when its client hangs up (noticed at most `_WATCH_AFTER_S` late)."""
+
+    def __init__(self, receive: Receive) -> None:
+        self.receive = receive
+        task = asyncio.current_task()
+        assert task is not None
+        self.task = task
+        self.hung_up = False
+        self._watcher: asyncio.Task[None] | None = None
+        self._timer: asyncio.TimerHandle | None = None
+
+    def __enter__(self) -> _HangUpWatch:
+        self._timer = asyncio.get_running_loop().call_later(_WATCH_AFTER_S, self._start)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        # No await between the request's work ending and this: a watcher cannot cancel the task after it.
+        if self._timer is not None:
+            self._timer.cancel()
+        if self._watcher is not None:
+            self._watcher.cancel()
+
+    def _start(self) -> None:
+        self._watcher = asyncio.get_running_loop().create_task(self._watch())
+
+    async def _watch(self) -> None:
+        # The body has been read, so the next ASGI message can only be the client going away.
+        while (await self.receive())["type"] != "http.disconnect":
+            pass
+        self.hung_up = True
+        self.task.cancel()
+
+
+@post(
+    PATHS,
+    status_code=200,
+    summary="Create embeddings",
+    responses=error_responses(400, 401, 403, 404, 413, 429, 500, 503, 504),
+)
+async def _described(data: JSONBody[EmbeddingRequest]) -> EmbeddingResponse:
+    """Embed one string or a list of strings with a configured model."""
+    raise NotImplementedError  # never routed: it only describes `serve_embeddings` for /schema
+
+
+def document(app: Litestar) -> None:
+    """Add this route to `app`'s OpenAPI schema, which leaves ASGI handlers out.
+
+    The description is Litestar's own, made from `_described` by a throwaway app with the same OpenAPI
+    config, so it says exactly what a `post` handler with that signature would.
+    """
+    described = Litestar(route_handlers=[_described], openapi_config=app.openapi_config).openapi_schema
+    schema = app.openapi_schema
+    schema.paths = {**(described.paths or {}), **(schema.paths or {})}
+    schema.components.schemas = {**(described.components.schemas or {}), **(schema.components.schemas or {})}

@@ -1,0 +1,96 @@
+"""The routes besides embeddings: model list, liveness, readiness, reload and metrics."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from litestar import Request, get, post
+from litestar.connection import ASGIConnection
+from litestar.handlers.base import BaseRouteHandler
+from litestar.openapi import ResponseSpec
+from litestar.plugins.prometheus import PrometheusController
+from litestar.response import Response
+
+from .auth import ApiKey, authorize
+from .config import ConfigError
+from .errors import GatewayError, error_responses
+from .registry import ModelState, ServedModel
+from .schemas import Health, ModelCard, ModelList, ReloadResult
+from .state import Gateway
+
+log = logging.getLogger("gateway")
+
+
+def _gateway(connection: ASGIConnection[Any, Any, Any, Any]) -> Gateway:
+    return connection.app.state.gateway  # type: ignore[no-any-return]
+
+
+async def require_key(connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHandler) -> None:
+    """Guard: a valid bearer key, which then counts one request against its limit."""
+    authorize(_gateway(connection).keys, connection.headers.get("authorization"), connection.scope["state"])
+
+
+async def require_admin(connection: ASGIConnection[Any, Any, Any, Any], handler: BaseRouteHandler) -> None:
+    """Guard: a valid key with admin rights."""
+    await require_key(connection, handler)
+    if not connection.scope["state"]["api_key"].admin:
+        raise GatewayError(403, "this API key may not use admin endpoints", code="forbidden")
+
+
+def _card(model: ServedModel) -> ModelCard:
+    cfg = model.spec.config
+    info = model.info
+    return ModelCard(
+        id=model.name,
+        created=model.created,
+        backend=cfg.backend,
+        ready=model.state == ModelState.READY,
+        state=model.state.value,  # type: ignore[arg-type]
+        dimension=info.dimension if info else None,
+        max_input_tokens=model.max_input_tokens if info else cfg.max_input_tokens,
+        matryoshka_dimensions=cfg.matryoshka_dimensions,
+        aliases=list(cfg.aliases),
+        error=model.error,
+    )
+
+
+@get(["/v1/models", "/api/v3/inference/models"], guards=[require_key], responses=error_responses(401, 429))
+async def list_models(request: Request[Any, Any, Any]) -> ModelList:
+    """The models this key may use, and what each can do."""
+    key: ApiKey = request.scope["state"]["api_key"]
+    models = _gateway(request).registry.models.values()
+    return ModelList(data=[_card(m) for m in models if key.may_use(m.name)])
+
+
+@get("/health", summary="Liveness")
+async def health() -> Health:
+    """Answers while the process serves HTTP (no auth)."""
+    return Health(status="ok")
+
+
+@get("/ready", summary="Readiness", responses={503: ResponseSpec(data_container=Health)})
+async def ready(request: Request[Any, Any, Any]) -> Response[Health]:
+    """200 when every configured model is loaded; 503 listing the state of each."""
+    states = {name: m.state.value for name, m in _gateway(request).registry.models.items()}
+    ok = all(s == ModelState.READY for s in states.values())
+    return Response(Health(status="ready" if ok else "not ready", models=states), status_code=200 if ok else 503)
+
+
+@post("/admin/reload", status_code=200, guards=[require_admin], responses=error_responses(400, 401, 403))
+async def admin_reload(request: Request[Any, Any, Any]) -> ReloadResult:
+    """Re-read gateway.toml now (as SIGHUP does); an invalid config is refused and the running one kept."""
+    try:
+        return await _gateway(request).reload()
+    except ConfigError as exc:
+        log.error("reload refused: %s", exc)
+        raise GatewayError(400, f"reload refused, the running config is kept: {exc}", code="invalid_config") from None
+
+
+class MetricsController(PrometheusController):
+    """Prometheus text format at /metrics (kept out of the JSON API's schema: it is not JSON)."""
+
+    include_in_schema = False
+
+
+ROUTES = [list_models, health, ready, admin_reload, MetricsController]

@@ -1,0 +1,111 @@
+"""The running gateway's state: config, keys and models, replaced whole on reload."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Iterator, Mapping
+
+import msgspec
+
+from .auth import KeyStore
+from .backend import Backend
+from .config import ConfigError, GatewayConfig, load_config
+from .registry import BatchObserver, ModelSpec, ModelState, Registry, build_specs
+from .schemas import ReloadResult
+
+log = logging.getLogger("gateway")
+
+# [server] settings fixed when the server starts (the others follow a reload).
+_RESTART_FIELDS = ("host", "port", "max_body_bytes", "access_log", "log_level")
+
+
+class Gateway:
+    """Everything a request needs.
+
+    `config`, `keys` and `registry` are replaced whole on reload (one assignment each, on the event loop),
+    so a request sees either the old or the new set, never a mix within one lookup.
+    """
+
+    def __init__(
+        self,
+        config: GatewayConfig,
+        backends: Mapping[str, type[Backend]],
+        *,
+        broken: Mapping[str, str] | None = None,
+        keys: KeyStore | None = None,
+        fallback_keys: KeyStore | None = None,
+        config_path: str | None = None,
+        on_batch: BatchObserver | None = None,
+    ) -> None:
+        """`broken`: plugins that failed to import; `keys`: fixed keys (the config's are ignored);
+        `fallback_keys`: used while the config names no key; `on_batch`: told of every backend batch."""
+        self.config = config
+        self.backends = backends
+        self.broken = broken or {}
+        self.config_path = config_path
+        self.on_batch = on_batch
+        self._fixed_keys = keys
+        self._fallback_keys = fallback_keys
+        self.keys = KeyStore()
+        self.keys = self._keys_for(config)
+        self.registry = Registry(self._specs(config), on_batch=on_batch)
+        self._reload_lock = asyncio.Lock()
+
+    def _specs(self, config: GatewayConfig) -> dict[str, ModelSpec]:
+        return build_specs(config, self.backends, self.config_path or "<config>", self.broken)
+
+    def _keys_for(self, config: GatewayConfig) -> KeyStore:
+        if self._fixed_keys is not None:
+            return self._fixed_keys
+        keys = KeyStore.from_config(config.auth, previous=self.keys)
+        return keys if keys or self._fallback_keys is None else self._fallback_keys
+
+    def model_status(self) -> Iterator[tuple[str, int, bool]]:
+        """(name, inputs queued, ready) per model, for the metrics' gauges."""
+        for name, model in self.registry.models.items():
+            yield name, model.batcher.queued if model.batcher else 0, model.state == ModelState.READY
+
+    async def reload(self) -> ReloadResult:
+        """Re-read the config file: load new/changed models beside the old ones, swap, retire the old."""
+        if self.config_path is None:
+            raise ConfigError("this gateway was not started from a config file; nothing to reload")
+        async with self._reload_lock:
+            loop = asyncio.get_running_loop()
+            config = await loop.run_in_executor(None, load_config, self.config_path)
+            old = self.registry
+            new = Registry(self._specs(config), reuse=old.models, on_batch=self.on_batch)
+            previous = {id(m) for m in old.models.values()}
+            fresh = [m for m in new.models.values() if id(m) not in previous]
+            # Loaded off the loop, one at a time, while the old models keep serving.
+            await loop.run_in_executor(None, lambda: [m.load() for m in fresh])
+            kept_old: list[str] = []
+            for m in fresh:
+                prior = old.models.get(m.name)
+                if m.state == ModelState.FAILED and prior is not None and prior.state == ModelState.READY:
+                    # A changed model that fails to load must not replace a working one.
+                    log.error(
+                        "reload: model %r failed to load (%s); the previous version keeps serving", m.name, m.error
+                    )
+                    new.replace(prior)
+                    kept_old.append(m.name)
+            restart = [f for f in _RESTART_FIELDS if getattr(config.server, f) != getattr(self.config.server, f)]
+            if restart:
+                log.warning("reload: [server] %s changed; that takes a restart to apply", ", ".join(restart))
+            self.config = config
+            self.keys = self._keys_for(config)
+            self.registry = new
+            live = {id(m) for m in new.models.values()}
+            for m in old.models.values():
+                if id(m) not in live:
+                    m.retire_in_background(config.server.request_timeout_s)
+            result = ReloadResult(
+                status="reloaded",
+                added=sorted(n for n in new.models if n not in old.models),
+                changed=sorted(m.name for m in fresh if m.name in old.models and m.name not in kept_old),
+                removed=sorted(n for n in old.models if n not in new.models),
+                failed={m.name: m.error or "" for m in fresh if m.state == ModelState.FAILED},
+                models={n: m.state.value for n, m in new.models.items()},
+            )
+            log.info("config reloaded: %s", msgspec.json.encode(result).decode())
+            return result
