@@ -477,3 +477,11 @@ def test_http_a_model_that_fails_to_load_answers_503(client):
     assert "no *.safetensors weights found in" in r.json()["error"]["message"]
     assert "set options.weights" in r.json()["error"]["message"]
 
+
+def test_default_config_serves_it():
+    from gateway.config import load_config
+
+    model = load_config(Path(__file__).resolve().parent.parent / "gateway.toml").models["wordllama"]
+    assert (model.backend, model.matryoshka_dimensions) == ("wordllama", [64, 128, 256])
+    assert "dleemiller/word-llama-l2-supercat" in model.aliases
+    assert Path(model.path) == PKG
