@@ -62,6 +62,7 @@ def create_app(
         openapi_config=OpenAPIConfig(title="Embedding gateway", version="0.1.0", path="/schema"),
     )
     embeddings_route.document(app)
+    gateway.on_reload.append(lambda: embeddings_route.describe_request(app))
     _strict_request_schemas(app)
     return app
 

@@ -14,7 +14,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from .config import AuthConfig, ConfigError, KeyConfig, key_problem
+from .config import AuthConfig, ConfigError, KeyConfig, key_digest, key_problem
 from .errors import GatewayError
 
 ENV_KEYS = "GATEWAY_API_KEYS"
@@ -29,13 +29,6 @@ def hash_key(key: str) -> str:
 def new_key() -> str:
     """A fresh random API key."""
     return "gw-" + secrets.token_urlsafe(24)
-
-
-def _digest(key: str) -> bytes:
-    key = key.strip()
-    if key.startswith("sha256:"):
-        return bytes.fromhex(key[7:])
-    return hashlib.sha256(key.encode()).digest()
 
 
 class TokenBucket:
@@ -65,6 +58,12 @@ class TokenBucket:
                 return 0.0
             return (need - self.level) / self.rate
 
+    def wait_for(self, amount: float) -> float:
+        """Seconds until `amount` would fit (0: now), taking nothing."""
+        with self._lock:
+            level = min(self.capacity, self.level + (time.monotonic() - self.stamp) * self.rate)
+            return max(0.0, (min(amount, self.capacity) - level) / self.rate)
+
     def give_back(self, amount: float) -> None:
         """Return units taken for work that was not done."""
         with self._lock:
@@ -86,10 +85,10 @@ class ApiKey:
         """Whether this key may call `model` (its configured name, not an alias)."""
         return self.models is None or model in self.models
 
-    def _limit(self, bucket: TokenBucket | None, amount: float, what: str) -> None:
+    def _limit(self, bucket: TokenBucket | None, amount: float, what: str, take: bool = True) -> None:
         if bucket is None:
             return
-        wait = bucket.take(amount)
+        wait = bucket.take(amount) if take else bucket.wait_for(amount)
         if wait:
             raise GatewayError(
                 429,
@@ -107,8 +106,12 @@ class ApiKey:
         """Count `tokens` against the key's tokens/minute (429 when over)."""
         self._limit(self.tokens, tokens, "tokens")
 
+    def check_token_quota(self) -> None:
+        """429 now if the key's tokens/minute are used up, before any work is spent on the request."""
+        self._limit(self.tokens, 1, "tokens", take=False)
+
     def refund_tokens(self, tokens: int) -> None:
-        """Give back tokens charged for a request that returned no embeddings (failed, refused, cancelled)."""
+        """Give back tokens charged for work that was not done (refused, failed, or never taken by a batch)."""
         if self.tokens is not None:
             self.tokens.give_back(tokens)
 
@@ -130,12 +133,12 @@ class KeyStore:
         so a reload does not hand every client a fresh quota."""
         self._keys: list[ApiKey] = []
         for i, key in enumerate(k for k in keys if k.strip()):
-            self._keys.append(ApiKey(name=f"key-{i + 1}", digest=_digest(key)))
+            self._keys.append(ApiKey(name=f"key-{i + 1}", digest=key_digest(key)))
         for i, entry in enumerate(entries):
             self._keys.append(
                 ApiKey(
                     name=entry.name or f"keys[{i}]",
-                    digest=_digest(entry.key),
+                    digest=key_digest(entry.key),
                     models=frozenset(entry.models) if entry.models is not None else None,
                     admin=entry.admin,
                     requests=TokenBucket(entry.requests_per_minute) if entry.requests_per_minute else None,
@@ -157,10 +160,13 @@ class KeyStore:
     def from_config(cls, auth: AuthConfig, previous: KeyStore | None = None) -> KeyStore:
         """Keys from gateway.toml plus GATEWAY_API_KEYS (comma-separated, full access)."""
         env = [k for k in os.environ.get(ENV_KEYS, "").split(",") if k.strip()]
+        configured = {key_digest(k) for k in auth.api_keys} | {key_digest(e.key) for e in auth.keys}
         for i, key in enumerate(env):
             problem = key_problem(key.strip())
             if problem:
                 raise ConfigError(f"{ENV_KEYS}: key {i + 1}: {problem}")
+            if key_digest(key) in configured:
+                raise ConfigError(f"{ENV_KEYS}: key {i + 1} is also in the config file; a key may be listed once")
         return cls([*auth.api_keys, *env], auth.keys, previous)
 
     def check(self, authorization: str | None) -> ApiKey:

@@ -4,8 +4,14 @@ Written by hand: no maintained library batches across asyncio requests into a sy
 token budget (Infinity and TEI each carry their own). Worker threads own the backend; the event loop only
 enqueues and awaits futures.
 
-Batches are filled round-robin across the queued requests, one input from each in turn, so a request with
-thousands of inputs shares every batch with the small requests behind it instead of holding them up.
+Batches are filled round-robin, first across the keys that have inputs queued, then across each key's
+requests, one input from each in turn: a request with thousands of inputs shares every batch with the
+small requests behind it, and a key sending many requests gets no more turns than a key sending one.
+
+Admission is by predicted wait: the batcher measures how fast the model drains its queue (tokens per second
+of wall time while it has work), and a request is admitted only if its key's share of the queued work and
+its own are predicted to finish within the caller's limit. Otherwise it is refused at once with the
+time after which it would fit, rather than left to wait.
 """
 
 from __future__ import annotations
@@ -13,10 +19,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -27,11 +34,30 @@ log = logging.getLogger("gateway.batching")
 
 
 class QueueFull(Exception):
-    """The model's queue cannot take this request now."""
+    """The model cannot take this request now: `reason` is "wait" (predicted wait over the limit) or "queue"
+    (the queue's bound on inputs); `retry_after` is in whole seconds."""
 
-    def __init__(self, model: str, queued: int, limit: int) -> None:
-        super().__init__(f"model {model!r} is overloaded: {queued} inputs queued (limit {limit}); retry shortly")
-        self.retry_after = 1
+    def __init__(self, message: str, retry_after: float, reason: str) -> None:
+        super().__init__(message)
+        self.retry_after = max(1, math.ceil(retry_after))
+        self.reason = reason
+
+
+@dataclass(slots=True)
+class Progress:
+    """How far the batcher got with one request: tokens of its inputs that batches have taken (computed or
+    computing). Written under the batcher's lock; read by the caller once the request ends."""
+
+    taken_tokens: int = 0
+
+
+@dataclass(slots=True)
+class _Owner:
+    """One key's share of the queue, and when a batch last took from it (keys take turns)."""
+
+    inputs: int = 0
+    tokens: int = 0
+    served: float = 0.0
 
 
 class BatchFailed(Exception):
@@ -55,6 +81,8 @@ class _Request:
     # When a batch last took inputs from this request (its arrival until then): the request served
     # longest ago anchors the next batch, so every queued request moves forward in turn.
     served: float = field(default_factory=time.monotonic)
+    owner: str | None = None
+    progress: Progress | None = None
 
 
 def _resolve(req: _Request, result: np.ndarray | None, exc: BaseException | None) -> None:
@@ -89,6 +117,22 @@ def _notify_done(reqs: list[_Request]) -> None:
 
 # How many candidates (times max_batch_size) a batch is chosen from.
 _CANDIDATES = 4
+# Weight of the newest batch in the drain-rate estimate (an exponential moving average).
+_RATE_WEIGHT = 0.2
+
+
+def _round_robin(reqs: list[_Request]) -> Iterator[tuple[_Request, int]]:
+    """The waiting inputs of `reqs`, one from each request in turn."""
+    depth = 0
+    while True:
+        found = False
+        for req in reqs:
+            if depth < len(req.waiting):
+                found = True
+                yield req, req.waiting[depth]
+        if not found:
+            return
+        depth += 1
 
 
 def split_by_padding(lengths: Sequence[int], overhead: int) -> list[int]:
@@ -148,6 +192,10 @@ class Batcher:
         self._on_batch = on_batch
         self._queue: deque[_Request] = deque()
         self._pending = 0  # inputs queued, not yet taken by a worker
+        self._pending_tokens = 0
+        self._owners: dict[str | None, _Owner] = {}
+        # Tokens per second the model drains while it has work, all workers together; None until measured.
+        self._rate: float | None = None
         self._cond = threading.Condition()
         self._closed = False
         self._threads = [
@@ -162,31 +210,59 @@ class Batcher:
         """Inputs waiting for a worker."""
         return self._pending
 
-    async def embed(self, texts: Sequence[str], token_ids: Sequence[Sequence[int]]) -> np.ndarray:
+    @property
+    def drain_rate(self) -> float | None:
+        """Tokens per second the model drains while it has work (None until a batch has been measured)."""
+        return self._rate
+
+    def predicted_wait(self) -> float:
+        """Seconds until the work queued now is done, at the measured drain rate (0 before any measurement)."""
+        return self._pending_tokens / self._rate if self._rate else 0.0
+
+    async def embed(
+        self,
+        texts: Sequence[str],
+        token_ids: Sequence[Sequence[int]],
+        *,
+        owner: str | None = None,
+        max_wait_s: float | None = None,
+        progress: Progress | None = None,
+    ) -> np.ndarray:
         """Vectors for `texts` (float32 [n, dim], input order); `token_ids` are the backend's ids for each
-        text, handed to its `embed` with the batch."""
+        text, handed to its `embed` with the batch.
+
+        `owner` (the caller's key) is who takes turns with whom; `max_wait_s` refuses the request (QueueFull)
+        unless its predicted completion is within it; `progress` learns how much of it batches took.
+        """
         if len(texts) != len(token_ids):
             raise ValueError("one id list per text")
         if len(texts) > self.max_queue:
             raise ValueError(f"{len(texts)} inputs can never fit model {self.model!r}'s queue of {self.max_queue}")
         loop = asyncio.get_running_loop()
+        tokens = list(map(len, token_ids))
         req = _Request(
             loop=loop,
             future=loop.create_future(),
             texts=texts,
-            tokens=list(map(len, token_ids)),
+            tokens=tokens,
             token_ids=token_ids,
             vectors=np.empty((len(texts), self.dimension), dtype=np.float32),
             waiting=list(range(len(texts))),
             remaining=len(texts),
+            owner=owner,
+            progress=progress,
         )
+        own = sum(tokens)
         with self._cond:
             if self._closed:
                 raise RuntimeError(f"model {self.model!r} is shutting down")
-            if self._pending + len(texts) > self.max_queue:
-                raise QueueFull(self.model, self._pending, self.max_queue)
+            self._admit(owner, len(texts), own, max_wait_s)
             self._queue.append(req)
             self._pending += len(texts)
+            self._pending_tokens += own
+            mine = self._owners.setdefault(owner, _Owner(served=req.served))
+            mine.inputs += len(texts)
+            mine.tokens += own
             self._cond.notify()
         try:
             return await req.future
@@ -198,9 +274,59 @@ class Batcher:
                     self._drop(req)
             raise
 
+    def _admit(self, owner: str | None, inputs: int, own: int, max_wait_s: float | None) -> None:
+        """Under the lock: raise QueueFull unless a request of `inputs` inputs and `own` tokens from `owner`
+        may join the queue now."""
+        mine = self._owners.get(owner)
+        queued_mine = mine.inputs if mine is not None else 0
+        # The bound on memory: a key with inputs queued stops at max_queue; a key with none may still add one
+        # request (up to twice the bound in all), so that one key's flood cannot lock every other key out.
+        if self._pending + inputs > (self.max_queue if queued_mine else 2 * self.max_queue):
+            excess = self._pending + inputs - self.max_queue
+            retry = excess * (self._pending_tokens / max(1, self._pending)) / self._rate if self._rate else 1.0
+            raise QueueFull(
+                f"model {self.model!r} is overloaded: {self._pending} inputs queued (limit {self.max_queue}); "
+                "retry shortly",
+                retry,
+                "queue",
+            )
+        if max_wait_s is None or not self._rate:
+            return
+        # Keys take turns, so this request finishes after its key's queued work, its own, and from every
+        # other key as much as that (or all that key has queued, if less).
+        mine_tokens = mine.tokens if mine is not None else 0
+        turn = mine_tokens + own
+        others = sum(min(o.tokens, turn) for key, o in self._owners.items() if key != owner)
+        finish = (turn + others) / self._rate
+        if finish <= max_wait_s:
+            return
+        if not mine_tokens and own > max_wait_s * self._rate:
+            # Too large to finish in time even alone: admitted when its key has nothing queued and its first
+            # batch would start in time (it then shares every batch with the requests behind it).
+            first = sum(min(o.tokens, self.max_batch_tokens) for key, o in self._owners.items() if key != owner)
+            if first / self._rate <= max_wait_s:
+                return
+            finish = first / self._rate
+        raise QueueFull(
+            f"model {self.model!r} is overloaded: this request would finish in about {finish:.1f}s, over the "
+            f"limit of {max_wait_s:.1f}s; retry in {max(1, math.ceil(finish - max_wait_s))}s",
+            finish - max_wait_s,
+            "wait",
+        )
+
+    def _forget(self, req: _Request, inputs: list[int]) -> None:
+        # Under the lock: `inputs` of `req` leave the queue (taken by a batch, or dropped).
+        tokens = sum(req.tokens[i] for i in inputs)
+        self._pending -= len(inputs)
+        self._pending_tokens -= tokens
+        owner = self._owners.get(req.owner)
+        if owner is not None:
+            owner.inputs -= len(inputs)
+            owner.tokens -= tokens
+
     def _drop(self, req: _Request) -> None:
         # Under the lock: forget the inputs of `req` that no batch has taken yet.
-        self._pending -= len(req.waiting)
+        self._forget(req, req.waiting)
         req.waiting = []
         if req in self._queue:
             self._queue.remove(req)
@@ -219,11 +345,17 @@ class Batcher:
                 taken.setdefault(id(req), set()).add(i)
             now = time.monotonic()
             for req in [r for r in self._queue if id(r) in taken]:
+                mine = taken[id(req)]
                 req.served = now
-                req.waiting = [i for i in req.waiting if i not in taken[id(req)]]
+                req.waiting = [i for i in req.waiting if i not in mine]
+                self._forget(req, list(mine))
+                if req.progress is not None:
+                    req.progress.taken_tokens += sum(req.tokens[i] for i in mine)
+                owner = self._owners.get(req.owner)
+                if owner is not None:
+                    owner.served = now
                 if not req.waiting:
                     self._queue.remove(req)
-            self._pending -= len(batch)
             if self._pending:
                 self._cond.notify()
             return batch
@@ -254,28 +386,29 @@ class Batcher:
         """The next batch (under the lock): for a backend that pads, inputs of similar lengths around one
         anchor input.
 
-        The anchor is the next input of the request served longest ago, so requests take turns and a huge
-        request cannot hold small ones back. Candidates are drawn round-robin across queued requests; the
-        batch is the run of up to max_batch_size consecutive lengths that holds the anchor and starts as
+        The anchor is the next input of the key served longest ago (of its request served longest ago), so
+        keys and then requests take turns, and neither a huge request nor a key with many requests can hold
+        the others back. Candidates are drawn round-robin across keys, and within a key across its requests;
+        the batch is the run of up to max_batch_size consecutive lengths that holds the anchor and starts as
         short as possible: less padding, and nothing waits forever.
         """
         window = self.max_batch_size * _CANDIDATES
-        first = min(self._queue, key=lambda r: r.served)
-        anchor = (first, first.waiting[0])
-        candidates: list[tuple[_Request, int]] = [anchor]
-        depth = 0
-        while len(candidates) < window:
-            added = False
-            for req in self._queue:
-                if depth < len(req.waiting):
-                    added = True
-                    if depth or req is not first:
-                        candidates.append((req, req.waiting[depth]))
-                    if len(candidates) >= window:
-                        break
-            if not added:
-                break
-            depth += 1
+        by_owner: dict[str | None, list[_Request]] = {}
+        for req in sorted(self._queue, key=lambda r: r.served):
+            by_owner.setdefault(req.owner, []).append(req)
+        turns = sorted(by_owner.values(), key=lambda reqs: self._owners[reqs[0].owner].served)
+        streams = [_round_robin(reqs) for reqs in turns]
+        candidates: list[tuple[_Request, int]] = []
+        while streams and len(candidates) < window:
+            for stream in list(streams):
+                item = next(stream, None)
+                if item is None:
+                    streams.remove(stream)
+                    continue
+                candidates.append(item)
+                if len(candidates) >= window:
+                    break
+        anchor = candidates[0]
         if not self.pads_to_longest:
             # Lengths cost nothing extra together (packed rows, or one sequence at a time): take inputs in
             # turn order, within the token budget.
@@ -295,6 +428,9 @@ class Batcher:
         return batch
 
     def _run(self) -> None:
+        # When this worker's last batch ended, if work was waiting then: the time from there to the end of
+        # the next batch is drain time (turnaround included), the basis of the rate estimate.
+        busy_since: float | None = None
         while True:
             try:
                 batch = self._take()
@@ -304,11 +440,20 @@ class Batcher:
                 continue
             if batch is None:
                 return
+            started = time.perf_counter()
             try:
-                self._compute(batch)
+                tokens = self._compute(batch)
             except BaseException:  # the worker must outlive any batch, whatever happens in it
                 log.exception("batcher for model %r: unexpected error", self.model)
                 self._fail(batch, BatchFailed(f"model {self.model!r} failed on a batch"))
+                tokens = 0
+            ended = time.perf_counter()
+            with self._cond:
+                if tokens:
+                    sample = tokens / max(ended - (busy_since or started), 1e-6) * len(self._threads)
+                    rate = self._rate
+                    self._rate = sample if rate is None else rate + _RATE_WEIGHT * (sample - rate)
+                busy_since = ended if self._pending else None
 
     def _fail(self, batch: list[tuple[_Request, int]], err: Exception) -> None:
         with self._cond:
@@ -319,7 +464,8 @@ class Batcher:
         for req in reqs:
             _notify(req, None, err)
 
-    def _compute(self, batch: list[tuple[_Request, int]]) -> None:
+    def _compute(self, batch: list[tuple[_Request, int]]) -> int:
+        """Run `batch` and hand its vectors back; the tokens it computed (0 when it failed)."""
         # Length-sorted batches pad less; results go back by each input's own index.
         batch.sort(key=lambda ri: ri[0].tokens[ri[1]])
         started = time.perf_counter()
@@ -344,12 +490,10 @@ class Batcher:
                 log.warning(
                     "batch of %d inputs failed on model %r (%s); retrying per request", len(batch), self.model, exc
                 )
-                for group in groups.values():
-                    self._compute(group)
-                return
+                return sum(self._compute(group) for group in groups.values())
             log.error("batch of %d inputs failed on model %r", len(batch), self.model, exc_info=exc)
             self._fail(batch, BatchFailed(f"model {self.model!r} failed on a batch: {type(exc).__name__}"))
-            return
+            return 0
         elapsed = time.perf_counter() - started
         finished: list[_Request] = []
         with self._cond:
@@ -365,11 +509,13 @@ class Batcher:
             self._last_compute_s = elapsed
             self._finished_at = time.monotonic()
         _notify_done(finished)
+        tokens = sum(req.tokens[i] for req, i in batch)
         if self._on_batch is not None:
             try:
-                self._on_batch(self.model, len(batch), sum(req.tokens[i] for req, i in batch), elapsed)
+                self._on_batch(self.model, len(batch), tokens, elapsed)
             except Exception:
                 log.exception("batch metrics callback failed")
+        return tokens
 
     def _call(self, texts: list[str], token_ids: list[Sequence[int]]) -> np.ndarray:
         vectors = self.backend.embed(texts, token_ids)

@@ -51,6 +51,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from .app import create_app
+    from .server import uvicorn_config
 
     config = load_config(args.config)
     keys = KeyStore.from_config(config.auth)
@@ -59,12 +60,25 @@ def cmd_serve(args: argparse.Namespace) -> int:
         # Like a notebook server's token: usable out of the box, still not open to anyone on the network.
         key = new_key()
         keys = KeyStore([key])
-        print(f"No API key configured; this run accepts: Authorization: Bearer {key}", file=sys.stderr, flush=True)
+        if args.key_file:
+            _write_secret(Path(args.key_file), key + "\n")
+            print(f"No API key configured; this run's key is in {args.key_file}", file=sys.stderr, flush=True)
+        else:
+            print(f"No API key configured; this run accepts: Authorization: Bearer {key}", file=sys.stderr, flush=True)
     app = create_app(config, plugins=args.plugins, fallback_keys=keys if generated else None, config_path=args.config)
-    host = args.host or config.server.host
-    port = args.port if args.port is not None else config.server.port
-    uvicorn.run(app, host=host, port=port, log_level=config.server.log_level, access_log=False)
+    overrides = {"host": args.host} if args.host else {}
+    if args.port is not None:
+        overrides["port"] = args.port
+    uvicorn.Server(uvicorn_config(app, config.server, **overrides)).run()
     return 0
+
+
+def _write_secret(path: Path, text: str) -> None:
+    # Created owner-only from the start (no window in which another user could read it).
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(text)
+    os.chmod(path, 0o600)  # an existing file keeps its old mode through O_CREAT
 
 
 def cmd_embed(args: argparse.Namespace) -> int:
@@ -141,6 +155,10 @@ def build_parser(converters: dict[str, object] | None = None) -> argparse.Argume
     p = with_config(sub.add_parser("serve", help="start the HTTP server"))
     p.add_argument("--host", help="bind address (default: [server].host)")
     p.add_argument("--port", type=int, help="port (default: [server].port)")
+    p.add_argument(
+        "--key-file",
+        help="when no key is configured, write the generated key to this file (mode 600) instead of printing it",
+    )
     p.set_defaults(func=cmd_serve)
 
     p = with_config(sub.add_parser("embed", help="embed texts in-process and print the JSON response"))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import importlib.resources
 import os
 from pathlib import Path
@@ -21,6 +22,7 @@ class _Strict(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
 
 
 Positive = Annotated[int, msgspec.Meta(ge=1)]
+Seconds = Annotated[float, msgspec.Meta(gt=0)]
 
 
 class ServerConfig(_Strict):
@@ -33,10 +35,23 @@ class ServerConfig(_Strict):
     # refuse them; far beyond any input an 8k-token model accepts.
     max_input_chars: Positive = 100_000
     max_body_bytes: Positive = 8 * 1024 * 1024
-    request_timeout_s: Annotated[float, msgspec.Meta(gt=0)] = 120.0
-    log_level: Literal["critical", "error", "warning", "info", "debug", "trace"] = "info"
+    request_timeout_s: Seconds = 120.0
+    # Deadlines for slow clients: the request line and headers, the body (408), a response the client has
+    # stopped reading (the connection is dropped), and an idle keep-alive connection.
+    header_timeout_s: Seconds = 10.0
+    body_timeout_s: Seconds = 30.0
+    send_timeout_s: Seconds = 30.0
+    keep_alive_s: Seconds = 5.0
+    max_header_bytes: Positive = 16 * 1024
+    # Open connections beyond which requests are answered 503 at once (uvicorn's limit_concurrency); the
+    # process's file descriptors bound it from above.
+    max_connections: Positive | None = 4096
+    # uvicorn's "trace" level logs whole requests, headers and API keys included: not offered.
+    log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
     # One line per request (request id, model, status, tokens, latency); never keys, never texts.
     access_log: bool = True
+    # /metrics answers only with a valid key (any key), and /ready names models only to a key.
+    metrics_require_key: bool = False
 
 
 class KeyConfig(_Strict):
@@ -70,7 +85,12 @@ class BatchingConfig(_Strict):
     # client is never delayed, and the cost is bounded by this share of throughput. 0 turns it off; ignored
     # when max_wait_ms is set.
     return_wait: Annotated[float, msgspec.Meta(ge=0, le=1)] = 0.2
-    # Inputs (not requests) waiting per model; beyond this a request is refused with 429 at once.
+    # A request is admitted only if the work queued ahead of it, and its own, is predicted to finish within
+    # this long (from the model's measured drain rate, its key's fair share of it, and the client's own
+    # X-Request-Timeout-Ms if shorter); otherwise 429 at once, with Retry-After from the prediction.
+    max_queue_wait_ms: Annotated[float, msgspec.Meta(gt=0)] = 2000.0
+    # Inputs (not requests) waiting per model: a bound on memory. A key with inputs queued is refused past
+    # it; a key with none queued may still add one request, so a flood from one key cannot lock out others.
     max_queue: Positive = 4096
 
 
@@ -105,6 +125,14 @@ def resolve_model_path(raw: str, base_dir: Path) -> Path:
     return path if path.is_absolute() else (base_dir / path)
 
 
+def key_digest(key: str) -> bytes:
+    """The sha256 digest a key is held and compared as (`sha256:<hex>` keys are their digest already)."""
+    key = key.strip()
+    if key.startswith("sha256:"):
+        return bytes.fromhex(key[7:])
+    return hashlib.sha256(key.encode()).digest()
+
+
 def key_problem(key: str) -> str | None:
     """What is wrong with an API key as written in config or env, or None."""
     if key.startswith("sha256:"):
@@ -117,18 +145,30 @@ def key_problem(key: str) -> str | None:
 
 
 def _check_keys(config: GatewayConfig, where: str) -> None:
+    seen: dict[bytes, str] = {}
+
+    def once(raw: str, at: str) -> None:
+        # The same key twice would get whichever entry matched first: full access, say, for a key also
+        # listed with limits. Refused, whichever form (plain or sha256:) each place wrote it in.
+        digest = key_digest(raw)
+        if digest in seen:
+            raise ConfigError(f"{where}: `{at}`: the same key as `{seen[digest]}`; a key may be listed once")
+        seen[digest] = at
+
+    for i, raw in enumerate(config.auth.api_keys):
+        problem = key_problem(raw)
+        if problem:
+            raise ConfigError(f"{where}: `$.auth.api_keys[{i}]`: {problem}")
+        once(raw, f"$.auth.api_keys[{i}]")
     for i, entry in enumerate(config.auth.keys):
         key = f"$.auth.keys[{i}]"
         problem = key_problem(entry.key)
         if problem:
             raise ConfigError(f"{where}: `{key}.key`: {problem}")
+        once(entry.key, f"{key}.key")
         for model in entry.models or []:
             if model not in config.models:
                 raise ConfigError(f"{where}: `{key}.models`: no model named {model!r}")
-    for i, raw in enumerate(config.auth.api_keys):
-        problem = key_problem(raw)
-        if problem:
-            raise ConfigError(f"{where}: `$.auth.api_keys[{i}]`: {problem}")
 
 
 def _check_names(config: GatewayConfig, where: str) -> None:

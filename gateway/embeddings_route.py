@@ -12,12 +12,14 @@ error messages (decoding.py), and the route's OpenAPI description (`document`).
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+from typing import Annotated, Any
 
+import msgspec
 from litestar import Litestar, post
 from litestar.exceptions import HTTPException, MethodNotAllowedException
 from litestar.handlers import asgi
-from litestar.params import JSONBody
+from litestar.openapi.spec import OpenAPIType, Schema
+from litestar.params import HeaderParameter, JSONBody
 from litestar.types import Receive, Scope, Send
 
 from . import service
@@ -52,10 +54,19 @@ async def serve_embeddings(scope: Scope, receive: Receive, send: Send) -> None:
     state: dict[str, Any] = scope.setdefault("state", {})
     authorization = header(scope, b"authorization")
     key = authorize(gw.keys, authorization.decode("latin-1") if authorization is not None else None, state)
-    body = _DECODER.decode(await _read_body(scope, receive, app.request_max_body_size))
+    deadline_s = _client_deadline(scope)
+    server = gw.config.server
+    try:
+        async with asyncio.timeout(server.body_timeout_s):
+            raw = await _read_body(scope, receive, app.request_max_body_size)
+    except TimeoutError:
+        raise GatewayError(
+            408, f"request body not received within {server.body_timeout_s:g}s", code="body_timeout"
+        ) from None
+    body = _DECODER.decode(raw)
     with _HangUpWatch(receive) as watch:
         try:
-            out = await service.embed_json(gw, body, key, state)
+            out = await service.embed_json(gw, body, key, state, deadline_s)
         except asyncio.CancelledError:
             if not watch.hung_up:
                 raise
@@ -70,6 +81,21 @@ async def serve_embeddings(scope: Scope, receive: Receive, send: Send) -> None:
         }
     )
     await send({"type": "http.response.body", "body": out})
+
+
+def _client_deadline(scope: Scope) -> float | None:
+    # X-Request-Timeout-Ms: the client's own limit, which may only shorten the server's.
+    raw = header(scope, b"x-request-timeout-ms")
+    if raw is None:
+        return None
+    if not raw.isdigit() or not 0 < int(raw) <= 86_400_000:
+        raise GatewayError(
+            400,
+            "`X-Request-Timeout-Ms` must be a whole number of milliseconds between 1 and 86400000",
+            param="X-Request-Timeout-Ms",
+            code="invalid_header",
+        )
+    return int(raw) / 1000
 
 
 def _client_closed() -> GatewayError:
@@ -138,7 +164,18 @@ class _HangUpWatch:
     summary="Create embeddings",
     responses=error_responses(400, 401, 403, 404, 413, 429, 500, 503, 504),
 )
-async def _described(data: JSONBody[EmbeddingRequest]) -> EmbeddingResponse:
+async def _described(
+    data: JSONBody[EmbeddingRequest],
+    x_request_timeout_ms: Annotated[
+        int | None,
+        HeaderParameter(
+            name="X-Request-Timeout-Ms",
+            ge=1,
+            le=86_400_000,
+            description="The client's own time limit: shortens the server's timeout and queue-wait limit.",
+        ),
+    ] = None,
+) -> EmbeddingResponse:
     """Embed one string or a list of strings with a configured model."""
     raise NotImplementedError  # never routed: it only describes `serve_embeddings` for /schema
 
@@ -147,9 +184,63 @@ def document(app: Litestar) -> None:
     """Add this route to `app`'s OpenAPI schema, which leaves ASGI handlers out.
 
     The description is Litestar's own, made from `_described` by a throwaway app with the same OpenAPI
-    config, so it says exactly what a `post` handler with that signature would.
+    config, so it says exactly what a `post` handler with that signature would; the request body's schema is
+    then made exact (`describe_request`).
     """
     described = Litestar(route_handlers=[_described], openapi_config=app.openapi_config).openapi_schema
     schema = app.openapi_schema
     schema.paths = {**(described.paths or {}), **(schema.paths or {})}
     schema.components.schemas = {**(described.components.schemas or {}), **(schema.components.schemas or {})}
+    describe_request(app)
+
+
+def describe_request(app: Litestar) -> None:
+    """The request body's schema as the API enforces it: msgspec's own schema of EmbeddingRequest (Litestar's
+    drops the constraints inside unions), the [server] limits, and the models and `dimensions` configured
+    now. Called again after each reload."""
+    gw: Gateway = app.state.gateway
+    server = gw.config.server
+    body = msgspec.json.schema(EmbeddingRequest)["$defs"]["EmbeddingRequest"]
+    props = body["properties"]
+    text, texts = props["input"]["anyOf"]
+    for one in (text, texts["items"]):
+        one["maxLength"] = server.max_input_chars
+    texts["maxItems"] = server.max_items_per_request
+    names = sorted({name for name, m in gw.registry.models.items() for name in (name, *m.spec.config.aliases)})
+    if names:
+        props["model"]["enum"] = names
+    dims = sorted({d for m in gw.registry.models.values() for d in m.spec.config.matryoshka_dimensions or ()})
+    # Each model takes only its own values (GET /v1/models lists them); none here: no model takes any.
+    props["dimensions"]["anyOf"][0] = {"type": "integer", "enum": dims} if dims else {"not": {}}
+    app.openapi_schema.components.schemas["EmbeddingRequest"] = openapi_schema(body)
+
+
+def openapi_schema(spec: dict[str, Any]) -> Schema:
+    """A JSON Schema (as msgspec writes it) as Litestar's OpenAPI Schema object."""
+    out: dict[str, Any] = {}
+    for key, value in spec.items():
+        if key in ("anyOf", "oneOf", "allOf"):
+            value = [openapi_schema(v) for v in value]
+        elif key in ("items", "not"):
+            value = openapi_schema(value)
+        elif key == "properties":
+            value = {name: openapi_schema(v) for name, v in value.items()}
+        elif key == "type":
+            value = OpenAPIType(value)
+        out[_SCHEMA_FIELDS.get(key, key)] = value
+    return Schema(**out)
+
+
+_SCHEMA_FIELDS = {
+    "anyOf": "any_of",
+    "oneOf": "one_of",
+    "allOf": "all_of",
+    "not": "schema_not",
+    "minLength": "min_length",
+    "maxLength": "max_length",
+    "minItems": "min_items",
+    "maxItems": "max_items",
+    "exclusiveMinimum": "exclusive_minimum",
+    "exclusiveMaximum": "exclusive_maximum",
+    "additionalProperties": "additional_properties",
+}

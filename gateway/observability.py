@@ -12,12 +12,14 @@ from __future__ import annotations
 import atexit
 import collections
 import itertools
+import json
 import logging
 import re
 import secrets
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client import REGISTRY, Counter, Gauge, Histogram
@@ -42,6 +44,27 @@ def new_id() -> str:
 
 
 _VALID_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
+# Methods a client may name; any other token (h11 accepts any) is counted and logged as OTHER, so that a
+# client cannot grow the metrics' label sets without bound.
+_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH"})
+
+
+def method_label(method: str) -> str:
+    """The method as a metric label and log field: itself when it is a standard one, else OTHER."""
+    return method if method in _METHODS else "OTHER"
+
+
+# A log field written as is: printable ASCII without spaces or quotes. Anything else is quoted and escaped
+# (json.dumps), so one request is always one line whatever a client puts in its path.
+_PLAIN_FIELD = re.compile(r"[!#-~]{1,256}")
+
+
+def log_field(value: str) -> str:
+    """`value` as one whitespace-free token of a log line."""
+    if _PLAIN_FIELD.fullmatch(value):
+        return value
+    return json.dumps(value if len(value) <= 256 else value[:256] + "...")
+
 
 EMBED_REQUESTS = Counter("gateway_embedding_requests", "Embedding requests by model and status", ["model", "status"])
 TOKENS = Counter("gateway_tokens", "Input tokens embedded, by model", ["model"])
@@ -86,14 +109,32 @@ def _child(metric: Any, *values: str) -> Any:
     return child
 
 
+REFUSED = Counter(
+    "gateway_admissions_refused", "Requests refused at admission (429) by model and reason", ["model", "reason"]
+)
+
+
+def record_refusal(model: str, reason: str) -> None:
+    """A request refused at admission: `reason` is "wait" (predicted wait over the limit) or "queue"."""
+    _child(REFUSED, model, reason).inc()
+
+
 def record_batch(model: str, size: int, tokens: int, seconds: float) -> None:
     """Called by the batcher after each backend batch."""
     _child(BATCH_SIZE, model).observe(size)
     _child(BATCH_SECONDS, model).observe(seconds)
 
 
-#: One model's live figures for the gauges: (name, inputs queued, ready).
-ModelStatus = tuple[str, int, bool]
+@dataclass(frozen=True, slots=True)
+class ModelStatus:
+    """One model's live figures for the gauges."""
+
+    name: str
+    queued: int
+    ready: bool
+    #: Seconds until the work queued now is done; tokens per second the model drains (None: not measured).
+    predicted_wait_s: float = 0.0
+    drain_rate: float | None = None
 
 
 class ModelGauges(Collector):
@@ -112,12 +153,20 @@ class ModelGauges(Collector):
     def collect(self) -> Iterator[GaugeMetricFamily]:
         depth = GaugeMetricFamily("gateway_queue_depth", "Inputs waiting for a batch, by model", labels=["model"])
         ready = GaugeMetricFamily("gateway_model_ready", "1 when the model is loaded and serving", labels=["model"])
+        wait = GaugeMetricFamily(
+            "gateway_predicted_wait_seconds", "Time until the work queued now is done, by model", labels=["model"]
+        )
+        rate = GaugeMetricFamily(
+            "gateway_drain_rate_tokens_per_second", "Tokens per second a model drains while busy", labels=["model"]
+        )
         for source in list(self._sources):
-            for name, queued, is_ready in source():
-                depth.add_metric([name], queued)
-                ready.add_metric([name], 1.0 if is_ready else 0.0)
-        yield depth
-        yield ready
+            for status in source():
+                depth.add_metric([status.name], status.queued)
+                ready.add_metric([status.name], 1.0 if status.ready else 0.0)
+                wait.add_metric([status.name], status.predicted_wait_s)
+                if status.drain_rate is not None:
+                    rate.add_metric([status.name], status.drain_rate)
+        yield from (depth, ready, wait, rate)
 
 
 MODEL_GAUGES = ModelGauges()
@@ -147,10 +196,13 @@ class AccessLog:
         self._thread: threading.Thread | None = None
         self._start_lock = threading.Lock()
 
-    def add(self, *args: Any) -> None:
-        """Queue one line (`_ACCESS_FORMAT`'s fields) if the logger would take an INFO record."""
+    def add(
+        self, request_id: str, method: str, path: str, status: int, model: str, tokens: object, latency_ms: float
+    ) -> None:
+        """Queue one line if the logger would take an INFO record (client-chosen fields are escaped later,
+        by the thread)."""
         if self.logger.isEnabledFor(logging.INFO):
-            self._pending.append((time.time(), args))
+            self._pending.append((time.time(), (request_id, method, path, status, model, tokens, latency_ms)))
             if self._thread is None:
                 self._start()
 
@@ -177,6 +229,7 @@ class AccessLog:
                     created, args = self._pending.popleft()
                 except IndexError:
                     return
+                args = (args[0], args[1], log_field(args[2]), *args[3:])
                 record = self.logger.makeRecord(self.logger.name, logging.INFO, __file__, 0, _ACCESS_FORMAT, args, None)
                 # The time the request ended, not the time the line was handed on.
                 shift = record.created - created
@@ -216,7 +269,7 @@ class RequestContextMiddleware:
         if metered:
             # The route's template, as Litestar's plugin labels it with group_path (this middleware runs
             # after routing, so it is set).
-            method, path = scope["method"], scope.get("path_template", scope["path"])
+            method, path = method_label(scope["method"]), scope.get("path_template", scope["path"])
             in_progress = _child(HTTP_IN_PROGRESS, method, path, "200", _APP)
             in_progress.inc()
 
@@ -247,7 +300,7 @@ class RequestContextMiddleware:
             if self.log_requests and scope["path"] not in ("/health", "/metrics"):
                 ACCESS_LOG.add(
                     request_id,
-                    scope["method"],
+                    method_label(scope["method"]),
                     scope["path"],
                     status,
                     model or "-",

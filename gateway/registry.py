@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import logging
+import re
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -21,6 +22,9 @@ from .batching import Batcher
 from .config import ConfigError, GatewayConfig, ModelConfig, convert_at
 from .errors import GatewayError
 
+# An absolute path inside a message: from a slash at the start or after a space or quote, to the next space,
+# quote or end.
+_ABSOLUTE_PATH = re.compile(r"(?<![\w.])/[^\s'\"`,;]+")
 # Requests up to this many characters are tokenized on the event loop (local tokenizers only): tens of
 # microseconds for the fast tokenizers, less than the hand-off to a thread and back.
 _INLINE_CHARS = 2000
@@ -197,8 +201,20 @@ class ServedModel:
                 )
         if self.state != ModelState.READY:
             raise GatewayError(
-                503, f"model {self.name!r} is not available: {self.error or self.state}", code="model_unavailable"
+                503,
+                f"model {self.name!r} is not available: {self.public_error or self.state}",
+                code="model_unavailable",
             )
+
+    @property
+    def public_error(self) -> str | None:
+        """The load error as clients may read it: file system paths cut to their last part (the server's
+        log has them whole)."""
+        return (
+            _ABSOLUTE_PATH.sub(lambda m: ".../" + m.group(0).rstrip("/").rsplit("/", 1)[-1], self.error)
+            if self.error
+            else None
+        )
 
     @contextmanager
     def in_use(self) -> Iterator[None]:
@@ -230,10 +246,10 @@ class ServedModel:
             return backend.tokenize(texts)
         return await asyncio.get_running_loop().run_in_executor(self._tokenize, backend.tokenize, texts)
 
-    async def embed(self, texts: list[str], token_ids: list[list[int]]) -> np.ndarray:
-        """Vectors for `texts`, computed in the model's batches."""
+    async def embed(self, texts: list[str], token_ids: list[list[int]], **admission: Any) -> np.ndarray:
+        """Vectors for `texts`, computed in the model's batches (`admission`: see Batcher.embed)."""
         assert self.batcher is not None
-        return await self.batcher.embed(texts, token_ids)
+        return await self.batcher.embed(texts, token_ids, **admission)
 
     def close(self) -> None:
         """Finish queued work, then release the model."""

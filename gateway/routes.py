@@ -51,7 +51,7 @@ def _card(model: ServedModel) -> ModelCard:
         max_input_tokens=model.max_input_tokens if info else cfg.max_input_tokens,
         matryoshka_dimensions=cfg.matryoshka_dimensions,
         aliases=list(cfg.aliases),
-        error=model.error,
+        error=model.public_error,
     )
 
 
@@ -71,9 +71,16 @@ async def health() -> Health:
 
 @get("/ready", summary="Readiness", responses={503: ResponseSpec(data_container=Health)})
 async def ready(request: Request[Any, Any, Any]) -> Response[Health]:
-    """200 when every configured model is loaded; 503 listing the state of each."""
-    states = {name: m.state.value for name, m in _gateway(request).registry.models.items()}
-    ok = all(s == ModelState.READY for s in states.values())
+    """200 when every configured model is loaded, else 503 (no auth); with a valid key, the state of each model
+    that key may use."""
+    gw = _gateway(request)
+    models = gw.registry.models
+    ok = all(m.state == ModelState.READY for m in models.values())
+    try:
+        key: ApiKey | None = gw.keys.check(request.headers.get("authorization"))
+    except GatewayError:
+        key = None  # orchestrators probe without a key: they get the status, not the model names
+    states = {name: m.state.value for name, m in models.items() if key is not None and key.may_use(name)}
     return Response(Health(status="ready" if ok else "not ready", models=states), status_code=200 if ok else 503)
 
 
@@ -87,10 +94,17 @@ async def admin_reload(request: Request[Any, Any, Any]) -> ReloadResult:
         raise GatewayError(400, f"reload refused, the running config is kept: {exc}", code="invalid_config") from None
 
 
+async def metrics_guard(connection: ASGIConnection[Any, Any, Any, Any], handler: BaseRouteHandler) -> None:
+    """Guard: a valid key for /metrics when `[server] metrics_require_key` says so."""
+    if _gateway(connection).config.server.metrics_require_key:
+        await require_key(connection, handler)
+
+
 class MetricsController(PrometheusController):
     """Prometheus text format at /metrics (kept out of the JSON API's schema: it is not JSON)."""
 
     include_in_schema = False
+    guards = [metrics_guard]  # noqa: RUF012 - Litestar reads the class attribute
 
 
 ROUTES = [list_models, health, ready, admin_reload, MetricsController]

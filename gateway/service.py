@@ -20,10 +20,10 @@ import msgspec
 import numpy as np
 
 from .auth import ApiKey
-from .batching import BatchFailed, QueueFull
+from .batching import BatchFailed, Progress, QueueFull
 from .errors import GatewayError
 from .hf import l2_normalize
-from .observability import new_id
+from .observability import new_id, record_refusal
 from .registry import ServedModel
 from .schemas import EmbeddingData, EmbeddingRequest, EmbeddingResponse, Usage
 from .state import Gateway
@@ -35,25 +35,36 @@ T = TypeVar("T")
 # Responses of more floats than this are built and encoded off the event loop: the largest take a tenth of a
 # second of CPU, while a single vector takes microseconds, less than the hop to a thread.
 _OFFLOAD_FLOATS = 32_768
+# Characters tokenized per step of a large request (about 10-30 ms of a fast tokenizer's time).
+_CHUNK_CHARS = 32_768
 
 
 async def embed(
-    gw: Gateway, body: EmbeddingRequest, key: ApiKey | None = None, notes: MutableMapping[str, Any] | None = None
+    gw: Gateway,
+    body: EmbeddingRequest,
+    key: ApiKey | None = None,
+    notes: MutableMapping[str, Any] | None = None,
+    deadline_s: float | None = None,
 ) -> EmbeddingResponse:
     """The response for `body` on behalf of `key` (None: no key, as `gateway embed` runs).
 
     `notes` receives what the access log and metrics report: the model once known, then the tokens and
-    inputs of a request that was answered. Errors are GatewayError.
+    inputs of a request that was answered. `deadline_s`: the client's own time limit, when it gave one
+    (it shortens the request's timeout and its admission). Errors are GatewayError.
     """
-    vectors, tokens = await _vectors(gw, body, key, notes if notes is not None else {})
+    vectors, tokens = await _vectors(gw, body, key, notes if notes is not None else {}, deadline_s)
     return await _off_loop(vectors, _response, vectors, body, tokens)
 
 
 async def embed_json(
-    gw: Gateway, body: EmbeddingRequest, key: ApiKey | None = None, notes: MutableMapping[str, Any] | None = None
+    gw: Gateway,
+    body: EmbeddingRequest,
+    key: ApiKey | None = None,
+    notes: MutableMapping[str, Any] | None = None,
+    deadline_s: float | None = None,
 ) -> bytes:
     """`embed`, encoded as the JSON body of the HTTP answer."""
-    vectors, tokens = await _vectors(gw, body, key, notes if notes is not None else {})
+    vectors, tokens = await _vectors(gw, body, key, notes if notes is not None else {}, deadline_s)
     return await _off_loop(vectors, lambda *a: msgspec.json.encode(_response(*a)), vectors, body, tokens)
 
 
@@ -64,7 +75,11 @@ async def _off_loop(vectors: np.ndarray, fn: Callable[..., T], *args: Any) -> T:
 
 
 async def _vectors(
-    gw: Gateway, body: EmbeddingRequest, key: ApiKey | None, notes: MutableMapping[str, Any]
+    gw: Gateway,
+    body: EmbeddingRequest,
+    key: ApiKey | None,
+    notes: MutableMapping[str, Any],
+    deadline_s: float | None,
 ) -> tuple[np.ndarray, int]:
     server = gw.config.server
     model = gw.registry.resolve(body.model, key)
@@ -74,46 +89,54 @@ async def _vectors(
         )
     notes["model"] = model.name
     texts = _texts(body, server.max_items_per_request, server.max_input_chars)
-    queue_limit = model.spec.config.batching.max_queue
-    if len(texts) > queue_limit:
+    batching = model.spec.config.batching
+    if len(texts) > batching.max_queue:
         raise GatewayError(
             400,
-            f"`input` has {len(texts)} items; model {model.name!r} queues at most {queue_limit} inputs",
+            f"`input` has {len(texts)} items; model {model.name!r} queues at most {batching.max_queue} inputs",
             param="input",
             code="too_many_inputs",
         )
+    if key is not None:
+        key.check_token_quota()
+    timeout = min(server.request_timeout_s, deadline_s) if deadline_s is not None else server.request_timeout_s
+    ends = time.monotonic() + timeout
     charged = 0
+    progress = Progress()
     with model.in_use():
         try:
-            async with asyncio.timeout(server.request_timeout_s):
-                await model.ready(server.request_timeout_s)
+            async with asyncio.timeout(timeout):
+                await model.ready(timeout)
                 dims = _dimensions(body.dimensions, model)
-                token_ids = await model.tokenize(texts)
-                total = _check_tokens(texts, token_ids, model, server.max_tokens_per_request)
+                token_ids, total = await _tokens(model, texts, server.max_tokens_per_request)
                 if key is not None:
                     key.charge_tokens(total)
                     charged = total
                 log.debug("embedding %d texts on %r: %r", len(texts), model.name, texts)
-                vectors = await model.embed(texts, token_ids)
+                max_wait_s = min(batching.max_queue_wait_ms / 1000, ends - time.monotonic())
+                vectors = await model.embed(
+                    texts, token_ids, owner=key.name if key else None, max_wait_s=max_wait_s, progress=progress
+                )
                 charged = 0  # delivered: the charge stands
         except TimeoutError:
             raise GatewayError(
-                504,
-                f"request did not finish within {server.request_timeout_s:g}s (model {model.name!r})",
-                code="timeout",
+                504, f"request did not finish within {timeout:g}s (model {model.name!r})", code="timeout"
             ) from None
         except QueueFull as exc:
+            record_refusal(model.name, exc.reason)
             raise GatewayError(
                 429, str(exc), code="queue_full", headers={"Retry-After": str(exc.retry_after)}
             ) from None
         except BatchFailed as exc:
+            progress.taken_tokens = 0  # the failure was ours: nothing is charged
             error_id = uuid.uuid4().hex[:16]
             log.error("request failed (error id %s): %s", error_id, exc)
             raise GatewayError(500, f"{exc} (error id {error_id})", code=error_id) from None
         finally:
-            # Timed out, refused (queue full), failed or cancelled after the charge: no embeddings, no cost.
+            # No embeddings returned (timed out, refused, failed, the client gone): what no batch took is not
+            # charged; what batches took was computed, and stays charged.
             if charged and key is not None:
-                key.refund_tokens(charged)
+                key.refund_tokens(charged - progress.taken_tokens)
     notes["tokens"] = total
     notes["inputs"] = len(texts)
     if dims is not None:
@@ -122,6 +145,56 @@ async def _vectors(
         if model.info.normalized:
             vectors = l2_normalize(vectors)
     return vectors, total
+
+
+async def _tokens(model: ServedModel, texts: list[str], max_total: int) -> tuple[list[list[int]], int]:
+    """Token ids per text, checked against the model's per-input limit and the per-request total.
+
+    A large request is tokenized in chunks and checked after each: the first input over the limit stops
+    it, and other requests' chunks take turns with its chunks on the model's tokenizer thread.
+    """
+    limit = model.max_input_tokens
+    ids: list[list[int]] = []
+    total = 0
+    for start, end in _chunks(texts):
+        part = await model.tokenize(texts[start:end])
+        for k, one in enumerate(part, start):
+            n = len(one)
+            if n > limit:
+                where = "input" if len(texts) == 1 else f"input[{k}]"
+                raise GatewayError(
+                    400,
+                    f"`{where}` has {n} tokens; model {model.name!r} accepts at most {limit} tokens per input",
+                    param=where,
+                    code="input_too_long",
+                )
+            total += n
+        ids.extend(part)
+        if total > max_total:
+            counted = "in all" if end == len(texts) else f"in its first {end} inputs"
+            raise GatewayError(
+                400,
+                f"request has {total} tokens {counted}; the limit is {max_total} tokens per request",
+                param="input",
+                code="too_many_tokens",
+            )
+    return ids, total
+
+
+def _chunks(texts: list[str]) -> list[tuple[int, int]]:
+    """(start, end) of consecutive runs of about _CHUNK_CHARS characters (one run for a small request)."""
+    if len(texts) == 1:
+        return [(0, 1)]
+    chunks: list[tuple[int, int]] = []
+    start, size = 0, 0
+    for i, text in enumerate(texts):
+        size += len(text)
+        if size >= _CHUNK_CHARS:
+            chunks.append((start, i + 1))
+            start, size = i + 1, 0
+    if start < len(texts):
+        chunks.append((start, len(texts)))
+    return chunks
 
 
 def _texts(body: EmbeddingRequest, max_items: int, max_chars: int) -> list[str]:
@@ -183,30 +256,6 @@ def _dimensions(requested: int | None, model: ServedModel) -> int | None:
             code="invalid_dimensions",
         )
     return requested
-
-
-def _check_tokens(texts: list[str], token_ids: list[list[int]], model: ServedModel, max_total: int) -> int:
-    limit = model.max_input_tokens
-    total = 0
-    for i, ids in enumerate(token_ids):
-        n = len(ids)
-        if n > limit:
-            where = "input" if len(texts) == 1 else f"input[{i}]"
-            raise GatewayError(
-                400,
-                f"`{where}` has {n} tokens; model {model.name!r} accepts at most {limit} tokens per input",
-                param=where,
-                code="input_too_long",
-            )
-        total += n
-    if total > max_total:
-        raise GatewayError(
-            400,
-            f"request has {total} tokens in all; the limit is {max_total} tokens per request",
-            param="input",
-            code="too_many_tokens",
-        )
-    return total
 
 
 def _response(vectors: np.ndarray, body: EmbeddingRequest, tokens: int) -> EmbeddingResponse:

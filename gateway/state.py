@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 
 import msgspec
 
 from .auth import KeyStore
 from .backend import Backend
 from .config import ConfigError, GatewayConfig, load_config
+from .observability import ModelStatus
 from .registry import BatchObserver, ModelSpec, ModelState, Registry, build_specs
 from .schemas import ReloadResult
 
@@ -51,6 +52,8 @@ class Gateway:
         self.keys = self._keys_for(config)
         self.registry = Registry(self._specs(config), on_batch=on_batch)
         self._reload_lock = asyncio.Lock()
+        #: Called after each reload that took effect (say, to describe the new models in the API schema).
+        self.on_reload: list[Callable[[], None]] = []
 
     def _specs(self, config: GatewayConfig) -> dict[str, ModelSpec]:
         return build_specs(config, self.backends, self.config_path or "<config>", self.broken)
@@ -61,10 +64,15 @@ class Gateway:
         keys = KeyStore.from_config(config.auth, previous=self.keys)
         return keys if keys or self._fallback_keys is None else self._fallback_keys
 
-    def model_status(self) -> Iterator[tuple[str, int, bool]]:
-        """(name, inputs queued, ready) per model, for the metrics' gauges."""
+    def model_status(self) -> Iterator[ModelStatus]:
+        """Each model's live figures, for the metrics' gauges."""
         for name, model in self.registry.models.items():
-            yield name, model.batcher.queued if model.batcher else 0, model.state == ModelState.READY
+            b = model.batcher
+            ready = model.state == ModelState.READY
+            if b is None:
+                yield ModelStatus(name, 0, ready)
+            else:
+                yield ModelStatus(name, b.queued, ready, b.predicted_wait(), b.drain_rate)
 
     async def reload(self) -> ReloadResult:
         """Re-read the config file: load new/changed models beside the old ones, swap, retire the old."""
@@ -108,4 +116,6 @@ class Gateway:
                 models={n: m.state.value for n, m in new.models.items()},
             )
             log.info("config reloaded: %s", msgspec.json.encode(result).decode())
+            for listener in self.on_reload:
+                listener()
             return result

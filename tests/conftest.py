@@ -151,7 +151,9 @@ def uvicorn_server(app: Any) -> Iterator[tuple[str, Any]]:
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     url = f"http://127.0.0.1:{sock.getsockname()[1]}"
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    from gateway.server import uvicorn_config
+
+    server = uvicorn.Server(uvicorn_config(app, app.state.gateway.config.server, log_level="warning"))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     deadline = time.monotonic() + 300

@@ -291,7 +291,8 @@ def test_queue_full_over_http_is_429_with_retry_after():
             t.join()
         assert 429 in results and 200 in results
         assert set(results) <= {200, 429}
-        assert all(h == "1" for s, h in zip(results, headers, strict=True) if s == 429)
+        # Retry-After is how long the queue takes to drain enough, at the rate measured so far.
+        assert all(h is not None and int(h) >= 1 for s, h in zip(results, headers, strict=True) if s == 429)
 
 
 def test_health_answers_while_a_long_batch_computes():

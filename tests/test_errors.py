@@ -264,7 +264,8 @@ def test_model_that_fails_to_load_is_503_while_others_serve():
         err = _error(client.post(URL, json={"model": "broken", "input": "x"}), 503)
         assert "refuses to load" in err["message"]
         err = _error(client.post(URL, json={"model": "missing", "input": "x"}), 503)
-        assert "/nonexistent/model/dir does not exist" in err["message"]
+        # The path is cut to its last part: clients need not learn the server's file system.
+        assert "model path .../dir does not exist" in err["message"] and "/nonexistent" not in err["message"]
         assert client.post(URL, json={"model": "fake", "input": "x"}).status_code == 200
         ready = client.get("/ready")
         assert ready.status_code == 503
