@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import hashlib
-import importlib.resources
+import importlib.util
 import os
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
@@ -116,11 +116,16 @@ def resolve_model_path(raw: str, base_dir: Path) -> Path:
     """`pkg:NAME/sub/dir` -> a folder inside an installed package; relative paths -> beside the config."""
     if raw.startswith("pkg:"):
         package, _, sub = raw[4:].partition("/")
+        # Found, not imported: reading a config must not run a package's import-time code (or pay for it).
         try:
-            root = importlib.resources.files(package)
-        except ModuleNotFoundError as exc:
-            raise ConfigError(f"package {package!r} named in path {raw!r} is not installed") from exc
-        return Path(str(root.joinpath(sub))) if sub else Path(str(root))
+            spec = importlib.util.find_spec(package)
+        except (ImportError, ValueError):
+            spec = None
+        locations = list(spec.submodule_search_locations or []) if spec is not None else []
+        if not locations:
+            raise ConfigError(f"package {package!r} named in path {raw!r} is not installed")
+        root = Path(locations[0])
+        return root / sub if sub else root
     path = Path(os.path.expanduser(raw))
     return path if path.is_absolute() else (base_dir / path)
 
