@@ -73,6 +73,7 @@ async def _lifespan(app: Litestar) -> AsyncIterator[None]:
     loop = asyncio.get_running_loop()
     gateway.registry.load_all()
     MODEL_GAUGES.add(gateway.model_status)
+    lag = loop.create_task(gateway.watch_loop_lag())
     reload_tasks: set[asyncio.Task[Any]] = set()
 
     async def on_sighup() -> None:
@@ -92,6 +93,7 @@ async def _lifespan(app: Litestar) -> AsyncIterator[None]:
     try:
         yield
     finally:
+        lag.cancel()
         with suppress(ValueError, RuntimeError, NotImplementedError):
             loop.remove_signal_handler(signal.SIGHUP)
         # Queued work finishes before models are released (graceful shutdown).

@@ -4,9 +4,10 @@ Written by hand: no maintained library batches across asyncio requests into a sy
 token budget (Infinity and TEI each carry their own). Worker threads own the backend; the event loop only
 enqueues and awaits futures.
 
-Batches are filled round-robin, first across the keys that have inputs queued, then across each key's
-requests, one input from each in turn: a request with thousands of inputs shares every batch with the
-small requests behind it, and a key sending many requests gets no more turns than a key sending one.
+Batches are filled by turns: the keys that have inputs queued take turns, one input each, so a key sending
+many requests gets no more of a batch than a key sending one; within a key the oldest request goes first,
+but takes at most half a batch, so a request with thousands of inputs shares every batch with the small
+requests behind it.
 
 Admission is by predicted wait: the batcher measures how fast the model drains its queue (tokens per second
 of wall time while it has work), and a request is admitted only if its key's share of the queued work and
@@ -78,9 +79,10 @@ class _Request:
     waiting: list[int] = field(default_factory=list)
     remaining: int = 0
     done: bool = False
-    # When a batch last took inputs from this request (its arrival until then): the request served
-    # longest ago anchors the next batch, so every queued request moves forward in turn.
-    served: float = field(default_factory=time.monotonic)
+    # When the request arrived (within a key, older requests go first), and when a batch last took inputs
+    # from it: for a backend that pads, the request served longest ago anchors the next batch.
+    arrived: float = field(default_factory=time.monotonic)
+    served: float = 0.0
     owner: str | None = None
     progress: Progress | None = None
 
@@ -121,18 +123,21 @@ _CANDIDATES = 4
 _RATE_WEIGHT = 0.2
 
 
-def _round_robin(reqs: list[_Request]) -> Iterator[tuple[_Request, int]]:
-    """The waiting inputs of `reqs`, one from each request in turn."""
+def _in_turn(reqs: list[_Request], share: int) -> Iterator[tuple[_Request, int]]:
+    """The waiting inputs of `reqs` (oldest request first), at most `share` of each before the next request's
+    turn, then round again."""
     depth = 0
     while True:
         found = False
         for req in reqs:
-            if depth < len(req.waiting):
+            part = req.waiting[depth : depth + share]
+            if part:
                 found = True
-                yield req, req.waiting[depth]
+                for i in part:
+                    yield req, i
         if not found:
             return
-        depth += 1
+        depth += share
 
 
 def split_by_padding(lengths: Sequence[int], overhead: int) -> list[int]:
@@ -260,7 +265,7 @@ class Batcher:
             self._queue.append(req)
             self._pending += len(texts)
             self._pending_tokens += own
-            mine = self._owners.setdefault(owner, _Owner(served=req.served))
+            mine = self._owners.setdefault(owner, _Owner(served=req.arrived))
             mine.inputs += len(texts)
             mine.tokens += own
             self._cond.notify()
@@ -273,6 +278,12 @@ class Batcher:
                     req.done = True
                     self._drop(req)
             raise
+
+    def precheck(self, owner: str | None = None, max_wait_s: float | None = None) -> None:
+        """QueueFull now if a request from `owner` would be refused whatever its size: called before the
+        request is tokenized, so that refusing a flood costs little."""
+        with self._cond:
+            self._admit(owner, 0, 0, max_wait_s)
 
     def _admit(self, owner: str | None, inputs: int, own: int, max_wait_s: float | None) -> None:
         """Under the lock: raise QueueFull unless a request of `inputs` inputs and `own` tokens from `owner`
@@ -386,26 +397,32 @@ class Batcher:
         """The next batch (under the lock): for a backend that pads, inputs of similar lengths around one
         anchor input.
 
-        The anchor is the next input of the key served longest ago (of its request served longest ago), so
-        keys and then requests take turns, and neither a huge request nor a key with many requests can hold
-        the others back. Candidates are drawn round-robin across keys, and within a key across its requests;
-        the batch is the run of up to max_batch_size consecutive lengths that holds the anchor and starts as
-        short as possible: less padding, and nothing waits forever.
+        Keys take turns: candidates are drawn one at a time from each key with inputs queued, the key served
+        longest ago first, so a key with many requests gets no more of a batch than a key with one. Within a
+        key, the oldest request goes first but takes at most half a batch before the next request's turn: a
+        huge request cannot hold small ones back, and requests finish about in the order they came, which is
+        what admission predicts. For a backend that pads, the batch is the run of up to max_batch_size
+        consecutive lengths that holds an anchor input and starts as short as possible (less padding); the
+        anchor is the next input of the first key's request served longest ago, so nothing waits forever.
         """
         window = self.max_batch_size * _CANDIDATES
+        share = max(1, self.max_batch_size // 2)
         by_owner: dict[str | None, list[_Request]] = {}
-        for req in sorted(self._queue, key=lambda r: r.served):
+        for req in self._queue:  # in arrival order
             by_owner.setdefault(req.owner, []).append(req)
         turns = sorted(by_owner.values(), key=lambda reqs: self._owners[reqs[0].owner].served)
-        streams = [_round_robin(reqs) for reqs in turns]
-        candidates: list[tuple[_Request, int]] = []
+        streams = [_in_turn(reqs, share) for reqs in turns]
+        # For a backend that pads, the anchor leads; otherwise the turns alone order the batch.
+        first = min(turns[0], key=lambda r: r.served) if self.pads_to_longest else None
+        candidates: list[tuple[_Request, int]] = [] if first is None else [(first, first.waiting[0])]
         while streams and len(candidates) < window:
             for stream in list(streams):
                 item = next(stream, None)
                 if item is None:
                     streams.remove(stream)
                     continue
-                candidates.append(item)
+                if first is None or item != candidates[0]:
+                    candidates.append(item)
                 if len(candidates) >= window:
                     break
         anchor = candidates[0]

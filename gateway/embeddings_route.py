@@ -26,7 +26,7 @@ from . import service
 from .asgi import header
 from .auth import authorize
 from .decoding import BodyDecoder
-from .errors import GatewayError, error_responses
+from .errors import GatewayError, error_body, error_responses
 from .schemas import EmbeddingRequest, EmbeddingResponse
 from .state import Gateway
 
@@ -49,6 +49,24 @@ async def serve_embeddings(scope: Scope, receive: Receive, send: Send) -> None:
             await send({"type": "http.response.body", "body": b""})
             return
         raise MethodNotAllowedException(headers={"allow": _ALLOW})
+    try:
+        status, out, extra = 200, await _embeddings(scope, receive), []
+    except GatewayError as exc:
+        # Answered here rather than through Litestar's exception handlers: the same answer for a fraction of
+        # the CPU, which matters when a flood is being refused (bench/README.md, "Overload").
+        status, out = exc.status, msgspec.json.encode(error_body(exc.status, exc.message, exc.param, exc.code))
+        extra = [(name.lower().encode("latin-1"), value.encode("latin-1")) for name, value in exc.headers.items()]
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [_JSON, (b"content-length", str(len(out)).encode()), *extra],
+        }
+    )
+    await send({"type": "http.response.body", "body": out})
+
+
+async def _embeddings(scope: Scope, receive: Receive) -> bytes:
     app: Litestar = scope["litestar_app"]
     gw: Gateway = app.state.gateway
     state: dict[str, Any] = scope.setdefault("state", {})
@@ -66,21 +84,13 @@ async def serve_embeddings(scope: Scope, receive: Receive, send: Send) -> None:
     body = _DECODER.decode(raw)
     with _HangUpWatch(receive) as watch:
         try:
-            out = await service.embed_json(gw, body, key, state, deadline_s)
+            return await service.embed_json(gw, body, key, state, deadline_s)
         except asyncio.CancelledError:
             if not watch.hung_up:
                 raise
             # Cancelled because the client hung up: its inputs left the model's queue, nobody computes them.
             watch.task.uncancel()
             raise _client_closed() from None
-    await send(
-        {
-            "type": "http.response.start",
-            "status": 200,
-            "headers": [_JSON, (b"content-length", str(len(out)).encode())],
-        }
-    )
-    await send({"type": "http.response.body", "body": out})
 
 
 def _client_deadline(scope: Scope) -> float | None:

@@ -246,6 +246,11 @@ class ServedModel:
             return backend.tokenize(texts)
         return await asyncio.get_running_loop().run_in_executor(self._tokenize, backend.tokenize, texts)
 
+    def precheck(self, **admission: Any) -> None:
+        """QueueFull now if the model would refuse any request of this caller (see Batcher.precheck)."""
+        assert self.batcher is not None
+        self.batcher.precheck(**admission)
+
     async def embed(self, texts: list[str], token_ids: list[list[int]], **admission: Any) -> np.ndarray:
         """Vectors for `texts`, computed in the model's batches (`admission`: see Batcher.embed)."""
         assert self.batcher is not None

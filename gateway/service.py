@@ -108,15 +108,19 @@ async def _vectors(
             async with asyncio.timeout(timeout):
                 await model.ready(timeout)
                 dims = _dimensions(body.dimensions, model)
+                owner = key.name if key else None
+                # The event loop's own delay, paid twice (reading this request, sending its answer), comes
+                # out of the wait the model may add; never below a quarter of the limit.
+                limit = batching.max_queue_wait_ms / 1000
+                max_wait_s = min(max(limit - 2 * gw.loop_lag, limit / 4), ends - time.monotonic())
+                model.precheck(owner=owner, max_wait_s=max_wait_s)
                 token_ids, total = await _tokens(model, texts, server.max_tokens_per_request)
                 if key is not None:
                     key.charge_tokens(total)
                     charged = total
                 log.debug("embedding %d texts on %r: %r", len(texts), model.name, texts)
-                max_wait_s = min(batching.max_queue_wait_ms / 1000, ends - time.monotonic())
-                vectors = await model.embed(
-                    texts, token_ids, owner=key.name if key else None, max_wait_s=max_wait_s, progress=progress
-                )
+                max_wait_s = min(max_wait_s, ends - time.monotonic())
+                vectors = await model.embed(texts, token_ids, owner=owner, max_wait_s=max_wait_s, progress=progress)
                 charged = 0  # delivered: the charge stands
         except TimeoutError:
             raise GatewayError(

@@ -54,6 +54,18 @@ class Gateway:
         self._reload_lock = asyncio.Lock()
         #: Called after each reload that took effect (say, to describe the new models in the API schema).
         self.on_reload: list[Callable[[], None]] = []
+        #: How late the event loop runs what is due (seconds; see watch_loop_lag): a request waits about
+        #: this long to be read, and again for its answer to go out.
+        self.loop_lag = 0.0
+
+    async def watch_loop_lag(self, every_s: float = 0.05) -> None:
+        """Measure the event loop's lag for as long as the app runs: rises at once, decays over a second."""
+        loop = asyncio.get_running_loop()
+        while True:
+            due = loop.time() + every_s
+            await asyncio.sleep(every_s)
+            late = max(0.0, loop.time() - due)
+            self.loop_lag = late if late > self.loop_lag else self.loop_lag + 0.05 * (late - self.loop_lag)
 
     def _specs(self, config: GatewayConfig) -> dict[str, ModelSpec]:
         return build_specs(config, self.backends, self.config_path or "<config>", self.broken)
