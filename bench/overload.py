@@ -6,7 +6,8 @@ For each model, one server (the model alone, as bench/run.py starts it), in this
   1. reference: 32 clients x 1 text with wrk, the throughput a well-behaved load gets;
   2. flood, retry at once: wrk, 256 connections x 8 texts, each connection sending again the moment it
      has an answer (what a naive client or a retry loop does);
-  3. flood, polite: the same 256 x 8 from an asyncio client that waits Retry-After after each 429.
+  3. flood, polite: the same 256 x 8 with wrk, each refused connection waiting Retry-After before it sends
+     again (bench/wrk/embed.lua with POLITE=1; wrk's latencies leave that wait out).
 Reported: answers by status, p50/p99 latency of all answers, texts/s of the 200s against the reference,
 the server's CPU per answer and an estimate of the CPU one 429 costs. `--cpus 0` pins the server to one
 core (the model's speed halved: 429s should rise instead of latency).
@@ -15,10 +16,8 @@ core (the model's speed halved: 429s should rise instead of latency).
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import os
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -28,44 +27,6 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 import run as bench  # noqa: E402  (the server, wrk and corpus helpers of bench/run.py)
-
-
-def polite_flood(port: int, bodies: list[bytes], clients: int, seconds: float) -> dict[str, Any]:
-    """`clients` asyncio workers that send again at once after a 200 and wait Retry-After after a 429."""
-    import httpx
-
-    statuses: dict[int, int] = {}
-    latencies: list[float] = []
-    headers = {"Authorization": f"Bearer {bench.API_KEY}", "Content-Type": "application/json"}
-
-    async def worker(k: int, client: httpx.AsyncClient, stop: float) -> None:
-        i = k
-        while time.monotonic() < stop:
-            t = time.perf_counter()
-            try:
-                r = await client.post("/v1/embeddings", content=bodies[i % len(bodies)], headers=headers)
-            except httpx.HTTPError:
-                statuses[-1] = statuses.get(-1, 0) + 1
-                continue
-            latencies.append(time.perf_counter() - t)
-            statuses[r.status_code] = statuses.get(r.status_code, 0) + 1
-            i += clients
-            if r.status_code == 429:
-                await asyncio.sleep(float(r.headers.get("retry-after", "1")))
-
-    async def main() -> None:
-        limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
-        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", limits=limits, timeout=60) as client:
-            stop = time.monotonic() + seconds
-            await asyncio.gather(*(worker(k, client, stop) for k in range(clients)))
-
-    asyncio.run(main())
-    latencies.sort()
-    return {
-        "statuses": statuses,
-        "p50_ms": statistics.median(latencies) * 1000 if latencies else float("nan"),
-        "p99_ms": latencies[int(len(latencies) * 0.99) - 1] * 1000 if latencies else float("nan"),
-    }
 
 
 def one_model(args: argparse.Namespace, config: Any, name: str, corpus: list[str], work: Path) -> dict[str, Any]:
@@ -86,29 +47,25 @@ def one_model(args: argparse.Namespace, config: Any, name: str, corpus: list[str
         bench.write_bodies(several, name, corpus, args.texts)
         bench.run_wrk(args, args.port, single, 32, 3, "/v1/embeddings", "10s")  # warm-up
         out: dict[str, Any] = {"model": name}
-        for label, bodies, connections in (("reference", single, 32), ("flood", several, args.connections)):
+        for label, bodies, connections, polite in (
+            ("reference", single, 32, "0"),
+            ("flood", several, args.connections, "0"),
+            ("polite", several, args.connections, "1"),
+        ):
             server.wait_idle()
             cpu = server.cpu_s()
+            os.environ["POLITE"] = polite
             w = bench.run_wrk(args, args.port, bodies, connections, args.duration, "/v1/embeddings", "30s")
             w["server_cpu_s"] = server.cpu_s() - cpu
             out[label] = w
-        server.wait_idle()
-        cpu = server.cpu_s()
-        lines = [line.encode() for line in several.read_text().splitlines() if line]
-        polite = polite_flood(args.port, lines, args.connections, args.duration)
-        polite["server_cpu_s"] = server.cpu_s() - cpu
-        out["polite"] = polite
+        os.environ.pop("POLITE", None)
         return out
     finally:
         server.stop()
 
 
 def _answers(r: dict[str, Any]) -> tuple[int, int, int, float, float]:
-    """(200s, 429s, others, p50 ms, p99 ms) from a wrk result or a polite-client result."""
-    if "statuses" in r:
-        st = {int(k): v for k, v in r["statuses"].items()}
-        other = sum(v for k, v in st.items() if k not in (200, 429))
-        return st.get(200, 0), st.get(429, 0), other, r["p50_ms"], r["p99_ms"]
+    """(200s, 429s, others, p50 ms, p99 ms) of a wrk run."""
     errors = sum(r[k] for k in ("connect_errors", "read_errors", "write_errors", "timeouts"))
     return r["s200"], r["s429"], r["sother"] + errors, r["p50_us"] / 1000, r["p99_us"] / 1000
 

@@ -269,3 +269,27 @@ def check_runs_on_token_ids(backend: Any, texts: Sequence[str], limit: int, atol
     b, b_ids = [texts[k] for k in over], [ids[k] for k in over]
     truncated = [[*i[: limit - 1], i[-1]] for i in b_ids]
     np.testing.assert_allclose(backend.embed(b, b_ids), backend.embed(b, truncated), atol=atol)
+
+
+def assert_import_is_light(module: str, heavy: Sequence[str]) -> None:
+    """Importing `module` (a plugin) in a fresh interpreter loads none of `heavy`: unconfigured plugins cost
+    nothing and need no extra installed."""
+    import subprocess
+    import sys
+
+    code = f"import sys, {module}; heavy = [m for m in {list(heavy)!r} if m in sys.modules]; assert not heavy, heavy"
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def partial_request(url: str, content_length: int, start: str) -> Any:
+    """A socket to the server at `url` that has sent the head of an embeddings POST announcing
+    `content_length` bytes of body, and only `start` of that body."""
+    import socket
+
+    host, port = url.removeprefix("http://").split(":")
+    sock = socket.create_connection((host, int(port)))
+    sock.sendall(
+        f"POST /v1/embeddings HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {API_KEY}\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {content_length}\r\n\r\n{start}".encode()
+    )
+    return sock

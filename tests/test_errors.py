@@ -209,19 +209,12 @@ def test_unknown_route_and_method(fake_client):
 
 
 def test_a_client_gone_while_sending_its_body_is_a_499_and_nothing_breaks():
-    import socket
-
     import httpx
 
-    from .conftest import make_app, uvicorn_server
+    from .conftest import make_app, partial_request, uvicorn_server
 
     with uvicorn_server(make_app(FAKE_TOML)) as (url, _):
-        host, port = url.removeprefix("http://").split(":")
-        with socket.create_connection((host, int(port))) as sock:
-            sock.sendall(
-                f"POST {URL} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer test-key\r\n"
-                'Content-Type: application/json\r\nContent-Length: 500\r\n\r\n{"model": "fake", '.encode()
-            )
+        with partial_request(url, 500, '{"model": "fake", '):
             time.sleep(0.2)
         r = httpx.post(f"{url}{URL}", json={"model": "fake", "input": "still here"}, headers=AUTH, timeout=10)
         assert r.status_code == 200

@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import subprocess
-import sys
 import threading
 from pathlib import Path
 
@@ -27,7 +25,7 @@ from gateway_gguf.backend import GgufOptions
 
 from gateway.backend import BackendError
 
-from .conftest import check_runs_on_token_ids, count, embed
+from .conftest import assert_import_is_light, check_runs_on_token_ids, count, embed
 
 LONG = " ".join(
     f"Sentence {i} talks about embeddings, tokenizers and llama.cpp's bert graph on CPUs." for i in range(8)
@@ -254,11 +252,7 @@ def test_plugin_registers_by_hooks() -> None:
 
 
 def test_import_is_light() -> None:
-    code = (
-        "import sys, gateway_gguf; heavy = {'llama_cpp', 'gguf', 'torch', 'safetensors'} & set(sys.modules);"
-        "assert not heavy, heavy"
-    )
-    subprocess.run([sys.executable, "-c", code], check=True)
+    assert_import_is_light("gateway_gguf", ["llama_cpp", "gguf", "torch", "safetensors"])
 
 
 # -- end to end through HTTP (the core's app, config and batcher) ----------------------------------------

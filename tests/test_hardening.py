@@ -16,7 +16,7 @@ import pytest
 
 from gateway.config import ConfigError, parse_config
 
-from .conftest import FAKE_TOML, FakeBackend, make_app, serve, uvicorn_server
+from .conftest import FAKE_TOML, FakeBackend, make_app, partial_request, serve, uvicorn_server
 
 URL = "/v1/embeddings"
 
@@ -194,15 +194,9 @@ def test_half_open_connections_do_not_slow_health_and_are_closed_after_the_heade
 
 
 def test_a_body_that_stops_arriving_is_a_408():
-    with uvicorn_server(make_app(SLOW)) as (url, _):
-        host, port = url.removeprefix("http://").split(":")
-        with socket.create_connection((host, int(port))) as s:
-            s.sendall(
-                f"POST {URL} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer test-key\r\n"
-                'Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{"model": '.encode()
-            )
-            s.settimeout(5)
-            answer = s.recv(4096).decode()
+    with uvicorn_server(make_app(SLOW)) as (url, _), partial_request(url, 100, '{"model": ') as s:
+        s.settimeout(5)
+        answer = s.recv(4096).decode()
         assert answer.startswith("HTTP/1.1 408"), answer
         assert "request body not received within 0.5s" in answer
 

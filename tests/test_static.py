@@ -27,7 +27,7 @@ from gateway_static import WordLlamaBackend, WordLlamaOptions
 
 from gateway.backend import BackendError
 
-from .conftest import SENTENCES, cosine, serve
+from .conftest import SENTENCES, assert_import_is_light, cosine, serve
 
 #: The installed wordllama package's folder, found without importing it.
 PKG = Path(importlib.util.find_spec("wordllama").submodule_search_locations[0])
@@ -84,13 +84,7 @@ def test_registered_through_entry_point():
 
 
 def test_import_is_light():
-    code = (
-        "import sys, gateway_static; "
-        "heavy = [m for m in ('wordllama', 'tokenizers', 'safetensors', 'pydantic', 'requests', 'toml') "
-        "if m in sys.modules]; "
-        "assert not heavy, heavy"
-    )
-    subprocess.run([sys.executable, "-c", code], check=True)
+    assert_import_is_light("gateway_static", ["wordllama", "tokenizers", "safetensors", "pydantic", "requests", "toml"])
 
 
 def test_options_are_strict_and_checked_at_config_load():

@@ -6,6 +6,7 @@
 -- the server sees the whole corpus rather than one cached sentence. PATH defaults to /v1/embeddings.
 -- done() prints one machine-readable line, `WRKJSON {...}`: request counts, errors, latency percentiles
 -- (microseconds) and the responses counted by status (200, 429, anything else).
+-- Note: wrk's latency figures leave out the time a connection waited in delay().
 
 local reqs = {}
 local n, i = 0, 0
@@ -40,14 +41,28 @@ function request()
   return reqs[i]
 end
 
+-- POLITE=1 in the environment: after each 429 a connection waits Retry-After before it sends again (wrk asks
+-- delay() before each request; the wait goes to the next connection to send, most often the one refused).
+local polite = os.getenv("POLITE") == "1"
+local pause_ms = 0
+
 function response(status, headers, body)
   if status == 200 then
     s200 = s200 + 1
   elseif status == 429 then
     s429 = s429 + 1
+    if polite then
+      pause_ms = 1000 * (tonumber(headers["Retry-After"] or headers["retry-after"] or "1") or 1)
+    end
   else
     sother = sother + 1
   end
+end
+
+function delay()
+  local ms = pause_ms
+  pause_ms = 0
+  return ms
 end
 
 function done(summary, latency, requests)
