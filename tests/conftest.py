@@ -281,15 +281,15 @@ def assert_import_is_light(module: str, heavy: Sequence[str]) -> None:
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
-def partial_request(url: str, content_length: int, start: str) -> Any:
-    """A socket to the server at `url` that has sent the head of an embeddings POST announcing
-    `content_length` bytes of body, and only `start` of that body."""
+def partial_request(url: str, content_length: int, start: str, path: str = "/v1/embeddings") -> Any:
+    """A socket to the server at `url` that has sent the head of a POST to `path` announcing `content_length`
+    bytes of body, and only `start` of that body."""
     import socket
 
     host, port = url.removeprefix("http://").split(":")
     sock = socket.create_connection((host, int(port)))
     sock.sendall(
-        f"POST /v1/embeddings HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {API_KEY}\r\n"
+        f"POST {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {API_KEY}\r\n"
         f"Content-Type: application/json\r\nContent-Length: {content_length}\r\n\r\n{start}".encode()
     )
     return sock

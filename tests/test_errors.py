@@ -214,7 +214,7 @@ def test_a_client_gone_while_sending_its_body_is_a_499_and_nothing_breaks():
     from .conftest import make_app, partial_request, uvicorn_server
 
     with uvicorn_server(make_app(FAKE_TOML)) as (url, _):
-        with partial_request(url, 500, '{"model": "fake", '):
+        with partial_request(url, 500, '{"model": "fake", ', URL):
             time.sleep(0.2)
         r = httpx.post(f"{url}{URL}", json={"model": "fake", "input": "still here"}, headers=AUTH, timeout=10)
         assert r.status_code == 200
