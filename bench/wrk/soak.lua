@@ -10,7 +10,7 @@ local reqs = {}
 local n, i = 0, 0
 local threads = {}
 
-valid_ok, valid_bad, invalid_4xx, invalid_5xx, invalid_2xx, unknown = 0, 0, 0, 0, 0, 0
+valid_ok, valid_429, valid_bad, invalid_4xx, invalid_5xx, invalid_2xx, unknown = 0, 0, 0, 0, 0, 0, 0
 bad_statuses = ""
 
 function setup(thread)
@@ -39,7 +39,9 @@ function response(status, headers, body)
   local id = headers["x-request-id"] or headers["X-Request-ID"] or ""
   local kind = id:sub(1, 1)
   if kind == "v" then
-    if status == 200 then valid_ok = valid_ok + 1 else
+    if status == 200 then valid_ok = valid_ok + 1
+    elseif status == 429 then valid_429 = valid_429 + 1  -- refused under overload: an answer, not a failure
+    else
       valid_bad = valid_bad + 1
       if #bad_statuses < 200 then bad_statuses = bad_statuses .. status .. " " end
     end
@@ -53,7 +55,7 @@ function response(status, headers, body)
 end
 
 function done(summary, latency, requests)
-  local t = { valid_ok = 0, valid_bad = 0, invalid_4xx = 0, invalid_5xx = 0, invalid_2xx = 0, unknown = 0 }
+  local t = { valid_ok = 0, valid_429 = 0, valid_bad = 0, invalid_4xx = 0, invalid_5xx = 0, invalid_2xx = 0, unknown = 0 }
   local statuses = ""
   for _, th in ipairs(threads) do
     for k, _ in pairs(t) do t[k] = t[k] + (th:get(k) or 0) end
@@ -62,9 +64,10 @@ function done(summary, latency, requests)
   local e = summary.errors
   io.write(string.format(
     'SOAKJSON {"requests": %d, "duration_us": %d, "connect_errors": %d, "read_errors": %d, "write_errors": %d, ' ..
-    '"timeouts": %d, "valid_ok": %d, "valid_bad": %d, "invalid_4xx": %d, "invalid_5xx": %d, "invalid_2xx": %d, ' ..
+    '"timeouts": %d, "valid_ok": %d, "valid_429": %d, "valid_bad": %d, "invalid_4xx": %d, "invalid_5xx": %d, ' ..
+    '"invalid_2xx": %d, ' ..
     '"unknown": %d, "p50_us": %d, "p99_us": %d, "bad_statuses": "%s"}\n',
-    summary.requests, summary.duration, e.connect, e.read, e.write, e.timeout, t.valid_ok, t.valid_bad,
+    summary.requests, summary.duration, e.connect, e.read, e.write, e.timeout, t.valid_ok, t.valid_429, t.valid_bad,
     t.invalid_4xx, t.invalid_5xx, t.invalid_2xx, t.unknown, latency:percentile(50), latency:percentile(99),
     statuses))
 end
