@@ -1,9 +1,10 @@
 """The embedding use case: from a decoded request and the caller's key to a response.
 
 The HTTP route and `gateway embed` both come through here. In order: the model (404, 403), the inputs
-(400), readiness (503), `dimensions`, tokens and their limits (400), the key's token quota (429), the
-model's batches (429 when its queue is full, 500 when a batch fails, 504 past the timeout), then the
-Matryoshka cut and the response.
+(400), an empty token quota (429), readiness (503), `dimensions`, a key already over the model's admission
+limit (429, before any tokenizing), tokens and their limits (400), the key's token quota (429), admission
+and the model's batches (429 when predicted too late, 500 when a batch fails, 504 past the timeout), then
+the Matryoshka cut and the response.
 """
 
 from __future__ import annotations

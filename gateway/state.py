@@ -18,7 +18,19 @@ from .schemas import ReloadResult
 log = logging.getLogger("gateway")
 
 # [server] settings fixed when the server starts (the others follow a reload).
-_RESTART_FIELDS = ("host", "port", "max_body_bytes", "access_log", "log_level")
+_RESTART_FIELDS = (
+    "host",
+    "port",
+    "max_body_bytes",
+    "access_log",
+    "log_level",
+    # uvicorn's settings (gateway/server.py), fixed when it starts.
+    "header_timeout_s",
+    "send_timeout_s",
+    "keep_alive_s",
+    "max_connections",
+    "max_header_bytes",
+)
 
 
 class Gateway:
