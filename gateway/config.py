@@ -104,6 +104,9 @@ class ModelConfig(_Strict):
     batching: BatchingConfig = msgspec.field(default_factory=BatchingConfig)
     # Validated by the backend's own Options Struct once plugins are known.
     options: dict[str, Any] = {}
+    # Present: the model runs on Ray Serve replicas (plugins/gateway_ray), validated by that placement's
+    # Options Struct; absent: in this process.
+    ray: dict[str, Any] | None = None
 
 
 class GatewayConfig(_Strict):

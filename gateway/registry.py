@@ -21,6 +21,7 @@ from .backend import Backend, BackendError, ModelInfo, check_info
 from .batching import Batcher
 from .config import ConfigError, GatewayConfig, ModelConfig, convert_at
 from .errors import GatewayError
+from .placement import DEFAULT, InProcess, Placement
 
 # An absolute path inside a message: from a slash at the start or after a space or quote, to the next space,
 # quote or end.
@@ -54,6 +55,9 @@ class ModelSpec:
     config: ModelConfig
     backend_cls: type[Backend]
     options: Any
+    #: Where its batches run (gateway/placement.py), and that placement's validated options.
+    placement_cls: type[Placement] = InProcess
+    placement_options: Any = None
 
 
 def build_specs(
@@ -61,13 +65,17 @@ def build_specs(
     backends: Mapping[str, type[Backend]],
     where: str = "<config>",
     broken: Mapping[str, str] | None = None,
+    placements: Mapping[str, type[Placement]] | None = None,
 ) -> dict[str, ModelSpec]:
-    """Check each model's backend exists and its options fit the backend's Options Struct.
+    """Check each model's backend exists and its options fit the backend's Options Struct (and its placement's
+    table, if it names one, that placement's Options Struct).
 
     `broken`: plugins that failed to import, by name, and why (named when a model asks for one of them).
+    `placements`: by name (default: in-process only).
     """
     specs: dict[str, ModelSpec] = {}
     broken = broken or {}
+    placements = placements or {DEFAULT: InProcess}
     for name, model in config.models.items():
         cls = backends.get(model.backend)
         if cls is None:
@@ -81,7 +89,19 @@ def build_specs(
                 f"{where}: `$.models.{name}.backend`: unknown backend {model.backend!r} (available: {available}){hint}"
             )
         options = convert_at(model.options, cls.Options, f"$.models.{name}.options", where)
-        specs[name] = ModelSpec(name=name, config=model, backend_cls=cls, options=options)
+        placement, table = (DEFAULT, None) if model.ray is None else ("ray", model.ray)
+        placement_cls = placements.get(placement)
+        if placement_cls is None:
+            raise ConfigError(f"{where}: `$.models.{name}.{placement}`: no placement plugin {placement!r} is installed")
+        placement_options = convert_at(table or {}, placement_cls.Options, f"$.models.{name}.{placement}", where)
+        specs[name] = ModelSpec(
+            name=name,
+            config=model,
+            backend_cls=cls,
+            options=options,
+            placement_cls=placement_cls,
+            placement_options=placement_options,
+        )
     return specs
 
 
@@ -123,6 +143,11 @@ class ServedModel:
         configured = self.spec.config.max_input_tokens
         return min(own, configured) if configured else own
 
+    @property
+    def replicas(self) -> tuple[int, int] | None:
+        """(ready, total) replicas of a model whose batches run elsewhere; None for one in this process."""
+        return self.backend.replicas() if self.backend is not None else None
+
     def load(self) -> None:
         """Construct and load the backend (blocking); failures leave the model `failed` with a reason."""
         spec = self.spec
@@ -130,7 +155,8 @@ class ServedModel:
         try:
             if not Path(spec.config.path).exists():
                 raise BackendError(f"model path {spec.config.path} does not exist")
-            backend = spec.backend_cls(
+            backend = spec.placement_cls(spec.placement_options).place(
+                spec.backend_cls,
                 model=spec.name,
                 path=spec.config.path,
                 options=spec.options,

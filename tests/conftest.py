@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import textwrap
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -31,6 +32,8 @@ class FakeOptions(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     fail_on: str | None = None
     fail_load: bool = False
     load_delay_s: float = 0.0
+    # embed writes a file named after its process id here as it starts (finds the replica running a batch).
+    started_dir: str | None = None
 
 
 class FakeBackend(Backend):
@@ -57,6 +60,8 @@ class FakeBackend(Backend):
 
     def embed(self, texts: Sequence[str], token_ids: Sequence[Sequence[int]]) -> np.ndarray:
         FakeBackend.batches.append(list(texts))
+        if self.options.started_dir is not None:
+            (Path(self.options.started_dir) / str(os.getpid())).touch()
         if self.options.fail_on is not None and any(self.options.fail_on in t for t in texts):
             raise RuntimeError("boom")
         if self.options.delay_s:
