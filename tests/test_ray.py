@@ -204,6 +204,25 @@ def test_replica_killed_mid_batch_costs_no_request(ray_gateway, caplog):
         time.sleep(0.2)
 
 
+def test_replicas_that_cannot_be_placed_fail_only_that_model(ray_gateway):
+    """A model asking for more CPUs than the Ray has: failed with Ray Serve's reason, its replicas removed; the
+    gateway's other models (and the Ray they share) serve on."""
+    url, _, _ = ray_gateway
+    toml = f"""
+    [models.too-big]
+    backend = "onnx"
+    path = "{INT8}"
+    [models.too-big.ray]
+    num_cpus = 64
+    start_timeout_s = 2
+    """
+    with serve(toml, plugins=()) as client:
+        r = client.post("/v1/embeddings", json={"model": "too-big", "input": "hello"})
+        assert r.status_code == 503
+        assert "the replicas were not running after 2s" in r.json()["error"]["message"]
+    assert _embed(url, "int8-ray", ["still here"]).status_code == 200
+
+
 @pytest.mark.parametrize(
     ("table", "message"),
     [

@@ -37,8 +37,10 @@ class RayOptions(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     num_gpus: Annotated[float, msgspec.Meta(ge=0)] = 0.0
     # A batch a replica has not answered by then fails (its requests get a 500 and the log the reason).
     batch_timeout_s: PositiveFloat = 120.0
-    # How long to wait for a cluster's address to answer before the model is marked failed.
+    # How long to wait for a cluster's address to answer, and for every replica to run (placed, model loaded),
+    # before the model is marked failed with Ray Serve's reason.
     connect_timeout_s: PositiveFloat = 30.0
+    start_timeout_s: PositiveFloat = 600.0
 
     def __post_init__(self) -> None:
         autoscaling = self.min_replicas is not None or self.max_replicas is not None

@@ -113,21 +113,25 @@ class RayBackend(Backend):
         # Unique: a reload starts the new version beside the old one, and several gateways may share a cluster.
         self._app = f"gateway-{re.sub(r'[^A-Za-z0-9_-]', '_', self.model)}-{secrets.token_hex(3)}"
         started = time.perf_counter()
+        app = deployment.bind(
+            cls.name,
+            f"{cls.__module__}:{cls.__qualname__}",
+            self.model,
+            self.path,
+            msgspec.to_builtins(self.options),
+            self.trust_remote_code,
+        )
         try:
-            handle = serve.run(
-                deployment.bind(
-                    cls.name,
-                    f"{cls.__module__}:{cls.__qualname__}",
-                    self.model,
-                    self.path,
-                    msgspec.to_builtins(self.options),
-                    self.trust_remote_code,
-                ),
-                name=self._app,
-                route_prefix=None,
+            # Not serve.run: it waits for the replicas forever (a cluster that cannot place them), from a call
+            # that cannot be stopped; the wait is ours, bounded, and ends when the model is closed.
+            (handle,) = serve.run_many(
+                [serve.RunTarget(app, name=self._app, route_prefix=None)],
+                wait_for_ingress_deployment_creation=False,
+                wait_for_applications_running=False,
             )
         except Exception as exc:
             raise BackendError(f"Ray Serve could not start the replicas: {_first_line(exc)}") from exc
+        self._wait_running(serve, opts.start_timeout_s)
         self._handle = handle
         described = handle.describe.remote().result(timeout_s=opts.batch_timeout_s)
         if described.get("info") is None:
@@ -152,6 +156,31 @@ class RayBackend(Backend):
             concurrent_batches=opts.most,
             local_tokenizer=info.local_tokenizer and self._local_tokenizer,
         )
+
+    def _wait_running(self, serve: Any, timeout: float) -> None:
+        """Until every replica runs (BackendError with Ray Serve's reason if the deployment fails or `timeout`
+        passes first, or if the model is closed meanwhile)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            app = serve.status().applications.get(self._app or "")
+            status = app.status if app is not None else None
+            if status == "RUNNING":
+                return
+            if status == "DEPLOY_FAILED":
+                raise BackendError(f"Ray Serve could not start the replicas: {self._deploy_message(serve)}")
+            if time.monotonic() > deadline:
+                raise BackendError(f"the replicas were not running after {timeout:g}s: {self._deploy_message(serve)}")
+            if self._stop.wait(0.2):
+                raise BackendError("closed while its replicas were starting")
+
+    def _deploy_message(self, serve: Any) -> str:
+        """What Ray Serve says about this model's deployment (say, the resources it waits for)."""
+        try:
+            app = serve.status().applications.get(self._app or "")
+            message = app.deployments["replica"].message if app is not None else ""
+        except Exception as exc:
+            message = f"status unavailable ({exc})"
+        return message or "Ray Serve gave no reason"
 
     def _check_front_tokenizer(self) -> bool:
         """Load the backend's tokenizer here, trusted only if it counts the probes as a replica does."""
