@@ -94,7 +94,9 @@ class RaySession:
             return
         kwargs: dict[str, Any] = {"logging_level": logging.WARNING, "log_to_driver": False}
         if address == "local":
-            kwargs.update(include_dashboard=False)
+            # Ray starts its workers at niceness 15; replicas are the model's compute and must not yield to
+            # everything else on the machine (the gateway's own front included).
+            kwargs.update(include_dashboard=False, _system_config={"worker_niceness": 0})
         else:
             endpoint = _endpoint(address)
             if endpoint is not None:
