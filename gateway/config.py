@@ -111,14 +111,39 @@ class ModelConfig(_Strict):
     truncate: bool | Literal["end", "start"] = False
     # Texts (one per line) whose vectors give int8/uint8 their per-dimension ranges; None: the bundled corpus.
     calibration_corpus: str | None = None
+    # false: this model's inputs are never cached (with `[cache] store` set).
+    cache: bool = True
     batching: BatchingConfig = msgspec.field(default_factory=BatchingConfig)
     # Validated by the backend's own Options Struct once plugins are known.
     options: dict[str, Any] = {}
 
 
+class CacheConfig(_Strict):
+    # "memory": in this process, bounded by `max_bytes`; "redis": shared through `[redis]`; "off".
+    store: Literal["memory", "redis", "off"] = "memory"
+    # The in-process store's bound: 64 MiB hold about 40,000 vectors of 384 floats.
+    max_bytes: Positive = 64 * 1024 * 1024
+    # How long Redis keeps an entry.
+    ttl_s: Positive = 7 * 24 * 3600
+
+
+class RedisConfig(_Strict):
+    url: str
+    # Every call to Redis gives up after this long (the request then goes on without it).
+    timeout_ms: Annotated[float, msgspec.Meta(gt=0)] = 50.0
+    # After a failure, calls are skipped for this long (doubling while it keeps failing, up to 10x).
+    retry_after_s: Seconds = 1.0
+    # What every key this gateway writes starts with (several gateways may share one Redis).
+    prefix: str = "gateway"
+    # Per-key requests/tokens per minute counted in Redis, across every process that shares it.
+    rate_limits: bool = True
+
+
 class GatewayConfig(_Strict):
     server: ServerConfig = msgspec.field(default_factory=ServerConfig)
     auth: AuthConfig = msgspec.field(default_factory=AuthConfig)
+    cache: CacheConfig = msgspec.field(default_factory=CacheConfig)
+    redis: RedisConfig | None = None
     models: dict[str, ModelConfig] = {}
 
 
@@ -242,6 +267,8 @@ def parse_config(data: bytes | str, where: str = "<config>", base_dir: Path | No
     _check_names(config, where)
     _check_keys(config, where)
     _check_prompts(config, where)
+    if config.cache.store == "redis" and config.redis is None:
+        raise ConfigError(f'{where}: `$.cache.store`: "redis" needs a `[redis]` table with its `url`')
     base = base_dir or Path.cwd()
     for name, model in config.models.items():
         try:
