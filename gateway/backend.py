@@ -89,6 +89,15 @@ class Backend(ABC):
         a runtime that works on ids uses them instead of tokenizing again, one that takes text ignores them.
         """
 
+    def fingerprint(self) -> bytes:
+        """What, besides the backend and its options, decides this model's vectors: by default a digest of
+        the files at `path` (weights, tokenizer and configs). The cache keys entries by it, so a changed file
+        never meets old entries. Called once after `load`, in the loading thread; override when the model's
+        files are elsewhere, or can be named more cheaply than by reading them."""
+        from .cache import weights_digest
+
+        return weights_digest(self.path)
+
     def close(self) -> None:  # noqa: B027 - optional hook, a no-op by default
         """Release the model's resources."""
 

@@ -74,7 +74,7 @@ async def _embeddings(scope: Scope, receive: Receive) -> bytes:
     gw: Gateway = app.state.gateway
     state: dict[str, Any] = scope.setdefault("state", {})
     authorization = header(scope, b"authorization")
-    key = authorize(gw.keys, authorization.decode("latin-1") if authorization is not None else None, state)
+    key = await authorize(gw.keys, authorization.decode("latin-1") if authorization is not None else None, state)
     deadline_s = _client_deadline(scope)
     server = gw.config.server
     try:

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from . import hf, quantize
+from . import cache, hf, quantize
 from .backend import Backend, BackendError, ModelInfo, check_info
 from .batching import Batcher, Progress
 from .config import ConfigError, GatewayConfig, ModelConfig, convert_at
@@ -56,6 +56,8 @@ class ModelSpec:
     config: ModelConfig
     backend_cls: type[Backend]
     options: Any
+    # Whether its inputs go through the cache (a store is configured and the model does not opt out).
+    cached: bool = False
 
 
 def build_specs(
@@ -83,7 +85,8 @@ def build_specs(
                 f"{where}: `$.models.{name}.backend`: unknown backend {model.backend!r} (available: {available}){hint}"
             )
         options = convert_at(model.options, cls.Options, f"$.models.{name}.options", where)
-        specs[name] = ModelSpec(name=name, config=model, backend_cls=cls, options=options)
+        cached = config.cache.store != "off" and model.cache
+        specs[name] = ModelSpec(name=name, config=model, backend_cls=cls, options=options, cached=cached)
     return specs
 
 
@@ -123,6 +126,8 @@ class ServedModel:
     _calibration: np.ndarray | None = None
     _calibrating: asyncio.Future[np.ndarray] | None = None
     _ranges: dict[int, quantize.Ranges] = field(default_factory=dict)
+    # The cache's name for this model (cache.identity): None when its inputs are not cached.
+    identity: bytes | None = None
 
     @property
     def name(self) -> str:
@@ -131,9 +136,11 @@ class ServedModel:
     @property
     def max_input_tokens(self) -> int:
         assert self.info is not None
-        own = self.info.max_input_tokens
+        return self._limit(self.info)
+
+    def _limit(self, info: ModelInfo) -> int:
         configured = self.spec.config.max_input_tokens
-        return min(own, configured) if configured else own
+        return min(info.max_input_tokens, configured) if configured else info.max_input_tokens
 
     def load(self) -> None:
         """Construct and load the backend (blocking); failures leave the model `failed` with a reason."""
@@ -170,7 +177,11 @@ class ServedModel:
                 )
             try:
                 self._read_prompts(backend)
-            except BackendError:
+                if spec.cached:
+                    self.identity = cache.identity(
+                        spec.config.backend, spec.options, backend.fingerprint(), self._limit(info)
+                    )
+            except Exception:
                 backend.close()
                 raise
             b = spec.config.batching

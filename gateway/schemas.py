@@ -108,6 +108,16 @@ class ReloadResult(msgspec.Struct, kw_only=True):
     models: dict[str, str]
 
 
+class CacheClear(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """Body of POST /admin/cache/clear: one model, or (absent) all."""
+
+    model: str | None = None
+
+
+class CacheCleared(msgspec.Struct, kw_only=True):
+    removed: int
+
+
 class Health(msgspec.Struct, kw_only=True):
     status: str
     models: dict[str, str] = {}

@@ -16,7 +16,7 @@ import logging
 import time
 import uuid
 from collections.abc import Callable, MutableMapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import msgspec
@@ -26,6 +26,8 @@ from . import inputs, quantize
 from .auth import ApiKey
 from .backend import BackendError
 from .batching import BatchFailed, Progress, QueueFull
+from .cache import Cache, Entry
+from .cache import input_key as cache_key
 from .errors import GatewayError
 from .hf import l2_normalize
 from .observability import new_id, record_refusal
@@ -115,35 +117,27 @@ async def _vectors(
             code="too_many_inputs",
         )
     if key is not None:
-        key.check_token_quota()
+        await key.check_token_quota()
     timeout = min(server.request_timeout_s, deadline_s) if deadline_s is not None else server.request_timeout_s
-    ends = time.monotonic() + timeout
-    charged = 0
-    progress = Progress()
+    job = _Job(model, key, time.monotonic() + timeout, server.max_tokens_per_request)
     with model.in_use():
         try:
             async with asyncio.timeout(timeout):
                 await model.ready(timeout)
                 dims = _dimensions(body.dimensions, model)
-                texts, keep, side = _prepare(model, body, texts, notes)
-                owner = key.name if key else None
+                texts, job.keep, job.side = _prepare(model, body, texts, notes)
                 # The event loop's own delay, paid twice (reading this request, sending its answer), comes
                 # out of the wait the model may add; never below a quarter of the limit.
                 limit = batching.max_queue_wait_ms / 1000
-                max_wait_s = min(max(limit - 2 * gw.loop_lag, limit / 4), ends - time.monotonic())
-                model.precheck(owner=owner, max_wait_s=max_wait_s)
+                job.max_wait_s = min(max(limit - 2 * gw.loop_lag, limit / 4), job.ends - time.monotonic())
                 if output.kind in quantize.CALIBRATED:
                     output = Output(output.kind, output.packed, await model.ranges(dims))
-                token_ids, total, cut = await _tokens(model, texts, server.max_tokens_per_request, side, keep)
-                if side is not None:
-                    notes.setdefault("headers", {})["X-Truncated-Inputs"] = str(cut)
-                if key is not None:
-                    key.charge_tokens(total)
-                    charged = total
                 log.debug("embedding %d texts on %r: %r", len(texts), model.name, texts)
-                max_wait_s = min(max_wait_s, ends - time.monotonic())
-                vectors = await model.embed(texts, token_ids, owner=owner, max_wait_s=max_wait_s, progress=progress)
-                charged = 0  # delivered: the charge stands
+                if gw.cache is not None and model.identity is not None:
+                    vectors, counts, cut = await _through_cache(gw.cache, job, texts, notes)
+                else:
+                    vectors, counts, cut = await job.compute(texts)
+                job.charged = 0  # delivered: the charge stands
         except TimeoutError:
             raise GatewayError(
                 504, f"request did not finish within {timeout:g}s (model {model.name!r})", code="timeout"
@@ -154,15 +148,18 @@ async def _vectors(
                 429, str(exc), code="queue_full", headers={"Retry-After": str(exc.retry_after)}
             ) from None
         except (BatchFailed, BackendError) as exc:
-            progress.taken_tokens = 0  # the failure was ours: nothing is charged
+            job.progress.taken_tokens = 0  # the failure was ours: nothing is charged
             error_id = uuid.uuid4().hex[:16]
             log.error("request failed (error id %s): %s", error_id, exc)
             raise GatewayError(500, f"{exc} (error id {error_id})", code=error_id) from None
         finally:
             # No embeddings returned (timed out, refused, failed, the client gone): what no batch took is not
             # charged; what batches took was computed, and stays charged.
-            if charged and key is not None:
-                key.refund_tokens(charged - progress.taken_tokens)
+            if job.charged and key is not None:
+                await key.refund_tokens(job.charged - job.progress.taken_tokens)
+    total = sum(counts)
+    if job.side is not None:
+        notes.setdefault("headers", {})["X-Truncated-Inputs"] = str(sum(cut))
     notes["tokens"] = total
     notes["inputs"] = len(texts)
     if dims is not None:
@@ -171,6 +168,122 @@ async def _vectors(
         if model.info.normalized:
             vectors = l2_normalize(vectors)
     return vectors, total, output
+
+
+@dataclass(eq=False)
+class _Job:
+    """One request's work on its model: how to tokenize, whom to charge, how long it may wait."""
+
+    model: ServedModel
+    key: ApiKey | None
+    ends: float
+    max_tokens: int
+    side: inputs.Side | None = None
+    keep: int = 0
+    max_wait_s: float = 0.0
+    progress: Progress = field(default_factory=Progress)
+    # Tokens charged to the key and not delivered yet (refunded, less what batches took, if the request fails).
+    charged: int = 0
+
+    async def charge(self, tokens: int) -> None:
+        """Count `tokens` against the key's tokens/minute (429 when over); given back if the request fails."""
+        if self.key is not None and tokens:
+            await self.key.charge_tokens(tokens)
+            self.charged += tokens
+
+    async def compute(
+        self, texts: list[str], counted: int = 0, positions: list[int] | None = None
+    ) -> tuple[np.ndarray, list[int], list[bool]]:
+        """Vectors, token counts and whether each input was cut, for `texts`: admission, tokens and their
+        limits (`counted`: tokens of this request's other inputs, for the per-request total; `positions`:
+        where `texts` are in the request, for errors), the key's token quota, then the model's batches."""
+        model = self.model
+        owner = self.key.name if self.key else None
+        model.precheck(owner=owner, max_wait_s=self.max_wait_s)
+        token_ids, total, cut = await _tokens(model, texts, self.max_tokens, self.side, self.keep, counted, positions)
+        await self.charge(total)
+        wait = min(self.max_wait_s, self.ends - time.monotonic())
+        vectors = await model.embed(texts, token_ids, owner=owner, max_wait_s=wait, progress=self.progress)
+        return vectors, [len(ids) for ids in token_ids], [i in cut for i in range(len(texts))]
+
+
+async def _through_cache(
+    cache: Cache, job: _Job, texts: list[str], notes: MutableMapping[str, Any]
+) -> tuple[np.ndarray, list[int], list[bool]]:
+    """`job.compute` for the inputs no cache entry holds, computed once however often they repeat (in this
+    request, or in others in flight now); entries for the rest. Same vectors, counts and order as uncached."""
+    model = job.model
+    assert model.identity is not None and model.info is not None
+    keys = [cache_key(model.identity, job.side, text) for text in texts]
+    found = await cache.lookup(model.name, keys)
+    hits = sum(e is not None for e in found)
+    notes.setdefault("headers", {})["X-Cache-Hits"] = str(hits)
+    entries: dict[bytes, Entry] = {k: e for k, e in zip(keys, found, strict=True) if e is not None}
+    # Cached inputs count against the key's quota as computed ones do: a hit is the same answer.
+    await job.charge(sum(e.tokens for e in found if e is not None))
+    missing = list(dict.fromkeys(k for k, e in zip(keys, found, strict=True) if e is None))
+    others = {k: cache.inflight[k] for k in missing if k in cache.inflight}
+    mine = [k for k in missing if k not in others]
+    # Where each key first appears in the request (errors name that input); None for a one-input request.
+    first = {k: i for i, k in reversed(list(enumerate(keys)))}
+    if mine:
+        await _compute_into(cache, job, texts, [first[k] for k in mine], mine, entries, claim=True)
+    retry: list[bytes] = []
+    for k, future in others.items():
+        try:
+            # Shielded: this request giving up must not cancel the computation others wait for.
+            entries[k] = await asyncio.shield(future)
+            await job.charge(entries[k].tokens)
+        except _Abandoned:
+            retry.append(k)  # the request computing it failed or gave up: compute it here
+    if retry:
+        await _compute_into(cache, job, texts, [first[k] for k in retry], retry, entries, claim=False)
+    vectors = np.empty((len(texts), model.info.dimension), dtype=np.float32)
+    for i, k in enumerate(keys):
+        vectors[i] = entries[k].vector
+    return vectors, [entries[k].tokens for k in keys], [entries[k].cut for k in keys]
+
+
+class _Abandoned(Exception):
+    """The request computing an input others wait for did not finish."""
+
+
+async def _compute_into(
+    cache: Cache,
+    job: _Job,
+    texts: list[str],
+    positions: list[int],
+    keys: list[bytes],
+    entries: dict[bytes, Entry],
+    claim: bool,
+) -> None:
+    """Compute the inputs at `positions` of `texts` (keys `keys`) into `entries` and the cache; with `claim`,
+    requests arriving meanwhile wait for these results instead of computing them again."""
+    loop = asyncio.get_running_loop()
+    futures: list[asyncio.Future[Entry]] = []
+    if claim:
+        for k in keys:
+            future: asyncio.Future[Entry] = loop.create_future()
+            # A failure nobody waited for is not an error to report.
+            future.add_done_callback(lambda f: f.cancelled() or f.exception())
+            cache.inflight[k] = future
+            futures.append(future)
+    try:
+        counted = sum(e.tokens for e in entries.values())
+        named = positions if len(texts) > 1 else None
+        vectors, counts, cut = await job.compute([texts[i] for i in positions], counted, named)
+        fresh = [Entry(vectors[i].copy(), counts[i], cut[i]) for i in range(len(positions))]
+        cache.put(keys, fresh)
+        for k, entry, future in zip(keys, fresh, futures or [None] * len(keys), strict=True):
+            entries[k] = entry
+            if future is not None:
+                future.set_result(entry)
+    finally:
+        for k, future in zip(keys, futures, strict=False):
+            if not future.done():
+                future.set_exception(_Abandoned())
+            if cache.inflight.get(k) is future:
+                del cache.inflight[k]
 
 
 def _output(body: EmbeddingRequest) -> Output:
@@ -203,11 +316,17 @@ def _prepare(
 
 
 async def _tokens(
-    model: ServedModel, texts: list[str], max_total: int, side: inputs.Side | None = None, keep: int = 0
-) -> tuple[list[list[int]], int, int]:
+    model: ServedModel,
+    texts: list[str],
+    max_total: int,
+    side: inputs.Side | None = None,
+    keep: int = 0,
+    counted: int = 0,
+    positions: list[int] | None = None,
+) -> tuple[list[list[int]], int, set[int]]:
     """Token ids per text, checked against the model's per-input limit (or cut to it on `side`, keeping the
-    first `keep` tokens, the prompt's, when cutting the start) and the per-request total; with the total and
-    how many inputs were cut.
+    first `keep` tokens, the prompt's, when cutting the start) and the per-request total (`counted`: tokens
+    of the request's inputs not in `texts`); with their total and the positions of the inputs cut.
 
     A large request is tokenized in chunks and checked after each: the first input over the limit stops
     it, and other requests' chunks take turns with its chunks on the model's tokenizer thread.
@@ -216,13 +335,17 @@ async def _tokens(
     limit = model.max_input_tokens
     frame = model.frame
     ids: list[list[int]] = []
-    total = cut = 0
+    total = 0
+    cut: set[int] = set()
     for start, end in _chunks(texts):
         part = await model.tokenize(texts[start:end])
         for k, one in enumerate(part, start):
             n = len(one)
             if n > limit:
-                where = "input" if len(texts) == 1 else f"input[{k}]"
+                if positions is not None:
+                    where = f"input[{positions[k]}]"
+                else:
+                    where = "input" if len(texts) == 1 else f"input[{k}]"
                 if side is None:
                     raise GatewayError(
                         400,
@@ -249,14 +372,14 @@ async def _tokens(
                     )
                 one = part[k - start] = inputs.cut(one, limit, side, frame, keep)
                 n = len(one)
-                cut += 1
+                cut.add(k)
             total += n
         ids.extend(part)
-        if total > max_total:
-            counted = "in all" if end == len(texts) else f"in its first {end} inputs"
+        if counted + total > max_total:
+            so_far = "in all" if end == len(texts) else f"in its first {end} inputs"
             raise GatewayError(
                 400,
-                f"request has {total} tokens {counted}; the limit is {max_total} tokens per request",
+                f"request has {counted + total} tokens {so_far}; the limit is {max_total} tokens per request",
                 param="input",
                 code="too_many_tokens",
             )

@@ -58,6 +58,10 @@ class FakeBackend(Backend):
     def tokenize(self, texts: Sequence[str]) -> list[list[int]]:
         return [[101, *(len(w) for w in t.split()), 102] for t in texts]
 
+    def fingerprint(self) -> bytes:
+        # No weight files: its vectors depend on its class and options only (the core adds the options).
+        return type(self).name.encode()
+
     def embed(self, texts: Sequence[str], token_ids: Sequence[Sequence[int]]) -> np.ndarray:
         FakeBackend.batches.append(list(texts))
         if self.options.fail_on is not None and any(self.options.fail_on in t for t in texts):
@@ -298,3 +302,64 @@ def partial_request(url: str, content_length: int, start: str, path: str = "/v1/
         f"Content-Type: application/json\r\nContent-Length: {content_length}\r\n\r\n{start}".encode()
     )
     return sock
+
+
+class RedisServer:
+    """A real redis-server (Debian's package) on a free loopback port, no persistence; stop/start keep the port."""
+
+    def __init__(self, workdir: Path) -> None:
+        import shutil
+        import socket
+
+        binary = shutil.which("redis-server")
+        if binary is None:
+            raise RuntimeError(
+                "redis-server is not installed: `apt-get install redis-server` (Debian); .ci/run installs it"
+            )
+        self.binary = binary
+        self.workdir = workdir
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.process: Any = None
+
+    def start(self) -> None:
+        import subprocess
+
+        import redis
+
+        args = [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+        self.process = subprocess.Popen(
+            [*args, "--dir", str(self.workdir)], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT
+        )
+        client = redis.Redis(port=self.port, socket_connect_timeout=0.2)
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                client.ping()
+                break
+            except redis.ConnectionError:
+                if time.monotonic() > deadline or self.process.poll() is not None:
+                    raise RuntimeError("redis-server did not start") from None
+                time.sleep(0.05)
+        client.close()
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(10)
+
+    def client(self) -> Any:
+        import redis
+
+        return redis.Redis(port=self.port)
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    """One redis-server for the session; tests that stop it start it again before they end."""
+    server = RedisServer(tmp_path_factory.mktemp("redis"))
+    server.start()
+    yield server
+    server.stop()

@@ -159,3 +159,20 @@ def test_compact_types_stay_close_to_the_floats(client, model):
         [d["embedding"] for d in _embed(client, model, input=texts, encoding_format="ubinary").json()["data"]]
     )
     np.testing.assert_array_equal(np.unpackbits(ubinary.astype(np.uint8), axis=1), (floats > 0).astype(np.uint8))
+
+
+@pytest.mark.parametrize("model", [*BACKENDS, "wordllama"])
+def test_cached_vectors_equal_uncached_bit_for_bit(client, model):
+    texts = [f"{model} caches this sentence, number {i}." for i in range(3)]
+    dims = {"dimensions": 64} if model == "wordllama" else {}
+    first = _embed(client, model, input=texts, encoding_format="base64", **dims)
+    first_float = _embed(client, model, input=texts, **dims)
+    assert first.headers["x-cache-hits"] == "0" and first_float.headers["x-cache-hits"] == "3"
+    again = _embed(client, model, input=texts, encoding_format="base64", **dims)
+    assert again.headers["x-cache-hits"] == "3"
+    assert again.json()["data"] == first.json()["data"] and again.json()["usage"] == first.json()["usage"]
+    # The float answer from the cache is the uncached base64 vector, written with 9 decimals.
+    raw = np.stack([np.frombuffer(base64.b64decode(d["embedding"]), dtype="<f4") for d in first.json()["data"]])
+    np.testing.assert_array_equal(
+        _vectors(first_float).astype(np.float64), np.float32(np.round(raw.astype(np.float64), 9))
+    )
