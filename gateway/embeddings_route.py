@@ -50,7 +50,9 @@ async def serve_embeddings(scope: Scope, receive: Receive, send: Send) -> None:
             return
         raise MethodNotAllowedException(headers={"allow": _ALLOW})
     try:
-        status, out, extra = 200, await _embeddings(scope, receive), []
+        out = await _embeddings(scope, receive)
+        # The model that computed the vectors: the one asked for, or a fallback of it.
+        status, extra = 200, [(b"x-served-model", scope["state"]["served_by"].encode())]
     except GatewayError as exc:
         # Answered here rather than through Litestar's exception handlers: the same answer for a fraction of
         # the CPU, which matters when a flood is being refused (bench/README.md, "Overload").

@@ -19,6 +19,7 @@ import numpy as np
 
 from .backend import Backend, BackendError, ModelInfo, check_info
 from .batching import Batcher
+from .circuit import CircuitBreaker
 from .config import ConfigError, GatewayConfig, ModelConfig, convert_at
 from .errors import GatewayError
 
@@ -80,6 +81,9 @@ def build_specs(
             raise ConfigError(
                 f"{where}: `$.models.{name}.backend`: unknown backend {model.backend!r} (available: {available}){hint}"
             )
+        if (model.path is None) == cls.uses_path:
+            need = "needs a model path" if cls.uses_path else "takes no path (see its options)"
+            raise ConfigError(f"{where}: `$.models.{name}.path`: backend {model.backend!r} {need}")
         options = convert_at(model.options, cls.Options, f"$.models.{name}.options", where)
         specs[name] = ModelSpec(name=name, config=model, backend_cls=cls, options=options)
     return specs
@@ -90,7 +94,7 @@ def check_paths(specs: Mapping[str, ModelSpec]) -> list[str]:
     return [
         f"`$.models.{name}.path`: {spec.config.path} does not exist"
         for name, spec in specs.items()
-        if not Path(spec.config.path).exists()
+        if spec.config.path is not None and not Path(spec.config.path).exists()
     ]
 
 
@@ -111,6 +115,11 @@ class ServedModel:
     # `local_tokenizer`: such tokenizers need not be safe for concurrent use.
     _tokenize: ThreadPoolExecutor | None = None
     inflight: int = 0
+    circuit: CircuitBreaker = field(init=False)
+
+    def __post_init__(self) -> None:
+        c = self.spec.config.circuit
+        self.circuit = CircuitBreaker(self.spec.name, c.failures, c.open_s)
 
     @property
     def name(self) -> str:
@@ -128,11 +137,11 @@ class ServedModel:
         spec = self.spec
         started = time.perf_counter()
         try:
-            if not Path(spec.config.path).exists():
+            if spec.config.path is not None and not Path(spec.config.path).exists():
                 raise BackendError(f"model path {spec.config.path} does not exist")
             backend = spec.backend_cls(
                 model=spec.name,
-                path=spec.config.path,
+                path=spec.config.path or "",
                 options=spec.options,
                 trust_remote_code=spec.config.trust_remote_code,
             )
@@ -167,6 +176,7 @@ class ServedModel:
                 return_wait=b.return_wait,
                 max_queue=b.max_queue,
                 on_batch=self.on_batch,
+                circuit=self.circuit,
             )
             self._tokenize = ThreadPoolExecutor(1, thread_name_prefix=f"tokenize-{spec.name}")
             self.backend, self.info, self.state = backend, info, ModelState.READY
@@ -184,6 +194,11 @@ class ServedModel:
             log.error("model %r failed to load: %s", spec.name, reason, exc_info=not isinstance(exc, BackendError))
         finally:
             self._loaded.set()
+
+    @property
+    def is_ready(self) -> bool:
+        """Loaded and serving now (no waiting)."""
+        return self._loaded.is_set() and self.state == ModelState.READY
 
     async def ready(self, timeout: float) -> None:
         """Wait for the load to finish; 503 if it failed or is still running after `timeout`."""
@@ -245,6 +260,11 @@ class ServedModel:
         if info.local_tokenizer and sum(len(t) for t in texts) <= _INLINE_CHARS:
             return backend.tokenize(texts)
         return await asyncio.get_running_loop().run_in_executor(self._tokenize, backend.tokenize, texts)
+
+    def estimate(self, texts: list[str]) -> list[int]:
+        """Tokens per text as guessed from its length, for a backend that cannot count them up front (only
+        batches and admission use it: about 4 characters per token in English, at least 1)."""
+        return [len(t) // 4 + 1 for t in texts]
 
     def precheck(self, **admission: Any) -> None:
         """QueueFull now if the model would refuse any request of this caller (see Batcher.precheck)."""
@@ -312,6 +332,10 @@ class Registry:
                 404, f"model {name!r} not found; available models: {available}", param="model", code="model_not_found"
             )
         return model
+
+    def chain(self, model: ServedModel) -> list[ServedModel]:
+        """`model` and then its configured fallbacks, in order."""
+        return [model, *(self.models[name] for name in model.spec.config.fallbacks if name in self.models)]
 
     def load_all(self) -> threading.Thread:
         """Load every model in one background thread (one at a time: loading in parallel only thrashes)."""

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import logging
+import math
 import time
 import uuid
 from collections.abc import Callable, MutableMapping
@@ -21,10 +22,11 @@ import msgspec
 import numpy as np
 
 from .auth import ApiKey
+from .backend import BackendFailure
 from .batching import BatchFailed, Progress, QueueFull
 from .errors import GatewayError
 from .hf import l2_normalize
-from .observability import new_id, record_refusal
+from .observability import new_id, record_failover, record_refusal
 from .registry import ServedModel
 from .schemas import EmbeddingData, EmbeddingRequest, EmbeddingResponse, Usage
 from .state import Gateway
@@ -90,6 +92,76 @@ async def _vectors(
         )
     notes["model"] = model.name
     texts = _texts(body, server.max_items_per_request, server.max_input_chars)
+    if key is not None:
+        key.check_token_quota()
+    timeout = min(server.request_timeout_s, deadline_s) if deadline_s is not None else server.request_timeout_s
+    ends = time.monotonic() + timeout
+    try:
+        async with asyncio.timeout(timeout):
+            # Failover: the model, then its fallbacks (same embedding space, checked at config load), each with
+            # its own tokenizer, limits and batches. `served` names the one that computed the vectors.
+            chain = gw.registry.chain(model)
+            failed: _Failover | None = None
+            for n, candidate in enumerate(chain):
+                try:
+                    vectors, total, dims = await _on_model(gw, candidate, body, texts, key, ends, n < len(chain) - 1)
+                except _Failover as exc:
+                    failed = failed or exc
+                    if n == len(chain) - 1:
+                        raise failed.answer(candidate if candidate is not model else None, exc) from None
+                    record_failover(candidate.name, chain[n + 1].name, exc.reason)
+                    log.warning(
+                        "model %r could not serve a request (%s); trying fallback %r",
+                        candidate.name,
+                        exc.reason,
+                        chain[n + 1].name,
+                    )
+                    continue
+                notes["served_by"] = candidate.name
+                break
+    except TimeoutError:
+        raise GatewayError(
+            504, f"request did not finish within {timeout:g}s (model {model.name!r})", code="timeout"
+        ) from None
+    notes["tokens"] = total
+    notes["inputs"] = len(texts)
+    if dims is not None:
+        vectors = vectors[:, :dims]
+        if candidate.info is not None and candidate.info.normalized:
+            vectors = l2_normalize(vectors)
+    return vectors, total
+
+
+class _Failover(Exception):
+    """`model` cannot serve this request now, and a fallback may: `error` is the answer if none can."""
+
+    def __init__(self, error: GatewayError, reason: str) -> None:
+        super().__init__(error.message)
+        self.error = error
+        self.reason = reason
+
+    def answer(self, last: ServedModel | None, exc: _Failover) -> GatewayError:
+        """The requested model's own error, naming what the last fallback said when there was one."""
+        if last is None:
+            return self.error
+        e = self.error
+        return GatewayError(
+            e.status, f"{e.message}; fallback {last.name!r}: {exc.error.message}", code=e.code, headers=e.headers
+        )
+
+
+async def _on_model(
+    gw: Gateway,
+    model: ServedModel,
+    body: EmbeddingRequest,
+    texts: list[str],
+    key: ApiKey | None,
+    ends: float,
+    may_fail_over: bool,
+) -> tuple[np.ndarray, int, int | None]:
+    """Vectors, tokens and the `dimensions` cut for `texts` on `model`; _Failover when a fallback may serve
+    instead (the model is failing, its circuit is open, or, with a fallback left, it is not ready)."""
+    server = gw.config.server
     batching = model.spec.config.batching
     if len(texts) > batching.max_queue:
         raise GatewayError(
@@ -98,40 +170,69 @@ async def _vectors(
             param="input",
             code="too_many_inputs",
         )
-    if key is not None:
-        key.check_token_quota()
-    timeout = min(server.request_timeout_s, deadline_s) if deadline_s is not None else server.request_timeout_s
-    ends = time.monotonic() + timeout
+    if may_fail_over and not model.is_ready:
+        # A fallback that is loaded serves now, rather than this one's load being waited for.
+        raise _Failover(
+            GatewayError(
+                503,
+                f"model {model.name!r} is not available: {model.public_error or model.state}",
+                code="model_unavailable",
+            ),
+            "not_ready",
+        )
+    if not model.circuit.allow():
+        retry = max(1, math.ceil(model.circuit.retry_after()))
+        raise _Failover(
+            GatewayError(
+                503,
+                f"model {model.name!r} is failing and is not being sent requests for now; retry in {retry}s",
+                code="circuit_open",
+                headers={"Retry-After": str(retry)},
+            ),
+            "circuit_open",
+        )
     charged = 0
     progress = Progress()
     with model.in_use():
         try:
-            async with asyncio.timeout(timeout):
-                await model.ready(timeout)
-                dims = _dimensions(body.dimensions, model)
-                owner = key.name if key else None
-                # The event loop's own delay, paid twice (reading this request, sending its answer), comes
-                # out of the wait the model may add; never below a quarter of the limit.
-                limit = batching.max_queue_wait_ms / 1000
-                max_wait_s = min(max(limit - 2 * gw.loop_lag, limit / 4), ends - time.monotonic())
-                model.precheck(owner=owner, max_wait_s=max_wait_s)
+            await model.ready(max(0.0, ends - time.monotonic()))
+            assert model.info is not None
+            dims = _dimensions(body.dimensions, model)
+            owner = key.name if key else None
+            # The event loop's own delay, paid twice (reading this request, sending its answer), comes
+            # out of the wait the model may add; never below a quarter of the limit.
+            limit = batching.max_queue_wait_ms / 1000
+            max_wait_s = min(max(limit - 2 * gw.loop_lag, limit / 4), ends - time.monotonic())
+            model.precheck(owner=owner, max_wait_s=max_wait_s)
+            counts = model.info.counts_tokens
+            if counts:
                 token_ids, total = await _tokens(model, texts, server.max_tokens_per_request)
+                sizes = None
+            else:
+                # The backend counts at the runtime: batches and the quota go by an estimate until it has.
+                sizes = model.estimate(texts)
+                token_ids, total = [[] for _ in texts], sum(sizes)
+            if key is not None:
+                key.charge_tokens(total)
+                charged = total
+            log.debug("embedding %d texts on %r: %r", len(texts), model.name, texts)
+            max_wait_s = min(max_wait_s, ends - time.monotonic())
+            vectors = await model.embed(
+                texts, token_ids, owner=owner, max_wait_s=max_wait_s, progress=progress, sizes=sizes
+            )
+            if not counts:
+                total = progress.counted_tokens
                 if key is not None:
-                    key.charge_tokens(total)
-                    charged = total
-                log.debug("embedding %d texts on %r: %r", len(texts), model.name, texts)
-                max_wait_s = min(max_wait_s, ends - time.monotonic())
-                vectors = await model.embed(texts, token_ids, owner=owner, max_wait_s=max_wait_s, progress=progress)
-                charged = 0  # delivered: the charge stands
-        except TimeoutError:
-            raise GatewayError(
-                504, f"request did not finish within {timeout:g}s (model {model.name!r})", code="timeout"
-            ) from None
+                    key.refund_tokens(charged - total)  # the estimate, corrected either way
+            charged = 0  # delivered: the charge stands
         except QueueFull as exc:
             record_refusal(model.name, exc.reason)
             raise GatewayError(
                 429, str(exc), code="queue_full", headers={"Retry-After": str(exc.retry_after)}
             ) from None
+        except BackendFailure as exc:
+            progress.taken_tokens = 0  # the failure was the backend's: nothing is charged
+            raise _backend_error(model, exc) from None
         except BatchFailed as exc:
             progress.taken_tokens = 0  # the failure was ours: nothing is charged
             error_id = uuid.uuid4().hex[:16]
@@ -142,14 +243,17 @@ async def _vectors(
             # charged; what batches took was computed, and stays charged.
             if charged and key is not None:
                 key.refund_tokens(charged - progress.taken_tokens)
-    notes["tokens"] = total
-    notes["inputs"] = len(texts)
-    if dims is not None:
-        vectors = vectors[:, :dims]
-        assert model.info is not None
-        if model.info.normalized:
-            vectors = l2_normalize(vectors)
-    return vectors, total
+    return vectors, total, dims
+
+
+def _backend_error(model: ServedModel, exc: BackendFailure) -> Exception:
+    """The client's answer to a typed backend failure (a _Failover when a fallback may serve instead)."""
+    headers = {"Retry-After": str(max(1, math.ceil(exc.retry_after or 1)))} if exc.status in (429, 503) else None
+    param = "input" if exc.status == 400 else None
+    error = GatewayError(exc.status, exc.message, param=param, code=exc.code, headers=headers)
+    if exc.fail_over:
+        return _Failover(error, "timeout" if exc.status == 504 else "unavailable")
+    return error
 
 
 async def _tokens(model: ServedModel, texts: list[str], max_total: int) -> tuple[list[list[int]], int]:
