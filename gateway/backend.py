@@ -46,6 +46,10 @@ class ModelInfo(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields
     #: `embed` and beside itself: the core then runs it on the event loop for small requests. Leave False
     #: for a tokenizer that does I/O or holds the GIL for long.
     local_tokenizer: bool = False
+    #: True when `embed` computes from the `token_ids` it is given (not from the texts): the core can then cut
+    #: over-long inputs to the model's limit for requests that ask it to (`truncate`). A backend that
+    #: embeds the text itself leaves it False, and such requests are refused.
+    embeds_token_ids: bool = False
     #: False when the backend cannot count tokens before `embed` (a remote server without a local copy of
     #: its tokenizer): `tokenize` is then never called, batches and admission use an estimate from each
     #: text's length, per-input limits are the runtime's to enforce (raise InputRejected), and `embed`

@@ -110,6 +110,16 @@ class ModelConfig(_Strict):
     max_input_tokens: Positive | None = None
     matryoshka_dimensions: Annotated[list[Positive], msgspec.Meta(min_length=1)] | None = None
     trust_remote_code: bool = False
+    # Named prompts prepended to each input (requests pick one with `prompt_name` or `input_type`), and the
+    # one applied when a request names none. None: read both from the model folder's
+    # config_sentence_transformers.json, as sentence-transformers does.
+    prompts: dict[str, str] | None = None
+    default_prompt_name: str | None = None
+    # For requests that do not set `truncate`: false refuses an input over the token limit (400); true or
+    # "end" cuts its end (keeps the start), "start" cuts its start.
+    truncate: bool | Literal["end", "start"] = False
+    # Texts (one per line) whose vectors give int8/uint8 their per-dimension ranges; None: the bundled corpus.
+    calibration_corpus: str | None = None
     batching: BatchingConfig = msgspec.field(default_factory=BatchingConfig)
     # Models that serve this one's requests when it fails (in order; not followed further). Each must declare
     # the same embedding_space: an operator-chosen id meaning "interchangeable vectors" (the same weights on
@@ -213,6 +223,20 @@ def _check_fallbacks(config: GatewayConfig, where: str) -> None:
                 )
 
 
+def _check_prompts(config: GatewayConfig, where: str) -> None:
+    for name, model in config.models.items():
+        at = f"$.models.{name}"
+        for prompt in model.prompts or {}:
+            if not prompt:
+                raise ConfigError(f"{where}: `{at}.prompts`: a prompt name must not be empty")
+        default = model.default_prompt_name
+        if default is not None and model.prompts is not None and default not in model.prompts:
+            known = ", ".join(repr(p) for p in sorted(model.prompts)) or "none"
+            raise ConfigError(
+                f"{where}: `{at}.default_prompt_name`: {default!r} is not one of the model's prompts ({known})"
+            )
+
+
 def _check_names(config: GatewayConfig, where: str) -> None:
     seen: dict[str, str] = {}
     for name, model in config.models.items():
@@ -255,6 +279,7 @@ def parse_config(data: bytes | str, where: str = "<config>", base_dir: Path | No
     _check_names(config, where)
     _check_fallbacks(config, where)
     _check_keys(config, where)
+    _check_prompts(config, where)
     base = base_dir or Path.cwd()
     for name, model in config.models.items():
         if model.path is None:
@@ -263,6 +288,8 @@ def parse_config(data: bytes | str, where: str = "<config>", base_dir: Path | No
             model.path = str(resolve_model_path(model.path, base))
         except ConfigError as exc:
             raise ConfigError(f"{where}: `$.models.{name}.path`: {exc}") from None
+        if model.calibration_corpus is not None:
+            model.calibration_corpus = str(resolve_model_path(model.calibration_corpus, base))
     return config
 
 

@@ -17,11 +17,13 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from . import hf, quantize
 from .backend import Backend, BackendError, ModelInfo, check_info
-from .batching import Batcher
+from .batching import Batcher, Progress
 from .circuit import CircuitBreaker
 from .config import ConfigError, GatewayConfig, ModelConfig, convert_at
 from .errors import GatewayError
+from .inputs import Frame
 
 # An absolute path inside a message: from a slash at the start or after a space or quote, to the next space,
 # quote or end.
@@ -115,6 +117,16 @@ class ServedModel:
     # `local_tokenizer`: such tokenizers need not be safe for concurrent use.
     _tokenize: ThreadPoolExecutor | None = None
     inflight: int = 0
+    # Named prompts (configured, or from the model folder) and the default one's name.
+    prompts: dict[str, str] = field(default_factory=dict)
+    default_prompt_name: str | None = None
+    # The special tokens around each input's ids (truncation keeps them), and each prompt's own token count.
+    frame: Frame = field(default_factory=lambda: Frame(head=0, tail=0))
+    prompt_tokens: dict[str, int] = field(default_factory=dict)
+    # int8/uint8 calibration: the corpus's full vectors once computed, and the ranges per output size.
+    _calibration: np.ndarray | None = None
+    _calibrating: asyncio.Future[np.ndarray] | None = None
+    _ranges: dict[int, quantize.Ranges] = field(default_factory=dict)
     circuit: CircuitBreaker = field(init=False)
 
     def __post_init__(self) -> None:
@@ -165,6 +177,11 @@ class ServedModel:
                     info.max_input_tokens,
                     info.max_input_tokens,
                 )
+            try:
+                self._read_prompts(backend, info)
+            except BackendError:
+                backend.close()
+                raise
             b = spec.config.batching
             self.batcher = Batcher(
                 backend,
@@ -199,6 +216,73 @@ class ServedModel:
     def is_ready(self) -> bool:
         """Loaded and serving now (no waiting)."""
         return self._loaded.is_set() and self.state == ModelState.READY
+
+    def _read_prompts(self, backend: Backend, info: ModelInfo) -> None:
+        """The model's prompts, how its ids are framed, and each prompt's token count (in the load thread)."""
+        config = self.spec.config
+        if config.prompts is not None:
+            self.prompts, self.default_prompt_name = dict(config.prompts), config.default_prompt_name
+        elif config.path is not None:
+            self.prompts, self.default_prompt_name = hf.read_prompts(Path(config.path))
+        if not info.counts_tokens:
+            # Its tokens are counted upstream: no frame to keep, and prompts are charged within the inputs.
+            self.prompt_tokens = dict.fromkeys(self.prompts, 0)
+            return
+        self.frame = Frame.of(backend.tokenize)
+        names = list(self.prompts)
+        counts = backend.tokenize([self.prompts[n] for n in names]) if names else []
+        framing = self.frame.head + self.frame.tail
+        self.prompt_tokens = {n: max(0, len(ids) - framing) for n, ids in zip(names, counts, strict=True)}
+
+    def prompt_names(self) -> list[str]:
+        """The model's prompt names: once loaded, what it serves; before, what its config or folder names."""
+        if self.info is not None or self.spec.config.prompts is not None:
+            return list(self.prompts or self.spec.config.prompts or {})
+        if self.spec.config.path is None:
+            return []
+        try:
+            return list(hf.read_prompts(Path(self.spec.config.path))[0])
+        except BackendError:
+            return []
+
+    async def ranges(self, dims: int | None) -> quantize.Ranges:
+        """int8/uint8 ranges for vectors cut to `dims` (None: whole), from the calibration corpus embedded
+        once by this model (the first request that needs them waits for it; later ones share it)."""
+        assert self.info is not None
+        size = dims or self.info.dimension
+        found = self._ranges.get(size)
+        if found is not None:
+            return found
+        if self._calibration is None:
+            loop = asyncio.get_running_loop()
+            if self._calibrating is None or self._calibrating.get_loop() is not loop:
+                self._calibrating = loop.create_task(self._calibrate())
+            # Shielded: a request that times out must not cancel the calibration others wait for.
+            try:
+                self._calibration = await asyncio.shield(self._calibrating)
+            except Exception:
+                self._calibrating = None  # the next request tries again
+                raise
+        vectors = self._calibration[:, :size]
+        if size != self.info.dimension and self.info.normalized:
+            vectors = hf.l2_normalize(vectors)
+        ranges = self._ranges[size] = quantize.Ranges.fit(vectors)
+        return ranges
+
+    async def _calibrate(self) -> np.ndarray:
+        texts = quantize.calibration_texts(self.spec.config.calibration_corpus)
+        assert self.info is not None
+        if not self.info.counts_tokens:
+            sizes = self.estimate(texts)
+            return await self.embed(texts, [[] for _ in texts], owner="(calibration)", progress=Progress(), sizes=sizes)
+        ids = await self.tokenize(texts)
+        fits = [i for i, one in enumerate(ids) if len(one) <= self.max_input_tokens]
+        if not fits:
+            raise BackendError(f"model {self.name!r}: no text of the calibration corpus fits its token limit")
+        log.info("model %r: embedding %d calibration texts for int8/uint8", self.name, len(fits))
+        return await self.embed(
+            [texts[i] for i in fits], [ids[i] for i in fits], owner="(calibration)", progress=Progress()
+        )
 
     async def ready(self, timeout: float) -> None:
         """Wait for the load to finish; 503 if it failed or is still running after `timeout`."""

@@ -51,6 +51,9 @@ def _card(model: ServedModel) -> ModelCard:
         max_input_tokens=model.max_input_tokens if info else cfg.max_input_tokens,
         matryoshka_dimensions=cfg.matryoshka_dimensions,
         aliases=list(cfg.aliases),
+        prompts=dict(model.prompts) if info else dict(cfg.prompts or {}),
+        default_prompt_name=model.default_prompt_name if info else cfg.default_prompt_name,
+        truncate=cfg.truncate,
         error=model.public_error,
     )
 

@@ -1,10 +1,11 @@
 """The embedding use case: from a decoded request and the caller's key to a response.
 
-The HTTP route and `gateway embed` both come through here. In order: the model (404, 403), the inputs
-(400), an empty token quota (429), readiness (503), `dimensions`, a key already over the model's admission
-limit (429, before any tokenizing), tokens and their limits (400), the key's token quota (429), admission
-and the model's batches (429 when predicted too late, 500 when a batch fails, 504 past the timeout), then
-the Matryoshka cut and the response.
+The HTTP route and `gateway embed` both come through here. In order: the model (404, 403), the inputs and
+the output type (400), an empty token quota (429), readiness (503), `dimensions`, the prompt and the
+truncation (400), a key already over the model's admission limit (429, before any tokenizing), int8/uint8
+calibration (once per model), tokens and their limits (400, or cut when truncating), the key's token
+quota (429), admission and the model's batches (429 when predicted too late, 500 when a batch fails, 504
+past the timeout), then the Matryoshka cut, the output type and the response.
 """
 
 from __future__ import annotations
@@ -16,13 +17,15 @@ import math
 import time
 import uuid
 from collections.abc import Callable, MutableMapping
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import msgspec
 import numpy as np
 
+from . import inputs, quantize
 from .auth import ApiKey
-from .backend import BackendFailure
+from .backend import BackendError, BackendFailure
 from .batching import BatchFailed, Progress, QueueFull
 from .errors import GatewayError
 from .hf import l2_normalize
@@ -55,8 +58,8 @@ async def embed(
     inputs of a request that was answered. `deadline_s`: the client's own time limit, when it gave one
     (it shortens the request's timeout and its admission). Errors are GatewayError.
     """
-    vectors, tokens = await _vectors(gw, body, key, notes if notes is not None else {}, deadline_s)
-    return await _off_loop(vectors, _response, vectors, body, tokens)
+    vectors, tokens, output = await _vectors(gw, body, key, notes if notes is not None else {}, deadline_s)
+    return await _off_loop(vectors, _response, vectors, body, tokens, output)
 
 
 async def embed_json(
@@ -67,8 +70,17 @@ async def embed_json(
     deadline_s: float | None = None,
 ) -> bytes:
     """`embed`, encoded as the JSON body of the HTTP answer."""
-    vectors, tokens = await _vectors(gw, body, key, notes if notes is not None else {}, deadline_s)
-    return await _off_loop(vectors, lambda *a: msgspec.json.encode(_response(*a)), vectors, body, tokens)
+    vectors, tokens, output = await _vectors(gw, body, key, notes if notes is not None else {}, deadline_s)
+    return await _off_loop(vectors, lambda *a: msgspec.json.encode(_response(*a)), vectors, body, tokens, output)
+
+
+@dataclass(frozen=True, slots=True)
+class Output:
+    """How the vectors go out: their value type, base64 or JSON numbers, and int8/uint8 ranges."""
+
+    kind: quantize.EmbeddingType
+    packed: bool
+    ranges: quantize.Ranges | None = None
 
 
 async def _off_loop(vectors: np.ndarray, fn: Callable[..., T], *args: Any) -> T:
@@ -83,7 +95,10 @@ async def _vectors(
     key: ApiKey | None,
     notes: MutableMapping[str, Any],
     deadline_s: float | None,
-) -> tuple[np.ndarray, int]:
+) -> tuple[np.ndarray, int, Output]:
+    """The request's vectors (cut to `dimensions`), its token count and how to encode them. `notes` also gets
+    "headers" for the answer: the prompt applied and, when truncating, how many inputs were cut; and
+    "served_by": the model that computed the vectors (the one asked for, or a fallback of it)."""
     server = gw.config.server
     model = gw.registry.resolve(body.model, key)
     if key is not None and not key.may_use(model.name):
@@ -92,6 +107,7 @@ async def _vectors(
         )
     notes["model"] = model.name
     texts = _texts(body, server.max_items_per_request, server.max_input_chars)
+    output = _output(body)
     if key is not None:
         key.check_token_quota()
     timeout = min(server.request_timeout_s, deadline_s) if deadline_s is not None else server.request_timeout_s
@@ -99,12 +115,14 @@ async def _vectors(
     try:
         async with asyncio.timeout(timeout):
             # Failover: the model, then its fallbacks (same embedding space, checked at config load), each with
-            # its own tokenizer, limits and batches. `served` names the one that computed the vectors.
+            # its own tokenizer, limits and batches.
             chain = gw.registry.chain(model)
             failed: _Failover | None = None
             for n, candidate in enumerate(chain):
                 try:
-                    vectors, total, dims = await _on_model(gw, candidate, body, texts, key, ends, n < len(chain) - 1)
+                    vectors, total, out = await _on_model(
+                        gw, candidate, body, texts, key, ends, output, notes, n < len(chain) - 1
+                    )
                 except _Failover as exc:
                     failed = failed or exc
                     if n == len(chain) - 1:
@@ -118,6 +136,7 @@ async def _vectors(
                     )
                     continue
                 notes["served_by"] = candidate.name
+                notes.setdefault("headers", {})["X-Served-Model"] = candidate.name
                 break
     except TimeoutError:
         raise GatewayError(
@@ -125,15 +144,11 @@ async def _vectors(
         ) from None
     notes["tokens"] = total
     notes["inputs"] = len(texts)
-    if dims is not None:
-        vectors = vectors[:, :dims]
-        if candidate.info is not None and candidate.info.normalized:
-            vectors = l2_normalize(vectors)
-    return vectors, total
+    return vectors, total, out
 
 
 class _Failover(Exception):
-    """`model` cannot serve this request now, and a fallback may: `error` is the answer if none can."""
+    """A model cannot serve this request now, and a fallback may: `error` is the answer if none can."""
 
     def __init__(self, error: GatewayError, reason: str) -> None:
         super().__init__(error.message)
@@ -157,10 +172,12 @@ async def _on_model(
     texts: list[str],
     key: ApiKey | None,
     ends: float,
+    output: Output,
+    notes: MutableMapping[str, Any],
     may_fail_over: bool,
-) -> tuple[np.ndarray, int, int | None]:
-    """Vectors, tokens and the `dimensions` cut for `texts` on `model`; _Failover when a fallback may serve
-    instead (the model is failing, its circuit is open, or, with a fallback left, it is not ready)."""
+) -> tuple[np.ndarray, int, Output]:
+    """The vectors (cut to `dimensions`), tokens and output of `texts` on `model`; _Failover when a fallback
+    may serve instead (the model is failing, its circuit is open, or, with a fallback left, not ready)."""
     server = gw.config.server
     batching = model.spec.config.batching
     if len(texts) > batching.max_queue:
@@ -198,17 +215,30 @@ async def _on_model(
             await model.ready(max(0.0, ends - time.monotonic()))
             assert model.info is not None
             dims = _dimensions(body.dimensions, model)
+            texts, keep, side = _prepare(model, body, texts, notes)
             owner = key.name if key else None
             # The event loop's own delay, paid twice (reading this request, sending its answer), comes
             # out of the wait the model may add; never below a quarter of the limit.
             limit = batching.max_queue_wait_ms / 1000
             max_wait_s = min(max(limit - 2 * gw.loop_lag, limit / 4), ends - time.monotonic())
             model.precheck(owner=owner, max_wait_s=max_wait_s)
+            if output.kind in quantize.CALIBRATED:
+                output = Output(output.kind, output.packed, await model.ranges(dims))
             counts = model.info.counts_tokens
+            sizes = None
             if counts:
-                token_ids, total = await _tokens(model, texts, server.max_tokens_per_request)
-                sizes = None
+                token_ids, total, cut = await _tokens(model, texts, server.max_tokens_per_request, side, keep)
+                if side is not None:
+                    notes.setdefault("headers", {})["X-Truncated-Inputs"] = str(cut)
             else:
+                if side is not None:
+                    raise GatewayError(
+                        400,
+                        f"model {model.name!r} cannot truncate: its tokens are counted by its upstream, after "
+                        "the inputs are sent",
+                        param="truncate",
+                        code="truncation_not_supported",
+                    )
                 # The backend counts at the runtime: batches and the quota go by an estimate until it has.
                 sizes = model.estimate(texts)
                 token_ids, total = [[] for _ in texts], sum(sizes)
@@ -233,7 +263,7 @@ async def _on_model(
         except BackendFailure as exc:
             progress.taken_tokens = 0  # the failure was the backend's: nothing is charged
             raise _backend_error(model, exc) from None
-        except BatchFailed as exc:
+        except (BatchFailed, BackendError) as exc:
             progress.taken_tokens = 0  # the failure was ours: nothing is charged
             error_id = uuid.uuid4().hex[:16]
             log.error("request failed (error id %s): %s", error_id, exc)
@@ -243,7 +273,11 @@ async def _on_model(
             # charged; what batches took was computed, and stays charged.
             if charged and key is not None:
                 key.refund_tokens(charged - progress.taken_tokens)
-    return vectors, total, dims
+    if dims is not None:
+        vectors = vectors[:, :dims]
+        if model.info.normalized:
+            vectors = l2_normalize(vectors)
+    return vectors, total, output
 
 
 def _backend_error(model: ServedModel, exc: BackendFailure) -> Exception:
@@ -256,27 +290,83 @@ def _backend_error(model: ServedModel, exc: BackendFailure) -> Exception:
     return error
 
 
-async def _tokens(model: ServedModel, texts: list[str], max_total: int) -> tuple[list[list[int]], int]:
-    """Token ids per text, checked against the model's per-input limit and the per-request total.
+def _output(body: EmbeddingRequest) -> Output:
+    fmt, kind = body.encoding_format, body.embedding_type
+    if fmt in ("float", "base64"):
+        return Output(kind or "float", fmt == "base64")
+    if kind is not None and kind != fmt:
+        raise GatewayError(
+            400,
+            f"`embedding_type` {kind!r} contradicts `encoding_format` {fmt!r}; give the type in one of them "
+            '(`encoding_format` "base64" packs any `embedding_type`)',
+            param="embedding_type",
+            code="invalid_value",
+        )
+    return Output(fmt, False)  # type: ignore[arg-type]
+
+
+def _prepare(
+    model: ServedModel, body: EmbeddingRequest, texts: list[str], notes: MutableMapping[str, Any]
+) -> tuple[list[str], int, inputs.Side | None]:
+    """The texts with the request's prompt in front, the prompt's token count, and the truncation side."""
+    assert model.info is not None
+    name = inputs.choose_prompt(model.name, model.prompts, model.default_prompt_name, body.prompt_name, body.input_type)
+    side = inputs.truncation(body.truncate, model.spec.config.truncate)
+    if name is None:
+        return texts, 0, side
+    notes.setdefault("headers", {})["X-Prompt-Name"] = name
+    prompt = model.prompts[name]
+    return [prompt + text for text in texts], model.prompt_tokens[name], side
+
+
+async def _tokens(
+    model: ServedModel, texts: list[str], max_total: int, side: inputs.Side | None = None, keep: int = 0
+) -> tuple[list[list[int]], int, int]:
+    """Token ids per text, checked against the model's per-input limit (or cut to it on `side`, keeping the
+    first `keep` tokens, the prompt's, when cutting the start) and the per-request total; with the total and
+    how many inputs were cut.
 
     A large request is tokenized in chunks and checked after each: the first input over the limit stops
     it, and other requests' chunks take turns with its chunks on the model's tokenizer thread.
     """
+    assert model.info is not None
     limit = model.max_input_tokens
+    frame = model.frame
     ids: list[list[int]] = []
-    total = 0
+    total = cut = 0
     for start, end in _chunks(texts):
         part = await model.tokenize(texts[start:end])
         for k, one in enumerate(part, start):
             n = len(one)
             if n > limit:
                 where = "input" if len(texts) == 1 else f"input[{k}]"
-                raise GatewayError(
-                    400,
-                    f"`{where}` has {n} tokens; model {model.name!r} accepts at most {limit} tokens per input",
-                    param=where,
-                    code="input_too_long",
-                )
+                if side is None:
+                    raise GatewayError(
+                        400,
+                        f"`{where}` has {n} tokens; model {model.name!r} accepts at most {limit} tokens per input "
+                        "(set `truncate` to embed a part of it)",
+                        param=where,
+                        code="input_too_long",
+                    )
+                if not model.info.embeds_token_ids:
+                    raise GatewayError(
+                        400,
+                        f"`{where}` has {n} tokens, over the limit of {limit}, and model {model.name!r} cannot "
+                        "truncate: its backend embeds the text itself, not the token ids the gateway would cut",
+                        param="truncate",
+                        code="truncation_not_supported",
+                    )
+                fixed = frame.head + frame.tail + (keep if side == "start" else 0)
+                if limit <= fixed:
+                    raise GatewayError(
+                        400,
+                        f"`{where}` cannot be cut to {limit} tokens: its prompt takes {keep} of them",
+                        param="prompt_name",
+                        code="input_too_long",
+                    )
+                one = part[k - start] = inputs.cut(one, limit, side, frame, keep)
+                n = len(one)
+                cut += 1
             total += n
         ids.extend(part)
         if total > max_total:
@@ -287,7 +377,7 @@ async def _tokens(model: ServedModel, texts: list[str], max_total: int) -> tuple
                 param="input",
                 code="too_many_tokens",
             )
-    return ids, total
+    return ids, total, cut
 
 
 def _chunks(texts: list[str]) -> list[tuple[int, int]]:
@@ -367,21 +457,28 @@ def _dimensions(requested: int | None, model: ServedModel) -> int | None:
     return requested
 
 
-def _response(vectors: np.ndarray, body: EmbeddingRequest, tokens: int) -> EmbeddingResponse:
+def _response(vectors: np.ndarray, body: EmbeddingRequest, tokens: int, output: Output) -> EmbeddingResponse:
     return EmbeddingResponse(
         id=f"embed-{new_id()}",
-        data=_encode(vectors, body.encoding_format),
+        data=_encode(vectors, output),
         model=body.model,
-        created=int(time.time()),
+        created=float(int(time.time())),
         usage=Usage(prompt_tokens=tokens, total_tokens=tokens),
     )
 
 
-def _encode(vectors: np.ndarray, fmt: str) -> list[EmbeddingData]:
-    if fmt == "base64":
-        # Little-endian float32 bytes: what the official OpenAI client decodes; bit-exact.
-        raw = vectors.astype("<f4", copy=False)
+_LITTLE_ENDIAN = {"float": "<f4", "int8": "i1", "uint8": "u1", "binary": "i1", "ubinary": "u1"}
+
+
+def _encode(vectors: np.ndarray, output: Output) -> list[EmbeddingData]:
+    if output.packed:
+        # Little-endian float32 bytes (what the official OpenAI client decodes; bit-exact), or the compact
+        # type's own bytes.
+        raw = quantize.quantize(vectors, output.kind, output.ranges).astype(_LITTLE_ENDIAN[output.kind], copy=False)
         return [EmbeddingData(embedding=base64.b64encode(row.tobytes()).decode(), index=i) for i, row in enumerate(raw)]
+    if output.kind != "float":
+        values = quantize.quantize(vectors, output.kind, output.ranges)
+        return [EmbeddingData(embedding=row, index=i) for i, row in enumerate(values.tolist())]
     # A float32 widened to a double prints 17 digits; 9 decimals (absolute error <= 5e-10, below float32's
     # resolution near 1) make the JSON a third smaller for the same vectors.
     rows = np.round(vectors.astype(np.float64), 9).tolist()

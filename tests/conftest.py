@@ -31,6 +31,8 @@ class FakeOptions(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     fail_on: str | None = None
     fail_load: bool = False
     load_delay_s: float = 0.0
+    # Vectors from the token ids instead of the text (a backend the core may truncate for).
+    embeds_ids: bool = False
 
 
 class FakeBackend(Backend):
@@ -50,6 +52,7 @@ class FakeBackend(Backend):
             max_input_tokens=self.options.max_tokens,
             normalized=True,
             max_batch_size=4,
+            embeds_token_ids=self.options.embeds_ids,
         )
 
     def tokenize(self, texts: Sequence[str]) -> list[list[int]]:
@@ -61,6 +64,8 @@ class FakeBackend(Backend):
             raise RuntimeError("boom")
         if self.options.delay_s:
             time.sleep(self.options.delay_s)
+        if self.options.embeds_ids:
+            return np.stack([fake_vector(" ".join(map(str, ids)), self.options.dimension) for ids in token_ids])
         return np.stack([fake_vector(t, self.options.dimension) for t in texts])
 
 

@@ -230,7 +230,8 @@ def test_local_tokenizer_counts_as_the_upstream(front, upstream):
     r = _post(front, "mini", ["word " * 300])
     assert r.status_code == 400
     assert r.json()["error"] == {
-        "message": "`input` has 302 tokens; model 'mini' accepts at most 256 tokens per input",
+        "message": "`input` has 302 tokens; model 'mini' accepts at most 256 tokens per input (set `truncate` to "
+        "embed a part of it)",
         "type": "invalid_request_error",
         "param": "input",
         "code": "input_too_long",
@@ -311,3 +312,9 @@ def test_invalid_upstream_bodies_are_refused(upstream):
         reply = msgspec.json.decode(msgspec.json.encode({"data": data}), type=_Reply)
         with pytest.raises(ValueError):
             backend._vectors(reply, 1)
+
+
+def test_truncation_needs_a_count_before_sending(front):
+    r = _post(front, "wl", ["word " * 300], truncate=True)
+    _error(r, 400, "truncation_not_supported", "model 'wl' cannot truncate: its tokens are counted by its upstream")
+    assert r.json()["error"]["param"] == "truncate"
