@@ -94,9 +94,18 @@ class BatchingConfig(_Strict):
     max_queue: Positive = 4096
 
 
+class CircuitConfig(_Strict):
+    # Consecutive batches that failed with the backend unavailable or timed out open the circuit: the model
+    # is skipped (its fallbacks serve, or 503 at once) for `open_s`, then one request probes it; its success
+    # closes the circuit, its failure opens it again.
+    failures: Positive = 3
+    open_s: Seconds = 5.0
+
+
 class ModelConfig(_Strict):
     backend: str
-    path: str
+    # None for a backend that reads no local files (a remote server: its address is an option).
+    path: str | None = None
     aliases: list[str] = []
     max_input_tokens: Positive | None = None
     matryoshka_dimensions: Annotated[list[Positive], msgspec.Meta(min_length=1)] | None = None
@@ -114,6 +123,12 @@ class ModelConfig(_Strict):
     # false: this model's inputs are never cached (with `[cache] store` set).
     cache: bool = True
     batching: BatchingConfig = msgspec.field(default_factory=BatchingConfig)
+    # Models that serve this one's requests when it fails (in order; not followed further). Each must declare
+    # the same embedding_space: an operator-chosen id meaning "interchangeable vectors" (the same weights on
+    # another runtime or host), so that failover never mixes vector spaces.
+    fallbacks: list[str] = []
+    embedding_space: str | None = None
+    circuit: CircuitConfig = msgspec.field(default_factory=CircuitConfig)
     # Validated by the backend's own Options Struct once plugins are known.
     options: dict[str, Any] = {}
 
@@ -211,6 +226,28 @@ def _check_keys(config: GatewayConfig, where: str) -> None:
                 raise ConfigError(f"{where}: `{key}.models`: no model named {model!r}")
 
 
+def _check_fallbacks(config: GatewayConfig, where: str) -> None:
+    for name, model in config.models.items():
+        for i, other in enumerate(model.fallbacks):
+            at = f"`$.models.{name}.fallbacks[{i}]`"
+            target = config.models.get(other)
+            if target is None:
+                raise ConfigError(f"{where}: {at}: no model named {other!r} (fallbacks name configured models)")
+            if other == name or other in model.fallbacks[:i]:
+                what = "the model itself" if other == name else "listed twice"
+                raise ConfigError(f"{where}: {at}: {other!r} is {what}")
+            if model.embedding_space is None:
+                raise ConfigError(
+                    f"{where}: `$.models.{name}.embedding_space`: required with fallbacks (the id of the vector "
+                    "space its fallbacks must share)"
+                )
+            if target.embedding_space != model.embedding_space:
+                raise ConfigError(
+                    f"{where}: {at}: model {other!r} is in embedding space {target.embedding_space!r}, not "
+                    f"{model.embedding_space!r}; a fallback must produce interchangeable vectors"
+                )
+
+
 def _check_prompts(config: GatewayConfig, where: str) -> None:
     for name, model in config.models.items():
         at = f"$.models.{name}"
@@ -265,12 +302,15 @@ def parse_config(data: bytes | str, where: str = "<config>", base_dir: Path | No
         raise ConfigError(f"{where}: `$.models` must be a table of models")
     config.models = {name: convert_at(m, ModelConfig, f"$.models.{name}", where) for name, m in models.items()}
     _check_names(config, where)
+    _check_fallbacks(config, where)
     _check_keys(config, where)
     _check_prompts(config, where)
     if config.cache.store == "redis" and config.redis is None:
         raise ConfigError(f'{where}: `$.cache.store`: "redis" needs a `[redis]` table with its `url`')
     base = base_dir or Path.cwd()
     for name, model in config.models.items():
+        if model.path is None:
+            continue
         try:
             model.path = str(resolve_model_path(model.path, base))
         except ConfigError as exc:

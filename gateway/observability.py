@@ -114,6 +114,18 @@ REFUSED = Counter(
 )
 
 
+FAILOVERS = Counter(
+    "gateway_failovers",
+    "Requests a model could not serve and handed to its next fallback, by reason",
+    ["model", "fallback", "reason"],
+)
+
+
+def record_failover(model: str, fallback: str, reason: str) -> None:
+    """A request left `model` for `fallback`: reason "unavailable", "timeout", "circuit_open" or "not_ready"."""
+    _child(FAILOVERS, model, fallback, reason).inc()
+
+
 def record_refusal(model: str, reason: str) -> None:
     """A request refused at admission: `reason` is "wait" (predicted wait over the limit) or "queue"."""
     _child(REFUSED, model, reason).inc()

@@ -20,6 +20,7 @@ import numpy as np
 from . import cache, hf, quantize
 from .backend import Backend, BackendError, ModelInfo, check_info
 from .batching import Batcher, Progress
+from .circuit import CircuitBreaker
 from .config import ConfigError, GatewayConfig, ModelConfig, convert_at
 from .errors import GatewayError
 from .inputs import Frame
@@ -84,6 +85,9 @@ def build_specs(
             raise ConfigError(
                 f"{where}: `$.models.{name}.backend`: unknown backend {model.backend!r} (available: {available}){hint}"
             )
+        if (model.path is None) == cls.uses_path:
+            need = "needs a model path" if cls.uses_path else "takes no path (see its options)"
+            raise ConfigError(f"{where}: `$.models.{name}.path`: backend {model.backend!r} {need}")
         options = convert_at(model.options, cls.Options, f"$.models.{name}.options", where)
         cached = config.cache.store != "off" and model.cache
         specs[name] = ModelSpec(name=name, config=model, backend_cls=cls, options=options, cached=cached)
@@ -95,7 +99,7 @@ def check_paths(specs: Mapping[str, ModelSpec]) -> list[str]:
     return [
         f"`$.models.{name}.path`: {spec.config.path} does not exist"
         for name, spec in specs.items()
-        if not Path(spec.config.path).exists()
+        if spec.config.path is not None and not Path(spec.config.path).exists()
     ]
 
 
@@ -128,6 +132,11 @@ class ServedModel:
     _ranges: dict[int, quantize.Ranges] = field(default_factory=dict)
     # The cache's name for this model (cache.identity): None when its inputs are not cached.
     identity: bytes | None = None
+    circuit: CircuitBreaker = field(init=False)
+
+    def __post_init__(self) -> None:
+        c = self.spec.config.circuit
+        self.circuit = CircuitBreaker(self.spec.name, c.failures, c.open_s)
 
     @property
     def name(self) -> str:
@@ -147,11 +156,11 @@ class ServedModel:
         spec = self.spec
         started = time.perf_counter()
         try:
-            if not Path(spec.config.path).exists():
+            if spec.config.path is not None and not Path(spec.config.path).exists():
                 raise BackendError(f"model path {spec.config.path} does not exist")
             backend = spec.backend_cls(
                 model=spec.name,
-                path=spec.config.path,
+                path=spec.config.path or "",
                 options=spec.options,
                 trust_remote_code=spec.config.trust_remote_code,
             )
@@ -176,7 +185,7 @@ class ServedModel:
                     info.max_input_tokens,
                 )
             try:
-                self._read_prompts(backend)
+                self._read_prompts(backend, info)
                 if spec.cached:
                     self.identity = cache.identity(
                         spec.config.backend, spec.options, backend.fingerprint(), self._limit(info)
@@ -195,6 +204,7 @@ class ServedModel:
                 return_wait=b.return_wait,
                 max_queue=b.max_queue,
                 on_batch=self.on_batch,
+                circuit=self.circuit,
             )
             self._tokenize = ThreadPoolExecutor(1, thread_name_prefix=f"tokenize-{spec.name}")
             self.backend, self.info, self.state = backend, info, ModelState.READY
@@ -213,13 +223,22 @@ class ServedModel:
         finally:
             self._loaded.set()
 
-    def _read_prompts(self, backend: Backend) -> None:
+    @property
+    def is_ready(self) -> bool:
+        """Loaded and serving now (no waiting)."""
+        return self._loaded.is_set() and self.state == ModelState.READY
+
+    def _read_prompts(self, backend: Backend, info: ModelInfo) -> None:
         """The model's prompts, how its ids are framed, and each prompt's token count (in the load thread)."""
         config = self.spec.config
         if config.prompts is not None:
             self.prompts, self.default_prompt_name = dict(config.prompts), config.default_prompt_name
-        else:
+        elif config.path is not None:
             self.prompts, self.default_prompt_name = hf.read_prompts(Path(config.path))
+        if not info.counts_tokens:
+            # Its tokens are counted upstream: no frame to keep, and prompts are charged within the inputs.
+            self.prompt_tokens = dict.fromkeys(self.prompts, 0)
+            return
         self.frame = Frame.of(backend.tokenize)
         names = list(self.prompts)
         counts = backend.tokenize([self.prompts[n] for n in names]) if names else []
@@ -230,6 +249,8 @@ class ServedModel:
         """The model's prompt names: once loaded, what it serves; before, what its config or folder names."""
         if self.info is not None or self.spec.config.prompts is not None:
             return list(self.prompts or self.spec.config.prompts or {})
+        if self.spec.config.path is None:
+            return []
         try:
             return list(hf.read_prompts(Path(self.spec.config.path))[0])
         except BackendError:
@@ -261,6 +282,10 @@ class ServedModel:
 
     async def _calibrate(self) -> np.ndarray:
         texts = quantize.calibration_texts(self.spec.config.calibration_corpus)
+        assert self.info is not None
+        if not self.info.counts_tokens:
+            sizes = self.estimate(texts)
+            return await self.embed(texts, [[] for _ in texts], owner="(calibration)", progress=Progress(), sizes=sizes)
         ids = await self.tokenize(texts)
         fits = [i for i, one in enumerate(ids) if len(one) <= self.max_input_tokens]
         if not fits:
@@ -331,6 +356,11 @@ class ServedModel:
             return backend.tokenize(texts)
         return await asyncio.get_running_loop().run_in_executor(self._tokenize, backend.tokenize, texts)
 
+    def estimate(self, texts: list[str]) -> list[int]:
+        """Tokens per text as guessed from its length, for a backend that cannot count them up front (only
+        batches and admission use it: about 4 characters per token in English, at least 1)."""
+        return [len(t) // 4 + 1 for t in texts]
+
     def precheck(self, **admission: Any) -> None:
         """QueueFull now if the model would refuse any request of this caller (see Batcher.precheck)."""
         assert self.batcher is not None
@@ -397,6 +427,10 @@ class Registry:
                 404, f"model {name!r} not found; available models: {available}", param="model", code="model_not_found"
             )
         return model
+
+    def chain(self, model: ServedModel) -> list[ServedModel]:
+        """`model` and then its configured fallbacks, in order."""
+        return [model, *(self.models[name] for name in model.spec.config.fallbacks if name in self.models)]
 
     def load_all(self) -> threading.Thread:
         """Load every model in one background thread (one at a time: loading in parallel only thrashes)."""

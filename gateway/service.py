@@ -5,7 +5,9 @@ the output type (400), an empty token quota (429), readiness (503), `dimensions`
 truncation (400), a key already over the model's admission limit (429, before any tokenizing), int8/uint8
 calibration (once per model), tokens and their limits (400, or cut when truncating), the key's token
 quota (429), admission and the model's batches (429 when predicted too late, 500 when a batch fails, 504
-past the timeout), then the Matryoshka cut, the output type and the response.
+past the timeout), then the Matryoshka cut, the output type and the response. Inputs already cached are
+taken from the cache and never reach the model. A model that cannot serve (failing, its circuit open, or
+not ready while a fallback is) hands the request to its fallbacks, in order (`_vectors`).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import logging
+import math
 import time
 import uuid
 from collections.abc import Callable, MutableMapping
@@ -24,13 +27,13 @@ import numpy as np
 
 from . import inputs, quantize
 from .auth import ApiKey
-from .backend import BackendError
+from .backend import BackendError, BackendFailure
 from .batching import BatchFailed, Progress, QueueFull
 from .cache import Cache, Entry
 from .cache import input_key as cache_key
 from .errors import GatewayError
 from .hf import l2_normalize
-from .observability import new_id, record_refusal
+from .observability import new_id, record_failover, record_refusal
 from .registry import ServedModel
 from .schemas import EmbeddingData, EmbeddingRequest, EmbeddingResponse, Usage
 from .state import Gateway
@@ -98,7 +101,8 @@ async def _vectors(
     deadline_s: float | None,
 ) -> tuple[np.ndarray, int, Output]:
     """The request's vectors (cut to `dimensions`), its token count and how to encode them. `notes` also gets
-    "headers" for the answer: the prompt applied and, when truncating, how many inputs were cut."""
+    "headers" for the answer: the prompt applied and, when truncating, how many inputs were cut; and
+    "served_by": the model that computed the vectors (the one asked for, or a fallback of it)."""
     server = gw.config.server
     model = gw.registry.resolve(body.model, key)
     if key is not None and not key.may_use(model.name):
@@ -108,6 +112,77 @@ async def _vectors(
     notes["model"] = model.name
     texts = _texts(body, server.max_items_per_request, server.max_input_chars)
     output = _output(body)
+    if key is not None:
+        await key.check_token_quota()
+    timeout = min(server.request_timeout_s, deadline_s) if deadline_s is not None else server.request_timeout_s
+    ends = time.monotonic() + timeout
+    try:
+        async with asyncio.timeout(timeout):
+            # Failover: the model, then its fallbacks (same embedding space, checked at config load), each with
+            # its own tokenizer, limits and batches.
+            chain = gw.registry.chain(model)
+            failed: _Failover | None = None
+            for n, candidate in enumerate(chain):
+                try:
+                    vectors, total, out = await _on_model(
+                        gw, candidate, body, texts, key, ends, output, notes, n < len(chain) - 1
+                    )
+                except _Failover as exc:
+                    failed = failed or exc
+                    if n == len(chain) - 1:
+                        raise failed.answer(candidate if candidate is not model else None, exc) from None
+                    record_failover(candidate.name, chain[n + 1].name, exc.reason)
+                    log.warning(
+                        "model %r could not serve a request (%s); trying fallback %r",
+                        candidate.name,
+                        exc.reason,
+                        chain[n + 1].name,
+                    )
+                    continue
+                notes["served_by"] = candidate.name
+                notes.setdefault("headers", {})["X-Served-Model"] = candidate.name
+                break
+    except TimeoutError:
+        raise GatewayError(
+            504, f"request did not finish within {timeout:g}s (model {model.name!r})", code="timeout"
+        ) from None
+    notes["tokens"] = total
+    notes["inputs"] = len(texts)
+    return vectors, total, out
+
+
+class _Failover(Exception):
+    """A model cannot serve this request now, and a fallback may: `error` is the answer if none can."""
+
+    def __init__(self, error: GatewayError, reason: str) -> None:
+        super().__init__(error.message)
+        self.error = error
+        self.reason = reason
+
+    def answer(self, last: ServedModel | None, exc: _Failover) -> GatewayError:
+        """The requested model's own error, naming what the last fallback said when there was one."""
+        if last is None:
+            return self.error
+        e = self.error
+        return GatewayError(
+            e.status, f"{e.message}; fallback {last.name!r}: {exc.error.message}", code=e.code, headers=e.headers
+        )
+
+
+async def _on_model(
+    gw: Gateway,
+    model: ServedModel,
+    body: EmbeddingRequest,
+    texts: list[str],
+    key: ApiKey | None,
+    ends: float,
+    output: Output,
+    notes: MutableMapping[str, Any],
+    may_fail_over: bool,
+) -> tuple[np.ndarray, int, Output]:
+    """The vectors (cut to `dimensions`), tokens and output of `texts` on `model`; _Failover when a fallback
+    may serve instead (the model is failing, its circuit is open, or, with a fallback left, not ready)."""
+    server = gw.config.server
     batching = model.spec.config.batching
     if len(texts) > batching.max_queue:
         raise GatewayError(
@@ -116,37 +191,62 @@ async def _vectors(
             param="input",
             code="too_many_inputs",
         )
-    if key is not None:
-        await key.check_token_quota()
-    timeout = min(server.request_timeout_s, deadline_s) if deadline_s is not None else server.request_timeout_s
-    job = _Job(model, key, time.monotonic() + timeout, server.max_tokens_per_request)
+    if may_fail_over and not model.is_ready:
+        # A fallback that is loaded serves now, rather than this one's load being waited for.
+        raise _Failover(
+            GatewayError(
+                503,
+                f"model {model.name!r} is not available: {model.public_error or model.state}",
+                code="model_unavailable",
+            ),
+            "not_ready",
+        )
+    if not model.circuit.allow():
+        retry = max(1, math.ceil(model.circuit.retry_after()))
+        raise _Failover(
+            GatewayError(
+                503,
+                f"model {model.name!r} is failing and is not being sent requests for now; retry in {retry}s",
+                code="circuit_open",
+                headers={"Retry-After": str(retry)},
+            ),
+            "circuit_open",
+        )
+    job = _Job(model, key, ends, server.max_tokens_per_request)
     with model.in_use():
         try:
-            async with asyncio.timeout(timeout):
-                await model.ready(timeout)
-                dims = _dimensions(body.dimensions, model)
-                texts, job.keep, job.side = _prepare(model, body, texts, notes)
-                # The event loop's own delay, paid twice (reading this request, sending its answer), comes
-                # out of the wait the model may add; never below a quarter of the limit.
-                limit = batching.max_queue_wait_ms / 1000
-                job.max_wait_s = min(max(limit - 2 * gw.loop_lag, limit / 4), job.ends - time.monotonic())
-                if output.kind in quantize.CALIBRATED:
-                    output = Output(output.kind, output.packed, await model.ranges(dims))
-                log.debug("embedding %d texts on %r: %r", len(texts), model.name, texts)
-                if gw.cache is not None and model.identity is not None:
-                    vectors, counts, cut = await _through_cache(gw.cache, job, texts, notes)
-                else:
-                    vectors, counts, cut = await job.compute(texts)
-                job.charged = 0  # delivered: the charge stands
-        except TimeoutError:
-            raise GatewayError(
-                504, f"request did not finish within {timeout:g}s (model {model.name!r})", code="timeout"
-            ) from None
+            await model.ready(max(0.0, ends - time.monotonic()))
+            assert model.info is not None
+            dims = _dimensions(body.dimensions, model)
+            texts, job.keep, job.side = _prepare(model, body, texts, notes)
+            if job.side is not None and not model.info.counts_tokens:
+                raise GatewayError(
+                    400,
+                    f"model {model.name!r} cannot truncate: its tokens are counted by its upstream, after "
+                    "the inputs are sent",
+                    param="truncate",
+                    code="truncation_not_supported",
+                )
+            # The event loop's own delay, paid twice (reading this request, sending its answer), comes
+            # out of the wait the model may add; never below a quarter of the limit.
+            limit = batching.max_queue_wait_ms / 1000
+            job.max_wait_s = min(max(limit - 2 * gw.loop_lag, limit / 4), ends - time.monotonic())
+            if output.kind in quantize.CALIBRATED:
+                output = Output(output.kind, output.packed, await model.ranges(dims))
+            log.debug("embedding %d texts on %r: %r", len(texts), model.name, texts)
+            if gw.cache is not None and model.identity is not None:
+                vectors, counts, cut = await _through_cache(gw.cache, job, texts, notes)
+            else:
+                vectors, counts, cut = await job.compute(texts)
+            job.charged = 0  # delivered: the charge stands
         except QueueFull as exc:
             record_refusal(model.name, exc.reason)
             raise GatewayError(
                 429, str(exc), code="queue_full", headers={"Retry-After": str(exc.retry_after)}
             ) from None
+        except BackendFailure as exc:
+            job.progress.taken_tokens = 0  # the failure was the backend's: nothing is charged
+            raise _backend_error(model, exc) from None
         except (BatchFailed, BackendError) as exc:
             job.progress.taken_tokens = 0  # the failure was ours: nothing is charged
             error_id = uuid.uuid4().hex[:16]
@@ -157,17 +257,23 @@ async def _vectors(
             # charged; what batches took was computed, and stays charged.
             if job.charged and key is not None:
                 await key.refund_tokens(job.charged - job.progress.taken_tokens)
-    total = sum(counts)
     if job.side is not None:
         notes.setdefault("headers", {})["X-Truncated-Inputs"] = str(sum(cut))
-    notes["tokens"] = total
-    notes["inputs"] = len(texts)
     if dims is not None:
         vectors = vectors[:, :dims]
-        assert model.info is not None
         if model.info.normalized:
             vectors = l2_normalize(vectors)
-    return vectors, total, output
+    return vectors, sum(counts), output
+
+
+def _backend_error(model: ServedModel, exc: BackendFailure) -> Exception:
+    """The client's answer to a typed backend failure (a _Failover when a fallback may serve instead)."""
+    headers = {"Retry-After": str(max(1, math.ceil(exc.retry_after or 1)))} if exc.status in (429, 503) else None
+    param = "input" if exc.status == 400 else None
+    error = GatewayError(exc.status, exc.message, param=param, code=exc.code, headers=headers)
+    if exc.fail_over:
+        return _Failover(error, "timeout" if exc.status == 504 else "unavailable")
+    return error
 
 
 @dataclass(eq=False)
@@ -198,13 +304,44 @@ class _Job:
         limits (`counted`: tokens of this request's other inputs, for the per-request total; `positions`:
         where `texts` are in the request, for errors), the key's token quota, then the model's batches."""
         model = self.model
+        assert model.info is not None
         owner = self.key.name if self.key else None
         model.precheck(owner=owner, max_wait_s=self.max_wait_s)
+        if not model.info.counts_tokens:
+            return await self._compute_counted_upstream(texts, owner)
         token_ids, total, cut = await _tokens(model, texts, self.max_tokens, self.side, self.keep, counted, positions)
         await self.charge(total)
         wait = min(self.max_wait_s, self.ends - time.monotonic())
         vectors = await model.embed(texts, token_ids, owner=owner, max_wait_s=wait, progress=self.progress)
         return vectors, [len(ids) for ids in token_ids], [i in cut for i in range(len(texts))]
+
+    async def _compute_counted_upstream(
+        self, texts: list[str], owner: str | None
+    ) -> tuple[np.ndarray, list[int], list[bool]]:
+        # The backend counts at the runtime: batches and the quota go by an estimate until it has.
+        sizes = self.model.estimate(texts)
+        estimate = sum(sizes)
+        await self.charge(estimate)
+        before = self.progress.counted_tokens
+        wait = min(self.max_wait_s, self.ends - time.monotonic())
+        vectors = await self.model.embed(
+            texts, [[] for _ in texts], owner=owner, max_wait_s=wait, progress=self.progress, sizes=sizes
+        )
+        counted = self.progress.counted_tokens - before
+        if self.key is not None and counted != estimate:
+            await self.key.refund_tokens(estimate - counted)  # the estimate, corrected either way
+            self.charged += counted - estimate
+        return vectors, _share(counted, sizes), [False] * len(texts)
+
+
+def _share(total: int, weights: list[int]) -> list[int]:
+    """`total` split in proportion to `weights`, in whole numbers that add up to it (largest remainders)."""
+    whole = sum(weights) or 1
+    exact = [total * w / whole for w in weights]
+    out = [int(x) for x in exact]
+    for i in sorted(range(len(weights)), key=lambda i: exact[i] - out[i], reverse=True)[: total - sum(out)]:
+        out[i] += 1
+    return out
 
 
 async def _through_cache(
