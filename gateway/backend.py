@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Annotated, Any, ClassVar
 
 import msgspec
@@ -45,10 +46,76 @@ class ModelInfo(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields
     #: `embed` and beside itself: the core then runs it on the event loop for small requests. Leave False
     #: for a tokenizer that does I/O or holds the GIL for long.
     local_tokenizer: bool = False
+    #: True when `embed` computes from the `token_ids` it is given (not from the texts): the core can then cut
+    #: over-long inputs to the model's limit for requests that ask it to (`truncate`). A backend that
+    #: embeds the text itself leaves it False, and such requests are refused.
+    embeds_token_ids: bool = False
+    #: False when the backend cannot count tokens before `embed` (a remote server without a local copy of
+    #: its tokenizer): `tokenize` is then never called, batches and admission use an estimate from each
+    #: text's length, per-input limits are the runtime's to enforce (raise InputRejected), and `embed`
+    #: returns `Embedded` with the tokens the runtime counted, which is what requests are charged.
+    counts_tokens: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class Embedded:
+    """What `embed` returns for a backend with `counts_tokens = False`: the vectors and the tokens the runtime
+    counted for the whole batch (requests that shared it are charged in proportion to their length)."""
+
+    vectors: np.ndarray
+    tokens: int
 
 
 class BackendError(Exception):
     """A model cannot be loaded or served; the message is shown to operators (and in 503 bodies)."""
+
+
+class BackendFailure(Exception):
+    """A typed failure `embed` may raise so that clients get the right answer instead of a 500.
+
+    The message is shown to clients as is: never put a secret, an upstream body or a path in it (log those).
+    """
+
+    status: ClassVar[int] = 502
+    code: ClassVar[str] = "backend_error"
+    #: True when another model of the same embedding space may serve the request instead (failover), and
+    #: the failure counts against the model's circuit breaker.
+    fail_over: ClassVar[bool] = False
+
+    def __init__(self, message: str, *, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.retry_after = retry_after
+
+
+class InputRejected(BackendFailure):
+    """The runtime refused an input (too long, say): 400. Only the request that holds it fails."""
+
+    status = 400
+    code = "input_rejected"
+
+
+class BackendOverloaded(BackendFailure):
+    """The runtime asks us to slow down: 429 with Retry-After (`retry_after` seconds, 1 if unknown)."""
+
+    status = 429
+    code = "backend_overloaded"
+
+
+class BackendUnavailable(BackendFailure):
+    """The runtime cannot serve now (unreachable, refused our credentials, answered garbage): 502."""
+
+    status = 502
+    code = "backend_unavailable"
+    fail_over = True
+
+
+class BackendTimeout(BackendFailure):
+    """The runtime did not answer in time: 504."""
+
+    status = 504
+    code = "backend_timeout"
+    fail_over = True
 
 
 class Backend(ABC):
@@ -61,6 +128,9 @@ class Backend(ABC):
     name: ClassVar[str]
     #: Struct that validates the model's `[models.X.options]` table.
     Options: ClassVar[type[msgspec.Struct]] = NoOptions
+    #: False for a backend that reads no local model (a remote server): `path` is then refused in gateway.toml
+    #: and given to the backend as "".
+    uses_path: ClassVar[bool] = True
 
     def __init__(self, *, model: str, path: str, options: Any, trust_remote_code: bool = False) -> None:
         self.model = model
@@ -78,12 +148,24 @@ class Backend(ABC):
         what requests are charged and checked against."""
 
     @abstractmethod
-    def embed(self, texts: Sequence[str], token_ids: Sequence[Sequence[int]]) -> np.ndarray:
-        """Vectors for `texts` as float32 [len(texts), dimension], in input order.
+    def embed(self, texts: Sequence[str], token_ids: Sequence[Sequence[int]]) -> np.ndarray | Embedded:
+        """Vectors for `texts` as float32 [len(texts), dimension], in input order (`Embedded` when the model
+        does not count tokens itself, see `ModelInfo.counts_tokens`).
 
         `token_ids` are what `tokenize` returned for these texts, none longer than the model's input limit;
         a runtime that works on ids uses them instead of tokenizing again, one that takes text ignores them.
+        Raise a `BackendFailure` subclass to give clients a precise answer; any other exception is a 500.
         """
+
+    def fingerprint(self) -> bytes:
+        """What, besides the backend and its options, decides this model's vectors: by default a digest of
+        the files at `path` (weights, tokenizer and configs). The cache keys entries by it, so a changed file
+        never meets old entries. Called once after `load`, in the loading thread; override when the model's
+        files are elsewhere, or can be named more cheaply than by reading them."""
+        from .cache import weights_digest
+
+        # A model without files (a remote one) is named by its backend and options alone.
+        return weights_digest(self.path) if self.path is not None else b""
 
     def close(self) -> None:  # noqa: B027 - optional hook, a no-op by default
         """Release the model's resources."""

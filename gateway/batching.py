@@ -26,10 +26,12 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
-from .backend import Backend, ModelInfo
+from .backend import Backend, BackendFailure, Embedded, InputRejected, ModelInfo
+from .circuit import CircuitBreaker
 
 log = logging.getLogger("gateway.batching")
 
@@ -50,6 +52,9 @@ class Progress:
     computing). Written under the batcher's lock; read by the caller once the request ends."""
 
     taken_tokens: int = 0
+    #: For a backend that does not count tokens up front: the tokens it reported for this request's inputs
+    #: (its share of each batch's count).
+    counted_tokens: int = 0
 
 
 @dataclass(slots=True)
@@ -140,6 +145,22 @@ def _in_turn(reqs: list[_Request], share: int) -> Iterator[tuple[_Request, int]]
         depth += share
 
 
+def _share(batch: list[tuple[_Request, int]], counted: int) -> None:
+    """Under the lock: the `counted` tokens of a batch, given to its requests' progress in proportion to
+    their estimated tokens in it, in whole tokens that add up to `counted` (largest remainder)."""
+    weights: dict[int, list[Any]] = {}
+    for req, i in batch:
+        entry = weights.setdefault(id(req), [req, 0])
+        entry[1] += req.tokens[i]
+    total = sum(w for _, w in weights.values()) or 1
+    quotas = [(req, counted * w / total) for req, w in weights.values()]
+    whole = [(req, math.floor(q), q - math.floor(q)) for req, q in quotas]
+    left = counted - sum(n for _, n, _ in whole)
+    for k, (req, n, _) in enumerate(sorted(whole, key=lambda x: -x[2])):
+        if req.progress is not None:
+            req.progress.counted_tokens += n + (1 if k < left else 0)
+
+
 def split_by_padding(lengths: Sequence[int], overhead: int) -> list[int]:
     """Where to cut a length-sorted batch so that sum(calls x overhead + rows x longest) is least.
 
@@ -177,9 +198,12 @@ class Batcher:
         return_wait: float = 0.0,
         max_queue: int = 4096,
         on_batch: Callable[[str, int, int, float], None] | None = None,
+        circuit: CircuitBreaker | None = None,
     ) -> None:
-        """`info`: what the loaded backend declared; batch limits left None take its defaults."""
+        """`info`: what the loaded backend declared; batch limits left None take its defaults; `circuit`
+        learns the outcome of every batch."""
         self.backend = backend
+        self.circuit = circuit
         self.model = model
         self.dimension = info.dimension
         self.pads_to_longest = info.pads_to_longest
@@ -232,9 +256,11 @@ class Batcher:
         owner: str | None = None,
         max_wait_s: float | None = None,
         progress: Progress | None = None,
+        sizes: Sequence[int] | None = None,
     ) -> np.ndarray:
         """Vectors for `texts` (float32 [n, dim], input order); `token_ids` are the backend's ids for each
-        text, handed to its `embed` with the batch.
+        text, handed to its `embed` with the batch; `sizes`: each text's estimated tokens, for a backend that
+        does not count them (its ids are then empty).
 
         `owner` (the caller's key) is who takes turns with whom; `max_wait_s` refuses the request (QueueFull)
         unless its predicted completion is within it; `progress` learns how much of it batches took.
@@ -244,7 +270,7 @@ class Batcher:
         if len(texts) > self.max_queue:
             raise ValueError(f"{len(texts)} inputs can never fit model {self.model!r}'s queue of {self.max_queue}")
         loop = asyncio.get_running_loop()
-        tokens = list(map(len, token_ids))
+        tokens = list(sizes) if sizes is not None else list(map(len, token_ids))
         req = _Request(
             loop=loop,
             future=loop.create_future(),
@@ -492,28 +518,43 @@ class Batcher:
             if self.pads_to_longest and len(batch) > 1:
                 lengths = [req.tokens[i] for req, i in batch]
                 ends = split_by_padding(lengths, self.call_overhead_tokens)
-                vectors = np.concatenate(
-                    [self._call(texts[a:b], ids[a:b]) for a, b in zip([0, *ends], ends, strict=False)]
-                )
+                parts = [self._call(texts[a:b], ids[a:b]) for a, b in zip([0, *ends], ends, strict=False)]
+                vectors = np.concatenate([v for v, _ in parts])
+                counts = [c for _, c in parts]
+                counted = None if None in counts else sum(c for c in counts if c is not None)
             else:
-                vectors = self._call(texts, ids)
+                vectors, counted = self._call(texts, ids)
         except Exception as exc:
             groups: dict[int, list[tuple[_Request, int]]] = {}
             for req, i in batch:
                 groups.setdefault(id(req), []).append((req, i))
-            if len(groups) > 1:
+            typed = isinstance(exc, BackendFailure)
+            if typed and exc.fail_over and self.circuit is not None:
+                self.circuit.failure()
+            # A runtime that is down, slow or overloaded fails every request alike: retrying each would only
+            # hammer it. Only a rejected input (or an untyped error) may be one request's fault.
+            if len(groups) > 1 and (not typed or isinstance(exc, InputRejected)):
                 # Several requests shared the failed batch: run each request's inputs on their own, so only
                 # the request that holds the bad input fails.
                 log.warning(
                     "batch of %d inputs failed on model %r (%s); retrying per request", len(batch), self.model, exc
                 )
                 return sum(self._compute(group) for group in groups.values())
+            if typed:
+                # The backend logged the details; this is what its clients are told.
+                log.warning("batch of %d inputs failed on model %r: %s", len(batch), self.model, exc)
+                self._fail(batch, exc)
+                return 0
             log.error("batch of %d inputs failed on model %r", len(batch), self.model, exc_info=exc)
             self._fail(batch, BatchFailed(f"model {self.model!r} failed on a batch: {type(exc).__name__}"))
             return 0
+        if self.circuit is not None:
+            self.circuit.success()
         elapsed = time.perf_counter() - started
         finished: list[_Request] = []
         with self._cond:
+            if counted is not None:
+                _share(batch, counted)
             for (req, i), vec in zip(batch, vectors, strict=True):
                 if req.done:
                     continue
@@ -534,14 +575,20 @@ class Batcher:
                 log.exception("batch metrics callback failed")
         return tokens
 
-    def _call(self, texts: list[str], token_ids: list[Sequence[int]]) -> np.ndarray:
-        vectors = self.backend.embed(texts, token_ids)
+    def _call(self, texts: list[str], token_ids: list[Sequence[int]]) -> tuple[np.ndarray, int | None]:
+        # The vectors, and the tokens the backend counted when it reports them (Embedded).
+        out = self.backend.embed(texts, token_ids)
+        counted = None
+        if isinstance(out, Embedded):
+            vectors, counted = out.vectors, out.tokens
+        else:
+            vectors = out
         shape = getattr(vectors, "shape", None)
         if shape != (len(texts), self.dimension):
             raise RuntimeError(f"backend returned shape {shape} for {len(texts)} inputs of width {self.dimension}")
         if not np.isfinite(vectors).all():
             raise RuntimeError("backend returned NaN or infinite values")
-        return vectors
+        return vectors, counted
 
     def close(self, timeout: float | None = 30.0) -> None:
         """Finish what is queued, then stop the workers."""

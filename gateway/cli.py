@@ -115,7 +115,7 @@ def cmd_models(args: argparse.Namespace) -> int:
                 ",".join(cfg.aliases) or "-",
                 str(cfg.max_input_tokens or "model's own"),
                 ",".join(map(str, cfg.matryoshka_dimensions or [])) or "full only",
-                cfg.path,
+                cfg.path or "-",
             )
         )
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]

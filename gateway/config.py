@@ -94,14 +94,41 @@ class BatchingConfig(_Strict):
     max_queue: Positive = 4096
 
 
+class CircuitConfig(_Strict):
+    # Consecutive batches that failed with the backend unavailable or timed out open the circuit: the model
+    # is skipped (its fallbacks serve, or 503 at once) for `open_s`, then one request probes it; its success
+    # closes the circuit, its failure opens it again.
+    failures: Positive = 3
+    open_s: Seconds = 5.0
+
+
 class ModelConfig(_Strict):
     backend: str
-    path: str
+    # None for a backend that reads no local files (a remote server: its address is an option).
+    path: str | None = None
     aliases: list[str] = []
     max_input_tokens: Positive | None = None
     matryoshka_dimensions: Annotated[list[Positive], msgspec.Meta(min_length=1)] | None = None
     trust_remote_code: bool = False
+    # Named prompts prepended to each input (requests pick one with `prompt_name` or `input_type`), and the
+    # one applied when a request names none. None: read both from the model folder's
+    # config_sentence_transformers.json, as sentence-transformers does.
+    prompts: dict[str, str] | None = None
+    default_prompt_name: str | None = None
+    # For requests that do not set `truncate`: false refuses an input over the token limit (400); true or
+    # "end" cuts its end (keeps the start), "start" cuts its start.
+    truncate: bool | Literal["end", "start"] = False
+    # Texts (one per line) whose vectors give int8/uint8 their per-dimension ranges; None: the bundled corpus.
+    calibration_corpus: str | None = None
+    # false: this model's inputs are never cached (with `[cache] store` set).
+    cache: bool = True
     batching: BatchingConfig = msgspec.field(default_factory=BatchingConfig)
+    # Models that serve this one's requests when it fails (in order; not followed further). Each must declare
+    # the same embedding_space: an operator-chosen id meaning "interchangeable vectors" (the same weights on
+    # another runtime or host), so that failover never mixes vector spaces.
+    fallbacks: list[str] = []
+    embedding_space: str | None = None
+    circuit: CircuitConfig = msgspec.field(default_factory=CircuitConfig)
     # Validated by the backend's own Options Struct once plugins are known.
     options: dict[str, Any] = {}
     # Present: the model runs on Ray Serve replicas (plugins/gateway_ray), validated by that placement's
@@ -109,9 +136,32 @@ class ModelConfig(_Strict):
     ray: dict[str, Any] | None = None
 
 
+class CacheConfig(_Strict):
+    # "memory": in this process, bounded by `max_bytes`; "redis": shared through `[redis]`; "off".
+    store: Literal["memory", "redis", "off"] = "memory"
+    # The in-process store's bound: 64 MiB hold about 40,000 vectors of 384 floats.
+    max_bytes: Positive = 64 * 1024 * 1024
+    # How long Redis keeps an entry.
+    ttl_s: Positive = 7 * 24 * 3600
+
+
+class RedisConfig(_Strict):
+    url: str
+    # Every call to Redis gives up after this long (the request then goes on without it).
+    timeout_ms: Annotated[float, msgspec.Meta(gt=0)] = 50.0
+    # After a failure, calls are skipped for this long (doubling while it keeps failing, up to 10x).
+    retry_after_s: Seconds = 1.0
+    # What every key this gateway writes starts with (several gateways may share one Redis).
+    prefix: str = "gateway"
+    # Per-key requests/tokens per minute counted in Redis, across every process that shares it.
+    rate_limits: bool = True
+
+
 class GatewayConfig(_Strict):
     server: ServerConfig = msgspec.field(default_factory=ServerConfig)
     auth: AuthConfig = msgspec.field(default_factory=AuthConfig)
+    cache: CacheConfig = msgspec.field(default_factory=CacheConfig)
+    redis: RedisConfig | None = None
     models: dict[str, ModelConfig] = {}
 
 
@@ -179,6 +229,42 @@ def _check_keys(config: GatewayConfig, where: str) -> None:
                 raise ConfigError(f"{where}: `{key}.models`: no model named {model!r}")
 
 
+def _check_fallbacks(config: GatewayConfig, where: str) -> None:
+    for name, model in config.models.items():
+        for i, other in enumerate(model.fallbacks):
+            at = f"`$.models.{name}.fallbacks[{i}]`"
+            target = config.models.get(other)
+            if target is None:
+                raise ConfigError(f"{where}: {at}: no model named {other!r} (fallbacks name configured models)")
+            if other == name or other in model.fallbacks[:i]:
+                what = "the model itself" if other == name else "listed twice"
+                raise ConfigError(f"{where}: {at}: {other!r} is {what}")
+            if model.embedding_space is None:
+                raise ConfigError(
+                    f"{where}: `$.models.{name}.embedding_space`: required with fallbacks (the id of the vector "
+                    "space its fallbacks must share)"
+                )
+            if target.embedding_space != model.embedding_space:
+                raise ConfigError(
+                    f"{where}: {at}: model {other!r} is in embedding space {target.embedding_space!r}, not "
+                    f"{model.embedding_space!r}; a fallback must produce interchangeable vectors"
+                )
+
+
+def _check_prompts(config: GatewayConfig, where: str) -> None:
+    for name, model in config.models.items():
+        at = f"$.models.{name}"
+        for prompt in model.prompts or {}:
+            if not prompt:
+                raise ConfigError(f"{where}: `{at}.prompts`: a prompt name must not be empty")
+        default = model.default_prompt_name
+        if default is not None and model.prompts is not None and default not in model.prompts:
+            known = ", ".join(repr(p) for p in sorted(model.prompts)) or "none"
+            raise ConfigError(
+                f"{where}: `{at}.default_prompt_name`: {default!r} is not one of the model's prompts ({known})"
+            )
+
+
 def _check_names(config: GatewayConfig, where: str) -> None:
     seen: dict[str, str] = {}
     for name, model in config.models.items():
@@ -219,13 +305,21 @@ def parse_config(data: bytes | str, where: str = "<config>", base_dir: Path | No
         raise ConfigError(f"{where}: `$.models` must be a table of models")
     config.models = {name: convert_at(m, ModelConfig, f"$.models.{name}", where) for name, m in models.items()}
     _check_names(config, where)
+    _check_fallbacks(config, where)
     _check_keys(config, where)
+    _check_prompts(config, where)
+    if config.cache.store == "redis" and config.redis is None:
+        raise ConfigError(f'{where}: `$.cache.store`: "redis" needs a `[redis]` table with its `url`')
     base = base_dir or Path.cwd()
     for name, model in config.models.items():
+        if model.path is None:
+            continue
         try:
             model.path = str(resolve_model_path(model.path, base))
         except ConfigError as exc:
             raise ConfigError(f"{where}: `$.models.{name}.path`: {exc}") from None
+        if model.calibration_corpus is not None:
+            model.calibration_corpus = str(resolve_model_path(model.calibration_corpus, base))
     return config
 
 

@@ -50,7 +50,10 @@ async def serve_embeddings(scope: Scope, receive: Receive, send: Send) -> None:
             return
         raise MethodNotAllowedException(headers={"allow": _ALLOW})
     try:
-        status, out, extra = 200, await _embeddings(scope, receive), []
+        status, out = 200, await _embeddings(scope, receive)
+        # What service.embed_json noted for the answer: the prompt applied, inputs cut, ...
+        noted = scope["state"].get("headers") or {}
+        extra = [(name.lower().encode("latin-1"), value.encode("latin-1")) for name, value in noted.items()]
     except GatewayError as exc:
         # Answered here rather than through Litestar's exception handlers: the same answer for a fraction of
         # the CPU, which matters when a flood is being refused (bench/README.md, "Overload").
@@ -71,7 +74,7 @@ async def _embeddings(scope: Scope, receive: Receive) -> bytes:
     gw: Gateway = app.state.gateway
     state: dict[str, Any] = scope.setdefault("state", {})
     authorization = header(scope, b"authorization")
-    key = authorize(gw.keys, authorization.decode("latin-1") if authorization is not None else None, state)
+    key = await authorize(gw.keys, authorization.decode("latin-1") if authorization is not None else None, state)
     deadline_s = _client_deadline(scope)
     server = gw.config.server
     try:
@@ -222,6 +225,23 @@ def describe_request(app: Litestar) -> None:
     dims = sorted({d for m in gw.registry.models.values() for d in m.spec.config.matryoshka_dimensions or ()})
     # Each model takes only its own values (GET /v1/models lists them); none here: no model takes any.
     props["dimensions"]["anyOf"][0] = {"type": "integer", "enum": dims} if dims else {"not": {}}
+    prompts = sorted({name for m in gw.registry.models.values() for name in m.prompt_names()})
+    props["prompt_name"]["anyOf"][0] = {"type": "string", "enum": prompts} if prompts else {"not": {}}
+    # A compact `encoding_format` is the type itself: `embedding_type` may only repeat it.
+    body["allOf"] = [
+        {
+            "if": {"properties": {"encoding_format": {"const": kind}}, "required": ["encoding_format"]},
+            "then": {"properties": {"embedding_type": {"enum": [kind, None]}}},
+        }
+        for kind in ("int8", "uint8", "binary", "ubinary")
+    ]
+    # A prompt is chosen by name or by input type, not both.
+    body["allOf"].append(
+        {
+            "if": {"properties": {"prompt_name": {"type": "string"}}, "required": ["prompt_name"]},
+            "then": {"properties": {"input_type": {"type": "null"}}},
+        }
+    )
     app.openapi_schema.components.schemas["EmbeddingRequest"] = openapi_schema(body)
 
 
@@ -231,7 +251,7 @@ def openapi_schema(spec: dict[str, Any]) -> Schema:
     for key, value in spec.items():
         if key in ("anyOf", "oneOf", "allOf"):
             value = [openapi_schema(v) for v in value]
-        elif key in ("items", "not"):
+        elif key in ("items", "not", "if", "then", "else"):
             value = openapi_schema(value)
         elif key == "properties":
             value = {name: openapi_schema(v) for name, v in value.items()}
@@ -246,6 +266,8 @@ _SCHEMA_FIELDS = {
     "oneOf": "one_of",
     "allOf": "all_of",
     "not": "schema_not",
+    "if": "schema_if",
+    "else": "schema_else",
     "minLength": "min_length",
     "maxLength": "max_length",
     "minItems": "min_items",

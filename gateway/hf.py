@@ -168,3 +168,19 @@ def pool(hidden: np.ndarray, mask: np.ndarray, mode: Pooling) -> np.ndarray:
 def l2_normalize(x: np.ndarray) -> np.ndarray:
     """Rows scaled to unit length (the epsilon torch's normalize uses, as sentence-transformers' Normalize)."""
     return x / np.clip(np.linalg.norm(x, axis=1, keepdims=True), 1e-12, None)
+
+
+def read_prompts(folder: Path) -> tuple[dict[str, str], str | None]:
+    """Named prompts and the default prompt's name from a model folder's config_sentence_transformers.json
+    (empty when the folder has none, as sentence-transformers reads it); BackendError when they are malformed."""
+    path = folder / "config_sentence_transformers.json"
+    if not folder.is_dir() or not path.is_file():
+        return {}, None
+    data = read_json(path)
+    prompts = data.get("prompts") or {} if isinstance(data, dict) else None
+    default = data.get("default_prompt_name") if isinstance(data, dict) else None
+    if not isinstance(prompts, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in prompts.items()):
+        raise BackendError(f"{path}: `prompts` must map names to strings")
+    if default is not None and default not in prompts:
+        raise BackendError(f"{path}: default_prompt_name {default!r} is not one of its prompts")
+    return prompts, default

@@ -114,9 +114,51 @@ REFUSED = Counter(
 )
 
 
+FAILOVERS = Counter(
+    "gateway_failovers",
+    "Requests a model could not serve and handed to its next fallback, by reason",
+    ["model", "fallback", "reason"],
+)
+
+
+def record_failover(model: str, fallback: str, reason: str) -> None:
+    """A request left `model` for `fallback`: reason "unavailable", "timeout", "circuit_open" or "not_ready"."""
+    _child(FAILOVERS, model, fallback, reason).inc()
+
+
 def record_refusal(model: str, reason: str) -> None:
     """A request refused at admission: `reason` is "wait" (predicted wait over the limit) or "queue"."""
     _child(REFUSED, model, reason).inc()
+
+
+CACHE_LOOKUPS = Counter("gateway_cache_lookups", "Cache lookups of inputs by model and result", ["model", "result"])
+CACHE_EVICTIONS = Counter("gateway_cache_evictions", "Entries evicted to stay within the cache's size", ["store"])
+CACHE_BYTES = Gauge("gateway_cache_bytes", "Bytes held by the in-process cache", ["store"], multiprocess_mode="livesum")
+STORE_ERRORS = Counter(
+    "gateway_shared_state_errors",
+    "Failed or skipped calls to the shared store (Redis), by use: the request went on without it",
+    ["use"],
+)
+
+
+def record_cache(
+    store: str, model: str | None = None, hits: int = 0, misses: int = 0, evictions: int = 0, size: int | None = None
+) -> None:
+    """Cache figures: lookups by model, evictions and size by store."""
+    if model is not None:
+        if hits:
+            _child(CACHE_LOOKUPS, model, "hit").inc(hits)
+        if misses:
+            _child(CACHE_LOOKUPS, model, "miss").inc(misses)
+    if evictions:
+        _child(CACHE_EVICTIONS, store).inc(evictions)
+    if size is not None:
+        _child(CACHE_BYTES, store).set(size)
+
+
+def record_store_error(use: str) -> None:
+    """A call to the shared store failed or was skipped while it is down: `use` is "cache" or "rate_limits"."""
+    _child(STORE_ERRORS, use).inc()
 
 
 def record_batch(model: str, size: int, tokens: int, seconds: float) -> None:

@@ -17,10 +17,13 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from . import cache, hf, quantize
 from .backend import Backend, BackendError, ModelInfo, check_info
-from .batching import Batcher
+from .batching import Batcher, Progress
+from .circuit import CircuitBreaker
 from .config import ConfigError, GatewayConfig, ModelConfig, convert_at
 from .errors import GatewayError
+from .inputs import Frame
 from .placement import DEFAULT, InProcess, Placement
 
 # An absolute path inside a message: from a slash at the start or after a space or quote, to the next space,
@@ -55,6 +58,8 @@ class ModelSpec:
     config: ModelConfig
     backend_cls: type[Backend]
     options: Any
+    # Whether its inputs go through the cache (a store is configured and the model does not opt out).
+    cached: bool = False
     #: Where its batches run (gateway/placement.py), and that placement's validated options.
     placement_cls: type[Placement] = InProcess
     placement_options: Any = None
@@ -88,7 +93,11 @@ def build_specs(
             raise ConfigError(
                 f"{where}: `$.models.{name}.backend`: unknown backend {model.backend!r} (available: {available}){hint}"
             )
+        if (model.path is None) == cls.uses_path:
+            need = "needs a model path" if cls.uses_path else "takes no path (see its options)"
+            raise ConfigError(f"{where}: `$.models.{name}.path`: backend {model.backend!r} {need}")
         options = convert_at(model.options, cls.Options, f"$.models.{name}.options", where)
+        cached = config.cache.store != "off" and model.cache
         placement, table = (DEFAULT, None) if model.ray is None else ("ray", model.ray)
         placement_cls = placements.get(placement)
         if placement_cls is None:
@@ -99,6 +108,7 @@ def build_specs(
             config=model,
             backend_cls=cls,
             options=options,
+            cached=cached,
             placement_cls=placement_cls,
             placement_options=placement_options,
         )
@@ -110,7 +120,7 @@ def check_paths(specs: Mapping[str, ModelSpec]) -> list[str]:
     return [
         f"`$.models.{name}.path`: {spec.config.path} does not exist"
         for name, spec in specs.items()
-        if not Path(spec.config.path).exists()
+        if spec.config.path is not None and not Path(spec.config.path).exists()
     ]
 
 
@@ -131,6 +141,23 @@ class ServedModel:
     # `local_tokenizer`: such tokenizers need not be safe for concurrent use.
     _tokenize: ThreadPoolExecutor | None = None
     inflight: int = 0
+    # Named prompts (configured, or from the model folder) and the default one's name.
+    prompts: dict[str, str] = field(default_factory=dict)
+    default_prompt_name: str | None = None
+    # The special tokens around each input's ids (truncation keeps them), and each prompt's own token count.
+    frame: Frame = field(default_factory=lambda: Frame(head=0, tail=0))
+    prompt_tokens: dict[str, int] = field(default_factory=dict)
+    # int8/uint8 calibration: the corpus's full vectors once computed, and the ranges per output size.
+    _calibration: np.ndarray | None = None
+    _calibrating: asyncio.Future[np.ndarray] | None = None
+    _ranges: dict[int, quantize.Ranges] = field(default_factory=dict)
+    # The cache's name for this model (cache.identity): None when its inputs are not cached.
+    identity: bytes | None = None
+    circuit: CircuitBreaker = field(init=False)
+
+    def __post_init__(self) -> None:
+        c = self.spec.config.circuit
+        self.circuit = CircuitBreaker(self.spec.name, c.failures, c.open_s)
 
     @property
     def name(self) -> str:
@@ -139,9 +166,11 @@ class ServedModel:
     @property
     def max_input_tokens(self) -> int:
         assert self.info is not None
-        own = self.info.max_input_tokens
+        return self._limit(self.info)
+
+    def _limit(self, info: ModelInfo) -> int:
         configured = self.spec.config.max_input_tokens
-        return min(own, configured) if configured else own
+        return min(info.max_input_tokens, configured) if configured else info.max_input_tokens
 
     @property
     def replicas(self) -> tuple[int, int] | None:
@@ -153,12 +182,12 @@ class ServedModel:
         spec = self.spec
         started = time.perf_counter()
         try:
-            if not Path(spec.config.path).exists():
+            if spec.config.path is not None and not Path(spec.config.path).exists():
                 raise BackendError(f"model path {spec.config.path} does not exist")
             backend = spec.placement_cls(spec.placement_options).place(
                 spec.backend_cls,
                 model=spec.name,
-                path=spec.config.path,
+                path=spec.config.path or "",
                 options=spec.options,
                 trust_remote_code=spec.config.trust_remote_code,
             )
@@ -182,6 +211,15 @@ class ServedModel:
                     info.max_input_tokens,
                     info.max_input_tokens,
                 )
+            try:
+                self._read_prompts(backend, info)
+                if spec.cached:
+                    self.identity = cache.identity(
+                        spec.config.backend, spec.options, backend.fingerprint(), self._limit(info)
+                    )
+            except Exception:
+                backend.close()
+                raise
             b = spec.config.batching
             self.batcher = Batcher(
                 backend,
@@ -193,6 +231,7 @@ class ServedModel:
                 return_wait=b.return_wait,
                 max_queue=b.max_queue,
                 on_batch=self.on_batch,
+                circuit=self.circuit,
             )
             self._tokenize = ThreadPoolExecutor(1, thread_name_prefix=f"tokenize-{spec.name}")
             self.backend, self.info, self.state = backend, info, ModelState.READY
@@ -210,6 +249,78 @@ class ServedModel:
             log.error("model %r failed to load: %s", spec.name, reason, exc_info=not isinstance(exc, BackendError))
         finally:
             self._loaded.set()
+
+    @property
+    def is_ready(self) -> bool:
+        """Loaded and serving now (no waiting)."""
+        return self._loaded.is_set() and self.state == ModelState.READY
+
+    def _read_prompts(self, backend: Backend, info: ModelInfo) -> None:
+        """The model's prompts, how its ids are framed, and each prompt's token count (in the load thread)."""
+        config = self.spec.config
+        if config.prompts is not None:
+            self.prompts, self.default_prompt_name = dict(config.prompts), config.default_prompt_name
+        elif config.path is not None:
+            self.prompts, self.default_prompt_name = hf.read_prompts(Path(config.path))
+        if not info.counts_tokens:
+            # Its tokens are counted upstream: no frame to keep, and prompts are charged within the inputs.
+            self.prompt_tokens = dict.fromkeys(self.prompts, 0)
+            return
+        self.frame = Frame.of(backend.tokenize)
+        names = list(self.prompts)
+        counts = backend.tokenize([self.prompts[n] for n in names]) if names else []
+        framing = self.frame.head + self.frame.tail
+        self.prompt_tokens = {n: max(0, len(ids) - framing) for n, ids in zip(names, counts, strict=True)}
+
+    def prompt_names(self) -> list[str]:
+        """The model's prompt names: once loaded, what it serves; before, what its config or folder names."""
+        if self.info is not None or self.spec.config.prompts is not None:
+            return list(self.prompts or self.spec.config.prompts or {})
+        if self.spec.config.path is None:
+            return []
+        try:
+            return list(hf.read_prompts(Path(self.spec.config.path))[0])
+        except BackendError:
+            return []
+
+    async def ranges(self, dims: int | None) -> quantize.Ranges:
+        """int8/uint8 ranges for vectors cut to `dims` (None: whole), from the calibration corpus embedded
+        once by this model (the first request that needs them waits for it; later ones share it)."""
+        assert self.info is not None
+        size = dims or self.info.dimension
+        found = self._ranges.get(size)
+        if found is not None:
+            return found
+        if self._calibration is None:
+            loop = asyncio.get_running_loop()
+            if self._calibrating is None or self._calibrating.get_loop() is not loop:
+                self._calibrating = loop.create_task(self._calibrate())
+            # Shielded: a request that times out must not cancel the calibration others wait for.
+            try:
+                self._calibration = await asyncio.shield(self._calibrating)
+            except Exception:
+                self._calibrating = None  # the next request tries again
+                raise
+        vectors = self._calibration[:, :size]
+        if size != self.info.dimension and self.info.normalized:
+            vectors = hf.l2_normalize(vectors)
+        ranges = self._ranges[size] = quantize.Ranges.fit(vectors)
+        return ranges
+
+    async def _calibrate(self) -> np.ndarray:
+        texts = quantize.calibration_texts(self.spec.config.calibration_corpus)
+        assert self.info is not None
+        if not self.info.counts_tokens:
+            sizes = self.estimate(texts)
+            return await self.embed(texts, [[] for _ in texts], owner="(calibration)", progress=Progress(), sizes=sizes)
+        ids = await self.tokenize(texts)
+        fits = [i for i, one in enumerate(ids) if len(one) <= self.max_input_tokens]
+        if not fits:
+            raise BackendError(f"model {self.name!r}: no text of the calibration corpus fits its token limit")
+        log.info("model %r: embedding %d calibration texts for int8/uint8", self.name, len(fits))
+        return await self.embed(
+            [texts[i] for i in fits], [ids[i] for i in fits], owner="(calibration)", progress=Progress()
+        )
 
     async def ready(self, timeout: float) -> None:
         """Wait for the load to finish; 503 if it failed or is still running after `timeout`."""
@@ -271,6 +382,11 @@ class ServedModel:
         if info.local_tokenizer and sum(len(t) for t in texts) <= _INLINE_CHARS:
             return backend.tokenize(texts)
         return await asyncio.get_running_loop().run_in_executor(self._tokenize, backend.tokenize, texts)
+
+    def estimate(self, texts: list[str]) -> list[int]:
+        """Tokens per text as guessed from its length, for a backend that cannot count them up front (only
+        batches and admission use it: about 4 characters per token in English, at least 1)."""
+        return [len(t) // 4 + 1 for t in texts]
 
     def precheck(self, **admission: Any) -> None:
         """QueueFull now if the model would refuse any request of this caller (see Batcher.precheck)."""
@@ -338,6 +454,10 @@ class Registry:
                 404, f"model {name!r} not found; available models: {available}", param="model", code="model_not_found"
             )
         return model
+
+    def chain(self, model: ServedModel) -> list[ServedModel]:
+        """`model` and then its configured fallbacks, in order."""
+        return [model, *(self.models[name] for name in model.spec.config.fallbacks if name in self.models)]
 
     def load_all(self) -> threading.Thread:
         """Load every model in one background thread (one at a time: loading in parallel only thrashes)."""

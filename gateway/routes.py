@@ -9,6 +9,7 @@ from litestar import Request, get, post
 from litestar.connection import ASGIConnection
 from litestar.handlers.base import BaseRouteHandler
 from litestar.openapi import ResponseSpec
+from litestar.params import JSONBody
 from litestar.plugins.prometheus import PrometheusController
 from litestar.response import Response
 
@@ -16,7 +17,7 @@ from .auth import ApiKey, authorize
 from .config import ConfigError
 from .errors import GatewayError, error_responses
 from .registry import ModelState, ServedModel
-from .schemas import Health, ModelCard, ModelList, ReloadResult
+from .schemas import CacheClear, CacheCleared, Health, ModelCard, ModelList, ReloadResult
 from .state import Gateway
 
 log = logging.getLogger("gateway")
@@ -28,7 +29,7 @@ def _gateway(connection: ASGIConnection[Any, Any, Any, Any]) -> Gateway:
 
 async def require_key(connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHandler) -> None:
     """Guard: a valid bearer key, which then counts one request against its limit."""
-    authorize(_gateway(connection).keys, connection.headers.get("authorization"), connection.scope["state"])
+    await authorize(_gateway(connection).keys, connection.headers.get("authorization"), connection.scope["state"])
 
 
 async def require_admin(connection: ASGIConnection[Any, Any, Any, Any], handler: BaseRouteHandler) -> None:
@@ -51,6 +52,9 @@ def _card(model: ServedModel) -> ModelCard:
         max_input_tokens=model.max_input_tokens if info else cfg.max_input_tokens,
         matryoshka_dimensions=cfg.matryoshka_dimensions,
         aliases=list(cfg.aliases),
+        prompts=dict(model.prompts) if info else dict(cfg.prompts or {}),
+        default_prompt_name=model.default_prompt_name if info else cfg.default_prompt_name,
+        truncate=cfg.truncate,
         error=model.public_error,
     )
 
@@ -98,6 +102,35 @@ async def admin_reload(request: Request[Any, Any, Any]) -> ReloadResult:
         raise GatewayError(400, f"reload refused, the running config is kept: {exc}", code="invalid_config") from None
 
 
+@post("/admin/cache/clear", status_code=200, guards=[require_admin], responses=error_responses(400, 401, 403, 404, 503))
+async def admin_cache_clear(request: Request[Any, Any, Any], data: JSONBody[CacheClear | None] = None) -> CacheCleared:
+    """Remove cached vectors: of one model (`{"model": NAME}`; entries it shares with other names of the same
+    weights go too) or all of this gateway's."""
+    gw = _gateway(request)
+    if gw.cache is None:
+        raise GatewayError(400, 'the cache is off (`[cache] store = "off"`)', code="cache_off")
+    identity = None
+    if data is not None and data.model is not None:
+        model = gw.registry.resolve(data.model)
+        if model.identity is None:
+            raise GatewayError(
+                400,
+                f"model {model.name!r} is not cached (not loaded, or `cache = false`)",
+                param="model",
+                code="not_cached",
+            )
+        identity = model.identity
+    try:
+        removed = await gw.cache.clear(identity)
+    except Exception as exc:  # Redis unreachable: the operator must know the entries are still there
+        log.error("cache clear failed: %s: %s", type(exc).__name__, exc)
+        raise GatewayError(
+            503, f"the cache store could not be cleared: {type(exc).__name__}", code="cache_unavailable"
+        ) from None
+    log.info("cache cleared (%s): %d entries", data.model if data and data.model else "all models", removed)
+    return CacheCleared(removed=removed)
+
+
 async def metrics_guard(connection: ASGIConnection[Any, Any, Any, Any], handler: BaseRouteHandler) -> None:
     """Guard: a valid key for /metrics when `[server] metrics_require_key` says so."""
     if _gateway(connection).config.server.metrics_require_key:
@@ -111,4 +144,4 @@ class MetricsController(PrometheusController):
     guards = [metrics_guard]  # noqa: RUF012 - Litestar reads the class attribute
 
 
-ROUTES = [list_models, health, ready, admin_reload, MetricsController]
+ROUTES = [list_models, health, ready, admin_reload, admin_cache_clear, MetricsController]

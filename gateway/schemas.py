@@ -6,6 +6,16 @@ from typing import Annotated, Literal
 
 import msgspec
 
+InputType = Literal[
+    "query",
+    "search_query",
+    "document",
+    "search_document",
+    "passage",
+    "classification",
+    "clustering",
+]
+
 Text = Annotated[str, msgspec.Meta(min_length=1, description="A text to embed; never empty.")]
 
 
@@ -15,7 +25,17 @@ class EmbeddingRequest(msgspec.Struct, forbid_unknown_fields=True, kw_only=True)
     model: str
     input: Text | Annotated[list[Text], msgspec.Meta(min_length=1)]
     dimensions: Annotated[int, msgspec.Meta(ge=1)] | None = None
-    encoding_format: Literal["float", "base64"] = "float"
+    # "float" and "base64" are OpenAI's; the others are shorthands for that `embedding_type` as JSON integers.
+    encoding_format: Literal["float", "base64", "int8", "uint8", "binary", "ubinary"] = "float"
+    # The vector's value type: float32, or a compact type (quantize.py); `encoding_format` "base64" packs any.
+    embedding_type: Literal["float", "int8", "uint8", "binary", "ubinary"] | None = None
+    # One of the model's named prompts (sentence-transformers' and TEI's name for it), prepended to each input.
+    prompt_name: Annotated[str, msgspec.Meta(min_length=1)] | None = None
+    # Cohere/Voyage style: what the inputs are; mapped onto the model's prompt names.
+    input_type: InputType | None = None
+    # Inputs over the model's token limit: refused (false) or cut, keeping the start (true, "end") or the end
+    # ("start"). None: the model's configured default.
+    truncate: bool | Literal["end", "start"] | None = None
     # Accepted for OpenAI compatibility; not used.
     user: str | None = None
 
@@ -36,7 +56,8 @@ class EmbeddingResponse(msgspec.Struct, kw_only=True):
     object: Literal["embedding"] = "embedding"
     data: list[EmbeddingData]
     model: str
-    created: int
+    # Unix seconds as a JSON number with a fractional part (1705329600.0).
+    created: float
     usage: Usage
 
 
@@ -65,6 +86,10 @@ class ModelCard(msgspec.Struct, kw_only=True):
     max_input_tokens: int | None
     matryoshka_dimensions: list[int] | None
     aliases: list[str]
+    # Named prompts (`prompt_name`) and the one applied when a request names none.
+    prompts: dict[str, str] = {}
+    default_prompt_name: str | None = None
+    truncate: bool | Literal["end", "start"] = False
     error: str | None = None
 
 
@@ -81,6 +106,16 @@ class ReloadResult(msgspec.Struct, kw_only=True):
     # Models of the new config that failed to load (a changed one keeps its previous version serving).
     failed: dict[str, str]
     models: dict[str, str]
+
+
+class CacheClear(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """Body of POST /admin/cache/clear: one model, or (absent) all."""
+
+    model: str | None = None
+
+
+class CacheCleared(msgspec.Struct, kw_only=True):
+    removed: int
 
 
 class Health(msgspec.Struct, kw_only=True):

@@ -1,10 +1,13 @@
 """The embedding use case: from a decoded request and the caller's key to a response.
 
-The HTTP route and `gateway embed` both come through here. In order: the model (404, 403), the inputs
-(400), an empty token quota (429), readiness (503), `dimensions`, a key already over the model's admission
-limit (429, before any tokenizing), tokens and their limits (400), the key's token quota (429), admission
-and the model's batches (429 when predicted too late, 500 when a batch fails, 504 past the timeout), then
-the Matryoshka cut and the response.
+The HTTP route and `gateway embed` both come through here. In order: the model (404, 403), the inputs and
+the output type (400), an empty token quota (429), readiness (503), `dimensions`, the prompt and the
+truncation (400), a key already over the model's admission limit (429, before any tokenizing), int8/uint8
+calibration (once per model), tokens and their limits (400, or cut when truncating), the key's token
+quota (429), admission and the model's batches (429 when predicted too late, 500 when a batch fails, 504
+past the timeout), then the Matryoshka cut, the output type and the response. Inputs already cached are
+taken from the cache and never reach the model. A model that cannot serve (failing, its circuit open, or
+not ready while a fallback is) hands the request to its fallbacks, in order (`_vectors`).
 """
 
 from __future__ import annotations
@@ -12,19 +15,25 @@ from __future__ import annotations
 import asyncio
 import base64
 import logging
+import math
 import time
 import uuid
 from collections.abc import Callable, MutableMapping
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import msgspec
 import numpy as np
 
+from . import inputs, quantize
 from .auth import ApiKey
+from .backend import BackendError, BackendFailure
 from .batching import BatchFailed, Progress, QueueFull
+from .cache import Cache, Entry
+from .cache import input_key as cache_key
 from .errors import GatewayError
 from .hf import l2_normalize
-from .observability import new_id, record_refusal
+from .observability import new_id, record_failover, record_refusal
 from .registry import ServedModel
 from .schemas import EmbeddingData, EmbeddingRequest, EmbeddingResponse, Usage
 from .state import Gateway
@@ -53,8 +62,8 @@ async def embed(
     inputs of a request that was answered. `deadline_s`: the client's own time limit, when it gave one
     (it shortens the request's timeout and its admission). Errors are GatewayError.
     """
-    vectors, tokens = await _vectors(gw, body, key, notes if notes is not None else {}, deadline_s)
-    return await _off_loop(vectors, _response, vectors, body, tokens)
+    vectors, tokens, output = await _vectors(gw, body, key, notes if notes is not None else {}, deadline_s)
+    return await _off_loop(vectors, _response, vectors, body, tokens, output)
 
 
 async def embed_json(
@@ -65,8 +74,17 @@ async def embed_json(
     deadline_s: float | None = None,
 ) -> bytes:
     """`embed`, encoded as the JSON body of the HTTP answer."""
-    vectors, tokens = await _vectors(gw, body, key, notes if notes is not None else {}, deadline_s)
-    return await _off_loop(vectors, lambda *a: msgspec.json.encode(_response(*a)), vectors, body, tokens)
+    vectors, tokens, output = await _vectors(gw, body, key, notes if notes is not None else {}, deadline_s)
+    return await _off_loop(vectors, lambda *a: msgspec.json.encode(_response(*a)), vectors, body, tokens, output)
+
+
+@dataclass(frozen=True, slots=True)
+class Output:
+    """How the vectors go out: their value type, base64 or JSON numbers, and int8/uint8 ranges."""
+
+    kind: quantize.EmbeddingType
+    packed: bool
+    ranges: quantize.Ranges | None = None
 
 
 async def _off_loop(vectors: np.ndarray, fn: Callable[..., T], *args: Any) -> T:
@@ -81,7 +99,10 @@ async def _vectors(
     key: ApiKey | None,
     notes: MutableMapping[str, Any],
     deadline_s: float | None,
-) -> tuple[np.ndarray, int]:
+) -> tuple[np.ndarray, int, Output]:
+    """The request's vectors (cut to `dimensions`), its token count and how to encode them. `notes` also gets
+    "headers" for the answer: the prompt applied and, when truncating, how many inputs were cut; and
+    "served_by": the model that computed the vectors (the one asked for, or a fallback of it)."""
     server = gw.config.server
     model = gw.registry.resolve(body.model, key)
     if key is not None and not key.may_use(model.name):
@@ -90,6 +111,78 @@ async def _vectors(
         )
     notes["model"] = model.name
     texts = _texts(body, server.max_items_per_request, server.max_input_chars)
+    output = _output(body)
+    if key is not None:
+        await key.check_token_quota()
+    timeout = min(server.request_timeout_s, deadline_s) if deadline_s is not None else server.request_timeout_s
+    ends = time.monotonic() + timeout
+    try:
+        async with asyncio.timeout(timeout):
+            # Failover: the model, then its fallbacks (same embedding space, checked at config load), each with
+            # its own tokenizer, limits and batches.
+            chain = gw.registry.chain(model)
+            failed: _Failover | None = None
+            for n, candidate in enumerate(chain):
+                try:
+                    vectors, total, out = await _on_model(
+                        gw, candidate, body, texts, key, ends, output, notes, n < len(chain) - 1
+                    )
+                except _Failover as exc:
+                    failed = failed or exc
+                    if n == len(chain) - 1:
+                        raise failed.answer(candidate if candidate is not model else None, exc) from None
+                    record_failover(candidate.name, chain[n + 1].name, exc.reason)
+                    log.warning(
+                        "model %r could not serve a request (%s); trying fallback %r",
+                        candidate.name,
+                        exc.reason,
+                        chain[n + 1].name,
+                    )
+                    continue
+                notes["served_by"] = candidate.name
+                notes.setdefault("headers", {})["X-Served-Model"] = candidate.name
+                break
+    except TimeoutError:
+        raise GatewayError(
+            504, f"request did not finish within {timeout:g}s (model {model.name!r})", code="timeout"
+        ) from None
+    notes["tokens"] = total
+    notes["inputs"] = len(texts)
+    return vectors, total, out
+
+
+class _Failover(Exception):
+    """A model cannot serve this request now, and a fallback may: `error` is the answer if none can."""
+
+    def __init__(self, error: GatewayError, reason: str) -> None:
+        super().__init__(error.message)
+        self.error = error
+        self.reason = reason
+
+    def answer(self, last: ServedModel | None, exc: _Failover) -> GatewayError:
+        """The requested model's own error, naming what the last fallback said when there was one."""
+        if last is None:
+            return self.error
+        e = self.error
+        return GatewayError(
+            e.status, f"{e.message}; fallback {last.name!r}: {exc.error.message}", code=e.code, headers=e.headers
+        )
+
+
+async def _on_model(
+    gw: Gateway,
+    model: ServedModel,
+    body: EmbeddingRequest,
+    texts: list[str],
+    key: ApiKey | None,
+    ends: float,
+    output: Output,
+    notes: MutableMapping[str, Any],
+    may_fail_over: bool,
+) -> tuple[np.ndarray, int, Output]:
+    """The vectors (cut to `dimensions`), tokens and output of `texts` on `model`; _Failover when a fallback
+    may serve instead (the model is failing, its circuit is open, or, with a fallback left, not ready)."""
+    server = gw.config.server
     batching = model.spec.config.batching
     if len(texts) > batching.max_queue:
         raise GatewayError(
@@ -98,92 +191,336 @@ async def _vectors(
             param="input",
             code="too_many_inputs",
         )
-    if key is not None:
-        key.check_token_quota()
-    timeout = min(server.request_timeout_s, deadline_s) if deadline_s is not None else server.request_timeout_s
-    ends = time.monotonic() + timeout
-    charged = 0
-    progress = Progress()
+    if may_fail_over and not model.is_ready:
+        # A fallback that is loaded serves now, rather than this one's load being waited for.
+        raise _Failover(
+            GatewayError(
+                503,
+                f"model {model.name!r} is not available: {model.public_error or model.state}",
+                code="model_unavailable",
+            ),
+            "not_ready",
+        )
+    if not model.circuit.allow():
+        retry = max(1, math.ceil(model.circuit.retry_after()))
+        raise _Failover(
+            GatewayError(
+                503,
+                f"model {model.name!r} is failing and is not being sent requests for now; retry in {retry}s",
+                code="circuit_open",
+                headers={"Retry-After": str(retry)},
+            ),
+            "circuit_open",
+        )
+    job = _Job(model, key, ends, server.max_tokens_per_request)
     with model.in_use():
         try:
-            async with asyncio.timeout(timeout):
-                await model.ready(timeout)
-                dims = _dimensions(body.dimensions, model)
-                owner = key.name if key else None
-                # The event loop's own delay, paid twice (reading this request, sending its answer), comes
-                # out of the wait the model may add; never below a quarter of the limit.
-                limit = batching.max_queue_wait_ms / 1000
-                max_wait_s = min(max(limit - 2 * gw.loop_lag, limit / 4), ends - time.monotonic())
-                model.precheck(owner=owner, max_wait_s=max_wait_s)
-                token_ids, total = await _tokens(model, texts, server.max_tokens_per_request)
-                if key is not None:
-                    key.charge_tokens(total)
-                    charged = total
-                log.debug("embedding %d texts on %r: %r", len(texts), model.name, texts)
-                max_wait_s = min(max_wait_s, ends - time.monotonic())
-                vectors = await model.embed(texts, token_ids, owner=owner, max_wait_s=max_wait_s, progress=progress)
-                charged = 0  # delivered: the charge stands
-        except TimeoutError:
-            raise GatewayError(
-                504, f"request did not finish within {timeout:g}s (model {model.name!r})", code="timeout"
-            ) from None
+            await model.ready(max(0.0, ends - time.monotonic()))
+            assert model.info is not None
+            dims = _dimensions(body.dimensions, model)
+            texts, job.keep, job.side = _prepare(model, body, texts, notes)
+            if job.side is not None and not model.info.counts_tokens:
+                raise GatewayError(
+                    400,
+                    f"model {model.name!r} cannot truncate: its tokens are counted by its upstream, after "
+                    "the inputs are sent",
+                    param="truncate",
+                    code="truncation_not_supported",
+                )
+            # The event loop's own delay, paid twice (reading this request, sending its answer), comes
+            # out of the wait the model may add; never below a quarter of the limit.
+            limit = batching.max_queue_wait_ms / 1000
+            job.max_wait_s = min(max(limit - 2 * gw.loop_lag, limit / 4), ends - time.monotonic())
+            if output.kind in quantize.CALIBRATED:
+                output = Output(output.kind, output.packed, await model.ranges(dims))
+            log.debug("embedding %d texts on %r: %r", len(texts), model.name, texts)
+            if gw.cache is not None and model.identity is not None:
+                vectors, counts, cut = await _through_cache(gw.cache, job, texts, notes)
+            else:
+                vectors, counts, cut = await job.compute(texts)
+            job.charged = 0  # delivered: the charge stands
         except QueueFull as exc:
             record_refusal(model.name, exc.reason)
             raise GatewayError(
                 429, str(exc), code="queue_full", headers={"Retry-After": str(exc.retry_after)}
             ) from None
-        except BatchFailed as exc:
-            progress.taken_tokens = 0  # the failure was ours: nothing is charged
+        except BackendFailure as exc:
+            job.progress.taken_tokens = 0  # the failure was the backend's: nothing is charged
+            raise _backend_error(model, exc) from None
+        except (BatchFailed, BackendError) as exc:
+            job.progress.taken_tokens = 0  # the failure was ours: nothing is charged
             error_id = uuid.uuid4().hex[:16]
             log.error("request failed (error id %s): %s", error_id, exc)
             raise GatewayError(500, f"{exc} (error id {error_id})", code=error_id) from None
         finally:
             # No embeddings returned (timed out, refused, failed, the client gone): what no batch took is not
             # charged; what batches took was computed, and stays charged.
-            if charged and key is not None:
-                key.refund_tokens(charged - progress.taken_tokens)
-    notes["tokens"] = total
-    notes["inputs"] = len(texts)
+            if job.charged and key is not None:
+                await key.refund_tokens(job.charged - job.progress.taken_tokens)
+    if job.side is not None:
+        notes.setdefault("headers", {})["X-Truncated-Inputs"] = str(sum(cut))
     if dims is not None:
         vectors = vectors[:, :dims]
-        assert model.info is not None
         if model.info.normalized:
             vectors = l2_normalize(vectors)
-    return vectors, total
+    return vectors, sum(counts), output
 
 
-async def _tokens(model: ServedModel, texts: list[str], max_total: int) -> tuple[list[list[int]], int]:
-    """Token ids per text, checked against the model's per-input limit and the per-request total.
+def _backend_error(model: ServedModel, exc: BackendFailure) -> Exception:
+    """The client's answer to a typed backend failure (a _Failover when a fallback may serve instead)."""
+    headers = {"Retry-After": str(max(1, math.ceil(exc.retry_after or 1)))} if exc.status in (429, 503) else None
+    param = "input" if exc.status == 400 else None
+    error = GatewayError(exc.status, exc.message, param=param, code=exc.code, headers=headers)
+    if exc.fail_over:
+        return _Failover(error, "timeout" if exc.status == 504 else "unavailable")
+    return error
+
+
+@dataclass(eq=False)
+class _Job:
+    """One request's work on its model: how to tokenize, whom to charge, how long it may wait."""
+
+    model: ServedModel
+    key: ApiKey | None
+    ends: float
+    max_tokens: int
+    side: inputs.Side | None = None
+    keep: int = 0
+    max_wait_s: float = 0.0
+    progress: Progress = field(default_factory=Progress)
+    # Tokens charged to the key and not delivered yet (refunded, less what batches took, if the request fails).
+    charged: int = 0
+
+    async def charge(self, tokens: int) -> None:
+        """Count `tokens` against the key's tokens/minute (429 when over); given back if the request fails."""
+        if self.key is not None and tokens:
+            await self.key.charge_tokens(tokens)
+            self.charged += tokens
+
+    async def compute(
+        self, texts: list[str], counted: int = 0, positions: list[int] | None = None
+    ) -> tuple[np.ndarray, list[int], list[bool]]:
+        """Vectors, token counts and whether each input was cut, for `texts`: admission, tokens and their
+        limits (`counted`: tokens of this request's other inputs, for the per-request total; `positions`:
+        where `texts` are in the request, for errors), the key's token quota, then the model's batches."""
+        model = self.model
+        assert model.info is not None
+        owner = self.key.name if self.key else None
+        model.precheck(owner=owner, max_wait_s=self.max_wait_s)
+        if not model.info.counts_tokens:
+            return await self._compute_counted_upstream(texts, owner)
+        token_ids, total, cut = await _tokens(model, texts, self.max_tokens, self.side, self.keep, counted, positions)
+        await self.charge(total)
+        wait = min(self.max_wait_s, self.ends - time.monotonic())
+        vectors = await model.embed(texts, token_ids, owner=owner, max_wait_s=wait, progress=self.progress)
+        return vectors, [len(ids) for ids in token_ids], [i in cut for i in range(len(texts))]
+
+    async def _compute_counted_upstream(
+        self, texts: list[str], owner: str | None
+    ) -> tuple[np.ndarray, list[int], list[bool]]:
+        # The backend counts at the runtime: batches and the quota go by an estimate until it has.
+        sizes = self.model.estimate(texts)
+        estimate = sum(sizes)
+        await self.charge(estimate)
+        before = self.progress.counted_tokens
+        wait = min(self.max_wait_s, self.ends - time.monotonic())
+        vectors = await self.model.embed(
+            texts, [[] for _ in texts], owner=owner, max_wait_s=wait, progress=self.progress, sizes=sizes
+        )
+        counted = self.progress.counted_tokens - before
+        if self.key is not None and counted != estimate:
+            await self.key.refund_tokens(estimate - counted)  # the estimate, corrected either way
+            self.charged += counted - estimate
+        return vectors, _share(counted, sizes), [False] * len(texts)
+
+
+def _share(total: int, weights: list[int]) -> list[int]:
+    """`total` split in proportion to `weights`, in whole numbers that add up to it (largest remainders)."""
+    whole = sum(weights) or 1
+    exact = [total * w / whole for w in weights]
+    out = [int(x) for x in exact]
+    for i in sorted(range(len(weights)), key=lambda i: exact[i] - out[i], reverse=True)[: total - sum(out)]:
+        out[i] += 1
+    return out
+
+
+async def _through_cache(
+    cache: Cache, job: _Job, texts: list[str], notes: MutableMapping[str, Any]
+) -> tuple[np.ndarray, list[int], list[bool]]:
+    """`job.compute` for the inputs no cache entry holds, computed once however often they repeat (in this
+    request, or in others in flight now); entries for the rest. Same vectors, counts and order as uncached."""
+    model = job.model
+    assert model.identity is not None and model.info is not None
+    keys = [cache_key(model.identity, job.side, text) for text in texts]
+    found = await cache.lookup(model.name, keys)
+    hits = sum(e is not None for e in found)
+    notes.setdefault("headers", {})["X-Cache-Hits"] = str(hits)
+    entries: dict[bytes, Entry] = {k: e for k, e in zip(keys, found, strict=True) if e is not None}
+    # Cached inputs count against the key's quota as computed ones do: a hit is the same answer.
+    await job.charge(sum(e.tokens for e in found if e is not None))
+    missing = list(dict.fromkeys(k for k, e in zip(keys, found, strict=True) if e is None))
+    others = {k: cache.inflight[k] for k in missing if k in cache.inflight}
+    mine = [k for k in missing if k not in others]
+    # Where each key first appears in the request (errors name that input); None for a one-input request.
+    first = {k: i for i, k in reversed(list(enumerate(keys)))}
+    if mine:
+        await _compute_into(cache, job, texts, [first[k] for k in mine], mine, entries, claim=True)
+    retry: list[bytes] = []
+    for k, future in others.items():
+        try:
+            # Shielded: this request giving up must not cancel the computation others wait for.
+            entries[k] = await asyncio.shield(future)
+            await job.charge(entries[k].tokens)
+        except _Abandoned:
+            retry.append(k)  # the request computing it failed or gave up: compute it here
+    if retry:
+        await _compute_into(cache, job, texts, [first[k] for k in retry], retry, entries, claim=False)
+    vectors = np.empty((len(texts), model.info.dimension), dtype=np.float32)
+    for i, k in enumerate(keys):
+        vectors[i] = entries[k].vector
+    return vectors, [entries[k].tokens for k in keys], [entries[k].cut for k in keys]
+
+
+class _Abandoned(Exception):
+    """The request computing an input others wait for did not finish."""
+
+
+async def _compute_into(
+    cache: Cache,
+    job: _Job,
+    texts: list[str],
+    positions: list[int],
+    keys: list[bytes],
+    entries: dict[bytes, Entry],
+    claim: bool,
+) -> None:
+    """Compute the inputs at `positions` of `texts` (keys `keys`) into `entries` and the cache; with `claim`,
+    requests arriving meanwhile wait for these results instead of computing them again."""
+    loop = asyncio.get_running_loop()
+    futures: list[asyncio.Future[Entry]] = []
+    if claim:
+        for k in keys:
+            future: asyncio.Future[Entry] = loop.create_future()
+            # A failure nobody waited for is not an error to report.
+            future.add_done_callback(lambda f: f.cancelled() or f.exception())
+            cache.inflight[k] = future
+            futures.append(future)
+    try:
+        counted = sum(e.tokens for e in entries.values())
+        named = positions if len(texts) > 1 else None
+        vectors, counts, cut = await job.compute([texts[i] for i in positions], counted, named)
+        fresh = [Entry(vectors[i].copy(), counts[i], cut[i]) for i in range(len(positions))]
+        cache.put(keys, fresh)
+        for k, entry, future in zip(keys, fresh, futures or [None] * len(keys), strict=True):
+            entries[k] = entry
+            if future is not None:
+                future.set_result(entry)
+    finally:
+        for k, future in zip(keys, futures, strict=False):
+            if not future.done():
+                future.set_exception(_Abandoned())
+            if cache.inflight.get(k) is future:
+                del cache.inflight[k]
+
+
+def _output(body: EmbeddingRequest) -> Output:
+    fmt, kind = body.encoding_format, body.embedding_type
+    if fmt in ("float", "base64"):
+        return Output(kind or "float", fmt == "base64")
+    if kind is not None and kind != fmt:
+        raise GatewayError(
+            400,
+            f"`embedding_type` {kind!r} contradicts `encoding_format` {fmt!r}; give the type in one of them "
+            '(`encoding_format` "base64" packs any `embedding_type`)',
+            param="embedding_type",
+            code="invalid_value",
+        )
+    return Output(fmt, False)  # type: ignore[arg-type]
+
+
+def _prepare(
+    model: ServedModel, body: EmbeddingRequest, texts: list[str], notes: MutableMapping[str, Any]
+) -> tuple[list[str], int, inputs.Side | None]:
+    """The texts with the request's prompt in front, the prompt's token count, and the truncation side."""
+    assert model.info is not None
+    name = inputs.choose_prompt(model.name, model.prompts, model.default_prompt_name, body.prompt_name, body.input_type)
+    side = inputs.truncation(body.truncate, model.spec.config.truncate)
+    if name is None:
+        return texts, 0, side
+    notes.setdefault("headers", {})["X-Prompt-Name"] = name
+    prompt = model.prompts[name]
+    return [prompt + text for text in texts], model.prompt_tokens[name], side
+
+
+async def _tokens(
+    model: ServedModel,
+    texts: list[str],
+    max_total: int,
+    side: inputs.Side | None = None,
+    keep: int = 0,
+    counted: int = 0,
+    positions: list[int] | None = None,
+) -> tuple[list[list[int]], int, set[int]]:
+    """Token ids per text, checked against the model's per-input limit (or cut to it on `side`, keeping the
+    first `keep` tokens, the prompt's, when cutting the start) and the per-request total (`counted`: tokens
+    of the request's inputs not in `texts`); with their total and the positions of the inputs cut.
 
     A large request is tokenized in chunks and checked after each: the first input over the limit stops
     it, and other requests' chunks take turns with its chunks on the model's tokenizer thread.
     """
+    assert model.info is not None
     limit = model.max_input_tokens
+    frame = model.frame
     ids: list[list[int]] = []
     total = 0
+    cut: set[int] = set()
     for start, end in _chunks(texts):
         part = await model.tokenize(texts[start:end])
         for k, one in enumerate(part, start):
             n = len(one)
             if n > limit:
-                where = "input" if len(texts) == 1 else f"input[{k}]"
-                raise GatewayError(
-                    400,
-                    f"`{where}` has {n} tokens; model {model.name!r} accepts at most {limit} tokens per input",
-                    param=where,
-                    code="input_too_long",
-                )
+                if positions is not None:
+                    where = f"input[{positions[k]}]"
+                else:
+                    where = "input" if len(texts) == 1 else f"input[{k}]"
+                if side is None:
+                    raise GatewayError(
+                        400,
+                        f"`{where}` has {n} tokens; model {model.name!r} accepts at most {limit} tokens per input "
+                        "(set `truncate` to embed a part of it)",
+                        param=where,
+                        code="input_too_long",
+                    )
+                if not model.info.embeds_token_ids:
+                    raise GatewayError(
+                        400,
+                        f"`{where}` has {n} tokens, over the limit of {limit}, and model {model.name!r} cannot "
+                        "truncate: its backend embeds the text itself, not the token ids the gateway would cut",
+                        param="truncate",
+                        code="truncation_not_supported",
+                    )
+                fixed = frame.head + frame.tail + (keep if side == "start" else 0)
+                if limit <= fixed:
+                    raise GatewayError(
+                        400,
+                        f"`{where}` cannot be cut to {limit} tokens: its prompt takes {keep} of them",
+                        param="prompt_name",
+                        code="input_too_long",
+                    )
+                one = part[k - start] = inputs.cut(one, limit, side, frame, keep)
+                n = len(one)
+                cut.add(k)
             total += n
         ids.extend(part)
-        if total > max_total:
-            counted = "in all" if end == len(texts) else f"in its first {end} inputs"
+        if counted + total > max_total:
+            so_far = "in all" if end == len(texts) else f"in its first {end} inputs"
             raise GatewayError(
                 400,
-                f"request has {total} tokens {counted}; the limit is {max_total} tokens per request",
+                f"request has {counted + total} tokens {so_far}; the limit is {max_total} tokens per request",
                 param="input",
                 code="too_many_tokens",
             )
-    return ids, total
+    return ids, total, cut
 
 
 def _chunks(texts: list[str]) -> list[tuple[int, int]]:
@@ -263,21 +600,28 @@ def _dimensions(requested: int | None, model: ServedModel) -> int | None:
     return requested
 
 
-def _response(vectors: np.ndarray, body: EmbeddingRequest, tokens: int) -> EmbeddingResponse:
+def _response(vectors: np.ndarray, body: EmbeddingRequest, tokens: int, output: Output) -> EmbeddingResponse:
     return EmbeddingResponse(
         id=f"embed-{new_id()}",
-        data=_encode(vectors, body.encoding_format),
+        data=_encode(vectors, output),
         model=body.model,
-        created=int(time.time()),
+        created=float(int(time.time())),
         usage=Usage(prompt_tokens=tokens, total_tokens=tokens),
     )
 
 
-def _encode(vectors: np.ndarray, fmt: str) -> list[EmbeddingData]:
-    if fmt == "base64":
-        # Little-endian float32 bytes: what the official OpenAI client decodes; bit-exact.
-        raw = vectors.astype("<f4", copy=False)
+_LITTLE_ENDIAN = {"float": "<f4", "int8": "i1", "uint8": "u1", "binary": "i1", "ubinary": "u1"}
+
+
+def _encode(vectors: np.ndarray, output: Output) -> list[EmbeddingData]:
+    if output.packed:
+        # Little-endian float32 bytes (what the official OpenAI client decodes; bit-exact), or the compact
+        # type's own bytes.
+        raw = quantize.quantize(vectors, output.kind, output.ranges).astype(_LITTLE_ENDIAN[output.kind], copy=False)
         return [EmbeddingData(embedding=base64.b64encode(row.tobytes()).decode(), index=i) for i, row in enumerate(raw)]
+    if output.kind != "float":
+        values = quantize.quantize(vectors, output.kind, output.ranges)
+        return [EmbeddingData(embedding=row, index=i) for i, row in enumerate(values.tolist())]
     # A float32 widened to a double prints 17 digits; 9 decimals (absolute error <= 5e-10, below float32's
     # resolution near 1) make the JSON a third smaller for the same vectors.
     rows = np.round(vectors.astype(np.float64), 9).tolist()

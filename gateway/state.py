@@ -10,9 +10,11 @@ import msgspec
 
 from .auth import KeyStore
 from .backend import Backend
+from .cache import Cache, MemoryStore
 from .config import ConfigError, GatewayConfig, load_config
 from .observability import ModelStatus
 from .placement import Placement
+from .redis_state import RedisLink, RedisStore
 from .registry import BatchObserver, ModelSpec, ModelState, Registry, build_specs
 from .schemas import ReloadResult
 
@@ -32,6 +34,15 @@ _RESTART_FIELDS = (
     "max_connections",
     "max_header_bytes",
 )
+
+
+def _cache(config: GatewayConfig, redis: RedisLink | None) -> Cache | None:
+    if config.cache.store == "off":
+        return None
+    if config.cache.store == "redis":
+        assert redis is not None  # the config check refuses "redis" without [redis]
+        return Cache(RedisStore(redis, config.cache.ttl_s))
+    return Cache(MemoryStore(config.cache.max_bytes))
 
 
 class Gateway:
@@ -64,6 +75,9 @@ class Gateway:
         self.on_batch = on_batch
         self._fixed_keys = keys
         self._fallback_keys = fallback_keys
+        # Shared state (Redis) and the cache are set up once, from the config the server started with.
+        self.redis = RedisLink(config.redis) if config.redis is not None else None
+        self.cache = _cache(config, self.redis)
         self.keys = KeyStore()
         self.keys = self._keys_for(config)
         self.registry = Registry(self._specs(config), on_batch=on_batch)
@@ -83,13 +97,21 @@ class Gateway:
             late = max(0.0, loop.time() - due)
             self.loop_lag = late if late > self.loop_lag else self.loop_lag + 0.05 * (late - self.loop_lag)
 
+    async def close_shared(self) -> None:
+        """Close the cache and the Redis link (at shutdown)."""
+        if self.cache is not None:
+            await self.cache.close()
+        if self.redis is not None:
+            await self.redis.close()
+
     def _specs(self, config: GatewayConfig) -> dict[str, ModelSpec]:
         return build_specs(config, self.backends, self.config_path or "<config>", self.broken, self.placements)
 
     def _keys_for(self, config: GatewayConfig) -> KeyStore:
         if self._fixed_keys is not None:
             return self._fixed_keys
-        keys = KeyStore.from_config(config.auth, previous=self.keys)
+        shared = self.redis if config.redis is not None and config.redis.rate_limits else None
+        keys = KeyStore.from_config(config.auth, previous=self.keys, shared=shared)
         return keys if keys or self._fallback_keys is None else self._fallback_keys
 
     def model_status(self) -> Iterator[ModelStatus]:
@@ -128,6 +150,9 @@ class Gateway:
             restart = [f for f in _RESTART_FIELDS if getattr(config.server, f) != getattr(self.config.server, f)]
             if restart:
                 log.warning("reload: [server] %s changed; that takes a restart to apply", ", ".join(restart))
+            for table in ("cache", "redis"):
+                if getattr(config, table) != getattr(self.config, table):
+                    log.warning("reload: [%s] changed; that takes a restart to apply", table)
             self.config = config
             self.keys = self._keys_for(config)
             self.registry = new

@@ -18,6 +18,7 @@ from litestar.testing import TestClient
 
 from gateway import Backend, BackendError, ModelInfo, hookimpl
 from gateway.auth import KeyStore
+from gateway.backend import InputRejected
 from gateway.config import parse_config
 from gateway.plugins import load_plugins
 
@@ -34,6 +35,10 @@ class FakeOptions(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     load_delay_s: float = 0.0
     # embed writes a file named after its process id here as it starts (finds the replica running a batch).
     started_dir: str | None = None
+    # Vectors from the token ids instead of the text (a backend the core may truncate for).
+    embeds_ids: bool = False
+    # embed raises InputRejected for a batch holding a text with this in it (a typed failure).
+    reject_on: str | None = None
 
 
 class FakeBackend(Backend):
@@ -53,10 +58,15 @@ class FakeBackend(Backend):
             max_input_tokens=self.options.max_tokens,
             normalized=True,
             max_batch_size=4,
+            embeds_token_ids=self.options.embeds_ids,
         )
 
     def tokenize(self, texts: Sequence[str]) -> list[list[int]]:
         return [[101, *(len(w) for w in t.split()), 102] for t in texts]
+
+    def fingerprint(self) -> bytes:
+        # No weight files: its vectors depend on its class and options only (the core adds the options).
+        return type(self).name.encode()
 
     def embed(self, texts: Sequence[str], token_ids: Sequence[Sequence[int]]) -> np.ndarray:
         FakeBackend.batches.append(list(texts))
@@ -64,8 +74,12 @@ class FakeBackend(Backend):
             (Path(self.options.started_dir) / str(os.getpid())).touch()
         if self.options.fail_on is not None and any(self.options.fail_on in t for t in texts):
             raise RuntimeError("boom")
+        if self.options.reject_on is not None and any(self.options.reject_on in t for t in texts):
+            raise InputRejected(f"fake rejects inputs with {self.options.reject_on!r}")
         if self.options.delay_s:
             time.sleep(self.options.delay_s)
+        if self.options.embeds_ids:
+            return np.stack([fake_vector(" ".join(map(str, ids)), self.options.dimension) for ids in token_ids])
         return np.stack([fake_vector(t, self.options.dimension) for t in texts])
 
 
@@ -298,3 +312,64 @@ def partial_request(url: str, content_length: int, start: str, path: str = "/v1/
         f"Content-Type: application/json\r\nContent-Length: {content_length}\r\n\r\n{start}".encode()
     )
     return sock
+
+
+class RedisServer:
+    """A real redis-server (Debian's package) on a free loopback port, no persistence; stop/start keep the port."""
+
+    def __init__(self, workdir: Path) -> None:
+        import shutil
+        import socket
+
+        binary = shutil.which("redis-server")
+        if binary is None:
+            raise RuntimeError(
+                "redis-server is not installed: `apt-get install redis-server` (Debian); .ci/run installs it"
+            )
+        self.binary = binary
+        self.workdir = workdir
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.process: Any = None
+
+    def start(self) -> None:
+        import subprocess
+
+        import redis
+
+        args = [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+        self.process = subprocess.Popen(
+            [*args, "--dir", str(self.workdir)], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT
+        )
+        client = redis.Redis(port=self.port, socket_connect_timeout=0.2)
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                client.ping()
+                break
+            except redis.ConnectionError:
+                if time.monotonic() > deadline or self.process.poll() is not None:
+                    raise RuntimeError("redis-server did not start") from None
+                time.sleep(0.05)
+        client.close()
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(10)
+
+    def client(self) -> Any:
+        import redis
+
+        return redis.Redis(port=self.port)
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    """One redis-server for the session; tests that stop it start it again before they end."""
+    server = RedisServer(tmp_path_factory.mktemp("redis"))
+    server.start()
+    yield server
+    server.stop()

@@ -24,7 +24,6 @@ def test_default_config_is_valid():
         ("[server]\nprot = 1\n", "unknown field `prot` - at `$.server`"),
         ("[server]\nport = 'eighty'\n", "Expected `int`, got `str` - at `$.server.port`"),
         ("[server]\nport = 70000\n", "Expected `int` <= 65535 - at `$.server.port`"),
-        ("[models.m]\nbackend = 'torch'\n", "missing required field `path` - at `$.models.m`"),
         ("[models.m]\nbackend = 'torch'\npath = '.'\nalias = ['x']\n", "unknown field `alias` - at `$.models.m`"),
         ("[models.m]\nbackend = 'torch'\npath = '.'\nmax_input_tokens = 0\n", "`$.models.m.max_input_tokens`"),
         ("[models.m]\nbackend = 'torch'\npath = '.'\nmatryoshka_dimensions = [0]\n", "matryoshka_dimensions"),

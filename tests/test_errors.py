@@ -60,7 +60,7 @@ def test_alias_is_served_and_echoed(fake_client):
         ({"input": "x"}, "model", "missing required field `model`"),
         ({"model": 7, "input": "x"}, "model", "Expected `str`, got `int`"),
         ({"model": "fake", "input": "x", "temperature": 1}, "temperature", "unknown field `temperature`"),
-        ({"model": "fake", "input": "x", "encoding_format": "int8"}, "encoding_format", "Invalid enum value 'int8'"),
+        ({"model": "fake", "input": "x", "encoding_format": "int4"}, "encoding_format", "Invalid enum value 'int4'"),
         ({"model": "fake", "input": "x", "dimensions": "eight"}, "dimensions", "Expected `int | null`, got `str`"),
         ({"model": "fake", "input": "x", "dimensions": 3}, "dimensions", "allowed: [2, 4, 8]"),
         ({"model": "fake", "input": "x", "dimensions": 16}, "dimensions", "larger than the model's dimension 8"),
@@ -76,7 +76,10 @@ def test_invalid_request(fake_client, payload, param, needle):
 def test_input_over_limit_names_count_and_limit(fake_client):
     words = " ".join(["w"] * 20)
     err = _error(fake_client.post(URL, json={"model": "fake", "input": ["a", words]}), 400)
-    assert err["message"] == "`input[1]` has 22 tokens; model 'fake' accepts at most 16 tokens per input"
+    assert err["message"] == (
+        "`input[1]` has 22 tokens; model 'fake' accepts at most 16 tokens per input "
+        "(set `truncate` to embed a part of it)"
+    )
 
 
 @pytest.mark.parametrize(

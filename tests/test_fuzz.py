@@ -27,6 +27,7 @@ backend = "fake"
 path = "."
 aliases = ["fake-alias"]
 matryoshka_dimensions = [2, 4, 8]
+prompts = {query = "query: ", document = "passage: "}
 [models.fake.options]
 max_tokens = 1000
 """

@@ -37,6 +37,9 @@ def test_models_list(fake_client):
             "max_input_tokens": 16,
             "matryoshka_dimensions": [2, 4, 8],
             "aliases": ["fake-alias"],
+            "prompts": {},
+            "default_prompt_name": None,
+            "truncate": False,
             "error": None,
         }
 

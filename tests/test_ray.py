@@ -120,7 +120,7 @@ def ray_gateway(ray_tmp, minilm_path, tmp_path_factory) -> Iterator[tuple[str, A
         parts.append(f"[models.{name}-ray.ray]\n{ray}\n")
     parts.append(
         f'[models.fake-ray]\nbackend = "fake"\npath = "."\n[models.fake-ray.options]\ndelay_s = 0.5\n'
-        f'started_dir = "{started}"\n[models.fake-ray.ray]\nreplicas = 2\nnum_cpus = 0\n'
+        f'started_dir = "{started}"\nreject_on = "REJECT"\n[models.fake-ray.ray]\nreplicas = 2\nnum_cpus = 0\n'
     )
     app = make_app("\n".join(parts))
     with uvicorn_server(app) as (url, _server):
@@ -202,6 +202,25 @@ def test_replica_killed_mid_batch_costs_no_request(ray_gateway, caplog):
     while httpx.get(f"{url}/ready", headers=AUTH).json()["replicas"]["fake-ray"] != "2/2":
         assert time.monotonic() < deadline, "the killed replica did not come back"
         time.sleep(0.2)
+
+
+def test_a_typed_failure_in_a_replica_reaches_the_client_as_in_process(ray_gateway, caplog):
+    """InputRejected raised by the backend in its replica: 400 with its own message (no remote traceback), only
+    for the request that holds the input, and no retry (the replica is fine)."""
+    url, _, _ = ray_gateway
+    results: dict[str, httpx.Response] = {}
+    texts = {"bad": ["fine", "please REJECT me"], "good": ["also fine"]}
+    threads = [
+        threading.Thread(target=lambda k=k: results.setdefault(k, _embed(url, "fake-ray", texts[k]))) for k in texts
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert results["bad"].status_code == 400
+    assert results["bad"].json()["error"]["message"] == "fake rejects inputs with 'REJECT'"
+    assert results["good"].status_code == 200
+    assert not any("a replica was lost" in rec.getMessage() for rec in caplog.records)
 
 
 def test_replicas_that_cannot_be_placed_fail_only_that_model(ray_gateway):

@@ -214,6 +214,7 @@ class GgufBackend(Backend):
             # Sequences are packed token by token into llama.cpp's batch: nothing is padded, nothing to split.
             pads_to_longest=False,
             local_tokenizer=True,
+            embeds_token_ids=True,
         )
 
     def close(self) -> None:

@@ -208,6 +208,7 @@ class OnnxBackend(Backend):
             # The per-call cost in tokens of compute: bench/README.md, "onnx".
             call_overhead_tokens=24,
             local_tokenizer=True,
+            embeds_token_ids=self._use_ids,
         )
 
     def load_tokenizer(self) -> bool:

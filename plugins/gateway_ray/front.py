@@ -15,6 +15,7 @@ import msgspec
 import numpy as np
 
 from gateway import Backend, BackendError, ModelInfo
+from gateway.backend import Embedded
 
 from .replica import Replica
 from .session import SESSION, import_ray
@@ -64,6 +65,7 @@ class RayBackend(Backend):
         self._stop = threading.Event()
         self._poller: threading.Thread | None = None
         self._lost: tuple[type[BaseException], ...] = ()
+        self._failed: type[BaseException] = Exception
 
     # -- lifecycle -------------------------------------------------------------------------------------------
 
@@ -89,6 +91,7 @@ class RayBackend(Backend):
             ray.exceptions.NodeDiedError,
             ReplicaUnavailableError,
         )
+        self._failed = ray.exceptions.RayTaskError
         opts = self._ray
         scaling: dict[str, Any]
         if opts.max_replicas is not None:
@@ -224,8 +227,12 @@ class RayBackend(Backend):
             return self._front.tokenize(texts)
         return self._call("tokenize", list(texts))
 
-    def embed(self, texts: Sequence[str], token_ids: Sequence[Sequence[int]]) -> np.ndarray:
+    def embed(self, texts: Sequence[str], token_ids: Sequence[Sequence[int]]) -> np.ndarray | Embedded:
         return self._call("embed", list(texts), [list(ids) for ids in token_ids])
+
+    def fingerprint(self) -> bytes:
+        # The replicas serve the same files: the cache shares entries with the in-process model.
+        return self._front.fingerprint()
 
     def _call(self, method: str, *args: Any) -> Any:
         """`method` on one replica; once more (on another, or on its restarted self) if that replica was lost."""
@@ -236,6 +243,13 @@ class RayBackend(Backend):
                 if attempt == 2:
                     raise
                 log.warning("model %r: a replica was lost during %s (%s); retrying once", self.model, method, exc)
+            except self._failed as exc:
+                # The backend raised in the replica: its own exception, typed failures (InputRejected...) and
+                # message intact, without the remote traceback that Ray's wrapper prints.
+                cause = getattr(exc, "cause", None)
+                if isinstance(cause, Exception):
+                    raise cause from None
+                raise
         raise AssertionError("unreachable")
 
     def replicas(self) -> tuple[int, int]:

@@ -16,7 +16,7 @@ import msgspec
 import numpy as np
 
 from gateway import Backend, BackendError
-from gateway.backend import check_info
+from gateway.backend import Embedded, check_info
 
 log = logging.getLogger("gateway.ray.replica")
 
@@ -73,8 +73,10 @@ class Replica:
     def tokenize(self, texts: Sequence[str]) -> list[list[int]]:
         return [list(ids) for ids in self._loaded().tokenize(texts)]
 
-    def embed(self, texts: Sequence[str], token_ids: Sequence[Sequence[int]]) -> np.ndarray:
-        return np.ascontiguousarray(self._loaded().embed(texts, token_ids), dtype=np.float32)
+    def embed(self, texts: Sequence[str], token_ids: Sequence[Sequence[int]]) -> np.ndarray | Embedded:
+        out = self._loaded().embed(texts, token_ids)
+        # As is when it is not an array (`Embedded`, or garbage the front's batcher refuses as it would here).
+        return np.ascontiguousarray(out) if isinstance(out, np.ndarray) else out
 
     def check_health(self) -> None:
         """Ray Serve's health check: a replica whose model did not load is replaced."""

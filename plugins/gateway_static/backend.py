@@ -205,6 +205,7 @@ class WordLlamaBackend(Backend):
             max_batch_tokens=max(65_536, self.opts.input_limit),
             pads_to_longest=False,
             local_tokenizer=True,
+            embeds_token_ids=True,
         )
 
     def close(self) -> None:

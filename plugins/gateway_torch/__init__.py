@@ -112,6 +112,7 @@ class TorchBackend(Backend):
             pads_to_longest=self._packer is None,
             call_overhead_tokens=128,
             local_tokenizer=True,
+            embeds_token_ids=self._packer is not None,
         )
 
     def _make_packer(self, model: Any, row_tokens: int) -> _Packer | None:

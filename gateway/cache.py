@@ -1,0 +1,196 @@
+"""The embedding cache: one entry per input, keyed by everything that determines its vector.
+
+An entry is the full float32 vector as the model returned it and the input's token count (so a hit skips
+tokenizing too and `usage` stays what an uncached request reports); `dimensions` and the output type are
+applied after the lookup, so one entry serves them all. Keys hash the model's identity (its backend, its
+options and a digest of its weight files, not its configured name), the truncation side and the text with
+its prompt: two names of one model share entries, a changed weight file never meets an old entry, and no
+text or API key appears in a key.
+
+Stores: `MemoryStore` (in-process, LRU bounded by bytes) and `RedisStore` (redis_state.py), shared by
+every gateway process. Written by hand: the cache libraries on PyPI key by function arguments and store one
+value per call, where this needs per-input entries with partial hits and bytes-bounded eviction.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import os
+import struct
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+import msgspec
+import numpy as np
+
+from .observability import record_cache
+
+log = logging.getLogger("gateway.cache")
+
+# Entry layout: token count (uint32, little-endian; the top bit set when the input was cut), then the vector's
+# float32 values (little-endian).
+_COUNT = struct.Struct("<I")
+_CUT = 1 << 31
+# Key layout version: bump when the entry or key layout changes, and old entries are never read.
+_VERSION = b"v1"
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    """One input's vector, its token count (as embedded), and whether it was cut to fit."""
+
+    vector: np.ndarray
+    tokens: int
+    cut: bool = False
+
+    def pack(self) -> bytes:
+        count = self.tokens | (_CUT if self.cut else 0)
+        return _COUNT.pack(count) + self.vector.astype("<f4", copy=False).tobytes()
+
+    @classmethod
+    def unpack(cls, raw: bytes) -> Entry:
+        (count,) = _COUNT.unpack_from(raw)
+        return cls(np.frombuffer(raw, dtype="<f4", offset=_COUNT.size), count & ~_CUT, bool(count & _CUT))
+
+
+class Store(Protocol):
+    """Where entries live. Errors are the store's to absorb: a failing store answers misses."""
+
+    name: str
+
+    async def get_many(self, keys: Sequence[bytes]) -> list[bytes | None]: ...
+
+    def put_many(self, items: Sequence[tuple[bytes, bytes]]) -> None:
+        """Store entries; may return before they are written (a write that fails is only a later miss)."""
+
+    async def clear(self, prefix: bytes) -> int:
+        """Remove the entries whose key starts with `prefix` (b"": all); how many were removed."""
+
+    async def close(self) -> None: ...
+
+
+class MemoryStore:
+    """In-process LRU bounded by the bytes of its entries (keys included)."""
+
+    name = "memory"
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self.bytes = 0
+        self._entries: OrderedDict[bytes, bytes] = OrderedDict()
+
+    async def get_many(self, keys: Sequence[bytes]) -> list[bytes | None]:
+        out: list[bytes | None] = []
+        for key in keys:
+            raw = self._entries.get(key)
+            if raw is not None:
+                self._entries.move_to_end(key)
+            out.append(raw)
+        return out
+
+    def put_many(self, items: Sequence[tuple[bytes, bytes]]) -> None:
+        evicted = 0
+        for key, raw in items:
+            size = len(key) + len(raw)
+            if size > self.max_bytes:
+                continue
+            old = self._entries.pop(key, None)
+            if old is not None:
+                self.bytes -= len(key) + len(old)
+            self._entries[key] = raw
+            self.bytes += size
+            while self.bytes > self.max_bytes:
+                k, v = self._entries.popitem(last=False)
+                self.bytes -= len(k) + len(v)
+                evicted += 1
+        record_cache(self.name, evictions=evicted, size=self.bytes)
+
+    async def clear(self, prefix: bytes) -> int:
+        doomed = [k for k in self._entries if k.startswith(prefix)]
+        for k in doomed:
+            self.bytes -= len(k) + len(self._entries.pop(k))
+        record_cache(self.name, size=self.bytes)
+        return len(doomed)
+
+    async def close(self) -> None:
+        self._entries.clear()
+        self.bytes = 0
+
+
+def identity(backend: str, options: object, fingerprint: bytes, max_input_tokens: int) -> bytes:
+    """A model's cache identity: its backend, options, input limit and its files' digest (Backend.fingerprint)."""
+    parts = [backend.encode(), msgspec.json.encode(options), str(max_input_tokens).encode(), fingerprint]
+    return hashlib.sha256(b"\0".join(parts)).digest()[:16]
+
+
+# Digests by (path, size, mtime): a reload of an unchanged file does not read it again.
+_DIGESTS: dict[tuple[str, int, int], bytes] = {}
+# Files that change without the model changing (bytecode written when a package folder is imported).
+_SKIP_SUFFIXES = (".pyc", ".pyo")
+
+
+def weights_digest(path: str) -> bytes:
+    """sha256 over the files at `path` (one file, or every file under a folder with its relative name)."""
+    root = Path(path)
+    if root.is_file():
+        return _file_digest(root)
+    outer = hashlib.sha256()
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and d != "__pycache__")
+        for name in sorted(filenames):
+            if name.startswith(".") or name.endswith(_SKIP_SUFFIXES):
+                continue
+            file = Path(dirpath) / name
+            outer.update(str(file.relative_to(root)).encode() + b"\0" + _file_digest(file))
+    return outer.digest()
+
+
+def _file_digest(file: Path) -> bytes:
+    stat = file.stat()
+    key = (str(file.resolve()), stat.st_size, stat.st_mtime_ns)
+    found = _DIGESTS.get(key)
+    if found is None:
+        with file.open("rb") as f:
+            found = _DIGESTS[key] = hashlib.file_digest(f, "sha256").digest()
+    return found
+
+
+def input_key(model_identity: bytes, side: str | None, text: str) -> bytes:
+    """The key of one input: the model's identity, the truncation side, and a digest of the (prompted) text."""
+    digest = hashlib.sha256(text.encode("utf-8", "surrogatepass")).digest()
+    return _VERSION + model_identity + (side or "-").encode()[:1] + digest
+
+
+def model_prefix(model_identity: bytes) -> bytes:
+    """What every key of one model starts with (to clear it)."""
+    return _VERSION + model_identity
+
+
+@dataclass
+class Cache:
+    """The cache in front of the models: lookups, writes, and inputs being computed right now (so identical
+    inputs in flight at the same time, in one request or across requests, are computed once)."""
+
+    store: Store
+    inflight: dict[bytes, asyncio.Future[Entry]] = field(default_factory=dict)
+
+    async def lookup(self, model: str, keys: Sequence[bytes]) -> list[Entry | None]:
+        raws = await self.store.get_many(keys)
+        found = [Entry.unpack(r) if r is not None else None for r in raws]
+        hits = sum(e is not None for e in found)
+        record_cache(self.store.name, model=model, hits=hits, misses=len(keys) - hits)
+        return found
+
+    def put(self, keys: Sequence[bytes], entries: Sequence[Entry]) -> None:
+        self.store.put_many([(k, e.pack()) for k, e in zip(keys, entries, strict=True)])
+
+    async def clear(self, model_identity: bytes | None) -> int:
+        return await self.store.clear(model_prefix(model_identity) if model_identity is not None else _VERSION)
+
+    async def close(self) -> None:
+        await self.store.close()

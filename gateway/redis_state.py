@@ -1,0 +1,249 @@
+"""State shared by gateway processes through Redis: the embedding cache's entries and the per-key rate limits.
+
+Redis is an accelerator and a coordinator, never a dependency of an answer: every call runs under a short
+deadline, and a failure (or a slow reply) marks the link down for a while, during which calls are skipped
+at once. The cache then misses and the rate limits fall back to per-process buckets; the outage is logged
+once when it starts and once when it ends, and each skipped or failed call is counted in /metrics. The
+`redis` package (extra `redis`) is imported only when a config names Redis.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from .config import ConfigError, RedisConfig
+from .observability import record_store_error
+
+if TYPE_CHECKING:
+    from redis.asyncio import Redis
+
+log = logging.getLogger("gateway.redis")
+
+T = TypeVar("T")
+
+# A token bucket updated atomically in Redis, on Redis' own clock (so replicas with skewed clocks agree).
+# KEYS[1]: the bucket; ARGV: capacity, refill per second, amount, mode ("take", "peek" or "give"), ttl (s).
+# Returns the seconds until `amount` would fit (0: taken, or would be), as a string to keep the fraction.
+_BUCKET = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+local cap = tonumber(ARGV[1])
+local rate = tonumber(ARGV[2])
+local amount = tonumber(ARGV[3])
+local state = redis.call('HMGET', KEYS[1], 'level', 'stamp')
+local level = tonumber(state[1]) or cap
+local stamp = tonumber(state[2]) or now
+level = math.min(cap, level + math.max(0, now - stamp) * rate)
+local wait = 0
+if ARGV[4] == 'give' then
+  level = math.min(cap, level + amount)
+else
+  local need = math.min(amount, cap)
+  if level >= need then
+    if ARGV[4] == 'take' then level = level - amount end
+  else
+    wait = (need - level) / rate
+  end
+end
+redis.call('HSET', KEYS[1], 'level', tostring(level), 'stamp', tostring(now))
+redis.call('EXPIRE', KEYS[1], ARGV[5])
+return tostring(wait)
+"""
+
+
+class RedisDown(Exception):
+    """Redis is marked down (or just failed): the caller goes on without it."""
+
+
+class RedisLink:
+    """One client for one event loop, with the health rule above."""
+
+    def __init__(self, config: RedisConfig) -> None:
+        self.config = config
+        self.prefix = config.prefix.encode() + b":"
+        self._client: Redis | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._down_until = 0.0
+        self._down_since: float | None = None
+        self._backoff = config.retry_after_s
+
+    def client(self) -> Redis:
+        loop = asyncio.get_running_loop()
+        if self._client is None or self._loop is not loop:
+            try:
+                from redis.asyncio import Redis
+            except ImportError:  # pragma: no cover - the extra is in the lock; a hand-made venv may lack it
+                raise ConfigError(
+                    "`[redis]` needs the `redis` package: pip install 'embedding-gateway[redis]'"
+                ) from None
+            timeout = self.config.timeout_ms / 1000
+            self._client = Redis.from_url(
+                self.config.url, socket_timeout=timeout, socket_connect_timeout=timeout, health_check_interval=0
+            )
+            self._loop = loop
+        return self._client
+
+    @property
+    def up(self) -> bool:
+        return time.monotonic() >= self._down_until
+
+    async def call(self, use: str, fn: Callable[[Redis], Awaitable[T]]) -> T:
+        """`fn(client)` under the deadline; RedisDown (counted under `use`) when Redis is down or fails."""
+        if not self.up:
+            record_store_error(use)
+            raise RedisDown
+        try:
+            async with asyncio.timeout(self.config.timeout_ms / 1000):
+                result = await fn(self.client())
+        except (TimeoutError, OSError, ConnectionError) as exc:
+            self._failed(use, exc)
+            raise RedisDown from None
+        except Exception as exc:  # the redis package's own errors (ConnectionError, ResponseError, ...)
+            if type(exc).__module__.startswith("redis"):
+                self._failed(use, exc)
+                raise RedisDown from None
+            raise
+        if self._down_since is not None:
+            log.warning("redis at %s is back after %.1fs", self._where(), time.monotonic() - self._down_since)
+            self._down_since = None
+            self._backoff = self.config.retry_after_s
+        return result
+
+    def _failed(self, use: str, exc: BaseException) -> None:
+        record_store_error(use)
+        now = time.monotonic()
+        if self._down_since is None:
+            self._down_since = now
+            log.error(
+                "redis at %s failed (%s: %s); going on without it (cache misses, per-process rate limits), "
+                "next try in %.1fs",
+                self._where(),
+                type(exc).__name__,
+                exc or "timed out",
+                self._backoff,
+            )
+        else:
+            # Still down: try less often, up to ten times the base interval.
+            self._backoff = min(self._backoff * 2, self.config.retry_after_s * 10)
+        self._down_until = now + self._backoff
+
+    def _where(self) -> str:
+        # The URL without its password.
+        url = self.config.url
+        scheme, sep, rest = url.partition("://")
+        return f"{scheme}{sep}{rest.rsplit('@', 1)[-1]}" if sep else url
+
+    async def close(self) -> None:
+        if self._client is not None:
+            try:
+                await self._client.aclose()
+            except Exception:  # closing a client whose loop is gone: nothing left to release
+                log.debug("closing the redis client", exc_info=True)
+            self._client = None
+
+
+class RedisStore:
+    """Cache entries in Redis: one string per input, raw bytes, with a TTL. Writes go out in the background."""
+
+    name = "redis"
+
+    def __init__(self, link: RedisLink, ttl_s: int) -> None:
+        self.link = link
+        self.ttl_s = ttl_s
+        self._writes: set[asyncio.Task[Any]] = set()
+
+    def _key(self, key: bytes) -> bytes:
+        return self.link.prefix + b"cache:" + key.hex().encode()
+
+    async def get_many(self, keys: Sequence[bytes]) -> list[bytes | None]:
+        names = [self._key(k) for k in keys]
+        try:
+            return await self.link.call("cache", lambda r: r.mget(names))
+        except RedisDown:
+            return [None] * len(keys)
+
+    def put_many(self, items: Sequence[tuple[bytes, bytes]]) -> None:
+        if not items or not self.link.up:
+            return
+        # Bounded: while Redis is slow, writes beyond this many in flight are dropped (a later miss, no more).
+        if len(self._writes) >= 64:
+            record_store_error("cache")
+            return
+
+        async def write(r: Redis) -> None:
+            pipe = r.pipeline(transaction=False)
+            for key, raw in items:
+                pipe.set(self._key(key), raw, ex=self.ttl_s)
+            await pipe.execute()
+
+        async def run() -> None:
+            with contextlib.suppress(RedisDown):
+                await self.link.call("cache", write)
+
+        task = asyncio.get_running_loop().create_task(run())
+        self._writes.add(task)
+        task.add_done_callback(self._writes.discard)
+
+    async def clear(self, prefix: bytes) -> int:
+        pattern = self.link.prefix + b"cache:" + prefix.hex().encode() + b"*"
+
+        async def unlink(r: Redis) -> int:
+            removed = 0
+            batch: list[bytes] = []
+            async for name in r.scan_iter(match=pattern, count=1000):
+                batch.append(name)
+                if len(batch) >= 1000:
+                    removed += await r.unlink(*batch)
+                    batch = []
+            if batch:
+                removed += await r.unlink(*batch)
+            return removed
+
+        # A clear may take longer than a lookup: its own deadline, and its errors are the caller's (a 503).
+        client = self.link.client()
+        async with asyncio.timeout(30):
+            return await unlink(client)
+
+    async def close(self) -> None:
+        if self._writes:
+            await asyncio.wait(list(self._writes), timeout=1)
+        await self.link.close()
+
+
+class SharedBucket:
+    """A key's rate-limit bucket in Redis, shared by every gateway process; `local` (this process's own
+    bucket) answers while Redis is down."""
+
+    def __init__(self, link: RedisLink, name: bytes, per_minute: int, local: Any) -> None:
+        self.link = link
+        self.name = link.prefix + b"limit:" + name
+        self.capacity = float(per_minute)
+        self.rate = per_minute / 60.0
+        self.local = local
+
+    async def _run(self, amount: float, mode: str) -> float:
+        args = (self.capacity, self.rate, amount, mode, 120)
+        try:
+            raw = await self.link.call("rate_limits", lambda r: r.eval(_BUCKET, 1, self.name, *args))
+        except RedisDown:
+            if mode == "take":
+                return self.local.take(amount)
+            if mode == "peek":
+                return self.local.wait_for(amount)
+            self.local.give_back(amount)
+            return 0.0
+        return float(raw)
+
+    async def take(self, amount: float) -> float:
+        return await self._run(amount, "take")
+
+    async def wait_for(self, amount: float) -> float:
+        return await self._run(amount, "peek")
+
+    async def give_back(self, amount: float) -> None:
+        await self._run(amount, "give")

@@ -1,0 +1,367 @@
+"""OpenAI-compatible remote backend (`backend = "openai"`): the batches the core merges are sent to another
+server's `POST {base_url}/embeddings` (TEI, Infinity, vLLM, Ollama, OpenAI, or another instance of this
+gateway), up to `concurrent_batches` at once on a pooled HTTP/1.1 keep-alive client.
+
+Vectors travel as base64 (little-endian float32, a third of the bytes of float JSON) and are decoded
+bit-exact. Tokens are counted locally when a tokenizer is configured, exactly as the local backends count
+them; otherwise the model declares `counts_tokens = False` and requests are charged the upstream's `usage`.
+Upstream failures become the core's typed errors (gateway/backend.py): a client never sees the upstream's
+key or body, and the operator gets one log line naming the upstream and its status.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import logging
+import os
+import re
+import socket
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal
+
+import msgspec
+import numpy as np
+
+from gateway import hf
+from gateway.backend import (
+    Backend,
+    BackendError,
+    BackendOverloaded,
+    BackendTimeout,
+    BackendUnavailable,
+    Embedded,
+    InputRejected,
+    ModelInfo,
+)
+
+if TYPE_CHECKING:
+    import httpx
+    import tokenizers
+
+log = logging.getLogger("gateway.remote")
+
+PositiveInt = Annotated[int, msgspec.Meta(ge=1)]
+Seconds = Annotated[float, msgspec.Meta(gt=0)]
+# An upstream's error code is repeated to clients only when it looks like an identifier (never free text).
+_SAFE_CODE = re.compile(r"[A-Za-z0-9_.\-]{1,64}")
+
+
+class OpenAIOptions(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """`[models.X.options]` for `backend = "openai"`."""
+
+    #: The upstream's API root: embeddings are posted to `{base_url}/embeddings` (e.g. http://gpu:8080/v1).
+    base_url: str
+    #: The model name the upstream knows; default: this model's name in gateway.toml.
+    model: str | None = None
+    #: The environment variable that holds the upstream's API key (sent as a bearer token). The key itself
+    #: never goes in gateway.toml.
+    api_key_env: str | None = None
+    #: The vectors' dimension; default: asked of the upstream when the model loads (its /models card, else
+    #: one probe call).
+    dimension: PositiveInt | None = None
+    #: The upstream model's input limit in tokens; default: the tokenizer folder's, else the upstream's
+    #: /models card `max_input_tokens` (this gateway publishes it). With `dimension` set too, loading needs
+    #: no upstream at all.
+    max_input_tokens: PositiveInt | None = None
+    #: A local copy of the upstream model's tokenizer: a `tokenizer.json` file or a model folder holding one
+    #: (absolute, `pkg:`, or relative to the working directory). Tokens are then counted and limits checked
+    #: before sending, as for local models; without it, the upstream's `usage` is charged and its limit
+    #: errors become 400s.
+    tokenizer: str | None = None
+    #: Whether the tokenizer adds the model's special tokens ([CLS], [SEP]): the basis the upstream counts on.
+    add_special_tokens: bool = True
+    #: Whether the upstream returns unit-length vectors (OpenAI, TEI and this gateway do).
+    normalized: bool = True
+    #: "base64" (bit-exact float32, a third of the bytes) or "float" for an upstream without base64.
+    encoding_format: Literal["base64", "float"] = "base64"
+    connect_timeout_s: Seconds = 2.0
+    #: How long one batch may take upstream before it fails with a 504.
+    timeout_s: Seconds = 30.0
+    #: Inputs per upstream call, and calls in flight at once (pooled keep-alive connections).
+    batch_size: PositiveInt = 64
+    concurrent_batches: PositiveInt = 4
+
+    def __post_init__(self) -> None:
+        if not re.match(r"https?://[^/\s]+", self.base_url):
+            raise ValueError(f"base_url must be an http:// or https:// URL, got {self.base_url!r}")
+
+
+class _Item(msgspec.Struct):
+    embedding: str | list[float]
+    index: int
+
+
+class _Usage(msgspec.Struct):
+    prompt_tokens: int | None = None
+    total_tokens: int | None = None
+
+
+class _Reply(msgspec.Struct):
+    data: list[_Item]
+    usage: _Usage | None = None
+
+
+class _Card(msgspec.Struct):
+    id: str
+    dimension: int | None = None
+    max_input_tokens: int | None = None
+
+
+class _Models(msgspec.Struct):
+    data: list[_Card]
+
+
+class _Error(msgspec.Struct):
+    code: str | int | None = None
+
+
+class _ErrorBody(msgspec.Struct):
+    error: _Error | str | None = None
+
+
+_REPLY = msgspec.json.Decoder(_Reply)
+
+
+class OpenAIBackend(Backend):
+    """One model served by a remote OpenAI-compatible embeddings server."""
+
+    name = "openai"
+    Options = OpenAIOptions
+    uses_path: ClassVar[bool] = False
+
+    def __init__(self, *, model: str, path: str, options: Any = None, trust_remote_code: bool = False) -> None:
+        super().__init__(model=model, path=path, options=options or OpenAIOptions(base_url=""), trust_remote_code=False)
+        self._client: httpx.Client | None = None
+        self._tokenizer: tokenizers.Tokenizer | None = None
+        self._dimension = 0
+        self._httpx: Any = None
+
+    @property
+    def upstream_model(self) -> str:
+        return self.options.model or self.model
+
+    # -- loading ------------------------------------------------------------------------------------------
+    def load(self) -> ModelInfo:
+        opts: OpenAIOptions = self.options
+        try:
+            import httpx
+        except ImportError as exc:
+            raise BackendError("httpx is not installed: pip install 'embedding-gateway[remote]'") from exc
+        self._httpx = httpx
+        # httpx logs every call at INFO: one line per batch in the server's log, unless the operator chose.
+        httpx_log = logging.getLogger("httpx")
+        if httpx_log.level == logging.NOTSET:
+            httpx_log.setLevel(logging.WARNING)
+        headers = {"Content-Type": "application/json"}
+        if opts.api_key_env is not None:
+            key = os.environ.get(opts.api_key_env)
+            if not key:
+                raise BackendError(f"environment variable {opts.api_key_env} (options.api_key_env) is not set")
+            headers["Authorization"] = f"Bearer {key}"
+        limit = None
+        if opts.tokenizer is not None:
+            limit = self._load_tokenizer(opts.tokenizer)
+        limits = httpx.Limits(
+            max_connections=opts.concurrent_batches, max_keepalive_connections=opts.concurrent_batches
+        )
+        self._client = httpx.Client(
+            base_url=opts.base_url.rstrip("/") + "/",
+            headers=headers,
+            timeout=httpx.Timeout(opts.timeout_s, connect=opts.connect_timeout_s),
+            # httpcore writes a request's head and body separately: with Nagle's algorithm on, the body
+            # waits for the upstream's delayed ACK of the head (up to 40 ms per call; bench/README.md).
+            transport=httpx.HTTPTransport(limits=limits, socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)]),
+        )
+        try:
+            dimension = opts.dimension
+            limit = opts.max_input_tokens or limit
+            if dimension is None or limit is None:
+                card = self._card()
+                dimension = dimension or (card.dimension if card else None)
+                limit = limit or (card.max_input_tokens if card else None)
+            if limit is None:
+                raise BackendError(
+                    f"the upstream does not say model {self.upstream_model!r}'s input limit; set "
+                    "options.max_input_tokens (or options.tokenizer to a model folder)"
+                )
+            if dimension is None:
+                dimension = self._post(["dimension probe"]).vectors.shape[1]
+            self._dimension = dimension
+        except BackendError:
+            self.close()
+            raise
+        except (BackendUnavailable, BackendTimeout, BackendOverloaded, InputRejected) as exc:
+            self.close()
+            raise BackendError(f"cannot reach the upstream at {opts.base_url}: {exc}") from None
+        local = self._tokenizer is not None
+        return ModelInfo(
+            dimension=dimension,
+            max_input_tokens=limit,
+            normalized=opts.normalized,
+            max_batch_size=opts.batch_size,
+            concurrent_batches=opts.concurrent_batches,
+            # The upstream schedules its own compute: lengths cost nothing extra together here.
+            pads_to_longest=False,
+            call_overhead_tokens=0,
+            local_tokenizer=local,
+            counts_tokens=local,
+        )
+
+    def _load_tokenizer(self, raw: str) -> int | None:
+        """Load the local tokenizer; the input limit its folder declares, if any."""
+        from tokenizers import Tokenizer
+
+        from gateway.config import ConfigError, resolve_model_path
+
+        try:
+            where = resolve_model_path(raw, Path.cwd())
+        except ConfigError as exc:
+            raise BackendError(f"options.tokenizer: {exc}") from None
+        file = where / "tokenizer.json" if where.is_dir() else where
+        if not file.is_file():
+            raise BackendError(f"options.tokenizer: no tokenizer file at {file}")
+        try:
+            tok = Tokenizer.from_file(str(file))
+        except Exception as exc:
+            raise BackendError(f"options.tokenizer: cannot load {file}: {exc}") from None
+        # As the local backends count: no padding (all-MiniLM's file pads to 128), nothing truncated.
+        tok.no_padding()
+        tok.no_truncation()
+        self._tokenizer = tok
+        return hf.max_input_tokens(hf.read_layout(where)) if where.is_dir() else None
+
+    def _card(self) -> _Card | None:
+        """The upstream's /models entry for our model, when it has that route and lists it."""
+        assert self._client is not None
+        try:
+            response = self._client.get("models")
+        except self._httpx.HTTPError as exc:
+            raise self._transport_error(exc) from None
+        if response.status_code != 200:
+            if response.status_code in (401, 403):
+                raise self._status_error(response)
+            return None  # no /models route (some servers): the probe call tells the dimension
+        try:
+            cards = msgspec.json.decode(response.content, type=_Models).data
+        except msgspec.DecodeError:
+            return None
+        return next((c for c in cards if c.id == self.upstream_model), None)
+
+    # -- serving ------------------------------------------------------------------------------------------
+    def tokenize(self, texts: Sequence[str]) -> list[list[int]]:
+        tok = self._tokenizer
+        if tok is None:
+            raise BackendError(f"model {self.model!r} counts tokens upstream (no options.tokenizer)")
+        special = self.options.add_special_tokens
+        if len(texts) == 1:
+            return [tok.encode(texts[0], add_special_tokens=special).ids]
+        return [e.ids for e in tok.encode_batch(list(texts), add_special_tokens=special)]
+
+    def embed(self, texts: Sequence[str], token_ids: Sequence[Sequence[int]]) -> np.ndarray | Embedded:
+        out = self._post(list(texts))
+        return out.vectors if self._tokenizer is not None else out
+
+    def _post(self, texts: list[str]) -> Embedded:
+        """One upstream call: the vectors, in input order, and the tokens the upstream counted."""
+        assert self._client is not None, "not loaded"
+        body = msgspec.json.encode(
+            {"model": self.upstream_model, "input": texts, "encoding_format": self.options.encoding_format}
+        )
+        try:
+            response = self._client.post("embeddings", content=body)
+        except self._httpx.HTTPError as exc:
+            raise self._transport_error(exc) from None
+        if response.status_code != 200:
+            raise self._status_error(response)
+        try:
+            reply = _REPLY.decode(response.content)
+            vectors = self._vectors(reply, len(texts))
+        except (msgspec.DecodeError, ValueError, binascii.Error) as exc:
+            log.error("model %r: upstream %s answered an invalid body: %s", self.model, self.options.base_url, exc)
+            raise BackendUnavailable(f"the upstream of model {self.model!r} answered an invalid response") from None
+        usage = reply.usage
+        counted = (usage.prompt_tokens or usage.total_tokens) if usage is not None else None
+        if counted is None:
+            counted = sum(len(t) // 4 + 1 for t in texts)  # an upstream that reports no usage: our estimate
+        return Embedded(vectors, counted)
+
+    def _vectors(self, reply: _Reply, n: int) -> np.ndarray:
+        if len(reply.data) != n or sorted(item.index for item in reply.data) != list(range(n)):
+            raise ValueError(f"{len(reply.data)} vectors (indices not 0..{n - 1}) for {n} inputs")
+        rows: list[np.ndarray] = [np.empty(0, np.float32)] * n
+        for item in reply.data:
+            if isinstance(item.embedding, str):
+                rows[item.index] = np.frombuffer(base64.b64decode(item.embedding, validate=True), dtype="<f4")
+            else:
+                rows[item.index] = np.asarray(item.embedding, dtype=np.float32)
+        widths = {len(r) for r in rows}
+        if len(widths) != 1 or (self._dimension and widths != {self._dimension}):
+            raise ValueError(f"vectors of widths {sorted(widths)}, expected {self._dimension or 'one width'}")
+        return np.stack(rows).astype(np.float32, copy=False)
+
+    # -- errors -------------------------------------------------------------------------------------------
+    def _transport_error(self, exc: Exception) -> Exception:
+        httpx = self._httpx
+        where = self.options.base_url
+        log.error("model %r: upstream %s: %s: %s", self.model, where, type(exc).__name__, exc)
+        if isinstance(exc, httpx.TimeoutException) and not isinstance(exc, httpx.ConnectTimeout):
+            return BackendTimeout(
+                f"the upstream of model {self.model!r} did not answer within {self.options.timeout_s:g}s"
+            )
+        return BackendUnavailable(f"the upstream of model {self.model!r} is unreachable ({type(exc).__name__})")
+
+    def _status_error(self, response: httpx.Response) -> Exception:
+        status = response.status_code
+        code = _error_code(response.content)
+        where = self.options.base_url
+        # The operator's line: the upstream and its status, never its body (it may echo inputs) or our key.
+        log.error(
+            "model %r: upstream %s answered HTTP %d%s (%d bytes of body, not logged)",
+            self.model,
+            where,
+            status,
+            f" code {code}" if code else "",
+            len(response.content),
+        )
+        said = f"HTTP {status}" + (f", code {code!r}" if code else "")
+        name = self.model
+        if status in (400, 413, 422):
+            return InputRejected(f"the upstream of model {name!r} rejected the input ({said})")
+        if status == 429:
+            return BackendOverloaded(
+                f"the upstream of model {name!r} is overloaded ({said}); retry later",
+                retry_after=_retry_after(response.headers.get("retry-after")),
+            )
+        if status in (401, 403):
+            return BackendUnavailable(
+                f"the upstream of model {name!r} refused the gateway's credentials ({said}); the operator has been told"
+            )
+        if status in (408, 504):
+            return BackendTimeout(f"the upstream of model {name!r} timed out ({said})")
+        return BackendUnavailable(f"the upstream of model {name!r} failed ({said})")
+
+    def close(self) -> None:
+        if self._client is not None:
+            self._client.close()
+            self._client = None
+
+
+def _error_code(body: bytes) -> str | None:
+    """The `error.code` of an OpenAI-shaped error body, when it is a short identifier."""
+    try:
+        error = msgspec.json.decode(body, type=_ErrorBody).error
+    except msgspec.DecodeError:
+        return None
+    code = error.code if isinstance(error, _Error) else None
+    code = str(code) if code is not None else None
+    return code if code is not None and _SAFE_CODE.fullmatch(code) else None
+
+
+def _retry_after(raw: str | None) -> float:
+    """Seconds from a Retry-After header (a number; an HTTP date or nothing: 1)."""
+    try:
+        return max(1.0, float(raw)) if raw is not None else 1.0
+    except ValueError:
+        return 1.0

@@ -1,0 +1,104 @@
+"""A real upstream for the remote backend's tests: this gateway, started as its own process on a free port."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parent.parent
+UPSTREAM_KEY = "upstream-key-123"
+#: A key the upstream limits to one request a minute: its second request gets the upstream's 429.
+LIMITED_KEY = "limited-key-1234"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class Upstream:
+    """`python -m gateway serve` on `port` with wordllama and the int8 MiniLM; start, kill, start again."""
+
+    def __init__(self, tmp: Path, port: int | None = None) -> None:
+        self.port = port or free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.config = tmp / f"upstream-{self.port}.toml"
+        self.log = tmp / f"upstream-{self.port}.log"
+        self.config.write_text(
+            textwrap.dedent(
+                f"""
+                [server]
+                port = {self.port}
+                access_log = false
+                [auth]
+                api_keys = ["{UPSTREAM_KEY}"]
+                [[auth.keys]]
+                key = "{LIMITED_KEY}"
+                requests_per_minute = 1
+                [models.wordllama]
+                backend = "wordllama"
+                path = "pkg:wordllama"
+                [models.minilm-int8]
+                backend = "onnx"
+                path = "{ROOT / "models" / "minilm-onnx-int8"}"
+                """
+            )
+        )
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, timeout: float = 60) -> Upstream:
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+        with self.log.open("ab") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "gateway", "serve", "--config", str(self.config)],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=env,
+                cwd=ROOT,
+            )
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                if httpx.get(f"{self.url}/ready", timeout=1).status_code == 200:
+                    return self
+            except httpx.TransportError:
+                pass
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"upstream did not start: {self.log.read_text()[-2000:]}")
+            time.sleep(0.1)
+
+    def kill(self) -> None:
+        """SIGKILL, as a crashed host would go: no graceful shutdown, connections reset."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(10)
+        self.proc = None
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.kill()
+        self.proc = None
+
+    def embed(self, model: str, texts: list[str]) -> dict:
+        """The upstream's own answer, asked directly (base64)."""
+        r = httpx.post(
+            f"{self.url}/v1/embeddings",
+            json={"model": model, "input": texts, "encoding_format": "base64"},
+            headers={"Authorization": f"Bearer {UPSTREAM_KEY}"},
+            timeout=30,
+        )
+        r.raise_for_status()
+        return r.json()
