@@ -8,7 +8,7 @@ import re
 import secrets
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import msgspec
@@ -18,7 +18,7 @@ from gateway import Backend, BackendError, ModelInfo
 from gateway.backend import Embedded
 
 from .replica import Replica
-from .session import SESSION, import_ray
+from .session import SERVE_LOCK, SESSION, import_ray
 
 if TYPE_CHECKING:
     from . import RayOptions
@@ -104,34 +104,11 @@ class RayBackend(Backend):
             }
         else:
             scaling = {"num_replicas": opts.replicas or 1}
-        deployment = serve.deployment(
-            Replica,
-            name="replica",
-            # One batch at a time per replica: Serve's router then spreads batches over idle replicas.
-            max_ongoing_requests=1,
-            ray_actor_options={"num_cpus": opts.num_cpus, "num_gpus": opts.num_gpus},
-            **scaling,
-        )
-        cls = self._cls
         # Unique: a reload starts the new version beside the old one, and several gateways may share a cluster.
         self._app = f"gateway-{re.sub(r'[^A-Za-z0-9_-]', '_', self.model)}-{secrets.token_hex(3)}"
         started = time.perf_counter()
-        app = deployment.bind(
-            cls.name,
-            f"{cls.__module__}:{cls.__qualname__}",
-            self.model,
-            self.path,
-            msgspec.to_builtins(self.options),
-            self.trust_remote_code,
-        )
         try:
-            # Not serve.run: it waits for the replicas forever (a cluster that cannot place them), from a call
-            # that cannot be stopped; the wait is ours, bounded, and ends when the model is closed.
-            (handle,) = serve.run_many(
-                [serve.RunTarget(app, name=self._app, route_prefix=None)],
-                wait_for_ingress_deployment_creation=False,
-                wait_for_applications_running=False,
-            )
+            handle = _retry_pickle_race(lambda: self._start(serve, scaling))
         except Exception as exc:
             raise BackendError(f"Ray Serve could not start the replicas: {_first_line(exc)}") from exc
         self._wait_running(serve, opts.start_timeout_s)
@@ -160,12 +137,42 @@ class RayBackend(Backend):
             local_tokenizer=info.local_tokenizer and self._local_tokenizer,
         )
 
+    def _start(self, serve: Any, scaling: dict[str, Any]) -> Any:
+        """Deploy the replicas (not waiting for them); the application's handle."""
+        opts, cls = self._ray, self._cls
+        with SERVE_LOCK:
+            deployment = serve.deployment(
+                Replica,
+                name="replica",
+                # One batch at a time per replica: Serve's router then spreads batches over idle replicas.
+                max_ongoing_requests=1,
+                ray_actor_options={"num_cpus": opts.num_cpus, "num_gpus": opts.num_gpus},
+                **scaling,
+            )
+            app = deployment.bind(
+                cls.name,
+                f"{cls.__module__}:{cls.__qualname__}",
+                self.model,
+                self.path,
+                msgspec.to_builtins(self.options),
+                self.trust_remote_code,
+            )
+            # Not serve.run: it waits for the replicas forever (a cluster that cannot place them), from a
+            # call that cannot be stopped; the wait is ours, bounded, and ends when the model is closed.
+            (handle,) = serve.run_many(
+                [serve.RunTarget(app, name=self._app, route_prefix=None)],
+                wait_for_ingress_deployment_creation=False,
+                wait_for_applications_running=False,
+            )
+        return handle
+
     def _wait_running(self, serve: Any, timeout: float) -> None:
         """Until every replica runs (BackendError with Ray Serve's reason if the deployment fails or `timeout`
         passes first, or if the model is closed meanwhile)."""
         deadline = time.monotonic() + timeout
         while True:
-            app = serve.status().applications.get(self._app or "")
+            with SERVE_LOCK:
+                app = serve.status().applications.get(self._app or "")
             status = app.status if app is not None else None
             if status == "RUNNING":
                 return
@@ -179,7 +186,8 @@ class RayBackend(Backend):
     def _deploy_message(self, serve: Any) -> str:
         """What Ray Serve says about this model's deployment (say, the resources it waits for)."""
         try:
-            app = serve.status().applications.get(self._app or "")
+            with SERVE_LOCK:
+                app = serve.status().applications.get(self._app or "")
             message = app.deployments["replica"].message if app is not None else ""
         except Exception as exc:
             message = f"status unavailable ({exc})"
@@ -211,7 +219,8 @@ class RayBackend(Backend):
                 from ray import serve
 
                 # Not waited for: Ray Serve stops the replicas in the background (or with the Ray they run in).
-                serve.delete(self._app, _blocking=False)
+                with SERVE_LOCK:
+                    serve.delete(self._app, _blocking=False)
             except Exception:
                 log.exception("model %r: deleting Ray Serve application %r", self.model, self._app)
             self._app = self._handle = None
@@ -264,13 +273,27 @@ class RayBackend(Backend):
             if not ray.is_initialized():
                 return  # serve.status() would start a new Ray
             try:
-                app = serve.status().applications.get(self._app or "")
+                with SERVE_LOCK:
+                    app = serve.status().applications.get(self._app or "")
                 states = app.deployments["replica"].replica_states if app is not None else {}
             except Exception as exc:  # the controller restarting; the last figures stand
                 log.debug("model %r: Ray Serve status unavailable: %s", self.model, exc)
                 continue
             live = sum(n for state, n in states.items() if state != "STOPPING")
             self._status = (states.get("RUNNING", 0), wanted if wanted is not None else live)
+
+
+def _retry_pickle_race(start: Callable[[], Any], attempts: int = 3) -> Any:
+    """`start()`, again when Ray Serve's own threads raced it: its router threads build deployment configs too,
+    each registering and unregistering a module for pickling by value, process-wide (not under SERVE_LOCK)."""
+    for attempt in range(attempts):
+        try:
+            return start()
+        except ValueError as exc:
+            if "pickle by value" not in str(exc) or attempt == attempts - 1:
+                raise
+            log.warning("Ray Serve raced itself building a deployment (%s); once more", exc)
+    raise AssertionError("unreachable")
 
 
 def _first_line(exc: BaseException) -> str:

@@ -18,6 +18,11 @@ from gateway import BackendError
 
 log = logging.getLogger("gateway.ray")
 
+# Ray Serve's client calls are not safe side by side: building a deployment's config registers and unregisters
+# a module for pickling by value, process-wide, and a status call beside it failed with "not registered". Every
+# serve.* call of this plugin (not the handles' calls) holds this lock.
+SERVE_LOCK = threading.Lock()
+
 EXTRA_HINT = "install the `ray` extra: pip install 'embedding-gateway[ray]'"
 
 
@@ -71,7 +76,8 @@ class RaySession:
                 self._connect(ray, address, connect_timeout_s)
                 try:
                     # Batches reach replicas through handles: no Serve HTTP proxy is started.
-                    serve.start(proxy_location="Disabled", logging_config={"log_level": "WARNING"})
+                    with SERVE_LOCK:
+                        serve.start(proxy_location="Disabled", logging_config={"log_level": "WARNING"})
                 except Exception as exc:
                     self._disconnect()
                     raise BackendError(f"cannot start Ray Serve at {address!r}: {exc}") from exc
