@@ -147,9 +147,10 @@ class CacheConfig(_Strict):
 
 class RedisConfig(_Strict):
     url: str
-    # Every call to Redis gives up after this long (the request then goes on without it).
-    timeout_ms: Annotated[float, msgspec.Meta(gt=0)] = 50.0
-    # After a failure, calls are skipped for this long (doubling while it keeps failing, up to 10x).
+    # Every call to Redis gives up after this long, plus the event loop's own lag (the request then goes on
+    # without it; three slow replies in a row, or one refused connection, and Redis counts as down).
+    timeout_ms: Annotated[float, msgspec.Meta(gt=0)] = 100.0
+    # While down, calls are skipped for this long (doubling while it keeps failing, up to 4x).
     retry_after_s: Seconds = 1.0
     # What every key this gateway writes starts with (several gateways may share one Redis).
     prefix: str = "gateway"

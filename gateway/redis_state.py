@@ -1,8 +1,9 @@
 """State shared by gateway processes through Redis: the embedding cache's entries and the per-key rate limits.
 
 Redis is an accelerator and a coordinator, never a dependency of an answer: every call runs under a short
-deadline, and a failure (or a slow reply) marks the link down for a while, during which calls are skipped
-at once. The cache then misses and the rate limits fall back to per-process buckets; the outage is logged
+deadline (Redis' own budget plus the event loop's measured lag, which is not Redis' fault), and a failed
+connection, or several slow replies in a row, mark the link down for a while, during which calls are
+skipped at once. The cache then misses and the rate limits fall back to per-process buckets; the outage is logged
 once when it starts and once when it ends, and each skipped or failed call is counted in /metrics. The
 `redis` package (extra `redis`) is imported only when a config names Redis.
 """
@@ -60,11 +61,18 @@ class RedisDown(Exception):
     """Redis is marked down (or just failed): the caller goes on without it."""
 
 
+# Replies past the deadline in a row before Redis counts as down (one refused connection is enough).
+_SLOW_STRIKES = 3
+
+
 class RedisLink:
     """One client for one event loop, with the health rule above."""
 
-    def __init__(self, config: RedisConfig) -> None:
+    def __init__(self, config: RedisConfig, lag: Callable[[], float] = lambda: 0.0) -> None:
+        """`lag`: the event loop's current lag in seconds (added to each call's deadline)."""
         self.config = config
+        self.lag = lag
+        self._strikes = 0
         self.prefix = config.prefix.encode() + b":"
         self._client: Redis | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -81,7 +89,8 @@ class RedisLink:
                 raise ConfigError(
                     "`[redis]` needs the `redis` package: pip install 'embedding-gateway[redis]'"
                 ) from None
-            timeout = self.config.timeout_ms / 1000
+            # The socket's own limits are a backstop; the deadline in `call` is the one that counts.
+            timeout = max(1.0, 4 * self.config.timeout_ms / 1000)
             self._client = Redis.from_url(
                 self.config.url, socket_timeout=timeout, socket_connect_timeout=timeout, health_check_interval=0
             )
@@ -98,9 +107,16 @@ class RedisLink:
             record_store_error(use)
             raise RedisDown
         try:
-            async with asyncio.timeout(self.config.timeout_ms / 1000):
+            async with asyncio.timeout(self.config.timeout_ms / 1000 + 2 * self.lag()):
                 result = await fn(self.client())
-        except (TimeoutError, OSError, ConnectionError) as exc:
+        except TimeoutError as exc:
+            self._strikes += 1
+            if self._strikes < _SLOW_STRIKES:
+                record_store_error(use)  # this call went without Redis; the next ones still try
+                raise RedisDown from None
+            self._failed(use, exc)
+            raise RedisDown from None
+        except (OSError, ConnectionError) as exc:
             self._failed(use, exc)
             raise RedisDown from None
         except Exception as exc:  # the redis package's own errors (ConnectionError, ResponseError, ...)
@@ -108,6 +124,7 @@ class RedisLink:
                 self._failed(use, exc)
                 raise RedisDown from None
             raise
+        self._strikes = 0
         if self._down_since is not None:
             log.warning("redis at %s is back after %.1fs", self._where(), time.monotonic() - self._down_since)
             self._down_since = None
@@ -128,8 +145,9 @@ class RedisLink:
                 self._backoff,
             )
         else:
-            # Still down: try less often, up to ten times the base interval.
-            self._backoff = min(self._backoff * 2, self.config.retry_after_s * 10)
+            # Still down: try less often, up to four times the base interval.
+            self._backoff = min(self._backoff * 2, self.config.retry_after_s * 4)
+        self._strikes = 0
         self._down_until = now + self._backoff
 
     def _where(self) -> str:
