@@ -50,6 +50,7 @@ def create_app(
         fallback_keys=fallback_keys,
         config_path=str(config_path) if config_path is not None else None,
         on_batch=record_batch,
+        placements=plugins.placements(),
     )
     app = Litestar(
         route_handlers=[embeddings_route.serve_embeddings, *ROUTES],

@@ -170,6 +170,16 @@ class Backend(ABC):
     def close(self) -> None:  # noqa: B027 - optional hook, a no-op by default
         """Release the model's resources."""
 
+    def load_tokenizer(self) -> bool:
+        """Optional: make `tokenize` work without loading the model (no weights), for a front process that
+        sends batches to replicas elsewhere. True when done; False (the default) when this backend cannot, and
+        the front then asks a replica to tokenize."""
+        return False
+
+    def replicas(self) -> tuple[int, int] | None:
+        """For a backend whose batches run on replicas: (ready, total), shown in /ready and /metrics."""
+        return None
+
 
 def check_info(backend: Backend, info: object) -> ModelInfo:
     """`info` as `load` returned it, checked; BackendError naming the backend when it is not a valid ModelInfo."""

@@ -30,7 +30,8 @@ def _fail(message: str) -> int:
 
 def _load(args: argparse.Namespace) -> tuple[GatewayConfig, Registry]:
     config = load_config(args.config)
-    specs = build_specs(config, args.plugins.backends(), args.config, args.plugins.broken)
+    plugins = args.plugins
+    specs = build_specs(config, plugins.backends(), args.config, plugins.broken, plugins.placements())
     return config, Registry(specs)
 
 
@@ -42,6 +43,7 @@ def _gateway(args: argparse.Namespace) -> Gateway:
         load_config(args.config),
         plugins.backends(),
         broken=plugins.broken,
+        placements=plugins.placements(),
         keys=KeyStore(),
         config_path=args.config,
     )

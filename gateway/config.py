@@ -131,6 +131,9 @@ class ModelConfig(_Strict):
     circuit: CircuitConfig = msgspec.field(default_factory=CircuitConfig)
     # Validated by the backend's own Options Struct once plugins are known.
     options: dict[str, Any] = {}
+    # Present: the model runs on Ray Serve replicas (plugins/gateway_ray), validated by that placement's
+    # Options Struct; absent: in this process.
+    ray: dict[str, Any] | None = None
 
 
 class CacheConfig(_Strict):

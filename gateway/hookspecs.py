@@ -9,6 +9,7 @@ import pluggy
 
 if TYPE_CHECKING:
     from .backend import Backend, Converter
+    from .placement import Placement
 
 PROJECT = "embedding_gateway"
 hookspec = pluggy.HookspecMarker(PROJECT)
@@ -23,3 +24,9 @@ def register_backends(register: Callable[[type[Backend]], None]) -> None:
 @hookspec
 def register_converters(register: Callable[[Converter], None]) -> None:
     """Register Converter instances for `gateway convert --to NAME`."""
+
+
+@hookspec
+def register_placements(register: Callable[[type[Placement]], None]) -> None:
+    """Register Placement classes (where a model's batches run); each is keyed by its `name`, the table in
+    `[models.X]` that asks for it."""

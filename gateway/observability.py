@@ -177,6 +177,8 @@ class ModelStatus:
     #: Seconds until the work queued now is done; tokens per second the model drains (None: not measured).
     predicted_wait_s: float = 0.0
     drain_rate: float | None = None
+    #: (ready, total) replicas of a model whose batches run elsewhere (None: in this process).
+    replicas: tuple[int, int] | None = None
 
 
 class ModelGauges(Collector):
@@ -201,6 +203,12 @@ class ModelGauges(Collector):
         rate = GaugeMetricFamily(
             "gateway_drain_rate_tokens_per_second", "Tokens per second a model drains while busy", labels=["model"]
         )
+        replicas_ready = GaugeMetricFamily(
+            "gateway_replicas_ready", "Replicas ready, for a model whose batches run on replicas", labels=["model"]
+        )
+        replicas = GaugeMetricFamily(
+            "gateway_replicas", "Replicas wanted, for a model whose batches run on replicas", labels=["model"]
+        )
         for source in list(self._sources):
             for status in source():
                 depth.add_metric([status.name], status.queued)
@@ -208,7 +216,10 @@ class ModelGauges(Collector):
                 wait.add_metric([status.name], status.predicted_wait_s)
                 if status.drain_rate is not None:
                     rate.add_metric([status.name], status.drain_rate)
-        yield from (depth, ready, wait, rate)
+                if status.replicas is not None:
+                    replicas_ready.add_metric([status.name], status.replicas[0])
+                    replicas.add_metric([status.name], status.replicas[1])
+        yield from (depth, ready, wait, rate, replicas_ready, replicas)
 
 
 MODEL_GAUGES = ModelGauges()

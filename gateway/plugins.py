@@ -14,6 +14,7 @@ from . import hookspecs
 
 if TYPE_CHECKING:
     from .backend import Backend, Converter
+    from .placement import Placement
 
 
 log = logging.getLogger("gateway.plugins")
@@ -56,6 +57,18 @@ class Plugins:
             impl.function(register=register)
         return found
 
+    def placements(self) -> dict[str, type[Placement]]:
+        """Placement classes by name (the in-process default among them); a name claimed twice is an error."""
+        found: dict[str, type[Placement]] = {}
+
+        def register(cls: type[Placement]) -> None:
+            if cls.name in found:
+                raise PluginError(f"placement {cls.name!r} is registered twice")
+            found[cls.name] = cls
+
+        self.manager.hook.register_placements(register=register)
+        return found
+
     def converters(self) -> dict[str, Converter]:
         """Converters by target name (`gateway convert --to NAME`)."""
         found: dict[str, Converter] = {}
@@ -74,6 +87,10 @@ def load_plugins(*, entry_points: bool = True) -> Plugins:
     pm = pluggy.PluginManager(hookspecs.PROJECT)
     pm.add_hookspecs(hookspecs)
     plugins = Plugins(pm)
+    # The default placement is a plugin of the core, registered through the same hook as any other.
+    from . import placement
+
+    pm.register(placement, name="gateway.placement")
     if entry_points:
         _load_entry_points(plugins)
     pm.check_pending()

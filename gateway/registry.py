@@ -24,6 +24,7 @@ from .circuit import CircuitBreaker
 from .config import ConfigError, GatewayConfig, ModelConfig, convert_at
 from .errors import GatewayError
 from .inputs import Frame
+from .placement import DEFAULT, InProcess, Placement
 
 # An absolute path inside a message: from a slash at the start or after a space or quote, to the next space,
 # quote or end.
@@ -59,6 +60,9 @@ class ModelSpec:
     options: Any
     # Whether its inputs go through the cache (a store is configured and the model does not opt out).
     cached: bool = False
+    #: Where its batches run (gateway/placement.py), and that placement's validated options.
+    placement_cls: type[Placement] = InProcess
+    placement_options: Any = None
 
 
 def build_specs(
@@ -66,13 +70,17 @@ def build_specs(
     backends: Mapping[str, type[Backend]],
     where: str = "<config>",
     broken: Mapping[str, str] | None = None,
+    placements: Mapping[str, type[Placement]] | None = None,
 ) -> dict[str, ModelSpec]:
-    """Check each model's backend exists and its options fit the backend's Options Struct.
+    """Check each model's backend exists and its options fit the backend's Options Struct (and its placement's
+    table, if it names one, that placement's Options Struct).
 
     `broken`: plugins that failed to import, by name, and why (named when a model asks for one of them).
+    `placements`: by name (default: in-process only).
     """
     specs: dict[str, ModelSpec] = {}
     broken = broken or {}
+    placements = placements or {DEFAULT: InProcess}
     for name, model in config.models.items():
         cls = backends.get(model.backend)
         if cls is None:
@@ -90,7 +98,20 @@ def build_specs(
             raise ConfigError(f"{where}: `$.models.{name}.path`: backend {model.backend!r} {need}")
         options = convert_at(model.options, cls.Options, f"$.models.{name}.options", where)
         cached = config.cache.store != "off" and model.cache
-        specs[name] = ModelSpec(name=name, config=model, backend_cls=cls, options=options, cached=cached)
+        placement, table = (DEFAULT, None) if model.ray is None else ("ray", model.ray)
+        placement_cls = placements.get(placement)
+        if placement_cls is None:
+            raise ConfigError(f"{where}: `$.models.{name}.{placement}`: no placement plugin {placement!r} is installed")
+        placement_options = convert_at(table or {}, placement_cls.Options, f"$.models.{name}.{placement}", where)
+        specs[name] = ModelSpec(
+            name=name,
+            config=model,
+            backend_cls=cls,
+            options=options,
+            cached=cached,
+            placement_cls=placement_cls,
+            placement_options=placement_options,
+        )
     return specs
 
 
@@ -151,6 +172,11 @@ class ServedModel:
         configured = self.spec.config.max_input_tokens
         return min(info.max_input_tokens, configured) if configured else info.max_input_tokens
 
+    @property
+    def replicas(self) -> tuple[int, int] | None:
+        """(ready, total) replicas of a model whose batches run elsewhere; None for one in this process."""
+        return self.backend.replicas() if self.backend is not None else None
+
     def load(self) -> None:
         """Construct and load the backend (blocking); failures leave the model `failed` with a reason."""
         spec = self.spec
@@ -158,7 +184,8 @@ class ServedModel:
         try:
             if spec.config.path is not None and not Path(spec.config.path).exists():
                 raise BackendError(f"model path {spec.config.path} does not exist")
-            backend = spec.backend_cls(
+            backend = spec.placement_cls(spec.placement_options).place(
+                spec.backend_cls,
                 model=spec.name,
                 path=spec.config.path or "",
                 options=spec.options,

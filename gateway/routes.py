@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+import msgspec
 from litestar import Request, get, post
 from litestar.connection import ASGIConnection
 from litestar.handlers.base import BaseRouteHandler
@@ -85,7 +86,11 @@ async def ready(request: Request[Any, Any, Any]) -> Response[Health]:
     except GatewayError:
         key = None  # orchestrators probe without a key: they get the status, not the model names
     states = {name: m.state.value for name, m in models.items() if key is not None and key.may_use(name)}
-    return Response(Health(status="ready" if ok else "not ready", models=states), status_code=200 if ok else 503)
+    replicas = {name: f"{r[0]}/{r[1]}" for name in states if (r := models[name].replicas) is not None}
+    return Response(
+        Health(status="ready" if ok else "not ready", models=states, replicas=replicas or msgspec.UNSET),
+        status_code=200 if ok else 503,
+    )
 
 
 @post("/admin/reload", status_code=200, guards=[require_admin], responses=error_responses(400, 401, 403))

@@ -121,3 +121,5 @@ class CacheCleared(msgspec.Struct, kw_only=True):
 class Health(msgspec.Struct, kw_only=True):
     status: str
     models: dict[str, str] = {}
+    # "ready/total" per model whose batches run on replicas (Ray), for a key that may use it; absent when none.
+    replicas: dict[str, str] | msgspec.UnsetType = msgspec.UNSET

@@ -13,6 +13,7 @@ from .backend import Backend
 from .cache import Cache, MemoryStore
 from .config import ConfigError, GatewayConfig, load_config
 from .observability import ModelStatus
+from .placement import Placement
 from .redis_state import RedisLink, RedisStore
 from .registry import BatchObserver, ModelSpec, ModelState, Registry, build_specs
 from .schemas import ReloadResult
@@ -61,11 +62,14 @@ class Gateway:
         fallback_keys: KeyStore | None = None,
         config_path: str | None = None,
         on_batch: BatchObserver | None = None,
+        placements: Mapping[str, type[Placement]] | None = None,
     ) -> None:
         """`broken`: plugins that failed to import; `keys`: fixed keys (the config's are ignored);
-        `fallback_keys`: used while the config names no key; `on_batch`: told of every backend batch."""
+        `fallback_keys`: used while the config names no key; `on_batch`: told of every backend batch;
+        `placements`: where batches may run, by name (default: in-process only)."""
         self.config = config
         self.backends = backends
+        self.placements = placements
         self.broken = broken or {}
         self.config_path = config_path
         self.on_batch = on_batch
@@ -102,7 +106,7 @@ class Gateway:
             await self.redis.close()
 
     def _specs(self, config: GatewayConfig) -> dict[str, ModelSpec]:
-        return build_specs(config, self.backends, self.config_path or "<config>", self.broken)
+        return build_specs(config, self.backends, self.config_path or "<config>", self.broken, self.placements)
 
     def _keys_for(self, config: GatewayConfig) -> KeyStore:
         if self._fixed_keys is not None:
@@ -119,7 +123,7 @@ class Gateway:
             if b is None:
                 yield ModelStatus(name, 0, ready)
             else:
-                yield ModelStatus(name, b.queued, ready, b.predicted_wait(), b.drain_rate)
+                yield ModelStatus(name, b.queued, ready, b.predicted_wait(), b.drain_rate, model.replicas)
 
     async def reload(self) -> ReloadResult:
         """Re-read the config file: load new/changed models beside the old ones, swap, retire the old."""

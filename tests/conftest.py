@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import textwrap
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -17,6 +18,7 @@ from litestar.testing import TestClient
 
 from gateway import Backend, BackendError, ModelInfo, hookimpl
 from gateway.auth import KeyStore
+from gateway.backend import InputRejected
 from gateway.config import parse_config
 from gateway.plugins import load_plugins
 
@@ -31,8 +33,12 @@ class FakeOptions(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     fail_on: str | None = None
     fail_load: bool = False
     load_delay_s: float = 0.0
+    # embed writes a file named after its process id here as it starts (finds the replica running a batch).
+    started_dir: str | None = None
     # Vectors from the token ids instead of the text (a backend the core may truncate for).
     embeds_ids: bool = False
+    # embed raises InputRejected for a batch holding a text with this in it (a typed failure).
+    reject_on: str | None = None
 
 
 class FakeBackend(Backend):
@@ -64,8 +70,12 @@ class FakeBackend(Backend):
 
     def embed(self, texts: Sequence[str], token_ids: Sequence[Sequence[int]]) -> np.ndarray:
         FakeBackend.batches.append(list(texts))
+        if self.options.started_dir is not None:
+            (Path(self.options.started_dir) / str(os.getpid())).touch()
         if self.options.fail_on is not None and any(self.options.fail_on in t for t in texts):
             raise RuntimeError("boom")
+        if self.options.reject_on is not None and any(self.options.reject_on in t for t in texts):
+            raise InputRejected(f"fake rejects inputs with {self.options.reject_on!r}")
         if self.options.delay_s:
             time.sleep(self.options.delay_s)
         if self.options.embeds_ids:

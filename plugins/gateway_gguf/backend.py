@@ -126,8 +126,7 @@ class GgufBackend(Backend):
 
     # -- loading -----------------------------------------------------------------------------------------
 
-    def load(self) -> ModelInfo:
-        lib = _llama.lib()
+    def _file(self) -> Path:
         path = Path(self.path).expanduser()
         if not path.exists():
             raise BackendError(f"GGUF file {path} does not exist")
@@ -137,6 +136,20 @@ class GgufBackend(Backend):
                 raise BackendError(f"{path} is a folder with {len(ggufs)} .gguf files; point `path` at one file")
             path = ggufs[0]
         check_magic(path)
+        return path
+
+    def load_tokenizer(self) -> bool:
+        """llama.cpp's own tokenizer from the GGUF's vocabulary alone (vocab_only: no weights, no context)."""
+        lib = _llama.lib()
+        path = self._file()
+        self.close()
+        model = _llama.load_model(path, vocab_only=True)
+        self._lib, self._model, self._vocab = lib, model, lib.llama_model_get_vocab(model)
+        return True
+
+    def load(self) -> ModelInfo:
+        lib = _llama.lib()
+        path = self._file()
         o = self.opts
         threads = o.n_threads or _cpu_count()
         self._seqs_per_call = min(o.seqs_per_call, int(lib.llama_max_parallel_sequences()))

@@ -211,6 +211,13 @@ class OnnxBackend(Backend):
             embeds_token_ids=self._use_ids,
         )
 
+    def load_tokenizer(self) -> bool:
+        """The tokenizer alone, from the model folder's tokenizer.json (no session, no weights)."""
+        model_dir, onnx_file = self._paths()
+        self._max_tokens = hf.max_input_tokens(hf.read_layout(model_dir))
+        self._load_tokenizer(model_dir, onnx_file)
+        return True
+
     def _inspect_graph(self, onnx_file: Path) -> None:
         inputs = self._session.get_inputs()
         self._input_names = [i.name for i in inputs]

@@ -211,6 +211,17 @@ class WordLlamaBackend(Backend):
     def close(self) -> None:
         self._table = self._tokenizer = None
 
+    def load_tokenizer(self) -> bool:
+        """The tokenizer alone (no weights read), set up as `load` sets it."""
+        from tokenizers import Tokenizer
+
+        _, tokenizer_file = find_files(Path(self.path).expanduser(), self.opts)
+        tokenizer = Tokenizer.from_str(read_tokenizer(tokenizer_file))
+        tokenizer.no_padding()
+        tokenizer.no_truncation()
+        self._tokenizer = tokenizer
+        return True
+
     def tokenize(self, texts: Sequence[str]) -> list[list[int]]:
         tokenizer = self._tokenizer
         if tokenizer is None:

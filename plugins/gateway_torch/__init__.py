@@ -9,13 +9,14 @@ import os
 import threading
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Annotated, Any
 
 import msgspec
 import numpy as np
 
 from gateway import Backend, BackendError, ModelInfo, hookimpl
-from gateway.hf import POOLING_MODES, l2_normalize, pooling_name
+from gateway.hf import POOLING_MODES, l2_normalize, pooling_name, read_json, read_layout
 from gateway.packing import pack, pool
 
 log = logging.getLogger("gateway.torch")
@@ -95,6 +96,7 @@ class TorchBackend(Backend):
             raise BackendError("normalize = false, but the model itself ends in a Normalize module")
         self._unit = bool(normalized)
         self._packer = self._make_packer(model, opts.pack_tokens) if opts.pack_tokens else None
+        self._lower = self._packer is not None and self._packer.lower
         self._threads = torch.get_num_threads()
         self._running = 0
         self._parallel = opts.parallel_batches if self._packer is not None else 1
@@ -159,28 +161,30 @@ class TorchBackend(Backend):
 
     @staticmethod
     def _make_counter(tokenizer: Any) -> Callable[[Sequence[str]], list[list[int]]]:
-        # A private copy: the encode path mutates its tokenizer's truncation settings on every call, and a
-        # Rust tokenizer being mutated cannot be read from another thread ("Already borrowed").
         fast = getattr(tokenizer, "backend_tokenizer", None)
         if fast is not None:
-            fast = copy.deepcopy(fast)
-            fast.no_padding()
-            fast.no_truncation()
-
-            def count(texts: Sequence[str]) -> list[list[int]]:
-                if len(texts) == 1:
-                    # On this thread: encode_batch hands even one text to the tokenizers' thread pool, whose
-                    # threads then wait for a core beside torch's (bench/README.md, "Tokenizing one text").
-                    return [fast.encode(texts[0]).ids]
-                return [e.ids for e in fast.encode_batch(list(texts))]
-
-            return count
+            return _fast_counter(fast)
         slow = copy.deepcopy(tokenizer)
         return lambda texts: list(slow(list(texts), truncation=False)["input_ids"])
 
+    def load_tokenizer(self) -> bool:
+        """The fast tokenizer alone, from the transformer folder's tokenizer.json (no torch, no weights); False
+        for a model without one. The lower-casing is what the packed path applies (the usual case; a caller
+        comparing with the loaded model finds any difference)."""
+        from tokenizers import Tokenizer
+
+        layout = read_layout(Path(self.path))
+        file = layout.transformer_dir / "tokenizer.json"
+        if not file.is_file():
+            return False
+        self._counter = _fast_counter(Tokenizer.from_file(str(file)))
+        config = layout.transformer_dir / "sentence_bert_config.json"
+        self._lower = config.is_file() and bool(read_json(config).get("do_lower_case", False))
+        return True
+
     def tokenize(self, texts: Sequence[str]) -> list[list[int]]:
         """Ids with [CLS]/[SEP] (what the model consumes; the model's lower-casing applied), untruncated."""
-        if self._packer is not None and self._packer.lower:
+        if self._lower:
             texts = [t.lower() for t in texts]
         return self._counter(texts)
 
@@ -222,6 +226,23 @@ class TorchBackend(Backend):
         """Drop the model so its memory can be reclaimed."""
         self._model = None
         self._packer = None
+
+
+def _fast_counter(fast: Any) -> Callable[[Sequence[str]], list[list[int]]]:
+    # A private copy: the encode path mutates its tokenizer's truncation settings on every call, and a Rust
+    # tokenizer being mutated cannot be read from another thread ("Already borrowed").
+    fast = copy.deepcopy(fast)
+    fast.no_padding()
+    fast.no_truncation()
+
+    def count(texts: Sequence[str]) -> list[list[int]]:
+        if len(texts) == 1:
+            # On this thread: encode_batch hands even one text to the tokenizers' thread pool, whose threads
+            # then wait for a core beside torch's (bench/README.md, "Tokenizing one text").
+            return [fast.encode(texts[0]).ids]
+        return [e.ids for e in fast.encode_batch(list(texts))]
+
+    return count
 
 
 class _Packer:

@@ -1,0 +1,301 @@
+"""The gateway's stand-in for a model on Ray Serve: starts its replicas, counts tokens here, sends each batch
+whole to a replica, and retries a batch once when its replica was lost."""
+
+from __future__ import annotations
+
+import logging
+import re
+import secrets
+import threading
+import time
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import msgspec
+import numpy as np
+
+from gateway import Backend, BackendError, ModelInfo
+from gateway.backend import Embedded
+
+from .replica import Replica
+from .session import SERVE_LOCK, SESSION, import_ray
+
+if TYPE_CHECKING:
+    from . import RayOptions
+
+log = logging.getLogger("gateway.ray")
+
+# Texts the front's tokenizer must count exactly as a replica's before it is trusted (cases, accents, CJK,
+# emoji, extra spaces: where tokenizer settings differ).
+_PROBES = (
+    "Hello World",
+    "The QUICK brown fox, naïve café — Straße 12,50 €.",
+    "東京は日本の首都です。",
+    "emoji 🙂🚀 ∑∫√  spaced  out ",
+)
+# How often the replica counts for /ready and /metrics are refreshed.
+_STATUS_EVERY_S = 1.0
+
+
+class RayBackend(Backend):
+    """Serves `backend_cls` from Ray Serve replicas (one batch at a time each)."""
+
+    name: ClassVar[str] = "ray"
+
+    def __init__(
+        self,
+        backend_cls: type[Backend],
+        *,
+        model: str,
+        path: str,
+        options: Any,
+        trust_remote_code: bool,
+        ray: RayOptions,
+    ) -> None:
+        super().__init__(model=model, path=path, options=options, trust_remote_code=trust_remote_code)
+        self._cls = backend_cls
+        self._ray = ray
+        # The same backend, for its tokenizer only (load_tokenizer loads no weights).
+        self._front = backend_cls(model=model, path=path, options=options, trust_remote_code=trust_remote_code)
+        self._local_tokenizer = False
+        self._handle: Any = None
+        self._app: str | None = None
+        self._joined = False
+        self._status = (0, ray.replicas or ray.min_replicas or 0)
+        self._stop = threading.Event()
+        self._poller: threading.Thread | None = None
+        self._lost: tuple[type[BaseException], ...] = ()
+        self._failed: type[BaseException] = Exception
+
+    # -- lifecycle -------------------------------------------------------------------------------------------
+
+    def load(self) -> ModelInfo:
+        """Start the replicas (Ray first, if this is the first model on it) and return their ModelInfo."""
+        opts = self._ray
+        SESSION.acquire(opts.address, opts.connect_timeout_s)
+        self._joined = True
+        try:
+            return self._deploy()
+        except BaseException:
+            self.close()
+            raise
+
+    def _deploy(self) -> ModelInfo:
+        ray, serve = import_ray()
+        from ray.serve.exceptions import ReplicaUnavailableError
+
+        # What a lost replica (its process killed, its node gone) raises on the call it was running.
+        self._lost = (
+            ray.exceptions.RayActorError,
+            ray.exceptions.WorkerCrashedError,
+            ray.exceptions.NodeDiedError,
+            ReplicaUnavailableError,
+        )
+        self._failed = ray.exceptions.RayTaskError
+        opts = self._ray
+        scaling: dict[str, Any]
+        if opts.max_replicas is not None:
+            scaling = {
+                "autoscaling_config": {
+                    "min_replicas": opts.min_replicas if opts.min_replicas is not None else 1,
+                    "max_replicas": opts.max_replicas,
+                    "target_ongoing_requests": opts.target_ongoing_batches,
+                }
+            }
+        else:
+            scaling = {"num_replicas": opts.replicas or 1}
+        # Unique: a reload starts the new version beside the old one, and several gateways may share a cluster.
+        self._app = f"gateway-{re.sub(r'[^A-Za-z0-9_-]', '_', self.model)}-{secrets.token_hex(3)}"
+        started = time.perf_counter()
+        try:
+            handle = _retry_pickle_race(lambda: self._start(serve, scaling))
+        except Exception as exc:
+            raise BackendError(f"Ray Serve could not start the replicas: {_first_line(exc)}") from exc
+        self._wait_running(serve, opts.start_timeout_s)
+        self._handle = handle
+        described = handle.describe.remote().result(timeout_s=opts.batch_timeout_s)
+        if described.get("info") is None:
+            raise BackendError(f"in a Ray replica: {described.get('error')}")
+        info = msgspec.convert(described["info"], ModelInfo)
+        self._local_tokenizer = self._check_front_tokenizer()
+        self._poller = threading.Thread(target=self._poll, name=f"ray-status-{self.model}", daemon=True)
+        self._poller.start()
+        log.info(
+            "model %r on Ray Serve (%s): %s replicas x %g CPU, application %r, tokens counted %s, in %.1fs",
+            self.model,
+            opts.address,
+            f"{opts.min_replicas or 1}-{opts.max_replicas}" if opts.max_replicas else opts.replicas or 1,
+            opts.num_cpus,
+            self._app,
+            "here" if self._local_tokenizer else "by a replica",
+            time.perf_counter() - started,
+        )
+        return msgspec.structs.replace(
+            info,
+            # The batcher keeps as many batches in flight as there may be replicas, one each.
+            concurrent_batches=opts.most,
+            local_tokenizer=info.local_tokenizer and self._local_tokenizer,
+        )
+
+    def _start(self, serve: Any, scaling: dict[str, Any]) -> Any:
+        """Deploy the replicas (not waiting for them); the application's handle."""
+        opts, cls = self._ray, self._cls
+        with SERVE_LOCK:
+            deployment = serve.deployment(
+                Replica,
+                name="replica",
+                # One batch at a time per replica: Serve's router then spreads batches over idle replicas.
+                max_ongoing_requests=1,
+                ray_actor_options={"num_cpus": opts.num_cpus, "num_gpus": opts.num_gpus},
+                **scaling,
+            )
+            app = deployment.bind(
+                cls.name,
+                f"{cls.__module__}:{cls.__qualname__}",
+                self.model,
+                self.path,
+                msgspec.to_builtins(self.options),
+                self.trust_remote_code,
+            )
+            # Not serve.run: it waits for the replicas forever (a cluster that cannot place them), from a
+            # call that cannot be stopped; the wait is ours, bounded, and ends when the model is closed.
+            (handle,) = serve.run_many(
+                [serve.RunTarget(app, name=self._app, route_prefix=None)],
+                wait_for_ingress_deployment_creation=False,
+                wait_for_applications_running=False,
+            )
+        return handle
+
+    def _wait_running(self, serve: Any, timeout: float) -> None:
+        """Until every replica runs (BackendError with Ray Serve's reason if the deployment fails or `timeout`
+        passes first, or if the model is closed meanwhile)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            with SERVE_LOCK:
+                app = serve.status().applications.get(self._app or "")
+            status = app.status if app is not None else None
+            if status == "RUNNING":
+                return
+            if status == "DEPLOY_FAILED":
+                raise BackendError(f"Ray Serve could not start the replicas: {self._deploy_message(serve)}")
+            if time.monotonic() > deadline:
+                raise BackendError(f"the replicas were not running after {timeout:g}s: {self._deploy_message(serve)}")
+            if self._stop.wait(0.2):
+                raise BackendError("closed while its replicas were starting")
+
+    def _deploy_message(self, serve: Any) -> str:
+        """What Ray Serve says about this model's deployment (say, the resources it waits for)."""
+        try:
+            with SERVE_LOCK:
+                app = serve.status().applications.get(self._app or "")
+            message = app.deployments["replica"].message if app is not None else ""
+        except Exception as exc:
+            message = f"status unavailable ({exc})"
+        return message or "Ray Serve gave no reason"
+
+    def _check_front_tokenizer(self) -> bool:
+        """Load the backend's tokenizer here, trusted only if it counts the probes as a replica does."""
+        try:
+            if not self._front.load_tokenizer():
+                return False
+            mine = self._front.tokenize(list(_PROBES))
+        except Exception as exc:
+            log.warning("model %r: its tokenizer does not load here (%s); replicas tokenize", self.model, exc)
+            return False
+        theirs = self._call("tokenize", list(_PROBES))
+        if [list(ids) for ids in mine] != theirs:
+            log.warning("model %r: the tokenizer here disagrees with the replicas'; replicas tokenize", self.model)
+            return False
+        return True
+
+    def close(self) -> None:
+        """Delete this model's replicas; the last model on Ray disconnects (and stops a Ray started here)."""
+        self._stop.set()
+        if self._poller is not None:
+            self._poller.join()
+            self._poller = None
+        if self._app is not None:
+            try:
+                from ray import serve
+
+                # Not waited for: Ray Serve stops the replicas in the background (or with the Ray they run in).
+                with SERVE_LOCK:
+                    serve.delete(self._app, _blocking=False)
+            except Exception:
+                log.exception("model %r: deleting Ray Serve application %r", self.model, self._app)
+            self._app = self._handle = None
+        if self._joined:
+            self._joined = False
+            SESSION.release()
+        self._front.close()
+
+    # -- serving ---------------------------------------------------------------------------------------------
+
+    def tokenize(self, texts: Sequence[str]) -> list[list[int]]:
+        if self._local_tokenizer:
+            return self._front.tokenize(texts)
+        return self._call("tokenize", list(texts))
+
+    def embed(self, texts: Sequence[str], token_ids: Sequence[Sequence[int]]) -> np.ndarray | Embedded:
+        return self._call("embed", list(texts), [list(ids) for ids in token_ids])
+
+    def fingerprint(self) -> bytes:
+        # The replicas serve the same files: the cache shares entries with the in-process model.
+        return self._front.fingerprint()
+
+    def _call(self, method: str, *args: Any) -> Any:
+        """`method` on one replica; once more (on another, or on its restarted self) if that replica was lost."""
+        for attempt in (1, 2):
+            try:
+                return getattr(self._handle, method).remote(*args).result(timeout_s=self._ray.batch_timeout_s)
+            except self._lost as exc:
+                if attempt == 2:
+                    raise
+                log.warning("model %r: a replica was lost during %s (%s); retrying once", self.model, method, exc)
+            except self._failed as exc:
+                # The backend raised in the replica: its own exception, typed failures (InputRejected...) and
+                # message intact, without the remote traceback that Ray's wrapper prints.
+                cause = getattr(exc, "cause", None)
+                if isinstance(cause, Exception):
+                    raise cause from None
+                raise
+        raise AssertionError("unreachable")
+
+    def replicas(self) -> tuple[int, int]:
+        return self._status
+
+    def _poll(self) -> None:
+        import ray
+        from ray import serve
+
+        wanted = self._ray.replicas
+        while not self._stop.wait(_STATUS_EVERY_S if self._status[0] else 0.1):
+            if not ray.is_initialized():
+                return  # serve.status() would start a new Ray
+            try:
+                with SERVE_LOCK:
+                    app = serve.status().applications.get(self._app or "")
+                states = app.deployments["replica"].replica_states if app is not None else {}
+            except Exception as exc:  # the controller restarting; the last figures stand
+                log.debug("model %r: Ray Serve status unavailable: %s", self.model, exc)
+                continue
+            live = sum(n for state, n in states.items() if state != "STOPPING")
+            self._status = (states.get("RUNNING", 0), wanted if wanted is not None else live)
+
+
+def _retry_pickle_race(start: Callable[[], Any], attempts: int = 3) -> Any:
+    """`start()`, again when Ray Serve's own threads raced it: its router threads build deployment configs too,
+    each registering and unregistering a module for pickling by value, process-wide (not under SERVE_LOCK)."""
+    for attempt in range(attempts):
+        try:
+            return start()
+        except ValueError as exc:
+            if "pickle by value" not in str(exc) or attempt == attempts - 1:
+                raise
+            log.warning("Ray Serve raced itself building a deployment (%s); once more", exc)
+    raise AssertionError("unreachable")
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
