@@ -425,8 +425,12 @@ def toml_table(name: str, table: dict[str, Any]) -> list[str]:
     return lines
 
 
-def write_model_config(config: Any, model: str, dest: Path, access_log: bool | None = None, **batching: Any) -> None:
-    """A config holding only `model` (paths already absolute), with batching overrides."""
+def write_model_config(
+    config: Any, model: str, dest: Path, access_log: bool | None = None, cache: str = "off", **batching: Any
+) -> None:
+    """A config holding only `model` (paths already absolute), with batching overrides. The cache is off by
+    default: these benchmarks measure the models and the path to them, and a repeated text would be a hit
+    (bench/cache.py measures the cache)."""
     import msgspec
 
     server = msgspec.to_builtins(config.server)
@@ -435,7 +439,7 @@ def write_model_config(config: Any, model: str, dest: Path, access_log: bool | N
         server["access_log"] = access_log
     m = msgspec.to_builtins(config.models[model])
     m.setdefault("batching", {}).update(batching)
-    lines = [*toml_table("server", server), "", "[auth]", "api_keys = []", ""]
+    lines = [*toml_table("server", server), "", "[auth]", "api_keys = []", "", "[cache]", f'store = "{cache}"', ""]
     lines += toml_table(f"models.{json.dumps(model)}", m)
     dest.write_text("\n".join(lines) + "\n", encoding="utf-8")
 
