@@ -288,14 +288,17 @@ class _Job:
     keep: int = 0
     max_wait_s: float = 0.0
     progress: Progress = field(default_factory=Progress)
-    # Tokens charged to the key and not delivered yet (refunded, less what batches took, if the request fails).
+    # Tokens charged to the key and not delivered yet (refunded, less what batches took, if the request fails),
+    # and all tokens charged for this request.
     charged: int = 0
+    billed: int = 0
 
     async def charge(self, tokens: int) -> None:
         """Count `tokens` against the key's tokens/minute (429 when over); given back if the request fails."""
         if self.key is not None and tokens:
             await self.key.charge_tokens(tokens)
             self.charged += tokens
+            self.billed += tokens
 
     async def compute(
         self, texts: list[str], counted: int = 0, positions: list[int] | None = None
@@ -331,6 +334,7 @@ class _Job:
         if self.key is not None and counted != estimate:
             await self.key.refund_tokens(estimate - counted)  # the estimate, corrected either way
             self.charged += counted - estimate
+            self.billed += counted - estimate
         return vectors, _share(counted, sizes), [False] * len(texts)
 
 
@@ -370,7 +374,6 @@ async def _through_cache(
         try:
             # Shielded: this request giving up must not cancel the computation others wait for.
             entries[k] = await asyncio.shield(future)
-            await job.charge(entries[k].tokens)
         except _Abandoned:
             retry.append(k)  # the request computing it failed or gave up: compute it here
     if retry:
@@ -378,7 +381,10 @@ async def _through_cache(
     vectors = np.empty((len(texts), model.info.dimension), dtype=np.float32)
     for i, k in enumerate(keys):
         vectors[i] = entries[k].vector
-    return vectors, [entries[k].tokens for k in keys], [entries[k].cut for k in keys]
+    counts = [entries[k].tokens for k in keys]
+    # Repeats of an input, and inputs another request computed, are charged as an uncached request would be.
+    await job.charge(sum(counts) - job.billed)
+    return vectors, counts, [entries[k].cut for k in keys]
 
 
 class _Abandoned(Exception):

@@ -76,7 +76,6 @@ class Gateway:
         self._fixed_keys = keys
         self._fallback_keys = fallback_keys
         # Shared state (Redis) and the cache are set up once, from the config the server started with.
-        self.loop_lag = 0.0
         self.redis = RedisLink(config.redis, lag=lambda: self.loop_lag) if config.redis is not None else None
         self.cache = _cache(config, self.redis)
         self.keys = KeyStore()

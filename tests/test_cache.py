@@ -407,3 +407,15 @@ def test_an_unreachable_redis_at_start_does_not_stop_serving():
     with serve(_redis_toml("redis://127.0.0.1:9/0")) as c:
         r = c.post(URL, json={"model": "fake", "input": ["still served"]})
         assert r.status_code == 200 and r.headers["x-cache-hits"] == "0"
+
+
+def test_the_quota_is_charged_as_if_uncached():
+    # 30 tokens a minute: "a b c" is 5 tokens; six inputs of it are 30 whether computed, repeated or cached.
+    auth = '[[auth.keys]]\nkey = "quota-key-12"\ntokens_per_minute = 30\n'
+    config = parse_config(auth + TOML)
+    with serve(auth + TOML, keys=KeyStore.from_config(config.auth)) as c:
+        h = {"Authorization": "Bearer quota-key-12"}
+        r = c.post(URL, json={"model": "fake", "input": ["a b c"] * 6}, headers=h)
+        assert r.status_code == 200 and r.json()["usage"]["total_tokens"] == 30
+        r = c.post(URL, json={"model": "fake", "input": ["a b c"]}, headers=h)
+        assert r.status_code == 429 and "30 tokens per minute" in r.json()["error"]["message"]
