@@ -67,6 +67,12 @@ class TokenBucket:
             level = min(self.capacity, self.level + (time.monotonic() - self.stamp) * self.rate)
             return max(0.0, (min(amount, self.capacity) - level) / self.rate)
 
+    def reset(self, level: float) -> None:
+        """Set the bucket's level now (it refills at its rate from there)."""
+        with self._lock:
+            self.level = min(self.capacity, level)
+            self.stamp = time.monotonic()
+
     def give_back(self, amount: float) -> None:
         """Return units taken for work that was not done."""
         with self._lock:

@@ -29,7 +29,8 @@ T = TypeVar("T")
 
 # A token bucket updated atomically in Redis, on Redis' own clock (so replicas with skewed clocks agree).
 # KEYS[1]: the bucket; ARGV: capacity, refill per second, amount, mode ("take", "peek" or "give"), ttl (s).
-# Returns the seconds until `amount` would fit (0: taken, or would be), as a string to keep the fraction.
+# Returns "WAIT LEVEL": the seconds until `amount` would fit (0: taken, or would be) and the level left, as a
+# string to keep the fractions.
 _BUCKET = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
@@ -53,7 +54,7 @@ else
 end
 redis.call('HSET', KEYS[1], 'level', tostring(level), 'stamp', tostring(now))
 redis.call('EXPIRE', KEYS[1], ARGV[5])
-return tostring(wait)
+return tostring(wait) .. ' ' .. tostring(level)
 """
 
 
@@ -77,7 +78,10 @@ class RedisLink:
         self._client: Redis | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._down_until = 0.0
+        # When the current outage began (None: up), and when it was last declared (at its start and at each
+        # failed retry): a call that started before that says nothing new about it.
         self._down_since: float | None = None
+        self._declared_at = 0.0
         self._backoff = config.retry_after_s
 
     def client(self) -> Redis:
@@ -106,34 +110,39 @@ class RedisLink:
         if not self.up:
             record_store_error(use)
             raise RedisDown
+        # Outside the deadline: the first call imports the client library, which is not Redis being slow.
+        client = self.client()
+        started = time.monotonic()
         try:
             async with asyncio.timeout(self.config.timeout_ms / 1000 + 2 * self.lag()):
-                result = await fn(self.client())
+                result = await fn(client)
         except TimeoutError as exc:
             self._strikes += 1
             if self._strikes < _SLOW_STRIKES:
                 record_store_error(use)  # this call went without Redis; the next ones still try
                 raise RedisDown from None
-            self._failed(use, exc)
+            self._failed(use, exc, started)
             raise RedisDown from None
         except (OSError, ConnectionError) as exc:
-            self._failed(use, exc)
+            self._failed(use, exc, started)
             raise RedisDown from None
         except Exception as exc:  # the redis package's own errors (ConnectionError, ResponseError, ...)
             if type(exc).__module__.startswith("redis"):
-                self._failed(use, exc)
+                self._failed(use, exc, started)
                 raise RedisDown from None
             raise
         self._strikes = 0
-        if self._down_since is not None:
+        if self._down_since is not None and started >= self._declared_at:
             log.warning("redis at %s is back after %.1fs", self._where(), time.monotonic() - self._down_since)
             self._down_since = None
             self._backoff = self.config.retry_after_s
         return result
 
-    def _failed(self, use: str, exc: BaseException) -> None:
+    def _failed(self, use: str, exc: BaseException, started: float) -> None:
         record_store_error(use)
         now = time.monotonic()
+        if self._down_since is not None and started < self._declared_at:
+            return  # begun before the outage was declared: the same outage, already counted
         if self._down_since is None:
             self._down_since = now
             log.error(
@@ -148,6 +157,7 @@ class RedisLink:
             # Still down: try less often, up to four times the base interval.
             self._backoff = min(self._backoff * 2, self.config.retry_after_s * 4)
         self._strikes = 0
+        self._declared_at = now
         self._down_until = now + self._backoff
 
     def _where(self) -> str:
@@ -243,19 +253,30 @@ class SharedBucket:
         self.capacity = float(per_minute)
         self.rate = per_minute / 60.0
         self.local = local
+        self._on_local = False
+        # The shared bucket's level as last seen: where this process's own bucket starts when Redis goes.
+        self._seen_level = float(per_minute)
 
     async def _run(self, amount: float, mode: str) -> float:
         args = (self.capacity, self.rate, amount, mode, 120)
         try:
             raw = await self.link.call("rate_limits", lambda r: r.eval(_BUCKET, 1, self.name, *args))
+            self._on_local = False
         except RedisDown:
+            if not self._on_local:
+                # Carry on from the shared budget as last seen, rather than granting a fresh burst at every
+                # outage; it refills at the key's rate from there.
+                self._on_local = True
+                self.local.reset(self._seen_level)
             if mode == "take":
                 return self.local.take(amount)
             if mode == "peek":
                 return self.local.wait_for(amount)
             self.local.give_back(amount)
             return 0.0
-        return float(raw)
+        wait, level = (raw.decode() if isinstance(raw, bytes) else raw).split()
+        self._seen_level = float(level)
+        return float(wait)
 
     async def take(self, amount: float) -> float:
         return await self._run(amount, "take")

@@ -419,3 +419,18 @@ def test_the_quota_is_charged_as_if_uncached():
         assert r.status_code == 200 and r.json()["usage"]["total_tokens"] == 30
         r = c.post(URL, json={"model": "fake", "input": ["a b c"]}, headers=h)
         assert r.status_code == 429 and "30 tokens per minute" in r.json()["error"]["message"]
+
+
+def test_a_redis_outage_does_not_hand_out_a_fresh_budget(redis_server):
+    redis_server.client().flushall()
+    auth = '[[auth.keys]]\nkey = "limited-key-3"\nrequests_per_minute = 6\n'
+    h = {"Authorization": "Bearer limited-key-3"}
+    with serve(_redis_toml(redis_server.url) + auth, keys="config") as c:
+        assert [c.post(URL, json={"model": "fake", "input": "x"}, headers=h).status_code for _ in range(5)] == [200] * 5
+        redis_server.stop()
+        try:
+            # This process's own bucket carries on from the shared level last seen (about 1 left), not from 6.
+            codes = [c.post(URL, json={"model": "fake", "input": "x"}, headers=h).status_code for _ in range(4)]
+            assert codes.count(200) == 1 and codes.count(429) == 3, codes
+        finally:
+            redis_server.start()
