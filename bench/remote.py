@@ -39,6 +39,8 @@ def upstream_toml(port: int) -> str:
 [server]
 port = {port}
 access_log = false
+[cache]
+store = "off"
 [models.minilm-onnx-int8]
 backend = "onnx"
 path = "{INT8}"
@@ -54,6 +56,8 @@ def front_toml(port: int, up: int) -> str:
 [server]
 port = {port}
 access_log = false
+[cache]
+store = "off"
 [models.minilm-onnx-int8]
 backend = "openai"
 [models.minilm-onnx-int8.options]
@@ -73,6 +77,8 @@ def failover_toml(port: int, up: int) -> str:
 [server]
 port = {port}
 access_log = false
+[cache]
+store = "off"
 [models.remote]
 backend = "openai"
 embedding_space = "l2_supercat"
