@@ -776,8 +776,8 @@ def main() -> int:
     p.add_argument(
         "--redis-timeouts",
         type=lambda v: [float(x) for x in v.split(",") if x.strip()],
-        default=[50.0, 500.0],
-        help="[redis] timeout_ms of the Redis stores measured (default 50,500; 50 is the config's default)",
+        default=[100.0, 500.0],
+        help="[redis] timeout_ms of the Redis stores measured (default 100,500; 100 is the config's default)",
     )
     p.add_argument("--skip", default="", help="comma-separated phases to skip: reindex,query,unique,shared,fault")
     p.add_argument("--pause", type=float, default=1.0)
