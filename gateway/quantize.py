@@ -41,9 +41,10 @@ class Ranges:
 
 
 def quantize(vectors: np.ndarray, kind: EmbeddingType, ranges: Ranges | None = None) -> np.ndarray:
-    """`vectors` (float32 [n, dim]) as `kind`: float32, int8, uint8 ([n, dim]) or binary, ubinary ([n, dim/8])."""
+    """`vectors` (float32 [n, dim]) as `kind`: float32, int8, uint8 ([n, dim]) or binary, ubinary ([n, dim/8]),
+    each in the byte order its base64 form is defined in (little-endian float32)."""
     if kind == "float":
-        return vectors.astype(np.float32, copy=False)
+        return vectors.astype("<f4", copy=False)
     if kind in ("binary", "ubinary"):
         bits = np.packbits(vectors > 0, axis=1)
         return (bits.astype(np.int16) - 128).astype(np.int8) if kind == "binary" else bits

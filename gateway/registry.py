@@ -115,6 +115,16 @@ def build_specs(
     return specs
 
 
+def configured_prompts(config: ModelConfig) -> tuple[dict[str, str], str | None]:
+    """A model's named prompts and default prompt: its config's, else its folder's config_sentence_transformers.json
+    (BackendError when that file is malformed)."""
+    if config.prompts is not None:
+        return dict(config.prompts), config.default_prompt_name
+    if config.path is None:
+        return {}, None
+    return hf.read_prompts(Path(config.path))
+
+
 def check_paths(specs: Mapping[str, ModelSpec]) -> list[str]:
     """Problems with model paths that exist nowhere (check-config reports them; serve marks the model failed)."""
     return [
@@ -257,11 +267,7 @@ class ServedModel:
 
     def _read_prompts(self, backend: Backend, info: ModelInfo) -> None:
         """The model's prompts, how its ids are framed, and each prompt's token count (in the load thread)."""
-        config = self.spec.config
-        if config.prompts is not None:
-            self.prompts, self.default_prompt_name = dict(config.prompts), config.default_prompt_name
-        elif config.path is not None:
-            self.prompts, self.default_prompt_name = hf.read_prompts(Path(config.path))
+        self.prompts, self.default_prompt_name = configured_prompts(self.spec.config)
         if not info.counts_tokens:
             # Its tokens are counted upstream: no frame to keep, and prompts are charged within the inputs.
             self.prompt_tokens = dict.fromkeys(self.prompts, 0)
@@ -274,12 +280,10 @@ class ServedModel:
 
     def prompt_names(self) -> list[str]:
         """The model's prompt names: once loaded, what it serves; before, what its config or folder names."""
-        if self.info is not None or self.spec.config.prompts is not None:
-            return list(self.prompts or self.spec.config.prompts or {})
-        if self.spec.config.path is None:
-            return []
+        if self.info is not None:
+            return list(self.prompts)
         try:
-            return list(hf.read_prompts(Path(self.spec.config.path))[0])
+            return list(configured_prompts(self.spec.config)[0])
         except BackendError:
             return []
 

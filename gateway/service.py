@@ -616,14 +616,11 @@ def _response(vectors: np.ndarray, body: EmbeddingRequest, tokens: int, output: 
     )
 
 
-_LITTLE_ENDIAN = {"float": "<f4", "int8": "i1", "uint8": "u1", "binary": "i1", "ubinary": "u1"}
-
-
 def _encode(vectors: np.ndarray, output: Output) -> list[EmbeddingData]:
     if output.packed:
         # Little-endian float32 bytes (what the official OpenAI client decodes; bit-exact), or the compact
         # type's own bytes.
-        raw = quantize.quantize(vectors, output.kind, output.ranges).astype(_LITTLE_ENDIAN[output.kind], copy=False)
+        raw = quantize.quantize(vectors, output.kind, output.ranges)
         return [EmbeddingData(embedding=base64.b64encode(row.tobytes()).decode(), index=i) for i, row in enumerate(raw)]
     if output.kind != "float":
         values = quantize.quantize(vectors, output.kind, output.ranges)
