@@ -434,3 +434,57 @@ def test_a_redis_outage_does_not_hand_out_a_fresh_budget(redis_server):
             assert codes.count(200) == 1 and codes.count(429) == 3, codes
         finally:
             redis_server.start()
+
+
+def _commands(redis_server, name: str) -> int:
+    stats = redis_server.client().info("commandstats").get(f"cmdstat_{name}", {})
+    return int(stats.get("calls", 0))
+
+
+def test_redis_lookups_and_writes_of_one_loop_turn_go_out_as_one_call_each(redis_server):
+    from gateway.config import RedisConfig
+    from gateway.redis_state import RedisLink, RedisStore
+
+    redis_server.client().flushall()
+
+    async def main():
+        store = RedisStore(RedisLink(RedisConfig(url=redis_server.url, prefix="coalesce")), ttl_s=60)
+        try:
+
+            async def written():
+                while store._tasks or store._pending_writes:
+                    await asyncio.sleep(0.01)
+
+            store.put_many([(b"warm", b"up")])  # the first write also loads the script
+            await written()
+            writes = _commands(redis_server, "evalsha")
+            store.put_many([(b"w%d" % i, b"v%d" % i) for i in range(3)])
+            store.put_many([(b"x", b"vx")])
+            await written()
+            assert _commands(redis_server, "evalsha") == writes + 1
+
+            mgets = _commands(redis_server, "mget")
+            got = await asyncio.gather(
+                store.get_many([b"w0", b"nothing"]), store.get_many([b"x"]), store.get_many([b"w2", b"w1"])
+            )
+            assert got == [[b"v0", None], [b"vx"], [b"v2", b"v1"]]
+            assert _commands(redis_server, "mget") == mgets + 1
+
+            # A caller that gives up leaves the others their answers.
+            gone = asyncio.ensure_future(store.get_many([b"w0"]))
+            kept = asyncio.ensure_future(store.get_many([b"w1"]))
+            await asyncio.sleep(0)
+            gone.cancel()
+            assert await kept == [b"v1"]
+            assert gone.cancelled()
+            assert 0 < redis_server.client().ttl(b"coalesce:cache:" + b"x".hex().encode()) <= 60
+
+            # Redis restarted without the write script: it is sent again.
+            redis_server.client().script_flush()
+            store.put_many([(b"after", b"flush")])
+            await written()
+            assert await store.get_many([b"after"]) == [b"flush"]
+        finally:
+            await store.close()
+
+    asyncio.run(main())
