@@ -179,6 +179,8 @@ class ModelStatus:
     drain_rate: float | None = None
     #: (ready, total) replicas of a model whose batches run elsewhere (None: in this process).
     replicas: tuple[int, int] | None = None
+    #: The model's circuit breaker: 0 closed, 1 half-open, 2 open (circuit.CircuitState).
+    circuit: int = 0
 
 
 class ModelGauges(Collector):
@@ -209,8 +211,12 @@ class ModelGauges(Collector):
         replicas = GaugeMetricFamily(
             "gateway_replicas", "Replicas wanted, for a model whose batches run on replicas", labels=["model"]
         )
+        circuit = GaugeMetricFamily(
+            "gateway_circuit_state", "A model's circuit breaker: 0 closed, 1 half-open, 2 open", labels=["model"]
+        )
         for source in list(self._sources):
             for status in source():
+                circuit.add_metric([status.name], status.circuit)
                 depth.add_metric([status.name], status.queued)
                 ready.add_metric([status.name], 1.0 if status.ready else 0.0)
                 wait.add_metric([status.name], status.predicted_wait_s)
@@ -219,7 +225,7 @@ class ModelGauges(Collector):
                 if status.replicas is not None:
                     replicas_ready.add_metric([status.name], status.replicas[0])
                     replicas.add_metric([status.name], status.replicas[1])
-        yield from (depth, ready, wait, rate, replicas_ready, replicas)
+        yield from (depth, ready, wait, rate, replicas_ready, replicas, circuit)
 
 
 MODEL_GAUGES = ModelGauges()

@@ -56,6 +56,8 @@ def _card(model: ServedModel) -> ModelCard:
         prompts=dict(model.prompts) if info else dict(cfg.prompts or {}),
         default_prompt_name=model.default_prompt_name if info else cfg.default_prompt_name,
         truncate=cfg.truncate,
+        fallbacks=list(cfg.fallbacks),
+        embedding_space=cfg.embedding_space,
         error=model.public_error,
     )
 

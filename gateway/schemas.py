@@ -90,6 +90,9 @@ class ModelCard(msgspec.Struct, kw_only=True):
     prompts: dict[str, str] = {}
     default_prompt_name: str | None = None
     truncate: bool | Literal["end", "start"] = False
+    # Models that serve this one's requests when it cannot, and the vector space they share.
+    fallbacks: list[str] = []
+    embedding_space: str | None = None
     error: str | None = None
 
 

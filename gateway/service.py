@@ -6,8 +6,9 @@ truncation (400), a key already over the model's admission limit (429, before an
 calibration (once per model), tokens and their limits (400, or cut when truncating), the key's token
 quota (429), admission and the model's batches (429 when predicted too late, 500 when a batch fails, 504
 past the timeout), then the Matryoshka cut, the output type and the response. Inputs already cached are
-taken from the cache and never reach the model. A model that cannot serve (failing, its circuit open, or
-not ready while a fallback is) hands the request to its fallbacks, in order (`_vectors`).
+taken from the cache and never reach the model (so they are answered while its circuit is open). A model
+that cannot serve (failing, its circuit open, or not ready while a fallback is) hands the request to its
+fallbacks, in order (`_vectors`).
 """
 
 from __future__ import annotations
@@ -201,17 +202,6 @@ async def _on_model(
             ),
             "not_ready",
         )
-    if not model.circuit.allow():
-        retry = max(1, math.ceil(model.circuit.retry_after()))
-        raise _Failover(
-            GatewayError(
-                503,
-                f"model {model.name!r} is failing and is not being sent requests for now; retry in {retry}s",
-                code="circuit_open",
-                headers={"Retry-After": str(retry)},
-            ),
-            "circuit_open",
-        )
     job = _Job(model, key, ends, server.max_tokens_per_request)
     with model.in_use():
         try:
@@ -308,6 +298,19 @@ class _Job:
         where `texts` are in the request, for errors), the key's token quota, then the model's batches."""
         model = self.model
         assert model.info is not None
+        # Checked here, where work would reach the model: inputs the cache holds are answered while its
+        # circuit is open, and only a request that needs the model takes the half-open state's one probe.
+        if not model.circuit.allow():
+            retry = max(1, math.ceil(model.circuit.retry_after()))
+            raise _Failover(
+                GatewayError(
+                    503,
+                    f"model {model.name!r} is failing and is not being sent requests for now; retry in {retry}s",
+                    code="circuit_open",
+                    headers={"Retry-After": str(retry)},
+                ),
+                "circuit_open",
+            )
         owner = self.key.name if self.key else None
         model.precheck(owner=owner, max_wait_s=self.max_wait_s)
         if not model.info.counts_tokens:

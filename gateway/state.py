@@ -119,10 +119,13 @@ class Gateway:
         for name, model in self.registry.models.items():
             b = model.batcher
             ready = model.state == ModelState.READY
+            circuit = int(model.circuit.state)
             if b is None:
-                yield ModelStatus(name, 0, ready)
+                yield ModelStatus(name, 0, ready, circuit=circuit)
             else:
-                yield ModelStatus(name, b.queued, ready, b.predicted_wait(), b.drain_rate, model.replicas)
+                yield ModelStatus(
+                    name, b.queued, ready, b.predicted_wait(), b.drain_rate, model.replicas, circuit=circuit
+                )
 
     async def reload(self) -> ReloadResult:
         """Re-read the config file: load new/changed models beside the old ones, swap, retire the old."""

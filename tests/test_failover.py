@@ -265,6 +265,9 @@ def test_upstream_killed_under_load_fails_over_then_comes_back(failover_server, 
     url = failover_server
     before = _post(url, "remote", ["hello world"], encoding_format="base64")
     assert before.status_code == 200 and before.headers["x-served-model"] == "remote"
+    cards = {c["id"]: c for c in httpx.get(f"{url}/v1/models", headers=AUTH).json()["data"]}
+    assert (cards["remote"]["fallbacks"], cards["remote"]["embedding_space"]) == (["local"], "l2_supercat")
+    assert (cards["alone"]["fallbacks"], cards["local"]["embedding_space"]) == ([], "l2_supercat")
     local = _post(url, "local", ["hello world"], encoding_format="base64")
     assert np.array_equal(_vector(before), _vector(local))  # one space: the same vectors either way
 
@@ -290,6 +293,8 @@ def test_upstream_killed_under_load_fails_over_then_comes_back(failover_server, 
         time.sleep(1.5)  # load while it is dead: the circuit opens, the fallback serves
         # Without a fallback: the upstream's failure, then the open circuit, each with its own status.
         statuses = [_post(url, "alone", ["x"]) for _ in range(3)]
+        # An input the cache holds is still answered by the model whose circuit is open.
+        cached = _post(url, "remote", ["hello world"], encoding_format="base64")
     finally:
         stop.set()
         for t in threads:
@@ -299,18 +304,32 @@ def test_upstream_killed_under_load_fails_over_then_comes_back(failover_server, 
     assert [s.status_code for s in statuses] == [502, 502, 503]
     assert "is unreachable" in statuses[0].json()["error"]["message"]
     assert statuses[2].json()["error"]["code"] == "circuit_open"
+    assert (cached.status_code, cached.headers["x-served-model"], cached.headers["x-cache-hits"]) == (
+        200,
+        "remote",
+        "1",
+    )
+    assert np.array_equal(_vector(cached), _vector(before))
 
     metrics = httpx.get(f"{url}/metrics").text
     assert 'gateway_failovers_total{fallback="local",model="remote",reason="unavailable"}' in metrics
     assert 'gateway_failovers_total{fallback="local",model="remote",reason="circuit_open"}' in metrics
+    assert 'gateway_circuit_state{model="alone"} 2.0' in metrics  # open
+    assert 'gateway_circuit_state{model="local"} 0.0' in metrics
 
     upstream.start()  # same port: the half-open probe finds it and traffic returns
     deadline = time.monotonic() + 20
     served = ""
+    n = 0
     while served != "remote" and time.monotonic() < deadline:
-        r = _post(url, "remote", ["hello world"], encoding_format="base64")
+        n += 1
+        r = _post(url, "remote", [f"back again {n}"], encoding_format="base64")  # new texts: not from the cache
         assert r.status_code == 200
         served = r.headers["x-served-model"]
         time.sleep(0.1)
     assert served == "remote"
-    assert np.array_equal(_vector(r), _vector(before))
+    assert np.array_equal(
+        _vector(_post(url, "remote", ["back again 1"], encoding_format="base64")),
+        _vector(_post(url, "local", ["back again 1"], encoding_format="base64")),
+    )
+    assert 'gateway_circuit_state{model="remote"} 0.0' in httpx.get(f"{url}/metrics").text  # closed again

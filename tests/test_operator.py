@@ -40,6 +40,8 @@ def test_models_list(fake_client):
             "prompts": {},
             "default_prompt_name": None,
             "truncate": False,
+            "fallbacks": [],
+            "embedding_space": None,
             "error": None,
         }
 
