@@ -72,7 +72,7 @@ def create_app(
 async def _lifespan(app: Litestar) -> AsyncIterator[None]:
     gateway: Gateway = app.state.gateway
     loop = asyncio.get_running_loop()
-    gateway.registry.load_all()
+    gateway.registry.load_all(loop)
     MODEL_GAUGES.add(gateway.model_status)
     lag = loop.create_task(gateway.watch_loop_lag())
     reload_tasks: set[asyncio.Task[Any]] = set()

@@ -120,6 +120,10 @@ class ModelConfig(_Strict):
     truncate: bool | Literal["end", "start"] = False
     # Texts (one per line) whose vectors give int8/uint8 their per-dimension ranges; None: the bundled corpus.
     calibration_corpus: str | None = None
+    # When that corpus is embedded: "load" (in the background once the model is ready, so no int8/uint8
+    # request waits for it) or "first_use" (by the first request that asks for int8/uint8; no CPU spent at
+    # start by a model that never serves them, which matters for a large one).
+    calibrate: Literal["first_use", "load"] = "first_use"
     # false: this model's inputs are never cached (with `[cache] store` set).
     cache: bool = True
     batching: BatchingConfig = msgspec.field(default_factory=BatchingConfig)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 import logging
 import re
@@ -311,6 +312,24 @@ class ServedModel:
         ranges = self._ranges[size] = quantize.Ranges.fit(vectors)
         return ranges
 
+    async def calibrate_now(self) -> None:
+        """Compute the int8/uint8 ranges now (`calibrate = "load"`): every size this model serves. A failure
+        is logged; the first request that needs the ranges tries again."""
+        assert self.info is not None
+        sizes = [None, *(self.spec.config.matryoshka_dimensions or [])]
+        try:
+            for size in sizes:
+                await self.ranges(size)
+        except Exception as exc:
+            if self.state == ModelState.READY:
+                log.warning("model %r: calibration at load failed (%s); int8/uint8 requests will retry", self.name, exc)
+
+    def calibrate_in_background(self, loop: asyncio.AbstractEventLoop) -> None:
+        """From any thread: start `calibrate_now` on `loop` when the model is ready and configured for it."""
+        if self.state == ModelState.READY and self.spec.config.calibrate == "load":
+            with contextlib.suppress(RuntimeError):  # the loop closed while this model loaded: shutting down
+                asyncio.run_coroutine_threadsafe(self.calibrate_now(), loop)
+
     async def _calibrate(self) -> np.ndarray:
         texts = quantize.calibration_texts(self.spec.config.calibration_corpus)
         assert self.info is not None
@@ -463,12 +482,15 @@ class Registry:
         """`model` and then its configured fallbacks, in order."""
         return [model, *(self.models[name] for name in model.spec.config.fallbacks if name in self.models)]
 
-    def load_all(self) -> threading.Thread:
-        """Load every model in one background thread (one at a time: loading in parallel only thrashes)."""
+    def load_all(self, loop: asyncio.AbstractEventLoop | None = None) -> threading.Thread:
+        """Load every model in one background thread (one at a time: loading in parallel only thrashes);
+        with `loop`, the models calibrated at load start calibrating there as each becomes ready."""
 
         def run() -> None:
             for model in self.models.values():
                 model.load()
+                if loop is not None:
+                    model.calibrate_in_background(loop)
 
         t = threading.Thread(target=run, name="model-loader", daemon=True)
         t.start()

@@ -140,6 +140,8 @@ class Gateway:
             fresh = [m for m in new.models.values() if id(m) not in previous]
             # Loaded off the loop, one at a time, while the old models keep serving.
             await loop.run_in_executor(None, lambda: [m.load() for m in fresh])
+            for m in fresh:
+                m.calibrate_in_background(loop)
             kept_old: list[str] = []
             for m in fresh:
                 prior = old.models.get(m.name)

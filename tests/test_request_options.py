@@ -286,6 +286,31 @@ def test_calibration_runs_once_per_model_through_its_batches():
         assert sum(len(b) for b in calibration) == len([t for t in calibration_texts() if len(t.split()) + 2 <= 16])
 
 
+def test_calibrate_at_load_embeds_the_corpus_before_any_int8_request():
+    toml = TOML.replace(
+        '[models.plain]\nbackend = "fake"\npath = "."\n',
+        '[models.plain]\nbackend = "fake"\npath = "."\ncalibrate = "load"\n',
+    )
+    assert 'calibrate = "load"' in toml
+    texts = [t for t in calibration_texts() if len(t.split()) + 2 <= 16]
+    FakeBackend.batches = []
+    with serve(toml) as c:
+        deadline = time.monotonic() + 10
+        while sum(len(b) for b in FakeBackend.batches) < len(texts):
+            assert time.monotonic() < deadline, "no calibration at load"
+            time.sleep(0.02)
+        # Only the model configured for it calibrated; an int8 request then computes nothing more than its input.
+        assert sum(len(b) for b in FakeBackend.batches) == len(texts)
+        FakeBackend.batches = []
+        r = post(c, model="plain", input="after load", encoding_format="int8")
+        assert r.status_code == 200 and FakeBackend.batches == [["after load"]]
+
+
+def test_calibrate_takes_load_or_first_use():
+    with pytest.raises(ConfigError, match=r"`\$\.models\.m\.calibrate`"):
+        parse_config('[models.m]\nbackend = "fake"\ncalibrate = "sometimes"\n')
+
+
 def test_created_is_unix_seconds_as_a_float(client):
     before = time.time()
     r = post(client, input="x")
