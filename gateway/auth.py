@@ -10,7 +10,8 @@ import os
 import secrets
 import threading
 import time
-from collections.abc import Iterable
+from collections import deque
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -18,7 +19,7 @@ from .config import AuthConfig, ConfigError, KeyConfig, key_digest, key_problem
 from .errors import GatewayError
 
 if TYPE_CHECKING:
-    from .redis_state import RedisLink, SharedBucket
+    from .redis_state import RedisLink, SharedWindow
 
 ENV_KEYS = "GATEWAY_API_KEYS"
 _CHALLENGE = {"WWW-Authenticate": "Bearer"}
@@ -34,49 +35,98 @@ def new_key() -> str:
     return "gw-" + secrets.token_urlsafe(24)
 
 
-class TokenBucket:
-    """`rate` units per minute, bursting up to one minute's worth; thread-safe.
+# A limit counts what was admitted in one-second slots: at time t, the slots of seconds floor(t) - 60 ..
+# floor(t). The slot partly out of the last 60 s still counts in full, which is what keeps any 60 s span at or
+# under the limit; the price is that quota comes back up to a second later than an exact log would give it.
+WINDOW_S = 60
+# A slot stops counting this long after its second began.
+SLOT_LIFE_S = WINDOW_S + 1
+
+
+class SlidingWindow:
+    """At most `limit` units admitted in any 60 seconds, counted in one-second slots (61 at most); thread-safe.
 
     Written by hand: Litestar's rate-limit middleware counts requests per client before auth, and cannot
     weigh a request by the tokens it carries, which is what an embeddings quota is about.
     """
 
-    def __init__(self, per_minute: int) -> None:
-        self.capacity = float(per_minute)
-        self.rate = per_minute / 60.0
-        self.level = self.capacity
-        self.stamp = time.monotonic()
+    def __init__(self, per_minute: int, clock: Callable[[], float] = time.monotonic) -> None:
+        """`clock`: seconds, never going back (tests pass their own)."""
+        self.limit = per_minute
+        self.clock = clock
+        self._slots: deque[list[float]] = deque()  # [second, amount admitted in it], oldest first
         self._lock = threading.Lock()
+
+    def _used(self, now: float) -> float:
+        first = math.floor(now) - WINDOW_S
+        while self._slots and self._slots[0][0] < first:
+            self._slots.popleft()
+        return sum(amount for _, amount in self._slots)
+
+    def _wait(self, used: float, amount: float, now: float) -> float:
+        # A request bigger than the whole limit is admitted when nothing is in use, or it never would be.
+        need = min(amount, self.limit)
+        wait = 0.0
+        if used + need > self.limit:
+            for second, admitted in self._slots:  # the oldest leave first
+                used -= admitted
+                wait = second + SLOT_LIFE_S - now
+                if used + need <= self.limit:
+                    break
+        return wait
+
+    def _add(self, amount: float, now: float) -> None:
+        second = math.floor(now)
+        if self._slots and self._slots[-1][0] == second:
+            self._slots[-1][1] += amount
+        else:
+            self._slots.append([second, amount])
 
     def take(self, amount: float) -> float:
         """Take `amount` now and return 0, or take nothing and return the seconds until it would fit."""
         with self._lock:
-            now = time.monotonic()
-            self.level = min(self.capacity, self.level + (now - self.stamp) * self.rate)
-            self.stamp = now
-            # A request bigger than the whole bucket is admitted when the bucket is full, or it never would be.
-            need = min(amount, self.capacity)
-            if self.level >= need:
-                self.level -= amount
-                return 0.0
-            return (need - self.level) / self.rate
+            now = self.clock()
+            wait = self._wait(self._used(now), amount, now)
+            if not wait:
+                self._add(amount, now)
+            return wait
 
     def wait_for(self, amount: float) -> float:
         """Seconds until `amount` would fit (0: now), taking nothing."""
         with self._lock:
-            level = min(self.capacity, self.level + (time.monotonic() - self.stamp) * self.rate)
-            return max(0.0, (min(amount, self.capacity) - level) / self.rate)
-
-    def reset(self, level: float) -> None:
-        """Set the bucket's level now (it refills at its rate from there)."""
-        with self._lock:
-            self.level = min(self.capacity, level)
-            self.stamp = time.monotonic()
+            now = self.clock()
+            return self._wait(self._used(now), amount, now)
 
     def give_back(self, amount: float) -> None:
-        """Return units taken for work that was not done."""
+        """Return units taken for work that was not done, off the newest slots first: the refunded charge is
+        among them unless the key was charged again since, whose units then leave early by that delay. A negative
+        amount takes more, unconditionally: work that turned out bigger than charged was done all the same."""
         with self._lock:
-            self.level = min(self.capacity, self.level + amount)
+            now = self.clock()
+            self._used(now)
+            if amount < 0:
+                self._add(-amount, now)
+                return
+            while amount > 0 and self._slots:
+                slot = self._slots[-1]
+                returned = min(amount, slot[1])
+                slot[1] -= returned
+                amount -= returned
+                if slot[1] <= 0:
+                    self._slots.pop()
+
+    def in_use(self) -> float:
+        """Units admitted in the window now."""
+        with self._lock:
+            return self._used(self.clock())
+
+    def fill(self, used: float, at: float | None = None) -> None:
+        """Replace the window by `used` units admitted at time `at` (default: now), e.g. the shared window's use
+        as last seen; they leave the window as if admitted then."""
+        with self._lock:
+            self._slots.clear()
+            if used > 0:
+                self._add(used, self.clock() if at is None else at)
 
 
 @dataclass(eq=False)
@@ -87,27 +137,27 @@ class ApiKey:
     digest: bytes
     models: frozenset[str] | None = None
     admin: bool = True
-    # This process's buckets, or buckets shared through Redis by every gateway process.
-    requests: TokenBucket | SharedBucket | None = None
-    tokens: TokenBucket | SharedBucket | None = None
+    # This process's windows, or windows shared through Redis by every gateway process.
+    requests: SlidingWindow | SharedWindow | None = None
+    tokens: SlidingWindow | SharedWindow | None = None
 
     def may_use(self, model: str) -> bool:
         """Whether this key may call `model` (its configured name, not an alias)."""
         return self.models is None or model in self.models
 
     async def _limit(
-        self, bucket: TokenBucket | SharedBucket | None, amount: float, what: str, take: bool = True
+        self, window: SlidingWindow | SharedWindow | None, amount: float, what: str, take: bool = True
     ) -> None:
-        if bucket is None:
+        if window is None:
             return
-        if isinstance(bucket, TokenBucket):
-            wait = bucket.take(amount) if take else bucket.wait_for(amount)
+        if isinstance(window, SlidingWindow):
+            wait = window.take(amount) if take else window.wait_for(amount)
         else:
-            wait = await (bucket.take(amount) if take else bucket.wait_for(amount))
+            wait = await (window.take(amount) if take else window.wait_for(amount))
         if wait:
             raise GatewayError(
                 429,
-                f"rate limit exceeded for key {self.name!r}: {int(bucket.capacity)} {what} per minute; "
+                f"rate limit exceeded for key {self.name!r}: {window.limit} {what} per minute; "
                 f"retry in {math.ceil(wait)}s",
                 code="rate_limit_exceeded",
                 headers={"Retry-After": str(math.ceil(wait))},
@@ -127,16 +177,16 @@ class ApiKey:
 
     async def refund_tokens(self, tokens: int) -> None:
         """Give back tokens charged for work that was not done (refused, failed, or never taken by a batch)."""
-        if isinstance(self.tokens, TokenBucket):
+        if isinstance(self.tokens, SlidingWindow):
             self.tokens.give_back(tokens)
         elif self.tokens is not None:
             await self.tokens.give_back(tokens)
 
 
-def _limits(key: ApiKey) -> tuple[float | None, float | None]:
+def _limits(key: ApiKey) -> tuple[int | None, int | None]:
     return (
-        key.requests.capacity if key.requests else None,
-        key.tokens.capacity if key.tokens else None,
+        key.requests.limit if key.requests else None,
+        key.tokens.limit if key.tokens else None,
     )
 
 
@@ -150,8 +200,8 @@ class KeyStore:
         previous: KeyStore | None = None,
         shared: RedisLink | None = None,
     ) -> None:
-        """`previous`: the store this one replaces; a key with unchanged limits keeps its buckets' levels,
-        so a reload does not hand every client a fresh quota. `shared`: Redis, where the limits are then
+        """`previous`: the store this one replaces; a key with unchanged limits keeps its windows (what they
+        hold), so a reload does not hand every client a fresh quota. `shared`: Redis, where the limits are then
         counted for every gateway process that shares it."""
         self._keys: list[ApiKey] = []
         for i, key in enumerate(k for k in keys if k.strip()):
@@ -164,8 +214,8 @@ class KeyStore:
                     digest=digest,
                     models=frozenset(entry.models) if entry.models is not None else None,
                     admin=entry.admin,
-                    requests=_bucket(entry.requests_per_minute, "requests", digest, shared),
-                    tokens=_bucket(entry.tokens_per_minute, "tokens", digest, shared),
+                    requests=_window(entry.requests_per_minute, "requests", digest, shared),
+                    tokens=_window(entry.tokens_per_minute, "tokens", digest, shared),
                 )
             )
 
@@ -223,19 +273,19 @@ class KeyStore:
         return found
 
 
-def _bucket(
+def _window(
     per_minute: int | None, what: str, digest: bytes, shared: RedisLink | None
-) -> TokenBucket | SharedBucket | None:
+) -> SlidingWindow | SharedWindow | None:
     if not per_minute:
         return None
-    local = TokenBucket(per_minute)
+    local = SlidingWindow(per_minute)
     if shared is None:
         return local
-    from .redis_state import SharedBucket
+    from .redis_state import SharedWindow
 
     # Named by a digest of the key's digest and the limit: no key in Redis, and a changed limit starts afresh.
     name = hashlib.sha256(b"limit\0" + digest).hexdigest()[:24] + f":{what}:{per_minute}"
-    return SharedBucket(shared, name.encode(), per_minute, local)
+    return SharedWindow(shared, name.encode(), per_minute, local)
 
 
 async def authorize(keys: KeyStore, authorization: str | None, state: dict[str, Any]) -> ApiKey:

@@ -3,7 +3,7 @@
 Redis is an accelerator and a coordinator, never a dependency of an answer: every call runs under a short
 deadline (Redis' own budget plus the event loop's measured lag, which is not Redis' fault), and a failed
 connection, or several slow replies in a row, mark the link down for a while, during which calls are
-skipped at once. The cache then misses and the rate limits fall back to per-process buckets; the outage is logged
+skipped at once. The cache then misses and the rate limits fall back to per-process windows; the outage is logged
 once when it starts and once when it ends, and each skipped or failed call is counted in /metrics. The
 `redis` package (extra `redis`) is imported only when a config names Redis.
 """
@@ -24,39 +24,82 @@ if TYPE_CHECKING:
     from redis.asyncio import Redis
     from redis.commands.core import AsyncScript
 
+    from .auth import SlidingWindow
+
 log = logging.getLogger("gateway.redis")
 
 T = TypeVar("T")
 
-# A token bucket updated atomically in Redis, on Redis' own clock (so replicas with skewed clocks agree).
-# KEYS[1]: the bucket; ARGV: capacity, refill per second, amount, mode ("take", "peek" or "give"), ttl (s).
-# Returns "WAIT LEVEL": the seconds until `amount` would fit (0: taken, or would be) and the level left, as a
-# string to keep the fractions.
-_BUCKET = """
+# A key's sliding window (auth.py's SlidingWindow), updated atomically in Redis on Redis' own clock (so replicas
+# with skewed clocks agree): a hash of slot second -> amount admitted in it; slots out of the window are deleted.
+# KEYS[1]: the window; ARGV: limit, amount, mode ("take", "peek" or "give"), ttl (s), carried (what this process
+# admitted, net of what it gave back, while it went without Redis: added first, unconditionally).
+# Returns "WAIT USED": the seconds until `amount` would fit (0: taken, or would be) and the amount in use left,
+# as a string to keep the fractions.
+_WINDOW = """
 local t = redis.call('TIME')
-local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
-local cap = tonumber(ARGV[1])
-local rate = tonumber(ARGV[2])
-local amount = tonumber(ARGV[3])
-local state = redis.call('HMGET', KEYS[1], 'level', 'stamp')
-local level = tonumber(state[1]) or cap
-local stamp = tonumber(state[2]) or now
-level = math.min(cap, level + math.max(0, now - stamp) * rate)
-local wait = 0
-if ARGV[4] == 'give' then
-  level = math.min(cap, level + amount)
-else
-  local need = math.min(amount, cap)
-  if level >= need then
-    if ARGV[4] == 'take' then level = level - amount end
+local second = tonumber(t[1])
+local now = second + tonumber(t[2]) / 1000000
+local limit = tonumber(ARGV[1])
+local amount = tonumber(ARGV[2])
+local mode = ARGV[3]
+local carried = tonumber(ARGV[5])
+local flat = redis.call('HGETALL', KEYS[1])
+local slots = {}
+local used = 0
+for i = 1, #flat, 2 do
+  local k = tonumber(flat[i])
+  if k == nil or k < second - 60 then
+    redis.call('HDEL', KEYS[1], flat[i])
   else
-    wait = (need - level) / rate
+    slots[#slots + 1] = {k, tonumber(flat[i + 1])}
+    used = used + slots[#slots][2]
   end
 end
-redis.call('HSET', KEYS[1], 'level', tostring(level), 'stamp', tostring(now))
-redis.call('EXPIRE', KEYS[1], ARGV[5])
-return tostring(wait) .. ' ' .. tostring(level)
+table.sort(slots, function(x, y) return x[1] < y[1] end)
+local function add(n)
+  redis.call('HINCRBYFLOAT', KEYS[1], t[1], n)
+  local last = slots[#slots]
+  if last ~= nil and last[1] == second then last[2] = last[2] + n else slots[#slots + 1] = {second, n} end
+  used = used + n
+end
+local function give(n)
+  for i = #slots, 1, -1 do
+    if n <= 0 then break end
+    local back = math.min(n, slots[i][2])
+    slots[i][2] = slots[i][2] - back
+    if slots[i][2] <= 0 then
+      redis.call('HDEL', KEYS[1], tostring(slots[i][1]))
+      table.remove(slots, i)
+    else
+      redis.call('HSET', KEYS[1], tostring(slots[i][1]), tostring(slots[i][2]))
+    end
+    n = n - back
+    used = used - back
+  end
+end
+if carried > 0 then add(carried) elseif carried < 0 then give(-carried) end
+local wait = 0
+if mode == 'give' then
+  if amount >= 0 then give(amount) else add(-amount) end
+else
+  local need = math.min(amount, limit)
+  if used + need <= limit then
+    if mode == 'take' then add(amount) end
+  else
+    local left = used
+    for i = 1, #slots do
+      left = left - slots[i][2]
+      wait = slots[i][1] + 61 - now
+      if left + need <= limit then break end
+    end
+  end
+end
+redis.call('EXPIRE', KEYS[1], ARGV[4])
+return tostring(wait) .. ' ' .. tostring(used)
 """
+# Longer than the window: a key nobody uses goes, one in use never does.
+_WINDOW_TTL_S = 120
 
 
 class RedisDown(Exception):
@@ -314,39 +357,50 @@ class RedisStore:
         await self.link.close()
 
 
-class SharedBucket:
-    """A key's rate-limit bucket in Redis, shared by every gateway process; `local` (this process's own
-    bucket) answers while Redis is down."""
+class SharedWindow:
+    """A key's rate-limit window in Redis, shared by every gateway process; `local` (this process's own
+    window) answers while Redis is down."""
 
-    def __init__(self, link: RedisLink, name: bytes, per_minute: int, local: Any) -> None:
+    def __init__(self, link: RedisLink, name: bytes, per_minute: int, local: SlidingWindow) -> None:
         self.link = link
-        self.name = link.prefix + b"limit:" + name
-        self.capacity = float(per_minute)
-        self.rate = per_minute / 60.0
+        # Not the name the token buckets had ("limit:"): during a rolling upgrade old and new never read each other's.
+        self.name = link.prefix + b"window:" + name
+        self.limit = per_minute
         self.local = local
         self._on_local = False
-        # The shared bucket's level as last seen: where this process's own bucket starts when Redis goes.
-        self._seen_level = float(per_minute)
+        # The shared window's use as last seen, and when (on the local window's clock): where this process's own
+        # window starts when Redis goes.
+        self._seen_used = 0.0
+        self._seen_at = 0.0
+        # Admitted here, net of what was given back, while Redis was away: counted in Redis once it answers, so
+        # an outage's admissions are not forgotten when it ends.
+        self._carried = 0.0
 
     async def _run(self, amount: float, mode: str) -> float:
-        args = (self.capacity, self.rate, amount, mode, 120)
+        # Sent once: a call that fails keeps it for the next.
+        carried, self._carried = self._carried, 0.0
+        args = (self.limit, amount, mode, _WINDOW_TTL_S, carried)
         try:
-            raw = await self.link.call("rate_limits", lambda r: r.eval(_BUCKET, 1, self.name, *args))
+            raw = await self.link.call("rate_limits", lambda r: r.eval(_WINDOW, 1, self.name, *args))
             self._on_local = False
         except RedisDown:
+            self._carried += carried
             if not self._on_local:
-                # Carry on from the shared budget as last seen, rather than granting a fresh burst at every
-                # outage; it refills at the key's rate from there.
+                # Carry on from the shared use as last seen, rather than granting a fresh minute at every outage;
+                # it leaves the window as if all admitted when it was seen.
                 self._on_local = True
-                self.local.reset(self._seen_level)
-            if mode == "take":
-                return self.local.take(amount)
+                self.local.fill(self._seen_used, at=self._seen_at)
             if mode == "peek":
                 return self.local.wait_for(amount)
+            if mode == "take":
+                wait = self.local.take(amount)
+                self._carried += 0.0 if wait else amount
+                return wait
             self.local.give_back(amount)
+            self._carried -= amount
             return 0.0
-        wait, level = (raw.decode() if isinstance(raw, bytes) else raw).split()
-        self._seen_level = float(level)
+        wait, used = (raw.decode() if isinstance(raw, bytes) else raw).split()
+        self._seen_used, self._seen_at = float(used), self.local.clock()
         return float(wait)
 
     async def take(self, amount: float) -> float:

@@ -324,10 +324,10 @@ def test_redis_key_names_hold_no_text_and_no_key(redis_server):
         assert r.status_code == 200
         time.sleep(0.2)
     names = [n.decode() for n in redis_server.client().keys("*")]
-    assert any(n.startswith("gateway:cache:") for n in names) and any(n.startswith("gateway:limit:") for n in names)
+    assert any(n.startswith("gateway:cache:") for n in names) and any(n.startswith("gateway:window:") for n in names)
     for name in names:
         assert "private" not in name and "secret" not in name
-        assert re.fullmatch(r"gateway:(cache:[0-9a-f]+|limit:[0-9a-f]+:requests:100)", name), name
+        assert re.fullmatch(r"gateway:(cache:[0-9a-f]+|window:[0-9a-f]+:requests:100)", name), name
 
 
 def test_rate_limits_hold_across_gateways_sharing_redis(redis_server):
@@ -429,7 +429,7 @@ def test_a_redis_outage_does_not_hand_out_a_fresh_budget(redis_server):
         assert [c.post(URL, json={"model": "fake", "input": "x"}, headers=h).status_code for _ in range(5)] == [200] * 5
         redis_server.stop()
         try:
-            # This process's own bucket carries on from the shared level last seen (about 1 left), not from 6.
+            # This process's own window carries on from the shared use last seen (5 of 6), not from 0.
             codes = [c.post(URL, json={"model": "fake", "input": "x"}, headers=h).status_code for _ in range(4)]
             assert codes.count(200) == 1 and codes.count(429) == 3, codes
         finally:
