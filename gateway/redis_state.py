@@ -121,6 +121,7 @@ class RedisLink:
         self.prefix = config.prefix.encode() + b":"
         self._client: Redis | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._scripts: dict[str, AsyncScript] = {}
         self._down_until = 0.0
         # When the current outage began (None: up), and when it was last declared (at its start and at each
         # failed retry): a call that started before that says nothing new about it.
@@ -144,6 +145,14 @@ class RedisLink:
             )
             self._loop = loop
         return self._client
+
+    def script(self, client: Redis, text: str) -> AsyncScript:
+        """`text` as a Lua script of `client`: called by its SHA (EVALSHA), and sent again by redis-py when a
+        restarted Redis has forgotten it, rather than sent whole with every call."""
+        found = self._scripts.get(text)
+        if found is None or found.registered_client is not client:
+            found = self._scripts[text] = client.register_script(text)
+        return found
 
     @property
     def up(self) -> bool:
@@ -245,7 +254,6 @@ class RedisStore:
         self._pending_writes: list[tuple[bytes, bytes]] = []
         self._tasks: set[asyncio.Task[Any]] = set()
         self._writes_in_flight = 0
-        self._set_many: AsyncScript | None = None
 
     def _key(self, key: bytes) -> bytes:
         return self.link.prefix + b"cache:" + key.hex().encode()
@@ -317,15 +325,9 @@ class RedisStore:
         names = [name for name, _ in items]
         args = [raw for _, raw in items] + [self.ttl_s]
 
-        async def set_many(r: Redis) -> None:
-            # redis-py's Script sends EVALSHA, and the script itself again when Redis has forgotten it.
-            if self._set_many is None or self._set_many.registered_client is not r:
-                self._set_many = r.register_script(_SET_MANY)
-            await self._set_many(keys=names, args=args)
-
         try:
             with contextlib.suppress(RedisDown):
-                await self.link.call("cache", set_many)
+                await self.link.call("cache", lambda r: self.link.script(r, _SET_MANY)(keys=names, args=args))
         finally:
             self._writes_in_flight -= 1
 
@@ -381,7 +383,9 @@ class SharedWindow:
         carried, self._carried = self._carried, 0.0
         args = (self.limit, amount, mode, _WINDOW_TTL_S, carried)
         try:
-            raw = await self.link.call("rate_limits", lambda r: r.eval(_WINDOW, 1, self.name, *args))
+            raw = await self.link.call(
+                "rate_limits", lambda r: self.link.script(r, _WINDOW)(keys=[self.name], args=args)
+            )
             self._on_local = False
         except RedisDown:
             self._carried += carried
