@@ -348,8 +348,12 @@ def query_like(
     bench.write_bodies(bodies, model, texts, 1)
     script_args = [str(bodies), URL_PATH, bench.API_KEY]
     rounds: dict[str, list[dict[str, Any]]] = {s: [] for s in servers}
+    ceilings: list[float] = []
     for r in range(args.rounds):
         bench.wait_quiet(args, f"query-like round {r + 1}")
+        # The HTTP front's ceiling on this machine now: GET /health, same clients, on the "off" gateway.
+        ceilings.append(health_rps(args, servers["off"].port))
+        print(f"   /health round {r + 1}: {ceilings[-1]:.0f} requests/s", flush=True)
         for store in rotated(list(servers), r):
             server = servers[store]
             clear(server, store, redis)
@@ -358,7 +362,24 @@ def query_like(
             row = wrk_point(args, server, model, EMBED_LUA, script_args)
             rounds[store].append(row)
             print(f"   {store:>6} round {r + 1}: {line(row)}", flush=True)
-    return summarize_rounds(rounds)
+    out = summarize_rounds(rounds)
+    for summary in out.values():
+        summary["vs_health"] = statistics.median(
+            row["texts_per_s"] / c for row, c in zip(summary["rounds"], ceilings, strict=True)
+        )
+    out["off"]["health_rps_rounds"] = ceilings
+    return out
+
+
+def health_rps(args: argparse.Namespace, port: int) -> float:
+    """Requests/s of GET /health at 32 connections for --duration: what the HTTP front answers with no work."""
+    cmd = [args.wrk, "-t1", "-c32", f"-d{args.duration:g}s", f"http://127.0.0.1:{port}/health"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False, timeout=args.duration + 60)
+    found = re.search(r"Requests/sec:\s+([0-9.]+)", proc.stdout)
+    if found is None or "Non-2xx" in proc.stdout:
+        raise RuntimeError(f"wrk on /health failed: {proc.stdout[-500:]} {proc.stderr[-500:]}")
+    time.sleep(args.pause)
+    return float(found.group(1))
 
 
 def unique(
@@ -712,6 +733,16 @@ def report(results: dict[str, Any], args: argparse.Namespace) -> str:
             head = ["model", "store", "texts/s", "p50 ms", "p99 ms", "hit rate", "vs off", "vs off, each round"]
             head += ["server CPU ms/text", "CPU/text vs off", "mean batch", "non-200 + socket errors"]
             md += ["", f"## {title}", "", table(head, rows)]
+        for model, m in results["models"].items():
+            q = m.get(key, {})
+            if key == "query" and "health_rps_rounds" in q.get("off", {}):
+                ceilings = " / ".join(f"{c:.0f}" for c in q["off"]["health_rps_rounds"])
+                parts = ", ".join(f"{store} {r['vs_health']:.2f}" for store, r in q.items())
+                md += [
+                    "",
+                    f"{model}: the HTTP front's ceiling, GET /health at 32 connections on the same server before "
+                    f"each round: {ceilings} requests/s; texts/s as a share of it (median of rounds): {parts}.",
+                ]
     for label, sh in results["shared"].items():
         lim = sh["limit"]
 
