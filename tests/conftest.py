@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import os
 import textwrap
@@ -30,6 +31,8 @@ class FakeOptions(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     dimension: int = 8
     max_tokens: int = 16
     delay_s: float = 0.0
+    # delay_s only for a batch holding a text with this in it (a slow batch to wait behind, quick ones after).
+    slow_on: str | None = None
     fail_on: str | None = None
     fail_load: bool = False
     load_delay_s: float = 0.0
@@ -46,7 +49,9 @@ class FakeBackend(Backend):
 
     name = "fake"
     Options = FakeOptions
+    # Each batch as it starts, and as it ends (when it did not fail).
     batches: ClassVar[list[list[str]]] = []
+    finished: ClassVar[list[list[str]]] = []
 
     def load(self) -> ModelInfo:
         if self.options.load_delay_s:
@@ -76,11 +81,14 @@ class FakeBackend(Backend):
             raise RuntimeError("boom")
         if self.options.reject_on is not None and any(self.options.reject_on in t for t in texts):
             raise InputRejected(f"fake rejects inputs with {self.options.reject_on!r}")
-        if self.options.delay_s:
+        if self.options.delay_s and (self.options.slow_on is None or any(self.options.slow_on in t for t in texts)):
             time.sleep(self.options.delay_s)
         if self.options.embeds_ids:
-            return np.stack([fake_vector(" ".join(map(str, ids)), self.options.dimension) for ids in token_ids])
-        return np.stack([fake_vector(t, self.options.dimension) for t in texts])
+            out = np.stack([fake_vector(" ".join(map(str, ids)), self.options.dimension) for ids in token_ids])
+        else:
+            out = np.stack([fake_vector(t, self.options.dimension) for t in texts])
+        FakeBackend.finished.append(list(texts))
+        return out
 
 
 class OtherFakeBackend(FakeBackend):
@@ -136,15 +144,35 @@ def make_app(
     )
 
 
-def wait_loaded(client: TestClient, timeout: float = 300) -> None:
-    """Block until no model is still loading."""
+def wait_until(condition: Callable[[], object], what: str, timeout: float = 20) -> None:
+    """Return as soon as `condition()` holds; TimeoutError naming `what` after `timeout` seconds. Tests wait for
+    the state they need rather than sleeping a fixed time, which a slow or loaded machine outlasts."""
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        body = client.get("/ready").json()
-        if "loading" not in body["models"].values():
-            return
-        time.sleep(0.05)
-    raise TimeoutError("models still loading")
+    while not condition():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"not within {timeout}s: {what}")
+        time.sleep(0.01)
+
+
+async def until(condition: Callable[[], object], what: str, timeout: float = 20) -> None:
+    """`wait_until` for a coroutine: the event loop runs on while it waits."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"not within {timeout}s: {what}")
+        await asyncio.sleep(0.005)
+
+
+def wait_loaded(client: TestClient, timeout: float = 300) -> None:
+    """Block until no model is still loading. Read from the app, not /ready: /ready names models only to a key
+    the app accepts, which the test key is not under `keys="config"` (it then named none, and this returned
+    while the models still loaded)."""
+    from gateway.registry import ModelState
+
+    gateway = client.app.state.gateway
+    wait_until(
+        lambda: all(m.state != ModelState.LOADING for m in gateway.registry.models.values()), "models loaded", timeout
+    )
 
 
 @contextmanager
