@@ -15,11 +15,12 @@ import pytest
 from gateway import Backend, ModelInfo
 from gateway.batching import Batcher, BatchFailed, QueueFull
 
-from .conftest import FAKE_TOML, fake_vector, serve
+from .conftest import FAKE_TOML, FakeBackend, fake_vector, serve, until, wait_until
 
 
 class Recorder(Backend):
-    """One token per character; records each batch and the ids that came with each text."""
+    """One token per character; records each batch (as it starts, and once past the gate) and the ids that came
+    with each text."""
 
     name = "recorder"
 
@@ -27,6 +28,8 @@ class Recorder(Backend):
         super().__init__(model="rec", path=".", options=None)
         self.delay, self.fail_on, self.gate = delay, fail_on, gate
         self.batches: list[list[str]] = []
+        # Batches handed to `embed`, before the gate: a test holding the worker waits for its first one here.
+        self.started: list[list[str]] = []
         self.seen: list[tuple[str, list[int]]] = []
 
     def load(self) -> ModelInfo:
@@ -36,6 +39,7 @@ class Recorder(Backend):
         return [[ord(c) for c in t] for t in texts]
 
     def embed(self, texts: Sequence[str], token_ids: Sequence[Sequence[int]]) -> np.ndarray:
+        self.started.append(list(texts))
         if self.gate is not None:
             self.gate.wait(5)
         self.batches.append(list(texts))
@@ -107,7 +111,7 @@ def test_a_backend_without_padding_gets_inputs_in_turn_with_a_token_budget():
 
     async def main() -> None:
         first = asyncio.create_task(_embed(b, ["x"]))  # holds the worker until the others are queued
-        await asyncio.sleep(0.05)
+        await until(lambda: backend.started == [["x"]], "the first batch holds the worker")
         big = asyncio.create_task(_embed(b, ["b" * 10, "b" * 10, "b" * 10]))
         await asyncio.sleep(0.01)
         small = asyncio.create_task(_embed(b, ["a" * 2, "a" * 3]))
@@ -130,7 +134,7 @@ def test_small_requests_share_batches_with_a_large_one():
 
     async def main():
         first = asyncio.ensure_future(_embed(b, ["hold"]))
-        await asyncio.sleep(0.05)
+        await until(lambda: backend.started == [["hold"]], "the first batch holds the worker")
         big = asyncio.ensure_future(_embed(b, [f"big{i}" for i in range(40)]))
         await asyncio.sleep(0.01)
         small = asyncio.ensure_future(_embed(b, ["small"]))
@@ -205,7 +209,7 @@ def test_a_failing_batch_fails_only_its_own_requests():
 
     async def main():
         first = asyncio.ensure_future(_embed(b, ["hold"]))  # occupies the worker while the rest queue
-        await asyncio.sleep(0.05)
+        await until(lambda: backend.started == [["hold"]], "the first batch holds the worker")
         bad = asyncio.ensure_future(_embed(b, ["poison", "p2"]))
         good = asyncio.ensure_future(_embed(b, ["fine", "also fine"]))
         await asyncio.sleep(0.05)
@@ -230,7 +234,7 @@ def test_cancelled_request_is_dropped_from_the_queue():
 
     async def main():
         first = asyncio.ensure_future(_embed(b, ["running"]))
-        await asyncio.sleep(0.05)
+        await until(lambda: backend.started == [["running"]], "the first batch holds the worker")
         doomed = asyncio.ensure_future(_embed(b, ["never computed"]))
         await asyncio.sleep(0.01)
         assert b.queued == 1
@@ -254,13 +258,15 @@ def test_queue_full_is_refused_at_once():
 
     async def main():
         first = asyncio.ensure_future(_embed(b, ["running"]))
-        await asyncio.sleep(0.05)
+        await until(lambda: backend.started == [["running"]], "the first batch holds the worker")
         queued = asyncio.ensure_future(_embed(b, ["q1", "q2"]))
         await asyncio.sleep(0.01)
         started = time.perf_counter()
         with pytest.raises(QueueFull, match="2 inputs queued"):
             await _embed(b, ["q3", "q4"])
-        assert time.perf_counter() - started < 0.05
+        # Refused while the gate still holds the worker, so without waiting for room; the bound is far under the
+        # gate's 5 s, not the microseconds a refusal takes (a loaded machine may pause this thread meanwhile).
+        assert time.perf_counter() - started < 1.0 and not gate.is_set()
         gate.set()
         await asyncio.gather(first, queued)
 
@@ -298,6 +304,7 @@ def test_queue_full_over_http_is_429_with_retry_after():
 def test_health_answers_while_a_long_batch_computes():
     toml = FAKE_TOML + "[models.fake.options]\ndelay_s = 2.0\n"
     with serve(toml) as client:
+        FakeBackend.batches = []
         done = threading.Event()
 
         def slow() -> None:
@@ -306,7 +313,7 @@ def test_health_answers_while_a_long_batch_computes():
 
         t = threading.Thread(target=slow)
         t.start()
-        time.sleep(0.3)
+        wait_until(lambda: FakeBackend.batches == [["slow one"]], "the slow batch computing")
         started = time.perf_counter()
         assert client.get("/health").status_code == 200
         assert time.perf_counter() - started < 0.5
@@ -453,7 +460,9 @@ def test_return_wait_keeps_a_closed_loop_of_clients_in_one_batch():
 
 def test_return_wait_never_delays_a_lone_client_or_one_after_a_quiet_spell():
     backend = Recorder(delay=0.05)
-    b = _batcher(backend, max_batch_size=8, return_wait=1.0)  # a wrongful wait would add 50 ms
+    # A share far above the config's cap of 1: a wrongful wait would add 20 x 50 ms, which no pause of a loaded
+    # machine passes for (at 1, it would add 50 ms, which one does).
+    b = _batcher(backend, max_batch_size=8, return_wait=20.0)
 
     async def main() -> list[float]:
         took = []
@@ -461,8 +470,10 @@ def test_return_wait_never_delays_a_lone_client_or_one_after_a_quiet_spell():
             t = time.perf_counter()
             await _embed(b, ["alone"])
             took.append(time.perf_counter() - t)
+        t = time.perf_counter()
         await asyncio.gather(*(_embed(b, [f"burst{i}"]) for i in range(6)))
-        await asyncio.sleep(0.12)  # longer than a batch: the burst's clients are not coming back
+        # Longer than the burst's batch took, however slow the machine: its clients are not coming back.
+        await asyncio.sleep(max(0.12, 2 * (time.perf_counter() - t)))
         t = time.perf_counter()
         await _embed(b, ["after a pause"])
         took.append(time.perf_counter() - t)
@@ -470,23 +481,36 @@ def test_return_wait_never_delays_a_lone_client_or_one_after_a_quiet_spell():
 
     took = asyncio.run(main())
     b.close()
-    assert max(took) < 0.09, took
+    assert max(took) < 0.6, took  # a 50 ms batch and its hand-offs; a wrongful wait would be 1 s more
 
 
 @pytest.mark.parametrize("kw", [{"max_wait_ms": 300}, {"return_wait": 1.0}])
 def test_requests_cancelled_while_a_worker_waits_for_more_do_not_kill_it(kw):
     """A worker waiting to fill its batch finds the queue emptied by cancellations (clients gone): it must
     go back to waiting, not crash (a dead worker hangs every later request of the model)."""
-    backend = Recorder(delay=0.15)
+    gate = threading.Event()
+    backend = Recorder(delay=0.15, gate=gate)
     b = _batcher(backend, max_batch_size=8, **kw)
 
     async def main() -> None:
-        # return_wait: a first batch answers 2 requests, so the worker then expects 2 back and waits.
-        await asyncio.gather(_embed(b, ["warm 1"]), _embed(b, ["warm 2"]))
-        with pytest.raises(TimeoutError):
-            await asyncio.wait_for(_embed(b, ["given up on"]), 0.05)
+        # return_wait: a batch answers 2 requests, so the worker then expects 2 back and waits. The 2 queue while a
+        # first batch holds the worker, so they share the next batch however slow the machine.
+        hold = asyncio.ensure_future(_embed(b, ["hold"]))
+        await until(lambda: backend.started == [["hold"]], "the first batch holds the worker")
+        warm = asyncio.gather(_embed(b, ["warm 1"]), _embed(b, ["warm 2"]))
+        await until(lambda: b.queued == 2, "both queued")
+        gate.set()
+        await asyncio.gather(hold, warm)
+        assert backend.batches == [["hold"], ["warm 1", "warm 2"]]
+        given_up = asyncio.ensure_future(_embed(b, ["given up on"]))
+        await asyncio.sleep(0)  # queued: the worker now waits for more
+        assert b.queued == 1
+        given_up.cancel()  # the client goes (at once: a timer could fire after the worker's wait on a slow machine)
+        with pytest.raises(asyncio.CancelledError):
+            await given_up
         await asyncio.sleep(0.4)  # past any wait: the worker has looked at its (empty) queue again
-        out = await asyncio.wait_for(_embed(b, ["still served"]), 2.0)
+        # A dead worker never answers; a live one at once (the bound is only there to end the test).
+        out = await asyncio.wait_for(_embed(b, ["still served"]), 20.0)
         np.testing.assert_allclose(out[0], fake_vector("still served"), rtol=1e-6)
 
     asyncio.run(main())
