@@ -16,7 +16,7 @@ import pytest
 
 from gateway.config import ConfigError, parse_config
 
-from .conftest import FAKE_TOML, FakeBackend, make_app, partial_request, serve, uvicorn_server
+from .conftest import FAKE_TOML, FakeBackend, make_app, partial_request, serve, until, uvicorn_server, wait_until
 
 URL = "/v1/embeddings"
 
@@ -98,9 +98,11 @@ def test_a_timed_out_request_is_charged_for_the_batches_that_ran_and_the_rest_is
         r = client.post(URL, json={"model": "fake", "input": texts}, headers={**QUOTA, "X-Request-Timeout-Ms": "450"})
         assert r.status_code == 504 and "within 0.45s" in r.json()["error"]["message"]
         used = _window(client).in_use()
-        time.sleep(0.8)  # past any batch that was still running
-        computed = {t for batch in FakeBackend.batches for t in batch}
-        assert 4 <= len(computed) <= 8, computed  # one or two batches ran; the others never will
+        # The others never will: a request the key sends next is answered, and the older request's inputs would
+        # go first.
+        assert client.post(URL, json={"model": "fake", "input": "next"}, headers=QUOTA).status_code == 200
+        computed = {t for batch in FakeBackend.batches for t in batch} - {"next"}
+        assert 4 <= len(computed) <= 8, computed  # one or two batches ran
         # 48 tokens charged, those of the batches taken (12 or 24) kept: the rest given back.
         assert used in (12, 24), used
 
@@ -142,7 +144,7 @@ def test_keys_take_turns_and_a_flooding_key_cannot_fill_the_queue_for_others():
     async def main():
         ids = backend.tokenize
         hold = asyncio.ensure_future(b.embed(["hold"], ids(["hold"]), owner="flood"))
-        await asyncio.sleep(0.05)
+        await until(lambda: backend.started == [["hold"]], "the first batch holds the worker")
         floods = [
             asyncio.ensure_future(b.embed([f"f{r}-{i}" for i in range(4)], ids(["xx"] * 4), owner="flood"))
             for r in range(4)
@@ -185,9 +187,9 @@ def test_half_open_connections_do_not_slow_health_and_are_closed_after_the_heade
                     took.append(time.perf_counter() - t)
             took.sort()
             assert took[int(len(took) * 0.99) - 1] < 0.1, took[-5:]
-            time.sleep(1.5)  # past the header deadline: the server has closed them all
+            # Closed by the server once past the header deadline (1 s): an empty read, not a timeout.
             for s in socks[:20]:
-                s.settimeout(2)
+                s.settimeout(20)
                 assert s.recv(100) == b""
         finally:
             for s in socks:
@@ -307,15 +309,24 @@ def test_the_generated_key_can_go_to_an_owner_only_file(tmp_path):
         stderr=subprocess.PIPE,
         text=True,
     )
+    lines: list[str] = []
+
+    def read() -> None:
+        for line in proc.stderr or ():
+            lines.append(line)
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
     try:
-        deadline = time.monotonic() + 60
-        while not key_file.exists() and time.monotonic() < deadline:
-            time.sleep(0.1)
+        # Said once the file is written (the file exists, empty, a moment before its key is in it).
+        wait_until(lambda: any("this run's key is in" in line for line in lines), "the key file announced", 60)
         key = key_file.read_text().strip()
         assert key.startswith("gw-") and stat.S_IMODE(os.stat(key_file).st_mode) == 0o600
     finally:
         proc.terminate()
-        err = proc.communicate(timeout=30)[1]
+        proc.wait(30)
+        reader.join(30)
+    err = "".join(lines)
     assert key not in err and f"this run's key is in {key_file}" in err
 
 

@@ -13,7 +13,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from gateway.auth import KeyStore, hash_key
 from gateway.config import parse_config
 
-from .conftest import API_KEY, AUTH, FAKE_TOML, fake_vector, serve, wait_loaded
+from .conftest import API_KEY, AUTH, FAKE_TOML, FakeBackend, fake_vector, serve, wait_loaded, wait_until
 
 URL = "/v1/embeddings"
 
@@ -212,6 +212,7 @@ def test_rate_limit_requests_then_recovery():
     auth = '[[auth.keys]]\nkey = "slow-key-12"\nrequests_per_minute = 120\n'
     with _keyed_client(auth) as client:
         h = {"Authorization": "Bearer slow-key-12"}
+        started = time.monotonic()
         codes = [client.post(URL, json={"model": "fake", "input": "x"}, headers=h).status_code for _ in range(125)]
         assert codes == [200] * 120 + [429] * 5
         r = client.post(URL, json={"model": "fake", "input": "x"}, headers=h)
@@ -220,8 +221,9 @@ def test_rate_limit_requests_then_recovery():
             r.json()["error"]["type"] == "rate_limit_error"
             and "120 requests per minute" in r.json()["error"]["message"]
         )
-        # A window, not a bucket: nothing comes back until the first requests' second has left the last minute.
-        assert 55 <= int(r.headers["retry-after"]) <= 61
+        # A window, not a bucket: nothing comes back until the first requests' second has left the last minute,
+        # 61 s after that second began, less the time these requests took (a bucket would say 1 s).
+        assert 60 - (time.monotonic() - started) <= int(r.headers["retry-after"]) <= 61
         (key,) = [k for k in client.app.state.gateway.keys._keys if k.requests is not None]
         real = time.monotonic
         key.requests.clock = lambda: real() + 62  # a minute later, on the window's clock
@@ -279,7 +281,8 @@ def test_invalid_key_config(auth, needle):
 
 @contextmanager
 def _steady_traffic(client, model: str) -> Iterator[list[int]]:
-    """Requests for `model` sent back to back while the block runs; yields their statuses."""
+    """Requests for `model` sent back to back from before the block to after it (answered on both sides of it,
+    however slow the machine); yields their statuses."""
     stop, results = threading.Event(), []
 
     def hammer() -> None:
@@ -289,7 +292,10 @@ def _steady_traffic(client, model: str) -> Iterator[list[int]]:
     t = threading.Thread(target=hammer)
     t.start()
     try:
+        wait_until(lambda: results, "traffic flowing")
         yield results
+        seen = len(results)
+        wait_until(lambda: len(results) > seen + 1, "traffic after the block")  # one sent after it ended
     finally:
         stop.set()
         t.join()
@@ -321,7 +327,6 @@ def test_reload_switches_a_models_backend(tmp_path):
         assert before == pytest.approx(fake_vector("x").tolist(), abs=1e-6)
         with _steady_traffic(client, "fake-alias") as results:
             r = _reload(client, cfg, FAKE_TOML.replace('backend = "fake"', 'backend = "fake-b"'))
-            time.sleep(0.2)
         assert r.status_code == 200 and r.json()["changed"] == ["fake"]
         assert set(results) == {200}
         after = client.post(URL, json={"model": "fake", "input": "x"}).json()["data"][0]["embedding"]
@@ -370,8 +375,9 @@ def test_graceful_shutdown_finishes_in_flight_requests():
                 httpx.post(f"{url}/v1/embeddings", json={"model": "fake", "input": "x"}, headers=AUTH, timeout=10)
             )
         )
+        FakeBackend.batches = []
         t.start()
-        time.sleep(0.3)
+        wait_until(lambda: FakeBackend.batches == [["x"]], "the request in flight")  # its batch is computing
         server.should_exit = True  # what SIGTERM does
         t.join()
     assert result[0].status_code == 200
@@ -381,24 +387,26 @@ def test_graceful_shutdown_finishes_in_flight_requests():
 def test_a_client_that_hangs_up_is_dropped_from_the_queue():
     import httpx
 
-    from .conftest import FakeBackend, make_app, uvicorn_server
+    from .conftest import make_app, uvicorn_server
 
     FakeBackend.batches = []
-    app = make_app(FAKE_TOML + "[models.fake.options]\ndelay_s = 0.8\n[models.fake.batching]\nmax_batch_size = 1\n")
+    app = make_app(
+        FAKE_TOML
+        + '[models.fake.options]\ndelay_s = 0.8\nslow_on = "first"\n[models.fake.batching]\nmax_batch_size = 1\n'
+    )
     with uvicorn_server(app) as (url, _):
         first = threading.Thread(
             target=lambda: httpx.post(f"{url}{URL}", json={"model": "fake", "input": "first"}, headers=AUTH, timeout=10)
         )
         first.start()
-        time.sleep(0.2)
+        wait_until(lambda: FakeBackend.batches == [["first"]], "the first batch computing")
         with pytest.raises(httpx.ReadTimeout):
             httpx.post(f"{url}{URL}", json={"model": "fake", "input": "abandoned"}, headers=AUTH, timeout=0.2)
         first.join()
-        time.sleep(0.9)
-        assert ["first"] in FakeBackend.batches
-        assert ["abandoned"] not in FakeBackend.batches
+        # Sent after it by the same key: had the abandoned request stayed queued, it would have gone first.
         r = httpx.post(f"{url}{URL}", json={"model": "fake", "input": "later"}, headers=AUTH, timeout=10)
         assert r.status_code == 200
+        assert FakeBackend.batches == [["first"], ["later"]]
 
 
 def test_reload_while_a_model_is_still_loading_loads_it_once(tmp_path):
