@@ -17,7 +17,7 @@ from gateway import Backend, BackendOverloaded, BackendUnavailable, InputRejecte
 from gateway.circuit import CircuitBreaker, CircuitState
 from gateway.config import ConfigError, parse_config
 
-from .conftest import AUTH, FakeBackend, make_app, serve, uvicorn_server
+from .conftest import AUTH, FakeBackend, make_app, serve, uvicorn_server, wait_until
 from .upstream import UPSTREAM_KEY, Upstream
 
 # -- config ---------------------------------------------------------------------------------------------------
@@ -284,13 +284,25 @@ def test_upstream_killed_under_load_fails_over_then_comes_back(failover_server, 
                 with lock:
                     outcomes[(r.status_code, r.headers.get("x-served-model", r.text))] += 1
 
+    def seen(outcome: tuple[int, str]) -> bool:
+        with lock:
+            return outcomes[outcome] > 0
+
+    def failed_over(reason: str) -> bool:
+        return (
+            f'gateway_failovers_total{{fallback="local",model="remote",reason="{reason}"}}'
+            in httpx.get(f"{url}/metrics").text
+        )
+
     threads = [threading.Thread(target=client, args=(i,)) for i in range(8)]
     for t in threads:
         t.start()
     try:
-        time.sleep(0.5)  # load flowing to the upstream
+        wait_until(lambda: seen((200, "remote")), "load flowing to the upstream")
         upstream.kill()
-        time.sleep(1.5)  # load while it is dead: the circuit opens, the fallback serves
+        # Load while it is dead: its failure, then the open circuit, send requests to the fallback.
+        wait_until(lambda: seen((200, "local")) and failed_over("unavailable"), "failover on the upstream's failure")
+        wait_until(lambda: failed_over("circuit_open"), "failover on the open circuit")
         # Without a fallback: the upstream's failure, then the open circuit, each with its own status.
         statuses = [_post(url, "alone", ["x"]) for _ in range(3)]
         # An input the cache holds is still answered by the model whose circuit is open.
