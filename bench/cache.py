@@ -66,7 +66,8 @@ FAULT_KEY = "bench-fault-key-1"
 
 
 class RedisProc:
-    """A redis-server on a fixed loopback port, no persistence; kill() and start() keep the port."""
+    """A Redis server (by default the Valkey binary the lock installs) on a fixed loopback port, no persistence;
+    kill() and start() keep the port."""
 
     def __init__(self, binary: str, workdir: Path, log: Path) -> None:
         self.binary = binary
@@ -79,8 +80,10 @@ class RedisProc:
     def start(self) -> None:
         import redis
 
-        cmd = [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
-        self.proc = subprocess.Popen([*cmd, "--dir", str(self.workdir)], stdout=self.log, stderr=subprocess.STDOUT)
+        from gateway import local_redis
+
+        cmd = [self.binary, *local_redis.command(self.port, self.workdir)[1:]]
+        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT)
         client = redis.Redis(port=self.port, socket_connect_timeout=0.2)
         deadline = time.monotonic() + 10
         while True:
@@ -833,15 +836,18 @@ def main() -> int:
     p.add_argument("--quiet-pct", type=float, default=25.0, help="'quiet': others use under this %% of a core")
     p.add_argument("--ready-timeout", type=float, default=180.0)
     p.add_argument("--wrk", default=shutil.which("wrk") or "/usr/bin/wrk")
-    p.add_argument("--redis-server", default=shutil.which("redis-server") or "/usr/bin/redis-server")
+    p.add_argument("--redis-server", default=None, help="server binary (default: the one the lock installs)")
     p.add_argument("--out", default=str(HERE / "results"))
     args = p.parse_args()
     skip = {s.strip() for s in args.skip.split(",") if s.strip()}
+    sys.path.insert(0, str(bench.ROOT))
+    from gateway import local_redis
+
+    args.redis_server = args.redis_server or str(local_redis.binary())
     for exe, what in ((args.wrk, "wrk"), (args.redis_server, "redis-server")):
         if not Path(exe).exists():
             print(f"error: {what} not found at {exe} (Debian/Ubuntu: apt-get install {what})", file=sys.stderr)
             return 2
-    sys.path.insert(0, str(bench.ROOT))
     from gateway.config import load_config
 
     config = load_config(args.config)

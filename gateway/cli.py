@@ -1,4 +1,4 @@
-"""The `gateway` command: serve | embed | models | check-config | convert | hash-key."""
+"""The `gateway` command: serve | embed | models | check-config | convert | hash-key | redis-server."""
 
 from __future__ import annotations
 
@@ -135,6 +135,27 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_redis_server(args: argparse.Namespace) -> int:
+    import tempfile
+
+    from . import local_redis
+
+    config = load_config(args.config)
+    if args.port is not None:
+        port = args.port
+    elif config.redis is not None:
+        port = local_redis.local_port(config.redis.url)
+    else:
+        raise ConfigError(f"{args.config} has no `[redis]` table: give --port, or add `[redis] url`")
+    workdir = Path(tempfile.gettempdir()) / f"gateway-redis-{port}"
+    workdir.mkdir(exist_ok=True)
+    argv = local_redis.command(port, workdir)
+    print(f"starting {argv[0]} on redis://127.0.0.1:{port} (nothing kept on disk; Ctrl-C stops it)", flush=True)
+    # The server takes this process' place: its signals and exit status are the command's.
+    os.execv(argv[0], argv)
+    return 0  # pragma: no cover - execv does not return
+
+
 def cmd_hash_key(args: argparse.Namespace) -> int:
     key = args.key or new_key()
     print(f"key:    {key}\nconfig: {hash_key(key)}")
@@ -175,6 +196,15 @@ def build_parser(converters: dict[str, object] | None = None) -> argparse.Argume
     p = sub.add_parser("check-config", help="validate a config without loading any model")
     p.add_argument("config", nargs="?", default=os.environ.get("GATEWAY_CONFIG", DEFAULT_CONFIG))
     p.set_defaults(func=cmd_check_config)
+
+    p = with_config(
+        sub.add_parser(
+            "redis-server",
+            help="run the local Redis-protocol server installed with the gateway (Valkey) on [redis]'s port",
+        )
+    )
+    p.add_argument("--port", type=int, help="port (default: the one in [redis] url)")
+    p.set_defaults(func=cmd_redis_server)
 
     p = sub.add_parser("hash-key", help="print a new (or the given) API key and its sha256 form for gateway.toml")
     p.add_argument("key", nargs="?")

@@ -110,6 +110,23 @@ class RedisDown(Exception):
 _SLOW_STRIKES = 3
 
 
+# What an operator who has no Redis running reads in the outage's first log line.
+_NO_SERVER_HINT = (
+    ". Is a server running there? For local use, `gateway redis-server` starts the one installed with the "
+    'gateway on [redis]\'s port; or set `[cache] store = "memory"` and drop `[redis]`'
+)
+
+
+def _refused(exc: BaseException) -> bool:
+    """A connection that nothing accepted (as opposed to a slow or failing server)."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, ConnectionRefusedError) or "Connection refused" in str(seen):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
 class RedisLink:
     """One client for one event loop, with the health rule above."""
 
@@ -200,11 +217,12 @@ class RedisLink:
             self._down_since = now
             log.error(
                 "redis at %s failed (%s: %s); going on without it (cache misses, per-process rate limits), "
-                "next try in %.1fs",
+                "next try in %.1fs%s",
                 self._where(),
                 type(exc).__name__,
                 exc or "timed out",
                 self._backoff,
+                _NO_SERVER_HINT if _refused(exc) else "",
             )
         else:
             # Still down: try less often, up to four times the base interval.

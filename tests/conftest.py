@@ -343,18 +343,12 @@ def partial_request(url: str, content_length: int, start: str, path: str = "/v1/
 
 
 class RedisServer:
-    """A real redis-server (Debian's package) on a free loopback port, no persistence; stop/start keep the port."""
+    """A real Redis-protocol server (the Valkey binary the lock installs, `gateway.local_redis`) on a free loopback
+    port, no persistence; stop/start keep the port."""
 
     def __init__(self, workdir: Path) -> None:
-        import shutil
         import socket
 
-        binary = shutil.which("redis-server")
-        if binary is None:
-            raise RuntimeError(
-                "redis-server is not installed: `apt-get install redis-server` (Debian); .ci/run installs it"
-            )
-        self.binary = binary
         self.workdir = workdir
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
@@ -367,9 +361,10 @@ class RedisServer:
 
         import redis
 
-        args = [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+        from gateway import local_redis
+
         self.process = subprocess.Popen(
-            [*args, "--dir", str(self.workdir)], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT
+            local_redis.command(self.port, self.workdir), stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT
         )
         client = redis.Redis(port=self.port, socket_connect_timeout=0.2)
         deadline = time.monotonic() + 10
@@ -379,7 +374,7 @@ class RedisServer:
                 break
             except redis.ConnectionError:
                 if time.monotonic() > deadline or self.process.poll() is not None:
-                    raise RuntimeError("redis-server did not start") from None
+                    raise RuntimeError("the Redis server did not start") from None
                 time.sleep(0.05)
         client.close()
 
@@ -396,7 +391,7 @@ class RedisServer:
 
 @pytest.fixture(scope="session")
 def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
-    """One redis-server for the session; tests that stop it start it again before they end."""
+    """One Redis server for the session; tests that stop it start it again before they end."""
     server = RedisServer(tmp_path_factory.mktemp("redis"))
     server.start()
     yield server

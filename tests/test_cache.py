@@ -1,6 +1,6 @@
 """The embedding cache through HTTP: exact hits, partial hits, inputs computed once, keys by model identity,
-the bound, clearing; and Redis (a real redis-server): sharing across gateways, rate limits across them, and
-Redis failing under a running gateway."""
+the bound, clearing; and Redis (a real server: the Valkey binary the lock installs): sharing across gateways,
+rate limits across them, and Redis failing under a running gateway."""
 
 from __future__ import annotations
 
@@ -412,9 +412,64 @@ def test_redis_config_errors():
 
 def test_an_unreachable_redis_at_start_does_not_stop_serving():
     asyncio.get_event_loop_policy()  # (no loop needed: the app runs its own)
-    with serve(_redis_toml("redis://127.0.0.1:9/0")) as c:
-        r = c.post(URL, json={"model": "fake", "input": ["still served"]})
-        assert r.status_code == 200 and r.headers["x-cache-hits"] == "0"
+    records = _Records()
+    logging.getLogger("gateway.redis").addHandler(records)
+    try:
+        with serve(_redis_toml("redis://127.0.0.1:9/0")) as c:
+            r = c.post(URL, json={"model": "fake", "input": ["still served"]})
+            assert r.status_code == 200 and r.headers["x-cache-hits"] == "0"
+    finally:
+        logging.getLogger("gateway.redis").removeHandler(records)
+    # The operator who has no Redis running is told how to start one.
+    (failed,) = [m for m in records.messages if "failed" in m]
+    assert "redis at redis://127.0.0.1:9/0 failed" in failed
+    assert "Is a server running there? For local use, `gateway redis-server` starts the one installed" in failed
+
+
+def test_gateway_redis_server_starts_the_locked_server_on_the_configs_port(tmp_path):
+    import socket
+    import subprocess
+    import sys
+
+    import redis
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    config = tmp_path / "gateway.toml"
+    config.write_text(f'[cache]\nstore = "redis"\n[redis]\nurl = "redis://127.0.0.1:{port}/0"\n')
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "gateway", "redis-server", "--config", str(config)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        client = redis.Redis(port=port, socket_connect_timeout=0.2)
+        wait_until(lambda: _pings(client), "the server answering PING")
+        assert client.info("server")["valkey_version"].startswith("9.1")
+        client.close()
+    finally:
+        proc.terminate()
+        out = proc.communicate(timeout=20)[0].decode()
+    assert f"on redis://127.0.0.1:{port} (nothing kept on disk" in out
+    # A URL naming another host is refused with what to do instead.
+    config.write_text('[cache]\nstore = "redis"\n[redis]\nurl = "redis://cache.internal:6379/0"\n')
+    done = subprocess.run(
+        [sys.executable, "-m", "gateway", "redis-server", "--config", str(config)], capture_output=True, text=True
+    )
+    assert done.returncode == 2
+    assert "`[redis] url` is redis://cache.internal: `gateway redis-server` starts a server on this machine only" in (
+        done.stderr
+    )
+
+
+def _pings(client) -> bool:
+    import redis
+
+    try:
+        return bool(client.ping())
+    except redis.ConnectionError:
+        return False
 
 
 def test_the_quota_is_charged_as_if_uncached():
