@@ -65,6 +65,7 @@ def create_app(
     embeddings_route.document(app)
     gateway.on_reload.append(lambda: embeddings_route.describe_request(app))
     _strict_request_schemas(app)
+    _optional_bodies(app)
     return app
 
 
@@ -102,6 +103,22 @@ async def _lifespan(app: Litestar) -> AsyncIterator[None]:
         await gateway.close_shared()
         MODEL_GAUGES.remove(gateway.model_status)
         ACCESS_LOG.flush()
+
+
+def _optional_bodies(app: Litestar) -> None:
+    # Litestar marks every request body required; a handler whose `data` has a default takes none
+    # (`POST /admin/cache/clear` with no body clears every model's entries).
+    paths = app.openapi_schema.paths or {}
+    for route in app.routes:
+        path_item = paths.get(route.path)
+        for handler in getattr(route, "route_handlers", ()):
+            data = handler.parsed_fn_signature.parameters.get("data")
+            if path_item is None or data is None or not data.has_default:
+                continue
+            for method in handler.http_methods:
+                operation = getattr(path_item, method.lower(), None)
+                if operation is not None and operation.request_body is not None:
+                    operation.request_body.required = False
 
 
 def _strict_request_schemas(app: Litestar) -> None:

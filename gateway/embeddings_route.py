@@ -179,15 +179,17 @@ class _HangUpWatch:
 )
 async def _described(
     data: JSONBody[EmbeddingRequest],
+    # `int`, not `int | None`: a header has no null, and an empty one is refused like any other non-number.
     x_request_timeout_ms: Annotated[
-        int | None,
+        int,
         HeaderParameter(
             name="X-Request-Timeout-Ms",
             ge=1,
             le=86_400_000,
+            required=False,
             description="The client's own time limit: shortens the server's timeout and queue-wait limit.",
         ),
-    ] = None,
+    ],
 ) -> EmbeddingResponse:
     """Embed one string or a list of strings with a configured model."""
     raise NotImplementedError  # never routed: it only describes `serve_embeddings` for /schema
@@ -235,6 +237,23 @@ def describe_request(app: Litestar) -> None:
         }
         for kind in ("int8", "uint8", "binary", "ubinary")
     ]
+    # Each model takes only its own `dimensions` and prompt names: said per model, so that a value another
+    # model takes is not schema-valid for this one.
+    for name, model in gw.registry.models.items():
+        own = sorted({name, *model.spec.config.aliases})
+        model_dims = sorted(model.spec.config.matryoshka_dimensions or ())
+        model_prompts = sorted(model.prompt_names())
+        body["allOf"].append(
+            {
+                "if": {"properties": {"model": {"enum": own}}, "required": ["model"]},
+                "then": {
+                    "properties": {
+                        "dimensions": {"enum": [*model_dims, None]},
+                        "prompt_name": {"enum": [*model_prompts, None]},
+                    }
+                },
+            }
+        )
     # A prompt is chosen by name or by input type, not both.
     body["allOf"].append(
         {

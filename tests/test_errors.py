@@ -121,7 +121,11 @@ class _Gibberish:
         (b'{"model": "m", "input": ["ok", 3]}', "`input[1]` is not a string"),
         (b'{"model": "m", "input": []}', "`input` must not be an empty list"),
         (b'{"model": "m", "input": "x", "dimensions": "eight"}', "Expected `int | null`, got `str` - at `dimensions`"),
-        (b'{"model": "m", "input": "x", "dimensions": "0"}', "`dimensions` must be a positive integer"),
+        (b'{"model": "m", "input": "x", "dimensions": 0}', "`dimensions` must be a positive integer"),
+        # Each field takes the JSON type the schema states, nothing that merely converts to it.
+        (b'{"model": "m", "input": "x", "dimensions": "8"}', "Expected `int | null`, got `str` - at `dimensions`"),
+        (b'{"model": "m", "input": "x", "dimensions": 8.0}', "Expected `int | null`, got `float` - at `dimensions`"),
+        (b'{"model": "m", "input": "x", "truncate": 0}', "Expected `bool | str | null`, got `int` - at `truncate`"),
         (b'{"model": "m"}', "invalid request: Object missing required field `input`"),
         (b'{"model": "m", "input": "x", "seed": 1}', "invalid request: Object contains unknown field `seed`"),
         (
