@@ -517,7 +517,7 @@ def test_a_malformed_or_mismatched_entry_is_a_counted_miss_never_a_500(redis_ser
             assert again.json()["data"] == first.json()["data"]
             assert _metric(c, "gateway_cache_lookups_total", model="fake", result="invalid") == invalid + 1
             # Rewritten whole by the request that computed it.
-            wait_until(lambda: r.get(name) != bad, "the entry rewritten")
+            wait_until(lambda bad=bad: r.get(name) != bad, "the entry rewritten")
 
 
 def test_entries_are_checked_on_unpack():
