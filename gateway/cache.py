@@ -53,9 +53,19 @@ class Entry:
         return _COUNT.pack(count) + self.vector.astype("<f4", copy=False).tobytes()
 
     @classmethod
-    def unpack(cls, raw: bytes) -> Entry:
+    def unpack(cls, raw: bytes, dimension: int | None = None) -> Entry:
+        """The entry `raw` holds; ValueError when it is not one (cut short, of another width than `dimension`,
+        or holding non-finite values): a store is shared, and what it returns is checked, not trusted."""
+        size = len(raw) - _COUNT.size
+        if size <= 0 or size % 4:
+            raise ValueError(f"malformed entry of {len(raw)} bytes")
+        if dimension is not None and size // 4 != dimension:
+            raise ValueError(f"entry of width {size // 4}, the model's is {dimension}")
         (count,) = _COUNT.unpack_from(raw)
-        return cls(np.frombuffer(raw, dtype="<f4", offset=_COUNT.size), count & ~_CUT, bool(count & _CUT))
+        vector = np.frombuffer(raw, dtype="<f4", offset=_COUNT.size)
+        if not np.isfinite(vector).all():
+            raise ValueError("entry holds NaN or infinite values")
+        return cls(vector, count & ~_CUT, bool(count & _CUT))
 
 
 class Store(Protocol):
@@ -179,11 +189,23 @@ class Cache:
     store: Store
     inflight: dict[bytes, asyncio.Future[Entry]] = field(default_factory=dict)
 
-    async def lookup(self, model: str, keys: Sequence[bytes]) -> list[Entry | None]:
+    async def lookup(self, model: str, keys: Sequence[bytes], dimension: int | None = None) -> list[Entry | None]:
+        """The entries of `keys` (None: a miss). An entry that does not unpack, or is not `dimension` wide, is a
+        miss too, counted as "invalid" (the input is computed again and its entry rewritten), never an error."""
         raws = await self.store.get_many(keys)
-        found = [Entry.unpack(r) if r is not None else None for r in raws]
+        found: list[Entry | None] = []
+        invalid = 0
+        for raw in raws:
+            entry = None
+            if raw is not None:
+                try:
+                    entry = Entry.unpack(raw, dimension)
+                except ValueError as exc:
+                    invalid += 1
+                    log.warning("model %r: a %s cache entry is ignored: %s", model, self.store.name, exc)
+            found.append(entry)
         hits = sum(e is not None for e in found)
-        record_cache(self.store.name, model=model, hits=hits, misses=len(keys) - hits)
+        record_cache(self.store.name, model=model, hits=hits, misses=len(keys) - hits - invalid, invalid=invalid)
         return found
 
     def put(self, keys: Sequence[bytes], entries: Sequence[Entry]) -> None:

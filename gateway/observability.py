@@ -142,14 +142,23 @@ STORE_ERRORS = Counter(
 
 
 def record_cache(
-    store: str, model: str | None = None, hits: int = 0, misses: int = 0, evictions: int = 0, size: int | None = None
+    store: str,
+    model: str | None = None,
+    hits: int = 0,
+    misses: int = 0,
+    evictions: int = 0,
+    size: int | None = None,
+    invalid: int = 0,
 ) -> None:
-    """Cache figures: lookups by model, evictions and size by store."""
+    """Cache figures: lookups by model (an "invalid" entry, malformed or of another width, is served as a
+    miss), evictions and size by store."""
     if model is not None:
         if hits:
             _child(CACHE_LOOKUPS, model, "hit").inc(hits)
         if misses:
             _child(CACHE_LOOKUPS, model, "miss").inc(misses)
+        if invalid:
+            _child(CACHE_LOOKUPS, model, "invalid").inc(invalid)
     if evictions:
         _child(CACHE_EVICTIONS, store).inc(evictions)
     if size is not None:

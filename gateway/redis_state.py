@@ -13,8 +13,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import secrets
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from .config import ConfigError, RedisConfig
@@ -31,9 +33,14 @@ log = logging.getLogger("gateway.redis")
 T = TypeVar("T")
 
 # A key's sliding window (auth.py's SlidingWindow), updated atomically in Redis on Redis' own clock (so replicas
-# with skewed clocks agree): a hash of slot second -> amount admitted in it; slots out of the window are deleted.
-# KEYS[1]: the window; ARGV: limit, amount, mode ("take", "peek" or "give"), ttl (s), carried (what this process
-# admitted, net of what it gave back, while it went without Redis: added first, unconditionally).
+# with skewed clocks agree): a hash of slot second -> amount admitted in it; slots out of the window are deleted,
+# and slots dated after Redis' present (its clock stepped back) count from now.
+# KEYS[1]: the window; ARGV: limit, amount, mode ("take", "peek" or "give"), ttl (s; 0: the key never expires),
+# carried (what this process admitted, net of what it gave back, while it went without Redis: added first,
+# unconditionally).
+# Optional, for calls whose reply may be lost: KEYS[2], a ledger (hash) of the calls that ran, by field; ARGV[6]
+# this call's field (a call already in the ledger is never applied again); ARGV[7] how many earlier calls to
+# settle, then that many pairs (field, what the process counted for it); then fields whose replies came (dropped).
 # Returns "WAIT USED": the seconds until `amount` would fit (0: taken, or would be) and the amount in use left,
 # as a string to keep the fractions.
 _WINDOW = """
@@ -43,18 +50,52 @@ local now = second + tonumber(t[2]) / 1000000
 local limit = tonumber(ARGV[1])
 local amount = tonumber(ARGV[2])
 local mode = ARGV[3]
+local ttl = tonumber(ARGV[4])
 local carried = tonumber(ARGV[5])
+local ledger, op = KEYS[2], ARGV[6]
+if ledger ~= nil and op ~= nil then
+  local done = redis.call('HGET', ledger, op)
+  if done then
+    -- Sent again (the client library retried) or given up on and reconciled: never applied twice.
+    return string.match(done, '^%S+ (%S+ %S+)') or '0 0'
+  end
+  local n = tonumber(ARGV[7])
+  for i = 0, n - 1 do
+    -- A call whose reply never came: `mine` is what the process counted for it (what it carried, and what it
+    -- admitted on its own); the difference to what Redis applied, if it ran, is applied now, once.
+    local field, mine = ARGV[8 + 2 * i], tonumber(ARGV[9 + 2 * i])
+    local ran = redis.call('HGET', ledger, field)
+    if ran == false then
+      carried = carried + mine
+    elseif string.sub(ran, 1, 1) ~= 'x' then
+      carried = carried + mine - tonumber(string.match(ran, '^(%S+)'))
+    end
+    -- Settled: the call, should it still arrive, applies nothing.
+    redis.call('HSET', ledger, field, 'x ' .. t[1])
+  end
+  for i = 8 + 2 * n, #ARGV do redis.call('HDEL', ledger, ARGV[i]) end
+end
 local flat = redis.call('HGETALL', KEYS[1])
-local slots = {}
-local used = 0
+local by = {}
 for i = 1, #flat, 2 do
   local k = tonumber(flat[i])
   if k == nil or k < second - 60 then
     redis.call('HDEL', KEYS[1], flat[i])
   else
-    slots[#slots + 1] = {k, tonumber(flat[i + 1])}
-    used = used + slots[#slots][2]
+    if k > second then
+      -- Dated ahead of Redis' clock (the clock stepped back): counted from now, not until that future second.
+      redis.call('HDEL', KEYS[1], flat[i])
+      redis.call('HINCRBYFLOAT', KEYS[1], t[1], flat[i + 1])
+      k = second
+    end
+    by[k] = (by[k] or 0) + tonumber(flat[i + 1])
   end
+end
+local slots = {}
+local used = 0
+for k, v in pairs(by) do
+  slots[#slots + 1] = {k, v}
+  used = used + v
 end
 table.sort(slots, function(x, y) return x[1] < y[1] end)
 local function add(n)
@@ -79,6 +120,7 @@ local function give(n)
   end
 end
 if carried > 0 then add(carried) elseif carried < 0 then give(-carried) end
+local settled = used
 local wait = 0
 if mode == 'give' then
   if amount >= 0 then give(amount) else add(-amount) end
@@ -95,15 +137,33 @@ else
     end
   end
 end
-redis.call('EXPIRE', KEYS[1], ARGV[4])
-return tostring(wait) .. ' ' .. tostring(used)
+local reply = tostring(wait) .. ' ' .. tostring(used)
+if ttl > 0 then redis.call('EXPIRE', KEYS[1], ttl) else redis.call('PERSIST', KEYS[1]) end
+if ledger ~= nil and op ~= nil then
+  -- What this call applied, but for what it settled of earlier calls (those are settled by their own fields).
+  local applied = used - settled + tonumber(ARGV[5])
+  redis.call('HSET', ledger, op, tostring(applied) .. ' ' .. reply .. ' ' .. t[1])
+  if redis.call('HLEN', ledger) > 64 then
+    -- Fields nobody will settle (a process that stopped): dropped once older than any call can be late.
+    local fields = redis.call('HGETALL', ledger)
+    for i = 1, #fields, 2 do
+      local at = tonumber(string.match(fields[i + 1], '(%d+)$'))
+      if at == nil or at < second - 120 then redis.call('HDEL', ledger, fields[i]) end
+    end
+  end
+  if ttl > 0 then redis.call('EXPIRE', ledger, ttl) else redis.call('PERSIST', ledger) end
+end
+return reply
 """
-# Longer than the window: a key nobody uses goes, one in use never does.
-_WINDOW_TTL_S = 120
 
 
 class RedisDown(Exception):
-    """Redis is marked down (or just failed): the caller goes on without it."""
+    """Redis is marked down (or just failed): the caller goes on without it. `sent`: the call reached the wire,
+    so Redis may have run it (its outcome is unknown); False when it was skipped."""
+
+    def __init__(self, sent: bool = False) -> None:
+        super().__init__("redis is down" if not sent else "redis failed")
+        self.sent = sent
 
 
 # Replies past the deadline in a row before Redis counts as down (one refused connection is enough).
@@ -127,24 +187,32 @@ def _refused(exc: BaseException) -> bool:
     return False
 
 
+@dataclass(slots=True)
+class _Health:
+    """Whether Redis is up for one use: the cache and the rate limits fail apart (a full Redis refusing cache
+    writes, or slow cache lookups, must not turn the shared limits per-process)."""
+
+    backoff: float
+    strikes: int = 0
+    down_until: float = 0.0
+    # When the current outage began (None: up), and when it was last declared (at its start and at each
+    # failed retry): a call that started before that says nothing new about it.
+    down_since: float | None = None
+    declared_at: float = 0.0
+
+
 class RedisLink:
-    """One client for one event loop, with the health rule above."""
+    """One client for one event loop, with the health rule above, kept per use ("cache", "rate_limits")."""
 
     def __init__(self, config: RedisConfig, lag: Callable[[], float] = lambda: 0.0) -> None:
         """`lag`: the event loop's current lag in seconds (added to each call's deadline)."""
         self.config = config
         self.lag = lag
-        self._strikes = 0
         self.prefix = config.prefix.encode() + b":"
         self._client: Redis | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._scripts: dict[str, AsyncScript] = {}
-        self._down_until = 0.0
-        # When the current outage began (None: up), and when it was last declared (at its start and at each
-        # failed retry): a call that started before that says nothing new about it.
-        self._down_since: float | None = None
-        self._declared_at = 0.0
-        self._backoff = config.retry_after_s
+        self._health: dict[str, _Health] = {}
 
     def client(self) -> Redis:
         loop = asyncio.get_running_loop()
@@ -155,10 +223,15 @@ class RedisLink:
                 raise ConfigError(
                     "`[redis]` needs the `redis` package: pip install 'embedding-gateway[redis]'"
                 ) from None
-            # The socket's own limits are a backstop; the deadline in `call` is the one that counts.
+            # The socket's own limits are a backstop; the deadline in `call` is the one that counts. No retries
+            # by the client library: a call re-sent after a lost reply would be applied twice.
             timeout = max(1.0, 4 * self.config.timeout_ms / 1000)
             self._client = Redis.from_url(
-                self.config.url, socket_timeout=timeout, socket_connect_timeout=timeout, health_check_interval=0
+                self.config.url,
+                socket_timeout=timeout,
+                socket_connect_timeout=timeout,
+                health_check_interval=0,
+                retry=None,
             )
             self._loop = loop
         return self._client
@@ -171,13 +244,26 @@ class RedisLink:
             found = self._scripts[text] = client.register_script(text)
         return found
 
+    def _state(self, use: str) -> _Health:
+        found = self._health.get(use)
+        if found is None:
+            found = self._health[use] = _Health(self.config.retry_after_s)
+        return found
+
+    def up_for(self, use: str) -> bool:
+        """Whether calls for `use` go to Redis now (False while it is marked down for that use)."""
+        return time.monotonic() >= self._state(use).down_until
+
     @property
     def up(self) -> bool:
-        return time.monotonic() >= self._down_until
+        """Up for every use."""
+        return all(time.monotonic() >= h.down_until for h in self._health.values())
 
     async def call(self, use: str, fn: Callable[[Redis], Awaitable[T]]) -> T:
-        """`fn(client)` under the deadline; RedisDown (counted under `use`) when Redis is down or fails."""
-        if not self.up:
+        """`fn(client)` under the deadline; RedisDown (counted under `use`) when Redis is down for `use` or fails.
+        An error Redis answers (a full Redis refusing a write, say) fails that call only: Redis is there."""
+        health = self._state(use)
+        if time.monotonic() < health.down_until:
             record_store_error(use)
             raise RedisDown
         # Outside the deadline: the first call imports the client library, which is not Redis being slow.
@@ -187,49 +273,56 @@ class RedisLink:
             async with asyncio.timeout(self.config.timeout_ms / 1000 + 2 * self.lag()):
                 result = await fn(client)
         except TimeoutError as exc:
-            self._strikes += 1
-            if self._strikes < _SLOW_STRIKES:
+            health.strikes += 1
+            if health.strikes < _SLOW_STRIKES:
                 record_store_error(use)  # this call went without Redis; the next ones still try
-                raise RedisDown from None
-            self._failed(use, exc, started)
-            raise RedisDown from None
+                raise RedisDown(sent=True) from None
+            self._failed(use, health, exc, started)
+            raise RedisDown(sent=True) from None
         except (OSError, ConnectionError) as exc:
-            self._failed(use, exc, started)
-            raise RedisDown from None
+            self._failed(use, health, exc, started)
+            raise RedisDown(sent=True) from None
         except Exception as exc:  # the redis package's own errors (ConnectionError, ResponseError, ...)
-            if type(exc).__module__.startswith("redis"):
-                self._failed(use, exc, started)
-                raise RedisDown from None
-            raise
-        self._strikes = 0
-        if self._down_since is not None and started >= self._declared_at:
-            log.warning("redis at %s is back after %.1fs", self._where(), time.monotonic() - self._down_since)
-            self._down_since = None
-            self._backoff = self.config.retry_after_s
+            if not type(exc).__module__.startswith("redis"):
+                raise
+            if _is_reply(exc):
+                log.warning("redis at %s refused a %s call: %s", self._where(), use, exc)
+                record_store_error(use)
+            else:
+                self._failed(use, health, exc, started)
+            raise RedisDown(sent=True) from None
+        health.strikes = 0
+        if health.down_since is not None and started >= health.declared_at:
+            log.warning(
+                "redis at %s is back for %s after %.1fs", self._where(), use, time.monotonic() - health.down_since
+            )
+            health.down_since = None
+            health.backoff = self.config.retry_after_s
         return result
 
-    def _failed(self, use: str, exc: BaseException, started: float) -> None:
+    def _failed(self, use: str, health: _Health, exc: BaseException, started: float) -> None:
         record_store_error(use)
         now = time.monotonic()
-        if self._down_since is not None and started < self._declared_at:
+        if health.down_since is not None and started < health.declared_at:
             return  # begun before the outage was declared: the same outage, already counted
-        if self._down_since is None:
-            self._down_since = now
+        if health.down_since is None:
+            health.down_since = now
             log.error(
-                "redis at %s failed (%s: %s); going on without it (cache misses, per-process rate limits), "
-                "next try in %.1fs%s",
+                "redis at %s failed for %s (%s: %s); going on without it (%s), next try in %.1fs%s",
                 self._where(),
+                use,
                 type(exc).__name__,
                 exc or "timed out",
-                self._backoff,
+                "cache misses" if use == "cache" else "per-process rate limits",
+                health.backoff,
                 _NO_SERVER_HINT if _refused(exc) else "",
             )
         else:
             # Still down: try less often, up to four times the base interval.
-            self._backoff = min(self._backoff * 2, self.config.retry_after_s * 4)
-        self._strikes = 0
-        self._declared_at = now
-        self._down_until = now + self._backoff
+            health.backoff = min(health.backoff * 2, self.config.retry_after_s * 4)
+        health.strikes = 0
+        health.declared_at = now
+        health.down_until = now + health.backoff
 
     def _where(self) -> str:
         # The URL without its password.
@@ -244,6 +337,13 @@ class RedisLink:
             except Exception:  # closing a client whose loop is gone: nothing left to release
                 log.debug("closing the redis client", exc_info=True)
             self._client = None
+
+
+def _is_reply(exc: BaseException) -> bool:
+    """An error reply from Redis (OOM under maxmemory, a script error), as opposed to a failed link."""
+    from redis.exceptions import ResponseError
+
+    return isinstance(exc, ResponseError)
 
 
 # Sets every KEYS[i] to ARGV[i] with the TTL in the last ARGV, in one command: a pipeline of SETs costs
@@ -284,7 +384,7 @@ class RedisStore:
     async def get_many(self, keys: Sequence[bytes]) -> list[bytes | None]:
         if not keys:
             return []
-        if not self.link.up:
+        if not self.link.up_for("cache"):
             record_store_error("cache")
             return [None] * len(keys)
         loop = asyncio.get_running_loop()
@@ -323,7 +423,7 @@ class RedisStore:
             at += len(batch)
 
     def put_many(self, items: Sequence[tuple[bytes, bytes]]) -> None:
-        if not items or not self.link.up:
+        if not items or not self.link.up_for("cache"):
             return
         # Bounded: while Redis is slow, writes beyond this many calls in flight are dropped (a later miss, no more).
         if self._writes_in_flight >= 64:
@@ -379,12 +479,18 @@ class RedisStore:
 
 class SharedWindow:
     """A key's rate-limit window in Redis, shared by every gateway process; `local` (this process's own
-    window) answers while Redis is down."""
+    window) answers while Redis is down.
+
+    A call whose reply does not come (past the deadline, the link broken, the request cancelled) may have run in
+    Redis or not: it is settled once, by the next call that gets through, against the ledger of calls that ran
+    (the difference between what Redis applied and what this process counted instead), never sent again.
+    """
 
     def __init__(self, link: RedisLink, name: bytes, per_minute: int, local: SlidingWindow) -> None:
         self.link = link
         # Not the name the token buckets had ("limit:"): during a rolling upgrade old and new never read each other's.
         self.name = link.prefix + b"window:" + name
+        self.ledger = link.prefix + b"window-calls:" + name
         self.limit = per_minute
         self.local = local
         self._on_local = False
@@ -392,38 +498,68 @@ class SharedWindow:
         # window starts when Redis goes.
         self._seen_used = 0.0
         self._seen_at = 0.0
-        # Admitted here, net of what was given back, while Redis was away: counted in Redis once it answers, so
-        # an outage's admissions are not forgotten when it ends.
+        # Admitted here, net of what was given back, while Redis was away (calls never sent): counted in Redis
+        # once it answers, so an outage's admissions are not forgotten when it ends.
         self._carried = 0.0
+        # This process's calls, named in the ledger: (instance, sequence number).
+        self._instance = secrets.token_hex(6)
+        self._seq = 0
+        # Calls sent whose outcome is unknown: their field -> what this process counted for them.
+        self._unsettled: dict[str, float] = {}
+        # Calls whose reply came: their ledger fields can go.
+        self._answered: list[str] = []
 
     async def _run(self, amount: float, mode: str) -> float:
-        # Sent once: a call that fails keeps it for the next.
+        # Sent once: a call that is skipped keeps it for the next; one that may have run is settled by the next.
         carried, self._carried = self._carried, 0.0
-        args = (self.limit, amount, mode, _WINDOW_TTL_S, carried)
+        self._seq += 1
+        field = f"{self._instance}:{self._seq}"
+        unsettled = dict(self._unsettled)
+        answered, self._answered = self._answered, []
+        pairs = [x for f, mine in unsettled.items() for x in (f, mine)]
+        args = (self.limit, amount, mode, 0, carried, field, len(unsettled), *pairs, *answered)
+        keys = [self.name, self.ledger]
+        sent = True
         try:
-            raw = await self.link.call(
-                "rate_limits", lambda r: self.link.script(r, _WINDOW)(keys=[self.name], args=args)
-            )
+            raw = await self.link.call("rate_limits", lambda r: self.link.script(r, _WINDOW)(keys=keys, args=args))
+        except RedisDown as exc:
+            sent = exc.sent
+            raw = None
+        except BaseException:
+            # Cancelled (the request went away) while the call was out: it may have run. Nothing was admitted
+            # here for it, so what it carried is all this process counts for it.
+            self._unsettled[field] = carried
+            self._answered.extend(answered)
+            raise
+        if raw is not None:
+            for f in unsettled:
+                self._unsettled.pop(f, None)
+            self._answered.append(field)
             self._on_local = False
-        except RedisDown:
-            self._carried += carried
-            if not self._on_local:
-                # Carry on from the shared use as last seen, rather than granting a fresh minute at every outage;
-                # it leaves the window as if all admitted when it was seen.
-                self._on_local = True
-                self.local.fill(self._seen_used, at=self._seen_at)
-            if mode == "peek":
-                return self.local.wait_for(amount)
-            if mode == "take":
-                wait = self.local.take(amount)
-                self._carried += 0.0 if wait else amount
-                return wait
+            wait, used = (raw.decode() if isinstance(raw, bytes) else raw).split()
+            self._seen_used, self._seen_at = float(used), self.local.clock()
+            return float(wait)
+        self._answered.extend(answered)
+        if not self._on_local:
+            # Carry on from the shared use as last seen, rather than granting a fresh minute at every outage;
+            # it leaves the window as if all admitted when it was seen.
+            self._on_local = True
+            self.local.fill(self._seen_used, at=self._seen_at)
+        wait = 0.0
+        counted = 0.0
+        if mode == "peek":
+            wait = self.local.wait_for(amount)
+        elif mode == "take":
+            wait = self.local.take(amount)
+            counted = 0.0 if wait else amount
+        else:
             self.local.give_back(amount)
-            self._carried -= amount
-            return 0.0
-        wait, used = (raw.decode() if isinstance(raw, bytes) else raw).split()
-        self._seen_used, self._seen_at = float(used), self.local.clock()
-        return float(wait)
+            counted = -amount
+        if sent:
+            self._unsettled[field] = carried + counted
+        else:
+            self._carried += carried + counted
+        return wait
 
     async def take(self, amount: float) -> float:
         return await self._run(amount, "take")

@@ -335,7 +335,7 @@ def test_redis_key_names_hold_no_text_and_no_key(redis_server):
     assert any(n.startswith("gateway:cache:") for n in names) and any(n.startswith("gateway:window:") for n in names)
     for name in names:
         assert "private" not in name and "secret" not in name
-        assert re.fullmatch(r"gateway:(cache:[0-9a-f]+|window:[0-9a-f]+:requests:100)", name), name
+        assert re.fullmatch(r"gateway:(cache:[0-9a-f]+|window(-calls)?:[0-9a-f]+:requests:100)", name), name
 
 
 def test_rate_limits_hold_across_gateways_sharing_redis(redis_server):
@@ -377,7 +377,9 @@ def test_redis_down_serves_uncached_and_comes_back(redis_server):
             assert time.monotonic() - started < 5  # refused at once, then skipped while down: no deadline waited
             assert _metric(c, "gateway_shared_state_errors_total", use="cache") > errors
             assert _metric(c, "gateway_shared_state_errors_total", use="rate_limits") > 0
-            assert len([m for m in records.messages if "failed" in m]) == 1  # logged once per outage
+            # Logged once per outage, for each use (the cache and the limits keep their own health).
+            failed = [m for m in records.messages if "failed" in m]
+            assert sorted(m.split(" failed for ")[1].split()[0] for m in failed) == ["cache", "rate_limits"], failed
         finally:
             redis_server.start()
         deadline = time.monotonic() + 20
@@ -422,7 +424,7 @@ def test_an_unreachable_redis_at_start_does_not_stop_serving():
         logging.getLogger("gateway.redis").removeHandler(records)
     # The operator who has no Redis running is told how to start one.
     (failed,) = [m for m in records.messages if "failed" in m]
-    assert "redis at redis://127.0.0.1:9/0 failed" in failed
+    assert "redis at redis://127.0.0.1:9/0 failed for cache" in failed
     assert "Is a server running there? For local use, `gateway redis-server` starts the one installed" in failed
 
 
@@ -550,3 +552,48 @@ def test_redis_lookups_and_writes_of_one_loop_turn_go_out_as_one_call_each(redis
             await store.close()
 
     asyncio.run(main())
+
+
+def test_a_malformed_or_mismatched_entry_is_a_counted_miss_never_a_500(redis_server):
+    """A shared store returns what anyone wrote: an entry cut short, of another width or holding NaN is
+    computed again (and rewritten), counted as an invalid lookup, and never fails the request."""
+    redis_server.client().flushall()
+    with serve(_redis_toml(redis_server.url)) as c:
+        first = c.post(URL, json={"model": "fake", "input": ["mangled"]})
+        _written(redis_server, 1)
+        r = redis_server.client()
+        (name,) = r.keys("gateway:cache:*")
+        for bad in (b"\x01\x00", r.get(name)[:-2], r.get(name) + b"\x00\x00\x80\x7f"):
+            r.set(name, bad)
+            invalid = _metric(c, "gateway_cache_lookups_total", model="fake", result="invalid")
+            again = c.post(URL, json={"model": "fake", "input": ["mangled"]})
+            assert again.status_code == 200, again.text
+            assert again.headers["x-cache-hits"] == "0"
+            assert again.json()["data"] == first.json()["data"]
+            assert _metric(c, "gateway_cache_lookups_total", model="fake", result="invalid") == invalid + 1
+            # Rewritten whole by the request that computed it.
+            wait_until(lambda bad=bad: r.get(name) != bad, "the entry rewritten")
+
+
+def test_entries_are_checked_on_unpack():
+    from gateway.cache import Cache, Entry, MemoryStore
+
+    good = Entry(np.arange(4, dtype=np.float32), 7, cut=True)
+    assert Entry.unpack(good.pack(), 4).vector.tolist() == [0, 1, 2, 3] and Entry.unpack(good.pack()).cut
+    for raw, dimension, needle in (
+        (b"", None, "malformed entry of 0 bytes"),
+        (good.pack()[:4], None, "malformed entry of 4 bytes"),
+        (good.pack()[:-1], None, "malformed entry of 19 bytes"),
+        (good.pack(), 8, "entry of width 4, the model's is 8"),
+        (Entry(np.array([1.0, np.nan], dtype=np.float32), 1).pack(), 2, "NaN or infinite"),
+    ):
+        with pytest.raises(ValueError, match=needle):
+            Entry.unpack(raw, dimension)
+
+    async def lookup() -> list[Entry | None]:
+        cache = Cache(MemoryStore(1 << 20))
+        cache.store.put_many([(b"k1", good.pack()), (b"k2", good.pack()[:-1])])
+        return await cache.lookup("m", [b"k1", b"k2", b"k3"], dimension=4)
+
+    found = asyncio.run(lookup())
+    assert found[0] is not None and found[0].tokens == 7 and found[1] is None and found[2] is None

@@ -19,9 +19,9 @@ import pytest
 
 from gateway.auth import SLOT_LIFE_S, WINDOW_S, KeyStore, SlidingWindow
 from gateway.config import KeyConfig, RedisConfig
-from gateway.redis_state import _WINDOW, RedisLink, SharedWindow
+from gateway.redis_state import _WINDOW, RedisLink, RedisStore, SharedWindow
 
-from .conftest import FAKE_TOML, make_app, serve, uvicorn_server
+from .conftest import FAKE_TOML, make_app, serve, until, uvicorn_server
 
 URL = "/v1/embeddings"
 
@@ -407,5 +407,177 @@ def test_shared_window_falls_back_to_this_process_and_back(redis_server):
         await shared.give_back(1)
         assert await shared.take(1) == 0 and await shared.take(1) > 59
         await link.close()
+
+    asyncio.run(main())
+
+
+def test_redis_counts_slots_dated_ahead_of_its_clock_from_now(redis_server):
+    """Redis' clock stepped back: a slot dated 600 s ahead counts as admitted now (leaving within 61 s), never
+    until its own second."""
+    r = redis_server.client()
+
+    def run(second):
+        r.delete("w:future")
+        r.hset("w:future", mapping={second + 600: 5})
+        return _script(r, "w:future", 5, 1), r.hgetall("w:future"), second
+
+    (wait, used), slots, second = _in_one_second(r, run)
+    assert used == 5 and 59 < wait <= 61, wait
+    assert slots == {str(second).encode(): b"5"}
+
+
+class _Proxy:
+    """A TCP proxy in front of Redis, on this event loop: replies to scripts held `reply_delay` seconds (a slow
+    network after Redis ran the call; the client's handshake on a new connection answered at once), or requests
+    swallowed (`drop_requests`: never reach Redis)."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.reply_delay = 0.0
+        self.drop_requests = False
+        # Connections closed as soon as they open (Redis unreachable).
+        self.refuse = False
+        self.requests = 0
+        # Scripts sent on to Redis, and those Redis answered (whether or not the answer was passed on in time).
+        self.scripts = 0
+        self.ran = 0
+        self.server: asyncio.Server | None = None
+        self.url = ""
+
+    async def start(self) -> _Proxy:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self.url = f"redis://127.0.0.1:{self.server.sockets[0].getsockname()[1]}/0"
+        return self
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self.refuse:
+            writer.close()
+            return
+        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.port)
+
+        script = False
+
+        async def requests() -> None:
+            nonlocal script
+            while data := await reader.read(65536):
+                self.requests += 1
+                script = b"EVALSHA" in data.upper()
+                if not self.drop_requests:
+                    self.scripts += script
+                    up_writer.write(data)
+                    await up_writer.drain()
+
+        async def replies() -> None:
+            while data := await up_reader.read(65536):
+                if script:
+                    self.ran += 1
+                    await asyncio.sleep(self.reply_delay)
+                writer.write(data)
+                await writer.drain()
+
+        tasks = [asyncio.ensure_future(requests()), asyncio.ensure_future(replies())]
+        with contextlib.suppress(Exception):
+            await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        for task in tasks:
+            task.cancel()
+        for w in (writer, up_writer):
+            w.close()
+
+    async def close(self) -> None:
+        assert self.server is not None
+        self.server.close()
+
+
+def _used(redis_server, window: SharedWindow) -> float:
+    return _script(redis_server.client(), window.name.decode(), window.limit, 0, "peek")[1]
+
+
+def test_a_reply_lost_after_redis_ran_the_call_is_settled_once_never_replayed(redis_server):
+    """Replies 150 ms late, past the 100 ms deadline: Redis ran every call, the process went on with its own
+    window; once replies come in time, Redis holds exactly what was admitted (not the takes twice, nor the
+    give-back twice)."""
+
+    async def main() -> None:
+        redis_server.client().flushall()
+        proxy = await _Proxy(redis_server.port).start()
+        link = RedisLink(RedisConfig(url=proxy.url, timeout_ms=100, retry_after_s=0.05))
+        shared = SharedWindow(link, b"late:tokens:100", 100, SlidingWindow(100))
+        await shared.wait_for(1)  # connected, the script loaded
+        proxy.reply_delay = 0.15
+        assert [await shared.take(10) for _ in range(3)] == [0, 0, 0]
+        await until(lambda: proxy.ran == proxy.scripts, "Redis ran the three takes")
+        proxy.reply_delay = 0.0
+        await until(lambda: link.up, "Redis tried again")
+        assert await shared.wait_for(1) == 0
+        assert _used(redis_server, shared) == 30  # 30 admitted; not 60 (the takes carried again)
+        proxy.reply_delay = 0.15
+        assert await shared.take(60) == 0
+        await shared.give_back(30)
+        await until(lambda: proxy.ran == proxy.scripts, "Redis ran the take and the give-back")
+        proxy.reply_delay = 0.0
+        await until(lambda: link.up, "Redis tried again")
+        assert await shared.wait_for(1) == 0
+        assert _used(redis_server, shared) == 60  # 30 + 60 - 30, each once
+        await link.close()
+        await proxy.close()
+
+    asyncio.run(main())
+
+
+def test_admissions_carried_through_an_outage_survive_a_call_cancelled_on_its_way(redis_server):
+    """Admitted while Redis was marked down, then the request whose call would carry them to Redis is cancelled
+    before Redis saw it: they reach Redis with the next call all the same."""
+
+    async def main() -> None:
+        redis_server.client().flushall()
+        proxy = await _Proxy(redis_server.port).start()
+        link = RedisLink(RedisConfig(url=proxy.url, timeout_ms=3000, retry_after_s=1))
+        shared = SharedWindow(link, b"cancel:tokens:100", 100, SlidingWindow(100))
+        assert await shared.take(5) == 0  # through Redis
+        await link.close()
+        proxy.refuse = True
+        assert await shared.take(2) == 0  # refused: Redis marked down, this process's window
+        assert [await shared.take(2) for _ in range(2)] == [0, 0]  # skipped while down
+        proxy.refuse = False
+        await until(lambda: link.up, "the retry interval over")
+        proxy.drop_requests = True
+        seen = proxy.requests
+        call = asyncio.ensure_future(shared.take(1))
+        await until(lambda: proxy.requests > seen, "the call on its way")
+        call.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await call
+        proxy.drop_requests = False
+        assert await shared.wait_for(1) == 0
+        assert _used(redis_server, shared) == 11  # 5, and the outage's 6; the cancelled take never ran
+        await link.close()
+        await proxy.close()
+
+    asyncio.run(main())
+
+
+def test_a_full_redis_refusing_cache_writes_leaves_the_limits_shared(redis_server):
+    """Redis at its maxmemory with noeviction refuses the cache's writes (OutOfMemoryError): the cache's failure,
+    not the limits'. Every limit call still reaches Redis, none falls back to the process's window."""
+
+    async def main() -> None:
+        r = redis_server.client()
+        r.flushall()
+        link = RedisLink(RedisConfig(url=redis_server.url, timeout_ms=3000, retry_after_s=30))
+        store = RedisStore(link, ttl_s=600)
+        shared = SharedWindow(link, b"full:requests:1000", 1000, SlidingWindow(1000))
+        assert await shared.take(1) == 0
+        r.config_set("maxmemory-policy", "noeviction")
+        r.config_set("maxmemory", int(r.info("memory")["used_memory"]) + 100_000)
+        try:
+            for i in range(20):
+                store.put_many([(f"entry {i}".encode(), bytes(20_000))])
+                await until(lambda: store._writes_in_flight == 0, "the write answered")
+            assert r.dbsize() < 2 + 20  # some writes refused
+            assert [await shared.take(1) for _ in range(20)] == [0] * 20
+            assert _used(redis_server, shared) == 21  # all in Redis: none taken in this process alone
+        finally:
+            r.config_set("maxmemory", 0)
+        await store.close()
 
     asyncio.run(main())

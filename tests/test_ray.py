@@ -262,3 +262,94 @@ def test_ray_table_is_checked_with_its_key_path(table, message):
         build_specs(config, plugins.backends(), "x.toml", placements=plugins.placements())
     assert str(info.value).startswith("x.toml: ")
     assert message in str(info.value)
+
+
+# -- the front's failures, on a fake handle (no Ray needed) ---------------------------------------------------
+
+
+class _Lost(Exception):
+    """Stands for RayActorError: the replica running the call died."""
+
+
+class _NeverRaised(Exception):
+    pass
+
+
+class _Handle:
+    """A Serve handle whose every call ends in `error`; records the batch sizes sent and the cancellations."""
+
+    def __init__(self, error: BaseException) -> None:
+        self.error = error
+        self.calls: list[int] = []
+        self.cancelled = 0
+
+    @property
+    def embed(self) -> Any:
+        handle = self
+
+        class _Response:
+            def __init__(self, texts: list[str]) -> None:
+                handle.calls.append(len(texts))
+
+            def result(self, timeout_s: float) -> Any:
+                raise handle.error
+
+            def cancel(self) -> None:
+                handle.cancelled += 1
+
+        class _Method:
+            def remote(self, texts: list[str], ids: list[list[int]]) -> _Response:
+                return _Response(texts)
+
+        return _Method()
+
+
+@pytest.mark.parametrize(
+    ("error", "calls", "cancelled", "kind", "message"),
+    [
+        (TimeoutError(), [4], 1, "BackendTimeout", "model 'm': its replica did not answer within 0.5s"),
+        (_Lost("actor died"), [4, 4], 0, "BackendUnavailable", "model 'm': its replicas were lost twice"),
+    ],
+)
+def test_a_ray_batch_that_times_out_or_keeps_losing_replicas_opens_the_circuit(error, calls, cancelled, kind, message):
+    """The real RayBackend and Batcher on a fake handle: a timeout (cancelled) or a replica lost on the retry too
+    is a typed failure of the whole batch, sent no more (not re-run per request), and counted by the circuit so
+    that the model's fallbacks take over."""
+    import asyncio
+
+    from gateway_ray import RayOptions
+    from gateway_ray.front import RayBackend
+
+    from gateway.backend import ModelInfo
+    from gateway.batching import Batcher
+    from gateway.circuit import CircuitBreaker, CircuitState
+
+    from .conftest import FakeBackend, FakeOptions
+
+    backend = RayBackend(
+        FakeBackend,
+        model="m",
+        path=".",
+        options=FakeOptions(),
+        trust_remote_code=False,
+        ray=RayOptions(batch_timeout_s=0.5),
+    )
+    handle = _Handle(error)
+    backend._handle, backend._lost, backend._failed = handle, (_Lost,), _NeverRaised
+    circuit = CircuitBreaker("m", failures=1, open_s=60)
+    info = ModelInfo(dimension=8, max_input_tokens=16, normalized=True, max_batch_size=4)
+    batcher = Batcher(backend, info, model="m", circuit=circuit, max_wait_ms=200)
+
+    async def main() -> list[Any]:
+        calls = [batcher.embed([f"text {i}"], [[101, 4, 102]]) for i in range(4)]
+        return await asyncio.gather(*calls, return_exceptions=True)
+
+    try:
+        answers = asyncio.run(main())
+    finally:
+        batcher.close()
+    status = 504 if kind == "BackendTimeout" else 502
+    full = message if kind == "BackendTimeout" else message + " running this batch"
+    assert [(type(a).__name__, getattr(a, "status", None), str(a)) for a in answers] == [(kind, status, full)] * 4
+    assert handle.calls == calls and handle.cancelled == cancelled
+    assert circuit.state == CircuitState.OPEN

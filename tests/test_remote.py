@@ -11,6 +11,7 @@ import base64
 import importlib.metadata
 import logging
 import socket
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
@@ -23,7 +24,7 @@ from gateway.plugins import load_plugins
 from gateway.registry import build_specs
 
 from .conftest import SENTENCES, assert_import_is_light, serve
-from .upstream import LIMITED_KEY, ROOT, UPSTREAM_KEY, Upstream, free_port
+from .upstream import LIMITED_KEY, ROOT, UPSTREAM_KEY, ScriptedUpstream, Upstream, free_port
 
 pytest.importorskip("httpx")
 
@@ -318,3 +319,81 @@ def test_truncation_needs_a_count_before_sending(front):
     r = _post(front, "wl", ["word " * 300], truncate=True)
     _error(r, 400, "truncation_not_supported", "model 'wl' cannot truncate: its tokens are counted by its upstream")
     assert r.json()["error"]["param"] == "truncate"
+
+
+# -- against a scripted upstream ------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def scripted() -> Iterator[ScriptedUpstream]:
+    up = ScriptedUpstream()
+    yield up
+    up.close()
+
+
+def _scripted_backend(up: ScriptedUpstream, **options):
+    from gateway_remote.backend import OpenAIBackend, OpenAIOptions
+
+    opts = OpenAIOptions(base_url=up.url, max_input_tokens=512, **options)
+    backend = OpenAIBackend(model="m", path="", options=opts)
+    backend.load()
+    return backend
+
+
+def test_timeout_bounds_the_whole_batch_when_the_upstream_trickles(scripted):
+    """8 bytes every 0.3 s: each read is quick, the whole answer would take seconds; `timeout_s = 1` ends it at
+    about 1 s with a 504-kind failure (the circuit counts it, failover may follow)."""
+    from gateway.backend import BackendTimeout
+
+    backend = _scripted_backend(scripted, dimension=4, timeout_s=1.0)
+    try:
+        scripted.trickle, scripted.every_s = 8, 0.3
+        started = time.monotonic()
+        with pytest.raises(BackendTimeout, match="the upstream of model 'm' did not answer within 1s"):
+            backend.embed(["one", "two", "three"], [[], [], []])
+        assert time.monotonic() - started < 1.6
+        scripted.trickle = None
+        assert backend.embed(["one"], [[]]).vectors.tolist() == [[1, 1, 1, 1]]  # the next batch is served
+    finally:
+        scripted.trickle = None
+        backend.close()
+
+
+@pytest.mark.parametrize(
+    ("usage", "counted"),
+    [
+        ({"prompt_tokens": 5, "total_tokens": 5}, 5),
+        ({"prompt_tokens": 0, "total_tokens": 6}, 6),
+        ({"prompt_tokens": 0, "total_tokens": 0}, 3),
+        ({"prompt_tokens": -40, "total_tokens": -40}, 3),
+        ({"prompt_tokens": 10**9, "total_tokens": 10**9}, 3),
+        (None, 3),
+    ],
+)
+def test_an_upstreams_usage_is_charged_only_when_it_can_be_true(scripted, usage, counted):
+    """A reported 0 would charge nothing (and refund the estimate), a negative count refund others' charges, a
+    huge one lock the key out: what cannot be true gives way to the local estimate (len // 4 + 1 = 3 here)."""
+    backend = _scripted_backend(scripted, dimension=4)
+    try:
+        scripted.usage = usage
+        assert backend.embed(["hello world"], [[]]).tokens == counted
+    finally:
+        scripted.usage = None
+        backend.close()
+
+
+def test_the_width_learned_from_the_upstream_names_the_model(scripted):
+    """An upstream model swapped for one of another width under the same name: the gateway's cache identity
+    changes with it (the learned width is part of it), so old entries are never met."""
+    backends = [_scripted_backend(scripted), _scripted_backend(scripted, dimension=4)]
+    try:
+        scripted.dimension = 8
+        backends.append(_scripted_backend(scripted))
+        before, fixed, after = backends
+        assert after._dimension == 8
+        assert before.fingerprint() != after.fingerprint()
+        assert before.fingerprint() == fixed.fingerprint()
+    finally:
+        scripted.dimension = 4
+        for backend in backends:
+            backend.close()

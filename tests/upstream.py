@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import os
 import signal
 import socket
@@ -102,3 +103,62 @@ class Upstream:
         )
         r.raise_for_status()
         return r.json()
+
+
+class ScriptedUpstream:
+    """A tiny OpenAI-shaped upstream in a thread, answering what the test sets: vectors of `dimension` ones,
+    `usage` as given (None: no usage), and a body trickled `trickle` bytes every `every_s` seconds."""
+
+    def __init__(self, dimension: int = 4) -> None:
+        import http.server
+        import json
+        import threading
+
+        import numpy as np
+
+        self.dimension = dimension
+        self.usage: dict | None = None
+        self.trickle: int | None = None
+        self.every_s = 0.0
+        me = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+            def do_GET(self) -> None:
+                self.send_response(404)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def do_POST(self) -> None:
+                texts = json.loads(self.rfile.read(int(self.headers["Content-Length"])))["input"]
+                one = base64.b64encode(np.ones(me.dimension, "<f4").tobytes()).decode()
+                reply: dict = {"data": [{"embedding": one, "index": i} for i in range(len(texts))]}
+                if me.usage is not None:
+                    reply["usage"] = me.usage
+                body = json.dumps(reply).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                step = me.trickle or len(body)
+                for at in range(0, len(body), step):
+                    try:
+                        self.wfile.write(body[at : at + step])
+                        self.wfile.flush()
+                    except OSError:  # the client gave up
+                        return
+                    if me.trickle:
+                        time.sleep(me.every_s)
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()

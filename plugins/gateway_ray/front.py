@@ -15,7 +15,7 @@ import msgspec
 import numpy as np
 
 from gateway import Backend, BackendError, ModelInfo
-from gateway.backend import Embedded
+from gateway.backend import BackendTimeout, BackendUnavailable, Embedded
 
 from .replica import Replica
 from .session import SERVE_LOCK, SESSION, import_ray
@@ -244,13 +244,30 @@ class RayBackend(Backend):
         return self._front.fingerprint()
 
     def _call(self, method: str, *args: Any) -> Any:
-        """`method` on one replica; once more (on another, or on its restarted self) if that replica was lost."""
+        """`method` on one replica; once more (on another, or on its restarted self) if that replica was lost.
+
+        Failures are the core's typed ones, so that the circuit counts them and the model's fallbacks take over:
+        no answer within `batch_timeout_s` is a BackendTimeout (the call is cancelled, freeing its replica), and
+        a replica lost again on the retry a BackendUnavailable: the batch is not sent a third time (nor each of its
+        requests alone), since it may be what kills the replicas."""
+        timeout = self._ray.batch_timeout_s
         for attempt in (1, 2):
+            response = getattr(self._handle, method).remote(*args)
             try:
-                return getattr(self._handle, method).remote(*args).result(timeout_s=self._ray.batch_timeout_s)
+                return response.result(timeout_s=timeout)
+            except TimeoutError:
+                try:
+                    response.cancel()
+                except Exception as exc:  # the call ended meanwhile, or Ray is going: nothing left to free
+                    log.debug("model %r: cancelling a timed-out %s: %s", self.model, method, exc)
+                log.error("model %r: a replica did not answer %s within %gs; cancelled", self.model, method, timeout)
+                raise BackendTimeout(f"model {self.model!r}: its replica did not answer within {timeout:g}s") from None
             except self._lost as exc:
                 if attempt == 2:
-                    raise
+                    log.error("model %r: a replica was lost again during %s (%s)", self.model, method, exc)
+                    raise BackendUnavailable(
+                        f"model {self.model!r}: its replicas were lost twice running this batch"
+                    ) from None
                 log.warning("model %r: a replica was lost during %s (%s); retrying once", self.model, method, exc)
             except self._failed as exc:
                 # The backend raised in the replica: its own exception, typed failures (InputRejected...) and

@@ -17,7 +17,10 @@ import logging
 import os
 import re
 import socket
-from collections.abc import Sequence
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal
 
@@ -77,7 +80,8 @@ class OpenAIOptions(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     #: "base64" (bit-exact float32, a third of the bytes) or "float" for an upstream without base64.
     encoding_format: Literal["base64", "float"] = "base64"
     connect_timeout_s: Seconds = 2.0
-    #: How long one batch may take upstream before it fails with a 504.
+    #: How long one batch may take upstream, from sending it to the last byte of the answer, before it fails
+    #: with a 504.
     timeout_s: Seconds = 30.0
     #: Inputs per upstream call, and calls in flight at once (pooled keep-alive connections).
     batch_size: PositiveInt = 64
@@ -137,6 +141,8 @@ class OpenAIBackend(Backend):
         self._tokenizer: tokenizers.Tokenizer | None = None
         self._dimension = 0
         self._httpx: Any = None
+        # The deadline of the call this thread is making (each batch worker makes one at a time).
+        self._deadline = threading.local()
 
     @property
     def upstream_model(self) -> str:
@@ -166,13 +172,18 @@ class OpenAIBackend(Backend):
         limits = httpx.Limits(
             max_connections=opts.concurrent_batches, max_keepalive_connections=opts.concurrent_batches
         )
+        # httpcore writes a request's head and body separately: with Nagle's algorithm on, the body
+        # waits for the upstream's delayed ACK of the head (up to 40 ms per call; bench/README.md).
+        transport = httpx.HTTPTransport(limits=limits, socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)])
+        # httpx's timeouts bound each socket operation, so an upstream that trickles its answer could hold a batch
+        # for ever: every connect, read and write is bounded by what is left of the call's own deadline instead.
+        pool = transport._pool
+        pool._network_backend = _Deadlines(pool._network_backend, self._deadline)
         self._client = httpx.Client(
             base_url=opts.base_url.rstrip("/") + "/",
             headers=headers,
             timeout=httpx.Timeout(opts.timeout_s, connect=opts.connect_timeout_s),
-            # httpcore writes a request's head and body separately: with Nagle's algorithm on, the body
-            # waits for the upstream's delayed ACK of the head (up to 40 ms per call; bench/README.md).
-            transport=httpx.HTTPTransport(limits=limits, socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)]),
+            transport=transport,
         )
         try:
             dimension = opts.dimension
@@ -249,6 +260,28 @@ class OpenAIBackend(Backend):
             return None
         return next((c for c in cards if c.id == self.upstream_model), None)
 
+    def fingerprint(self) -> bytes:
+        """What names this model besides its options (base URL, upstream name, tokenizer path): the width the
+        upstream answered with, so that entries of an upstream model swapped for one of another width under the
+        same name are never met; and the local tokenizer's file (it decides where inputs are cut)."""
+        from gateway.cache import weights_digest
+
+        parts = [f"dimension={self._dimension}".encode()]
+        if self.options.tokenizer is not None and self._tokenizer is not None:
+            from gateway.config import resolve_model_path
+
+            parts.append(weights_digest(str(resolve_model_path(self.options.tokenizer, Path.cwd()))))
+        return b"\0".join(parts)
+
+    @contextmanager
+    def _within(self, deadline: float) -> Iterator[None]:
+        """Calls made in this block, on this thread, end by `deadline` (time.monotonic())."""
+        self._deadline.at = deadline
+        try:
+            yield
+        finally:
+            self._deadline.at = None
+
     # -- serving ------------------------------------------------------------------------------------------
     def tokenize(self, texts: Sequence[str]) -> list[list[int]]:
         tok = self._tokenizer
@@ -269,10 +302,12 @@ class OpenAIBackend(Backend):
         body = msgspec.json.encode(
             {"model": self.upstream_model, "input": texts, "encoding_format": self.options.encoding_format}
         )
+        deadline = time.monotonic() + self.options.timeout_s
         try:
-            response = self._client.post("embeddings", content=body)
+            with self._within(deadline):
+                response = self._client.post("embeddings", content=body)
         except self._httpx.HTTPError as exc:
-            raise self._transport_error(exc) from None
+            raise self._transport_error(exc, late=time.monotonic() >= deadline) from None
         if response.status_code != 200:
             raise self._status_error(response)
         try:
@@ -281,11 +316,27 @@ class OpenAIBackend(Backend):
         except (msgspec.DecodeError, ValueError, binascii.Error) as exc:
             log.error("model %r: upstream %s answered an invalid body: %s", self.model, self.options.base_url, exc)
             raise BackendUnavailable(f"the upstream of model {self.model!r} answered an invalid response") from None
-        usage = reply.usage
-        counted = (usage.prompt_tokens or usage.total_tokens) if usage is not None else None
-        if counted is None:
-            counted = sum(len(t) // 4 + 1 for t in texts)  # an upstream that reports no usage: our estimate
-        return Embedded(vectors, counted)
+        return Embedded(vectors, self._counted(reply.usage, texts))
+
+    def _counted(self, usage: _Usage | None, texts: list[str]) -> int:
+        """The tokens the upstream reports for `texts`, when they can be true: at least one per input, and at
+        most one per byte plus a margin for special tokens and prompts per input. Otherwise (none reported, 0,
+        negative, absurd) our estimate: a charge is never zero, never negative, never unbounded."""
+        least = len(texts)
+        most = sum(len(t.encode("utf-8", "surrogatepass")) for t in texts) + 64 * len(texts)
+        reported = [] if usage is None else [usage.prompt_tokens, usage.total_tokens]
+        for n in reported:
+            if n is not None and least <= n <= most:
+                return n
+        if any(n is not None for n in reported):
+            log.warning(
+                "model %r: upstream %s reported usage %s for %d inputs; charging the local estimate",
+                self.model,
+                self.options.base_url,
+                reported,
+                len(texts),
+            )
+        return sum(len(t) // 4 + 1 for t in texts)
 
     def _vectors(self, reply: _Reply, n: int) -> np.ndarray:
         if len(reply.data) != n or sorted(item.index for item in reply.data) != list(range(n)):
@@ -302,11 +353,13 @@ class OpenAIBackend(Backend):
         return np.stack(rows).astype(np.float32, copy=False)
 
     # -- errors -------------------------------------------------------------------------------------------
-    def _transport_error(self, exc: Exception) -> Exception:
+    def _transport_error(self, exc: Exception, late: bool = False) -> Exception:
+        """The typed failure for a transport error; `late`: the call's deadline had passed (a timeout, even
+        when it cut a connect short)."""
         httpx = self._httpx
         where = self.options.base_url
         log.error("model %r: upstream %s: %s: %s", self.model, where, type(exc).__name__, exc)
-        if isinstance(exc, httpx.TimeoutException) and not isinstance(exc, httpx.ConnectTimeout):
+        if isinstance(exc, httpx.TimeoutException) and (late or not isinstance(exc, httpx.ConnectTimeout)):
             return BackendTimeout(
                 f"the upstream of model {self.model!r} did not answer within {self.options.timeout_s:g}s"
             )
@@ -346,6 +399,81 @@ class OpenAIBackend(Backend):
         if self._client is not None:
             self._client.close()
             self._client = None
+
+
+class _Deadlines:
+    """An httpcore network backend whose streams bound every operation by the calling thread's deadline
+    (`deadlines.at`, a time.monotonic() value; None: no deadline): a call ends by its deadline however its
+    upstream trickles."""
+
+    def __init__(self, inner: Any, deadlines: threading.local) -> None:
+        self._inner = inner
+        self._deadlines = deadlines
+
+    def left(self, timeout: float | None, error: type[Exception]) -> float | None:
+        """`timeout`, cut to the time left before the deadline; `error` when it has passed."""
+        deadline = getattr(self._deadlines, "at", None)
+        if deadline is None:
+            return timeout
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise error("the call's deadline passed")
+        return left if timeout is None else min(timeout, left)
+
+    def connect_tcp(
+        self,
+        host: str,
+        port: int,
+        timeout: float | None = None,
+        local_address: str | None = None,
+        socket_options: Any = None,
+    ) -> _DeadlineStream:
+        import httpcore
+
+        stream = self._inner.connect_tcp(
+            host, port, self.left(timeout, httpcore.ConnectTimeout), local_address, socket_options
+        )
+        return _DeadlineStream(stream, self)
+
+    def connect_unix_socket(self, path: str, timeout: float | None = None, socket_options: Any = None) -> Any:
+        import httpcore
+
+        stream = self._inner.connect_unix_socket(path, self.left(timeout, httpcore.ConnectTimeout), socket_options)
+        return _DeadlineStream(stream, self)
+
+    def sleep(self, seconds: float) -> None:
+        self._inner.sleep(seconds)
+
+
+class _DeadlineStream:
+    """A network stream of `_Deadlines`."""
+
+    def __init__(self, inner: Any, backend: _Deadlines) -> None:
+        self._inner = inner
+        self._backend = backend
+
+    def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
+        import httpcore
+
+        return self._inner.read(max_bytes, self._backend.left(timeout, httpcore.ReadTimeout))
+
+    def write(self, buffer: bytes, timeout: float | None = None) -> None:
+        import httpcore
+
+        self._inner.write(buffer, self._backend.left(timeout, httpcore.WriteTimeout))
+
+    def close(self) -> None:
+        self._inner.close()
+
+    def start_tls(self, ssl_context: Any, server_hostname: str | None = None, timeout: float | None = None) -> Any:
+        import httpcore
+
+        left = self._backend.left(timeout, httpcore.ConnectTimeout)
+        stream = self._inner.start_tls(ssl_context, server_hostname, left)
+        return _DeadlineStream(stream, self._backend)
+
+    def get_extra_info(self, info: str) -> Any:
+        return self._inner.get_extra_info(info)
 
 
 def _error_code(body: bytes) -> str | None:
