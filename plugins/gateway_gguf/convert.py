@@ -370,7 +370,8 @@ class GgufConverter(Converter):
         writer.add_add_sep_token(True)
         writer.add_add_eos_token(False)
         # HF BertNormalizer: strip_accents None means "strip when lowercasing"; llama.cpp reads both keys.
-        lowercase = bool(normalizer.get("lowercase", True))
+        # sentence-transformers' own lower-casing (`do_lower_case`) counts too, for llama.cpp's tokenizer.
+        lowercase = bool(normalizer.get("lowercase", True)) or source.layout.do_lower_case
         strip = normalizer.get("strip_accents")
         writer.add_bool("tokenizer.ggml.normalizer.lowercase", lowercase)
         strip_accents = lowercase if strip is None else bool(strip)
