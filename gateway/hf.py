@@ -10,9 +10,13 @@ from __future__ import annotations
 
 import json
 import logging
+import struct
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from functools import cache
+from importlib import resources
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Any, BinaryIO, Literal, get_args
 
 import numpy as np
 
@@ -70,8 +74,12 @@ class Layout:
     #: None when the folder names no pooling (then the caller's default applies).
     pooling: Pooling | None = None
     normalize: bool = False
-    #: The input length sentence-transformers caps inputs at (sentence_bert_config.json), if given.
+    #: The input length sentence-transformers caps inputs at (see `_max_seq_length`), if the folder says.
     max_seq_length: int | None = None
+    #: False when the Pooling module leaves prompt tokens out of the pooled vector (`include_prompt`).
+    include_prompt: bool = True
+    #: sentence-transformers lower-cases the text before its tokenizer (`do_lower_case`).
+    do_lower_case: bool = False
     #: Module types after pooling other than Normalize (Dense, LayerNorm, custom code): a runtime that cannot
     #: run them must refuse the model rather than serve different vectors.
     unsupported: tuple[str, ...] = ()
@@ -89,6 +97,7 @@ def read_layout(root: Path) -> Layout:
         raise BackendError(f"{modules_file}: expected a JSON list of modules")
     transformer_dir = root
     pooling: Pooling | None = None
+    include_prompt = True
     normalize = False
     unsupported: list[str] = []
     for module in modules:
@@ -99,7 +108,7 @@ def read_layout(root: Path) -> Layout:
         elif kind.endswith(".Normalize"):
             normalize = True
         elif kind.endswith(".Pooling"):
-            pooling = _pooling(sub / "config.json")
+            pooling, include_prompt = _pooling(sub / "config.json")
         else:
             unsupported.append(kind or repr(module))
     return Layout(
@@ -107,13 +116,15 @@ def read_layout(root: Path) -> Layout:
         transformer_dir=transformer_dir,
         pooling=pooling,
         normalize=normalize,
-        max_seq_length=_max_seq_length(root, transformer_dir),
+        max_seq_length=_max_seq_length(transformer_dir),
+        include_prompt=include_prompt,
+        do_lower_case=bool(_st_config(transformer_dir).get("do_lower_case", False)),
         unsupported=tuple(unsupported),
         is_sentence_transformers=True,
     )
 
 
-def _pooling(config_file: Path) -> Pooling:
+def _pooling(config_file: Path) -> tuple[Pooling, bool]:
     config = read_json(config_file)
     if not isinstance(config, dict):
         raise BackendError(f"{config_file}: expected a JSON object")
@@ -126,39 +137,88 @@ def _pooling(config_file: Path) -> Pooling:
         raise BackendError(
             f"{config_file}: pooling {modes or 'none'} is not supported (one of {', '.join(POOLING_MODES)})"
         )
-    return names[0]
+    return names[0], config.get("include_prompt", True) is not False
 
 
-def _max_seq_length(*folders: Path) -> int | None:
-    for folder in dict.fromkeys(folders):
-        config = folder / "sentence_bert_config.json"
-        if config.is_file():
-            value = read_json(config).get("max_seq_length")
-            if isinstance(value, int) and value > 0:
-                return value
-    return None
+# The Transformer module's config file, by the names sentence-transformers tries in turn.
+_ST_CONFIG_FILES = (
+    "sentence_bert_config.json",
+    "sentence_roberta_config.json",
+    "sentence_distilbert_config.json",
+    "sentence_camembert_config.json",
+    "sentence_albert_config.json",
+    "sentence_xlm-roberta_config.json",
+    "sentence_xlnet_config.json",
+)
+
+
+def _st_config(folder: Path) -> dict[str, Any]:
+    for name in _ST_CONFIG_FILES:
+        if (folder / name).is_file():
+            config = read_json(folder / name)
+            return config if isinstance(config, dict) else {}
+    return {}
+
+
+def _positive(value: object) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
+
+
+def _max_seq_length(folder: Path) -> int | None:
+    """The token limit sentence-transformers (6, as 3 to 5) sets on a Transformer module in `folder`, or None
+    when the folder does not say (then the position table decides).
+
+    In order: `model_max_length` among the module config's tokenizer arguments (`processor_kwargs`, older
+    `tokenizer_args`), else its `max_seq_length`; either is used as is. Else the tokenizer's own
+    `model_max_length` (tokenizer_config.json, where sentence-transformers 6 saves the limit), capped at
+    `max_position_embeddings` unless that is -1 (XLNet's "no limit").
+    """
+    config = _st_config(folder)
+    for key in ("processor_kwargs", "tokenizer_args"):
+        kwargs = config.get(key)
+        if isinstance(kwargs, dict) and _positive(kwargs.get("model_max_length")):
+            return _positive(kwargs["model_max_length"])
+    if _positive(config.get("max_seq_length")):
+        return _positive(config["max_seq_length"])
+    tokenizer_config = folder / "tokenizer_config.json"
+    limit = _positive(read_json(tokenizer_config).get("model_max_length")) if tokenizer_config.is_file() else None
+    # transformers' "no limit" placeholder (1e30) is not a limit: the position table is.
+    if limit is None or limit >= 10**12:
+        return None
+    positions = _position_table(folder)
+    return min(limit, positions) if positions else limit
+
+
+def _position_table(folder: Path) -> int | None:
+    config = folder / "config.json"
+    if not config.is_file():
+        return None
+    data = read_json(config)
+    return _positive(data.get("max_position_embeddings")) if isinstance(data, dict) else None
 
 
 def max_input_tokens(layout: Layout) -> int:
-    """The input limit sentence-transformers applies: max_seq_length, else the position table's size."""
+    """The input limit sentence-transformers applies to this folder (`_max_seq_length`, else the position
+    table's size): one reading for every backend and converter."""
     if layout.max_seq_length:
         return layout.max_seq_length
-    config = layout.transformer_dir / "config.json"
-    if config.is_file():
-        value = read_json(config).get("max_position_embeddings")
-        if isinstance(value, int) and value > 0:
-            return value
+    positions = _position_table(layout.transformer_dir)
+    if positions:
+        return positions
     log.warning("%s: no sentence_bert_config.json or config.json; assuming 512 input tokens", layout.root)
     return 512
 
 
 def pool(hidden: np.ndarray, mask: np.ndarray, mode: Pooling) -> np.ndarray:
-    """[n, seq, dim] token states of right-padded inputs -> [n, dim], ignoring the padding."""
+    """[n, seq, dim] token states of right-padded inputs -> [n, dim], pooling where `mask` is set (padding and
+    any prompt left out are 0), as sentence-transformers 6 pools."""
+    rows = np.arange(hidden.shape[0])
     if mode == "cls":
-        return hidden[:, 0]
+        # The first token pooled: [CLS], or the first after a prompt left out (sentence-transformers 6).
+        return hidden[rows, np.argmax(mask > 0, axis=1)]
     if mode == "last":
-        last = mask.sum(axis=1).astype(np.int64) - 1
-        return hidden[np.arange(hidden.shape[0]), last]
+        last = mask.shape[1] - 1 - np.argmax(mask[:, ::-1] > 0, axis=1)
+        return hidden[rows, last]
     m = mask[:, :, None].astype(hidden.dtype)
     if mode == "max":
         return np.where(m > 0, hidden, -np.inf).max(axis=1).astype(hidden.dtype)
@@ -172,11 +232,20 @@ def l2_normalize(x: np.ndarray) -> np.ndarray:
 
 def read_prompts(folder: Path) -> tuple[dict[str, str], str | None]:
     """Named prompts and the default prompt's name from a model folder's config_sentence_transformers.json
-    (empty when the folder has none, as sentence-transformers reads it); BackendError when they are malformed."""
-    path = folder / "config_sentence_transformers.json"
-    if not folder.is_dir() or not path.is_file():
-        return {}, None
-    data = read_json(path)
+    (empty when the folder has none, as sentence-transformers reads it), or from the metadata our GGUF
+    converter copies them into; BackendError when they are malformed."""
+    if folder.is_file() and folder.suffix == ".gguf":
+        meta = read_gguf_metadata(folder)
+        path = folder
+        data = {
+            "prompts": json.loads(str(meta.get(GGUF_PROMPTS_KEY) or "{}")),
+            "default_prompt_name": meta.get(GGUF_DEFAULT_PROMPT_KEY) or None,
+        }
+    else:
+        path = folder / "config_sentence_transformers.json"
+        if not folder.is_dir() or not path.is_file():
+            return {}, None
+        data = read_json(path)
     prompts = data.get("prompts") or {} if isinstance(data, dict) else None
     default = data.get("default_prompt_name") if isinstance(data, dict) else None
     if not isinstance(prompts, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in prompts.items()):
@@ -184,3 +253,162 @@ def read_prompts(folder: Path) -> tuple[dict[str, str], str | None]:
     if default is not None and default not in prompts:
         raise BackendError(f"{path}: default_prompt_name {default!r} is not one of its prompts")
     return prompts, default
+
+
+# -- prompts left out of pooling (`include_prompt: false`) ------------------------------------------------
+
+
+class PromptLengths:
+    """How many leading tokens of each input sentence-transformers leaves out of pooling when the Pooling
+    module says `include_prompt: false`: the applied prompt's own token count, less a trailing special
+    token (its [SEP]), so its [CLS] is left out too (sentence-transformers 6, Transformer._get_prompt_length).
+
+    The core hands a backend the prompted text, not the prompt: the prompt is found again as the longest of
+    the model's prompts that the text starts with. A text that starts with a prompt's exact wording without
+    that prompt being chosen is read as prompted (the one place this differs from sentence-transformers).
+    """
+
+    def __init__(
+        self,
+        prompts: Mapping[str, str],
+        tokenize: Callable[[Sequence[str]], list[list[int]]],
+        special_ids: set[int],
+    ) -> None:
+        texts = sorted({p for p in prompts.values() if p}, key=len, reverse=True)
+        ids = tokenize(texts) if texts else []
+        self.prompts: list[tuple[str, int]] = [
+            (text, len(one) - (1 if one and one[-1] in special_ids else 0))
+            for text, one in zip(texts, ids, strict=True)
+        ]
+
+    def prompt_of(self, text: str) -> tuple[str, int]:
+        """The prompt `text` starts with and its length in tokens; ("", 0) for none."""
+        return next(((p, n) for p, n in self.prompts if text.startswith(p)), ("", 0))
+
+    def __call__(self, texts: Sequence[str]) -> list[int]:
+        """Tokens to leave out of pooling at the start of each text (0 where it carries no prompt)."""
+        return [self.prompt_of(t)[1] for t in texts]
+
+
+def prompt_lengths(
+    layout: Layout, prompts: Mapping[str, str], tokenize: Callable[[Sequence[str]], list[list[int]]], specials: set[int]
+) -> PromptLengths | None:
+    """A `PromptLengths` for a folder whose pooling leaves prompts out and that has prompts; else None."""
+    if layout.include_prompt or not any(prompts.values()):
+        return None
+    return PromptLengths(prompts, tokenize, specials)
+
+
+def exclude_prompts(mask: np.ndarray, skip: Sequence[int]) -> np.ndarray:
+    """A right-padded attention mask [n, seq] with the first `skip[i]` tokens of row i masked out for pooling."""
+    if not any(skip):
+        return mask
+    mask = mask.copy()
+    for row, k in enumerate(skip):
+        mask[row, :k] = 0
+    return mask
+
+
+# -- lower-casing (`do_lower_case`) ----------------------------------------------------------------------
+
+
+def lower_case(tokenizer: Any) -> None:
+    """Put a Lowercase step in front of a `tokenizers.Tokenizer`'s normalizer unless it has one, exactly as
+    sentence-transformers 6 does for `do_lower_case: true` (so both cut the same text into the same ids)."""
+    from tokenizers.normalizers import Lowercase
+    from tokenizers.normalizers import Sequence as NormalizerSequence
+
+    normalizer = tokenizer.normalizer
+    if isinstance(normalizer, Lowercase):
+        return
+    if isinstance(normalizer, NormalizerSequence) and any(isinstance(n, Lowercase) for n in normalizer):
+        return
+    steps: list[Any] = [Lowercase()]
+    if isinstance(normalizer, NormalizerSequence):
+        steps += list(normalizer)
+    elif normalizer is not None:
+        steps.append(normalizer)
+    tokenizer.normalizer = NormalizerSequence(steps)
+
+
+def special_ids(tokenizer: Any) -> set[int]:
+    """The ids of a `tokenizers.Tokenizer`'s special tokens ([CLS], [SEP], [PAD], ...)."""
+    return {int(i) for i, token in tokenizer.get_added_tokens_decoder().items() if token.special}
+
+
+# -- attention that packing cannot express ---------------------------------------------------------------
+
+
+def local_attention(config: Mapping[str, Any]) -> int | None:
+    """The window of a model's local (sliding-window) attention layers, from its config.json; None when every
+    layer attends globally. transformers builds such windows from a plain 2D mask only: a packed 4D mask
+    passes through unchanged, so packed rows would attend over the whole row in those layers."""
+    for key in ("local_attention", "sliding_window", "attention_window"):
+        value = config.get(key)
+        if isinstance(value, list):
+            value = max((v for v in value if isinstance(v, int)), default=None)
+        if _positive(value):
+            layer_types = config.get("layer_types")
+            if isinstance(layer_types, list) and not any("sliding" in str(t) or "local" in str(t) for t in layer_types):
+                continue
+            return _positive(value)
+    return None
+
+
+# -- the bundled adversarial texts -----------------------------------------------------------------------
+
+
+@cache
+def adversarial_texts() -> tuple[str, ...]:
+    """gateway/data/adversarial.txt: many scripts, marks, long words, hashes, URLs, emoji, odd whitespace.
+    Every converter check and the parity tests run on these."""
+    raw = resources.files("gateway").joinpath("data/adversarial.txt").read_text(encoding="utf-8")
+    return tuple(json.loads(line) for line in raw.splitlines() if line.strip() and not line.startswith("#"))
+
+
+# -- GGUF metadata (the keys our converter adds; no gguf package in the core) -----------------------------
+
+GGUF_PROMPTS_KEY = "sentence_transformers.prompts"
+GGUF_DEFAULT_PROMPT_KEY = "sentence_transformers.default_prompt_name"
+_GGUF_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
+
+
+def _gguf_string(fh: BinaryIO) -> str:
+    (n,) = struct.unpack("<Q", fh.read(8))
+    return fh.read(n).decode("utf-8", errors="replace")
+
+
+def _gguf_value(fh: BinaryIO, kind: int) -> Any:
+    if kind == 8:
+        return _gguf_string(fh)
+    if kind == 9:  # arrays (the vocabulary) are skipped: nothing here needs them
+        item, n = struct.unpack("<IQ", fh.read(12))
+        if item in _GGUF_SCALARS:
+            fh.seek(struct.calcsize(_GGUF_SCALARS[item]) * n, 1)
+        else:
+            for _ in range(n):
+                _gguf_value(fh, item)
+        return None
+    fmt = _GGUF_SCALARS.get(kind)
+    if fmt is None:
+        raise ValueError(f"unknown GGUF value type {kind}")
+    return struct.unpack(fmt, fh.read(struct.calcsize(fmt)))[0]
+
+
+def read_gguf_metadata(path: Path) -> dict[str, Any]:
+    """A GGUF file's scalar and string metadata (arrays left out); BackendError when it is not GGUF."""
+    try:
+        with path.open("rb") as fh:
+            if fh.read(4) != b"GGUF":
+                raise BackendError(f"{path} is not a GGUF file")
+            _version, _tensors, n_kv = struct.unpack("<IQQ", fh.read(20))
+            meta: dict[str, Any] = {}
+            for _ in range(n_kv):
+                key = _gguf_string(fh)
+                (kind,) = struct.unpack("<I", fh.read(4))
+                value = _gguf_value(fh, kind)
+                if value is not None:
+                    meta[key] = value
+            return meta
+    except (OSError, struct.error, ValueError) as exc:
+        raise BackendError(f"cannot read the metadata of {path}: {exc}") from exc

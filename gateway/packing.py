@@ -73,13 +73,18 @@ def pack(token_ids: Sequence[Sequence[int]], row_tokens: int, pad_id: int = 0) -
     return PackedBatch(input_ids, position_ids, segments, spans)
 
 
-def pool(hidden: np.ndarray, spans: np.ndarray, mode: Pooling) -> np.ndarray:
-    """One vector per span of `hidden` [rows, L, dim], float32 [inputs, dim], as sentence-transformers pools."""
+def pool(hidden: np.ndarray, spans: np.ndarray, mode: Pooling, skip: Sequence[int] | None = None) -> np.ndarray:
+    """One vector per span of `hidden` [rows, L, dim], float32 [inputs, dim], as sentence-transformers pools;
+    `skip[k]` leading tokens of input k are left out (a prompt under `include_prompt: false`)."""
     if mode not in POOLING_MODES:
         raise ValueError(f"pooling mode {mode!r} is not one of {', '.join(POOLING_MODES)}")
     out = np.empty((len(spans), hidden.shape[-1]), dtype=np.float32)
     for k, (r, s, size) in enumerate(spans.tolist()):
-        tokens = hidden[r, s : s + size]
+        left_out = min(skip[k], size) if skip else 0
+        if left_out == size:  # nothing left to pool: sentence-transformers' masked sums give zeros
+            out[k] = 0.0
+            continue
+        tokens = hidden[r, s + left_out : s + size]
         if mode == "mean":
             out[k] = tokens.mean(axis=0)
         elif mode == "cls":

@@ -396,3 +396,11 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServ
     server.start()
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def st_folders(minilm_path: str, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """The folders of tests/folders.py (re-saved, prompted, prompts left out, raw and lower-cased), built once."""
+    from .folders import build_all
+
+    return build_all(minilm_path, tmp_path_factory.mktemp("st-folders"))

@@ -116,10 +116,13 @@ def test_token_ids_match_hf(backends, hf_tokenizer) -> None:
         assert b._tokenize(text) == hf_tokenizer.encode(text).ids, text
 
 
-@pytest.mark.xfail(reason="llama.cpp's WordPiece drops Devanagari spacing marks (Mc) that HF keeps", strict=False)
-def test_token_ids_devanagari(backends, hf_tokenizer) -> None:
-    text = "हिन्दी"
-    assert backends["f16"]._tokenize(text) == hf_tokenizer.encode(text).ids
+def test_token_ids_where_llama_cpp_wordpiece_differs(backends, hf_tokenizer) -> None:
+    # llama.cpp's WordPiece drops Devanagari spacing marks, keeps only Hangul's leading consonant and splits
+    # words over 100 characters that HF maps to [UNK]: the backend tokenizes with the tokenizer.json the
+    # GGUF carries, and its vectors follow (cosines 0.87, 0.71 and 0.61 to sentence-transformers before).
+    texts = ["हिन्दी भाषा", "안녕하세요, 저는 서울에서 온 개발자입니다.", "commit " + "a3f5c9e1b2d4" * 10 + " broke it"]
+    for b in backends.values():
+        assert b.tokenize(texts) == [hf_tokenizer.encode(t).ids for t in texts]
 
 
 def test_runs_on_the_ids_it_counted(backends) -> None:

@@ -175,11 +175,11 @@ def test_a_graph_that_fails_packed_is_written_padded(minilm_path, st_model, tmp_
     real = convert.OnnxConverter._check
     calls = []
 
-    def first_fails(self, model, out_dir, quantize):
+    def first_fails(self, model, src_dir, out_dir, quantize):
         calls.append(out_dir)
         if len(calls) == 1:
             raise convert._Mismatch("converted model disagrees with the source: min cosine 0.5000 < 0.999")
-        return real(self, model, out_dir, quantize)
+        return real(self, model, src_dir, out_dir, quantize)
 
     monkeypatch.setattr(convert.OnnxConverter, "_check", first_fails)
     out = _convert(minilm_path, tmp_path / "plain")

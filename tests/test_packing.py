@@ -121,8 +121,8 @@ def test_torch_packing_turns_itself_off_when_it_disagrees(minilm_path, monkeypat
 
     real = gateway_torch._Packer.embed
 
-    def shifted(self, texts, torch, row_tokens=None, ids=None):
-        out = real(self, texts, torch, row_tokens, ids)
+    def shifted(self, texts, torch, row_tokens=None, ids=None, skip=None):
+        out = real(self, texts, torch, row_tokens, ids, skip)
         return np.roll(out, 1, axis=1)
 
     monkeypatch.setattr(gateway_torch._Packer, "embed", shifted)
@@ -150,3 +150,27 @@ def test_torch_parallel_batches_give_the_same_vectors(minilm_path, torch_backend
     for got, texts in zip(_concurrently(lambda t: embed(backend, t), batches), batches, strict=True):
         np.testing.assert_allclose(got, embed(torch_backend, texts), atol=1e-5)
     assert backend._running == 0
+
+
+def test_torch_does_not_pack_local_attention(minilm_path, tmp_path, caplog):
+    """ModernBERT's local layers take their window from a 2D mask, which a packed 4D mask bypasses: such a
+    model is served padded, and its vectors equal sentence-transformers' on inputs longer than the window."""
+    from pathlib import Path
+
+    pytest.importorskip("torch")
+    from gateway_torch import TorchBackend, TorchOptions
+    from sentence_transformers import SentenceTransformer
+
+    from .folders import tiny_modernbert
+
+    folder = tiny_modernbert(Path(minilm_path), tmp_path / "modernbert", window=16)
+    b = TorchBackend(model="mb", path=str(folder), options=TorchOptions(threads=1))
+    with caplog.at_level("WARNING"):
+        info = b.load()
+    assert info.pads_to_longest is True
+    assert "local attention (window 16)" in caplog.text
+    texts = [" ".join(f"word{i}" for i in range(n)) for n in (5, 40, 90)]  # up to ~300 tokens, cut at 128
+    want = SentenceTransformer(str(folder), device="cpu").encode(texts)
+    got = b.embed(texts, b.tokenize(texts))
+    cos = np.sum(got * want, axis=1) / np.linalg.norm(got, axis=1) / np.linalg.norm(want, axis=1)
+    assert cos.min() > 0.9999

@@ -23,6 +23,7 @@ from typing import Annotated, Any, ClassVar, Literal
 import msgspec
 import numpy as np
 
+from gateway import hf
 from gateway.backend import Backend, BackendError, ModelInfo
 from gateway.hf import l2_normalize
 
@@ -36,6 +37,14 @@ Pooling = Literal["mean", "cls", "last"]
 #: model was trained for, smaller than its position table. The torch and ONNX backends cap inputs at the
 #: same value, so one model answers the same inputs whichever runtime serves it.
 MAX_SEQ_LENGTH_KEY = "sentence_transformers.max_seq_length"
+#: Whether the source folder ends in a Normalize module (our converter writes it).
+NORMALIZE_KEY = "sentence_transformers.normalize"
+#: False when the source folder's pooling leaves prompt tokens out (`include_prompt`).
+INCLUDE_PROMPT_KEY = "sentence_transformers.include_prompt"
+#: The source folder's tokenizer.json, as sentence-transformers runs it (lower-casing included, no padding):
+#: llama.cpp's WordPiece cuts some text differently (Hangul, Indic marks, words over 100 characters), so the
+#: backend tokenizes with this and hands llama.cpp the ids. The key is the one llama.cpp's converter uses.
+HF_TOKENIZER_KEY = "tokenizer.huggingface.json"
 
 # llama.cpp's pooling enum (llama.h): the GGUF key `<arch>.pooling_type` and context params use it.
 _POOLING_IDS: dict[str, int] = {"mean": 1, "cls": 2, "last": 3}
@@ -86,8 +95,9 @@ class GgufOptions(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     n_threads: PositiveInt | None = None
     #: Pooling of token states; default: the GGUF's `<arch>.pooling_type`.
     pooling: Pooling | None = None
-    #: Return unit-length vectors (what sentence-transformers models with a Normalize module produce).
-    normalize: bool = True
+    #: Return unit-length vectors. None: as the source model did (the GGUF's sentence_transformers.normalize,
+    #: written by our converter; unit length for a GGUF without it, as llama.cpp's own server returns).
+    normalize: bool | None = None
     #: Overrides of llama.cpp's context sizes. By default all three equal the model's input limit, so any
     #: accepted input fits one micro-batch (llama.cpp aborts an encoder batch larger than n_ubatch). A
     #: smaller n_ubatch lowers max_input_tokens to it.
@@ -96,7 +106,8 @@ class GgufOptions(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     n_ubatch: PositiveInt | None = None
     #: Most sequences packed into one llama.cpp call (a call also never exceeds n_ubatch tokens): each call
     #: has a fixed graph and thread start-up cost (bench/README.md, "gguf"), and the token cap keeps the
-    #: packed attention small.
+    #: packed attention small. llama.cpp's mean-pooling graph needs n_ubatch to be a multiple of it (see
+    #: `_micro_batch`).
     seqs_per_call: PositiveInt = 16
     #: llama.cpp's extra weight buffers (repacked / AMX kernels). Off: on AVX-512+AMX machines the AMX int8
     #: kernel for Q8_0 crashed the process with SIGILL; f16 never uses them.
@@ -117,12 +128,20 @@ class GgufBackend(Backend):
         self._lib: Any = None
         self._model: Any = None
         self._ctx: Any = None
+        # Created on first use: a context that returns token states (for prompts left out of pooling).
+        self._token_ctx: Any = None
+        self._threads = 1
+        self._pooling: hf.Pooling = "mean"
         self._vocab: Any = None
         self._batch: Any = None
         self._dim = 0
         self._max_tokens = 0
         self._n_ubatch = 0
         self._seqs_per_call = 1
+        self._normalize = True
+        # The source's own tokenizer (None for a GGUF without one: llama.cpp's tokenizer then).
+        self._hf_tok: Any = None
+        self._prompt_lengths: hf.PromptLengths | None = None
 
     # -- loading -----------------------------------------------------------------------------------------
 
@@ -139,13 +158,65 @@ class GgufBackend(Backend):
         return path
 
     def load_tokenizer(self) -> bool:
-        """llama.cpp's own tokenizer from the GGUF's vocabulary alone (vocab_only: no weights, no context)."""
+        """The GGUF's tokenizer alone: the source's tokenizer.json it carries, else llama.cpp's own from the
+        vocabulary (vocab_only: no weights, no context)."""
         lib = _llama.lib()
         path = self._file()
         self.close()
+        self._read_metadata(path)
         model = _llama.load_model(path, vocab_only=True)
         self._lib, self._model, self._vocab = lib, model, lib.llama_model_get_vocab(model)
         return True
+
+    def _read_metadata(self, path: Path) -> dict[str, Any]:
+        """What our converter wrote beside llama.cpp's keys: the tokenizer, normalize, prompts."""
+        meta = hf.read_gguf_metadata(path)
+        self._hf_tok = None
+        if isinstance(meta.get(HF_TOKENIZER_KEY), str):
+            from tokenizers import Tokenizer
+
+            try:
+                tok = Tokenizer.from_str(meta[HF_TOKENIZER_KEY])
+            except Exception as exc:
+                raise BackendError(
+                    f"{path}: the tokenizer it carries ({HF_TOKENIZER_KEY}) cannot be read: {exc}"
+                ) from exc
+            tok.no_padding()
+            tok.no_truncation()
+            self._hf_tok = tok
+        normalize = meta.get(NORMALIZE_KEY)
+        self._normalize = self.opts.normalize if self.opts.normalize is not None else normalize is not False
+        self._prompt_lengths = None
+        if meta.get(INCLUDE_PROMPT_KEY) is False:
+            prompts, _ = hf.read_prompts(path)
+            specials = hf.special_ids(self._hf_tok) if self._hf_tok is not None else set()
+            if prompts and self._hf_tok is None:
+                raise BackendError(f"{path}: leaves its prompts out of pooling but carries no tokenizer.json")
+            layout = hf.Layout(root=path, transformer_dir=path, include_prompt=False)
+            self._prompt_lengths = hf.prompt_lengths(layout, prompts, self.tokenize, specials)
+        return meta
+
+    @staticmethod
+    def _micro_batch(limit: int, n_ubatch: int | None, seqs: int) -> int:
+        """llama.cpp's micro-batch size for inputs of up to `limit` tokens and `seqs` sequences per call.
+
+        When it reserves its graphs, llama.cpp rounds the micro-batch up to a multiple of the sequence count
+        but keeps one output per requested token; the mean-pooling product then gets operands of different
+        sizes, fails GGML_ASSERT(ggml_can_mul_mat) and aborts the process (e.g. 256 tokens with 12, 3 or 5
+        sequences). So the default is the limit rounded up to a multiple of `seqs` (a little more scratch
+        memory, nothing else), and an explicit n_ubatch that is not a multiple is refused at load.
+        """
+        if n_ubatch is None:
+            return -(-limit // seqs) * seqs
+        if n_ubatch % seqs:
+            lower, upper = n_ubatch // seqs * seqs, -(-n_ubatch // seqs) * seqs
+            choices = f"{lower} or {upper}" if lower else f"{upper}"
+            raise BackendError(
+                f"options.n_ubatch = {n_ubatch} is not a multiple of seqs_per_call = {seqs}: llama.cpp's pooling "
+                f"graph cannot be built for it (the runtime would abort); use n_ubatch = {choices}, or change "
+                "seqs_per_call"
+            )
+        return n_ubatch
 
     def load(self) -> ModelInfo:
         lib = _llama.lib()
@@ -154,8 +225,8 @@ class GgufBackend(Backend):
         threads = o.n_threads or _cpu_count()
         self._seqs_per_call = min(o.seqs_per_call, int(lib.llama_max_parallel_sequences()))
         self.close()  # a second load() replaces the first model instead of leaking it
-        # Metadata comes from llama.cpp itself after loading the weights (mmap); gguf.GGUFReader takes far
-        # longer to parse the vocabulary arrays.
+        self._read_metadata(path)
+        # Metadata llama.cpp reads comes from llama.cpp itself after loading the weights (mmap).
         model = _llama.load_model(path, extra_buffers=o.extra_buffers)
         try:
             arch = _meta(lib, model, "general.architecture") or "?"
@@ -165,7 +236,7 @@ class GgufBackend(Backend):
             seq_len = _meta_int(lib, model, MAX_SEQ_LENGTH_KEY)
             if seq_len is not None and 0 < seq_len < limit:
                 limit = seq_len
-            n_ubatch = o.n_ubatch or limit
+            n_ubatch = self._micro_batch(limit, o.n_ubatch, self._seqs_per_call)
             n_batch = max(o.n_batch or n_ubatch, n_ubatch)
             n_ctx = max(o.n_ctx or n_batch, n_batch)
             # llama.cpp encodes a whole sequence in one micro-batch: an input longer than n_ubatch aborts
@@ -191,6 +262,7 @@ class GgufBackend(Backend):
             lib.llama_model_free(model)
             raise
         self._lib, self._model, self._ctx = lib, model, ctx
+        self._threads, self._pooling = threads, _POOLING_NAMES[pooling]
         self._vocab = lib.llama_model_get_vocab(model)
         self._dim = int(lib.llama_model_n_embd(model))
         # One reusable batch: token, pos, seq_id and logits arrays sized for a full micro-batch.
@@ -208,7 +280,7 @@ class GgufBackend(Backend):
         return ModelInfo(
             dimension=self._dim,
             max_input_tokens=self._max_tokens,
-            normalized=o.normalize,
+            normalized=self._normalize,
             # A core batch of 32 becomes a few packed llama.cpp calls (see seqs_per_call).
             max_batch_size=32,
             # Sequences are packed token by token into llama.cpp's batch: nothing is padded, nothing to split.
@@ -226,15 +298,19 @@ class GgufBackend(Backend):
                 lib.llama_batch_free(self._batch)
             if self._ctx is not None:
                 lib.llama_free(self._ctx)
+            if self._token_ctx is not None:
+                lib.llama_free(self._token_ctx)
             if self._model is not None:
                 lib.llama_model_free(self._model)
-            self._batch = self._ctx = self._model = self._vocab = None
+            self._batch = self._ctx = self._token_ctx = self._model = self._vocab = None
 
     # -- tokens ------------------------------------------------------------------------------------------
 
     def _tokenize(self, text: str) -> list[int]:
         # llama.cpp adds [CLS] ... [SEP] as the HF tokenizer does, and maps special-token text typed in the
         # input ("[SEP]") to its id as HF does; our converter types only real special tokens CONTROL.
+        if self._hf_tok is not None:
+            return list(self._hf_tok.encode(text).ids)
         vocab = self._vocab
         if vocab is None:
             raise BackendError(f"model {self.model!r} is not loaded")
@@ -243,6 +319,8 @@ class GgufBackend(Backend):
     def tokenize(self, texts: Sequence[str]) -> list[list[int]]:
         # No lock: llama_tokenize only reads the vocabulary, and each call has its own output buffer (the
         # core stops calling a model before it closes it).
+        if self._hf_tok is not None and len(texts) > 1:
+            return [list(e.ids) for e in self._hf_tok.encode_batch(list(texts))]
         return [self._tokenize(t) for t in texts]
 
     # -- embeddings --------------------------------------------------------------------------------------
@@ -282,6 +360,10 @@ class GgufBackend(Backend):
     def embed(self, texts: Sequence[str], token_ids: Sequence[Sequence[int]]) -> np.ndarray:
         """Vectors from llama.cpp's own ids, which `tokenize` handed out: each input is tokenized once."""
         seqs = [self._truncate(list(ids)) for ids in token_ids]
+        if self._prompt_lengths is not None:
+            skip = self._prompt_lengths(texts)
+            if any(skip):
+                return self._embed_without_prompts(seqs, skip)
         out = np.empty((len(seqs), self._dim), dtype=np.float32)
         per_call = self._seqs_per_call
         with self._lock:
@@ -300,4 +382,41 @@ class GgufBackend(Backend):
                 used += len(tokens)
             if chunk:
                 self._run(chunk, out, rows)
-        return l2_normalize(out) if self.opts.normalize and len(out) else out
+        return l2_normalize(out) if self._normalize and len(out) else out
+
+    def _embed_without_prompts(self, seqs: list[list[int]], skip: list[int]) -> np.ndarray:
+        """llama.cpp pools every token of a sequence in its graph; to leave a prompt out, each input runs with
+        a second context that returns token states, pooled here as sentence-transformers pools."""
+        out = np.empty((len(seqs), self._dim), dtype=np.float32)
+        with self._lock:
+            if self._ctx is None:
+                raise BackendError(f"model {self.model!r} is closed")
+            if self._token_ctx is None:
+                self._token_ctx = _llama.new_context(
+                    self._model,
+                    n_ctx=self._n_ubatch,
+                    n_batch=self._n_ubatch,
+                    n_ubatch=self._n_ubatch,
+                    n_seq_max=1,
+                    threads=self._threads,
+                    pooling=0,  # LLAMA_POOLING_TYPE_NONE: one state per token
+                )
+            lib, ctx, batch = self._lib, self._token_ctx, self._batch
+            for i, tokens in enumerate(seqs):
+                for p, tok in enumerate(tokens):
+                    batch.token[p] = tok
+                    batch.pos[p] = p
+                    batch.n_seq_id[p] = 1
+                    batch.seq_id[p][0] = 0
+                    batch.logits[p] = True
+                batch.n_tokens = len(tokens)
+                rc = lib.llama_decode(ctx, batch)
+                if rc != 0:
+                    raise BackendError(f"llama.cpp decode failed (code {rc}) on an input of {len(tokens)} tokens")
+                ptr = lib.llama_get_embeddings(ctx)
+                states = np.ctypeslib.as_array(
+                    ctypes.cast(ptr, ctypes.POINTER(ctypes.c_float)), (len(tokens), self._dim)
+                ).copy()
+                mask = hf.exclude_prompts(np.ones((1, len(tokens)), dtype=np.int64), [skip[i]])
+                out[i] = hf.pool(states[None], mask, self._pooling)[0]
+        return l2_normalize(out) if self._normalize and len(out) else out

@@ -9,6 +9,7 @@ that tokenizes differently would serve quietly wrong vectors, so a mismatch fail
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from collections.abc import Iterator
@@ -20,7 +21,7 @@ import numpy as np
 from gateway import hf
 from gateway.backend import BackendError, Converter
 
-from .backend import MAX_SEQ_LENGTH_KEY
+from .backend import HF_TOKENIZER_KEY, INCLUDE_PROMPT_KEY, MAX_SEQ_LENGTH_KEY, NORMALIZE_KEY
 
 WORD_START = "\u2581"  # llama.cpp's "phantom space" before a word's first piece
 # Token-id parity samples: casing, accents, punctuation, digits, CJK, emoji, symbols, odd whitespace.
@@ -59,8 +60,10 @@ class _Source:
             raise BackendError(f"{root}: pooling 'max' is not supported by llama.cpp (mean, cls or last only)")
         self.model_dir = layout.transformer_dir  # the Transformer module's folder (weights, config.json, tokenizer)
         self.pooling = layout.pooling
+        self.layout = layout
         self.normalize = layout.normalize
         self.max_seq_length = layout.max_seq_length
+        self.prompts, self.default_prompt_name = hf.read_prompts(root)
         config_file = self.model_dir / "config.json"
         if not config_file.is_file():
             raise BackendError(f"{root} has no config.json (not a Hugging Face model folder)")
@@ -102,6 +105,23 @@ class _Source:
                 raise BackendError(f"cannot read {file}: {exc}") from exc
             for name, t in state.items():
                 yield name, t.float().numpy() if t.is_floating_point() else t.numpy()
+
+    def hf_tokenizer(self) -> Any:
+        """tokenizer.json as sentence-transformers runs it (its lower-casing in, padding and truncation out);
+        None without one (or without the tokenizers package)."""
+        tok_file = self.model_dir / "tokenizer.json"
+        try:
+            import tokenizers
+        except ImportError:
+            return None
+        if not tok_file.is_file():
+            return None
+        tok = tokenizers.Tokenizer.from_file(str(tok_file))
+        tok.no_padding()  # tokenizer.json files often pin padding/truncation (all-MiniLM: 128)
+        tok.no_truncation()
+        if self.layout.do_lower_case:
+            hf.lower_case(tok)
+        return tok
 
     def vocab(self) -> tuple[list[str], set[str], dict[str, Any]]:
         """The WordPiece vocabulary in id order, its special tokens, and the normalizer settings."""
@@ -179,6 +199,7 @@ def _gguf_vocab(tokens: list[str], specials: set[str], n_rows: int) -> tuple[lis
 class GgufConverter(Converter):
     name: ClassVar[str] = "gguf"
     help: ClassVar[str] = "GGUF for llama.cpp (BERT / WordPiece models), f16 or q8_0"
+    _qtype: str = "f16"
 
     def add_arguments(self, parser: Any) -> None:
         # The convert parser is shared by all converters: only `--type` is ours (dest kept distinct).
@@ -199,6 +220,7 @@ class GgufConverter(Converter):
         if qtype not in ("f16", "q8_0"):
             raise BackendError(f"--type {qtype!r}: expected f16 or q8_0")
         started = time.perf_counter()
+        self._qtype = qtype
         source = _Source(Path(src).expanduser())
         out_path = Path(out).expanduser()
         if out_path.is_dir():
@@ -278,7 +300,16 @@ class GgufConverter(Converter):
             if source.max_seq_length:
                 # Our own key (llama.cpp ignores it): the length sentence-transformers caps inputs at.
                 writer.add_uint32(MAX_SEQ_LENGTH_KEY, source.max_seq_length)
-            writer.add_bool("sentence_transformers.normalize", source.normalize)
+            writer.add_bool(NORMALIZE_KEY, source.normalize)
+            writer.add_bool(INCLUDE_PROMPT_KEY, source.layout.include_prompt)
+            if source.prompts:
+                # The folder's prompts travel with the file (the gateway applies them, as for the folder).
+                writer.add_string(hf.GGUF_PROMPTS_KEY, json.dumps(source.prompts, ensure_ascii=False))
+                if source.default_prompt_name:
+                    writer.add_string(hf.GGUF_DEFAULT_PROMPT_KEY, source.default_prompt_name)
+            hf_tokenizer = source.hf_tokenizer()
+            if hf_tokenizer is not None:
+                writer.add_string(HF_TOKENIZER_KEY, hf_tokenizer.to_str())
             self._add_vocab(writer, source, n_vocab_rows, gguf)
 
             self.say(f"writing {n_tensors} tensors to {path.name}")
@@ -339,7 +370,8 @@ class GgufConverter(Converter):
         writer.add_add_sep_token(True)
         writer.add_add_eos_token(False)
         # HF BertNormalizer: strip_accents None means "strip when lowercasing"; llama.cpp reads both keys.
-        lowercase = bool(normalizer.get("lowercase", True))
+        # sentence-transformers' own lower-casing (`do_lower_case`) counts too, for llama.cpp's tokenizer.
+        lowercase = bool(normalizer.get("lowercase", True)) or source.layout.do_lower_case
         strip = normalizer.get("strip_accents")
         writer.add_bool("tokenizer.ggml.normalizer.lowercase", lowercase)
         strip_accents = lowercase if strip is None else bool(strip)
@@ -348,34 +380,65 @@ class GgufConverter(Converter):
     # -- verification ------------------------------------------------------------------------------------
 
     def _verify(self, source: _Source, path: Path) -> None:
-        tok_file = source.model_dir / "tokenizer.json"
+        """Token ids, then vectors, on the bundled adversarial texts, starting from text.
+
+        llama.cpp's WordPiece is compared with tokenizer.json for the record: where they differ (Hangul,
+        Indic marks, words over 100 characters) the backend does not use it, it tokenizes with the
+        tokenizer.json the GGUF carries. The vectors must match sentence-transformers' own encode of the
+        source folder (when sentence-transformers is installed), or the conversion fails.
+        """
         try:
             import llama_cpp  # noqa: F401 - only probing that the runtime is installed
-            import tokenizers
         except ImportError:
-            self.say("llama-cpp-python or tokenizers missing: skipped the token-id check")
+            self.say("llama-cpp-python missing: skipped the token-id and vector checks")
             return
-        if not tok_file.is_file():
-            self.say("no tokenizer.json: skipped the token-id check")
+        hf_tok = source.hf_tokenizer()
+        if hf_tok is None:
+            self.say("no tokenizer.json: skipped the token-id check; llama.cpp's own tokenizer will serve")
             return
         from . import _llama
 
-        hf = tokenizers.Tokenizer.from_file(str(tok_file))
-        hf.no_padding()  # tokenizer.json files often pin padding/truncation (all-MiniLM: 128)
-        hf.no_truncation()
+        texts = [*VERIFY_TEXTS, *hf.adversarial_texts()]
         model = _llama.load_model(path, vocab_only=True)
         try:
             vocab = _llama.lib().llama_model_get_vocab(model)
-            for text in VERIFY_TEXTS:
-                want = hf.encode(text).ids
-                got = _llama.tokenize(vocab, text)
-                if got != want:
-                    at = next((i for i, (a, b) in enumerate(zip(got, want, strict=False)) if a != b), None)
-                    at = min(len(got), len(want)) if at is None else at
-                    raise BackendError(
-                        f"GGUF tokenizer disagrees with tokenizer.json on {text!r} at token {at}: "
-                        f"{got[at : at + 5]} vs {want[at : at + 5]}"
-                    )
+            differ = [t for t in texts if _llama.tokenize(vocab, t) != hf_tok.encode(t).ids]
         finally:
             _llama.lib().llama_model_free(model)
-        self.say(f"token ids match tokenizer.json on {len(VERIFY_TEXTS)} sample texts")
+        self.say(
+            f"llama.cpp's tokenizer matches tokenizer.json on {len(texts) - len(differ)} of {len(texts)} texts; "
+            "the GGUF carries tokenizer.json, which the gguf backend uses"
+        )
+        self._check_vectors(source, path, list(hf.adversarial_texts()))
+
+    def _check_vectors(self, source: _Source, path: Path, texts: list[str]) -> None:
+        try:
+            from sentence_transformers import SentenceTransformer
+        except ImportError:
+            self.say("sentence-transformers missing: skipped the vector check")
+            return
+        from .backend import GgufBackend, GgufOptions
+
+        if not source.layout.is_sentence_transformers:
+            self.say("not a sentence-transformers folder: skipped the vector check")
+            return
+        reference = SentenceTransformer(str(source.root), device="cpu", local_files_only=True)
+        want = reference.encode(texts, prompt="", convert_to_numpy=True, normalize_embeddings=True)
+        backend = GgufBackend(model="convert-check", path=str(path), options=GgufOptions(n_threads=1))
+        try:
+            backend.load()
+            ids = backend.tokenize(texts)
+            limit = backend._max_tokens
+            got = backend.embed(texts, [i if len(i) <= limit else [*i[: limit - 1], i[-1]] for i in ids])
+        finally:
+            backend.close()
+        got = hf.l2_normalize(got)
+        cos = np.sum(got * want, axis=1)
+        worst = int(np.argmin(cos))
+        self.say(f"vectors vs sentence-transformers on {len(texts)} adversarial texts: min cosine {cos[worst]:.5f}")
+        floor = 0.999 if self._qtype == "f16" else 0.99
+        if cos[worst] < floor:
+            raise BackendError(
+                f"the GGUF's vectors disagree with sentence-transformers on {texts[worst]!r}: "
+                f"cosine {cos[worst]:.4f} < {floor}"
+            )

@@ -78,6 +78,8 @@ class OnnxBackend(Backend):
         self._pad_id = 0
         self._max_tokens = 0
         self._dimension = 0
+        # Leading tokens of each input left out of pooling (a prompt under `include_prompt: false`).
+        self._prompt_lengths: hf.PromptLengths | None = None
 
     # -- loading ------------------------------------------------------------------------------------
     def _paths(self) -> tuple[Path, Path]:
@@ -117,7 +119,7 @@ class OnnxBackend(Backend):
             )
         return wanted
 
-    def _load_tokenizer(self, model_dir: Path, onnx_file: Path) -> None:
+    def _load_tokenizer(self, model_dir: Path, onnx_file: Path, layout: hf.Layout) -> None:
         from tokenizers import Tokenizer
 
         candidates = [model_dir / "tokenizer.json", onnx_file.parent / "tokenizer.json"]
@@ -141,12 +143,17 @@ class OnnxBackend(Backend):
             self._pad_id = int(pad or 0)
         tok.no_padding()
         tok.no_truncation()
+        if layout.do_lower_case:
+            # sentence-transformers lower-cases before a tokenizer that may not (a cased vocabulary).
+            hf.lower_case(tok)
         self._count_tok = tok
         # A second copy truncates at the model limit, as sentence-transformers does; the core normally
         # rejects longer inputs first, but a position beyond the embedding table would crash the graph.
         embed_tok = Tokenizer.from_str(tok.to_str())
         embed_tok.enable_truncation(max_length=self._max_tokens)
         self._embed_tok = embed_tok
+        prompts, _ = hf.read_prompts(model_dir)
+        self._prompt_lengths = hf.prompt_lengths(layout, prompts, self.tokenize, hf.special_ids(tok))
 
     def load(self) -> ModelInfo:
         import onnxruntime as ort
@@ -160,7 +167,7 @@ class OnnxBackend(Backend):
         self._pooling = opts.pooling or layout.pooling or "mean"
         self._normalize = layout.normalize if opts.normalize is None else opts.normalize
         self._max_tokens = hf.max_input_tokens(layout)
-        self._load_tokenizer(model_dir, onnx_file)
+        self._load_tokenizer(model_dir, onnx_file, layout)
 
         so = ort.SessionOptions()
         so.graph_optimization_level = {
@@ -214,8 +221,9 @@ class OnnxBackend(Backend):
     def load_tokenizer(self) -> bool:
         """The tokenizer alone, from the model folder's tokenizer.json (no session, no weights)."""
         model_dir, onnx_file = self._paths()
-        self._max_tokens = hf.max_input_tokens(hf.read_layout(model_dir))
-        self._load_tokenizer(model_dir, onnx_file)
+        layout = hf.read_layout(model_dir)
+        self._max_tokens = hf.max_input_tokens(layout)
+        self._load_tokenizer(model_dir, onnx_file, layout)
         return True
 
     def _inspect_graph(self, onnx_file: Path) -> None:
@@ -262,7 +270,7 @@ class OnnxBackend(Backend):
         }
         return np.asarray(self._session.run(None, feed)[self._output_index], dtype=np.float32)
 
-    def _run_packed(self, token_ids: Sequence[Sequence[int]]) -> np.ndarray:
+    def _run_packed(self, token_ids: Sequence[Sequence[int]], skip: Sequence[int] | None) -> np.ndarray:
         batch = packing.pack(token_ids, self.options.pack_tokens, self._pad_id)
         hidden = self._feed(
             {
@@ -272,9 +280,9 @@ class OnnxBackend(Backend):
                 "token_type_ids": np.zeros_like(batch.input_ids),
             }
         )
-        return packing.pool(hidden, batch.spans, self._pooling)
+        return packing.pool(hidden, batch.spans, self._pooling, skip)
 
-    def _run(self, encodings: Sequence[Any]) -> np.ndarray:
+    def _run(self, encodings: Sequence[Any], skip: Sequence[int] | None) -> np.ndarray:
         width = max(len(e.ids) for e in encodings)
         n = len(encodings)
         ids = np.full((n, width), self._pad_id, dtype=np.int64)
@@ -291,30 +299,40 @@ class OnnxBackend(Backend):
         out = self._feed(arrays)
         if self._pooled_output:
             return out
-        return hf.pool(out, mask, self._pooling)
+        return hf.pool(out, hf.exclude_prompts(mask, skip or []), self._pooling)
 
     def embed(self, texts: Sequence[str], token_ids: Sequence[Sequence[int]]) -> np.ndarray:
         if not texts:
             return np.zeros((0, self._dimension), dtype=np.float32)
+        skip = self._prompt_lengths(texts) if self._prompt_lengths is not None else None
         if self._use_ids:
             if any(len(ids) > self._max_tokens for ids in token_ids):
                 token_ids = [e.ids for e in self._embed_tok.encode_batch(list(texts))]
             # Slices bound the activations; packing needs no sorting.
             vectors = np.concatenate(
-                [self._run_packed(token_ids[s : s + _SLICE]) for s in range(0, len(token_ids), _SLICE)]
+                [
+                    self._run_packed(token_ids[s : s + _SLICE], skip[s : s + _SLICE] if skip else None)
+                    for s in range(0, len(token_ids), _SLICE)
+                ]
             )
         else:
-            vectors = self._embed_padded(texts)
+            vectors = self._embed_padded(texts, skip)
         if self._normalize:
             vectors = hf.l2_normalize(vectors)
         return np.ascontiguousarray(vectors, dtype=np.float32)
 
-    def _embed_padded(self, texts: Sequence[str]) -> np.ndarray:
+    def _embed_padded(self, texts: Sequence[str], skip: Sequence[int] | None) -> np.ndarray:
         encodings = self._embed_tok.encode_batch(list(texts))
         if len(encodings) <= _SLICE:
-            return self._run(encodings)
+            return self._run(encodings, skip)
         order = sorted(range(len(encodings)), key=lambda i: len(encodings[i].ids))
-        parts = [self._run([encodings[i] for i in order[s : s + _SLICE]]) for s in range(0, len(order), _SLICE)]
+        parts = [
+            self._run(
+                [encodings[i] for i in order[s : s + _SLICE]],
+                [skip[i] for i in order[s : s + _SLICE]] if skip else None,
+            )
+            for s in range(0, len(order), _SLICE)
+        ]
         vectors = np.empty((len(encodings), parts[0].shape[1]), dtype=np.float32)
         vectors[order] = np.concatenate(parts)
         return vectors

@@ -99,6 +99,11 @@ class OnnxConverter(Converter):
         # Packing needs positions that restart at 0 for each input; a model whose positions do not (RoBERTa
         # counts from padding_idx + 1) fails the check below and gets a padded graph instead.
         packed = "position_ids" in extra
+        window = hf.local_attention(model.config.to_dict())
+        if packed and window is not None:
+            # transformers builds a local window from a 2D mask only: a packed 4D mask would bypass it.
+            self.say(f"local attention (window {window}): exporting a padded graph (packing cannot express it)")
+            packed = False
         target = out_dir / "model.onnx"
         while True:
             with tempfile.TemporaryDirectory(prefix="gateway-onnx-", dir=out_dir) as tmp:
@@ -114,7 +119,7 @@ class OnnxConverter(Converter):
             self._copy_support_files(src_dir, hf_dir, out_dir)
             self.say(f"wrote {target} ({target.stat().st_size / 1e6:.1f} MB) in {time.perf_counter() - started:.1f}s")
             try:
-                self._check(model, out_dir, quantize)
+                self._check(model, src_dir, out_dir, quantize)
                 return
             except _Mismatch as exc:
                 if not packed:
@@ -259,27 +264,53 @@ class OnnxConverter(Converter):
             except Exception as exc:
                 raise BackendError(f"cannot build tokenizer.json from {hf_dir}: {_one_line(exc)}") from exc
 
-    def _check(self, model: Any, out_dir: Path, quantize: str | None) -> None:
-        """Compare the written graph with the torch model, so a broken export fails here, not in serving."""
-        import torch
-
+    def _check(self, model: Any, src_dir: Path, out_dir: Path, quantize: str | None) -> None:
+        """Compare the written graph with the source model on the same texts, each side tokenizing them itself
+        (a check fed the backend's own ids would not see a tokenizer fault), so a broken export fails here,
+        not in serving. The reference is sentence-transformers' encode of the source folder where it is
+        one, else the transformers model with its own tokenizer, pooled the same way."""
+        texts = [*CHECK_SENTENCES, *hf.adversarial_texts()]
         backend = OnnxBackend(model="convert-check", path=str(out_dir), options=OnnxOptions())
         backend.load()
-        got = backend.embed(list(CHECK_SENTENCES), backend.tokenize(list(CHECK_SENTENCES)))
-        enc = backend._embed_tok.encode_batch(list(CHECK_SENTENCES))
-        cos = []
-        with torch.no_grad():
-            for e, vec in zip(enc, got, strict=True):
-                ids = torch.tensor([e.ids])
-                kwargs: dict[str, Any] = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
-                if "token_type_ids" in backend._input_names:
-                    kwargs["token_type_ids"] = torch.tensor([e.type_ids])
-                hidden = model(**kwargs).last_hidden_state.numpy()
-                ref = hf.pool(hidden, np.ones(ids.shape, dtype=np.int64), backend._pooling)
-                cos.append(float((hf.l2_normalize(ref) @ hf.l2_normalize(vec[None]).T)[0, 0]))
-        backend.close()
+        try:
+            got = hf.l2_normalize(backend.embed(texts, backend.tokenize(texts)))
+            limit, pooling = backend._max_tokens, backend._pooling
+        finally:
+            backend.close()
+        want = hf.l2_normalize(self._reference(model, src_dir, texts, limit, pooling))
+        cos = np.sum(got * want, axis=1)
         worst = min(cos)
-        self.say(f"check vs torch on {len(cos)} sentences: min cosine {worst:.5f}, mean {np.mean(cos):.5f}")
+        self.say(f"check vs the source on {len(cos)} texts: min cosine {worst:.5f}, mean {np.mean(cos):.5f}")
         floor = 0.95 if quantize else 0.999
         if worst < floor:
-            raise _Mismatch(f"converted model disagrees with the source: min cosine {worst:.4f} < {floor}")
+            text = texts[int(np.argmin(cos))]
+            raise _Mismatch(f"converted model disagrees with the source: min cosine {worst:.4f} < {floor} on {text!r}")
+
+    def _reference(self, model: Any, src_dir: Path, texts: list[str], limit: int, pooling: hf.Pooling) -> np.ndarray:
+        import torch
+
+        layout = hf.read_layout(src_dir)
+        if layout.is_sentence_transformers:
+            try:
+                from sentence_transformers import SentenceTransformer
+            except ImportError:
+                pass
+            else:
+                st = SentenceTransformer(str(src_dir), device="cpu", local_files_only=True)
+                # prompt="": the texts as given, never the folder's default prompt.
+                return np.asarray(st.encode(texts, prompt="", convert_to_numpy=True), dtype=np.float32)
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(str(layout.transformer_dir), local_files_only=True)
+        rows = []
+        with torch.no_grad():
+            for text in texts:
+                enc = tokenizer(
+                    text.lower() if layout.do_lower_case else text,
+                    truncation=True,
+                    max_length=limit,
+                    return_tensors="pt",
+                )
+                hidden = model(**enc).last_hidden_state.numpy()
+                rows.append(hf.pool(hidden, enc["attention_mask"].numpy(), pooling)[0])
+        return np.stack(rows)

@@ -16,7 +16,15 @@ import msgspec
 import numpy as np
 
 from gateway import Backend, BackendError, ModelInfo, hookimpl
-from gateway.hf import POOLING_MODES, l2_normalize, pooling_name, read_json, read_layout
+from gateway.hf import (
+    POOLING_MODES,
+    PromptLengths,
+    l2_normalize,
+    local_attention,
+    lower_case,
+    pooling_name,
+    read_layout,
+)
 from gateway.packing import pack, pool
 
 log = logging.getLogger("gateway.torch")
@@ -27,6 +35,9 @@ _PROBES = (
     "The quick brown fox jumps over the lazy dog.",
     "Packing puts several inputs in one row of the batch; this one is longer than the others on purpose.",
 )
+# One input of a few hundred tokens (cut to the model's limit) beside them: attention that depends on distance
+# (a local window) only shows on inputs longer than its window.
+_LONG_PROBE = " ".join(f"clause {i} of a long input checks attention far from each token." for i in range(40))
 
 
 class TorchOptions(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -88,7 +99,16 @@ class TorchBackend(Backend):
         has_normalize = any(isinstance(m, Normalize) for m in model)
         self._normalize = bool(opts.normalize) and not has_normalize
         normalized = has_normalize if opts.normalize is None else opts.normalize
-        self._counter = self._make_counter(model.tokenizer)
+        # sentence-transformers 6 puts a Lowercase step into its tokenizer for `do_lower_case`; older ones
+        # lower-case the text: the counter's copy gets the step either way.
+        lower = bool(getattr(model[0], "do_lower_case", False))
+        self._counter = self._make_counter(model.tokenizer, lower)
+        # The folder's prompts arrive in front of the texts (the core prepends them): found again here so that
+        # sentence-transformers neither adds its default prompt a second time nor pools a prompt it leaves out.
+        self._prompts = PromptLengths(
+            {k: v for k, v in model.prompts.items() if v}, self.tokenize, set(model.tokenizer.all_special_ids)
+        )
+        self._include_prompt = getattr(model[1], "include_prompt", True) if len(model) > 1 else True
         limit = model.max_seq_length or getattr(model.tokenizer, "model_max_length", None) or 512
         dim = model.get_embedding_dimension() if hasattr(model, "get_embedding_dimension") else None
         dim = dim or model.get_sentence_embedding_dimension()
@@ -96,7 +116,6 @@ class TorchBackend(Backend):
             raise BackendError("normalize = false, but the model itself ends in a Normalize module")
         self._unit = bool(normalized)
         self._packer = self._make_packer(model, opts.pack_tokens) if opts.pack_tokens else None
-        self._lower = self._packer is not None and self._packer.lower
         self._threads = torch.get_num_threads()
         self._running = 0
         self._parallel = opts.parallel_batches if self._packer is not None else 1
@@ -131,13 +150,20 @@ class TorchBackend(Backend):
             why = "modules after pooling other than Normalize"
         elif getattr(model.tokenizer, "backend_tokenizer", None) is None:
             why = "no fast tokenizer"
+        elif (window := local_attention(first.auto_model.config.to_dict())) is not None:
+            # transformers builds the local window from a 2D mask; a packed 4D mask would bypass it.
+            why = f"local attention (window {window}) cannot be expressed in a packed mask"
         if why:
             log.warning("model %r: packing off (%s); batches are padded", self.model, why)
             return None
         packer = _Packer(model, first, mode, row_tokens, self._unit)
+        # The texts as the core sends them: also with each of the model's prompts in front.
+        probes = [*_PROBES, _LONG_PROBE]
+        probes += [prompt + text for prompt, _ in self._prompts.prompts for text in _PROBES[1:]]
         try:
-            reference = self._encode(_PROBES)
-            packed = packer.embed(_PROBES, self._torch, row_tokens=10_000)  # all in one row
+            reference = self._encode(probes)
+            skip = self._prompts(probes) if not self._include_prompt else None
+            packed = packer.embed(probes, self._torch, row_tokens=10_000, skip=skip)  # all in one row
             cosine = float(
                 np.min(
                     np.sum(reference * packed, axis=1)
@@ -160,11 +186,13 @@ class TorchBackend(Backend):
         return packer
 
     @staticmethod
-    def _make_counter(tokenizer: Any) -> Callable[[Sequence[str]], list[list[int]]]:
+    def _make_counter(tokenizer: Any, lower: bool) -> Callable[[Sequence[str]], list[list[int]]]:
         fast = getattr(tokenizer, "backend_tokenizer", None)
         if fast is not None:
-            return _fast_counter(fast)
+            return _fast_counter(fast, lower)
         slow = copy.deepcopy(tokenizer)
+        if lower:
+            return lambda texts: list(slow([t.lower() for t in texts], truncation=False)["input_ids"])
         return lambda texts: list(slow(list(texts), truncation=False)["input_ids"])
 
     def load_tokenizer(self) -> bool:
@@ -177,15 +205,11 @@ class TorchBackend(Backend):
         file = layout.transformer_dir / "tokenizer.json"
         if not file.is_file():
             return False
-        self._counter = _fast_counter(Tokenizer.from_file(str(file)))
-        config = layout.transformer_dir / "sentence_bert_config.json"
-        self._lower = config.is_file() and bool(read_json(config).get("do_lower_case", False))
+        self._counter = _fast_counter(Tokenizer.from_file(str(file)), layout.do_lower_case)
         return True
 
     def tokenize(self, texts: Sequence[str]) -> list[list[int]]:
         """Ids with [CLS]/[SEP] (what the model consumes; the model's lower-casing applied), untruncated."""
-        if self._lower:
-            texts = [t.lower() for t in texts]
         return self._counter(texts)
 
     def embed(self, texts: Sequence[str], token_ids: Sequence[Sequence[int]]) -> np.ndarray:
@@ -194,9 +218,10 @@ class TorchBackend(Backend):
         try:
             if self._packer is None:
                 return self._encode(texts)
+            skip = self._prompts(texts) if not self._include_prompt else None
             if self._parallel == 1:
                 with self._lock:
-                    return self._packer.embed(texts, self._torch, ids=token_ids)
+                    return self._packer.embed(texts, self._torch, ids=token_ids, skip=skip)
             with self._lock:
                 self._running += 1
                 # torch's thread count belongs to the calling thread: a batch alone gets them all, batches
@@ -204,7 +229,7 @@ class TorchBackend(Backend):
                 share = self._threads if self._running == 1 else max(1, self._threads // self._parallel)
             try:
                 self._torch.set_num_threads(share)
-                return self._packer.embed(texts, self._torch, ids=token_ids)
+                return self._packer.embed(texts, self._torch, ids=token_ids, skip=skip)
             finally:
                 with self._lock:
                     self._running -= 1
@@ -212,15 +237,28 @@ class TorchBackend(Backend):
             self._trim()
 
     def _encode(self, texts: Sequence[str]) -> np.ndarray:
+        """The model's own encode on texts that already carry their prompt. Each group of texts with one prompt
+        goes in with that prompt split off again and passed as `prompt` (where the model pools without it,
+        sentence-transformers needs to know it), and `prompt=""` for none: never its default a second time."""
+        groups: dict[str, list[int]] = {}
+        for i, text in enumerate(texts):
+            prompt = self._prompts.prompt_of(text)[0] if not self._include_prompt else ""
+            groups.setdefault(prompt, []).append(i)
+        out = np.empty((len(texts), 0), dtype=np.float32)
         with self._lock, self._torch.inference_mode():
-            out = self._model.encode(
-                list(texts),
-                batch_size=max(1, len(texts)),
-                convert_to_numpy=True,
-                normalize_embeddings=self._normalize,
-                show_progress_bar=False,
-            )
-        return np.asarray(out, dtype=np.float32)
+            for prompt, rows in groups.items():
+                part = self._model.encode(
+                    [texts[i][len(prompt) :] for i in rows],
+                    prompt=prompt,
+                    batch_size=max(1, len(rows)),
+                    convert_to_numpy=True,
+                    normalize_embeddings=self._normalize,
+                    show_progress_bar=False,
+                )
+                if out.shape[1] == 0:
+                    out = np.empty((len(texts), part.shape[1]), dtype=np.float32)
+                out[rows] = part
+        return out
 
     def close(self) -> None:
         """Drop the model so its memory can be reclaimed."""
@@ -228,12 +266,14 @@ class TorchBackend(Backend):
         self._packer = None
 
 
-def _fast_counter(fast: Any) -> Callable[[Sequence[str]], list[list[int]]]:
+def _fast_counter(fast: Any, lower: bool) -> Callable[[Sequence[str]], list[list[int]]]:
     # A private copy: the encode path mutates its tokenizer's truncation settings on every call, and a Rust
     # tokenizer being mutated cannot be read from another thread ("Already borrowed").
     fast = copy.deepcopy(fast)
     fast.no_padding()
     fast.no_truncation()
+    if lower:
+        lower_case(fast)
 
     def count(texts: Sequence[str]) -> list[list[int]]:
         if len(texts) == 1:
@@ -255,11 +295,12 @@ class _Packer:
         self.mode = mode
         self.row_tokens = row_tokens
         self.unit = unit
-        self.lower = bool(getattr(transformer, "do_lower_case", False))
         self.max_tokens = int(model.max_seq_length or 512)
         tok = copy.deepcopy(model.tokenizer.backend_tokenizer)
         tok.no_padding()
         tok.enable_truncation(self.max_tokens)
+        if getattr(transformer, "do_lower_case", False):
+            lower_case(tok)
         self.tok = tok
         pad = model.tokenizer.pad_token_id
         self.pad_id = int(pad) if pad is not None else 0
@@ -276,8 +317,6 @@ class _Packer:
         ids: Sequence[Sequence[int]] | None = None,
     ) -> tuple[Any, tuple[Any, ...]]:
         if ids is None or any(len(i) > self.max_tokens for i in ids):
-            if self.lower:
-                texts = [t.lower() for t in texts]
             ids = [e.ids for e in self.tok.encode_batch(list(texts))]
         batch = pack(ids, row_tokens or self.row_tokens, self.pad_id)
         segments = torch.from_numpy(batch.segments).to(self.device)
@@ -337,11 +376,12 @@ class _Packer:
         torch: Any,
         row_tokens: int | None = None,
         ids: Sequence[Sequence[int]] | None = None,
+        skip: Sequence[int] | None = None,
     ) -> np.ndarray:
         with torch.inference_mode():
             batch, args = self._inputs(texts, torch, row_tokens, ids)
             hidden = (self.traced or self._eager)(*args).float().cpu().numpy()
-        vectors = pool(hidden, batch.spans, self.mode)
+        vectors = pool(hidden, batch.spans, self.mode, skip)
         return l2_normalize(vectors) if self.unit else vectors
 
 
