@@ -137,6 +137,9 @@ class OpenAIBackend(Backend):
         self._tokenizer: tokenizers.Tokenizer | None = None
         self._dimension = 0
         self._httpx: Any = None
+        # What load learned of the upstream (its /models card, the tokenizer file): part of the fingerprint.
+        self._seen_card: _Card | None = None
+        self._tokenizer_file: Path | None = None
 
     @property
     def upstream_model(self) -> str:
@@ -178,7 +181,7 @@ class OpenAIBackend(Backend):
             dimension = opts.dimension
             limit = opts.max_input_tokens or limit
             if dimension is None or limit is None:
-                card = self._card()
+                card = self._seen_card = self._card()
                 dimension = dimension or (card.dimension if card else None)
                 limit = limit or (card.max_input_tokens if card else None)
             if limit is None:
@@ -229,7 +232,7 @@ class OpenAIBackend(Backend):
         # As the local backends count: no padding (all-MiniLM's file pads to 128), nothing truncated.
         tok.no_padding()
         tok.no_truncation()
-        self._tokenizer = tok
+        self._tokenizer, self._tokenizer_file = tok, file
         return hf.max_input_tokens(hf.read_layout(where)) if where.is_dir() else None
 
     def _card(self) -> _Card | None:
@@ -248,6 +251,20 @@ class OpenAIBackend(Backend):
         except msgspec.DecodeError:
             return None
         return next((c for c in cards if c.id == self.upstream_model), None)
+
+    def fingerprint(self) -> bytes:
+        """The upstream's identity (its base URL, the model name it knows, its /models card when load read
+        one, the width it answers with) and the local tokenizer's digest: no files to hash, no directory walk."""
+        from gateway.cache import weights_digest
+
+        identity = {
+            "base_url": self.options.base_url.rstrip("/"),
+            "model": self.upstream_model,
+            "card": self._seen_card,
+            "dimension": self._dimension,
+            "tokenizer": weights_digest(str(self._tokenizer_file)).hex() if self._tokenizer_file else None,
+        }
+        return msgspec.json.encode(identity)
 
     # -- serving ------------------------------------------------------------------------------------------
     def tokenize(self, texts: Sequence[str]) -> list[list[int]]:
