@@ -19,7 +19,7 @@ from gateway.plugins import load_plugins
 from gateway.quantize import Ranges, calibration_texts, quantize
 from gateway.registry import ModelState, ServedModel, build_specs
 
-from .conftest import API_KEY, FakePlugin, fake_vector, serve, until, wait_until
+from .conftest import API_KEY, FakePlugin, fake_vector, serve, until
 from .test_batching import Recorder, _batcher, _embed
 from .test_failover import TypedPlugin
 
@@ -352,3 +352,83 @@ def test_the_schema_names_models_prompts_and_dimensions_only_to_a_key_that_may_u
         assert limited["model"]["enum"] == ["public"]
         assert limited["prompt_name"]["anyOf"][0]["enum"] == ["lookup"]
         assert limited["dimensions"]["anyOf"][0] == {"not": {}}
+
+
+# -- 5. ONNX packing only for graphs our converter marked ---------------------------------------------------
+
+
+def _graph_reading_the_mask_as_attend(folder: Path, minilm_path: str, mark: bool) -> Path:
+    """A model folder with MiniLM's tokenizer and a small ONNX graph as a standard export reads its inputs:
+    every token attends to every token whose attention_mask is non-zero (here: adds their mean), and
+    positions come from position_ids. With `mark`, the file says what `gateway convert` says of its graphs."""
+    import shutil
+
+    import onnx
+    from gateway_onnx.backend import SEGMENT_MASK, SEGMENT_MASK_KEY
+    from onnx import TensorProto, helper, numpy_helper
+
+    folder.mkdir()
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt"):
+        shutil.copy(Path(minilm_path) / name, folder / name)
+    rng = np.random.default_rng(0)
+    hidden = 8
+    nodes = [
+        helper.make_node("Gather", ["words", "input_ids"], ["w"]),
+        helper.make_node("Gather", ["positions", "position_ids"], ["p"]),
+        helper.make_node("Add", ["w", "p"], ["h"]),
+        helper.make_node("Greater", ["attention_mask", "zero"], ["attends"]),
+        helper.make_node("Cast", ["attends"], ["m"], to=TensorProto.FLOAT),
+        helper.make_node("Unsqueeze", ["m", "last"], ["m3"]),
+        helper.make_node("Mul", ["h", "m3"], ["hm"]),
+        helper.make_node("ReduceSum", ["hm", "seq"], ["total"], keepdims=1),
+        helper.make_node("ReduceSum", ["m3", "seq"], ["count"], keepdims=1),
+        helper.make_node("Div", ["total", "count"], ["context"]),
+        helper.make_node("Add", ["h", "context"], ["last_hidden_state"]),
+    ]
+    ints = [
+        helper.make_tensor_value_info(n, TensorProto.INT64, ["batch", "sequence"])
+        for n in ("input_ids", "attention_mask", "position_ids")
+    ]
+    out = helper.make_tensor_value_info("last_hidden_state", TensorProto.FLOAT, ["batch", "sequence", hidden])
+    init = [
+        numpy_helper.from_array(rng.standard_normal((30522, hidden)).astype(np.float32), "words"),
+        numpy_helper.from_array(rng.standard_normal((512, hidden)).astype(np.float32), "positions"),
+        numpy_helper.from_array(np.array(0, dtype=np.int64), "zero"),
+        numpy_helper.from_array(np.array([2], dtype=np.int64), "last"),
+        numpy_helper.from_array(np.array([1], dtype=np.int64), "seq"),
+    ]
+    model = helper.make_model(
+        helper.make_graph(nodes, "attends-to-non-zero", ints, [out], init), opset_imports=[helper.make_opsetid("", 17)]
+    )
+    if mark:
+        helper.set_model_props(model, {SEGMENT_MASK_KEY: SEGMENT_MASK})
+    onnx.save(model, str(folder / "model.onnx"))
+    return folder
+
+
+def test_a_foreign_graph_with_position_ids_is_served_padded(tmp_path: Path, minilm_path: str) -> None:
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnx")
+    from gateway_onnx.backend import OnnxBackend, OnnxOptions
+
+    texts = ["a short one", "another text, somewhat longer than the first"]
+    foreign = OnnxBackend(
+        model="foreign",
+        path=str(_graph_reading_the_mask_as_attend(tmp_path / "foreign", minilm_path, False)),
+        options=OnnxOptions(),
+    )
+    assert foreign.load().pads_to_longest is True
+    alone = np.concatenate([foreign.embed([t], foreign.tokenize([t])) for t in texts])
+    together = foreign.embed(texts, foreign.tokenize(texts))
+    np.testing.assert_allclose(together, alone, atol=1e-5)
+    # The same graph marked as ours is packed, and then its inputs see their row-mates: why only a graph that
+    # reads the mask as segment ids may be.
+    marked = OnnxBackend(
+        model="marked",
+        path=str(_graph_reading_the_mask_as_attend(tmp_path / "marked", minilm_path, True)),
+        options=OnnxOptions(),
+    )
+    assert marked.load().pads_to_longest is False
+    assert not np.allclose(marked.embed(texts, marked.tokenize(texts)), alone, atol=1e-3)
+    foreign.close()
+    marked.close()
