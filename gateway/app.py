@@ -60,7 +60,12 @@ def create_app(
         middleware=[DefineMiddleware(RequestContextMiddleware, log_requests=config.server.access_log)],
         lifespan=[_lifespan],
         state=State({"gateway": gateway}),
-        openapi_config=OpenAPIConfig(title="Embedding gateway", version="0.1.0", path="/schema"),
+        openapi_config=OpenAPIConfig(
+            title="Embedding gateway",
+            version="0.1.0",
+            path="/schema",
+            render_plugins=embeddings_route.render_plugins(),
+        ),
     )
     embeddings_route.document(app)
     gateway.on_reload.append(lambda: embeddings_route.describe_request(app))

@@ -164,8 +164,9 @@ class Backend(ABC):
         files are elsewhere, or can be named more cheaply than by reading them."""
         from .cache import weights_digest
 
-        # A model without files (a remote one) is named by its backend and options alone.
-        return weights_digest(self.path) if self.path is not None else b""
+        # A model without files (a remote one, given path "") is named by its backend and options, plus what
+        # its own override adds: never by a walk of "", which is the working directory.
+        return weights_digest(self.path) if self.path else b""
 
     def close(self) -> None:  # noqa: B027 - optional hook, a no-op by default
         """Release the model's resources."""

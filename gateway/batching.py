@@ -90,6 +90,9 @@ class _Request:
     served: float = 0.0
     owner: str | None = None
     progress: Progress | None = None
+    # Background work (int8/uint8 calibration): outside the queue's accounting, computed only when no client
+    # input waits.
+    background: bool = False
 
 
 def _resolve(req: _Request, result: np.ndarray | None, exc: BaseException | None) -> None:
@@ -223,6 +226,9 @@ class Batcher:
         self._pending = 0  # inputs queued, not yet taken by a worker
         self._pending_tokens = 0
         self._owners: dict[str | None, _Owner] = {}
+        # Background requests, oldest first: they take no queue room, add nothing to the predicted wait, and
+        # a worker takes from them only when no client input is queued.
+        self._idle: deque[_Request] = deque()
         # Tokens per second the model drains while it has work, all workers together; None until measured.
         self._rate: float | None = None
         self._cond = threading.Condition()
@@ -257,6 +263,7 @@ class Batcher:
         max_wait_s: float | None = None,
         progress: Progress | None = None,
         sizes: Sequence[int] | None = None,
+        background: bool = False,
     ) -> np.ndarray:
         """Vectors for `texts` (float32 [n, dim], input order); `token_ids` are the backend's ids for each
         text, handed to its `embed` with the batch; `sizes`: each text's estimated tokens, for a backend that
@@ -264,10 +271,12 @@ class Batcher:
 
         `owner` (the caller's key) is who takes turns with whom; `max_wait_s` refuses the request (QueueFull)
         unless its predicted completion is within it; `progress` learns how much of it batches took.
+        `background`: work for no client (calibration), at low priority: never refused, never counted
+        against the queue's bound, and computed only while no client input waits.
         """
         if len(texts) != len(token_ids):
             raise ValueError("one id list per text")
-        if len(texts) > self.max_queue:
+        if len(texts) > self.max_queue and not background:
             raise ValueError(f"{len(texts)} inputs can never fit model {self.model!r}'s queue of {self.max_queue}")
         loop = asyncio.get_running_loop()
         tokens = list(sizes) if sizes is not None else list(map(len, token_ids))
@@ -282,18 +291,22 @@ class Batcher:
             remaining=len(texts),
             owner=owner,
             progress=progress,
+            background=background,
         )
         own = sum(tokens)
         with self._cond:
             if self._closed:
                 raise RuntimeError(f"model {self.model!r} is shutting down")
-            self._admit(owner, len(texts), own, max_wait_s)
-            self._queue.append(req)
-            self._pending += len(texts)
-            self._pending_tokens += own
-            mine = self._owners.setdefault(owner, _Owner(served=req.arrived))
-            mine.inputs += len(texts)
-            mine.tokens += own
+            if background:
+                self._idle.append(req)
+            else:
+                self._admit(owner, len(texts), own, max_wait_s)
+                self._queue.append(req)
+                self._pending += len(texts)
+                self._pending_tokens += own
+                mine = self._owners.setdefault(owner, _Owner(served=req.arrived))
+                mine.inputs += len(texts)
+                mine.tokens += own
             self._cond.notify()
         try:
             return await req.future
@@ -363,6 +376,11 @@ class Batcher:
 
     def _drop(self, req: _Request) -> None:
         # Under the lock: forget the inputs of `req` that no batch has taken yet.
+        if req.background:
+            req.waiting = []
+            if req in self._idle:
+                self._idle.remove(req)
+            return
         self._forget(req, req.waiting)
         req.waiting = []
         if req in self._queue:
@@ -372,6 +390,8 @@ class Batcher:
         with self._cond:
             self._wait_for_inputs()
             while not self._pending:
+                if self._idle:
+                    return self._take_background()
                 # Everything queued was cancelled while this worker waited for more: start over.
                 if self._closed:
                     return None
@@ -397,11 +417,33 @@ class Batcher:
                 self._cond.notify()
             return batch
 
+    def _take_background(self) -> list[tuple[_Request, int]]:
+        """Under the lock, with no client input queued: the next batch of the oldest background request."""
+        req = self._idle[0]
+        part: list[int] = []
+        longest = total = 0
+        for i in req.waiting:
+            n = req.tokens[i]
+            size = (len(part) + 1) * max(longest, n) if self.pads_to_longest else total + n
+            if part and (len(part) >= self.max_batch_size or size > self.max_batch_tokens):
+                break
+            part.append(i)
+            longest, total = max(longest, n), total + n
+        req.waiting = req.waiting[len(part) :]
+        req.served = time.monotonic()
+        if req.progress is not None:
+            req.progress.taken_tokens += total
+        if not req.waiting:
+            self._idle.popleft()
+        if self._idle:
+            self._cond.notify()
+        return [(req, i) for i in part]
+
     def _wait_for_inputs(self) -> None:
         # Under the lock: until something is queued, then, if configured, a little longer for more. Queued
         # inputs can disappear meanwhile (cancelled requests): the caller checks _pending again.
         while not self._pending:
-            if self._closed:
+            if self._closed or self._idle:
                 return
             self._cond.wait()
         want, deadline = 0, 0.0

@@ -3,9 +3,10 @@
 An entry is the full float32 vector as the model returned it and the input's token count (so a hit skips
 tokenizing too and `usage` stays what an uncached request reports); `dimensions` and the output type are
 applied after the lookup, so one entry serves them all. Keys hash the model's identity (its backend, its
-options and a digest of its weight files, not its configured name), the truncation side and the text with
-its prompt: two names of one model share entries, a changed weight file never meets an old entry, and no
-text or API key appears in a key.
+options, its input limit and a digest of its weight files, not its configured name), the truncation side,
+and the prompt and the text apart (a cut that keeps the prompt's tokens makes `prompt + text` and the same
+string sent without a prompt different inputs): two names of one model share entries, a changed weight file
+never meets an old entry, and no text or API key appears in a key.
 
 Stores: `MemoryStore` (in-process, LRU bounded by bytes) and `RedisStore` (redis_state.py), shared by
 every gateway process. Written by hand: the cache libraries on PyPI key by function arguments and store one
@@ -37,7 +38,7 @@ log = logging.getLogger("gateway.cache")
 _COUNT = struct.Struct("<I")
 _CUT = 1 << 31
 # Key layout version: bump when the entry or key layout changes, and old entries are never read.
-_VERSION = b"v1"
+_VERSION = b"v2"
 
 
 @dataclass(frozen=True, slots=True)
@@ -170,9 +171,14 @@ def _file_digest(file: Path) -> bytes:
     return found
 
 
-def input_key(model_identity: bytes, side: str | None, text: str) -> bytes:
-    """The key of one input: the model's identity, the truncation side, and a digest of the (prompted) text."""
-    digest = hashlib.sha256(text.encode("utf-8", "surrogatepass")).digest()
+def input_key(model_identity: bytes, side: str | None, prompt: str, text: str) -> bytes:
+    """The key of one input: the model's identity (its input limit included), the truncation side, and a
+    digest of the prompt and the text apart (the prompt's length first, so no split of one string into
+    prompt and text meets another)."""
+    raw_prompt = prompt.encode("utf-8", "surrogatepass")
+    digest = hashlib.sha256(
+        struct.pack("<Q", len(raw_prompt)) + raw_prompt + text.encode("utf-8", "surrogatepass")
+    ).digest()
     return _VERSION + model_identity + (side or "-").encode()[:1] + digest
 
 

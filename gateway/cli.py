@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import os
 import sys
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -76,11 +78,22 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def _write_secret(path: Path, text: str) -> None:
-    # Created owner-only from the start (no window in which another user could read it).
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as fh:
-        fh.write(text)
-    os.chmod(path, 0o600)  # an existing file keeps its old mode through O_CREAT
+    """`text` in a new file at `path`, owner-only from its first byte, put in place by a rename.
+
+    A fresh private file and a rename (never an open of `path` itself): a symlink planted at `path` is
+    replaced, not followed, and a reader who opened an earlier file there keeps that file's old contents.
+    """
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)  # O_CREAT|O_EXCL, mode 0600
+    try:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
 
 
 def cmd_embed(args: argparse.Namespace) -> int:

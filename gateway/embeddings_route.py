@@ -15,16 +15,26 @@ import asyncio
 from typing import Annotated, Any
 
 import msgspec
-from litestar import Litestar, post
+from litestar import Litestar, Request, post
+from litestar._openapi.plugin import OpenAPIPlugin
 from litestar.exceptions import HTTPException, MethodNotAllowedException
 from litestar.handlers import asgi
+from litestar.openapi.plugins import (
+    JsonRenderPlugin,
+    OpenAPIRenderPlugin,
+    RapidocRenderPlugin,
+    RedocRenderPlugin,
+    StoplightRenderPlugin,
+    SwaggerRenderPlugin,
+    YamlRenderPlugin,
+)
 from litestar.openapi.spec import OpenAPIType, Schema
 from litestar.params import HeaderParameter, JSONBody
 from litestar.types import Receive, Scope, Send
 
 from . import service
 from .asgi import header
-from .auth import authorize
+from .auth import ApiKey, authorize
 from .decoding import BodyDecoder
 from .errors import GatewayError, error_body, error_responses
 from .schemas import EmbeddingRequest, EmbeddingResponse
@@ -210,10 +220,19 @@ def document(app: Litestar) -> None:
 
 
 def describe_request(app: Litestar) -> None:
-    """The request body's schema as the API enforces it: msgspec's own schema of EmbeddingRequest (Litestar's
-    drops the constraints inside unions), the [server] limits, and the models and `dimensions` configured
-    now. Called again after each reload."""
+    """The request body's schema in the document everyone may read (/schema and its pages): as the API
+    enforces it, but naming no model, alias, prompt or `dimensions` value (a caller without a key must not
+    learn what is served; `KeyedJsonRenderPlugin` gives a key's own). Called again after each reload."""
     gw: Gateway = app.state.gateway
+    app.openapi_schema.components.schemas["EmbeddingRequest"] = openapi_schema(request_schema(gw, None))
+    # Litestar renders /schema from a dict it builds at the first fetch: dropped, so this reload's shows.
+    app.plugins.get(OpenAPIPlugin)._openapi_schema = None
+
+
+def request_schema(gw: Gateway, key: ApiKey | None) -> dict[str, Any]:
+    """EmbeddingRequest's JSON schema as the API enforces it: msgspec's own (Litestar's drops the constraints
+    inside unions) and the [server] limits; with `key`, also the models it may use (names and aliases), their
+    `dimensions` and their prompt names, as configured now."""
     server = gw.config.server
     body = msgspec.json.schema(EmbeddingRequest)["$defs"]["EmbeddingRequest"]
     props = body["properties"]
@@ -221,14 +240,16 @@ def describe_request(app: Litestar) -> None:
     for one in (text, texts["items"]):
         one["maxLength"] = server.max_input_chars
     texts["maxItems"] = server.max_items_per_request
-    names = sorted({name for name, m in gw.registry.models.items() for name in (name, *m.spec.config.aliases)})
-    if names:
-        props["model"]["enum"] = names
-    dims = sorted({d for m in gw.registry.models.values() for d in m.spec.config.matryoshka_dimensions or ()})
-    # Each model takes only its own values (GET /v1/models lists them); none here: no model takes any.
-    props["dimensions"]["anyOf"][0] = {"type": "integer", "enum": dims} if dims else {"not": {}}
-    prompts = sorted({name for m in gw.registry.models.values() for name in m.prompt_names()})
-    props["prompt_name"]["anyOf"][0] = {"type": "string", "enum": prompts} if prompts else {"not": {}}
+    models = [m for name, m in gw.registry.models.items() if key is not None and key.may_use(name)]
+    if key is not None:
+        names = sorted({name for m in models for name in (m.name, *m.spec.config.aliases)})
+        if names:
+            props["model"]["enum"] = names
+        dims = sorted({d for m in models for d in m.spec.config.matryoshka_dimensions or ()})
+        # Each model takes only its own values (GET /v1/models lists them); none here: no model takes any.
+        props["dimensions"]["anyOf"][0] = {"type": "integer", "enum": dims} if dims else {"not": {}}
+        prompts = sorted({name for m in models for name in m.prompt_names()})
+        props["prompt_name"]["anyOf"][0] = {"type": "string", "enum": prompts} if prompts else {"not": {}}
     # A compact `encoding_format` is the type itself: `embedding_type` may only repeat it.
     body["allOf"] = [
         {
@@ -239,8 +260,8 @@ def describe_request(app: Litestar) -> None:
     ]
     # Each model takes only its own `dimensions` and prompt names: said per model, so that a value another
     # model takes is not schema-valid for this one.
-    for name, model in gw.registry.models.items():
-        own = sorted({name, *model.spec.config.aliases})
+    for model in models:
+        own = sorted({model.name, *model.spec.config.aliases})
         model_dims = sorted(model.spec.config.matryoshka_dimensions or ())
         model_prompts = sorted(model.prompt_names())
         body["allOf"].append(
@@ -261,7 +282,36 @@ def describe_request(app: Litestar) -> None:
             "then": {"properties": {"input_type": {"type": "null"}}},
         }
     )
-    app.openapi_schema.components.schemas["EmbeddingRequest"] = openapi_schema(body)
+    return body
+
+
+class KeyedJsonRenderPlugin(JsonRenderPlugin):
+    """/schema/openapi.json: to a caller with a valid key, the request schema names the models that key may
+    use, their `dimensions` and prompts (what a client or a fuzzer needs to build valid requests); to anyone
+    else, the document without them. The HTML pages and the YAML copy are always the anonymous document."""
+
+    def render(self, request: Request[Any, Any, Any], document: dict[str, Any]) -> bytes:
+        gw: Gateway = request.app.state.gateway
+        try:
+            key = gw.keys.check(request.headers.get("authorization"))
+        except GatewayError:
+            return self.render_json(request, document)
+        components = document.get("components", {})
+        keyed = openapi_schema(request_schema(gw, key)).to_schema()
+        schemas = {**components.get("schemas", {}), "EmbeddingRequest": keyed}
+        return self.render_json(request, {**document, "components": {**components, "schemas": schemas}})
+
+
+def render_plugins() -> list[OpenAPIRenderPlugin]:
+    """Litestar's default /schema pages and files, with the keyed JSON document (redoc stays at /schema)."""
+    return [
+        RedocRenderPlugin(),
+        SwaggerRenderPlugin(),
+        RapidocRenderPlugin(),
+        StoplightRenderPlugin(),
+        KeyedJsonRenderPlugin(),
+        YamlRenderPlugin(),
+    ]
 
 
 def openapi_schema(spec: dict[str, Any]) -> Schema:

@@ -84,6 +84,27 @@ class Frame:
         return cls(head=head, tail=min(tail, len(a) - head))
 
 
+# Texts a prompt is tokenized in front of, to see its tokens as they are inside an input: their first
+# characters differ (so do their first tokens, in any tokenizer).
+_PROBES = ("I saw it", "Elephants crossing roads", "42 is a number", "(x) marks it")
+
+
+def prompt_length(tokenize: Callable[[Sequence[str]], list[list[int]]], prompt: str, frame: Frame) -> int:
+    """The tokens `prompt` takes in front of a text, as the tokenizer sees it there: the ids that open every
+    `prompt + probe` after the framing head. Not the prompt tokenized alone: a SentencePiece tokenizer makes
+    a trailing space a token of its own at the end of a text (`"query: "` is 3 ids alone) that inside one
+    becomes part of the next word (2 ids before it)."""
+    if not prompt:
+        return 0
+    ids = tokenize([prompt + probe for probe in _PROBES])
+    shared = min(len(one) for one in ids)
+    for i in range(shared):
+        if any(one[i] != ids[0][i] for one in ids[1:]):
+            shared = i
+            break
+    return max(0, shared - frame.head)
+
+
 def cut(ids: Sequence[int], limit: int, side: Side, frame: Frame, keep: int = 0) -> list[int]:
     """`ids` cut to `limit` tokens on `side`, keeping the framing special tokens and, when cutting the start,
     the first `keep` tokens of the text (its prompt). The caller checks `limit` leaves room for them."""

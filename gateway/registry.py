@@ -24,7 +24,7 @@ from .batching import Batcher, Progress
 from .circuit import CircuitBreaker
 from .config import ConfigError, GatewayConfig, ModelConfig, convert_at
 from .errors import GatewayError
-from .inputs import Frame
+from .inputs import Frame, prompt_length
 from .placement import DEFAULT, InProcess, Placement
 
 # An absolute path inside a message: from a slash at the start or after a space or quote, to the next space,
@@ -274,10 +274,7 @@ class ServedModel:
             self.prompt_tokens = dict.fromkeys(self.prompts, 0)
             return
         self.frame = Frame.of(backend.tokenize)
-        names = list(self.prompts)
-        counts = backend.tokenize([self.prompts[n] for n in names]) if names else []
-        framing = self.frame.head + self.frame.tail
-        self.prompt_tokens = {n: max(0, len(ids) - framing) for n, ids in zip(names, counts, strict=True)}
+        self.prompt_tokens = {n: prompt_length(backend.tokenize, p, self.frame) for n, p in self.prompts.items()}
 
     def prompt_names(self) -> list[str]:
         """The model's prompt names: once loaded, what it serves; before, what its config or folder names."""
@@ -334,16 +331,34 @@ class ServedModel:
         texts = quantize.calibration_texts(self.spec.config.calibration_corpus)
         assert self.info is not None
         if not self.info.counts_tokens:
-            sizes = self.estimate(texts)
-            return await self.embed(texts, [[] for _ in texts], owner="(calibration)", progress=Progress(), sizes=sizes)
+            return await self._calibration_vectors(texts, [[] for _ in texts], self.estimate(texts))
         ids = await self.tokenize(texts)
         fits = [i for i, one in enumerate(ids) if len(one) <= self.max_input_tokens]
         if not fits:
             raise BackendError(f"model {self.name!r}: no text of the calibration corpus fits its token limit")
         log.info("model %r: embedding %d calibration texts for int8/uint8", self.name, len(fits))
-        return await self.embed(
-            [texts[i] for i in fits], [ids[i] for i in fits], owner="(calibration)", progress=Progress()
-        )
+        return await self._calibration_vectors([texts[i] for i in fits], [ids[i] for i in fits], None)
+
+    async def _calibration_vectors(self, texts: list[str], ids: list[list[int]], sizes: list[int] | None) -> np.ndarray:
+        """The corpus's vectors, sent to the batcher one batch-sized piece at a time as background work: it
+        never takes the queue room clients need (whatever `max_queue` is), and runs only while no client
+        input waits."""
+        assert self.batcher is not None
+        step = self.batcher.max_batch_size
+        parts = []
+        for start in range(0, len(texts), step):
+            end = start + step
+            parts.append(
+                await self.embed(
+                    texts[start:end],
+                    ids[start:end],
+                    owner="(calibration)",
+                    progress=Progress(),
+                    sizes=sizes[start:end] if sizes is not None else None,
+                    background=True,
+                )
+            )
+        return np.concatenate(parts)
 
     async def ready(self, timeout: float) -> None:
         """Wait for the load to finish; 503 if it failed or is still running after `timeout`."""

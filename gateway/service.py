@@ -124,9 +124,11 @@ async def _vectors(
             chain = gw.registry.chain(model)
             failed: _Failover | None = None
             for n, candidate in enumerate(chain):
+                # Each model notes its headers apart: the answer carries only the serving model's.
+                said: dict[str, Any] = {}
                 try:
                     vectors, total, out = await _on_model(
-                        gw, candidate, body, texts, key, ends, output, notes, n < len(chain) - 1
+                        gw, candidate, body, texts, key, ends, output, said, n < len(chain) - 1
                     )
                 except _Failover as exc:
                     failed = failed or exc
@@ -141,7 +143,9 @@ async def _vectors(
                     )
                     continue
                 notes["served_by"] = candidate.name
-                notes.setdefault("headers", {})["X-Served-Model"] = candidate.name
+                headers = notes.setdefault("headers", {})
+                headers.update(said.get("headers", {}))
+                headers["X-Served-Model"] = candidate.name
                 break
     except TimeoutError:
         raise GatewayError(
@@ -208,7 +212,7 @@ async def _on_model(
             await model.ready(max(0.0, ends - time.monotonic()))
             assert model.info is not None
             dims = _dimensions(body.dimensions, model)
-            texts, job.keep, job.side = _prepare(model, body, texts, notes)
+            texts, job.prompt, job.keep, job.side = _prepare(model, body, texts, notes)
             if job.side is not None and not model.info.counts_tokens:
                 raise GatewayError(
                     400,
@@ -275,6 +279,8 @@ class _Job:
     ends: float
     max_tokens: int
     side: inputs.Side | None = None
+    # The prompt in front of every text (""), and its tokens (kept when cutting the start).
+    prompt: str = ""
     keep: int = 0
     max_wait_s: float = 0.0
     progress: Progress = field(default_factory=Progress)
@@ -282,13 +288,24 @@ class _Job:
     # and all tokens charged for this request.
     charged: int = 0
     billed: int = 0
+    # Tokens owed for inputs the cache answered, charged with the first computation's (one check of the sum).
+    owed: int = 0
+    # Whether the request has passed its one check against the key's tokens/minute.
+    admitted: bool = False
 
     async def charge(self, tokens: int) -> None:
-        """Count `tokens` against the key's tokens/minute (429 when over); given back if the request fails."""
-        if self.key is not None and tokens:
+        """Count `tokens` against the key's tokens/minute, given back if the request fails. The request's first
+        charge is checked (429 when over); what it learns it owes after that is added without a check: the
+        request was admitted as a whole, as an uncached one is in one charge."""
+        if self.key is None or not tokens:
+            return
+        if self.admitted:
+            await self.key.refund_tokens(-tokens)  # a negative refund takes, unconditionally
+        else:
             await self.key.charge_tokens(tokens)
-            self.charged += tokens
-            self.billed += tokens
+            self.admitted = True
+        self.charged += tokens
+        self.billed += tokens
 
     async def compute(
         self, texts: list[str], counted: int = 0, positions: list[int] | None = None
@@ -316,7 +333,8 @@ class _Job:
         if not model.info.counts_tokens:
             return await self._compute_counted_upstream(texts, owner)
         token_ids, total, cut = await _tokens(model, texts, self.max_tokens, self.side, self.keep, counted, positions)
-        await self.charge(total)
+        owed, self.owed = self.owed, 0
+        await self.charge(owed + total)
         wait = min(self.max_wait_s, self.ends - time.monotonic())
         vectors = await model.embed(texts, token_ids, owner=owner, max_wait_s=wait, progress=self.progress)
         return vectors, [len(ids) for ids in token_ids], [i in cut for i in range(len(texts))]
@@ -327,7 +345,8 @@ class _Job:
         # The backend counts at the runtime: batches and the quota go by an estimate until it has.
         sizes = self.model.estimate(texts)
         estimate = sum(sizes)
-        await self.charge(estimate)
+        owed, self.owed = self.owed, 0
+        await self.charge(owed + estimate)
         before = self.progress.counted_tokens
         wait = min(self.max_wait_s, self.ends - time.monotonic())
         vectors = await self.model.embed(
@@ -358,13 +377,16 @@ async def _through_cache(
     request, or in others in flight now); entries for the rest. Same vectors, counts and order as uncached."""
     model = job.model
     assert model.identity is not None and model.info is not None
-    keys = [cache_key(model.identity, job.side, text) for text in texts]
+    # `texts` carry the prompt in front; the key holds it apart from the text.
+    cut_at = len(job.prompt)
+    keys = [cache_key(model.identity, job.side, job.prompt, text[cut_at:]) for text in texts]
     found = await cache.lookup(model.name, keys)
     hits = sum(e is not None for e in found)
     notes.setdefault("headers", {})["X-Cache-Hits"] = str(hits)
     entries: dict[bytes, Entry] = {k: e for k, e in zip(keys, found, strict=True) if e is not None}
-    # Cached inputs count against the key's quota as computed ones do: a hit is the same answer.
-    await job.charge(sum(e.tokens for e in found if e is not None))
+    # Cached inputs count against the key's quota as computed ones do (a hit is the same answer), in the one
+    # charge with the inputs computed here: two checks would refuse what the sum alone passes.
+    job.owed = sum(e.tokens for e in found if e is not None)
     missing = list(dict.fromkeys(k for k, e in zip(keys, found, strict=True) if e is None))
     others = {k: cache.inflight[k] for k in missing if k in cache.inflight}
     mine = [k for k in missing if k not in others]
@@ -449,16 +471,16 @@ def _output(body: EmbeddingRequest) -> Output:
 
 def _prepare(
     model: ServedModel, body: EmbeddingRequest, texts: list[str], notes: MutableMapping[str, Any]
-) -> tuple[list[str], int, inputs.Side | None]:
-    """The texts with the request's prompt in front, the prompt's token count, and the truncation side."""
+) -> tuple[list[str], str, int, inputs.Side | None]:
+    """The texts with the request's prompt in front, the prompt, its token count, and the truncation side."""
     assert model.info is not None
     name = inputs.choose_prompt(model.name, model.prompts, model.default_prompt_name, body.prompt_name, body.input_type)
     side = inputs.truncation(body.truncate, model.spec.config.truncate)
     if name is None:
-        return texts, 0, side
+        return texts, "", 0, side
     notes.setdefault("headers", {})["X-Prompt-Name"] = name
     prompt = model.prompts[name]
-    return [prompt + text for text in texts], model.prompt_tokens[name], side
+    return [prompt + text for text in texts], prompt, model.prompt_tokens[name], side
 
 
 async def _tokens(

@@ -15,7 +15,7 @@ from .config import ConfigError, GatewayConfig, load_config
 from .observability import ModelStatus
 from .placement import Placement
 from .redis_state import RedisLink, RedisStore
-from .registry import BatchObserver, ModelSpec, ModelState, Registry, build_specs
+from .registry import BatchObserver, ModelSpec, ModelState, Registry, ServedModel, build_specs
 from .schemas import ReloadResult
 
 log = logging.getLogger("gateway")
@@ -128,52 +128,71 @@ class Gateway:
                 )
 
     async def reload(self) -> ReloadResult:
-        """Re-read the config file: load new/changed models beside the old ones, swap, retire the old."""
+        """Re-read the config file: load new/changed models beside the old ones, swap, retire the old.
+
+        All or nothing: everything that can refuse the file (its models' specs, its keys) is checked before a
+        model loads, the config, keys and models are swapped in one step, and a reload that fails or is
+        cancelled after loading closes the models it loaded (the running ones never stop serving)."""
         if self.config_path is None:
             raise ConfigError("this gateway was not started from a config file; nothing to reload")
         async with self._reload_lock:
             loop = asyncio.get_running_loop()
             config = await loop.run_in_executor(None, load_config, self.config_path)
+            specs = self._specs(config)
+            keys = self._keys_for(config)
             old = self.registry
-            new = Registry(self._specs(config), reuse=old.models, on_batch=self.on_batch)
+            new = Registry(specs, reuse=old.models, on_batch=self.on_batch)
             previous = {id(m) for m in old.models.values()}
             fresh = [m for m in new.models.values() if id(m) not in previous]
-            # Loaded off the loop, one at a time, while the old models keep serving.
-            await loop.run_in_executor(None, lambda: [m.load() for m in fresh])
-            for m in fresh:
-                m.calibrate_in_background(loop)
-            kept_old: list[str] = []
-            for m in fresh:
-                prior = old.models.get(m.name)
-                if m.state == ModelState.FAILED and prior is not None and prior.state == ModelState.READY:
-                    # A changed model that fails to load must not replace a working one.
-                    log.error(
-                        "reload: model %r failed to load (%s); the previous version keeps serving", m.name, m.error
-                    )
-                    new.replace(prior)
-                    kept_old.append(m.name)
+            try:
+                # Loaded off the loop, one at a time, while the old models keep serving.
+                await loop.run_in_executor(None, lambda: [m.load() for m in fresh])
+                kept_old = self._keep_working(old, new, fresh)
+                result = ReloadResult(
+                    status="reloaded",
+                    added=sorted(n for n in new.models if n not in old.models),
+                    changed=sorted(m.name for m in fresh if m.name in old.models and m.name not in kept_old),
+                    removed=sorted(n for n in old.models if n not in new.models),
+                    failed={m.name: m.error or "" for m in fresh if m.state == ModelState.FAILED},
+                    models={n: m.state.value for n, m in new.models.items()},
+                )
+            except BaseException:
+                # Refused or cancelled after loading: nothing was swapped, and what was loaded for it goes (once
+                # its load ends, which a cancelled wait does not stop).
+                for m in fresh:
+                    m.retire_in_background(0.0)
+                raise
             restart = [f for f in _RESTART_FIELDS if getattr(config.server, f) != getattr(self.config.server, f)]
             if restart:
                 log.warning("reload: [server] %s changed; that takes a restart to apply", ", ".join(restart))
             for table in ("cache", "redis"):
                 if getattr(config, table) != getattr(self.config, table):
                     log.warning("reload: [%s] changed; that takes a restart to apply", table)
-            self.config = config
-            self.keys = self._keys_for(config)
-            self.registry = new
+            # The one swap: no await between these assignments, so a request sees the old set or the new one.
+            self.config, self.keys, self.registry = config, keys, new
             live = {id(m) for m in new.models.values()}
+            for m in fresh:
+                if id(m) in live:
+                    m.calibrate_in_background(loop)
+                else:
+                    m.retire_in_background(0.0)  # failed to load, and the previous version kept serving
             for m in old.models.values():
                 if id(m) not in live:
                     m.retire_in_background(config.server.request_timeout_s)
-            result = ReloadResult(
-                status="reloaded",
-                added=sorted(n for n in new.models if n not in old.models),
-                changed=sorted(m.name for m in fresh if m.name in old.models and m.name not in kept_old),
-                removed=sorted(n for n in old.models if n not in new.models),
-                failed={m.name: m.error or "" for m in fresh if m.state == ModelState.FAILED},
-                models={n: m.state.value for n, m in new.models.items()},
-            )
             log.info("config reloaded: %s", msgspec.json.encode(result).decode())
             for listener in self.on_reload:
                 listener()
             return result
+
+    @staticmethod
+    def _keep_working(old: Registry, new: Registry, fresh: list[ServedModel]) -> list[str]:
+        """Put back in `new` each working model whose changed version failed to load; their names."""
+        kept: list[str] = []
+        for m in fresh:
+            prior = old.models.get(m.name)
+            if m.state == ModelState.FAILED and prior is not None and prior.state == ModelState.READY:
+                # A changed model that fails to load must not replace a working one.
+                log.error("reload: model %r failed to load (%s); the previous version keeps serving", m.name, m.error)
+                new.replace(prior)
+                kept.append(m.name)
+        return kept

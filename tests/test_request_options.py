@@ -18,7 +18,7 @@ TOML = """
 backend = "fake"
 path = "."
 matryoshka_dimensions = [8, 16, 32]
-prompts = {query = "query: ", document = "passage: ", long = "a b c d e f g h i j k l m n"}
+prompts = {query = "query: ", document = "passage: ", long = "a b c d e f g h i j k l m n "}
 options = {embeds_ids = true, dimension = 32}
 
 [models.plain]
@@ -116,7 +116,7 @@ def test_default_prompt_applies_when_the_request_names_none(client):
 
 def test_models_list_their_prompts(client):
     cards = {c["id"]: c for c in client.get("/v1/models").json()["data"]}
-    long = "a b c d e f g h i j k l m n"
+    long = "a b c d e f g h i j k l m n "
     assert cards["fake"]["prompts"] == {"query": "query: ", "document": "passage: ", "long": long}
     assert cards["fake"]["default_prompt_name"] is None
     assert cards["cutting"]["default_prompt_name"] == "query" and cards["cutting"]["truncate"] == "start"

@@ -29,6 +29,10 @@ _GRAPH_LEVELS = ("disable", "basic", "extended", "all")
 # Rows per onnxruntime call when `embed` gets more inputs than a core batch (benchmarks, direct use):
 # sorting by length and running in slices keeps padding low without huge activations.
 _SLICE = 64
+# The metadata entry `gateway convert` writes into a graph that reads attention_mask as segment ids (1, 2, ...
+# per input of a row): only such a graph may be packed. Any other graph reads a non-zero mask as "attend".
+SEGMENT_MASK_KEY = "gateway.attention_mask"
+SEGMENT_MASK = "segment_ids"
 
 
 class OnnxOptions(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -236,8 +240,10 @@ class OnnxBackend(Backend):
                 f"{onnx_file}: inputs {self._input_names} are not an encoder's "
                 "(expected input_ids, attention_mask and optionally token_type_ids, position_ids)"
             )
-        # Our converter writes position_ids only into graphs that read attention_mask as segment ids.
-        self._packed = "position_ids" in self._input_names and self.options.pack_tokens > 0
+        # Packed only where our converter marked the graph as reading attention_mask as segment ids: a foreign
+        # graph with position_ids (optimum's, say) would let the inputs sharing a row attend to each other.
+        marked = self._session.get_modelmeta().custom_metadata_map.get(SEGMENT_MASK_KEY) == SEGMENT_MASK
+        self._packed = marked and "position_ids" in self._input_names and self.options.pack_tokens > 0
         outputs = self._session.get_outputs()
         # Per-token states are pooled here; a graph that already pools (a 2-D output) is used as is.
         by_name = {o.name: i for i, o in enumerate(outputs)}

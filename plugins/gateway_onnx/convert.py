@@ -24,7 +24,7 @@ import numpy as np
 from gateway import hf
 from gateway.backend import BackendError, Converter
 
-from .backend import OnnxBackend, OnnxOptions
+from .backend import SEGMENT_MASK, SEGMENT_MASK_KEY, OnnxBackend, OnnxOptions
 
 OPSET = 17
 # Small files a served model needs beside the graph; weights (safetensors/bin) are deliberately left out.
@@ -61,6 +61,15 @@ CHECK_SENTENCES = (
 
 class _Mismatch(BackendError):
     """The written graph's vectors disagree with the source model's."""
+
+
+def _mark_segment_mask(path: Path) -> None:
+    """Say in the file that this graph reads attention_mask as segment ids: the backend packs only such graphs."""
+    import onnx
+
+    model = onnx.load(str(path))
+    onnx.helper.set_model_props(model, {SEGMENT_MASK_KEY: SEGMENT_MASK})
+    onnx.save(model, str(path))
 
 
 def _one_line(exc: BaseException) -> str:
@@ -114,6 +123,8 @@ class OnnxConverter(Converter):
                     self._quantize(fp32, staged)
                 else:
                     staged = fp32
+                if packed:
+                    _mark_segment_mask(staged)
                 # Replace atomically so a server reading DIR never sees half a file.
                 os.replace(staged, target)
             self._copy_support_files(src_dir, hf_dir, out_dir)

@@ -143,6 +143,9 @@ class OpenAIBackend(Backend):
         self._httpx: Any = None
         # The deadline of the call this thread is making (each batch worker makes one at a time).
         self._deadline = threading.local()
+        # What load learned of the upstream (its /models card, the tokenizer file): part of the fingerprint.
+        self._seen_card: _Card | None = None
+        self._tokenizer_file: Path | None = None
 
     @property
     def upstream_model(self) -> str:
@@ -189,7 +192,7 @@ class OpenAIBackend(Backend):
             dimension = opts.dimension
             limit = opts.max_input_tokens or limit
             if dimension is None or limit is None:
-                card = self._card()
+                card = self._seen_card = self._card()
                 dimension = dimension or (card.dimension if card else None)
                 limit = limit or (card.max_input_tokens if card else None)
             if limit is None:
@@ -240,7 +243,7 @@ class OpenAIBackend(Backend):
         # As the local backends count: no padding (all-MiniLM's file pads to 128), nothing truncated.
         tok.no_padding()
         tok.no_truncation()
-        self._tokenizer = tok
+        self._tokenizer, self._tokenizer_file = tok, file
         return hf.max_input_tokens(hf.read_layout(where)) if where.is_dir() else None
 
     def _card(self) -> _Card | None:
@@ -261,17 +264,18 @@ class OpenAIBackend(Backend):
         return next((c for c in cards if c.id == self.upstream_model), None)
 
     def fingerprint(self) -> bytes:
-        """What names this model besides its options (base URL, upstream name, tokenizer path): the width the
-        upstream answered with, so that entries of an upstream model swapped for one of another width under the
-        same name are never met; and the local tokenizer's file (it decides where inputs are cut)."""
+        """The upstream's identity (its base URL, the model name it knows, its /models card when load read
+        one, the width it answers with) and the local tokenizer's digest: no files to hash, no directory walk."""
         from gateway.cache import weights_digest
 
-        parts = [f"dimension={self._dimension}".encode()]
-        if self.options.tokenizer is not None and self._tokenizer is not None:
-            from gateway.config import resolve_model_path
-
-            parts.append(weights_digest(str(resolve_model_path(self.options.tokenizer, Path.cwd()))))
-        return b"\0".join(parts)
+        identity = {
+            "base_url": self.options.base_url.rstrip("/"),
+            "model": self.upstream_model,
+            "card": self._seen_card,
+            "dimension": self._dimension,
+            "tokenizer": weights_digest(str(self._tokenizer_file)).hex() if self._tokenizer_file else None,
+        }
+        return msgspec.json.encode(identity)
 
     @contextmanager
     def _within(self, deadline: float) -> Iterator[None]:
