@@ -380,7 +380,7 @@ async def _through_cache(
     # `texts` carry the prompt in front; the key holds it apart from the text.
     cut_at = len(job.prompt)
     keys = [cache_key(model.identity, job.side, job.prompt, text[cut_at:]) for text in texts]
-    found = await cache.lookup(model.name, keys)
+    found = await cache.lookup(model.name, keys, dimension=model.info.dimension)
     hits = sum(e is not None for e in found)
     notes.setdefault("headers", {})["X-Cache-Hits"] = str(hits)
     entries: dict[bytes, Entry] = {k: e for k, e in zip(keys, found, strict=True) if e is not None}

@@ -563,7 +563,10 @@ def test_a_malformed_or_mismatched_entry_is_a_counted_miss_never_a_500(redis_ser
         _written(redis_server, 1)
         r = redis_server.client()
         (name,) = r.keys("gateway:cache:*")
-        for bad in (b"\x01\x00", r.get(name)[:-2], r.get(name) + b"\x00\x00\x80\x7f"):
+        from gateway.cache import Entry
+
+        other_width = Entry(np.ones(4, dtype=np.float32), 1).pack()  # the fake model's vectors have 8
+        for bad in (b"\x01\x00", r.get(name)[:-2], r.get(name) + b"\x00\x00\x80\x7f", other_width):
             r.set(name, bad)
             invalid = _metric(c, "gateway_cache_lookups_total", model="fake", result="invalid")
             again = c.post(URL, json={"model": "fake", "input": ["mangled"]})
