@@ -355,6 +355,55 @@ def local_attention(config: Mapping[str, Any]) -> int | None:
     return None
 
 
+# -- what packing must know about a model's positions and attention ---------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class PackingPlan:
+    """How a model can run packed rows (gateway/packing.py), found by running it (`probe_packing`)."""
+
+    #: The position of each input's first token: 0, or RoBERTa's / MPNet's padding index + 1. None when no
+    #: offset reproduces the model's own positions (then packing is refused).
+    position_offset: int | None
+    #: Each token attends only to those before it (a decoder such as Qwen3): the packed mask is causal within
+    #: each input, not only block-diagonal.
+    causal: bool
+
+    @property
+    def refused(self) -> str:
+        """Why packing cannot run, or ""."""
+        if self.position_offset is None:
+            return "no position offset reproduces the model's own positions"
+        return ""
+
+
+def probe_packing(
+    forward: Callable[[list[int], list[int] | None], np.ndarray], ids: list[int], pad_id: int | None
+) -> PackingPlan:
+    """Run one unpadded input through `forward(ids, positions)` ([seq, dim] states; positions None: the model's
+    own) to learn where its positions start and whether its attention is causal.
+
+    Positions: RoBERTa, XLM-RoBERTa and MPNet count from the padding index + 1 (MPNet's index is 1 whatever its
+    config says); a packed row passes explicit positions, which must start there. Causality: a decoder's
+    earlier tokens do not change when the last one does; a bidirectional model's do.
+    """
+    own = forward(ids, None)
+    offset = None
+    candidates = [0, 2] + ([pad_id + 1] if pad_id is not None and pad_id >= 0 else [])
+    for k in dict.fromkeys(candidates):
+        try:
+            states = forward(ids, list(range(k, k + len(ids))))
+        except (IndexError, RuntimeError):  # past the position table
+            continue
+        if np.allclose(states, own, atol=1e-4, rtol=1e-3):
+            offset = k
+            break
+    changed = [*ids[:-1], ids[0] if ids[-1] != ids[0] else ids[1]]
+    other = forward(changed, None)
+    causal = bool(np.allclose(own[:-1], other[:-1], atol=1e-5, rtol=1e-4))
+    return PackingPlan(position_offset=offset, causal=causal)
+
+
 # -- the bundled adversarial texts -----------------------------------------------------------------------
 
 

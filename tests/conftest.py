@@ -404,3 +404,11 @@ def st_folders(minilm_path: str, tmp_path_factory: pytest.TempPathFactory) -> di
     from .folders import build_all
 
     return build_all(minilm_path, tmp_path_factory.mktemp("st-folders"))
+
+
+@pytest.fixture(scope="session")
+def zoo_folders(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """One tiny random-weight sentence-transformers folder per architecture (tests/zoo.py), built once."""
+    from .zoo import build_zoo
+
+    return build_zoo(tmp_path_factory.mktemp("zoo"))
