@@ -113,7 +113,9 @@ def test_torch_packing_off_pads(minilm_path):
     # Padded batches run from the ids counted on arrival (so the core may cut them), as encode runs its own.
     assert info.embeds_token_ids is True
     np.testing.assert_allclose(embed(backend, SENTENCES[:2]), backend._encode(SENTENCES[:2]), atol=1e-5)
-    np.testing.assert_allclose(backend.embed(SENTENCES[:2], [[101, 102], [101, 102]]), backend._encode(["", ""]), atol=1e-5)
+    np.testing.assert_allclose(
+        backend.embed(SENTENCES[:2], [[101, 102], [101, 102]]), backend._encode(["", ""]), atol=1e-5
+    )
 
 
 def test_torch_packing_turns_itself_off_when_it_disagrees(minilm_path, monkeypatch, caplog):
