@@ -189,12 +189,30 @@ def _max_seq_length(folder: Path) -> int | None:
     return min(limit, positions) if positions else limit
 
 
+# Model types whose positions count from the padding index + 1 (transformers' create_position_ids_from_input_ids):
+# that many rows of the position table are never an input's. MPNet's embeddings take 1 as the index whatever the
+# config says.
+_OFFSET_POSITIONS = {"roberta", "xlm-roberta", "xlm-roberta-xl", "camembert", "data2vec-text", "longformer", "mpnet"}
+
+
+def position_offset(config: Mapping[str, Any]) -> int:
+    """The position of an input's first token for a model of this config.json: 0, or the padding index + 1."""
+    model_type = str(config.get("model_type", ""))
+    if model_type not in _OFFSET_POSITIONS:
+        return 0
+    pad = 1 if model_type == "mpnet" else config.get("pad_token_id", 1)
+    return int(pad) + 1 if isinstance(pad, int) and pad >= 0 else 0
+
+
 def _position_table(folder: Path) -> int | None:
+    """How many input positions the position table holds (its size less an offset), None when it does not say."""
     config = folder / "config.json"
     if not config.is_file():
         return None
     data = read_json(config)
-    return _positive(data.get("max_position_embeddings")) if isinstance(data, dict) else None
+    if not isinstance(data, dict) or not _positive(data.get("max_position_embeddings")):
+        return None
+    return _positive(int(data["max_position_embeddings"]) - position_offset(data))
 
 
 def max_input_tokens(layout: Layout) -> int:

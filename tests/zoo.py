@@ -329,8 +329,9 @@ FAMILIES: dict[str, Family] = {
 }
 
 
-def build(name: str, dst: Path, *, seed: int = 0) -> Path:
-    """The family `name` as a sentence-transformers folder at `dst` (its raw transformer beside it)."""
+def build(name: str, dst: Path, *, seed: int = 0, **config_changes: Any) -> Path:
+    """The family `name` as a sentence-transformers folder at `dst` (its raw transformer beside it), with
+    `config_changes` made to its transformers config (a broken folder on purpose, say)."""
     import torch
     from sentence_transformers import SentenceTransformer
     from sentence_transformers.sentence_transformer.modules import Dense, Normalize, Pooling, Transformer
@@ -338,6 +339,8 @@ def build(name: str, dst: Path, *, seed: int = 0) -> Path:
 
     family = FAMILIES[name]
     config, tokenizer = family.build()
+    for key, value in config_changes.items():
+        setattr(config, key, value)
     torch.manual_seed(seed)
     raw = dst.with_name(dst.name + "-hf")
     AutoModel.from_config(config).eval().save_pretrained(str(raw))
