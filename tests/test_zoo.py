@@ -23,17 +23,31 @@ from .zoo import FAMILIES, position_texts
 TEXTS = [*hf.adversarial_texts(), *position_texts()]
 #: The floor of each backend's cosine with sentence-transformers (int8 rounds its weights; on Qwen3 the vector
 #: is one token's state, which carries the whole rounding error of a random-weight decoder).
-FLOOR = {"torch": 0.9999, "onnx": 0.9999, "onnx-int8": 0.99}
+FLOOR = {"torch": 0.9999, "onnx": 0.9999, "onnx-int8": 0.99, "gguf": 0.999, "gguf-q8_0": 0.99}
 FLOOR_OF = {("qwen3", "onnx-int8"): 0.93}
 #: Where packing must be on (the rest pad: local attention cannot be expressed in a packed mask).
 PACKED = {
     "torch": {"bert-cls", "mpnet", "xlm-roberta", "qwen3"},
     "onnx": {"bert-cls", "mpnet", "xlm-roberta", "qwen3"},
     "onnx-int8": {"bert-cls", "mpnet", "xlm-roberta", "qwen3"},
+    # llama.cpp takes each input as its own sequence of a batch: nothing is padded.
+    "gguf": {"bert-cls", "xlm-roberta", "qwen3"},
+    "gguf-q8_0": {"bert-cls", "xlm-roberta", "qwen3"},
 }
 #: What a backend refuses, and the words its refusal must carry.
-REFUSED = {("gemma3", "onnx"): "Dense", ("gemma3", "onnx-int8"): "Dense"}
-CELLS = [(family, backend) for backend in FLOOR for family in FAMILIES if (family, backend) not in REFUSED]
+REFUSED = {
+    ("gemma3", "onnx"): "Dense",
+    ("gemma3", "onnx-int8"): "Dense",
+    ("gemma3", "gguf"): "Dense",
+    ("mpnet", "gguf"): "llama.cpp has no MPNet graph",
+    ("modernbert", "gguf"): "modern-bert graph is not written by this converter",
+}
+CELLS = [
+    (family, backend)
+    for backend in FLOOR
+    for family in FAMILIES
+    if (family, backend) not in REFUSED and (family, backend.split("-")[0]) not in REFUSED
+]
 
 
 def _model(family: str, backend: str) -> str:
@@ -49,16 +63,23 @@ def _convert(converter: Any, src: Path, out: Path, *args: str) -> None:
 @pytest.fixture(scope="module")
 def served(zoo_folders: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, Path]]:
     """{backend: {family: path}} of every cell that is expected to load, converted once."""
+    from gateway_gguf import GgufConverter
     from gateway_onnx import OnnxConverter
 
     root = tmp_path_factory.mktemp("zoo-converted")
     out: dict[str, dict[str, Path]] = {"torch": dict(zoo_folders), "onnx": {}, "onnx-int8": {}}
+    out.update({"gguf": {}, "gguf-q8_0": {}})
     for family, folder in zoo_folders.items():
         if (family, "onnx") not in REFUSED:
             _convert(OnnxConverter(), folder, root / f"{family}-onnx")
             out["onnx"][family] = root / f"{family}-onnx"
             _convert(OnnxConverter(), folder, root / f"{family}-onnx-int8", "--quantize", "int8")
             out["onnx-int8"][family] = root / f"{family}-onnx-int8"
+        if (family, "gguf") not in REFUSED:
+            for kind in ("f16", "q8_0"):
+                cell = "gguf" if kind == "f16" else "gguf-q8_0"
+                _convert(GgufConverter(), folder, root / f"{family}-{kind}.gguf", "--type", kind)
+                out[cell][family] = root / f"{family}-{kind}.gguf"
     return out
 
 
@@ -135,15 +156,15 @@ def test_onnx_graph_records_its_packing_decision(served, family: str) -> None:
 
 @pytest.mark.parametrize(("family", "backend"), sorted(REFUSED))
 def test_what_a_backend_cannot_run_is_refused_at_convert(zoo_folders, tmp_path, family: str, backend: str) -> None:
+    from gateway_gguf import GgufConverter
     from gateway_onnx import OnnxConverter
 
     from gateway.backend import BackendError
 
-    converter = {"onnx": OnnxConverter}[backend.split("-")[0]]()
+    converter = {"onnx": OnnxConverter, "gguf": GgufConverter}[backend.split("-")[0]]()
     with pytest.raises(BackendError, match=REFUSED[(family, backend)]) as info:
-        _convert(
-            converter, zoo_folders[family], tmp_path / "out", *(["--quantize", "int8"] if "int8" in backend else [])
-        )
+        out = tmp_path / ("out.gguf" if backend.startswith("gguf") else "out")
+        _convert(converter, zoo_folders[family], out, *(["--quantize", "int8"] if "int8" in backend else []))
     print(f"{family} on {backend}: refused: {info.value}")
 
 
