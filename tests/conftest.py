@@ -412,3 +412,11 @@ def zoo_folders(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     from .zoo import build_zoo
 
     return build_zoo(tmp_path_factory.mktemp("zoo"))
+
+
+@pytest.fixture(scope="session")
+def zoo_converted(zoo_folders: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, Path]]:
+    """The zoo converted once per session to ONNX (fp32, int8) and GGUF (f16, q8_0), where not refused."""
+    from .zoo import convert_zoo
+
+    return convert_zoo(zoo_folders, tmp_path_factory.mktemp("zoo-converted"))

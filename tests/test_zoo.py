@@ -7,7 +7,6 @@ cannot run is refused at convert or load time with a message saying so.
 
 from __future__ import annotations
 
-import argparse
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -18,7 +17,7 @@ import pytest
 from gateway import hf
 
 from .conftest import serve
-from .zoo import FAMILIES, position_texts
+from .zoo import FAMILIES, REFUSED, convert, position_texts
 
 TEXTS = [*hf.adversarial_texts(), *position_texts()]
 #: The floor of each backend's cosine with sentence-transformers (int8 rounds its weights; on Qwen3 the vector
@@ -34,14 +33,6 @@ PACKED = {
     "gguf": {"bert-cls", "xlm-roberta", "qwen3"},
     "gguf-q8_0": {"bert-cls", "xlm-roberta", "qwen3"},
 }
-#: What a backend refuses, and the words its refusal must carry.
-REFUSED = {
-    ("gemma3", "onnx"): "Dense",
-    ("gemma3", "onnx-int8"): "Dense",
-    ("gemma3", "gguf"): "Dense",
-    ("mpnet", "gguf"): "llama.cpp has no MPNet graph",
-    ("modernbert", "gguf"): "modern-bert graph is not written by this converter",
-}
 CELLS = [
     (family, backend)
     for backend in FLOOR
@@ -54,33 +45,10 @@ def _model(family: str, backend: str) -> str:
     return f"{family}-{backend}"
 
 
-def _convert(converter: Any, src: Path, out: Path, *args: str) -> None:
-    parser = argparse.ArgumentParser()
-    converter.add_arguments(parser)
-    converter.convert(str(src), str(out), parser.parse_args(list(args)))
-
-
 @pytest.fixture(scope="module")
-def served(zoo_folders: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, Path]]:
-    """{backend: {family: path}} of every cell that is expected to load, converted once."""
-    from gateway_gguf import GgufConverter
-    from gateway_onnx import OnnxConverter
-
-    root = tmp_path_factory.mktemp("zoo-converted")
-    out: dict[str, dict[str, Path]] = {"torch": dict(zoo_folders), "onnx": {}, "onnx-int8": {}}
-    out.update({"gguf": {}, "gguf-q8_0": {}})
-    for family, folder in zoo_folders.items():
-        if (family, "onnx") not in REFUSED:
-            _convert(OnnxConverter(), folder, root / f"{family}-onnx")
-            out["onnx"][family] = root / f"{family}-onnx"
-            _convert(OnnxConverter(), folder, root / f"{family}-onnx-int8", "--quantize", "int8")
-            out["onnx-int8"][family] = root / f"{family}-onnx-int8"
-        if (family, "gguf") not in REFUSED:
-            for kind in ("f16", "q8_0"):
-                cell = "gguf" if kind == "f16" else "gguf-q8_0"
-                _convert(GgufConverter(), folder, root / f"{family}-{kind}.gguf", "--type", kind)
-                out[cell][family] = root / f"{family}-{kind}.gguf"
-    return out
+def served(zoo_converted: dict[str, dict[str, Path]]) -> dict[str, dict[str, Path]]:
+    """{backend: {family: path}} of every cell that is expected to load (conftest converts them once)."""
+    return zoo_converted
 
 
 @pytest.fixture(scope="module")
@@ -164,7 +132,7 @@ def test_what_a_backend_cannot_run_is_refused_at_convert(zoo_folders, tmp_path, 
     converter = {"onnx": OnnxConverter, "gguf": GgufConverter}[backend.split("-")[0]]()
     with pytest.raises(BackendError, match=REFUSED[(family, backend)]) as info:
         out = tmp_path / ("out.gguf" if backend.startswith("gguf") else "out")
-        _convert(converter, zoo_folders[family], out, *(["--quantize", "int8"] if "int8" in backend else []))
+        convert(converter, zoo_folders[family], out, *(["--quantize", "int8"] if "int8" in backend else []))
     print(f"{family} on {backend}: refused: {info.value}")
 
 
@@ -181,4 +149,4 @@ def test_onnx_refuses_a_folder_whose_positions_cannot_hold_its_limit(tmp_path) -
     folder = build("xlm-roberta", tmp_path / "xlmr", max_position_embeddings=LIMIT)
     assert hf.max_input_tokens(hf.read_layout(folder)) == LIMIT - 2
     with pytest.raises(BackendError, match=r"sentence-transformers itself cannot encode .* \(limit 128 tokens\)"):
-        _convert(OnnxConverter(), folder, tmp_path / "out")
+        convert(OnnxConverter(), folder, tmp_path / "out")

@@ -366,3 +366,42 @@ def position_texts() -> Iterator[str]:
     words = [w for line in corpus()[:60] for w in line.split()]
     for n in (1, 3, 180, 2, 40, 7, 90, 15, 64, 5, 120, 30):
         yield " ".join(words[:n]) if n > 1 else "a"
+
+
+#: What a backend refuses, and the words its refusal must carry (the test cells and the README's table).
+REFUSED: dict[tuple[str, str], str] = {
+    ("gemma3", "onnx"): "Dense",
+    ("gemma3", "onnx-int8"): "Dense",
+    ("gemma3", "gguf"): "Dense",
+    ("mpnet", "gguf"): "llama.cpp has no MPNet graph",
+    ("modernbert", "gguf"): "modern-bert graph is not written by this converter",
+}
+
+
+def convert(converter: Any, src: Path, out: Path, *args: str) -> None:
+    """`gateway convert SRC --to X --out OUT ARGS` through the converter's own argument parser."""
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    converter.add_arguments(parser)
+    converter.convert(str(src), str(out), parser.parse_args(list(args)))
+
+
+def convert_zoo(folders: dict[str, Path], root: Path) -> dict[str, dict[str, Path]]:
+    """{cell: {family: path}}: torch serves the folders; onnx (fp32, int8) and gguf (f16, q8_0) are converted
+    by `gateway convert` wherever the family is not refused."""
+    from gateway_gguf import GgufConverter
+    from gateway_onnx import OnnxConverter
+
+    out: dict[str, dict[str, Path]] = {"torch": dict(folders), "onnx": {}, "onnx-int8": {}, "gguf": {}, "gguf-q8_0": {}}
+    for family, folder in folders.items():
+        if (family, "onnx") not in REFUSED:
+            convert(OnnxConverter(), folder, root / f"{family}-onnx")
+            out["onnx"][family] = root / f"{family}-onnx"
+            convert(OnnxConverter(), folder, root / f"{family}-onnx-int8", "--quantize", "int8")
+            out["onnx-int8"][family] = root / f"{family}-onnx-int8"
+        if (family, "gguf") not in REFUSED:
+            for kind, cell in (("f16", "gguf"), ("q8_0", "gguf-q8_0")):
+                convert(GgufConverter(), folder, root / f"{family}-{kind}.gguf", "--type", kind)
+                out[cell][family] = root / f"{family}-{kind}.gguf"
+    return out
