@@ -189,12 +189,30 @@ def _max_seq_length(folder: Path) -> int | None:
     return min(limit, positions) if positions else limit
 
 
+# Model types whose positions count from the padding index + 1 (transformers' create_position_ids_from_input_ids):
+# that many rows of the position table are never an input's. MPNet's embeddings take 1 as the index whatever the
+# config says.
+_OFFSET_POSITIONS = {"roberta", "xlm-roberta", "xlm-roberta-xl", "camembert", "data2vec-text", "longformer", "mpnet"}
+
+
+def position_offset(config: Mapping[str, Any]) -> int:
+    """The position of an input's first token for a model of this config.json: 0, or the padding index + 1."""
+    model_type = str(config.get("model_type", ""))
+    if model_type not in _OFFSET_POSITIONS:
+        return 0
+    pad = 1 if model_type == "mpnet" else config.get("pad_token_id", 1)
+    return int(pad) + 1 if isinstance(pad, int) and pad >= 0 else 0
+
+
 def _position_table(folder: Path) -> int | None:
+    """How many input positions the position table holds (its size less an offset), None when it does not say."""
     config = folder / "config.json"
     if not config.is_file():
         return None
     data = read_json(config)
-    return _positive(data.get("max_position_embeddings")) if isinstance(data, dict) else None
+    if not isinstance(data, dict) or not _positive(data.get("max_position_embeddings")):
+        return None
+    return _positive(int(data["max_position_embeddings"]) - position_offset(data))
 
 
 def max_input_tokens(layout: Layout) -> int:
@@ -353,6 +371,55 @@ def local_attention(config: Mapping[str, Any]) -> int | None:
                 continue
             return _positive(value)
     return None
+
+
+# -- what packing must know about a model's positions and attention ---------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class PackingPlan:
+    """How a model can run packed rows (gateway/packing.py), found by running it (`probe_packing`)."""
+
+    #: The position of each input's first token: 0, or RoBERTa's / MPNet's padding index + 1. None when no
+    #: offset reproduces the model's own positions (then packing is refused).
+    position_offset: int | None
+    #: Each token attends only to those before it (a decoder such as Qwen3): the packed mask is causal within
+    #: each input, not only block-diagonal.
+    causal: bool
+
+    @property
+    def refused(self) -> str:
+        """Why packing cannot run, or ""."""
+        if self.position_offset is None:
+            return "no position offset reproduces the model's own positions"
+        return ""
+
+
+def probe_packing(
+    forward: Callable[[list[int], list[int] | None], np.ndarray], ids: list[int], pad_id: int | None
+) -> PackingPlan:
+    """Run one unpadded input through `forward(ids, positions)` ([seq, dim] states; positions None: the model's
+    own) to learn where its positions start and whether its attention is causal.
+
+    Positions: RoBERTa, XLM-RoBERTa and MPNet count from the padding index + 1 (MPNet's index is 1 whatever its
+    config says); a packed row passes explicit positions, which must start there. Causality: a decoder's
+    earlier tokens do not change when the last one does; a bidirectional model's do.
+    """
+    own = forward(ids, None)
+    offset = None
+    candidates = [0, 2] + ([pad_id + 1] if pad_id is not None and pad_id >= 0 else [])
+    for k in dict.fromkeys(candidates):
+        try:
+            states = forward(ids, list(range(k, k + len(ids))))
+        except (IndexError, RuntimeError):  # past the position table
+            continue
+        if np.allclose(states, own, atol=1e-4, rtol=1e-3):
+            offset = k
+            break
+    changed = [*ids[:-1], ids[0] if ids[-1] != ids[0] else ids[1]]
+    other = forward(changed, None)
+    causal = bool(np.allclose(own[:-1], other[:-1], atol=1e-5, rtol=1e-4))
+    return PackingPlan(position_offset=offset, causal=causal)
 
 
 # -- the bundled adversarial texts -----------------------------------------------------------------------

@@ -404,3 +404,19 @@ def st_folders(minilm_path: str, tmp_path_factory: pytest.TempPathFactory) -> di
     from .folders import build_all
 
     return build_all(minilm_path, tmp_path_factory.mktemp("st-folders"))
+
+
+@pytest.fixture(scope="session")
+def zoo_folders(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """One tiny random-weight sentence-transformers folder per architecture (tests/zoo.py), built once."""
+    from .zoo import build_zoo
+
+    return build_zoo(tmp_path_factory.mktemp("zoo"))
+
+
+@pytest.fixture(scope="session")
+def zoo_converted(zoo_folders: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, Path]]:
+    """The zoo converted once per session to ONNX (fp32, int8) and GGUF (f16, q8_0), where not refused."""
+    from .zoo import convert_zoo
+
+    return convert_zoo(zoo_folders, tmp_path_factory.mktemp("zoo-converted"))

@@ -146,9 +146,11 @@ def test_packed_graph_and_its_padded_path_agree(onnx_dirs, backends, reference):
     packed = backends["fp32"]
     assert "position_ids" in packed._input_names and packed.info.pads_to_longest is False
     padded = OnnxBackend(model="padded", path=str(onnx_dirs["fp32"]), options=OnnxOptions(pack_tokens=0))
-    assert padded.load().pads_to_longest is True
-    # The padded path reads type ids off its own encodings: the ids it is given are not used.
-    np.testing.assert_allclose(padded.embed(TEXTS[:2], [[101, 102], [101, 102]]), embed(padded, TEXTS[:2]))
+    info = padded.load()
+    assert info.pads_to_longest is True
+    # The padded path runs on the ids it is given too (so the core can cut them for `truncate`).
+    assert info.embeds_token_ids is True
+    np.testing.assert_allclose(padded.embed(TEXTS[:2], [[101, 102], [101, 102]]), embed(padded, ["", ""]), atol=1e-6)
     np.testing.assert_allclose(embed(padded, TEXTS), embed(packed, TEXTS), atol=2e-5)
     small = OnnxBackend(model="tiny-rows", path=str(onnx_dirs["fp32"]), options=OnnxOptions(pack_tokens=8))
     small.load()

@@ -99,10 +99,22 @@ def test_unreachable_cluster_fails_only_that_model(ray_tmp):
     assert not ray_processes(ray_tmp)
 
 
+#: Each architecture of the zoo (tests/zoo.py) on Ray, on the cheapest backend that runs it (one replica each).
+ZOO_ON_RAY = {
+    "bert-cls": "gguf",
+    "xlm-roberta": "gguf",
+    "qwen3": "gguf",
+    "mpnet": "onnx",
+    "modernbert": "onnx",
+    "gemma3": "torch",
+}
+
+
 @pytest.fixture(scope="module")
-def ray_gateway(ray_tmp, minilm_path, tmp_path_factory) -> Iterator[tuple[str, Any, Path]]:
-    """One gateway serving every bundled backend twice, in-process and on Ray (int8 on 2 replicas x 1 CPU), and
-    a slow fake model on 2 replicas; the gateway starts its own Ray and must leave nothing behind."""
+def ray_gateway(ray_tmp, minilm_path, tmp_path_factory, zoo_converted) -> Iterator[tuple[str, Any, Path]]:
+    """One gateway serving every bundled backend twice, in-process and on Ray (int8 on 2 replicas x 1 CPU), a
+    slow fake model on 2 replicas, and each zoo architecture on Ray; the gateway starts its own Ray and must leave
+    nothing behind."""
     started = tmp_path_factory.mktemp("started")
     # name: backend, path, [options], [ray]; jit off: the trace takes seconds to check at load, same vectors.
     pairs = {
@@ -122,6 +134,12 @@ def ray_gateway(ray_tmp, minilm_path, tmp_path_factory) -> Iterator[tuple[str, A
         f'[models.fake-ray]\nbackend = "fake"\npath = "."\n[models.fake-ray.options]\ndelay_s = 0.5\n'
         f'started_dir = "{started}"\nreject_on = "REJECT"\n[models.fake-ray.ray]\nreplicas = 2\nnum_cpus = 0\n'
     )
+    for family, backend in ZOO_ON_RAY.items():
+        options = {"torch": "threads = 1\njit = false", "onnx": "intra_op_threads = 1", "gguf": "n_threads = 1"}
+        parts.append(
+            f'[models.zoo-{family}]\nbackend = "{backend}"\npath = "{zoo_converted[backend][family]}"\n'
+            f"[models.zoo-{family}.options]\n{options[backend]}\n[models.zoo-{family}.ray]\nnum_cpus = 0\n"
+        )
     app = make_app("\n".join(parts))
     with uvicorn_server(app) as (url, _server):
         yield url, app, started
@@ -154,6 +172,29 @@ def test_same_vectors_and_tokens_as_in_process(ray_gateway, name):
         b.json()["error"]["message"].replace(f"'{name}-ray'", "M"),
     )
     assert b.status_code == 400
+
+
+@pytest.mark.parametrize("family", list(ZOO_ON_RAY))
+def test_each_architecture_on_ray_as_sentence_transformers(ray_gateway, zoo_folders, family):
+    """The zoo's architectures placed on Ray replicas: the vectors and token counts of sentence-transformers'
+    own encode of the folder (one query-prompted request, lengths to past the limit, truncated)."""
+    from sentence_transformers import SentenceTransformer
+
+    from .zoo import FAMILIES, position_texts
+
+    url, _, _ = ray_gateway
+    texts = [*SENTENCES[:4], *position_texts()]
+    prompt_name = FAMILIES[family].query_prompt
+    body = {"truncate": True, **({"prompt_name": prompt_name} if prompt_name else {})}
+    r = _embed(url, f"zoo-{family}", texts, **body)
+    assert r.status_code == 200, r.text
+    st = SentenceTransformer(str(zoo_folders[family]), device="cpu")
+    want = st.encode(texts, prompt_name=prompt_name, show_progress_bar=False)
+    floor = 0.999 if ZOO_ON_RAY[family] == "gguf" else 0.9999
+    assert min(cosine(d["embedding"], w) for d, w in zip(r.json()["data"], want, strict=True)) >= floor
+    prompt = st.prompts.get(prompt_name or "", "")
+    ids = st.tokenizer([prompt + t for t in texts])["input_ids"]
+    assert r.json()["usage"]["total_tokens"] == sum(min(len(i), st.max_seq_length) for i in ids)
 
 
 def test_dimensions_on_ray(ray_gateway):

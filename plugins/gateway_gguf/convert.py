@@ -43,6 +43,17 @@ _SKIP_PREFIXES = ("pooler.", "cls.", "bert.pooler.")
 _SKIP_SUFFIXES = ("position_ids",)
 
 
+#: model_type -> the llama.cpp architecture we write for it (llama.cpp's embedding graphs that run it as
+#: sentence-transformers does: bidirectional bert, or a causal decoder pooled at its last token).
+ARCHITECTURES = {"bert": "bert", "xlm-roberta": "bert", "roberta": "bert", "qwen3": "qwen3"}
+#: Why the others are refused.
+_REFUSED = {
+    "mpnet": "llama.cpp has no MPNet graph: its relative attention bias has no counterpart",
+    "modernbert": "llama.cpp's modern-bert graph is not written by this converter yet; serve it with torch or onnx",
+    "gemma3_text": "EmbeddingGemma's Dense projections are not written by this converter; serve it with torch",
+}
+
+
 class _Source:
     """What the converter needs from a sentence-transformers or plain Hugging Face BERT folder."""
 
@@ -68,13 +79,19 @@ class _Source:
         if not config_file.is_file():
             raise BackendError(f"{root} has no config.json (not a Hugging Face model folder)")
         self.config: dict[str, Any] = hf.read_json(config_file)
-        model_type = self.config.get("model_type")
-        if model_type != "bert":
+        model_type = str(self.config.get("model_type"))
+        if model_type not in ARCHITECTURES:
+            why = _REFUSED.get(model_type, "")
             raise BackendError(
-                f"{root}: model_type {model_type!r} is not supported; the gguf converter writes BERT models"
+                f"{root}: model_type {model_type!r} is not supported by the gguf converter"
+                f"{f' ({why})' if why else ''}; it writes {', '.join(sorted(ARCHITECTURES))}"
             )
+        self.model_type = model_type
         if self.config.get("position_embedding_type", "absolute") != "absolute":
             raise BackendError(f"{root}: only absolute position embeddings are supported by llama.cpp's bert")
+        # RoBERTa-style positions start after the padding index: llama.cpp's bert starts at 0, so the rows before
+        # are cut from the table (as llama.cpp's own converter does).
+        self.position_offset = hf.position_offset(self.config)
 
     def tensors(self) -> Iterator[tuple[str, np.ndarray]]:
         """(HF name, float32 array) for every weight; safetensors (sharded or not) or pytorch_model.bin."""
@@ -122,6 +139,16 @@ class _Source:
         if self.layout.do_lower_case:
             hf.lower_case(tok)
         return tok
+
+    def tokenizer_json(self) -> dict[str, Any]:
+        """tokenizer.json as JSON; BackendError without one (only WordPiece can do without)."""
+        tok_file = self.model_dir / "tokenizer.json"
+        if not tok_file.is_file():
+            raise BackendError(f"{self.model_dir} has no tokenizer.json (needed for a {self.model_type} vocabulary)")
+        data = hf.read_json(tok_file)
+        if not isinstance(data, dict) or not isinstance(data.get("model"), dict):
+            raise BackendError(f"{tok_file}: not a tokenizers JSON file")
+        return data
 
     def vocab(self) -> tuple[list[str], set[str], dict[str, Any]]:
         """The WordPiece vocabulary in id order, its special tokens, and the normalizer settings."""
@@ -241,39 +268,42 @@ class GgufConverter(Converter):
 
     def _write(self, source: _Source, path: Path, qtype: str, gguf: Any) -> None:
         cfg = source.config
+        arch_name = ARCHITECTURES[source.model_type]
+        arch = gguf.MODEL_ARCH.QWEN3 if arch_name == "qwen3" else gguf.MODEL_ARCH.BERT
         try:
             n_layers = int(cfg["num_hidden_layers"])
             hidden = int(cfg["hidden_size"])
-            n_ctx = int(cfg["max_position_embeddings"])
+            n_ctx = int(cfg["max_position_embeddings"]) - source.position_offset
             ffn = int(cfg["intermediate_size"])
             heads = int(cfg["num_attention_heads"])
         except (KeyError, TypeError, ValueError) as exc:
-            raise BackendError(f"{source.model_dir}/config.json lacks a BERT hyper-parameter: {exc}") from exc
-        eps = float(cfg.get("layer_norm_eps", 1e-12))
+            raise BackendError(f"{source.model_dir}/config.json lacks a hyper-parameter: {exc}") from exc
         pooling = source.pooling
         if pooling is None:
-            pooling = "mean"
-            self.say("no sentence-transformers pooling config; writing mean pooling")
+            pooling = "last" if arch_name == "qwen3" else "mean"
+            self.say(f"no sentence-transformers pooling config; writing {pooling} pooling")
         if pooling != "mean" and pooling != "cls" and pooling != "last":
             raise BackendError(f"unsupported pooling {pooling!r}")
 
-        tensor_map = gguf.TensorNameMap(gguf.MODEL_ARCH.BERT, n_layers)
+        tensor_map = gguf.TensorNameMap(arch, n_layers)
         ftype = gguf.LlamaFileType.MOSTLY_F16 if qtype == "f16" else gguf.LlamaFileType.MOSTLY_Q8_0
-        writer = gguf.GGUFWriter(str(path), gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.BERT])
+        writer = gguf.GGUFWriter(str(path), gguf.MODEL_ARCH_NAMES[arch])
         try:
-            self.say(f"reading {source.model_dir} ({n_layers} layers, dim {hidden}, {qtype})")
+            self.say(f"reading {source.model_dir} ({arch_name}, {n_layers} layers, dim {hidden}, {qtype})")
             n_vocab_rows = 0
             n_tensors = 0
             for hf_name, data in source.tensors():
-                name = hf_name.removeprefix("bert.")
-                if name.startswith(_SKIP_PREFIXES) or name.endswith(_SKIP_SUFFIXES):
+                name = hf_name.removeprefix("bert.").removeprefix("roberta.")
+                if name.startswith(_SKIP_PREFIXES) or name.endswith(_SKIP_SUFFIXES) or name == "lm_head.weight":
                     continue
                 mapped = tensor_map.get_type_and_name(name, try_suffixes=(".weight", ".bias"))
                 if mapped is None:
-                    raise BackendError(f"tensor {hf_name!r} has no llama.cpp bert counterpart")
+                    raise BackendError(f"tensor {hf_name!r} has no llama.cpp {arch_name} counterpart")
                 kind, new_name = mapped
                 if kind == gguf.MODEL_TENSOR.TOKEN_EMBD:
                     n_vocab_rows = data.shape[0]
+                if kind == gguf.MODEL_TENSOR.POS_EMBD and source.position_offset:
+                    data = data[source.position_offset :]
                 array, raw = self._encode(np.ascontiguousarray(data, dtype=np.float32), kind, qtype, gguf)
                 if raw is None:
                     writer.add_tensor(new_name, array)
@@ -289,8 +319,18 @@ class GgufConverter(Converter):
             writer.add_feed_forward_length(ffn)
             writer.add_block_count(n_layers)
             writer.add_head_count(heads)
-            writer.add_layer_norm_eps(eps)
-            writer.add_causal_attention(False)
+            if arch_name == "qwen3":
+                head_dim = int(cfg.get("head_dim") or hidden // heads)
+                writer.add_head_count_kv(int(cfg.get("num_key_value_heads") or heads))
+                writer.add_key_length(head_dim)
+                writer.add_value_length(head_dim)
+                writer.add_rope_freq_base(float(_rope_theta(cfg)))
+                writer.add_layer_norm_rms_eps(float(cfg.get("rms_norm_eps", 1e-6)))
+                # A decoder: causal attention, as sentence-transformers runs it.
+                writer.add_causal_attention(True)
+            else:
+                writer.add_layer_norm_eps(float(cfg.get("layer_norm_eps", 1e-12)))
+                writer.add_causal_attention(False)
             writer.add_pooling_type(
                 {"mean": gguf.PoolingType.MEAN, "cls": gguf.PoolingType.CLS, "last": gguf.PoolingType.LAST}[pooling]
             )
@@ -310,7 +350,15 @@ class GgufConverter(Converter):
             hf_tokenizer = source.hf_tokenizer()
             if hf_tokenizer is not None:
                 writer.add_string(HF_TOKENIZER_KEY, hf_tokenizer.to_str())
-            self._add_vocab(writer, source, n_vocab_rows, gguf)
+            kind = source.tokenizer_json()["model"].get("type") if source.model_type != "bert" else "WordPiece"
+            if kind == "WordPiece":
+                self._add_vocab(writer, source, n_vocab_rows, gguf)
+            elif kind == "Unigram":
+                _add_unigram(writer, source, n_vocab_rows, gguf)
+            elif kind == "BPE":
+                _add_bpe(writer, source, n_vocab_rows, gguf)
+            else:
+                raise BackendError(f"{source.model_dir}: tokenizer model {kind!r} is not supported")
 
             self.say(f"writing {n_tensors} tensors to {path.name}")
             writer.write_header_to_file()
@@ -442,3 +490,113 @@ class GgufConverter(Converter):
                 f"the GGUF's vectors disagree with sentence-transformers on {texts[worst]!r}: "
                 f"cosine {cos[worst]:.4f} < {floor}"
             )
+
+
+def _rope_theta(cfg: dict[str, Any]) -> float:
+    """RoPE's base frequency, from transformers 5's rope_parameters or the older rope_theta."""
+    params = cfg.get("rope_parameters")
+    if isinstance(params, dict) and isinstance(params.get("rope_theta"), (int, float)):
+        return float(params["rope_theta"])
+    return float(cfg.get("rope_theta", 10_000.0))
+
+
+def _added(tok: dict[str, Any]) -> dict[int, tuple[str, bool]]:
+    return {int(a["id"]): (str(a["content"]), bool(a.get("special"))) for a in tok.get("added_tokens") or []}
+
+
+def _pad_rows(tokens: list[str], types: list[int], n_rows: int, gguf: Any) -> None:
+    # An embedding matrix padded past the vocabulary needs a token per row.
+    for i in range(len(tokens), n_rows):
+        tokens.append(f"[PAD{i}]")
+        types.append(int(gguf.TokenType.UNUSED))
+
+
+def _special_ids(writer: Any, tok: dict[str, Any], tcfg: dict[str, Any], index: dict[str, int]) -> None:
+    """bos/eos/unk/pad/sep ids from tokenizer_config.json's names, where the vocabulary has them."""
+    for key, add in (
+        ("bos_token", writer.add_bos_token_id),
+        ("eos_token", writer.add_eos_token_id),
+        ("unk_token", writer.add_unk_token_id),
+        ("pad_token", writer.add_pad_token_id),
+        ("sep_token", writer.add_sep_token_id),
+        ("cls_token", None),
+    ):
+        value = tcfg.get(key)
+        if isinstance(value, dict):
+            value = value.get("content")
+        if isinstance(value, str) and value in index and add is not None:
+            add(index[value])
+
+
+def _add_unigram(writer: Any, source: _Source, n_rows: int, gguf: Any) -> None:
+    """A SentencePiece Unigram vocabulary (XLM-RoBERTa's) as llama.cpp's `t5` (UGM) tokenizer. The gateway
+    tokenizes with the tokenizer.json the file carries; this vocabulary is what llama.cpp itself needs."""
+    tok = source.tokenizer_json()
+    pieces = tok["model"].get("vocab") or []
+    added = _added(tok)
+    tokens: list[str] = []
+    scores: list[float] = []
+    types: list[int] = []
+    unk = tok["model"].get("unk_id")
+    for i, (piece, score) in enumerate(pieces):
+        tokens.append(str(piece))
+        scores.append(float(score))
+        if i == unk:
+            types.append(int(gguf.TokenType.UNKNOWN))
+        elif i in added and added[i][1]:
+            types.append(int(gguf.TokenType.CONTROL))
+        else:
+            types.append(int(gguf.TokenType.NORMAL))
+    if len(tokens) > n_rows:
+        raise BackendError(f"vocabulary has {len(tokens)} tokens but the embedding matrix only {n_rows} rows")
+    _pad_rows(tokens, types, n_rows, gguf)
+    scores += [-10000.0] * (len(tokens) - len(scores))
+    writer.add_tokenizer_model("t5")
+    writer.add_token_list(tokens)
+    writer.add_token_scores(scores)
+    writer.add_token_types(types)
+    writer.add_token_type_count(int(source.config.get("type_vocab_size", 1)))
+    tcfg_file = source.model_dir / "tokenizer_config.json"
+    _special_ids(
+        writer, tok, hf.read_json(tcfg_file) if tcfg_file.is_file() else {}, {t: i for i, t in enumerate(tokens)}
+    )
+    writer.add_add_bos_token(True)
+    writer.add_add_eos_token(True)
+
+
+def _add_bpe(writer: Any, source: _Source, n_rows: int, gguf: Any) -> None:
+    """A byte-level BPE vocabulary (Qwen's) as llama.cpp's `gpt2` tokenizer with its merges."""
+    tok = source.tokenizer_json()
+    vocab = tok["model"].get("vocab") or {}
+    by_id = {int(i): str(t) for t, i in vocab.items()}
+    added = _added(tok)
+    for i, (text, _special) in added.items():
+        by_id.setdefault(i, text)
+    size = max(by_id) + 1 if by_id else 0
+    if size > n_rows:
+        raise BackendError(f"vocabulary has {size} tokens but the embedding matrix only {n_rows} rows")
+    tokens = [by_id.get(i, f"[PAD{i}]") for i in range(size)]
+    types = [
+        int(
+            gguf.TokenType.CONTROL
+            if i in added and added[i][1]
+            else gguf.TokenType.USER_DEFINED
+            if i in added
+            else gguf.TokenType.NORMAL
+            if i in by_id
+            else gguf.TokenType.UNUSED
+        )
+        for i in range(size)
+    ]
+    _pad_rows(tokens, types, n_rows, gguf)
+    merges = [m if isinstance(m, str) else " ".join(m) for m in tok["model"].get("merges") or []]
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("qwen2" if source.model_type == "qwen3" else "default")
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    writer.add_token_merges(merges)
+    tcfg_file = source.model_dir / "tokenizer_config.json"
+    _special_ids(
+        writer, tok, hf.read_json(tcfg_file) if tcfg_file.is_file() else {}, {t: i for i, t in enumerate(tokens)}
+    )
+    writer.add_add_bos_token(False)

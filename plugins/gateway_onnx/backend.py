@@ -192,8 +192,9 @@ class OnnxBackend(Backend):
             reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise BackendError(f"cannot load ONNX model {onnx_file}: {reason}") from exc
         self._inspect_graph(onnx_file)
-        # The packed path runs on ids alone, so the ids counted on arrival are reused in the batch.
-        self._use_ids = self._packed and not self._pooled_output
+        # Both paths run on ids alone (a single text's token types are all 0), so the ids counted on arrival
+        # are reused in the batch, and the core can cut over-long inputs for requests that ask it to.
+        self._use_ids = not self._pooled_output
         try:
             probe = self.embed(["warm up"], self.tokenize(["warm up"]))
         except BackendError:
@@ -288,17 +289,17 @@ class OnnxBackend(Backend):
         )
         return packing.pool(hidden, batch.spans, self._pooling, skip)
 
-    def _run(self, encodings: Sequence[Any], skip: Sequence[int] | None) -> np.ndarray:
-        width = max(len(e.ids) for e in encodings)
+    def _run(self, encodings: Sequence[Sequence[int]], skip: Sequence[int] | None) -> np.ndarray:
+        width = max(len(e) for e in encodings)
         n = len(encodings)
         ids = np.full((n, width), self._pad_id, dtype=np.int64)
         mask = np.zeros((n, width), dtype=np.int64)
+        # One text per input: its token types are all 0 (BERT's first segment).
         types = np.zeros((n, width), dtype=np.int64)
         for row, enc in enumerate(encodings):
-            k = len(enc.ids)
-            ids[row, :k] = enc.ids
+            k = len(enc)
+            ids[row, :k] = enc
             mask[row, :k] = 1
-            types[row, :k] = enc.type_ids
         arrays = {"input_ids": ids, "attention_mask": mask, "token_type_ids": types}
         if "position_ids" in self._input_names:  # a packed graph with packing off
             arrays["position_ids"] = np.tile(np.arange(width, dtype=np.int64), (n, 1))
@@ -311,9 +312,9 @@ class OnnxBackend(Backend):
         if not texts:
             return np.zeros((0, self._dimension), dtype=np.float32)
         skip = self._prompt_lengths(texts) if self._prompt_lengths is not None else None
-        if self._use_ids:
-            if any(len(ids) > self._max_tokens for ids in token_ids):
-                token_ids = [e.ids for e in self._embed_tok.encode_batch(list(texts))]
+        if not self._use_ids or any(len(ids) > self._max_tokens for ids in token_ids):
+            token_ids = [e.ids for e in self._embed_tok.encode_batch(list(texts))]
+        if self._use_ids and self._packed:
             # Slices bound the activations; packing needs no sorting.
             vectors = np.concatenate(
                 [
@@ -322,16 +323,15 @@ class OnnxBackend(Backend):
                 ]
             )
         else:
-            vectors = self._embed_padded(texts, skip)
+            vectors = self._embed_padded(token_ids, skip)
         if self._normalize:
             vectors = hf.l2_normalize(vectors)
         return np.ascontiguousarray(vectors, dtype=np.float32)
 
-    def _embed_padded(self, texts: Sequence[str], skip: Sequence[int] | None) -> np.ndarray:
-        encodings = self._embed_tok.encode_batch(list(texts))
+    def _embed_padded(self, encodings: Sequence[Sequence[int]], skip: Sequence[int] | None) -> np.ndarray:
         if len(encodings) <= _SLICE:
             return self._run(encodings, skip)
-        order = sorted(range(len(encodings)), key=lambda i: len(encodings[i].ids))
+        order = sorted(range(len(encodings)), key=lambda i: len(encodings[i]))
         parts = [
             self._run(
                 [encodings[i] for i in order[s : s + _SLICE]],

@@ -27,6 +27,12 @@ from gateway.backend import BackendError, Converter
 from .backend import SEGMENT_MASK, SEGMENT_MASK_KEY, OnnxBackend, OnnxOptions
 
 OPSET = 17
+#: Graph metadata our converter writes: "packed" or "padded", why padded, the model's first position, and
+#: whether attention is causal (the onnx backend checks a graph's inputs against these).
+PACKING_KEY = "gateway.packing"
+PACKING_REASON_KEY = "gateway.packing_reason"
+POSITION_OFFSET_KEY = "gateway.position_offset"
+CAUSAL_KEY = "gateway.causal_attention"
 # Small files a served model needs beside the graph; weights (safetensors/bin) are deliberately left out.
 _COPY_FILES = (
     "tokenizer.json",
@@ -63,15 +69,6 @@ class _Mismatch(BackendError):
     """The written graph's vectors disagree with the source model's."""
 
 
-def _mark_segment_mask(path: Path) -> None:
-    """Say in the file that this graph reads attention_mask as segment ids: the backend packs only such graphs."""
-    import onnx
-
-    model = onnx.load(str(path))
-    onnx.helper.set_model_props(model, {SEGMENT_MASK_KEY: SEGMENT_MASK})
-    onnx.save(model, str(path))
-
-
 def _one_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
@@ -96,35 +93,49 @@ class OnnxConverter(Converter):
         trust_remote_code = bool(getattr(args, "trust_remote_code", False))
         if not src_dir.is_dir():
             raise BackendError(f"source {src_dir} is not a folder (expected a Hugging Face model folder)")
-        hf_dir = hf.read_layout(src_dir).transformer_dir
+        layout = hf.read_layout(src_dir)
+        hf_dir = layout.transformer_dir
         if not (hf_dir / "config.json").is_file():
             raise BackendError(f"source {hf_dir} has no config.json: not a Hugging Face model folder")
+        if layout.unsupported:
+            # The graph holds the transformer only; the onnx backend pools and normalizes, nothing else.
+            raise BackendError(
+                f"{src_dir}: sentence-transformers module {layout.unsupported[0]!r} after pooling is not supported "
+                "by the onnx backend (it would serve other vectors); serve this model with the torch backend"
+            )
         if out_dir.resolve() == src_dir.resolve():
             raise BackendError("--out must differ from the source folder")
         out_dir.mkdir(parents=True, exist_ok=True)
 
         started = time.perf_counter()
         model, extra = self._load_torch(hf_dir, trust_remote_code)
-        # Packing needs positions that restart at 0 for each input; a model whose positions do not (RoBERTa
-        # counts from padding_idx + 1) fails the check below and gets a padded graph instead.
+        # Packing needs explicit positions restarting for each input (from the model's own first position:
+        # RoBERTa's and MPNet's count from the padding index + 1) and, for a decoder, a causal mask inside each
+        # input: both learnt by running the model, then baked into the graph.
+        plan = self._plan(model, hf_dir)
         packed = "position_ids" in extra
+        reason = "" if packed else f"{type(model).__name__} takes no position_ids"
         window = hf.local_attention(model.config.to_dict())
         if packed and window is not None:
             # transformers builds a local window from a 2D mask only: a packed 4D mask would bypass it.
-            self.say(f"local attention (window {window}): exporting a padded graph (packing cannot express it)")
+            reason = f"local attention (window {window}) cannot be expressed in a packed mask"
             packed = False
+        elif packed and plan.refused:
+            reason, packed = plan.refused, False
+        if reason:
+            self.say(f"exporting a padded graph: {reason}")
         target = out_dir / "model.onnx"
         while True:
             with tempfile.TemporaryDirectory(prefix="gateway-onnx-", dir=out_dir) as tmp:
                 fp32 = Path(tmp) / "model.onnx"
-                self._export(model, extra, fp32, packed)
+                self._export(model, extra, fp32, packed, plan)
                 if quantize == "int8":
                     staged = Path(tmp) / "model.int8.onnx"
                     self._quantize(fp32, staged)
                 else:
                     staged = fp32
-                if packed:
-                    _mark_segment_mask(staged)
+                # Marked last, on the file served: quantizing writes a new graph.
+                self._mark(staged, packed, plan, reason)
                 # Replace atomically so a server reading DIR never sees half a file.
                 os.replace(staged, target)
             self._copy_support_files(src_dir, hf_dir, out_dir)
@@ -136,7 +147,7 @@ class OnnxConverter(Converter):
                 if not packed:
                     raise
                 self.say(f"the packed graph disagrees with the source ({exc}); exporting a padded graph instead")
-                packed = False
+                packed, reason = False, f"the packed graph disagreed with the source ({exc})"
 
     def _load_torch(self, hf_dir: Path, trust_remote_code: bool) -> tuple[Any, list[str]]:
         import inspect
@@ -169,7 +180,54 @@ class OnnxConverter(Converter):
             raise BackendError(f"{hf_dir}: {type(model).__name__} is not an encoder taking input_ids/attention_mask")
         return model, [name for name in ("token_type_ids", "position_ids") if name in params]
 
-    def _export(self, model: Any, extra: list[str], path: Path, packed: bool) -> None:
+    def _plan(self, model: Any, hf_dir: Path) -> hf.PackingPlan:
+        """Where the model's positions start and whether it attends causally (gateway.hf.probe_packing)."""
+        import torch
+        from tokenizers import Tokenizer
+
+        tok_file = hf_dir / "tokenizer.json"
+        ids = Tokenizer.from_file(str(tok_file)).encode(CHECK_SENTENCES[1]).ids if tok_file.is_file() else []
+        vocab = int(model.config.vocab_size)
+        ids = [i % vocab for i in ids] if len(ids) > 2 else [i % vocab for i in (5, 17, 29, 41, 53, 67, 71)]
+        pad = getattr(model.config, "pad_token_id", None)
+
+        def forward(ids: list[int], positions: list[int] | None) -> np.ndarray:
+            with torch.no_grad():
+                ids_t = torch.tensor([ids])
+                kwargs: dict[str, Any] = {"input_ids": ids_t, "attention_mask": torch.ones_like(ids_t)}
+                if positions is not None:
+                    kwargs["position_ids"] = torch.tensor([positions])
+                return model(**kwargs).last_hidden_state[0].numpy()
+
+        try:
+            return hf.probe_packing(forward, ids, pad if isinstance(pad, int) else None)
+        except Exception as exc:  # a forward without explicit positions: padded, as before
+            self.say(f"cannot probe positions ({_one_line(exc)})")
+            return hf.PackingPlan(position_offset=None, causal=False)
+
+    @staticmethod
+    def _mark(path: Path, packed: bool, plan: hf.PackingPlan, reason: str) -> None:
+        """Record the packing decision in the graph's metadata (read back by the onnx backend and by people);
+        a packed graph also says that it reads attention_mask as segment ids."""
+        import onnx
+
+        graph = onnx.load(str(path))
+        marks = {
+            # The backend packs only graphs that say they read attention_mask as segment ids.
+            **({SEGMENT_MASK_KEY: SEGMENT_MASK} if packed else {}),
+            PACKING_KEY: "packed" if packed else "padded",
+            PACKING_REASON_KEY: reason,
+            POSITION_OFFSET_KEY: str(plan.position_offset if plan.position_offset is not None else ""),
+            CAUSAL_KEY: "true" if plan.causal else "false",
+        }
+        kept = [p for p in graph.metadata_props if p.key not in marks]
+        del graph.metadata_props[:]
+        graph.metadata_props.extend(kept)
+        for key, value in marks.items():
+            graph.metadata_props.add(key=key, value=value)
+        onnx.save(graph, str(path))
+
+    def _export(self, model: Any, extra: list[str], path: Path, packed: bool, plan: hf.PackingPlan) -> None:
         import torch
 
         # transformers 5's forward takes more keyword arguments than the legacy exporter passes
@@ -189,8 +247,13 @@ class OnnxConverter(Converter):
                 if packed:
                     seg = kwargs["attention_mask"]
                     same = seg[:, None, :, None] == seg[:, None, None, :]
+                    if plan.causal:  # a decoder: each token sees its own input's earlier tokens only
+                        n = seg.shape[1]
+                        same = same & (torch.arange(n)[:, None] >= torch.arange(n)[None, :])
                     # Additive, as eager attention adds the mask to the scores.
                     kwargs["attention_mask"] = torch.where(same, 0.0, torch.finfo(torch.float32).min)
+                    # Positions arrive from 0 for each input; the model's first one may be later.
+                    kwargs["position_ids"] = kwargs["position_ids"] + int(plan.position_offset or 0)
                 return self.inner(**kwargs).last_hidden_state
 
         # A fresh Module is in training mode, and the exporter restores the wrapper's mode afterwards,
@@ -308,8 +371,16 @@ class OnnxConverter(Converter):
                 pass
             else:
                 st = SentenceTransformer(str(src_dir), device="cpu", local_files_only=True)
-                # prompt="": the texts as given, never the folder's default prompt.
-                return np.asarray(st.encode(texts, prompt="", convert_to_numpy=True), dtype=np.float32)
+                try:
+                    # prompt="": the texts as given, never the folder's default prompt.
+                    return np.asarray(st.encode(texts, prompt="", convert_to_numpy=True), dtype=np.float32)
+                except (IndexError, RuntimeError) as exc:
+                    # A folder whose token limit is beyond what its position table can hold (an XLM-RoBERTa
+                    # whose max_position_embeddings has no room for the padding offset) fails here.
+                    raise BackendError(
+                        f"sentence-transformers itself cannot encode the check texts with {src_dir} "
+                        f"(limit {st.max_seq_length} tokens): {_one_line(exc)}"
+                    ) from exc
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(str(layout.transformer_dir), local_files_only=True)

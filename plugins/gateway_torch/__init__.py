@@ -18,11 +18,13 @@ import numpy as np
 from gateway import Backend, BackendError, ModelInfo, hookimpl
 from gateway.hf import (
     POOLING_MODES,
+    PackingPlan,
     PromptLengths,
     l2_normalize,
     local_attention,
     lower_case,
     pooling_name,
+    probe_packing,
     read_layout,
 )
 from gateway.packing import pack, pool
@@ -116,6 +118,10 @@ class TorchBackend(Backend):
             raise BackendError("normalize = false, but the model itself ends in a Normalize module")
         self._unit = bool(normalized)
         self._packer = self._make_packer(model, opts.pack_tokens) if opts.pack_tokens else None
+        # Padded batches run from the ids counted on arrival too (so the core can truncate for them), padded
+        # by the model's own tokenizer on its own side (left for Qwen3), through every module of the model.
+        self._max_tokens = int(limit)
+        self._pads_ids = self._packer is None and _pads_ids(model)
         self._threads = torch.get_num_threads()
         self._running = 0
         self._parallel = opts.parallel_batches if self._packer is not None else 1
@@ -131,7 +137,7 @@ class TorchBackend(Backend):
             pads_to_longest=self._packer is None,
             call_overhead_tokens=128,
             local_tokenizer=True,
-            embeds_token_ids=self._packer is not None,
+            embeds_token_ids=self._packer is not None or self._pads_ids,
         )
 
     def _make_packer(self, model: Any, row_tokens: int) -> _Packer | None:
@@ -157,6 +163,16 @@ class TorchBackend(Backend):
             log.warning("model %r: packing off (%s); batches are padded", self.model, why)
             return None
         packer = _Packer(model, first, mode, row_tokens, self._unit)
+        try:
+            plan = packer.probe(self._torch)
+        except Exception as exc:  # a forward that takes no explicit positions
+            plan, why = None, f"{type(exc).__name__}: {exc}".splitlines()[0]
+        else:
+            why = plan.refused
+        if plan is None or why:
+            log.warning("model %r: packing off (%s); batches are padded", self.model, why)
+            return None
+        packer.plan = plan
         # The texts as the core sends them: also with each of the model's prompts in front.
         probes = [*_PROBES, _LONG_PROBE]
         probes += [prompt + text for prompt, _ in self._prompts.prompts for text in _PROBES[1:]]
@@ -217,6 +233,8 @@ class TorchBackend(Backend):
         counted on arrival, or padded through the model's own encode."""
         try:
             if self._packer is None:
+                if self._pads_ids and all(len(ids) <= self._max_tokens for ids in token_ids):
+                    return self._encode_ids(texts, token_ids)
                 return self._encode(texts)
             skip = self._prompts(texts) if not self._include_prompt else None
             if self._parallel == 1:
@@ -235,6 +253,31 @@ class TorchBackend(Backend):
                     self._running -= 1
         finally:
             self._trim()
+
+    def _encode_ids(self, texts: Sequence[str], token_ids: Sequence[Sequence[int]]) -> np.ndarray:
+        """The model's own modules on ids padded as its tokenizer pads them: what `encode` runs after
+        tokenizing. Inputs whose prompt is left out of pooling go in groups of one prompt length (the Pooling
+        module takes one per batch)."""
+        skip = self._prompts(texts) if not self._include_prompt else [0] * len(texts)
+        groups: dict[int, list[int]] = {}
+        for i, k in enumerate(skip):
+            groups.setdefault(k, []).append(i)
+        out = np.empty((len(texts), 0), dtype=np.float32)
+        model = self._model
+        with self._lock, self._torch.inference_mode():
+            for k, rows in groups.items():
+                features = dict(
+                    model.tokenizer.pad({"input_ids": [list(token_ids[i]) for i in rows]}, return_tensors="pt")
+                )
+                features = {name: t.to(model.device) for name, t in features.items()}
+                features["modality"] = "text"
+                if k:
+                    features["prompt_length"] = k
+                part = model.forward(features)["sentence_embedding"].float().cpu().numpy()
+                if out.shape[1] == 0:
+                    out = np.empty((len(texts), part.shape[1]), dtype=np.float32)
+                out[rows] = part
+        return l2_normalize(out) if self._normalize else out
 
     def _encode(self, texts: Sequence[str]) -> np.ndarray:
         """The model's own encode on texts that already carry their prompt. Each group of texts with one prompt
@@ -264,6 +307,18 @@ class TorchBackend(Backend):
         """Drop the model so its memory can be reclaimed."""
         self._model = None
         self._packer = None
+
+
+def _pads_ids(model: Any) -> bool:
+    """Whether the model is a text transformer whose tokenizer can pad ids (then padded batches need no text)."""
+    first = model[0] if len(model) else None
+    tokenizer = getattr(model, "tokenizer", None)
+    return (
+        hasattr(first, "auto_model")
+        and getattr(first, "backend", "torch") == "torch"
+        and callable(getattr(tokenizer, "pad", None))
+        and getattr(tokenizer, "backend_tokenizer", None) is not None
+    )
 
 
 def _fast_counter(fast: Any, lower: bool) -> Callable[[Sequence[str]], list[list[int]]]:
@@ -305,6 +360,21 @@ class _Packer:
         pad = model.tokenizer.pad_token_id
         self.pad_id = int(pad) if pad is not None else 0
         self.traced: Any = None
+        # Set by `probe` before the packer is used: where positions start, whether attention is causal.
+        self.plan = PackingPlan(position_offset=0, causal=False)
+
+    def probe(self, torch: Any) -> PackingPlan:
+        """Where the model's positions start and whether it attends causally, learnt from one input."""
+
+        def forward(ids: list[int], positions: list[int] | None) -> np.ndarray:
+            with torch.inference_mode():
+                ids_t = torch.tensor([ids], device=self.device)
+                kwargs: dict[str, Any] = {"input_ids": ids_t, "attention_mask": torch.ones_like(ids_t)}
+                if positions is not None:
+                    kwargs["position_ids"] = torch.tensor([positions], device=self.device)
+                return self.net(**kwargs).last_hidden_state[0].float().cpu().numpy()
+
+        return probe_packing(forward, self.tok.encode(_PROBES[2]).ids, self.pad_id)
 
     def _eager(self, input_ids: Any, mask: Any, position_ids: Any) -> Any:
         return self.net(input_ids=input_ids, attention_mask=mask, position_ids=position_ids).last_hidden_state
@@ -320,11 +390,14 @@ class _Packer:
             ids = [e.ids for e in self.tok.encode_batch(list(texts))]
         batch = pack(ids, row_tokens or self.row_tokens, self.pad_id)
         segments = torch.from_numpy(batch.segments).to(self.device)
-        same = (segments[:, :, None] == segments[:, None, :])[:, None]
+        same = segments[:, :, None] == segments[:, None, :]
+        if self.plan.causal:  # a decoder: each token sees its own input's earlier tokens only
+            same = same & torch.ones(same.shape[-2:], dtype=torch.bool, device=self.device).tril()
         # Additive, which both eager attention (adds it to the scores) and SDPA read the same way.
-        mask = torch.where(same, 0.0, torch.finfo(self.dtype).min).to(self.dtype)
+        mask = torch.where(same[:, None], 0.0, torch.finfo(self.dtype).min).to(self.dtype)
         ids_t = torch.from_numpy(batch.input_ids).to(self.device)
-        return batch, (ids_t, mask, torch.from_numpy(batch.position_ids).to(self.device))
+        positions = torch.from_numpy(batch.position_ids + int(self.plan.position_offset or 0)).to(self.device)
+        return batch, (ids_t, mask, positions)
 
     def trace(self, torch: Any) -> str:
         """Swap in a frozen TorchScript trace of the forward; the reason when it cannot be used."""
