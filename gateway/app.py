@@ -22,7 +22,7 @@ from .config import ConfigError, GatewayConfig
 from .errors import EXCEPTION_HANDLERS
 from .observability import ACCESS_LOG, MODEL_GAUGES, RequestContextMiddleware, record_batch
 from .plugins import Plugins, load_plugins
-from .routes import ROUTES
+from .routes import FRONT_ROUTES, ROUTES
 from .runtime_link import RuntimeLink
 from .state import Gateway
 
@@ -57,7 +57,7 @@ def create_app(
         link=link,
     )
     app = Litestar(
-        route_handlers=[embeddings_route.serve_embeddings, *ROUTES],
+        route_handlers=[embeddings_route.serve_embeddings, *(ROUTES if link is None else FRONT_ROUTES)],
         exception_handlers=EXCEPTION_HANDLERS,
         request_max_body_size=config.server.max_body_bytes,
         # Request ids, the access log and the HTTP metrics in one middleware (see observability.py).
@@ -122,11 +122,16 @@ async def _lifespan(app: Litestar) -> AsyncIterator[None]:
 async def _front_lifespan(gateway: Gateway) -> AsyncIterator[None]:
     # A front worker loads nothing: the runtime process does. Its signals are uvicorn's; SIGHUP goes to the
     # supervisor, which has the runtime reload.
-    lag = asyncio.get_running_loop().create_task(gateway.watch_loop_lag())
+    loop = asyncio.get_running_loop()
+    lag = loop.create_task(gateway.watch_loop_lag())
+    assert gateway.link is not None
+    # Connected from the start: the runtime counts the fronts connected for /ready.
+    connect = loop.create_task(gateway.link.connect())
     try:
         yield
     finally:
         lag.cancel()
+        connect.cancel()
         assert gateway.link is not None
         await gateway.link.close()
         ACCESS_LOG.flush()

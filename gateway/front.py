@@ -7,6 +7,7 @@ runtime process (gateway/runtime_process.py) does the rest, reached through a Ru
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 
@@ -15,10 +16,13 @@ from litestar.types import ASGIApp, Message, Receive, Scope, Send
 
 from .app import create_app
 from .auth import KeyStore
-from .config import load_config
+from .config import ConfigError, load_config
 from .plugins import load_plugins
-from .runtime_link import CONFIG_ENV, FALLBACK_KEY_ENV, SOCKET_ENV, RuntimeLink
+from .runtime_link import CONFIG_ENV, FALLBACK_KEY_ENV, SOCKET_ENV, Generation, RuntimeLink, generation_path
 from .server import DeadlineProtocol
+from .state import Gateway
+
+log = logging.getLogger("gateway")
 
 
 class FrontProtocol(DeadlineProtocol):
@@ -30,6 +34,9 @@ def create_front() -> Litestar:
     # A spawned interpreter: `gateway serve`'s logging setup did not run here.
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     config_path = os.environ[CONFIG_ENV]
+    socket_path = os.environ[SOCKET_ENV]
+    generation = Generation(generation_path(socket_path))
+    seen = generation.read()
     config = load_config(config_path)
     logging.getLogger().setLevel(config.server.log_level.upper())
     FrontProtocol.head_timeout_s = config.server.header_timeout_s
@@ -40,12 +47,42 @@ def create_front() -> Litestar:
         plugins=load_plugins(),
         fallback_keys=KeyStore([f"sha256:{digest}"]) if digest else None,
         config_path=config_path,
-        link=RuntimeLink(os.environ[SOCKET_ENV]),
+        link=RuntimeLink(socket_path),
     )
+    app.asgi_handler = _following(app, generation, seen, config_path)
     if config.server.log_level == "debug":
         # Which worker answered, for debugging the layout (and for the tests that need two workers' answers).
         app.asgi_handler = _with_worker_pid(app.asgi_handler)
     return app
+
+
+def _following(app: Litestar, generation: Generation, seen: int, config_path: str) -> ASGIApp:
+    """`app`'s handler, first taking the runtime's newer config when it has one (a memory read per request)."""
+    handler = app.asgi_handler
+    gw: Gateway = app.state.gateway
+    lock = asyncio.Lock()
+    current = [seen]
+
+    async def follow() -> None:
+        async with lock:
+            now = generation.read()
+            if now == current[0]:
+                return  # another request of this worker took it meanwhile
+            try:
+                config = await asyncio.get_running_loop().run_in_executor(None, load_config, config_path)
+                gw.follow(config)
+            except ConfigError as exc:
+                # The file changed again since the runtime read it, and is broken: the runtime's own config
+                # stands (it checks every request's key and model again).
+                log.error("front worker: cannot read the config the runtime reloaded: %s", exc)
+            current[0] = now
+
+    async def wrapped(scope: Scope, receive: Receive, send: Send) -> None:
+        if generation.read() != current[0]:
+            await follow()
+        await handler(scope, receive, send)
+
+    return wrapped
 
 
 def _with_worker_pid(app: ASGIApp) -> ASGIApp:

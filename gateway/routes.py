@@ -13,6 +13,8 @@ from litestar.openapi import ResponseSpec
 from litestar.params import JSONBody
 from litestar.plugins.prometheus import PrometheusController
 from litestar.response import Response
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client.multiprocess import MultiProcessCollector
 
 from .auth import ApiKey, authorize
 from .config import ConfigError
@@ -171,4 +173,18 @@ class MetricsController(PrometheusController):
     guards = [metrics_guard]  # noqa: RUF012 - Litestar reads the class attribute
 
 
+@get("/metrics", guards=[metrics_guard], include_in_schema=False)
+async def front_metrics(request: Request[Any, Any, Any]) -> Response[bytes]:
+    """/metrics of a front worker: every process' counters and histograms summed (prometheus_client's
+    multiprocess mode: the supervisor gives all of them one private folder), and the runtime's model gauges."""
+    registry = CollectorRegistry()
+    MultiProcessCollector(registry)
+    link = _gateway(request).link
+    assert link is not None
+    text = generate_latest(registry) + await link.call("gauges", None, bytes)
+    return Response(text, media_type=CONTENT_TYPE_LATEST)
+
+
 ROUTES = [list_models, health, ready, admin_reload, admin_cache_clear, MetricsController]
+#: A front worker's (`[server] workers` > 1): the same, with /metrics summed over the processes.
+FRONT_ROUTES = [list_models, health, ready, admin_reload, admin_cache_clear, front_metrics]

@@ -12,6 +12,8 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import mmap
+import os
 import struct
 import time
 from typing import Any, TypeVar
@@ -29,6 +31,7 @@ T = TypeVar("T")
 SOCKET_ENV = "GATEWAY_RUNTIME_SOCKET"
 CONFIG_ENV = "GATEWAY_RUNTIME_CONFIG"
 FALLBACK_KEY_ENV = "GATEWAY_FALLBACK_KEY_DIGEST"
+WORKERS_ENV = "GATEWAY_RUNTIME_WORKERS"
 
 _LENGTH = struct.Struct("!I")
 # A frame larger than this is a broken peer, not a request: 2048 inputs of 100k characters fit under it.
@@ -125,6 +128,36 @@ async def read_frame(reader: asyncio.StreamReader) -> bytes:
     return await reader.readexactly(size)
 
 
+_GENERATION = struct.Struct("<Q")
+
+
+def generation_path(socket_path: str) -> str:
+    """The generation file beside the runtime's socket (the supervisor creates it, 8 zero bytes)."""
+    return os.path.join(os.path.dirname(socket_path), "generation")
+
+
+class Generation:
+    """The number of the config the runtime process serves, in shared memory: raised before a reload is
+    answered (and when a restarted runtime read its config anew), read by each front per request, so that no
+    front serves an older config than the runtime's once the reload's answer is out."""
+
+    def __init__(self, path: str) -> None:
+        fd = os.open(path, os.O_RDWR)
+        try:
+            self._map = mmap.mmap(fd, _GENERATION.size)
+        finally:
+            os.close(fd)
+
+    def read(self) -> int:
+        return _GENERATION.unpack_from(self._map)[0]  # type: ignore[no-any-return]
+
+    def bump(self) -> int:
+        """Raise the number (only the runtime process does); the new one."""
+        n = self.read() + 1
+        _GENERATION.pack_into(self._map, 0, n)
+        return n
+
+
 class RuntimeLink:
     """A front's connection to the runtime process: calls in flight matched by id, reconnected on demand."""
 
@@ -161,6 +194,8 @@ class RuntimeLink:
                             headers={"Retry-After": "1"},
                         ) from None
                     await asyncio.sleep(0.05)
+            # First, who this front is: the runtime counts the fronts connected for /ready.
+            writer.write(frame(Call(0, "hello", msgspec.Raw(_ENCODER.encode(os.getpid())))))
             self._writer = writer
             self._reader_task = asyncio.get_running_loop().create_task(self._read(reader, writer))
             return writer
@@ -183,6 +218,13 @@ class RuntimeLink:
             for future in pending.values():
                 if not future.done():
                     future.set_exception(RuntimeGone())
+
+    async def connect(self) -> None:
+        """Connect now (a front does at startup, so the runtime counts it before its first request)."""
+        try:
+            await self._connection()
+        except GatewayError as exc:
+            log.error("%s", exc.message)
 
     async def call(self, op: str, args: object, result: type[T] | Any) -> T:
         """The value of `op(args)` at the runtime, decoded as `result`: GatewayError as the runtime raised it,

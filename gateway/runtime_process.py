@@ -20,26 +20,32 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import msgspec
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.registry import Collector
 
 from . import service
 from .auth import ApiKey, KeyStore
 from .config import ConfigError, load_config
 from .errors import GatewayError
-from .observability import record_batch
+from .observability import ModelGauges, record_batch
 from .routes import clear_cache, model_list, readiness
 from .runtime_link import (
     CONFIG_ENV,
     FALLBACK_KEY_ENV,
     SOCKET_ENV,
+    WORKERS_ENV,
     Call,
     EmbedArgs,
     Failure,
+    Generation,
     Reply,
     TakeArgs,
     Vectors,
     frame,
+    generation_path,
     read_frame,
 )
+from .schemas import Health
 from .state import Gateway
 
 log = logging.getLogger("gateway")
@@ -110,6 +116,22 @@ async def _reload(gw: Gateway, raw: msgspec.Raw, notes: dict[str, Any]) -> Any:
         raise GatewayError(400, f"reload refused, the running config is kept: {exc}", code="invalid_config") from None
 
 
+async def _gauges(gw: Gateway, raw: msgspec.Raw, notes: dict[str, Any]) -> bytes:
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_ModelGauges(gw))
+    return generate_latest(registry)
+
+
+class _ModelGauges(Collector):
+    def __init__(self, gw: Gateway) -> None:
+        self.gw = gw
+
+    def collect(self) -> Any:
+        gauges = ModelGauges()
+        gauges.add(self.gw.model_status)
+        return gauges.collect()
+
+
 async def _cache_clear(gw: Gateway, raw: msgspec.Raw, notes: dict[str, Any]) -> Any:
     return await clear_cache(gw, msgspec.msgpack.decode(raw, type=str | None))
 
@@ -119,18 +141,23 @@ OPS: dict[str, Op] = {
     "embed": _embed,
     "take": _take,
     "models": _models,
-    "ready": _ready,
     "reload": _reload,
     "cache_clear": _cache_clear,
+    "gauges": _gauges,
+    "ready": _ready,
 }
 
 
 class RuntimeServer:
     """Answers the fronts' calls on `gw`, each call in its own task (many in flight per connection)."""
 
-    def __init__(self, gw: Gateway) -> None:
+    def __init__(self, gw: Gateway, workers: int = 0) -> None:
+        """`workers`: the fronts the supervisor starts (readiness waits for all of them to connect)."""
         self.gw = gw
+        self.workers = workers
         self.tasks: set[asyncio.Task[None]] = set()
+        #: Front worker pids, by connection.
+        self.fronts: dict[int, int] = {}
 
     async def connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         """Serve one front's connection until it closes."""
@@ -138,6 +165,9 @@ class RuntimeServer:
         try:
             while True:
                 call = _CALL.decode(await read_frame(reader))
+                if call.op == "hello":
+                    self.fronts[id(writer)] = msgspec.msgpack.decode(call.args, type=int)
+                    continue
                 if call.op == "cancel":
                     task = mine.get(msgspec.msgpack.decode(call.args, type=int))
                     if task is not None:
@@ -152,6 +182,7 @@ class RuntimeServer:
         except msgspec.DecodeError as exc:
             log.error("runtime link: undecodable call from a front (%s); closing its connection", exc)
         finally:
+            self.fronts.pop(id(writer), None)
             for task in list(mine.values()):
                 task.cancel()
             writer.close()
@@ -162,7 +193,8 @@ class RuntimeServer:
         try:
             if op is None:
                 raise GatewayError(500, f"unknown runtime call {call.op!r}", code="runtime_protocol")
-            reply = Reply(call.id, True, msgspec.Raw(_ENCODER.encode(await op(self.gw, call.args, notes))))
+            value = await (self._ready(call.args) if call.op == "ready" else op(self.gw, call.args, notes))
+            reply = Reply(call.id, True, msgspec.Raw(_ENCODER.encode(value)))
         except GatewayError as exc:
             failure = Failure(exc.status, exc.message, exc.param, exc.code, exc.headers, notes)
             reply = Reply(call.id, False, msgspec.Raw(_ENCODER.encode(failure)))
@@ -176,8 +208,18 @@ class RuntimeServer:
         if not writer.is_closing():
             writer.write(frame(reply))
 
+    async def _ready(self, raw: msgspec.Raw) -> Health:
+        # Ready when the models are and every front worker is connected (a front restarted by uvicorn counts
+        # again once it has connected).
+        health = await _ready(self.gw, raw, {})
+        fronts = len(self.fronts)
+        health.workers = f"{fronts}/{self.workers}"
+        if fronts < self.workers:
+            health.status = "not ready"
+        return health
 
-async def run(gw: Gateway, socket_path: str) -> None:
+
+async def run(gw: Gateway, socket_path: str, workers: int) -> None:
     """Load the models, answer the fronts until SIGTERM/SIGINT (or the supervisor's exit), then drain."""
     loop = asyncio.get_running_loop()
     gw.registry.load_all(loop)
@@ -185,8 +227,26 @@ async def run(gw: Gateway, socket_path: str) -> None:
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    # A reload reaches the runtime as a call from a front or the supervisor, never by signal.
-    loop.add_signal_handler(signal.SIGHUP, lambda: None)
+    # This config is new to the fronts (a restarted runtime read the file again), and so is each reload's: the
+    # number goes up before a reload is answered (on_reload runs inside it).
+    generation = Generation(generation_path(socket_path))
+    generation.bump()
+    gw.on_reload.append(generation.bump)
+    reloads: set[asyncio.Task[Any]] = set()
+
+    async def reload() -> None:
+        try:
+            await gw.reload()
+        except ConfigError as exc:
+            log.error("reload refused, the running config is kept: %s", exc)
+
+    def sighup() -> None:
+        # The supervisor passes its SIGHUP on to this process.
+        task = loop.create_task(reload())
+        reloads.add(task)
+        task.add_done_callback(reloads.discard)
+
+    loop.add_signal_handler(signal.SIGHUP, sighup)
     parent = os.getppid()
 
     async def orphaned() -> None:
@@ -197,7 +257,7 @@ async def run(gw: Gateway, socket_path: str) -> None:
         stop.set()
 
     watch = loop.create_task(orphaned())
-    runtime = RuntimeServer(gw)
+    runtime = RuntimeServer(gw, workers)
     with contextlib.suppress(FileNotFoundError):
         os.unlink(socket_path)  # left by a runtime process that died: this one takes its place
     server = await asyncio.start_unix_server(runtime.connection, socket_path, limit=1 << 30)
@@ -234,7 +294,7 @@ def main() -> int:
         on_batch=record_batch,
         placements=plugins.placements(),
     )
-    asyncio.run(run(gw, os.environ[SOCKET_ENV]))
+    asyncio.run(run(gw, os.environ[SOCKET_ENV], int(os.environ.get(WORKERS_ENV, "0"))))
     return 0
 
 

@@ -197,6 +197,14 @@ class Gateway:
                 listener()
             return result
 
+    def follow(self, config: GatewayConfig) -> None:
+        """A front worker takes the config the runtime process has reloaded: its keys, limits and the models'
+        description (the models themselves are the runtime's)."""
+        keys = self._keys_for(config)
+        self.config, self.keys, self.registry = config, keys, Registry(self._specs(config))
+        for listener in self.on_reload:
+            listener()
+
     @staticmethod
     def _keep_working(old: Registry, new: Registry, fresh: list[ServedModel]) -> list[str]:
         """Put back in `new` each working model whose changed version failed to load; their names."""

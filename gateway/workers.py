@@ -21,7 +21,7 @@ from typing import Any
 from uvicorn.supervisors import Multiprocess
 
 from .config import GatewayConfig
-from .runtime_link import CONFIG_ENV, FALLBACK_KEY_ENV, SOCKET_ENV
+from .runtime_link import CONFIG_ENV, FALLBACK_KEY_ENV, SOCKET_ENV, WORKERS_ENV, generation_path
 from .server import uvicorn_config
 
 log = logging.getLogger("gateway")
@@ -62,6 +62,13 @@ class Supervisor(Multiprocess):
         super().__init__(config, sockets)
         self.runtime = runtime
 
+    def handle_hup(self) -> None:
+        # uvicorn would restart its workers; here SIGHUP means what it means with one process: reload the
+        # config. The runtime reloads, and the fronts take its new config (gateway/front.py).
+        if self.runtime.process is not None and self.runtime.alive():
+            log.info("SIGHUP: the runtime process reloads the config")
+            self.runtime.process.send_signal(signal.SIGHUP)
+
     def keep_subprocess_alive(self) -> None:
         if not self.should_exit.is_set() and not self.runtime.alive():
             code = self.runtime.process.returncode if self.runtime.process is not None else None
@@ -75,10 +82,19 @@ def serve(config: GatewayConfig, config_path: str, key_digest: bytes | None, **o
     `overrides`: host and port from the command line."""
     workers = config.server.worker_count()
     folder = tempfile.mkdtemp(prefix="gateway-")  # mode 0700: only this user reaches the socket
+    socket_path = os.path.join(folder, "runtime.sock")
+    with open(generation_path(socket_path), "wb") as fh:
+        fh.write(bytes(8))
+    metrics = os.path.join(folder, "metrics")
+    os.mkdir(metrics)
     env = {
         **os.environ,
-        SOCKET_ENV: os.path.join(folder, "runtime.sock"),
+        SOCKET_ENV: socket_path,
         CONFIG_ENV: os.path.abspath(config_path),
+        WORKERS_ENV: str(workers),
+        # Every process writes its metrics there; a front's /metrics sums them (prometheus_client's
+        # multiprocess mode, read when the process imports it: set before any is started).
+        "PROMETHEUS_MULTIPROC_DIR": metrics,
     }
     if key_digest is not None:
         env[FALLBACK_KEY_ENV] = key_digest.hex()

@@ -16,6 +16,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.config import ConfigError, parse_config
 
@@ -176,6 +177,62 @@ def test_a_hit_computed_by_one_worker_is_served_by_another(cluster):
             break
     assert again.status_code == 200 and again.headers["x-cache-hits"] == "1"
     np.testing.assert_array_equal(_vectors(again), _vectors(first))
+
+
+def _both_workers(cluster: Cluster, key: str, body: dict) -> dict[str, list[int]]:
+    """Statuses by worker pid, of requests on fresh connections until both workers have answered."""
+    seen: dict[str, list[int]] = {}
+    deadline = time.monotonic() + 60
+    while len(seen) < 2:
+        assert time.monotonic() < deadline, f"one worker answered everything: {seen}"
+        r = cluster.post(key, body)
+        seen.setdefault(r.headers["x-gateway-worker"], []).append(r.status_code)
+    return seen
+
+
+def _http_requests(cluster: Cluster) -> float:
+    text = httpx.get(f"{cluster.url}/metrics").text
+    total = 0.0
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == "gateway_http_requests_total" and sample.labels["path"] == "/v1/embeddings":
+                total += sample.value
+    return total
+
+
+def test_metrics_add_up_every_worker_and_the_runtime(cluster):
+    before = _http_requests(cluster)
+    seen = _both_workers(cluster, ADMIN, {"model": "wordllama", "input": "counted"})
+    sent = sum(map(len, seen.values()))
+    assert _http_requests(cluster) - before == sent
+    text = httpx.get(f"{cluster.url}/metrics").text
+    assert 'gateway_model_ready{model="wordllama"} 1.0' in text  # the runtime's gauges
+    assert 'gateway_batch_size_count{model="wordllama"}' in text  # the runtime's counters, from its own files
+
+
+def test_ready_counts_the_workers(cluster):
+    r = httpx.get(f"{cluster.url}/ready")
+    assert r.status_code == 200 and r.json() == {"status": "ready", "models": {}, "workers": "2/2"}
+
+
+def test_reload_and_sighup_reach_every_worker_before_the_answer(cluster):
+    original = cluster.config.read_text()
+    body = {"model": "wordllama", "input": "after the reload"}
+    try:
+        cluster.config.write_text(original + '\n[[auth.keys]]\nkey = "workers-new-key-1"\n')
+        r = httpx.post(f"{cluster.url}/admin/reload", headers={"Authorization": f"Bearer {ADMIN}"}, timeout=60)
+        assert r.status_code == 200, r.text
+        # No worker may answer with the old keys once the reload is answered: the new key works on both.
+        assert all(codes == [200] * len(codes) for codes in _both_workers(cluster, "workers-new-key-1", body).values())
+        cluster.config.write_text(original + '\n[[auth.keys]]\nkey = "workers-new-key-2"\n')
+        cluster.proc.send_signal(signal.SIGHUP)
+        wait_until(lambda: cluster.post("workers-new-key-2", body).status_code == 200, "the SIGHUP reload", 60)
+        seen = _both_workers(cluster, "workers-new-key-2", body)
+        assert all(codes == [200] * len(codes) for codes in seen.values()), seen
+        gone = _both_workers(cluster, "workers-new-key-1", body)
+        assert all(codes == [401] * len(codes) for codes in gone.values()), gone
+    finally:
+        cluster.config.write_text(original)
 
 
 def test_sigterm_leaves_no_process(tmp_path):
