@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -233,6 +234,64 @@ def test_reload_and_sighup_reach_every_worker_before_the_answer(cluster):
         assert all(codes == [401] * len(codes) for codes in gone.values()), gone
     finally:
         cluster.config.write_text(original)
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except OSError:
+        return ""
+
+
+class _Load:
+    """Threads sending single-text requests on fresh connections until stopped; each answer's status (or the
+    transport error's name) with the worker that gave it."""
+
+    def __init__(self, cluster: Cluster, threads: int = 4, texts: int = 1) -> None:
+        self.cluster = cluster
+        self.texts = texts
+        self.stop = threading.Event()
+        self.results: list[tuple[str, object]] = []
+        self.threads = [threading.Thread(target=self._run, args=(i,), daemon=True) for i in range(threads)]
+        for t in self.threads:
+            t.start()
+
+    def _run(self, n: int) -> None:
+        i = 0
+        while not self.stop.is_set():
+            i += 1
+            tag = uuid.uuid4()
+            body = {"model": "wordllama", "input": [f"load {n} {i} {k} {tag} " * 3 for k in range(self.texts)]}
+            try:
+                r = self.cluster.post(ADMIN, body)
+                self.results.append(
+                    (r.headers.get("x-gateway-worker", "?"), r.status_code if r.status_code == 200 else r.text)
+                )
+            except httpx.TransportError as exc:
+                self.results.append(("?", type(exc).__name__))
+
+    def finish(self) -> list[tuple[str, object]]:
+        self.stop.set()
+        for t in self.threads:
+            t.join(120)
+        return self.results
+
+
+def test_a_killed_worker_is_restarted_and_costs_only_its_own_requests(tmp_path):
+    c = Cluster(tmp_path)
+    try:
+        load = _Load(c)
+        wait_until(lambda: len({w for w, _ in load.results}) >= 2, "both workers answering", 60)
+        victim = int(next(w for w, status in load.results if w != "?"))
+        os.kill(victim, signal.SIGKILL)
+        wait_until(lambda: len({w for w, _ in load.results} - {str(victim), "?"}) >= 2, "a new worker answering", 120)
+        results = load.finish()
+        lost = [r for r in results if r[1] != 200]
+        # At most the requests the dead worker held (one per client thread), and only as lost connections.
+        assert len(lost) <= len(load.threads) and all(r[0] == "?" for r in lost), lost
+        wait_until(lambda: httpx.get(f"{c.url}/ready").json().get("workers") == "2/2", "2/2 workers ready", 60)
+    finally:
+        c.stop()
 
 
 def test_sigterm_leaves_no_process(tmp_path):
