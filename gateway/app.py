@@ -22,7 +22,8 @@ from .config import ConfigError, GatewayConfig
 from .errors import EXCEPTION_HANDLERS
 from .observability import ACCESS_LOG, MODEL_GAUGES, RequestContextMiddleware, record_batch
 from .plugins import Plugins, load_plugins
-from .routes import ROUTES
+from .routes import FRONT_ROUTES, ROUTES
+from .runtime_link import RuntimeLink
 from .state import Gateway
 
 log = logging.getLogger("gateway")
@@ -35,11 +36,13 @@ def create_app(
     keys: KeyStore | None = None,
     fallback_keys: KeyStore | None = None,
     config_path: str | Path | None = None,
+    link: RuntimeLink | None = None,
 ) -> Litestar:
     """Build the app; models load in the background once it starts (see /ready).
 
     `plugins`: the installed ones by default; `keys`: fixed keys (config keys ignored); `fallback_keys`: used
-    while the config names no key; `config_path`: the file a reload re-reads.
+    while the config names no key; `config_path`: the file a reload re-reads; `link`: the app is a front
+    worker, and the runtime process at the other end of it loads and serves the models (gateway/workers.py).
     """
     plugins = plugins or load_plugins()
     gateway = Gateway(
@@ -51,9 +54,10 @@ def create_app(
         config_path=str(config_path) if config_path is not None else None,
         on_batch=record_batch,
         placements=plugins.placements(),
+        link=link,
     )
     app = Litestar(
-        route_handlers=[embeddings_route.serve_embeddings, *ROUTES],
+        route_handlers=[embeddings_route.serve_embeddings, *(ROUTES if link is None else FRONT_ROUTES)],
         exception_handlers=EXCEPTION_HANDLERS,
         request_max_body_size=config.server.max_body_bytes,
         # Request ids, the access log and the HTTP metrics in one middleware (see observability.py).
@@ -77,6 +81,10 @@ def create_app(
 @asynccontextmanager
 async def _lifespan(app: Litestar) -> AsyncIterator[None]:
     gateway: Gateway = app.state.gateway
+    if gateway.link is not None:
+        async with _front_lifespan(gateway):
+            yield
+        return
     loop = asyncio.get_running_loop()
     gateway.registry.load_all(loop)
     MODEL_GAUGES.add(gateway.model_status)
@@ -107,6 +115,25 @@ async def _lifespan(app: Litestar) -> AsyncIterator[None]:
         await loop.run_in_executor(None, gateway.registry.close)
         await gateway.close_shared()
         MODEL_GAUGES.remove(gateway.model_status)
+        ACCESS_LOG.flush()
+
+
+@asynccontextmanager
+async def _front_lifespan(gateway: Gateway) -> AsyncIterator[None]:
+    # A front worker loads nothing: the runtime process does. Its signals are uvicorn's; SIGHUP goes to the
+    # supervisor, which has the runtime reload.
+    loop = asyncio.get_running_loop()
+    lag = loop.create_task(gateway.watch_loop_lag())
+    assert gateway.link is not None
+    # Connected from the start: the runtime counts the fronts connected for /ready.
+    connect = loop.create_task(gateway.link.connect())
+    try:
+        yield
+    finally:
+        lag.cancel()
+        connect.cancel()
+        assert gateway.link is not None
+        await gateway.link.close()
         ACCESS_LOG.flush()
 
 

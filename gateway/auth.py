@@ -3,6 +3,7 @@ model access and rate limits."""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import hmac
 import math
@@ -229,6 +230,19 @@ class KeyStore:
     def __bool__(self) -> bool:
         return bool(self._keys)
 
+    def find(self, digest: bytes) -> ApiKey | None:
+        """The key with this digest (the runtime process finds a front's caller by it)."""
+        return next((key for key in self._keys if key.digest == digest), None)
+
+    def counted_by(self, window: Callable[[ApiKey, int], Any]) -> KeyStore:
+        """The same keys, each requests/minute limit counted by `window(key, limit)` (a front worker's view:
+        the runtime process counts for every front), tokens not counted here (the runtime charges them)."""
+        out = KeyStore()
+        for key in self._keys:
+            requests = window(key, key.requests.limit) if key.requests is not None else None
+            out._keys.append(dataclasses.replace(key, requests=requests, tokens=None))
+        return out
+
     @classmethod
     def from_config(
         cls, auth: AuthConfig, previous: KeyStore | None = None, shared: RedisLink | None = None
@@ -288,11 +302,11 @@ def _window(
     return SharedWindow(shared, name.encode(), per_minute, local)
 
 
-async def authorize(keys: KeyStore, authorization: str | None, state: dict[str, Any]) -> ApiKey:
-    """The key the Authorization header carries, charged one request (401 or 429 otherwise); it is also put on
-    the request's `state` as "api_key"."""
+async def authorize(keys: KeyStore, authorization: str | None, state: dict[str, Any], charge: bool = True) -> ApiKey:
+    """The key the Authorization header carries, charged one request unless `charge` is false (401 or 429
+    otherwise); it is also put on the request's `state` as "api_key"."""
     key = keys.check(authorization)
     state["api_key"] = key
-    if key.requests is not None:
+    if charge and key.requests is not None:
         await key.charge_request()
     return key

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .auth import KeyStore, hash_key, new_key
-from .config import DEFAULT_CONFIG, ConfigError, GatewayConfig, load_config, resolve_model_path
+from .config import DEFAULT_CONFIG, ConfigError, GatewayConfig, key_digest, load_config, resolve_model_path
 from .plugins import PluginError, load_plugins
 from .registry import ModelState, Registry, build_specs, check_paths
 
@@ -69,10 +69,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
             print(f"No API key configured; this run's key is in {args.key_file}", file=sys.stderr, flush=True)
         else:
             print(f"No API key configured; this run accepts: Authorization: Bearer {key}", file=sys.stderr, flush=True)
-    app = create_app(config, plugins=args.plugins, fallback_keys=keys if generated else None, config_path=args.config)
-    overrides = {"host": args.host} if args.host else {}
+    overrides: dict[str, object] = {"host": args.host} if args.host else {}
     if args.port is not None:
         overrides["port"] = args.port
+    if config.server.worker_count() > 1:
+        from . import workers
+
+        digest = key_digest(key) if generated else None
+        return workers.serve(config, args.config, digest, **overrides)
+    app = create_app(config, plugins=args.plugins, fallback_keys=keys if generated else None, config_path=args.config)
     uvicorn.Server(uvicorn_config(app, config.server, **overrides)).run()
     return 0
 

@@ -52,6 +52,13 @@ class ServerConfig(_Strict):
     access_log: bool = True
     # /metrics answers only with a valid key (any key), and /ready names models only to a key.
     metrics_require_key: bool = False
+    # HTTP front processes on the one port ("auto": one per core). With more than one, a runtime process owns
+    # the models, batches, cache and limits, and the fronts reach it over a local socket (gateway/workers.py).
+    workers: Positive | Literal["auto"] = 1
+
+    def worker_count(self) -> int:
+        """`workers` as a number ("auto": the machine's cores)."""
+        return (os.cpu_count() or 1) if self.workers == "auto" else self.workers
 
 
 class KeyConfig(_Strict):
@@ -305,6 +312,7 @@ def parse_config(data: bytes | str, where: str = "<config>", base_dir: Path | No
         raise ConfigError(f"{where}: not valid TOML: {exc}") from None
     # Models are converted one by one: msgspec names a dict value `$.models[...]`, we want the model's name.
     models = raw.pop("models", {})
+    _check_workers(raw, where)
     config = convert_at(raw, GatewayConfig, "$", where)
     if not isinstance(models, dict):
         raise ConfigError(f"{where}: `$.models` must be a table of models")
@@ -326,6 +334,14 @@ def parse_config(data: bytes | str, where: str = "<config>", base_dir: Path | No
         if model.calibration_corpus is not None:
             model.calibration_corpus = str(resolve_model_path(model.calibration_corpus, base))
     return config
+
+
+def _check_workers(raw: dict[str, Any], where: str) -> None:
+    # msgspec would say "Expected `int | str`"; the setting's two forms are clearer.
+    server = raw.get("server")
+    workers = server.get("workers", 1) if isinstance(server, dict) else 1
+    if workers != "auto" and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 1):
+        raise ConfigError(f'{where}: `$.server.workers` must be a whole number >= 1 or "auto", got {workers!r}')
 
 
 def load_config(path: str | os.PathLike[str]) -> GatewayConfig:

@@ -22,7 +22,6 @@ from .errors import GatewayError
 T = TypeVar("T", bound=msgspec.Struct)
 
 
-
 class BodyDecoder:
     """Decodes request bodies into `type_`; raises GatewayError (400) with a message of our own."""
 

@@ -84,7 +84,10 @@ async def _embeddings(scope: Scope, receive: Receive) -> bytes:
     gw: Gateway = app.state.gateway
     state: dict[str, Any] = scope.setdefault("state", {})
     authorization = header(scope, b"authorization")
-    key = await authorize(gw.keys, authorization.decode("latin-1") if authorization is not None else None, state)
+    # A front worker leaves the request's charge to the runtime process, in the same message as its inputs.
+    key = await authorize(
+        gw.keys, authorization.decode("latin-1") if authorization is not None else None, state, gw.link is None
+    )
     deadline_s = _client_deadline(scope)
     server = gw.config.server
     try:

@@ -13,6 +13,8 @@ from litestar.openapi import ResponseSpec
 from litestar.params import JSONBody
 from litestar.plugins.prometheus import PrometheusController
 from litestar.response import Response
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client.multiprocess import MultiProcessCollector
 
 from .auth import ApiKey, authorize
 from .config import ConfigError
@@ -66,8 +68,15 @@ def _card(model: ServedModel) -> ModelCard:
 async def list_models(request: Request[Any, Any, Any]) -> ModelList:
     """The models this key may use, and what each can do."""
     key: ApiKey = request.scope["state"]["api_key"]
-    models = _gateway(request).registry.models.values()
-    return ModelList(data=[_card(m) for m in models if key.may_use(m.name)])
+    gw = _gateway(request)
+    if gw.link is not None:
+        return await gw.link.call("models", key.digest, ModelList)
+    return model_list(gw, key)
+
+
+def model_list(gw: Gateway, key: ApiKey) -> ModelList:
+    """The models `key` may use, as loaded here."""
+    return ModelList(data=[_card(m) for m in gw.registry.models.values() if key.may_use(m.name)])
 
 
 @get("/health", summary="Liveness")
@@ -81,25 +90,34 @@ async def ready(request: Request[Any, Any, Any]) -> Response[Health]:
     """200 when every configured model is loaded, else 503 (no auth); with a valid key, the state of each model
     that key may use."""
     gw = _gateway(request)
-    models = gw.registry.models
-    ok = all(m.state == ModelState.READY for m in models.values())
     try:
         key: ApiKey | None = gw.keys.check(request.headers.get("authorization"))
     except GatewayError:
         key = None  # orchestrators probe without a key: they get the status, not the model names
+    if gw.link is not None:
+        health = await gw.link.call("ready", key.digest if key is not None else None, Health)
+    else:
+        health = readiness(gw, key)
+    return Response(health, status_code=200 if health.status == "ready" else 503)
+
+
+def readiness(gw: Gateway, key: ApiKey | None) -> Health:
+    """ "ready" when every configured model is loaded here; each model's state, for a key that may use it."""
+    models = gw.registry.models
+    ok = all(m.state == ModelState.READY for m in models.values())
     states = {name: m.state.value for name, m in models.items() if key is not None and key.may_use(name)}
     replicas = {name: f"{r[0]}/{r[1]}" for name in states if (r := models[name].replicas) is not None}
-    return Response(
-        Health(status="ready" if ok else "not ready", models=states, replicas=replicas or msgspec.UNSET),
-        status_code=200 if ok else 503,
-    )
+    return Health(status="ready" if ok else "not ready", models=states, replicas=replicas or msgspec.UNSET)
 
 
 @post("/admin/reload", status_code=200, guards=[require_admin], responses=error_responses(400, 401, 403))
 async def admin_reload(request: Request[Any, Any, Any]) -> ReloadResult:
     """Re-read gateway.toml now (as SIGHUP does); an invalid config is refused and the running one kept."""
+    gw = _gateway(request)
+    if gw.link is not None:
+        return await gw.link.call("reload", None, ReloadResult)
     try:
-        return await _gateway(request).reload()
+        return await gw.reload()
     except ConfigError as exc:
         log.error("reload refused: %s", exc)
         raise GatewayError(400, f"reload refused, the running config is kept: {exc}", code="invalid_config") from None
@@ -110,11 +128,19 @@ async def admin_cache_clear(request: Request[Any, Any, Any], data: JSONBody[Cach
     """Remove cached vectors: of one model (`{"model": NAME}`; entries it shares with other names of the same
     weights go too) or all of this gateway's."""
     gw = _gateway(request)
+    name = data.model if data is not None else None
+    if gw.link is not None:
+        return await gw.link.call("cache_clear", name, CacheCleared)
+    return await clear_cache(gw, name)
+
+
+async def clear_cache(gw: Gateway, name: str | None) -> CacheCleared:
+    """Remove the cached vectors of model `name` (and of other names of its weights), or all of them."""
     if gw.cache is None:
         raise GatewayError(400, 'the cache is off (`[cache] store = "off"`)', code="cache_off")
     identity = None
-    if data is not None and data.model is not None:
-        model = gw.registry.resolve(data.model)
+    if name is not None:
+        model = gw.registry.resolve(name)
         if model.identity is None:
             raise GatewayError(
                 400,
@@ -130,7 +156,7 @@ async def admin_cache_clear(request: Request[Any, Any, Any], data: JSONBody[Cach
         raise GatewayError(
             503, f"the cache store could not be cleared: {type(exc).__name__}", code="cache_unavailable"
         ) from None
-    log.info("cache cleared (%s): %d entries", data.model if data and data.model else "all models", removed)
+    log.info("cache cleared (%s): %d entries", name or "all models", removed)
     return CacheCleared(removed=removed)
 
 
@@ -147,4 +173,18 @@ class MetricsController(PrometheusController):
     guards = [metrics_guard]  # noqa: RUF012 - Litestar reads the class attribute
 
 
+@get("/metrics", guards=[metrics_guard], include_in_schema=False)
+async def front_metrics(request: Request[Any, Any, Any]) -> Response[bytes]:
+    """/metrics of a front worker: every process' counters and histograms summed (prometheus_client's
+    multiprocess mode: the supervisor gives all of them one private folder), and the runtime's model gauges."""
+    registry = CollectorRegistry()
+    MultiProcessCollector(registry)
+    link = _gateway(request).link
+    assert link is not None
+    text = generate_latest(registry) + await link.call("gauges", None, bytes)
+    return Response(text, media_type=CONTENT_TYPE_LATEST)
+
+
 ROUTES = [list_models, health, ready, admin_reload, admin_cache_clear, MetricsController]
+#: A front worker's (`[server] workers` > 1): the same, with /metrics summed over the processes.
+FRONT_ROUTES = [list_models, health, ready, admin_reload, admin_cache_clear, front_metrics]

@@ -126,3 +126,5 @@ class Health(msgspec.Struct, kw_only=True):
     models: dict[str, str] = {}
     # "ready/total" per model whose batches run on replicas (Ray), for a key that may use it; absent when none.
     replicas: dict[str, str] | msgspec.UnsetType = msgspec.UNSET
+    # "connected/started" front workers, with `[server] workers` > 1; absent with one process.
+    workers: str | msgspec.UnsetType = msgspec.UNSET

@@ -8,7 +8,8 @@ quota (429), admission and the model's batches (429 when predicted too late, 500
 past the timeout), then the Matryoshka cut, the output type and the response. Inputs already cached are
 taken from the cache and never reach the model (so they are answered while its circuit is open). A model
 that cannot serve (failing, its circuit open, or not ready while a fallback is) hands the request to its
-fallbacks, in order (`_vectors`).
+fallbacks, in order (`request_vectors`). With `[server] workers` > 1, a front worker hands the request to the
+runtime process at one place (`_computed`), which runs the rest there.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from .errors import GatewayError
 from .hf import l2_normalize
 from .observability import new_id, record_failover, record_refusal
 from .registry import ServedModel
+from .runtime_link import EmbedArgs, RemoteError
 from .schemas import EmbeddingData, EmbeddingRequest, EmbeddingResponse, Usage
 from .state import Gateway
 
@@ -63,7 +65,7 @@ async def embed(
     inputs of a request that was answered. `deadline_s`: the client's own time limit, when it gave one
     (it shortens the request's timeout and its admission). Errors are GatewayError.
     """
-    vectors, tokens, output = await _vectors(gw, body, key, notes if notes is not None else {}, deadline_s)
+    vectors, tokens, output = await _computed(gw, body, key, notes if notes is not None else {}, deadline_s)
     return await _off_loop(vectors, _response, vectors, body, tokens, output)
 
 
@@ -75,8 +77,31 @@ async def embed_json(
     deadline_s: float | None = None,
 ) -> bytes:
     """`embed`, encoded as the JSON body of the HTTP answer."""
-    vectors, tokens, output = await _vectors(gw, body, key, notes if notes is not None else {}, deadline_s)
+    vectors, tokens, output = await _computed(gw, body, key, notes if notes is not None else {}, deadline_s)
     return await _off_loop(vectors, lambda *a: msgspec.json.encode(_response(*a)), vectors, body, tokens, output)
+
+
+async def _computed(
+    gw: Gateway,
+    body: EmbeddingRequest,
+    key: ApiKey | None,
+    notes: MutableMapping[str, Any],
+    deadline_s: float | None,
+) -> tuple[np.ndarray, int, Output]:
+    """`request_vectors`, here or, in a front worker, at the runtime process: the one place the two meet."""
+    if gw.link is None:
+        return await request_vectors(gw, body, key, notes, deadline_s)
+    try:
+        got = await gw.link.embed(EmbedArgs(body, key.digest if key is not None else None, deadline_s))
+    except RemoteError as exc:
+        notes.update(exc.notes)
+        raise
+    notes.update(got.notes)
+    ranges = None
+    if got.starts is not None and got.steps is not None:
+        ranges = quantize.Ranges(np.frombuffer(got.starts, np.float32), np.frombuffer(got.steps, np.float32))
+    rows = np.frombuffer(got.data, np.float32).reshape(got.rows, -1)
+    return rows, got.tokens, Output(got.kind, got.packed, ranges)  # type: ignore[arg-type]
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,7 +119,7 @@ async def _off_loop(vectors: np.ndarray, fn: Callable[..., T], *args: Any) -> T:
     return fn(*args)
 
 
-async def _vectors(
+async def request_vectors(
     gw: Gateway,
     body: EmbeddingRequest,
     key: ApiKey | None,

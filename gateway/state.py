@@ -16,6 +16,7 @@ from .observability import ModelStatus
 from .placement import Placement
 from .redis_state import RedisLink, RedisStore
 from .registry import BatchObserver, ModelSpec, ModelState, Registry, ServedModel, build_specs
+from .runtime_link import LinkWindow, RuntimeLink
 from .schemas import ReloadResult
 
 log = logging.getLogger("gateway")
@@ -33,6 +34,8 @@ _RESTART_FIELDS = (
     "keep_alive_s",
     "max_connections",
     "max_header_bytes",
+    # The process layout (gateway/workers.py).
+    "workers",
 )
 
 
@@ -63,10 +66,13 @@ class Gateway:
         config_path: str | None = None,
         on_batch: BatchObserver | None = None,
         placements: Mapping[str, type[Placement]] | None = None,
+        link: RuntimeLink | None = None,
     ) -> None:
         """`broken`: plugins that failed to import; `keys`: fixed keys (the config's are ignored);
         `fallback_keys`: used while the config names no key; `on_batch`: told of every backend batch;
-        `placements`: where batches may run, by name (default: in-process only)."""
+        `placements`: where batches may run, by name (default: in-process only); `link`: this is a front
+        worker, and the runtime process at the other end of `link` owns the models, cache and limits (its
+        registry here is never loaded: it only describes the configured models)."""
         self.config = config
         self.backends = backends
         self.placements = placements
@@ -75,9 +81,12 @@ class Gateway:
         self.on_batch = on_batch
         self._fixed_keys = keys
         self._fallback_keys = fallback_keys
-        # Shared state (Redis) and the cache are set up once, from the config the server started with.
-        self.redis = RedisLink(config.redis, lag=lambda: self.loop_lag) if config.redis is not None else None
-        self.cache = _cache(config, self.redis)
+        self.link = link
+        # Shared state (Redis) and the cache are set up once, from the config the server started with; a front
+        # worker has neither (the runtime process does).
+        shared = config.redis is not None and link is None
+        self.redis = RedisLink(config.redis, lag=lambda: self.loop_lag) if shared and config.redis else None
+        self.cache = _cache(config, self.redis) if link is None else None
         self.keys = KeyStore()
         self.keys = self._keys_for(config)
         self.registry = Registry(self._specs(config), on_batch=on_batch)
@@ -112,7 +121,11 @@ class Gateway:
             return self._fixed_keys
         shared = self.redis if config.redis is not None and config.redis.rate_limits else None
         keys = KeyStore.from_config(config.auth, previous=self.keys, shared=shared)
-        return keys if keys or self._fallback_keys is None else self._fallback_keys
+        keys = keys if keys or self._fallback_keys is None else self._fallback_keys
+        if self.link is not None:
+            # A front's keys are counted where every front's requests meet: at the runtime.
+            keys = keys.counted_by(lambda key, limit: LinkWindow(self.link, key.digest, limit))  # type: ignore[arg-type]
+        return keys
 
     def model_status(self) -> Iterator[ModelStatus]:
         """Each model's live figures, for the metrics' gauges."""
@@ -183,6 +196,14 @@ class Gateway:
             for listener in self.on_reload:
                 listener()
             return result
+
+    def follow(self, config: GatewayConfig) -> None:
+        """A front worker takes the config the runtime process has reloaded: its keys, limits and the models'
+        description (the models themselves are the runtime's)."""
+        keys = self._keys_for(config)
+        self.config, self.keys, self.registry = config, keys, Registry(self._specs(config))
+        for listener in self.on_reload:
+            listener()
 
     @staticmethod
     def _keep_working(old: Registry, new: Registry, fresh: list[ServedModel]) -> list[str]:

@@ -1,0 +1,291 @@
+"""The link between the HTTP fronts and the runtime process (with `[server] workers` > 1).
+
+One Unix stream socket in a private (0700) folder; each front holds one connection and keeps many calls in
+flight on it, matched by id. A frame is a 4-byte big-endian length and a msgpack body: a `Call` one way, a
+`Reply` the other. The runtime side is gateway/runtime_process.py; this module is the wire format and the
+fronts' client.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import mmap
+import os
+import struct
+import time
+from typing import Any, TypeVar
+
+import msgspec
+
+from .errors import GatewayError
+from .schemas import EmbeddingRequest
+
+log = logging.getLogger("gateway")
+
+T = TypeVar("T")
+
+#: Environment the supervisor hands the fronts and the runtime (never a key: the generated one goes as its digest).
+SOCKET_ENV = "GATEWAY_RUNTIME_SOCKET"
+CONFIG_ENV = "GATEWAY_RUNTIME_CONFIG"
+FALLBACK_KEY_ENV = "GATEWAY_FALLBACK_KEY_DIGEST"
+WORKERS_ENV = "GATEWAY_RUNTIME_WORKERS"
+
+_LENGTH = struct.Struct("!I")
+# A frame larger than this is a broken peer, not a request: 2048 inputs of 100k characters fit under it.
+MAX_FRAME = 1 << 30
+
+
+class Call(msgspec.Struct, array_like=True):
+    """Front -> runtime: operation `op` with its arguments (msgpack of the op's own type)."""
+
+    id: int
+    op: str
+    args: msgspec.Raw
+
+
+class Reply(msgspec.Struct, array_like=True):
+    """Runtime -> front: the answer to call `id`: its value, or a `Failure` when `ok` is false."""
+
+    id: int
+    ok: bool
+    value: msgspec.Raw
+
+
+class Failure(msgspec.Struct, array_like=True):
+    """A GatewayError raised at the runtime, with what the request noted before it (for the access log)."""
+
+    status: int
+    message: str
+    param: str | None = None
+    code: str | None = None
+    headers: dict[str, str] = {}
+    notes: dict[str, Any] = {}
+
+
+class RemoteError(GatewayError):
+    """A GatewayError the runtime raised, carrying what the request had noted there."""
+
+    def __init__(self, failure: Failure) -> None:
+        super().__init__(
+            failure.status, failure.message, param=failure.param, code=failure.code, headers=failure.headers
+        )
+        self.notes = failure.notes
+
+
+class EmbedArgs(msgspec.Struct, array_like=True):
+    """One embeddings request: the decoded body, the caller's key (its digest) and the client's deadline."""
+
+    body: EmbeddingRequest
+    key: bytes | None
+    deadline_s: float | None
+
+
+class Vectors(msgspec.Struct, array_like=True):
+    """The vectors of one request as float32 bytes (rows x width), how to encode them, and its notes."""
+
+    data: bytes
+    rows: int
+    tokens: int
+    kind: str
+    packed: bool
+    # int8/uint8 calibration (float32 bytes), when the output type needs it.
+    starts: bytes | None
+    steps: bytes | None
+    notes: dict[str, Any]
+
+
+class TakeArgs(msgspec.Struct, array_like=True):
+    """A key's requests/minute window at the runtime: take `amount` (or only ask, `take` false)."""
+
+    key: bytes
+    amount: float
+    take: bool
+
+
+class RuntimeGone(Exception):
+    """The connection to the runtime process dropped (it died or is restarting) with the call unanswered."""
+
+
+_ENCODER = msgspec.msgpack.Encoder()
+_REPLY = msgspec.msgpack.Decoder(Reply)
+_FAILURE = msgspec.msgpack.Decoder(Failure)
+
+
+def frame(message: msgspec.Struct) -> bytes:
+    """`message` as one frame: its length, then its msgpack."""
+    body = _ENCODER.encode(message)
+    return _LENGTH.pack(len(body)) + body
+
+
+async def read_frame(reader: asyncio.StreamReader) -> bytes:
+    """The next frame's body; IncompleteReadError at the end of the stream."""
+    (size,) = _LENGTH.unpack(await reader.readexactly(_LENGTH.size))
+    if size > MAX_FRAME:
+        raise ConnectionError(f"frame of {size} bytes from the runtime link")
+    return await reader.readexactly(size)
+
+
+_GENERATION = struct.Struct("<Q")
+
+
+def generation_path(socket_path: str) -> str:
+    """The generation file beside the runtime's socket (the supervisor creates it, 8 zero bytes)."""
+    return os.path.join(os.path.dirname(socket_path), "generation")
+
+
+class Generation:
+    """The number of the config the runtime process serves, in shared memory: raised before a reload is
+    answered (and when a restarted runtime read its config anew), read by each front per request, so that no
+    front serves an older config than the runtime's once the reload's answer is out."""
+
+    def __init__(self, path: str) -> None:
+        fd = os.open(path, os.O_RDWR)
+        try:
+            self._map = mmap.mmap(fd, _GENERATION.size)
+        finally:
+            os.close(fd)
+
+    def read(self) -> int:
+        return _GENERATION.unpack_from(self._map)[0]  # type: ignore[no-any-return]
+
+    def bump(self) -> int:
+        """Raise the number (only the runtime process does); the new one."""
+        n = self.read() + 1
+        _GENERATION.pack_into(self._map, 0, n)
+        return n
+
+
+class RuntimeLink:
+    """A front's connection to the runtime process: calls in flight matched by id, reconnected on demand."""
+
+    def __init__(self, path: str, connect_timeout_s: float = 30.0) -> None:
+        """`connect_timeout_s`: how long a call waits for the runtime to (re)appear before answering 503."""
+        self.path = path
+        self.connect_timeout_s = connect_timeout_s
+        self._ids = itertools.count(1)
+        self._pending: dict[int, asyncio.Future[Reply]] = {}
+        self._writer: asyncio.StreamWriter | None = None
+        self._reader_task: asyncio.Task[None] | None = None
+        self._connecting: asyncio.Lock | None = None
+
+    async def _connection(self) -> asyncio.StreamWriter:
+        if self._writer is not None:
+            return self._writer
+        if self._connecting is None:
+            self._connecting = asyncio.Lock()
+        async with self._connecting:
+            if self._writer is not None:
+                return self._writer
+            deadline = time.monotonic() + self.connect_timeout_s
+            while True:
+                try:
+                    reader, writer = await asyncio.open_unix_connection(self.path, limit=MAX_FRAME)
+                    break
+                except OSError as exc:
+                    # Not there yet (starting) or gone (being restarted by the supervisor): try again shortly.
+                    if time.monotonic() > deadline:
+                        raise GatewayError(
+                            503,
+                            f"the model runtime process is not reachable ({exc.strerror or exc}); retry shortly",
+                            code="runtime_unavailable",
+                            headers={"Retry-After": "1"},
+                        ) from None
+                    await asyncio.sleep(0.05)
+            # First, who this front is: the runtime counts the fronts connected for /ready.
+            writer.write(frame(Call(0, "hello", msgspec.Raw(_ENCODER.encode(os.getpid())))))
+            self._writer = writer
+            self._reader_task = asyncio.get_running_loop().create_task(self._read(reader, writer))
+            return writer
+
+    async def _read(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                reply = _REPLY.decode(await read_frame(reader))
+                future = self._pending.pop(reply.id, None)
+                if future is not None and not future.done():
+                    future.set_result(reply)
+        except (asyncio.IncompleteReadError, ConnectionError, OSError, msgspec.DecodeError) as exc:
+            log.warning("runtime link lost: %s", type(exc).__name__)
+        finally:
+            if self._writer is writer:
+                self._writer = None
+            writer.close()
+            # Every call on this connection is unanswered for good.
+            pending, self._pending = self._pending, {}
+            for future in pending.values():
+                if not future.done():
+                    future.set_exception(RuntimeGone())
+
+    async def connect(self) -> None:
+        """Connect now (a front does at startup, so the runtime counts it before its first request)."""
+        try:
+            await self._connection()
+        except GatewayError as exc:
+            log.error("%s", exc.message)
+
+    async def call(self, op: str, args: object, result: type[T] | Any) -> T:
+        """The value of `op(args)` at the runtime, decoded as `result`: GatewayError as the runtime raised it,
+        RuntimeGone if the runtime went away before answering."""
+        writer = await self._connection()
+        call_id = next(self._ids)
+        future: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
+        self._pending[call_id] = future
+        try:
+            writer.write(frame(Call(call_id, op, msgspec.Raw(_ENCODER.encode(args)))))
+            reply = await future
+        except asyncio.CancelledError:
+            # The client went away or timed out: the runtime drops the work (its inputs leave the queue).
+            if self._pending.pop(call_id, None) is not None and self._writer is writer:
+                writer.write(frame(Call(0, "cancel", msgspec.Raw(_ENCODER.encode(call_id)))))
+            raise
+        finally:
+            self._pending.pop(call_id, None)
+        if not reply.ok:
+            raise RemoteError(_FAILURE.decode(reply.value))
+        return msgspec.msgpack.decode(reply.value, type=result)  # type: ignore[no-any-return]
+
+    async def embed(self, args: EmbedArgs) -> Vectors:
+        """One embeddings request's vectors (RemoteError as the runtime refused it); retried once if the runtime
+        went away meanwhile (its batches are lost with it), then 503."""
+        for attempt in (1, 2):
+            try:
+                return await self.call("embed", args, Vectors)
+            except RuntimeGone:
+                if attempt == 2:
+                    break
+                log.warning("the runtime process went away with a request in flight; retrying it once")
+        raise GatewayError(
+            503,
+            "the model runtime process restarted twice while this request was in flight; retry",
+            code="runtime_restarted",
+            headers={"Retry-After": "1"},
+        )
+
+    async def close(self) -> None:
+        """Close the connection (calls in flight get RuntimeGone)."""
+        if self._writer is not None:
+            self._writer.close()
+        if self._reader_task is not None:
+            self._reader_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._reader_task
+
+
+class LinkWindow:
+    """A key's requests/minute as the runtime counts it (one window for every front): SharedWindow's shape."""
+
+    def __init__(self, link: RuntimeLink, digest: bytes, limit: int) -> None:
+        self.link = link
+        self.digest = digest
+        self.limit = limit
+
+    async def take(self, amount: float) -> float:
+        """Take `amount` now and return 0, or take nothing and return the seconds until it would fit."""
+        return await self.link.call("take", TakeArgs(self.digest, amount, True), float)
+
+    async def wait_for(self, amount: float) -> float:
+        """Seconds until `amount` would fit (0: now), taking nothing."""
+        return await self.link.call("take", TakeArgs(self.digest, amount, False), float)

@@ -1,0 +1,302 @@
+"""The runtime process (with `[server] workers` > 1): the one owner of what every front must share.
+
+It holds the Gateway the single-process server holds (models and their batchers, so that the requests of all
+fronts merge into the same batches; the cache and its in-flight dedup; the keys' requests and tokens per
+minute; admission's queue; calibration) and answers the fronts' calls on a Unix socket
+(gateway/runtime_link.py). It speaks no HTTP. Started by the supervisor (gateway/workers.py) as
+`python -m gateway.runtime_process`, with the socket and config paths in its environment.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import sys
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import msgspec
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.registry import Collector
+
+from . import service
+from .auth import ApiKey, KeyStore
+from .config import ConfigError, load_config
+from .errors import GatewayError
+from .observability import ModelGauges, record_batch
+from .routes import clear_cache, model_list, readiness
+from .runtime_link import (
+    CONFIG_ENV,
+    FALLBACK_KEY_ENV,
+    SOCKET_ENV,
+    WORKERS_ENV,
+    Call,
+    EmbedArgs,
+    Failure,
+    Generation,
+    Reply,
+    TakeArgs,
+    Vectors,
+    frame,
+    generation_path,
+    read_frame,
+)
+from .schemas import Health
+from .state import Gateway
+
+log = logging.getLogger("gateway")
+
+_CALL = msgspec.msgpack.Decoder(Call)
+_ENCODER = msgspec.msgpack.Encoder()
+
+
+def _key(gw: Gateway, digest: bytes | None, admin: bool = False) -> ApiKey | None:
+    # The front checked the key against its view of the config; the runtime's is the one that counts (a reload
+    # may have removed the key, or its rights, since).
+    if digest is None:
+        return None
+    key = gw.keys.find(digest)
+    if key is None:
+        raise GatewayError(401, "invalid API key", code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+    if admin and not key.admin:
+        raise GatewayError(403, "this API key may not use admin endpoints", code="forbidden")
+    return key
+
+
+async def _embed(gw: Gateway, raw: msgspec.Raw, notes: dict[str, Any]) -> Vectors:
+    args = msgspec.msgpack.decode(raw, type=EmbedArgs)
+    key = _key(gw, args.key)
+    if key is not None:
+        await key.charge_request()
+    vectors, tokens, output = await service.request_vectors(gw, args.body, key, notes, args.deadline_s)
+    ranges = output.ranges
+    return Vectors(
+        data=vectors.astype("<f4", copy=False).tobytes(),
+        rows=len(vectors),
+        tokens=tokens,
+        kind=output.kind,
+        packed=output.packed,
+        starts=ranges.starts.astype("<f4").tobytes() if ranges is not None else None,
+        steps=ranges.steps.astype("<f4").tobytes() if ranges is not None else None,
+        notes=notes,
+    )
+
+
+async def _take(gw: Gateway, raw: msgspec.Raw, notes: dict[str, Any]) -> float:
+    args = msgspec.msgpack.decode(raw, type=TakeArgs)
+    key = _key(gw, args.key)
+    window = key.requests if key is not None else None
+    if window is None:
+        return 0.0
+    got = window.take(args.amount) if args.take else window.wait_for(args.amount)
+    return float(await got) if asyncio.iscoroutine(got) else float(got)  # type: ignore[arg-type]
+
+
+async def _models(gw: Gateway, raw: msgspec.Raw, notes: dict[str, Any]) -> Any:
+    key = _key(gw, msgspec.msgpack.decode(raw, type=bytes))
+    assert key is not None
+    return model_list(gw, key)
+
+
+async def _ready(gw: Gateway, raw: msgspec.Raw, notes: dict[str, Any]) -> Any:
+    digest = msgspec.msgpack.decode(raw, type=bytes | None)
+    key = gw.keys.find(digest) if digest is not None else None
+    return readiness(gw, key)
+
+
+async def _reload(gw: Gateway, raw: msgspec.Raw, notes: dict[str, Any]) -> Any:
+    try:
+        return await gw.reload()
+    except ConfigError as exc:
+        log.error("reload refused: %s", exc)
+        raise GatewayError(400, f"reload refused, the running config is kept: {exc}", code="invalid_config") from None
+
+
+async def _gauges(gw: Gateway, raw: msgspec.Raw, notes: dict[str, Any]) -> bytes:
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_ModelGauges(gw))
+    return generate_latest(registry)
+
+
+class _ModelGauges(Collector):
+    def __init__(self, gw: Gateway) -> None:
+        self.gw = gw
+
+    def collect(self) -> Any:
+        gauges = ModelGauges()
+        gauges.add(self.gw.model_status)
+        return gauges.collect()
+
+
+async def _cache_clear(gw: Gateway, raw: msgspec.Raw, notes: dict[str, Any]) -> Any:
+    return await clear_cache(gw, msgspec.msgpack.decode(raw, type=str | None))
+
+
+Op = Callable[[Gateway, msgspec.Raw, dict[str, Any]], Awaitable[Any]]
+OPS: dict[str, Op] = {
+    "embed": _embed,
+    "take": _take,
+    "models": _models,
+    "reload": _reload,
+    "cache_clear": _cache_clear,
+    "gauges": _gauges,
+    "ready": _ready,
+}
+
+
+class RuntimeServer:
+    """Answers the fronts' calls on `gw`, each call in its own task (many in flight per connection)."""
+
+    def __init__(self, gw: Gateway, workers: int = 0) -> None:
+        """`workers`: the fronts the supervisor starts (readiness waits for all of them to connect)."""
+        self.gw = gw
+        self.workers = workers
+        self.tasks: set[asyncio.Task[None]] = set()
+        #: Front worker pids, by connection.
+        self.fronts: dict[int, int] = {}
+
+    async def connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """Serve one front's connection until it closes."""
+        mine: dict[int, asyncio.Task[None]] = {}
+        try:
+            while True:
+                call = _CALL.decode(await read_frame(reader))
+                if call.op == "hello":
+                    self.fronts[id(writer)] = msgspec.msgpack.decode(call.args, type=int)
+                    continue
+                if call.op == "cancel":
+                    task = mine.get(msgspec.msgpack.decode(call.args, type=int))
+                    if task is not None:
+                        task.cancel()
+                    continue
+                task = asyncio.get_running_loop().create_task(self._answer(call, writer))
+                mine[call.id] = task
+                self.tasks.add(task)
+                task.add_done_callback(lambda t, i=call.id: (self.tasks.discard(t), mine.pop(i, None)))
+        except (asyncio.IncompleteReadError, ConnectionError, OSError):
+            pass  # the front went away (stopped, or restarted by uvicorn): its calls go with it
+        except msgspec.DecodeError as exc:
+            log.error("runtime link: undecodable call from a front (%s); closing its connection", exc)
+        finally:
+            self.fronts.pop(id(writer), None)
+            for task in list(mine.values()):
+                task.cancel()
+            writer.close()
+
+    async def _answer(self, call: Call, writer: asyncio.StreamWriter) -> None:
+        notes: dict[str, Any] = {}
+        op = OPS.get(call.op)
+        try:
+            if op is None:
+                raise GatewayError(500, f"unknown runtime call {call.op!r}", code="runtime_protocol")
+            value = await (self._ready(call.args) if call.op == "ready" else op(self.gw, call.args, notes))
+            reply = Reply(call.id, True, msgspec.Raw(_ENCODER.encode(value)))
+        except GatewayError as exc:
+            failure = Failure(exc.status, exc.message, exc.param, exc.code, exc.headers, notes)
+            reply = Reply(call.id, False, msgspec.Raw(_ENCODER.encode(failure)))
+        except asyncio.CancelledError:
+            return  # asked to by the front (its client left): nobody waits for an answer
+        except Exception as exc:
+            error_id = uuid.uuid4().hex[:16]
+            log.exception("runtime call %r failed (error id %s)", call.op, error_id)
+            failure = Failure(500, f"{type(exc).__name__} (error id {error_id})", code=error_id, notes=notes)
+            reply = Reply(call.id, False, msgspec.Raw(_ENCODER.encode(failure)))
+        if not writer.is_closing():
+            writer.write(frame(reply))
+
+    async def _ready(self, raw: msgspec.Raw) -> Health:
+        # Ready when the models are and every front worker is connected (a front restarted by uvicorn counts
+        # again once it has connected).
+        health = await _ready(self.gw, raw, {})
+        fronts = len(self.fronts)
+        health.workers = f"{fronts}/{self.workers}"
+        if fronts < self.workers:
+            health.status = "not ready"
+        return health
+
+
+async def run(gw: Gateway, socket_path: str, workers: int) -> None:
+    """Load the models, answer the fronts until SIGTERM/SIGINT (or the supervisor's exit), then drain."""
+    loop = asyncio.get_running_loop()
+    gw.registry.load_all(loop)
+    lag = loop.create_task(gw.watch_loop_lag())
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    # This config is new to the fronts (a restarted runtime read the file again), and so is each reload's: the
+    # number goes up before a reload is answered (on_reload runs inside it).
+    generation = Generation(generation_path(socket_path))
+    generation.bump()
+    gw.on_reload.append(generation.bump)
+    reloads: set[asyncio.Task[Any]] = set()
+
+    async def reload() -> None:
+        try:
+            await gw.reload()
+        except ConfigError as exc:
+            log.error("reload refused, the running config is kept: %s", exc)
+
+    def sighup() -> None:
+        # The supervisor passes its SIGHUP on to this process.
+        task = loop.create_task(reload())
+        reloads.add(task)
+        task.add_done_callback(reloads.discard)
+
+    loop.add_signal_handler(signal.SIGHUP, sighup)
+    parent = os.getppid()
+
+    async def orphaned() -> None:
+        # The supervisor killed outright: nobody will stop this process, so it stops itself.
+        while os.getppid() == parent:
+            await asyncio.sleep(1.0)
+        log.warning("runtime process: the supervisor is gone; stopping")
+        stop.set()
+
+    watch = loop.create_task(orphaned())
+    runtime = RuntimeServer(gw, workers)
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(socket_path)  # left by a runtime process that died: this one takes its place
+    server = await asyncio.start_unix_server(runtime.connection, socket_path, limit=1 << 30)
+    log.info("runtime process %d answering on %s", os.getpid(), socket_path)
+    try:
+        await stop.wait()
+    finally:
+        server.close()
+        # Drain: calls already taken finish (the fronts, stopped first, wait for them), within the timeout.
+        if runtime.tasks:
+            await asyncio.wait(list(runtime.tasks), timeout=gw.config.server.request_timeout_s)
+        for task in (lag, watch):
+            task.cancel()
+        await loop.run_in_executor(None, gw.registry.close)
+        await gw.close_shared()
+
+
+def main() -> int:
+    """`python -m gateway.runtime_process`: paths from the environment the supervisor set."""
+    from .plugins import load_plugins
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    config_path = os.environ[CONFIG_ENV]
+    config = load_config(config_path)
+    logging.getLogger().setLevel(config.server.log_level.upper())
+    plugins = load_plugins()
+    digest = os.environ.get(FALLBACK_KEY_ENV)
+    gw = Gateway(
+        config,
+        plugins.backends(),
+        broken=plugins.broken,
+        fallback_keys=KeyStore([f"sha256:{digest}"]) if digest else None,
+        config_path=config_path,
+        on_batch=record_batch,
+        placements=plugins.placements(),
+    )
+    asyncio.run(run(gw, os.environ[SOCKET_ENV], int(os.environ.get(WORKERS_ENV, "0"))))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,305 @@
+"""`[server] workers` > 1: a real `gateway serve` with two front workers and one runtime process, over HTTP."""
+
+from __future__ import annotations
+
+import base64
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from gateway.config import ConfigError, parse_config
+
+from .conftest import serve, wait_until
+from .upstream import ROOT, free_port
+
+ADMIN = "workers-admin-key-1"
+LIMITED = "workers-limited-key"
+LIMIT = 5
+TOML = f"""
+[auth]
+api_keys = ["{ADMIN}"]
+[[auth.keys]]
+key = "{LIMITED}"
+requests_per_minute = {LIMIT}
+[models.wordllama]
+backend = "wordllama"
+path = "pkg:wordllama"
+"""
+
+
+def _descendants(pid: int) -> set[int]:
+    """Every process below `pid`, from /proc (no psutil here)."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        children.setdefault(ppid, []).append(int(entry))
+    out: set[int] = set()
+    todo = [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            out.add(child)
+            todo.append(child)
+    return out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+class Cluster:
+    """`python -m gateway serve` with `workers` front workers, debug logging (answers name their worker)."""
+
+    def __init__(self, tmp: Path, workers: int = 2, extra: str = "") -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.config = tmp / f"workers-{self.port}.toml"
+        self.log = tmp / f"workers-{self.port}.log"
+        server = f'[server]\nport = {self.port}\nworkers = {workers}\nlog_level = "debug"\naccess_log = false\n'
+        self.config.write_text(server + extra + textwrap.dedent(TOML))
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+        env.pop("GATEWAY_API_KEYS", None)
+        with self.log.open("ab") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "gateway", "serve", "--config", str(self.config)],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=env,
+                cwd=ROOT,
+            )
+        wait_until(self._ready, f"the server on {self.url} ready ({self.log})", 120)
+
+    def _ready(self) -> bool:
+        if self.proc.poll() is not None:
+            raise RuntimeError(f"gateway serve exited: {self.log.read_text()[-3000:]}")
+        try:
+            return httpx.get(f"{self.url}/ready", timeout=2).status_code == 200
+        except httpx.TransportError:
+            return False
+
+    def post(self, key: str, body: dict, client: httpx.Client | None = None) -> httpx.Response:
+        """One request on a fresh connection (the kernel spreads new connections over the workers)."""
+        send = client.post if client is not None else httpx.post
+        return send(f"{self.url}/v1/embeddings", json=body, headers={"Authorization": f"Bearer {key}"}, timeout=60)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    c = Cluster(tmp_path_factory.mktemp("workers"))
+    try:
+        yield c
+    finally:
+        c.stop()
+
+
+def _vectors(response: httpx.Response) -> np.ndarray:
+    return np.array([np.frombuffer(base64.b64decode(d["embedding"]), np.float32) for d in response.json()["data"]])
+
+
+def test_workers_setting_is_checked():
+    assert parse_config("[server]\nworkers = 3\n").server.worker_count() == 3
+    assert parse_config('[server]\nworkers = "auto"\n').server.worker_count() == (os.cpu_count() or 1)
+    assert parse_config("").server.worker_count() == 1
+    for bad in ("0", '"many"', "1.5", "true"):
+        with pytest.raises(ConfigError, match=r'`\$.server.workers` must be a whole number >= 1 or "auto", got'):
+            parse_config(f"[server]\nworkers = {bad}\n")
+
+
+def test_models_ready_and_vectors_equal_the_single_process(cluster):
+    models = httpx.get(f"{cluster.url}/v1/models", headers={"Authorization": f"Bearer {ADMIN}"}).json()["data"]
+    assert [(m["id"], m["dimension"], m["ready"]) for m in models] == [("wordllama", 256, True)]
+    ready = httpx.get(f"{cluster.url}/ready", headers={"Authorization": f"Bearer {ADMIN}"})
+    assert ready.status_code == 200 and ready.json()["models"] == {"wordllama": "ready"}
+    texts = ["the front and the runtime", "one batch for every worker", "x"]
+    with serve(TOML, keys="config") as local:
+        for fmt in ("base64", "float", "int8"):
+            body = {"model": "wordllama", "input": texts, "encoding_format": fmt}
+            mine = local.post("/v1/embeddings", json=body, headers={"Authorization": f"Bearer {ADMIN}"}).json()
+            theirs = cluster.post(ADMIN, body).json()
+            assert [d["embedding"] for d in theirs["data"]] == [d["embedding"] for d in mine["data"]], fmt
+            assert theirs["usage"] == mine["usage"]
+    # An error raised at the runtime comes back whole.
+    r = cluster.post(ADMIN, {"model": "nope", "input": "x"})
+    assert r.status_code == 404 and "nope" in r.json()["error"]["message"]
+
+
+def test_a_keys_request_limit_holds_across_workers(cluster):
+    statuses: dict[str, list[int]] = {}
+    deadline = time.monotonic() + 60
+    # Fresh connections until both workers have answered for the key, LIMIT + some more requests in all.
+    while len(statuses) < 2 or sum(map(len, statuses.values())) < LIMIT + 3:
+        assert time.monotonic() < deadline, f"one worker answered everything: {statuses}"
+        r = cluster.post(LIMITED, {"model": "wordllama", "input": "hello"})
+        statuses.setdefault(r.headers["x-gateway-worker"], []).append(r.status_code)
+    codes = [c for cs in statuses.values() for c in cs]
+    assert codes.count(200) == LIMIT and set(codes) == {200, 429}, statuses
+
+
+def test_a_hit_computed_by_one_worker_is_served_by_another(cluster):
+    text = f"computed once, at the runtime {uuid.uuid4()}"
+    body = {"model": "wordllama", "input": text, "encoding_format": "base64"}
+    first = cluster.post(ADMIN, body)
+    assert first.status_code == 200 and first.headers["x-cache-hits"] == "0"
+    deadline = time.monotonic() + 60
+    while True:
+        assert time.monotonic() < deadline, "no other worker answered"
+        again = cluster.post(ADMIN, body)
+        if again.headers["x-gateway-worker"] != first.headers["x-gateway-worker"]:
+            break
+    assert again.status_code == 200 and again.headers["x-cache-hits"] == "1"
+    np.testing.assert_array_equal(_vectors(again), _vectors(first))
+
+
+def _both_workers(cluster: Cluster, key: str, body: dict) -> dict[str, list[int]]:
+    """Statuses by worker pid, of requests on fresh connections until both workers have answered."""
+    seen: dict[str, list[int]] = {}
+    deadline = time.monotonic() + 60
+    while len(seen) < 2:
+        assert time.monotonic() < deadline, f"one worker answered everything: {seen}"
+        r = cluster.post(key, body)
+        seen.setdefault(r.headers["x-gateway-worker"], []).append(r.status_code)
+    return seen
+
+
+def _http_requests(cluster: Cluster) -> float:
+    text = httpx.get(f"{cluster.url}/metrics").text
+    total = 0.0
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == "gateway_http_requests_total" and sample.labels["path"] == "/v1/embeddings":
+                total += sample.value
+    return total
+
+
+def test_metrics_add_up_every_worker_and_the_runtime(cluster):
+    before = _http_requests(cluster)
+    seen = _both_workers(cluster, ADMIN, {"model": "wordllama", "input": "counted"})
+    sent = sum(map(len, seen.values()))
+    assert _http_requests(cluster) - before == sent
+    text = httpx.get(f"{cluster.url}/metrics").text
+    assert 'gateway_model_ready{model="wordllama"} 1.0' in text  # the runtime's gauges
+    assert 'gateway_batch_size_count{model="wordllama"}' in text  # the runtime's counters, from its own files
+
+
+def test_ready_counts_the_workers(cluster):
+    r = httpx.get(f"{cluster.url}/ready")
+    assert r.status_code == 200 and r.json() == {"status": "ready", "models": {}, "workers": "2/2"}
+
+
+def test_reload_and_sighup_reach_every_worker_before_the_answer(cluster):
+    original = cluster.config.read_text()
+    body = {"model": "wordllama", "input": "after the reload"}
+    try:
+        cluster.config.write_text(original + '\n[[auth.keys]]\nkey = "workers-new-key-1"\n')
+        r = httpx.post(f"{cluster.url}/admin/reload", headers={"Authorization": f"Bearer {ADMIN}"}, timeout=60)
+        assert r.status_code == 200, r.text
+        # No worker may answer with the old keys once the reload is answered: the new key works on both.
+        assert all(codes == [200] * len(codes) for codes in _both_workers(cluster, "workers-new-key-1", body).values())
+        cluster.config.write_text(original + '\n[[auth.keys]]\nkey = "workers-new-key-2"\n')
+        cluster.proc.send_signal(signal.SIGHUP)
+        wait_until(lambda: cluster.post("workers-new-key-2", body).status_code == 200, "the SIGHUP reload", 60)
+        seen = _both_workers(cluster, "workers-new-key-2", body)
+        assert all(codes == [200] * len(codes) for codes in seen.values()), seen
+        gone = _both_workers(cluster, "workers-new-key-1", body)
+        assert all(codes == [401] * len(codes) for codes in gone.values()), gone
+    finally:
+        cluster.config.write_text(original)
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except OSError:
+        return ""
+
+
+class _Load:
+    """Threads sending single-text requests on fresh connections until stopped; each answer's status (or the
+    transport error's name) with the worker that gave it."""
+
+    def __init__(self, cluster: Cluster, threads: int = 4, texts: int = 1) -> None:
+        self.cluster = cluster
+        self.texts = texts
+        self.stop = threading.Event()
+        self.results: list[tuple[str, object]] = []
+        self.threads = [threading.Thread(target=self._run, args=(i,), daemon=True) for i in range(threads)]
+        for t in self.threads:
+            t.start()
+
+    def _run(self, n: int) -> None:
+        i = 0
+        while not self.stop.is_set():
+            i += 1
+            tag = uuid.uuid4()
+            body = {"model": "wordllama", "input": [f"load {n} {i} {k} {tag} " * 3 for k in range(self.texts)]}
+            try:
+                r = self.cluster.post(ADMIN, body)
+                self.results.append(
+                    (r.headers.get("x-gateway-worker", "?"), r.status_code if r.status_code == 200 else r.text)
+                )
+            except httpx.TransportError as exc:
+                self.results.append(("?", type(exc).__name__))
+
+    def finish(self) -> list[tuple[str, object]]:
+        self.stop.set()
+        for t in self.threads:
+            t.join(120)
+        return self.results
+
+
+def test_a_killed_worker_is_restarted_and_costs_only_its_own_requests(tmp_path):
+    c = Cluster(tmp_path)
+    try:
+        load = _Load(c)
+        wait_until(lambda: len({w for w, _ in load.results}) >= 2, "both workers answering", 60)
+        victim = int(next(w for w, status in load.results if w != "?"))
+        os.kill(victim, signal.SIGKILL)
+        wait_until(lambda: len({w for w, _ in load.results} - {str(victim), "?"}) >= 2, "a new worker answering", 120)
+        results = load.finish()
+        lost = [r for r in results if r[1] != 200]
+        # At most the requests the dead worker held (one per client thread), and only as lost connections.
+        assert len(lost) <= len(load.threads) and all(r[0] == "?" for r in lost), lost
+        wait_until(lambda: httpx.get(f"{c.url}/ready").json().get("workers") == "2/2", "2/2 workers ready", 60)
+    finally:
+        c.stop()
+
+
+def test_sigterm_leaves_no_process(tmp_path):
+    c = Cluster(tmp_path)
+    family = _descendants(c.proc.pid)
+    # The runtime process and two front workers at least (multiprocessing adds its resource tracker).
+    assert len(family) >= 3, family
+    assert c.post(ADMIN, {"model": "wordllama", "input": "before the end"}).status_code == 200
+    c.proc.send_signal(signal.SIGTERM)
+    assert c.proc.wait(60) == 0
+    wait_until(lambda: not any(_alive(p) for p in family), f"no process of {family} left", 30)
