@@ -2,8 +2,8 @@
 
 A sentence-transformers folder is a transformer (config.json, weights, tokenizer) plus `modules.json`,
 which lists what runs after it: pooling (`1_Pooling/config.json`), usually Normalize, sometimes Dense
-layers. This module reads that layout, names pooling modes with one vocabulary, and pools and normalizes
-token states as sentence-transformers does, so that every runtime serves the same vectors.
+layers. This module reads that layout, names pooling modes with one vocabulary, and pools, projects (Dense) and
+normalizes token states as sentence-transformers does, so that every runtime serves the same vectors.
 """
 
 from __future__ import annotations
@@ -80,9 +80,12 @@ class Layout:
     include_prompt: bool = True
     #: sentence-transformers lower-cases the text before its tokenizer (`do_lower_case`).
     do_lower_case: bool = False
-    #: Module types after pooling other than Normalize (Dense, LayerNorm, custom code): a runtime that cannot
-    #: run them must refuse the model rather than serve different vectors.
+    #: Module types other than Transformer, Pooling, Dense and Normalize (LayerNorm, custom code), or a Dense
+    #: where it is not between pooling and Normalize: a runtime that cannot run them must refuse the model
+    #: rather than serve different vectors.
     unsupported: tuple[str, ...] = ()
+    #: The folders of the Dense modules that run after pooling and before Normalize, in order (`read_dense`).
+    dense: tuple[Path, ...] = ()
     #: The folder holds a sentence-transformers `modules.json`.
     is_sentence_transformers: bool = False
 
@@ -100,6 +103,7 @@ def read_layout(root: Path) -> Layout:
     include_prompt = True
     normalize = False
     unsupported: list[str] = []
+    dense: list[Path] = []
     for module in modules:
         kind = str(module.get("type", ""))
         sub = inside(root, str(module.get("path", "")), str(modules_file))
@@ -109,6 +113,8 @@ def read_layout(root: Path) -> Layout:
             normalize = True
         elif kind.endswith(".Pooling"):
             pooling, include_prompt = _pooling(sub / "config.json")
+        elif kind.endswith(".Dense") and pooling is not None and not normalize:
+            dense.append(sub)
         else:
             unsupported.append(kind or repr(module))
     return Layout(
@@ -120,6 +126,7 @@ def read_layout(root: Path) -> Layout:
         include_prompt=include_prompt,
         do_lower_case=bool(_st_config(transformer_dir).get("do_lower_case", False)),
         unsupported=tuple(unsupported),
+        dense=tuple(dense),
         is_sentence_transformers=True,
     )
 
@@ -246,6 +253,212 @@ def pool(hidden: np.ndarray, mask: np.ndarray, mode: Pooling) -> np.ndarray:
 def l2_normalize(x: np.ndarray) -> np.ndarray:
     """Rows scaled to unit length (the epsilon torch's normalize uses, as sentence-transformers' Normalize)."""
     return x / np.clip(np.linalg.norm(x, axis=1, keepdims=True), 1e-12, None)
+
+
+# -- Dense projections after pooling (sentence-transformers' Dense module) --------------------------------
+
+# The activations a Dense module names (torch.nn classes, constructed without arguments as sentence-transformers
+# constructs them), in numpy: our name for each.
+_ACTIVATIONS = {
+    "Identity": "identity",
+    "Tanh": "tanh",
+    "ReLU": "relu",
+    "Sigmoid": "sigmoid",
+    "SiLU": "silu",
+    "GELU": "gelu",
+}
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class DenseLayer:
+    """One sentence-transformers Dense module: `activation(x @ weight.T + bias)`, plus `x` (or `x @ residual.T`)
+    when it uses a residual connection."""
+
+    #: [out_features, in_features], as torch's nn.Linear stores it.
+    weight: np.ndarray
+    bias: np.ndarray | None
+    #: One of the values of _ACTIVATIONS.
+    activation: str
+    use_residual: bool = False
+    #: [out, in]: the residual's projection when in and out features differ.
+    residual: np.ndarray | None = None
+
+    @property
+    def in_features(self) -> int:
+        return int(self.weight.shape[1])
+
+    @property
+    def out_features(self) -> int:
+        return int(self.weight.shape[0])
+
+    def tensors(self) -> dict[str, np.ndarray]:
+        """The weights under the names sentence-transformers saves them with (model.safetensors)."""
+        out = {"linear.weight": self.weight}
+        if self.bias is not None:
+            out["linear.bias"] = self.bias
+        if self.residual is not None:
+            out["residual.weight"] = self.residual
+        return out
+
+    def config(self) -> dict[str, Any]:
+        """What travels beside the weights where a folder's config.json cannot (a GGUF key)."""
+        return {
+            "in_features": self.in_features,
+            "out_features": self.out_features,
+            "bias": self.bias is not None,
+            "activation": self.activation,
+            "use_residual": self.use_residual,
+        }
+
+    @classmethod
+    def from_parts(cls, config: Mapping[str, Any], tensors: Mapping[str, np.ndarray], where: str) -> DenseLayer:
+        """A layer from `config()` and `tensors()` (read back from a GGUF); BackendError when they disagree."""
+        try:
+            weight = np.asarray(tensors["linear.weight"], dtype=np.float32).reshape(
+                int(config["out_features"]), int(config["in_features"])
+            )
+            bias = np.asarray(tensors["linear.bias"], dtype=np.float32) if config.get("bias") else None
+            residual = tensors.get("residual.weight")
+            if residual is not None:
+                residual = np.asarray(residual, dtype=np.float32).reshape(weight.shape)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise BackendError(f"{where}: the Dense layer it carries is incomplete or misshapen ({exc})") from exc
+        activation = str(config.get("activation"))
+        if activation not in _ACTIVATIONS.values():
+            raise BackendError(
+                f"{where}: Dense activation {activation!r} is not one of {sorted(_ACTIVATIONS.values())}"
+            )
+        layer = cls(weight, bias, activation, bool(config.get("use_residual")), residual)
+        layer.check(where)
+        return layer
+
+    def check(self, where: str) -> None:
+        if self.bias is not None and self.bias.shape != (self.out_features,):
+            raise BackendError(f"{where}: Dense bias of shape {self.bias.shape} for {self.out_features} outputs")
+        if self.use_residual and self.residual is None and self.in_features != self.out_features:
+            raise BackendError(
+                f"{where}: a residual Dense from {self.in_features} to {self.out_features} features "
+                "has no residual.weight"
+            )
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        y = x @ self.weight.T
+        if self.bias is not None:
+            y = y + self.bias
+        y = _activate(y, self.activation)
+        if self.use_residual:
+            y = y + (x if self.residual is None else x @ self.residual.T)
+        return y.astype(np.float32, copy=False)
+
+
+def _activate(y: np.ndarray, name: str) -> np.ndarray:
+    if name == "tanh":
+        return np.tanh(y)
+    if name == "relu":
+        return np.maximum(y, 0)
+    if name == "sigmoid":
+        return 1 / (1 + np.exp(-y))
+    if name == "silu":
+        return y / (1 + np.exp(-y))
+    if name == "gelu":  # torch's exact GELU (approximate="none"), as nn.GELU() computes it
+        from scipy.special import erf
+
+        return 0.5 * y * (1 + erf(y / np.sqrt(2)))
+    return y
+
+
+def _activation_name(config: Mapping[str, Any], where: Path, trust_remote_code: bool) -> str:
+    """Our name for the activation a Dense config names, as sentence-transformers 6 resolves it: a missing one
+    is Tanh (the constructor's default), and a path outside torch is Tanh too unless remote code is trusted."""
+    path = config.get("activation_function")
+    if path is None:
+        return "tanh"
+    path = str(path)
+    if not path.startswith("torch."):
+        if not trust_remote_code:
+            return "tanh"
+        raise BackendError(f"{where}: Dense activation {path!r} is custom code, which only the torch backend runs")
+    name = _ACTIVATIONS.get(path.rsplit(".", 1)[-1])
+    if name is None or not path.startswith("torch.nn."):
+        raise BackendError(
+            f"{where}: Dense activation {path!r} is not supported outside the torch backend "
+            f"(one of {', '.join(f'torch.nn.{k}' for k in _ACTIVATIONS)})"
+        )
+    return name
+
+
+def _dense_tensors(folder: Path) -> dict[str, np.ndarray]:
+    file = folder / "model.safetensors"
+    if file.is_file():
+        from safetensors.numpy import load_file
+
+        try:
+            return {k: np.asarray(v, dtype=np.float32) for k, v in load_file(str(file)).items()}
+        except (OSError, ValueError, RuntimeError) as exc:
+            raise BackendError(f"cannot read {file}: {exc}") from exc
+    file = folder / "pytorch_model.bin"
+    if not file.is_file():
+        raise BackendError(f"{folder}: a Dense module without model.safetensors or pytorch_model.bin")
+    try:
+        import torch
+    except ImportError as exc:
+        raise BackendError(f"{file} needs torch to read (or convert the model, which writes safetensors)") from exc
+    try:
+        state = torch.load(str(file), map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many types for a bad pickle
+        raise BackendError(f"cannot read {file}: {exc}") from exc
+    return {k: v.float().numpy() for k, v in state.items()}
+
+
+def read_dense(folder: Path, trust_remote_code: bool = False) -> DenseLayer:
+    """A Dense module's folder (config.json and weights), read as sentence-transformers 6 loads it."""
+    config = read_json(folder / "config.json")
+    if not isinstance(config, dict):
+        raise BackendError(f"{folder}/config.json: expected a JSON object")
+    for key in ("module_input_name", "module_output_name"):
+        if config.get(key) not in (None, "sentence_embedding"):
+            raise BackendError(f"{folder}: a Dense module on {config[key]!r} (not the sentence embedding)")
+    tensors = _dense_tensors(folder)
+    weight = tensors.get("linear.weight")
+    try:
+        n_in, n_out = int(config["in_features"]), int(config["out_features"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise BackendError(f"{folder}/config.json: no in_features/out_features ({exc})") from exc
+    if weight is None or weight.shape != (n_out, n_in):
+        shape = None if weight is None else weight.shape
+        raise BackendError(f"{folder}: linear.weight of shape {shape}, expected {(n_out, n_in)}")
+    # The constructor's default is a bias; the weights decide whether one was saved.
+    bias = tensors.get("linear.bias") if config.get("bias", True) else None
+    if config.get("bias", True) and bias is None:
+        raise BackendError(f"{folder}: config.json says bias but the weights have no linear.bias")
+    layer = DenseLayer(
+        weight=weight,
+        bias=bias,
+        activation=_activation_name(config, folder, trust_remote_code),
+        use_residual=bool(config.get("use_residual", False)),
+        residual=tensors.get("residual.weight"),
+    )
+    layer.check(str(folder))
+    return layer
+
+
+def dense_layers(layout: Layout, trust_remote_code: bool = False) -> tuple[DenseLayer, ...]:
+    """The folder's Dense modules after pooling, in order, checked to chain (each one's input is the last's
+    output)."""
+    layers = tuple(read_dense(folder, trust_remote_code) for folder in layout.dense)
+    for before, after, folder in zip(layers, layers[1:], layout.dense[1:], strict=False):
+        if before.out_features != after.in_features:
+            raise BackendError(
+                f"{folder}: takes {after.in_features} features, the Dense before gives {before.out_features}"
+            )
+    return layers
+
+
+def apply_dense(x: np.ndarray, layers: Sequence[DenseLayer]) -> np.ndarray:
+    """Pooled vectors [n, dim] through the Dense layers, as sentence-transformers runs them (before Normalize)."""
+    for layer in layers:
+        x = layer(np.asarray(x, dtype=np.float32))
+    return x
 
 
 def read_prompts(folder: Path) -> tuple[dict[str, str], str | None]:
@@ -437,6 +650,9 @@ def adversarial_texts() -> tuple[str, ...]:
 
 GGUF_PROMPTS_KEY = "sentence_transformers.prompts"
 GGUF_DEFAULT_PROMPT_KEY = "sentence_transformers.default_prompt_name"
+#: Dense layers the runtime does not apply itself, applied by the gateway after pooling: under this prefix,
+#: `<i>.config` (JSON of DenseLayer.config) and `<i>.<tensor name>` (float32 arrays, row-major).
+GGUF_DENSE_PREFIX = "sentence_transformers.dense."
 _GGUF_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
 
 
@@ -445,13 +661,16 @@ def _gguf_string(fh: BinaryIO) -> str:
     return fh.read(n).decode("utf-8", errors="replace")
 
 
-def _gguf_value(fh: BinaryIO, kind: int) -> Any:
+def _gguf_value(fh: BinaryIO, kind: int, keep_array: bool = False) -> Any:
     if kind == 8:
         return _gguf_string(fh)
-    if kind == 9:  # arrays (the vocabulary) are skipped: nothing here needs them
+    if kind == 9:  # arrays (the vocabulary) are skipped unless asked for: only the Dense weights are needed
         item, n = struct.unpack("<IQ", fh.read(12))
         if item in _GGUF_SCALARS:
-            fh.seek(struct.calcsize(_GGUF_SCALARS[item]) * n, 1)
+            fmt = _GGUF_SCALARS[item]
+            if keep_array:
+                return np.frombuffer(fh.read(struct.calcsize(fmt) * n), dtype=np.dtype(fmt)).copy()
+            fh.seek(struct.calcsize(fmt) * n, 1)
         else:
             for _ in range(n):
                 _gguf_value(fh, item)
@@ -462,8 +681,9 @@ def _gguf_value(fh: BinaryIO, kind: int) -> Any:
     return struct.unpack(fmt, fh.read(struct.calcsize(fmt)))[0]
 
 
-def read_gguf_metadata(path: Path) -> dict[str, Any]:
-    """A GGUF file's scalar and string metadata (arrays left out); BackendError when it is not GGUF."""
+def read_gguf_metadata(path: Path, arrays_under: str | None = None) -> dict[str, Any]:
+    """A GGUF file's scalar and string metadata, and the numeric arrays of keys that start with `arrays_under`
+    (numpy; other arrays left out); BackendError when it is not GGUF."""
     try:
         with path.open("rb") as fh:
             if fh.read(4) != b"GGUF":
@@ -473,9 +693,25 @@ def read_gguf_metadata(path: Path) -> dict[str, Any]:
             for _ in range(n_kv):
                 key = _gguf_string(fh)
                 (kind,) = struct.unpack("<I", fh.read(4))
-                value = _gguf_value(fh, kind)
+                value = _gguf_value(fh, kind, arrays_under is not None and key.startswith(arrays_under))
                 if value is not None:
                     meta[key] = value
             return meta
     except (OSError, struct.error, ValueError) as exc:
         raise BackendError(f"cannot read the metadata of {path}: {exc}") from exc
+
+
+def gguf_dense_layers(path: Path, meta: Mapping[str, Any]) -> tuple[DenseLayer, ...]:
+    """The Dense layers our GGUF converter stored under GGUF_DENSE_PREFIX (read with that prefix's arrays)."""
+    layers = []
+    while isinstance(config := meta.get(f"{GGUF_DENSE_PREFIX}{len(layers)}.config"), str):
+        prefix = f"{GGUF_DENSE_PREFIX}{len(layers)}."
+        tensors = {
+            k.removeprefix(prefix): v for k, v in meta.items() if k.startswith(prefix) and k != prefix + "config"
+        }
+        try:
+            parsed = json.loads(config)
+        except ValueError as exc:
+            raise BackendError(f"{path}: {prefix}config is not JSON: {exc}") from exc
+        layers.append(DenseLayer.from_parts(parsed, tensors, f"{path} ({prefix}*)"))
+    return tuple(layers)

@@ -30,8 +30,9 @@ PACKED = {
     "onnx": {"bert-cls", "mpnet", "xlm-roberta", "qwen3"},
     "onnx-int8": {"bert-cls", "mpnet", "xlm-roberta", "qwen3"},
     # llama.cpp takes each input as its own sequence of a batch: nothing is padded.
-    "gguf": {"bert-cls", "xlm-roberta", "qwen3"},
-    "gguf-q8_0": {"bert-cls", "xlm-roberta", "qwen3"},
+    # Sliding windows (ModernBERT, Gemma) are masks over positions, which each sequence keeps.
+    "gguf": {"bert-cls", "xlm-roberta", "modernbert", "qwen3", "gemma3"},
+    "gguf-q8_0": {"bert-cls", "xlm-roberta", "modernbert", "qwen3", "gemma3"},
 }
 CELLS = [
     (family, backend)
@@ -150,3 +151,34 @@ def test_onnx_refuses_a_folder_whose_positions_cannot_hold_its_limit(tmp_path) -
     assert hf.max_input_tokens(hf.read_layout(folder)) == LIMIT - 2
     with pytest.raises(BackendError, match=r"sentence-transformers itself cannot encode .* \(limit 128 tokens\)"):
         convert(OnnxConverter(), folder, tmp_path / "out")
+
+
+def test_dense_the_runtime_does_not_apply_is_applied_after_pooling(tmp_path) -> None:
+    """Dense modules with a bias, an activation and a change of width (32 -> 16 Tanh -> 24 GELU) after a BERT:
+    the onnx backend reads them beside the graph, and the GGUF carries them under the gateway's own keys
+    (llama.cpp applies only EmbeddingGemma's bias-free pair); both apply them after pooling and before
+    Normalize, as sentence-transformers does, through HTTP."""
+    from gateway_gguf import GgufConverter
+    from gateway_onnx import OnnxConverter
+    from sentence_transformers import SentenceTransformer
+
+    from .zoo import build
+
+    folder = build("bert-cls", tmp_path / "dense", dense=((32, 16, True, "Tanh"), (16, 24, True, "GELU")))
+    convert(OnnxConverter(), folder, tmp_path / "onnx")
+    convert(GgufConverter(), folder, tmp_path / "f16.gguf")
+    assert hf.read_gguf_metadata(tmp_path / "f16.gguf")[f"{hf.GGUF_DENSE_PREFIX}1.config"]
+    config = (
+        f'[models.onnx]\nbackend = "onnx"\npath = "{tmp_path / "onnx"}"\n'
+        f'[models.gguf]\nbackend = "gguf"\npath = "{tmp_path / "f16.gguf"}"\n'
+    )
+    want = SentenceTransformer(str(folder), device="cpu").encode(TEXTS, convert_to_numpy=True)
+    with serve(config, plugins=()) as c:
+        for model in ("onnx", "gguf"):
+            r = c.post("/v1/embeddings", json={"model": model, "input": TEXTS, "truncate": True})
+            assert r.status_code == 200, r.text
+            got = np.array([d["embedding"] for d in r.json()["data"]], dtype=np.float64)
+            assert got.shape == (len(TEXTS), 24)
+            cos = _cosines(got, want.astype(np.float64))
+            print(f"Dense (bias, Tanh, GELU) on {model}: min cosine {cos.min():.6f}")
+            assert cos.min() >= FLOOR["gguf" if model == "gguf" else "onnx"], (model, float(cos.min()))

@@ -329,9 +329,17 @@ FAMILIES: dict[str, Family] = {
 }
 
 
-def build(name: str, dst: Path, *, seed: int = 0, **config_changes: Any) -> Path:
+def build(
+    name: str,
+    dst: Path,
+    *,
+    seed: int = 0,
+    dense: tuple[tuple[int, int, bool, str], ...] | None = None,
+    **config_changes: Any,
+) -> Path:
     """The family `name` as a sentence-transformers folder at `dst` (its raw transformer beside it), with
-    `config_changes` made to its transformers config (a broken folder on purpose, say)."""
+    `config_changes` made to its transformers config (a broken folder on purpose, say), and `dense` (in, out,
+    bias, torch.nn activation class name) instead of the family's Dense modules."""
     import torch
     from sentence_transformers import SentenceTransformer
     from sentence_transformers.sentence_transformer.modules import Dense, Normalize, Pooling, Transformer
@@ -348,8 +356,9 @@ def build(name: str, dst: Path, *, seed: int = 0, **config_changes: Any) -> Path
     tokenizer.save_pretrained(str(raw))
     modules: list[Any] = [Transformer(str(raw), max_seq_length=LIMIT)]
     modules.append(Pooling(HIDDEN, pooling_mode=family.pooling))
-    for n_in, n_out in family.dense:
-        modules.append(Dense(n_in, n_out, bias=False, activation_function=torch.nn.Identity()))
+    layers = dense if dense is not None else tuple((n_in, n_out, False, "Identity") for n_in, n_out in family.dense)
+    for n_in, n_out, bias, activation in layers:
+        modules.append(Dense(n_in, n_out, bias=bias, activation_function=getattr(torch.nn, activation)()))
     modules.append(Normalize())
     st = SentenceTransformer(modules=modules, device="cpu", prompts=family.prompts or None)
     st.save(str(dst))
@@ -370,11 +379,7 @@ def position_texts() -> Iterator[str]:
 
 #: What a backend refuses, and the words its refusal must carry (the test cells and the README's table).
 REFUSED: dict[tuple[str, str], str] = {
-    ("gemma3", "onnx"): "Dense",
-    ("gemma3", "onnx-int8"): "Dense",
-    ("gemma3", "gguf"): "Dense",
     ("mpnet", "gguf"): "llama.cpp has no MPNet graph",
-    ("modernbert", "gguf"): "modern-bert graph is not written by this converter",
 }
 
 

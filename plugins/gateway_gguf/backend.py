@@ -142,6 +142,8 @@ class GgufBackend(Backend):
         # The source's own tokenizer (None for a GGUF without one: llama.cpp's tokenizer then).
         self._hf_tok: Any = None
         self._prompt_lengths: hf.PromptLengths | None = None
+        # Dense layers the runtime does not apply itself (our converter's keys), applied after pooling.
+        self._dense: tuple[hf.DenseLayer, ...] = ()
 
     # -- loading -----------------------------------------------------------------------------------------
 
@@ -170,7 +172,8 @@ class GgufBackend(Backend):
 
     def _read_metadata(self, path: Path) -> dict[str, Any]:
         """What our converter wrote beside llama.cpp's keys: the tokenizer, normalize, prompts."""
-        meta = hf.read_gguf_metadata(path)
+        meta = hf.read_gguf_metadata(path, arrays_under=hf.GGUF_DENSE_PREFIX)
+        self._dense = hf.gguf_dense_layers(path, meta)
         self._hf_tok = None
         if isinstance(meta.get(HF_TOKENIZER_KEY), str):
             from tokenizers import Tokenizer
@@ -265,6 +268,10 @@ class GgufBackend(Backend):
         self._threads, self._pooling = threads, _POOLING_NAMES[pooling]
         self._vocab = lib.llama_model_get_vocab(model)
         self._dim = int(lib.llama_model_n_embd(model))
+        if self._dense and self._dense[0].in_features != self._dim:
+            dim = self._dim
+            self.close()
+            raise BackendError(f"{path}: its first Dense layer takes {self._dense[0].in_features} features, not {dim}")
         # One reusable batch: token, pos, seq_id and logits arrays sized for a full micro-batch.
         self._batch = lib.llama_batch_init(n_batch, 0, 1)
         log.info(
@@ -278,7 +285,7 @@ class GgufBackend(Backend):
             o.seqs_per_call,
         )
         return ModelInfo(
-            dimension=self._dim,
+            dimension=self._dense[-1].out_features if self._dense else self._dim,
             max_input_tokens=self._max_tokens,
             normalized=self._normalize,
             # A core batch of 32 becomes a few packed llama.cpp calls (see seqs_per_call).
@@ -382,6 +389,7 @@ class GgufBackend(Backend):
                 used += len(tokens)
             if chunk:
                 self._run(chunk, out, rows)
+        out = hf.apply_dense(out, self._dense)
         return l2_normalize(out) if self._normalize and len(out) else out
 
     def _embed_without_prompts(self, seqs: list[list[int]], skip: list[int]) -> np.ndarray:
@@ -419,4 +427,7 @@ class GgufBackend(Backend):
                 ).copy()
                 mask = hf.exclude_prompts(np.ones((1, len(tokens)), dtype=np.int64), [skip[i]])
                 out[i] = hf.pool(states[None], mask, self._pooling)[0]
+        # A Dense the runtime applies ran on each token's state here: it is linear with no bias (see the
+        # converter's _runtime_dense), so pooling afterwards gives the same vector.
+        out = hf.apply_dense(out, self._dense)
         return l2_normalize(out) if self._normalize and len(out) else out

@@ -1,10 +1,13 @@
-"""`gateway convert SRC --to gguf --out FILE [--type f16|q8_0]`: a BERT (WordPiece) model folder -> GGUF.
+"""`gateway convert SRC --to gguf --out FILE [--type f16|q8_0]`: an embedding model folder -> GGUF.
 
-Written against the GGUF spec and what llama.cpp's `bert` architecture reads: hyper-parameters under
-`bert.*`, tensors named by gguf.TensorNameMap, and a WordPiece vocabulary rewritten to llama.cpp's
-convention (word-start tokens carry U+2581, `##` continuations lose the `##`, [bracketed] tokens are
-CONTROL). After writing, the GGUF's tokenizer is checked against tokenizer.json on sample texts: a model
-that tokenizes differently would serve quietly wrong vectors, so a mismatch fails the conversion.
+Written against the GGUF spec and what llama.cpp's embedding graphs read (`bert` for BERT and XLM-RoBERTa,
+`modern-bert`, `qwen3`, `gemma-embedding`), with the keys and tensor names llama.cpp's own converter writes
+for them at the runtime's version: hyper-parameters under `<arch>.*`, tensors named by gguf.TensorNameMap,
+and a WordPiece vocabulary rewritten to llama.cpp's convention (word-start tokens carry U+2581, `##`
+continuations lose the `##`, [bracketed] tokens are CONTROL). Dense modules after pooling go where llama.cpp
+applies them itself (EmbeddingGemma's two projections), else under our own keys for the gateway to apply.
+After writing, the GGUF's vectors are checked against sentence-transformers' own on the source folder: a
+model that computes differently would serve quietly wrong vectors, so a mismatch fails the conversion.
 """
 
 from __future__ import annotations
@@ -45,12 +48,17 @@ _SKIP_SUFFIXES = ("position_ids",)
 
 #: model_type -> the llama.cpp architecture we write for it (llama.cpp's embedding graphs that run it as
 #: sentence-transformers does: bidirectional bert, or a causal decoder pooled at its last token).
-ARCHITECTURES = {"bert": "bert", "xlm-roberta": "bert", "roberta": "bert", "qwen3": "qwen3"}
+ARCHITECTURES = {
+    "bert": "bert",
+    "xlm-roberta": "bert",
+    "roberta": "bert",
+    "qwen3": "qwen3",
+    "modernbert": "modern-bert",
+    "gemma3_text": "gemma-embedding",
+}
 #: Why the others are refused.
 _REFUSED = {
     "mpnet": "llama.cpp has no MPNet graph: its relative attention bias has no counterpart",
-    "modernbert": "llama.cpp's modern-bert graph is not written by this converter yet; serve it with torch or onnx",
-    "gemma3_text": "EmbeddingGemma's Dense projections are not written by this converter; serve it with torch",
 }
 
 
@@ -87,6 +95,10 @@ class _Source:
                 f"{f' ({why})' if why else ''}; it writes {', '.join(sorted(ARCHITECTURES))}"
             )
         self.model_type = model_type
+        why = _arch_refusal(model_type, self.config)
+        if why:
+            raise BackendError(f"{root}: {why}")
+        self.dense = hf.dense_layers(layout)
         if self.config.get("position_embedding_type", "absolute") != "absolute":
             raise BackendError(f"{root}: only absolute position embeddings are supported by llama.cpp's bert")
         # RoBERTa-style positions start after the padding index: llama.cpp's bert starts at 0, so the rows before
@@ -187,6 +199,58 @@ class _Source:
         return [by_id[i] for i in range(len(by_id))], specials, normalizer
 
 
+def _arch_refusal(model_type: str, cfg: dict[str, Any]) -> str:
+    """Why llama.cpp's graph for this model type would compute something else than transformers, or ""."""
+    if model_type == "modernbert":
+        biased = [k for k in ("attention_bias", "mlp_bias", "norm_bias") if cfg.get(k)]
+        if biased:
+            return f"llama.cpp's modern-bert graph has no biases ({', '.join(biased)} set in config.json)"
+    if model_type == "gemma3_text":
+        if not cfg.get("use_bidirectional_attention"):
+            return "a Gemma 3 with causal attention is a text generator; llama.cpp's gemma-embedding is bidirectional"
+        head_dim = cfg.get("head_dim")
+        if cfg.get("query_pre_attn_scalar", head_dim) != head_dim:
+            return "llama.cpp's gemma-embedding scales attention by head_dim, not query_pre_attn_scalar"
+    if model_type in ("modernbert", "gemma3_text"):
+        for kind, params in _rope_layers(cfg).items():
+            if params.get("rope_type", "default") != "default":
+                return f"RoPE scaling {params.get('rope_type')!r} ({kind}) is not written by this converter"
+    return ""
+
+
+def _rope_layers(cfg: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """{layer type: RoPE parameters} from transformers 5's rope_parameters (one set, or one per layer type)."""
+    params = cfg.get("rope_parameters")
+    if not isinstance(params, dict):
+        return {}
+    if all(isinstance(v, dict) for v in params.values()):
+        return {str(k): v for k, v in params.items()}
+    return {"full_attention": params}
+
+
+def _swa_layers(cfg: dict[str, Any], n_layers: int) -> list[bool]:
+    """Which layers attend in a sliding window, from config.json's layer_types (ModernBERT's
+    global_attn_every_n_layers where it has none): written per layer, so llama.cpp needs no pattern rule."""
+    types = cfg.get("layer_types")
+    if isinstance(types, list) and len(types) == n_layers:
+        return ["sliding" in str(t) for t in types]
+    every = int(cfg.get("global_attn_every_n_layers") or 1)
+    return [i % every != 0 for i in range(n_layers)]
+
+
+def _runtime_dense(source: _Source, hidden: int) -> bool:
+    """Whether llama.cpp applies the folder's Dense modules itself: its gemma-embedding graph multiplies the
+    pooled vector by dense_2 then dense_3, with no bias and no activation, from and back to the hidden size."""
+    d = source.dense
+    return (
+        ARCHITECTURES[source.model_type] == "gemma-embedding"
+        and len(d) == 2
+        and all(x.bias is None and x.activation == "identity" and not x.use_residual for x in d)
+        and d[0].in_features == hidden
+        and d[1].out_features == hidden
+    )
+
+
 def _gguf_vocab(tokens: list[str], specials: set[str], n_rows: int) -> tuple[list[str], list[int]]:
     """llama.cpp's spelling of a WordPiece vocabulary and the token types.
 
@@ -269,7 +333,12 @@ class GgufConverter(Converter):
     def _write(self, source: _Source, path: Path, qtype: str, gguf: Any) -> None:
         cfg = source.config
         arch_name = ARCHITECTURES[source.model_type]
-        arch = gguf.MODEL_ARCH.QWEN3 if arch_name == "qwen3" else gguf.MODEL_ARCH.BERT
+        arch = {
+            "bert": gguf.MODEL_ARCH.BERT,
+            "qwen3": gguf.MODEL_ARCH.QWEN3,
+            "modern-bert": gguf.MODEL_ARCH.MODERN_BERT,
+            "gemma-embedding": gguf.MODEL_ARCH.GEMMA_EMBEDDING,
+        }[arch_name]
         try:
             n_layers = int(cfg["num_hidden_layers"])
             hidden = int(cfg["hidden_size"])
@@ -296,10 +365,14 @@ class GgufConverter(Converter):
                 name = hf_name.removeprefix("bert.").removeprefix("roberta.")
                 if name.startswith(_SKIP_PREFIXES) or name.endswith(_SKIP_SUFFIXES) or name == "lm_head.weight":
                     continue
+                if arch_name == "modern-bert" and name.startswith(("head.", "decoder.", "classifier.")):
+                    continue  # ModernBERT's masked-LM / classifier heads
                 mapped = tensor_map.get_type_and_name(name, try_suffixes=(".weight", ".bias"))
                 if mapped is None:
                     raise BackendError(f"tensor {hf_name!r} has no llama.cpp {arch_name} counterpart")
                 kind, new_name = mapped
+                if arch_name == "gemma-embedding" and name.endswith("norm.weight"):
+                    data = data + 1.0  # Gemma's RMSNorm scales by 1 + weight; llama.cpp's by the weight
                 if kind == gguf.MODEL_TENSOR.TOKEN_EMBD:
                     n_vocab_rows = data.shape[0]
                 if kind == gguf.MODEL_TENSOR.POS_EMBD and source.position_offset:
@@ -312,6 +385,22 @@ class GgufConverter(Converter):
                 n_tensors += 1
             if not n_vocab_rows:
                 raise BackendError(f"{source.model_dir}: no word-embedding tensor found")
+            runtime_dense = _runtime_dense(source, hidden)
+            if runtime_dense:
+                # Where and how llama.cpp's converter puts EmbeddingGemma's projections: the runtime applies them.
+                for prefix, layer in zip(("dense_2", "dense_3"), source.dense, strict=True):
+                    array, raw = self._encode(layer.weight, gguf.MODEL_TENSOR.DENSE_2_OUT, qtype, gguf)
+                    writer.add_tensor(f"{prefix}.weight", array, raw_dtype=raw)
+                    writer.add_dense_features_dims(prefix, layer.in_features, layer.out_features)
+                    n_tensors += 1
+            elif source.dense:
+                # llama.cpp refuses tensors its graph does not create: the gateway applies these after pooling.
+                self.say(f"{len(source.dense)} Dense module(s) stored for the gateway to apply after pooling")
+                for i, layer in enumerate(source.dense):
+                    writer.add_string(f"{hf.GGUF_DENSE_PREFIX}{i}.config", json.dumps(layer.config()))
+                    for tname, values in layer.tensors().items():
+                        flat = np.ascontiguousarray(values, dtype=np.float32).ravel()
+                        writer.add_array(f"{hf.GGUF_DENSE_PREFIX}{i}.{tname}", [float(v) for v in flat])
 
             writer.add_name(source.root.name)
             writer.add_context_length(n_ctx)
@@ -319,15 +408,25 @@ class GgufConverter(Converter):
             writer.add_feed_forward_length(ffn)
             writer.add_block_count(n_layers)
             writer.add_head_count(heads)
-            if arch_name == "qwen3":
+            if arch_name in ("qwen3", "gemma-embedding"):
                 head_dim = int(cfg.get("head_dim") or hidden // heads)
                 writer.add_head_count_kv(int(cfg.get("num_key_value_heads") or heads))
                 writer.add_key_length(head_dim)
                 writer.add_value_length(head_dim)
                 writer.add_rope_freq_base(float(_rope_theta(cfg)))
                 writer.add_layer_norm_rms_eps(float(cfg.get("rms_norm_eps", 1e-6)))
-                # A decoder: causal attention, as sentence-transformers runs it.
-                writer.add_causal_attention(True)
+                # Qwen3 is a decoder: causal attention, as sentence-transformers runs it; EmbeddingGemma is not.
+                writer.add_causal_attention(arch_name == "qwen3")
+                if arch_name == "gemma-embedding":
+                    self._add_windows(writer, cfg, n_layers, int(cfg["sliding_window"]))
+            elif arch_name == "modern-bert":
+                writer.add_head_count_kv(heads)
+                writer.add_layer_norm_eps(float(cfg.get("norm_eps", 1e-5)))
+                writer.add_causal_attention(False)
+                writer.add_rope_scaling_type(gguf.RopeScalingType.NONE)
+                # The FFN's gated activation (GELU -> GeGLU), under the key llama.cpp's converter uses.
+                writer.add_string(f"{arch_name}.hidden_activation", str(cfg.get("hidden_activation", "gelu")))
+                self._add_windows(writer, cfg, n_layers, int(cfg["local_attention"]))
             else:
                 writer.add_layer_norm_eps(float(cfg.get("layer_norm_eps", 1e-12)))
                 writer.add_causal_attention(False)
@@ -355,6 +454,8 @@ class GgufConverter(Converter):
                 self._add_vocab(writer, source, n_vocab_rows, gguf)
             elif kind == "Unigram":
                 _add_unigram(writer, source, n_vocab_rows, gguf)
+            elif kind == "BPE" and source.tokenizer_json()["model"].get("byte_fallback"):
+                _add_spm_bpe(writer, source, n_vocab_rows, gguf)
             elif kind == "BPE":
                 _add_bpe(writer, source, n_vocab_rows, gguf)
             else:
@@ -368,6 +469,20 @@ class GgufConverter(Converter):
             raise BackendError(f"cannot write {path}: {exc}") from exc
         finally:
             writer.close()
+
+    @staticmethod
+    def _add_windows(writer: Any, cfg: dict[str, Any], n_layers: int, window: int) -> None:
+        """Sliding-window attention as llama.cpp's symmetric window reads it (|i - j| <= window / 2: ModernBERT's
+        local_attention and EmbeddingGemma's config.json sliding_window are both that full width), which layers
+        use it, and each kind's RoPE base."""
+        writer.add_sliding_window(window)
+        writer.add_sliding_window_pattern(_swa_layers(cfg, n_layers))
+        rope = _rope_layers(cfg)
+        full = rope.get("full_attention", {}).get("rope_theta", cfg.get("global_rope_theta", _rope_theta(cfg)))
+        writer.add_rope_freq_base(float(full))
+        local = rope.get("sliding_attention", {}).get("rope_theta", cfg.get("local_rope_theta"))
+        if local is not None:
+            writer.add_rope_freq_base_swa(float(local))
 
     @staticmethod
     def _encode(data: np.ndarray, kind: Any, qtype: str, gguf: Any) -> tuple[np.ndarray, Any]:
@@ -600,3 +715,47 @@ def _add_bpe(writer: Any, source: _Source, n_rows: int, gguf: Any) -> None:
         writer, tok, hf.read_json(tcfg_file) if tcfg_file.is_file() else {}, {t: i for i, t in enumerate(tokens)}
     )
     writer.add_add_bos_token(False)
+
+
+def _add_spm_bpe(writer: Any, source: _Source, n_rows: int, gguf: Any) -> None:
+    """A SentencePiece-style BPE with byte fallback (Gemma's: U+2581-marked words, <0xNN> byte pieces) as
+    llama.cpp's `llama` (SPM) tokenizer, as llama.cpp's converter writes Gemma's. The gateway tokenizes with
+    the tokenizer.json the file carries; this vocabulary is what llama.cpp itself needs to load."""
+    tok = source.tokenizer_json()
+    vocab = tok["model"].get("vocab") or {}
+    by_id = {int(i): str(t) for t, i in vocab.items()}
+    added = _added(tok)
+    for i, (text, _special) in added.items():
+        by_id.setdefault(i, text)
+    size = max(by_id) + 1 if by_id else 0
+    if size > n_rows:
+        raise BackendError(f"vocabulary has {size} tokens but the embedding matrix only {n_rows} rows")
+    unk = tok["model"].get("unk_token")
+    tokens = [by_id.get(i, f"[PAD{i}]") for i in range(size)]
+    types = []
+    for i, text in enumerate(tokens):
+        if i in added and added[i][1]:
+            kind = gguf.TokenType.CONTROL
+        elif text == unk:
+            kind = gguf.TokenType.UNKNOWN
+        elif len(text) == 6 and text.startswith("<0x") and text.endswith(">"):
+            kind = gguf.TokenType.BYTE
+        elif i in by_id:
+            kind = gguf.TokenType.USER_DEFINED if i in added else gguf.TokenType.NORMAL
+        else:
+            kind = gguf.TokenType.UNUSED
+        types.append(int(kind))
+    _pad_rows(tokens, types, n_rows, gguf)
+    writer.add_tokenizer_model("llama")
+    writer.add_tokenizer_pre("default")
+    writer.add_token_list(tokens)
+    # SPM merges by score: earlier pieces (more frequent merges) first.
+    writer.add_token_scores([-float(i) for i in range(len(tokens))])
+    writer.add_token_types(types)
+    writer.add_add_space_prefix(False)
+    tcfg_file = source.model_dir / "tokenizer_config.json"
+    _special_ids(
+        writer, tok, hf.read_json(tcfg_file) if tcfg_file.is_file() else {}, {t: i for i, t in enumerate(tokens)}
+    )
+    writer.add_add_bos_token(True)
+    writer.add_add_eos_token(True)

@@ -84,6 +84,8 @@ class OnnxBackend(Backend):
         self._dimension = 0
         # Leading tokens of each input left out of pooling (a prompt under `include_prompt: false`).
         self._prompt_lengths: hf.PromptLengths | None = None
+        # The folder's Dense modules, applied after pooling (EmbeddingGemma's projections).
+        self._dense: tuple[hf.DenseLayer, ...] = ()
 
     # -- loading ------------------------------------------------------------------------------------
     def _paths(self) -> tuple[Path, Path]:
@@ -166,8 +168,9 @@ class OnnxBackend(Backend):
         model_dir, onnx_file = self._paths()
         layout = hf.read_layout(model_dir)
         if layout.unsupported:
-            # Dense, LayerNorm, custom modules: serving without them would return other vectors, silently.
+            # LayerNorm, custom modules: serving without them would return other vectors, silently.
             raise BackendError(f"{model_dir}: module {layout.unsupported[0]!r} is not supported by the onnx backend")
+        self._dense = hf.dense_layers(layout, self.trust_remote_code)
         self._pooling = opts.pooling or layout.pooling or "mean"
         self._normalize = layout.normalize if opts.normalize is None else opts.normalize
         self._max_tokens = hf.max_input_tokens(layout)
@@ -287,7 +290,7 @@ class OnnxBackend(Backend):
                 "token_type_ids": np.zeros_like(batch.input_ids),
             }
         )
-        return packing.pool(hidden, batch.spans, self._pooling, skip)
+        return hf.apply_dense(packing.pool(hidden, batch.spans, self._pooling, skip), self._dense)
 
     def _run(self, encodings: Sequence[Sequence[int]], skip: Sequence[int] | None) -> np.ndarray:
         width = max(len(e) for e in encodings)
@@ -305,8 +308,10 @@ class OnnxBackend(Backend):
             arrays["position_ids"] = np.tile(np.arange(width, dtype=np.int64), (n, 1))
         out = self._feed(arrays)
         if self._pooled_output:
+            # A graph's own sentence embedding (an optimum export of a sentence-transformers model) already
+            # ran the folder's modules.
             return out
-        return hf.pool(out, hf.exclude_prompts(mask, skip or []), self._pooling)
+        return hf.apply_dense(hf.pool(out, hf.exclude_prompts(mask, skip or []), self._pooling), self._dense)
 
     def embed(self, texts: Sequence[str], token_ids: Sequence[Sequence[int]]) -> np.ndarray:
         if not texts:

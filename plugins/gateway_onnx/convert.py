@@ -74,6 +74,15 @@ def _one_line(exc: BaseException) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
+def _bidirectional_window(model: Any) -> int | None:
+    """The sliding window of a bidirectional Gemma 3 (EmbeddingGemma) as transformers runs it, or None for any
+    other model: its forward takes a {layer type: mask} mapping instead of a 2D mask."""
+    config = model.config
+    if getattr(config, "model_type", "") != "gemma3_text" or not getattr(config, "use_bidirectional_attention", False):
+        return None
+    return int(config.sliding_window)
+
+
 class OnnxConverter(Converter):
     name: ClassVar[str] = "onnx"
     help: ClassVar[str] = "ONNX graph for the onnx backend (fp32, or dynamic int8 with --quantize int8)"
@@ -98,11 +107,13 @@ class OnnxConverter(Converter):
         if not (hf_dir / "config.json").is_file():
             raise BackendError(f"source {hf_dir} has no config.json: not a Hugging Face model folder")
         if layout.unsupported:
-            # The graph holds the transformer only; the onnx backend pools and normalizes, nothing else.
+            # The graph holds the transformer only; the onnx backend pools, projects (Dense) and normalizes.
             raise BackendError(
-                f"{src_dir}: sentence-transformers module {layout.unsupported[0]!r} after pooling is not supported "
+                f"{src_dir}: sentence-transformers module {layout.unsupported[0]!r} is not supported "
                 "by the onnx backend (it would serve other vectors); serve this model with the torch backend"
             )
+        # Read now: a Dense the backend cannot run (a custom activation) is refused before minutes of export.
+        dense = hf.dense_layers(layout, trust_remote_code)
         if out_dir.resolve() == src_dir.resolve():
             raise BackendError("--out must differ from the source folder")
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -138,7 +149,7 @@ class OnnxConverter(Converter):
                 self._mark(staged, packed, plan, reason)
                 # Replace atomically so a server reading DIR never sees half a file.
                 os.replace(staged, target)
-            self._copy_support_files(src_dir, hf_dir, out_dir)
+            self._copy_support_files(src_dir, hf_dir, out_dir, layout, dense)
             self.say(f"wrote {target} ({target.stat().st_size / 1e6:.1f} MB) in {time.perf_counter() - started:.1f}s")
             try:
                 self._check(model, src_dir, out_dir, quantize)
@@ -236,6 +247,7 @@ class OnnxConverter(Converter):
         # reads attention_mask as segment ids (1, 2, ... per input of a row, 0 on padding), from which it
         # builds the block-diagonal mask. A plain 0/1 mask is one segment per row, so it still works.
         names = ["input_ids", "attention_mask"] + [n for n in extra if n != "position_ids" or packed]
+        window = _bidirectional_window(model)
 
         class Wrapper(torch.nn.Module):
             def __init__(self, inner: Any) -> None:
@@ -254,6 +266,18 @@ class OnnxConverter(Converter):
                     kwargs["attention_mask"] = torch.where(same, 0.0, torch.finfo(torch.float32).min)
                     # Positions arrive from 0 for each input; the model's first one may be later.
                     kwargs["position_ids"] = kwargs["position_ids"] + int(plan.position_offset or 0)
+                elif window is not None:
+                    # Gemma 3 built bidirectional (EmbeddingGemma) makes its masks with torch.vmap, which the
+                    # exporter cannot trace; it takes them ready-made: every real key on global layers, real keys
+                    # within the window on sliding ones (transformers' _bidirectional_window_overlay).
+                    keys = kwargs["attention_mask"][:, None, None, :] > 0
+                    n = keys.shape[-1]
+                    near = (torch.arange(n)[:, None] - torch.arange(n)[None, :]).abs() < window
+                    low = torch.finfo(torch.float32).min
+                    kwargs["attention_mask"] = {
+                        "full_attention": torch.where(keys, 0.0, low),
+                        "sliding_attention": torch.where(keys & near, 0.0, low),
+                    }
                 return self.inner(**kwargs).last_hidden_state
 
         # A fresh Module is in training mode, and the exporter restores the wrapper's mode afterwards,
@@ -306,7 +330,9 @@ class OnnxConverter(Converter):
         except Exception as exc:
             raise BackendError(f"int8 quantization failed: {_one_line(exc)}") from exc
 
-    def _copy_support_files(self, src_dir: Path, hf_dir: Path, out_dir: Path) -> None:
+    def _copy_support_files(
+        self, src_dir: Path, hf_dir: Path, out_dir: Path, layout: hf.Layout, dense: tuple[hf.DenseLayer, ...]
+    ) -> None:
         # Tokenizer and configs may sit in the Transformer module's subfolder (older sentence-transformers
         # layouts); everything lands flat in DIR, where the backend looks.
         for folder in dict.fromkeys((hf_dir, src_dir)):
@@ -328,6 +354,14 @@ class OnnxConverter(Converter):
                         ignore=shutil.ignore_patterns(*(f"*{s}" for s in _WEIGHT_SUFFIXES)),
                     )
             (out_dir / "modules.json").write_text(json.dumps(modules, indent=2) + "\n", encoding="utf-8")
+        # The Dense weights travel beside the graph (the backend applies them after pooling), as safetensors
+        # whatever the source saved, so serving needs no torch.
+        from safetensors.numpy import save_file
+
+        for folder, layer in zip(layout.dense, dense, strict=True):
+            target = out_dir / folder.relative_to(src_dir.resolve())
+            target.mkdir(parents=True, exist_ok=True)
+            save_file(layer.tensors(), str(target / "model.safetensors"))
         if not (out_dir / "tokenizer.json").is_file():
             # Older repos ship only vocab.txt; the fast tokenizer serializes one tokenizer.json from it.
             from transformers import AutoTokenizer
