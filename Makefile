@@ -13,6 +13,10 @@ export CMAKE_ARGS ?= -DGGML_NATIVE=ON -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAM
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
+# The llama-cpp-python sdist the lock pins vendors llama.cpp's own converter at the runtime's version: a test runs it
+# (tests/test_gguf.py). Fetched once, offline after that, by the lock's own hash.
+LLAMA_SDIST := $(VENV)/sdist/llama_cpp_python-$(shell sed -n 's/^llama-cpp-python==\([^ ]*\).*/\1/p' $(LOCK)).tar.gz
+
 MODELS := models/minilm-onnx/model.onnx models/minilm-onnx-int8/model.onnx models/minilm-f16.gguf models/minilm-q8_0.gguf
 
 .PHONY: serve test install models lint bench clean lock lock-upgrade test-latest
@@ -65,7 +69,13 @@ models/minilm-q8_0.gguf: plugins/gateway_gguf/convert.py | $(STAMP)
 serve: $(STAMP) models
 	$(PY) -m gateway serve --config gateway.toml
 
-test: $(STAMP) models
+$(LLAMA_SDIST): $(LOCK) | $(STAMP)
+	mkdir -p $(@D)
+	awk '/^llama-cpp-python==/{on=1} on{print} on && !/\\$$/{exit}' $(LOCK) > $(@D)/llama-cpp-python.txt
+	$(PY) -m pip download --quiet --no-deps --no-binary llama-cpp-python --require-hashes -r $(@D)/llama-cpp-python.txt -d $(@D)
+	touch $@
+
+test: $(STAMP) models $(LLAMA_SDIST)
 	$(PY) -m ruff check .
 	$(PY) -m pytest -q
 

@@ -296,3 +296,83 @@ def test_http_single_and_limit(gguf_client):
     too_long = " ".join(["word"] * 300)  # 302 tokens > 256
     r = gguf_client.post("/v1/embeddings", json={"model": "minilm-gguf", "input": too_long})
     assert r.status_code == 400, r.text
+
+
+def _llama_cpp_sdist() -> Path:
+    """The llama-cpp-python sdist the lock pins (`make test` fetches it into .venv/sdist/ by its hash): it vendors
+    llama.cpp's own converter at the runtime's version. GATEWAY_LLAMA_SDIST names another copy of it."""
+    import sys
+
+    import llama_cpp
+
+    default = Path(sys.prefix) / "sdist" / f"llama_cpp_python-{llama_cpp.__version__}.tar.gz"
+    path = Path(os.environ.get("GATEWAY_LLAMA_SDIST") or default)
+    if not path.is_file():
+        pytest.skip(f"no {path} (fetched by `make test`): llama.cpp's own converter is not at hand")
+    return path
+
+
+def test_a_gguf_written_by_llama_cpps_own_converter_serves_as_sentence_transformers(tmp_path) -> None:
+    """llama.cpp's `convert_hf_to_gguf.py` (from the pinned sdist, run offline) on the bundled MiniLM: the file
+    carries none of our keys (no tokenizer.json, no max_seq_length, no normalize flag), so the gateway serves it
+    with llama.cpp's own tokenizer and the pooling the file declares, and it must match sentence-transformers
+    through HTTP wherever llama.cpp's WordPiece cuts the text as the HF tokenizer does."""
+    import subprocess
+    import sys
+    import tarfile
+
+    from sentence_transformers import SentenceTransformer
+
+    from gateway import hf
+
+    from .conftest import serve
+    from .zoo import corpus
+
+    wanted = ("convert_hf_to_gguf.py", "conversion/", "gguf-py/")
+    with tarfile.open(_llama_cpp_sdist()) as tar:
+        members = [
+            m for m in tar.getmembers() if m.name.split("/vendor/llama.cpp/", 1)[-1].startswith(wanted) and m.isfile()
+        ]
+        tar.extractall(tmp_path, members=members, filter="data")
+    script = next(tmp_path.glob("*/vendor/llama.cpp/convert_hf_to_gguf.py"))
+    out = tmp_path / "minilm-llama-f16.gguf"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONPATH": ""}
+    done = subprocess.run(
+        [sys.executable, str(script), str(minilm.get_model_path()), "--outfile", str(out), "--outtype", "f16"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    meta = hf.read_gguf_metadata(out)
+    assert meta["bert.pooling_type"] == 1  # mean, from the folder's 1_Pooling
+    assert not any(k.startswith("sentence_transformers.") or k == "tokenizer.huggingface.json" for k in meta)
+
+    plain = list(corpus()[:40])
+    adversarial = list(hf.adversarial_texts())
+    texts = plain + adversarial
+    st = SentenceTransformer(str(minilm.get_model_path()), device="cpu")
+    with serve(f'[models.llama]\nbackend = "gguf"\npath = "{out}"\n', plugins=()) as client:
+        backend = client.app.state.gateway.registry.models["llama"].backend
+        assert backend._pooling == "mean" and backend._hf_tok is None
+        r = client.post("/v1/embeddings", json={"model": "llama", "input": texts, "truncate": True})
+        assert r.status_code == 200, r.text
+        got = np.array([d["embedding"] for d in r.json()["data"]], dtype=np.float64)
+        ids = backend.tokenize(texts)
+    want_ids = st.tokenizer(texts)["input_ids"]
+    same = [list(a) == list(b) for a, b in zip(ids, want_ids, strict=True)]
+    # Plain English cuts the same; the adversarial set shows where llama.cpp's WordPiece differs (Hangul, Indic
+    # marks, words over 100 characters), which a file without tokenizer.json cannot avoid.
+    assert all(same[: len(plain)])
+    want = st.encode(texts, convert_to_numpy=True).astype(np.float64)
+    cos = np.sum(got * want, axis=1) / np.linalg.norm(got, axis=1) / np.linalg.norm(want, axis=1)
+    # Within sentence-transformers' 256-token limit (the file declares only its 512 positions).
+    comparable = [i for i, s in enumerate(same) if s and len(ids[i]) <= st.max_seq_length]
+    worst = min(comparable, key=lambda i: cos[i])
+    print(
+        f"llama.cpp's own GGUF (f16): tokens {sum(same[: len(plain)])}/{len(plain)} plain, "
+        f"{sum(same[len(plain) :])}/{len(adversarial)} adversarial; min cosine {cos[worst]:.6f} over "
+        f"{len(comparable)} texts cut alike"
+    )
+    assert cos[worst] >= 0.999, (texts[worst], float(cos[worst]))
