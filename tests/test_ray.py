@@ -105,8 +105,8 @@ ZOO_ON_RAY = {
     "xlm-roberta": "gguf",
     "qwen3": "gguf",
     "mpnet": "onnx",
-    "modernbert": "onnx",
-    "gemma3": "torch",
+    "modernbert": "gguf",
+    "gemma3": "gguf",
 }
 
 

@@ -289,7 +289,7 @@ def _gguf_vocab(tokens: list[str], specials: set[str], n_rows: int) -> tuple[lis
 
 class GgufConverter(Converter):
     name: ClassVar[str] = "gguf"
-    help: ClassVar[str] = "GGUF for llama.cpp (BERT / WordPiece models), f16 or q8_0"
+    help: ClassVar[str] = "GGUF for llama.cpp (BERT, XLM-RoBERTa, ModernBERT, Qwen3, EmbeddingGemma), f16 or q8_0"
     _qtype: str = "f16"
 
     def add_arguments(self, parser: Any) -> None:
@@ -706,15 +706,22 @@ def _add_bpe(writer: Any, source: _Source, n_rows: int, gguf: Any) -> None:
     _pad_rows(tokens, types, n_rows, gguf)
     merges = [m if isinstance(m, str) else " ".join(m) for m in tok["model"].get("merges") or []]
     writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre("qwen2" if source.model_type == "qwen3" else "default")
+    bert_style = source.model_type == "modernbert"
+    writer.add_tokenizer_pre({"qwen3": "qwen2", "modernbert": "modern-bert"}.get(source.model_type, "default"))
     writer.add_token_list(tokens)
     writer.add_token_types(types)
     writer.add_token_merges(merges)
     tcfg_file = source.model_dir / "tokenizer_config.json"
-    _special_ids(
-        writer, tok, hf.read_json(tcfg_file) if tcfg_file.is_file() else {}, {t: i for i, t in enumerate(tokens)}
-    )
-    writer.add_add_bos_token(False)
+    tcfg = dict(hf.read_json(tcfg_file)) if tcfg_file.is_file() else {}
+    if bert_style:
+        # As llama.cpp's converter writes ModernBERT: its own tokenizer wraps the text in [CLS] ... [SEP] too (the
+        # gateway uses tokenizer.json; a llama.cpp server reading this file does not).
+        tcfg.setdefault("bos_token", tcfg.get("cls_token"))
+        tcfg.setdefault("eos_token", tcfg.get("sep_token"))
+    _special_ids(writer, tok, tcfg, {t: i for i, t in enumerate(tokens)})
+    writer.add_add_bos_token(bert_style)
+    if bert_style:
+        writer.add_add_eos_token(True)
 
 
 def _add_spm_bpe(writer: Any, source: _Source, n_rows: int, gguf: Any) -> None:
