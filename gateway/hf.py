@@ -394,7 +394,7 @@ def _dense_tensors(folder: Path) -> dict[str, np.ndarray]:
 
         try:
             return {k: np.asarray(v, dtype=np.float32) for k, v in load_file(str(file)).items()}
-        except (OSError, ValueError, RuntimeError) as exc:
+        except (OSError, ValueError, RuntimeError, TypeError) as exc:  # TypeError: a dtype numpy lacks (bf16)
             raise BackendError(f"cannot read {file}: {exc}") from exc
     file = folder / "pytorch_model.bin"
     if not file.is_file():

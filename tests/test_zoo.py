@@ -182,3 +182,20 @@ def test_dense_the_runtime_does_not_apply_is_applied_after_pooling(tmp_path) -> 
             cos = _cosines(got, want.astype(np.float64))
             print(f"Dense (bias, Tanh, GELU) on {model}: min cosine {cos.min():.6f}")
             assert cos.min() >= FLOOR["gguf" if model == "gguf" else "onnx"], (model, float(cos.min()))
+
+
+def test_a_dense_activation_outside_torch_is_refused_at_convert(tmp_path) -> None:
+    """A Dense whose activation the gateway has no numpy form of (Softmax) is refused by both converters with a
+    message naming it, before any export: serving without it would return other vectors."""
+    from gateway_gguf import GgufConverter
+    from gateway_onnx import OnnxConverter
+
+    from gateway.backend import BackendError
+
+    from .zoo import build
+
+    folder = build("bert-cls", tmp_path / "softmax", dense=((32, 16, True, "Softmax"),))
+    for converter, out in ((OnnxConverter(), tmp_path / "onnx"), (GgufConverter(), tmp_path / "out.gguf")):
+        with pytest.raises(BackendError, match=r"Dense activation 'torch\.nn\.modules\.activation\.Softmax' is not"):
+            convert(converter, folder, out)
+    assert not (tmp_path / "onnx" / "model.onnx").exists()
