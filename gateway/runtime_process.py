@@ -167,6 +167,8 @@ class RuntimeServer:
                 call = _CALL.decode(await read_frame(reader))
                 if call.op == "hello":
                     self.fronts[id(writer)] = msgspec.msgpack.decode(call.args, type=int)
+                    # The answer tells the front that a live runtime took its connection (see RuntimeLink).
+                    writer.write(frame(Reply(0, True, msgspec.Raw(_ENCODER.encode(os.getpid())))))
                     continue
                 if call.op == "cancel":
                     task = mine.get(msgspec.msgpack.decode(call.args, type=int))

@@ -303,3 +303,30 @@ def test_sigterm_leaves_no_process(tmp_path):
     c.proc.send_signal(signal.SIGTERM)
     assert c.proc.wait(60) == 0
     wait_until(lambda: not any(_alive(p) for p in family), f"no process of {family} left", 30)
+
+
+def _runtime_pid(cluster: Cluster) -> int | None:
+    pids = [p for p in _descendants(cluster.proc.pid) if "gateway.runtime_process" in _cmdline(p) and _alive(p)]
+    return pids[0] if len(pids) == 1 else None
+
+
+def test_a_killed_runtime_is_restarted_and_its_requests_retried(tmp_path):
+    c = Cluster(tmp_path)
+    try:
+        old = _runtime_pid(c)
+        assert old is not None
+        # 1000 texts a request, 4 clients: requests are in flight at the runtime when it is killed.
+        load = _Load(c, threads=4, texts=1000)
+        wait_until(lambda: len(load.results) >= 4, "answers under load", 120)
+        os.kill(old, signal.SIGKILL)
+        wait_until(lambda: _runtime_pid(c) not in (None, old), "a new runtime process", 60)
+        done = len(load.results)
+        wait_until(lambda: len(load.results) >= done + 8, "answers from the new runtime", 120)
+        results = load.finish()
+        # Every request answered: those in flight were retried once, on the new runtime (the fronts reconnect to
+        # a runtime that answers, never to the dying one's socket).
+        assert [r for r in results if r[1] != 200] == []
+        assert "retrying it once" in c.log.read_text()
+        wait_until(lambda: httpx.get(f"{c.url}/ready").json().get("workers") == "2/2", "2/2 workers ready", 60)
+    finally:
+        c.stop()
