@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import base64
+import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -294,17 +296,6 @@ def test_a_killed_worker_is_restarted_and_costs_only_its_own_requests(tmp_path):
         c.stop()
 
 
-def test_sigterm_leaves_no_process(tmp_path):
-    c = Cluster(tmp_path)
-    family = _descendants(c.proc.pid)
-    # The runtime process and two front workers at least (multiprocessing adds its resource tracker).
-    assert len(family) >= 3, family
-    assert c.post(ADMIN, {"model": "wordllama", "input": "before the end"}).status_code == 200
-    c.proc.send_signal(signal.SIGTERM)
-    assert c.proc.wait(60) == 0
-    wait_until(lambda: not any(_alive(p) for p in family), f"no process of {family} left", 30)
-
-
 def _runtime_pid(cluster: Cluster) -> int | None:
     pids = [p for p in _descendants(cluster.proc.pid) if "gateway.runtime_process" in _cmdline(p) and _alive(p)]
     return pids[0] if len(pids) == 1 else None
@@ -330,3 +321,90 @@ def test_a_killed_runtime_is_restarted_and_its_requests_retried(tmp_path):
         wait_until(lambda: httpx.get(f"{c.url}/ready").json().get("workers") == "2/2", "2/2 workers ready", 60)
     finally:
         c.stop()
+
+
+class _Slow:
+    """An embeddings request whose body stops halfway until released: in flight at a front for as long as needed."""
+
+    def __init__(self, cluster: Cluster, texts: int) -> None:
+        body = json.dumps({"model": "wordllama", "input": [f"slow {k} {uuid.uuid4()}" for k in range(texts)]})
+        self.half = len(body) // 2
+        self.body = body.encode()
+        self.release = threading.Event()
+        self.response: httpx.Response | Exception | None = None
+        headers = {"Authorization": f"Bearer {ADMIN}", "Content-Type": "application/json"}
+        self.thread = threading.Thread(target=self._send, args=(cluster, headers), daemon=True)
+        self.thread.start()
+
+    def _chunks(self) -> Iterator[bytes]:
+        yield self.body[: self.half]
+        self.release.wait(120)
+        yield self.body[self.half :]
+
+    def _send(self, cluster: Cluster, headers: dict[str, str]) -> None:
+        try:
+            self.response = httpx.post(
+                f"{cluster.url}/v1/embeddings",
+                content=self._chunks(),
+                headers={**headers, "Content-Length": str(len(self.body))},
+                timeout=120,
+            )
+        except Exception as exc:
+            self.response = exc
+
+
+def _in_progress(cluster: Cluster) -> float:
+    text = httpx.get(f"{cluster.url}/metrics").text
+    return sum(
+        sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == "gateway_http_requests_in_progress" and sample.labels["path"] == "/v1/embeddings"
+    )
+
+
+def _runtime_socket(runtime: int) -> str:
+    environ = Path(f"/proc/{runtime}/environ").read_text().split("\0")
+    return dict(item.split("=", 1) for item in environ if "=" in item)["GATEWAY_RUNTIME_SOCKET"]
+
+
+def _listening(path: str) -> bool:
+    """Whether the runtime process still takes new connections on its socket."""
+    probe = socket.socket(socket.AF_UNIX)
+    try:
+        probe.connect(path)
+        return True
+    except OSError:
+        return False
+    finally:
+        probe.close()
+
+
+@pytest.mark.parametrize("everyone", [False, True], ids=["supervisor", "every-process"])
+def test_sigterm_drains_the_requests_in_flight(tmp_path, everyone):
+    c = Cluster(tmp_path)
+    family = _descendants(c.proc.pid)
+    # The runtime process and two front workers at least (multiprocessing adds its resource tracker).
+    assert len(family) >= 3, family
+    runtime = _runtime_pid(c)
+    assert runtime is not None
+    path = _runtime_socket(runtime)
+    slow = [_Slow(c, 1000) for _ in range(4)]
+    wait_until(lambda: _in_progress(c) == len(slow), "the requests in flight at the fronts", 60)
+    # `kill <pid>` and docker signal the supervisor; systemd (KillMode=control-group) and Ctrl-C signal every
+    # process at once, the runtime included.
+    for pid in [c.proc.pid, *family] if everyone else [c.proc.pid]:
+        os.kill(pid, signal.SIGTERM)
+    # The fronts are shutting down (and so is the runtime, when signalled) before the requests go on.
+    wait_until(lambda: c.log.read_text().count("Shutting down") >= 2, "both fronts shutting down", 60)
+    if everyone:
+        wait_until(lambda: not _listening(path), "the runtime's socket closed", 60)
+    for request in slow:
+        request.release.set()
+    for request in slow:
+        request.thread.join(120)
+        assert isinstance(request.response, httpx.Response), request.response
+        assert request.response.status_code == 200, request.response.text
+        assert len(request.response.json()["data"]) == 1000
+    assert c.proc.wait(120) == 0
+    wait_until(lambda: not any(_alive(p) for p in family), f"no process of {family} left", 30)
