@@ -353,14 +353,47 @@ class _Slow:
             self.response = exc
 
 
-def _in_progress(cluster: Cluster) -> float:
+def _gauge(cluster: Cluster, name: str, **labels: str) -> float:
+    """The sum of gauge `name`'s samples with `labels` in /metrics."""
     text = httpx.get(f"{cluster.url}/metrics").text
     return sum(
         sample.value
         for family in text_string_to_metric_families(text)
         for sample in family.samples
-        if sample.name == "gateway_http_requests_in_progress" and sample.labels["path"] == "/v1/embeddings"
+        if sample.name == name and labels.items() <= sample.labels.items()
     )
+
+
+def _in_progress(cluster: Cluster) -> float:
+    return _gauge(cluster, "gateway_http_requests_in_progress", path="/v1/embeddings")
+
+
+def test_a_dead_processs_live_gauges_leave_the_metrics(tmp_path):
+    c = Cluster(tmp_path)
+    try:
+        # The runtime's cache holds a vector: its bytes are the runtime's live gauge.
+        assert c.post(ADMIN, {"model": "wordllama", "input": "kept in the cache"}).status_code == 200
+        assert _gauge(c, "gateway_cache_bytes") > 0
+        runtime = _runtime_pid(c)
+        assert runtime is not None
+        os.kill(runtime, signal.SIGKILL)
+        wait_until(lambda: _runtime_pid(c) not in (None, runtime), "a new runtime process", 60)
+        wait_until(lambda: httpx.get(f"{c.url}/ready").status_code == 200, "ready again", 60)
+        # The new runtime's cache is empty, and so is the sum.
+        wait_until(lambda: _gauge(c, "gateway_cache_bytes") == 0, "the dead runtime's cache bytes gone", 30)
+        # A request held at a front is in progress there; its worker dies with it.
+        held = _Slow(c, 10)
+        wait_until(lambda: _in_progress(c) == 1, "the request in progress", 60)
+        fronts = {p for p in _descendants(c.proc.pid) if "spawn_main" in _cmdline(p) and _alive(p)}
+        assert len(fronts) == 2, fronts
+        for pid in fronts:
+            os.kill(pid, signal.SIGKILL)
+        held.release.set()
+        held.thread.join(60)
+        wait_until(lambda: httpx.get(f"{c.url}/ready").json().get("workers") == "2/2", "2/2 workers ready", 60)
+        wait_until(lambda: _in_progress(c) == 0, "the dead worker's request gone from in progress", 30)
+    finally:
+        c.stop()
 
 
 def _runtime_socket(runtime: int) -> str:
