@@ -170,6 +170,8 @@ class RuntimeLink:
         self._writer: asyncio.StreamWriter | None = None
         self._reader_task: asyncio.Task[None] | None = None
         self._connecting: asyncio.Lock | None = None
+        #: The runtime process that answered this link's hello (the one its calls go to).
+        self.runtime_pid: int | None = None
 
     async def _connection(self) -> asyncio.StreamWriter:
         if self._writer is not None:
@@ -182,23 +184,38 @@ class RuntimeLink:
             deadline = time.monotonic() + self.connect_timeout_s
             while True:
                 try:
-                    reader, writer = await asyncio.open_unix_connection(self.path, limit=MAX_FRAME)
+                    reader, writer = await self._open(deadline)
                     break
-                except OSError as exc:
+                except (OSError, EOFError, TimeoutError, msgspec.DecodeError) as exc:
                     # Not there yet (starting) or gone (being restarted by the supervisor): try again shortly.
                     if time.monotonic() > deadline:
+                        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else type(exc).__name__
                         raise GatewayError(
                             503,
-                            f"the model runtime process is not reachable ({exc.strerror or exc}); retry shortly",
+                            f"the model runtime process is not reachable ({reason}); retry shortly",
                             code="runtime_unavailable",
                             headers={"Retry-After": "1"},
                         ) from None
                     await asyncio.sleep(0.05)
-            # First, who this front is: the runtime counts the fronts connected for /ready.
-            writer.write(frame(Call(0, "hello", msgspec.Raw(_ENCODER.encode(os.getpid())))))
             self._writer = writer
             self._reader_task = asyncio.get_running_loop().create_task(self._read(reader, writer))
             return writer
+
+    async def _open(self, deadline: float) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        """A connection the runtime has answered on."""
+        reader, writer = await asyncio.open_unix_connection(self.path, limit=MAX_FRAME)
+        try:
+            # First, who this front is (the runtime counts the fronts connected for /ready); then wait for the
+            # runtime's answer. A connect alone proves nothing: the listening socket of a runtime being killed still
+            # accepts for a moment (seen here: the old connection's end, then a connect that succeeded and was
+            # reset 2 ms later), and a call retried there would be lost a second time.
+            writer.write(frame(Call(0, "hello", msgspec.Raw(_ENCODER.encode(os.getpid())))))
+            answer = _REPLY.decode(await asyncio.wait_for(read_frame(reader), max(0.1, deadline - time.monotonic())))
+            self.runtime_pid = msgspec.msgpack.decode(answer.value, type=int)
+        except BaseException:
+            writer.close()
+            raise
+        return reader, writer
 
     async def _read(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:

@@ -15,6 +15,7 @@ import logging
 import os
 import signal
 import sys
+import time
 import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -158,15 +159,20 @@ class RuntimeServer:
         self.tasks: set[asyncio.Task[None]] = set()
         #: Front worker pids, by connection.
         self.fronts: dict[int, int] = {}
+        #: Every front's open connection.
+        self.writers: set[asyncio.StreamWriter] = set()
 
     async def connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         """Serve one front's connection until it closes."""
         mine: dict[int, asyncio.Task[None]] = {}
+        self.writers.add(writer)
         try:
             while True:
                 call = _CALL.decode(await read_frame(reader))
                 if call.op == "hello":
                     self.fronts[id(writer)] = msgspec.msgpack.decode(call.args, type=int)
+                    # The answer tells the front that a live runtime took its connection (see RuntimeLink).
+                    writer.write(frame(Reply(0, True, msgspec.Raw(_ENCODER.encode(os.getpid())))))
                     continue
                 if call.op == "cancel":
                     task = mine.get(msgspec.msgpack.decode(call.args, type=int))
@@ -182,6 +188,7 @@ class RuntimeServer:
         except msgspec.DecodeError as exc:
             log.error("runtime link: undecodable call from a front (%s); closing its connection", exc)
         finally:
+            self.writers.discard(writer)
             self.fronts.pop(id(writer), None)
             for task in list(mine.values()):
                 task.cancel()
@@ -207,6 +214,29 @@ class RuntimeServer:
             reply = Reply(call.id, False, msgspec.Raw(_ENCODER.encode(failure)))
         if not writer.is_closing():
             writer.write(frame(reply))
+
+    async def drain(self, timeout_s: float) -> None:
+        """Answer until every front has gone and every call is answered, within `timeout_s`; then close the
+        connections left. A front closes its link only once it has stopped, after its own requests: signalled
+        with the fronts (systemd's control group, Ctrl-C's process group), the runtime must not stop under them;
+        stopped by the supervisor, after the fronts, it finds none left."""
+        deadline = time.monotonic() + timeout_s
+        while (self.writers or self.tasks) and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        if self.writers or self.tasks:
+            log.warning(
+                "runtime process: %d front(s) still connected and %d call(s) unanswered after %gs; closing",
+                len(self.writers),
+                len(self.tasks),
+                timeout_s,
+            )
+        for writer in list(self.writers):
+            # Closed, not cancelled: the connection's reader ends as at a front's exit.
+            writer.close()
+        for task in list(self.tasks):
+            task.cancel()
+        while self.writers and time.monotonic() < deadline + 1:
+            await asyncio.sleep(0.01)
 
     async def _ready(self, raw: msgspec.Raw) -> Health:
         # Ready when the models are and every front worker is connected (a front restarted by uvicorn counts
@@ -265,10 +295,10 @@ async def run(gw: Gateway, socket_path: str, workers: int) -> None:
     try:
         await stop.wait()
     finally:
+        # No new front from here; those connected are answered until they have gone (their drain).
         server.close()
-        # Drain: calls already taken finish (the fronts, stopped first, wait for them), within the timeout.
-        if runtime.tasks:
-            await asyncio.wait(list(runtime.tasks), timeout=gw.config.server.request_timeout_s)
+        log.info("runtime process %d stopping: answering the fronts until they have gone", os.getpid())
+        await runtime.drain(gw.config.server.request_timeout_s)
         for task in (lag, watch):
             task.cancel()
         await loop.run_in_executor(None, gw.registry.close)

@@ -18,6 +18,7 @@ import sys
 import tempfile
 from typing import Any
 
+from prometheus_client import multiprocess
 from uvicorn.supervisors import Multiprocess
 
 from .config import GatewayConfig
@@ -73,8 +74,21 @@ class Supervisor(Multiprocess):
         if not self.should_exit.is_set() and not self.runtime.alive():
             code = self.runtime.process.returncode if self.runtime.process is not None else None
             log.error("the runtime process died (exit status %s); restarting it", code)
+            if self.runtime.process is not None:
+                _forget_metrics(self.runtime.process.pid)
             self.runtime.start()
+        before = {process.pid for process in self.processes}
         super().keep_subprocess_alive()
+        # uvicorn replaced these (dead or hung, then killed).
+        for pid in before - {process.pid for process in self.processes}:
+            if pid is not None:
+                _forget_metrics(pid)
+
+
+def _forget_metrics(pid: int) -> None:
+    """Drop a dead process' live gauges (requests in progress, cache bytes) from /metrics: prometheus_client
+    sums the files of every process that wrote one, dead or not. Its counters stay, as totals should."""
+    multiprocess.mark_process_dead(pid)
 
 
 def serve(config: GatewayConfig, config_path: str, key_digest: bytes | None, **overrides: Any) -> int:

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import base64
+import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -294,12 +296,148 @@ def test_a_killed_worker_is_restarted_and_costs_only_its_own_requests(tmp_path):
         c.stop()
 
 
-def test_sigterm_leaves_no_process(tmp_path):
+def _runtime_pid(cluster: Cluster) -> int | None:
+    pids = [p for p in _descendants(cluster.proc.pid) if "gateway.runtime_process" in _cmdline(p) and _alive(p)]
+    return pids[0] if len(pids) == 1 else None
+
+
+def test_a_killed_runtime_is_restarted_and_its_requests_retried(tmp_path):
+    c = Cluster(tmp_path)
+    try:
+        old = _runtime_pid(c)
+        assert old is not None
+        # 1000 texts a request, 4 clients: requests are in flight at the runtime when it is killed.
+        load = _Load(c, threads=4, texts=1000)
+        wait_until(lambda: len(load.results) >= 4, "answers under load", 120)
+        os.kill(old, signal.SIGKILL)
+        wait_until(lambda: _runtime_pid(c) not in (None, old), "a new runtime process", 60)
+        done = len(load.results)
+        wait_until(lambda: len(load.results) >= done + 8, "answers from the new runtime", 120)
+        results = load.finish()
+        # Every request answered: those in flight were retried once, on the new runtime (the fronts reconnect to
+        # a runtime that answers, never to the dying one's socket).
+        assert [r for r in results if r[1] != 200] == []
+        assert "retrying it once" in c.log.read_text()
+        wait_until(lambda: httpx.get(f"{c.url}/ready").json().get("workers") == "2/2", "2/2 workers ready", 60)
+    finally:
+        c.stop()
+
+
+class _Slow:
+    """An embeddings request whose body stops halfway until released: in flight at a front for as long as needed."""
+
+    def __init__(self, cluster: Cluster, texts: int) -> None:
+        body = json.dumps({"model": "wordllama", "input": [f"slow {k} {uuid.uuid4()}" for k in range(texts)]})
+        self.half = len(body) // 2
+        self.body = body.encode()
+        self.release = threading.Event()
+        self.response: httpx.Response | Exception | None = None
+        headers = {"Authorization": f"Bearer {ADMIN}", "Content-Type": "application/json"}
+        self.thread = threading.Thread(target=self._send, args=(cluster, headers), daemon=True)
+        self.thread.start()
+
+    def _chunks(self) -> Iterator[bytes]:
+        yield self.body[: self.half]
+        self.release.wait(120)
+        yield self.body[self.half :]
+
+    def _send(self, cluster: Cluster, headers: dict[str, str]) -> None:
+        try:
+            self.response = httpx.post(
+                f"{cluster.url}/v1/embeddings",
+                content=self._chunks(),
+                headers={**headers, "Content-Length": str(len(self.body))},
+                timeout=120,
+            )
+        except Exception as exc:
+            self.response = exc
+
+
+def _gauge(cluster: Cluster, name: str, **labels: str) -> float:
+    """The sum of gauge `name`'s samples with `labels` in /metrics."""
+    text = httpx.get(f"{cluster.url}/metrics").text
+    return sum(
+        sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == name and labels.items() <= sample.labels.items()
+    )
+
+
+def _in_progress(cluster: Cluster) -> float:
+    return _gauge(cluster, "gateway_http_requests_in_progress", path="/v1/embeddings")
+
+
+def test_a_dead_processs_live_gauges_leave_the_metrics(tmp_path):
+    c = Cluster(tmp_path)
+    try:
+        # The runtime's cache holds a vector: its bytes are the runtime's live gauge.
+        assert c.post(ADMIN, {"model": "wordllama", "input": "kept in the cache"}).status_code == 200
+        assert _gauge(c, "gateway_cache_bytes") > 0
+        runtime = _runtime_pid(c)
+        assert runtime is not None
+        os.kill(runtime, signal.SIGKILL)
+        wait_until(lambda: _runtime_pid(c) not in (None, runtime), "a new runtime process", 60)
+        wait_until(lambda: httpx.get(f"{c.url}/ready").status_code == 200, "ready again", 60)
+        # The new runtime's cache is empty, and so is the sum.
+        wait_until(lambda: _gauge(c, "gateway_cache_bytes") == 0, "the dead runtime's cache bytes gone", 30)
+        # A request held at a front is in progress there; its worker dies with it.
+        held = _Slow(c, 10)
+        wait_until(lambda: _in_progress(c) == 1, "the request in progress", 60)
+        fronts = {p for p in _descendants(c.proc.pid) if "spawn_main" in _cmdline(p) and _alive(p)}
+        assert len(fronts) == 2, fronts
+        for pid in fronts:
+            os.kill(pid, signal.SIGKILL)
+        held.release.set()
+        held.thread.join(60)
+        wait_until(lambda: httpx.get(f"{c.url}/ready").json().get("workers") == "2/2", "2/2 workers ready", 60)
+        wait_until(lambda: _in_progress(c) == 0, "the dead worker's request gone from in progress", 30)
+    finally:
+        c.stop()
+
+
+def _runtime_socket(runtime: int) -> str:
+    environ = Path(f"/proc/{runtime}/environ").read_text().split("\0")
+    return dict(item.split("=", 1) for item in environ if "=" in item)["GATEWAY_RUNTIME_SOCKET"]
+
+
+def _listening(path: str) -> bool:
+    """Whether the runtime process still takes new connections on its socket."""
+    probe = socket.socket(socket.AF_UNIX)
+    try:
+        probe.connect(path)
+        return True
+    except OSError:
+        return False
+    finally:
+        probe.close()
+
+
+@pytest.mark.parametrize("everyone", [False, True], ids=["supervisor", "every-process"])
+def test_sigterm_drains_the_requests_in_flight(tmp_path, everyone):
     c = Cluster(tmp_path)
     family = _descendants(c.proc.pid)
     # The runtime process and two front workers at least (multiprocessing adds its resource tracker).
     assert len(family) >= 3, family
-    assert c.post(ADMIN, {"model": "wordllama", "input": "before the end"}).status_code == 200
-    c.proc.send_signal(signal.SIGTERM)
-    assert c.proc.wait(60) == 0
+    runtime = _runtime_pid(c)
+    assert runtime is not None
+    path = _runtime_socket(runtime)
+    slow = [_Slow(c, 1000) for _ in range(4)]
+    wait_until(lambda: _in_progress(c) == len(slow), "the requests in flight at the fronts", 60)
+    # `kill <pid>` and docker signal the supervisor; systemd (KillMode=control-group) and Ctrl-C signal every
+    # process at once, the runtime included.
+    for pid in [c.proc.pid, *family] if everyone else [c.proc.pid]:
+        os.kill(pid, signal.SIGTERM)
+    # The fronts are shutting down (and so is the runtime, when signalled) before the requests go on.
+    wait_until(lambda: c.log.read_text().count("Shutting down") >= 2, "both fronts shutting down", 60)
+    if everyone:
+        wait_until(lambda: not _listening(path), "the runtime's socket closed", 60)
+    for request in slow:
+        request.release.set()
+    for request in slow:
+        request.thread.join(120)
+        assert isinstance(request.response, httpx.Response), request.response
+        assert request.response.status_code == 200, request.response.text
+        assert len(request.response.json()["data"]) == 1000
+    assert c.proc.wait(120) == 0
     wait_until(lambda: not any(_alive(p) for p in family), f"no process of {family} left", 30)
