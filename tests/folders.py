@@ -106,38 +106,3 @@ def build_all(src: str | Path, root: Path) -> dict[str, Path]:
         if changes:
             out[name] = derive(base, root / name, **changes)
     return out
-
-
-def tiny_modernbert(tokenizer_from: Path, dst: Path, *, window: int = 16) -> Path:
-    """A random two-layer ModernBERT sentence-transformers folder (mean pooling) with a local attention window
-    of `window` tokens in its second layer, using the tokenizer files of the BERT folder `tokenizer_from`."""
-    import torch
-    from sentence_transformers import SentenceTransformer
-    from sentence_transformers.sentence_transformer.modules import Pooling, Transformer
-    from transformers import ModernBertConfig, ModernBertModel
-
-    torch.manual_seed(0)
-    tok = json.loads((tokenizer_from / "tokenizer.json").read_text(encoding="utf-8"))
-    vocab = tok["model"]["vocab"]
-    config = ModernBertConfig(
-        vocab_size=len(vocab),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        local_attention=window,
-        global_attn_every_n_layers=2,
-        pad_token_id=vocab["[PAD]"],
-        cls_token_id=vocab["[CLS]"],
-        sep_token_id=vocab["[SEP]"],
-        bos_token_id=vocab["[CLS]"],
-        eos_token_id=vocab["[SEP]"],
-    )
-    raw = dst.with_name(dst.name + "-hf")
-    ModernBertModel(config).eval().save_pretrained(str(raw))
-    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt"):
-        if (tokenizer_from / name).is_file():
-            shutil.copy2(tokenizer_from / name, raw / name)
-    transformer = Transformer(str(raw), max_seq_length=128)
-    SentenceTransformer(modules=[transformer, Pooling(32, pooling_mode="mean")], device="cpu").save(str(dst))
-    return dst

@@ -157,23 +157,19 @@ def test_torch_parallel_batches_give_the_same_vectors(minilm_path, torch_backend
     assert backend._running == 0
 
 
-def test_torch_does_not_pack_local_attention(minilm_path, tmp_path, caplog):
+def test_torch_does_not_pack_local_attention(zoo_folders, caplog):
     """ModernBERT's local layers take their window from a 2D mask, which a packed 4D mask bypasses: such a
     model is served padded, and its vectors equal sentence-transformers' on inputs longer than the window."""
-    from pathlib import Path
-
     pytest.importorskip("torch")
     from gateway_torch import TorchBackend, TorchOptions
     from sentence_transformers import SentenceTransformer
 
-    from .folders import tiny_modernbert
-
-    folder = tiny_modernbert(Path(minilm_path), tmp_path / "modernbert", window=16)
+    folder = zoo_folders["modernbert"]  # the zoo's tiny ModernBERT: a 32-token window, a 128-token limit
     b = TorchBackend(model="mb", path=str(folder), options=TorchOptions(threads=1))
     with caplog.at_level("WARNING"):
         info = b.load()
     assert info.pads_to_longest is True
-    assert "local attention (window 16)" in caplog.text
+    assert "local attention (window 32)" in caplog.text
     texts = [" ".join(f"word{i}" for i in range(n)) for n in (5, 40, 90)]  # up to ~300 tokens, cut at 128
     want = SentenceTransformer(str(folder), device="cpu").encode(texts)
     got = b.embed(texts, b.tokenize(texts))

@@ -619,6 +619,21 @@ def _added(tok: dict[str, Any]) -> dict[int, tuple[str, bool]]:
     return {int(a["id"]): (str(a["content"]), bool(a.get("special"))) for a in tok.get("added_tokens") or []}
 
 
+def _vocab_by_id(
+    tok: dict[str, Any], n_rows: int
+) -> tuple[dict[int, str], dict[int, tuple[str, bool]], list[str]]:
+    """A tokenizer.json's vocabulary and added tokens by id, and the token list up to the highest id (a gap
+    named as padding); a BackendError when the embedding matrix has fewer rows than that."""
+    by_id = {int(i): str(t) for t, i in (tok["model"].get("vocab") or {}).items()}
+    added = _added(tok)
+    for i, (text, _special) in added.items():
+        by_id.setdefault(i, text)
+    size = max(by_id) + 1 if by_id else 0
+    if size > n_rows:
+        raise BackendError(f"vocabulary has {size} tokens but the embedding matrix only {n_rows} rows")
+    return by_id, added, [by_id.get(i, f"[PAD{i}]") for i in range(size)]
+
+
 def _pad_rows(tokens: list[str], types: list[int], n_rows: int, gguf: Any) -> None:
     # An embedding matrix padded past the vocabulary needs a token per row.
     for i in range(len(tokens), n_rows):
@@ -682,15 +697,7 @@ def _add_unigram(writer: Any, source: _Source, n_rows: int, gguf: Any) -> None:
 def _add_bpe(writer: Any, source: _Source, n_rows: int, gguf: Any) -> None:
     """A byte-level BPE vocabulary (Qwen's) as llama.cpp's `gpt2` tokenizer with its merges."""
     tok = source.tokenizer_json()
-    vocab = tok["model"].get("vocab") or {}
-    by_id = {int(i): str(t) for t, i in vocab.items()}
-    added = _added(tok)
-    for i, (text, _special) in added.items():
-        by_id.setdefault(i, text)
-    size = max(by_id) + 1 if by_id else 0
-    if size > n_rows:
-        raise BackendError(f"vocabulary has {size} tokens but the embedding matrix only {n_rows} rows")
-    tokens = [by_id.get(i, f"[PAD{i}]") for i in range(size)]
+    by_id, added, tokens = _vocab_by_id(tok, n_rows)
     types = [
         int(
             gguf.TokenType.CONTROL
@@ -701,7 +708,7 @@ def _add_bpe(writer: Any, source: _Source, n_rows: int, gguf: Any) -> None:
             if i in by_id
             else gguf.TokenType.UNUSED
         )
-        for i in range(size)
+        for i in range(len(tokens))
     ]
     _pad_rows(tokens, types, n_rows, gguf)
     merges = [m if isinstance(m, str) else " ".join(m) for m in tok["model"].get("merges") or []]
@@ -729,16 +736,8 @@ def _add_spm_bpe(writer: Any, source: _Source, n_rows: int, gguf: Any) -> None:
     llama.cpp's `llama` (SPM) tokenizer, as llama.cpp's converter writes Gemma's. The gateway tokenizes with
     the tokenizer.json the file carries; this vocabulary is what llama.cpp itself needs to load."""
     tok = source.tokenizer_json()
-    vocab = tok["model"].get("vocab") or {}
-    by_id = {int(i): str(t) for t, i in vocab.items()}
-    added = _added(tok)
-    for i, (text, _special) in added.items():
-        by_id.setdefault(i, text)
-    size = max(by_id) + 1 if by_id else 0
-    if size > n_rows:
-        raise BackendError(f"vocabulary has {size} tokens but the embedding matrix only {n_rows} rows")
+    by_id, added, tokens = _vocab_by_id(tok, n_rows)
     unk = tok["model"].get("unk_token")
-    tokens = [by_id.get(i, f"[PAD{i}]") for i in range(size)]
     types = []
     for i, text in enumerate(tokens):
         if i in added and added[i][1]:
