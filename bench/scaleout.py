@@ -159,9 +159,10 @@ def start(args: argparse.Namespace, work: Path, name: str, models: dict[str, Any
 
 def paired(args: argparse.Namespace, work: Path, env: dict[str, str], corpus: list[str]) -> dict[str, Any]:
     models: dict[str, Any] = {}
-    for backend in BACKENDS:
+    backends = args.backends.split(",")
+    for backend in backends:
         models[backend] = model_table(backend, {}, None)
-        for n in (1, 2):
+        for n in map(int, args.replica_counts.split(",")):
             models[f"{backend}-ray{n}"] = model_table(backend, {}, {"replicas": n, "num_cpus": 0.25})
     server = start(args, work, "paired", models, env)
     results: dict[str, Any] = {"points": {}}
@@ -175,8 +176,8 @@ def paired(args: argparse.Namespace, work: Path, env: dict[str, str], corpus: li
         workloads = [("32x1", 32, 1), (f"4x{args.batch_texts}", 4, args.batch_texts)]
         for r in range(args.rounds):
             for label, clients, per in workloads:
-                for backend in BACKENDS:
-                    order = [backend, f"{backend}-ray1", f"{backend}-ray2"]
+                for backend in backends:
+                    order = [name for name in models if name.split("-ray")[0] == backend]
                     for name in order if r % 2 == 0 else order[::-1]:
                         got = point(args, server, name, bodies[name, per], clients, per)
                         results["points"].setdefault(f"{name} {label}", []).append(got)
@@ -385,6 +386,9 @@ def main() -> int:
     p.add_argument("--skip-kill", action="store_true")
     p.add_argument("--skip-cluster", action="store_true")
     p.add_argument("--skip-paired", action="store_true")
+    # A subset for a quicker paired run (the kill needs int8 on 2 replicas).
+    p.add_argument("--backends", default=",".join(BACKENDS))
+    p.add_argument("--replica-counts", default="1,2")
     p.add_argument("--port", type=int, default=8790)
     p.add_argument("--ready-timeout", type=float, default=400.0)
     p.add_argument("--wrk", default=shutil.which("wrk") or "/usr/bin/wrk")
