@@ -5,7 +5,8 @@
 No HTTP: RayBackend.embed (what the batcher calls) is driven directly with batches of 32 corpus texts,
 tokenized beforehand (the front tokenizes the same way whatever the placement). One local Ray started by the
 backend itself, int8 MiniLM (ONNX) on 1 replica (num_cpus 1, the same options as in-process), beside the same
-model in-process. Per variant, in turns: 1 batch in flight, then 4 threads each keeping one in flight ("4 x 32").
+model in-process. Per variant, in turns: 1 batch in flight, then 2 (threads each keeping one in flight: what the batcher does for
+one replica, which holds 2 batches since front.PIPELINE).
 Reported: texts/s, and the gateway process's CPU per batch (time.process_time: all its threads), split by thread
 name from /proc/self/task (Ray's driver runs in threads of its own). In-process that CPU is the model's compute;
 on Ray it is what Ray costs the front. --profile: cProfile of the calling thread over the Ray variant.
@@ -122,7 +123,7 @@ def main() -> None:
         for r in range(args.rounds):
             order = [("in-process", local.embed), ("1 replica", remote.embed)]
             for name, fn in order if r % 2 == 0 else order[::-1]:
-                for clients in (1, 4):
+                for clients in (1, 2):
                     key = f"{name}, {clients} x 32"
                     results.setdefault(key, []).append(drive(fn, batches, args.batches, clients))
         print(f"| variant | texts/s (rounds) | gateway CPU ms/batch (rounds) | by thread, ms/batch (last round) |")
@@ -132,7 +133,7 @@ def main() -> None:
             cpus = ", ".join(f"{x['cpu_ms_per_batch']:.1f}" for x in runs)
             threads = ", ".join(f"{k} {v}" for k, v in runs[-1]["threads_ms_per_batch"].items())
             print(f"| {key} | {rates} | {cpus} | {threads} |")
-        for clients in (1, 4):
+        for clients in (1, 2):
             ratio = [b["texts_s"] / a["texts_s"] for a, b in
                      zip(results[f"in-process, {clients} x 32"], results[f"1 replica, {clients} x 32"])]
             print(f"1 replica / in-process at {clients} x 32: " + ", ".join(f"{x:.2f}" for x in ratio))
