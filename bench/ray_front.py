@@ -5,8 +5,8 @@
 No HTTP: RayBackend.embed (what the batcher calls) is driven directly with batches of 32 corpus texts,
 tokenized beforehand (the front tokenizes the same way whatever the placement). One local Ray started by the
 backend itself, int8 MiniLM (ONNX) on 1 replica (num_cpus 1, the same options as in-process), beside the same
-model in-process. Per variant, in turns: 1 batch in flight, then 2 (threads each keeping one in flight: what the batcher does for
-one replica, which holds 2 batches since front.PIPELINE).
+model in-process. Per variant, in turns: 1 batch in flight (what the batcher keeps for one replica), then 2
+threads each keeping one in flight.
 Reported: texts/s, and the gateway process's CPU per batch (time.process_time: all its threads), split by thread
 name from /proc/self/task (Ray's driver runs in threads of its own). In-process that CPU is the model's compute;
 on Ray it is what Ray costs the front. --profile: cProfile of the calling thread over the Ray variant.
@@ -51,8 +51,12 @@ def thread_cpu() -> Counter[str]:
     return out
 
 
-def drive(embed: Callable[[list[str], list[list[int]]], Any], batches: list[tuple[list[str], list[list[int]]]],
-          n: int, clients: int) -> dict[str, Any]:
+def drive(
+    embed: Callable[[list[str], list[list[int]]], Any],
+    batches: list[tuple[list[str], list[list[int]]]],
+    n: int,
+    clients: int,
+) -> dict[str, Any]:
     """`n` calls of `embed` over `batches`, `clients` at a time; texts/s and this process's CPU per batch."""
     lock = threading.Lock()
     next_i = [0]
@@ -88,6 +92,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--profile", action="store_true")
     parser.add_argument("--idle", type=float, default=5.0, help="seconds measured idle")
+    parser.add_argument("--models", type=int, default=1, help="models on Ray in the process (only the first driven)")
     args = parser.parse_args()
     os.environ.setdefault("RAY_TMPDIR", tempfile.mkdtemp(prefix="gw-rb-", dir="/tmp"))
 
@@ -103,10 +108,28 @@ def main() -> None:
         texts = corpus[start : start + 32]
         batches.append((texts, [list(ids) for ids in local.tokenize(texts)]))
     remote = RayBackend(
-        OnnxBackend, model="int8-ray", path=str(INT8), options=OnnxOptions(), trust_remote_code=False,
+        OnnxBackend,
+        model="int8-ray",
+        path=str(INT8),
+        options=OnnxOptions(),
+        trust_remote_code=False,
         ray=RayOptions(replicas=1, num_cpus=1),
     )
     remote.load()
+    # More models on Ray beside it, as a gateway may have (each one more set of Ray's per-model threads and calls).
+    others = [
+        RayBackend(
+            OnnxBackend,
+            model=f"int8-ray-{i}",
+            path=str(INT8),
+            options=OnnxOptions(intra_op_threads=1),
+            trust_remote_code=False,
+            ray=RayOptions(replicas=1, num_cpus=0),
+        )
+        for i in range(1, args.models)
+    ]
+    for other in others:
+        other.load()
     try:
         for texts, ids in batches[:4]:  # warm both
             local.embed(texts, ids)
@@ -118,15 +141,17 @@ def main() -> None:
         idle = thread_cpu()
         idle.subtract(idle_before)
         idle_ms = (time.process_time() - cpu0) * 1000 / args.idle
-        print(f"idle, Ray connected: {idle_ms:.1f} ms of CPU per second: " + ", ".join(
-            f"{k} {v * 1000 / args.idle:.1f}" for k, v in idle.most_common(6) if v > 0))
+        print(
+            f"idle, Ray connected, {args.models} model(s) on Ray: {idle_ms:.1f} ms of CPU per second: "
+            + ", ".join(f"{k} {v * 1000 / args.idle:.1f}" for k, v in idle.most_common(6) if v > 0)
+        )
         for r in range(args.rounds):
             order = [("in-process", local.embed), ("1 replica", remote.embed)]
             for name, fn in order if r % 2 == 0 else order[::-1]:
                 for clients in (1, 2):
                     key = f"{name}, {clients} x 32"
                     results.setdefault(key, []).append(drive(fn, batches, args.batches, clients))
-        print(f"| variant | texts/s (rounds) | gateway CPU ms/batch (rounds) | by thread, ms/batch (last round) |")
+        print("| variant | texts/s (rounds) | gateway CPU ms/batch (rounds) | by thread, ms/batch (last round) |")
         print("|---|---|---|---|")
         for key, runs in results.items():
             rates = ", ".join(f"{x['texts_s']:.0f}" for x in runs)
@@ -134,8 +159,12 @@ def main() -> None:
             threads = ", ".join(f"{k} {v}" for k, v in runs[-1]["threads_ms_per_batch"].items())
             print(f"| {key} | {rates} | {cpus} | {threads} |")
         for clients in (1, 2):
-            ratio = [b["texts_s"] / a["texts_s"] for a, b in
-                     zip(results[f"in-process, {clients} x 32"], results[f"1 replica, {clients} x 32"])]
+            ratio = [
+                b["texts_s"] / a["texts_s"]
+                for a, b in zip(
+                    results[f"in-process, {clients} x 32"], results[f"1 replica, {clients} x 32"], strict=True
+                )
+            ]
             print(f"1 replica / in-process at {clients} x 32: " + ", ".join(f"{x:.2f}" for x in ratio))
         if args.profile:
             prof = cProfile.Profile()
@@ -147,6 +176,8 @@ def main() -> None:
             pstats.Stats(prof, stream=out).sort_stats("tottime").print_stats(25)
             print(out.getvalue())
     finally:
+        for other in others:
+            other.close()
         remote.close()
         local.close()
 

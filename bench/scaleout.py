@@ -422,7 +422,16 @@ def main() -> int:
             if "-ray" in key:
                 sizes.add(f"{key.split('-')[0]}:{round(median([p['batch'] for p in rounds]))}")
         proc = subprocess.run(
-            [sys.executable, __file__, "--_compute", ",".join(sorted(sizes)), *(["--same-options"] * args.same_options)], capture_output=True, text=True, cwd=ROOT
+            [
+                sys.executable,
+                __file__,
+                "--_compute",
+                ",".join(sorted(sizes)),
+                *(["--same-options"] * args.same_options),
+            ],
+            capture_output=True,
+            text=True,
+            cwd=ROOT,
         )
         for line in proc.stdout.splitlines():
             if line.startswith("COMPUTE "):
