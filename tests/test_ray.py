@@ -217,6 +217,28 @@ def test_ready_and_metrics_show_replicas(ray_gateway):
     assert 'gateway_replicas{model="int8-ray"} 2.0' in metrics
 
 
+def test_one_status_call_a_period_for_all_models_on_ray(ray_gateway, monkeypatch):
+    """Replica counts of every model on Ray come from one serve.status() a second, not one per model: each costs
+    the front about 8 ms of CPU (bench/README.md, "Ray: the front's CPU per batch")."""
+    from ray import serve
+
+    url, _, _ = ray_gateway
+    on_ray = list(httpx.get(f"{url}/ready", headers=AUTH).json()["replicas"])
+    assert len(on_ray) >= 10
+    calls: list[float] = []
+    real = serve.status
+
+    def counted() -> Any:
+        calls.append(time.monotonic())
+        return real()
+
+    monkeypatch.setattr(serve, "status", counted)
+    time.sleep(3.2)
+    monkeypatch.setattr(serve, "status", real)
+    assert 2 <= len(calls) <= 5, f"{len(calls)} serve.status() calls in 3.2s for {len(on_ray)} models on Ray"
+    assert [t.name for t in threading.enumerate()].count("ray-status") == 1
+
+
 def test_replica_killed_mid_batch_costs_no_request(ray_gateway, caplog):
     url, _, started = ray_gateway
     for f in started.iterdir():

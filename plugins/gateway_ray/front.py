@@ -63,7 +63,7 @@ class RayBackend(Backend):
         self._joined = False
         self._status = (0, ray.replicas or ray.min_replicas or 0)
         self._stop = threading.Event()
-        self._poller: threading.Thread | None = None
+        self._polled = False
         self._lost: tuple[type[BaseException], ...] = ()
         self._failed: type[BaseException] = Exception
 
@@ -112,14 +112,17 @@ class RayBackend(Backend):
         except Exception as exc:
             raise BackendError(f"Ray Serve could not start the replicas: {_first_line(exc)}") from exc
         self._wait_running(serve, opts.start_timeout_s)
-        self._handle = handle
+        # Requests and results straight to and from the replica over gRPC, not through Ray's object store: the
+        # front's CPU per call falls from about 5.8 to 2.6 ms, and a round trip by about 8 ms (bench/README.md,
+        # "Ray: the front's CPU per batch").
+        self._handle = handle.options(_by_reference=False)
         described = handle.describe.remote().result(timeout_s=opts.batch_timeout_s)
         if described.get("info") is None:
             raise BackendError(f"in a Ray replica: {described.get('error')}")
         info = msgspec.convert(described["info"], ModelInfo)
         self._local_tokenizer = self._check_front_tokenizer()
-        self._poller = threading.Thread(target=self._poll, name=f"ray-status-{self.model}", daemon=True)
-        self._poller.start()
+        POLLER.add(self)
+        self._polled = True
         log.info(
             "model %r on Ray Serve (%s): %s replicas x %g CPU, application %r, tokens counted %s, in %.1fs",
             self.model,
@@ -211,9 +214,9 @@ class RayBackend(Backend):
     def close(self) -> None:
         """Delete this model's replicas; the last model on Ray disconnects (and stops a Ray started here)."""
         self._stop.set()
-        if self._poller is not None:
-            self._poller.join()
-            self._poller = None
+        if self._polled:
+            POLLER.remove(self)
+            self._polled = False
         if self._app is not None:
             try:
                 from ray import serve
@@ -281,23 +284,75 @@ class RayBackend(Backend):
     def replicas(self) -> tuple[int, int]:
         return self._status
 
-    def _poll(self) -> None:
+    def _update(self, applications: dict[str, Any]) -> None:
+        """This model's replica counts from a serve.status()'s applications (the poller's)."""
+        app = applications.get(self._app or "")
+        states = app.deployments["replica"].replica_states if app is not None else {}
+        live = sum(n for state, n in states.items() if state != "STOPPING")
+        wanted = self._ray.replicas
+        self._status = (states.get("RUNNING", 0), wanted if wanted is not None else live)
+
+
+class _StatusPoller:
+    """Refreshes the replica counts of every model on Ray in this process from one serve.status() per period.
+
+    A serve.status() costs this process about 8 ms of CPU (a controller call and the whole status built in
+    Python): one per model per second was most of what Ray cost the front when idle, and grew with the models
+    placed (bench/README.md, "Ray: the front's CPU per batch")."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._models: set[RayBackend] = set()
+        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
+
+    def add(self, backend: RayBackend) -> None:
+        with self._lock:
+            self._models.add(backend)
+            if self._thread is None:
+                self._stop = threading.Event()
+                self._thread = threading.Thread(target=self._run, args=(self._stop,), name="ray-status", daemon=True)
+                self._thread.start()
+
+    def remove(self, backend: RayBackend) -> None:
+        """Forget `backend`; the last one stops the thread (returns once it has, so that no status call outlives
+        the Ray session)."""
+        with self._lock:
+            self._models.discard(backend)
+            thread = self._thread if not self._models else None
+            if thread is not None:
+                self._stop.set()
+                self._thread = None
+        if thread is not None:
+            thread.join()
+
+    def _run(self, stop: threading.Event) -> None:
         import ray
         from ray import serve
 
-        wanted = self._ray.replicas
-        while not self._stop.wait(_STATUS_EVERY_S if self._status[0] else 0.1):
+        while True:
+            with self._lock:
+                models = list(self._models)
+            # Quickly until every model's replicas first run (/ready waits on them), then once a period.
+            if stop.wait(_STATUS_EVERY_S if all(m._status[0] for m in models) else 0.1):
+                return
             if not ray.is_initialized():
-                return  # serve.status() would start a new Ray
+                continue  # serve.status() would start a new Ray
             try:
                 with SERVE_LOCK:
-                    app = serve.status().applications.get(self._app or "")
-                states = app.deployments["replica"].replica_states if app is not None else {}
+                    applications = serve.status().applications
             except Exception as exc:  # the controller restarting; the last figures stand
-                log.debug("model %r: Ray Serve status unavailable: %s", self.model, exc)
+                log.debug("Ray Serve status unavailable: %s", exc)
                 continue
-            live = sum(n for state, n in states.items() if state != "STOPPING")
-            self._status = (states.get("RUNNING", 0), wanted if wanted is not None else live)
+            for model in models:
+                try:
+                    model._update(applications)
+                except Exception as exc:
+                    log.debug("model %r: replica counts: %s", model.model, exc)
+
+
+#: This process's one status poller, shared by its models on Ray.
+POLLER = _StatusPoller()
 
 
 def _retry_pickle_race(start: Callable[[], Any], attempts: int = 3) -> Any:
