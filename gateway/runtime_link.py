@@ -207,8 +207,8 @@ class RuntimeLink:
         try:
             # First, who this front is (the runtime counts the fronts connected for /ready); then wait for the
             # runtime's answer. A connect alone proves nothing: the listening socket of a runtime being killed still
-            # accepts for a moment (seen here: the old connection's end, then a connect that succeeded and was
-            # reset 2 ms later), and a call retried there would be lost a second time.
+            # accepts for a moment (a connect succeeds, then is reset), and a call retried there would be lost a
+            # second time.
             writer.write(frame(Call(0, "hello", msgspec.Raw(_ENCODER.encode(os.getpid())))))
             answer = _REPLY.decode(await asyncio.wait_for(read_frame(reader), max(0.1, deadline - time.monotonic())))
             self.runtime_pid = msgspec.msgpack.decode(answer.value, type=int)

@@ -112,10 +112,9 @@ class RayBackend(Backend):
         except Exception as exc:
             raise BackendError(f"Ray Serve could not start the replicas: {_first_line(exc)}") from exc
         self._wait_running(serve, opts.start_timeout_s)
-        # Requests and results straight to and from the replica over gRPC, not through Ray's object store: the
-        # front's CPU per call falls from about 5.8 to 2.6 ms, and a round trip by about 8 ms (bench/README.md,
-        # "Ray: the front's CPU per batch").
-        # Not through Ray Client (ray://), whose server relays every call itself.
+        # Requests and results straight to and from the replica over gRPC, not through Ray's object store: less
+        # than half the front's CPU per call (bench/README.md, "Ray: the front's CPU per batch"). Not through
+        # Ray Client (ray://), whose server relays every call itself.
         self._handle = handle if _through_ray_client() else handle.options(_by_reference=False)
         described = handle.describe.remote().result(timeout_s=opts.batch_timeout_s)
         if described.get("info") is None:

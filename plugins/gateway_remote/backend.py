@@ -176,7 +176,7 @@ class OpenAIBackend(Backend):
             max_connections=opts.concurrent_batches, max_keepalive_connections=opts.concurrent_batches
         )
         # httpcore writes a request's head and body separately: with Nagle's algorithm on, the body
-        # waits for the upstream's delayed ACK of the head (up to 40 ms per call; bench/README.md).
+        # waits for the upstream's delayed ACK of the head (bench/README.md).
         transport = httpx.HTTPTransport(limits=limits, socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)])
         # httpx's timeouts bound each socket operation, so an upstream that trickles its answer could hold a batch
         # for ever: every connect, read and write is bounded by what is left of the call's own deadline instead.
