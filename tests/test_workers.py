@@ -8,7 +8,6 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import textwrap
 import threading
 import time
@@ -24,7 +23,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from gateway.config import ConfigError, parse_config
 
 from .conftest import serve, wait_until
-from .upstream import ROOT, free_port
+from .upstream import free_port, serve_process
 
 ADMIN = "workers-admin-key-1"
 LIMITED = "workers-limited-key"
@@ -80,16 +79,7 @@ class Cluster:
         self.log = tmp / f"workers-{self.port}.log"
         server = f'[server]\nport = {self.port}\nworkers = {workers}\nlog_level = "debug"\naccess_log = false\n'
         self.config.write_text(server + extra + textwrap.dedent(TOML))
-        env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-        env.pop("GATEWAY_API_KEYS", None)
-        with self.log.open("ab") as log:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "gateway", "serve", "--config", str(self.config)],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                env=env,
-                cwd=ROOT,
-            )
+        self.proc = serve_process(self.config, self.log)
         wait_until(self._ready, f"the server on {self.url} ready ({self.log})", 120)
 
     def _ready(self) -> bool:

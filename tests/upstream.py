@@ -15,6 +15,21 @@ from pathlib import Path
 import httpx
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+def serve_process(config: Path, log: Path) -> subprocess.Popen[bytes]:
+    """`python -m gateway serve --config CONFIG` as a real server process, offline, its output appended to `log`,
+    with only the keys its config names (GATEWAY_API_KEYS is left out of its environment)."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    env.pop("GATEWAY_API_KEYS", None)
+    with log.open("ab") as out:
+        return subprocess.Popen(
+            [sys.executable, "-m", "gateway", "serve", "--config", str(config)],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=env,
+            cwd=ROOT,
+        )
 UPSTREAM_KEY = "upstream-key-123"
 #: A key the upstream limits to one request a minute: its second request gets the upstream's 429.
 LIMITED_KEY = "limited-key-1234"
@@ -57,15 +72,7 @@ class Upstream:
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self, timeout: float = 60) -> Upstream:
-        env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-        with self.log.open("ab") as log:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "gateway", "serve", "--config", str(self.config)],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                env=env,
-                cwd=ROOT,
-            )
+        self.proc = serve_process(self.config, self.log)
         deadline = time.monotonic() + timeout
         while True:
             try:
