@@ -80,7 +80,7 @@ class RedisProc:
     def start(self) -> None:
         import redis
 
-        from gateway import local_redis
+        from gateway.shared import local_redis
 
         cmd = [self.binary, *local_redis.command(self.port, self.workdir)[1:]]
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT)
@@ -841,14 +841,14 @@ def main() -> int:
     args = p.parse_args()
     skip = {s.strip() for s in args.skip.split(",") if s.strip()}
     sys.path.insert(0, str(bench.ROOT))
-    from gateway import local_redis
+    from gateway.shared import local_redis
 
     args.redis_server = args.redis_server or str(local_redis.binary())
     for exe, what in ((args.wrk, "wrk"), (args.redis_server, "redis-server")):
         if not Path(exe).exists():
             print(f"error: {what} not found at {exe} (Debian/Ubuntu: apt-get install {what})", file=sys.stderr)
             return 2
-    from gateway.config import load_config
+    from gateway.base.config import load_config
 
     config = load_config(args.config)
     models = [m.strip() for m in args.models.split(",") if m.strip()]

@@ -138,7 +138,7 @@ def main() -> int:
     p.add_argument("--port", type=int, default=8767)
     args = p.parse_args()
     sys.path.insert(0, str(bench.ROOT))
-    from gateway.config import load_config
+    from gateway.base.config import load_config
 
     config = load_config(args.config)
     out = bench.HERE / "results" / (time.strftime("%Y%m%d-%H%M%S") + "-hostile")

@@ -30,8 +30,8 @@ def _server(socket_path: str, width: int) -> None:
     import msgspec
     import numpy as np
 
-    from gateway import runtime_process
-    from gateway.runtime_link import EmbedArgs, Vectors
+    from gateway.processes import runtime_process
+    from gateway.runtime.link import EmbedArgs, Vectors
 
     async def embed(gw: Any, raw: msgspec.Raw, notes: dict[str, Any]) -> Vectors:
         args = msgspec.msgpack.decode(raw, type=EmbedArgs)
@@ -55,8 +55,8 @@ def _server(socket_path: str, width: int) -> None:
 
 
 async def _measure(socket_path: str, calls: int, texts: int, in_flight: int) -> dict[str, float]:
-    from gateway.runtime_link import EmbedArgs, RuntimeLink
-    from gateway.schemas import EmbeddingRequest
+    from gateway.base.schemas import EmbeddingRequest
+    from gateway.runtime.link import EmbedArgs, RuntimeLink
 
     link = RuntimeLink(socket_path)
     body = EmbeddingRequest(model="m", input=["a sentence of about ten words, as a query would be"] * texts)

@@ -31,10 +31,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from corpus import sentences  # noqa: E402
 
 from gateway import Backend, ModelInfo, hookimpl  # noqa: E402
-from gateway.app import create_app  # noqa: E402
-from gateway.auth import KeyStore  # noqa: E402
-from gateway.config import parse_config  # noqa: E402
-from gateway.plugins import load_plugins  # noqa: E402
+from gateway.api.app import create_app  # noqa: E402
+from gateway.base.config import parse_config  # noqa: E402
+from gateway.runtime.plugins import load_plugins  # noqa: E402
+from gateway.shared.keys import KeyStore  # noqa: E402
 
 KEY = "overhead-key"
 

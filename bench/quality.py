@@ -234,7 +234,7 @@ def main() -> int:
     p.add_argument("--out", default=str(HERE / "results"))
     args = p.parse_args()
     sys.path.insert(0, str(bench.ROOT))
-    from gateway.config import load_config
+    from gateway.base.config import load_config
 
     config = load_config(args.config)
     wheel = data_wheel(args.data)

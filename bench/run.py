@@ -142,9 +142,9 @@ def run_all(backend: Raw, batches: list[list[str]]) -> None:
 def load_backend(args: argparse.Namespace, name: str) -> tuple[Any, Raw, Any]:
     """(spec, backend, info): the model's backend built and loaded the way the gateway does it."""
     sys.path.insert(0, str(ROOT))
-    from gateway.config import load_config
-    from gateway.plugins import load_plugins
-    from gateway.registry import build_specs
+    from gateway.base.config import load_config
+    from gateway.runtime.plugins import load_plugins
+    from gateway.runtime.registry import build_specs
 
     config = load_config(args.config)
     plugins = load_plugins()
@@ -1016,7 +1016,7 @@ def main() -> int:
         return probe_main(args)
 
     sys.path.insert(0, str(ROOT))
-    from gateway.config import load_config
+    from gateway.base.config import load_config
 
     config = load_config(args.config)
     names = list(config.models)

@@ -237,7 +237,7 @@ def kill_one(args: argparse.Namespace, server: bench.Server, bodies: Path) -> di
 def compute_main(args: argparse.Namespace) -> int:
     """Subprocess: a replica's own compute (its threads) per batch of each size, as `embed` runs it there."""
     sys.path.insert(0, str(ROOT))
-    from gateway.plugins import load_plugins
+    from gateway.runtime.plugins import load_plugins
 
     corpus = bench.load_corpus()
     backends = load_plugins().backends()
@@ -249,7 +249,7 @@ def compute_main(args: argparse.Namespace) -> int:
         cls = backends[kind]
         import msgspec
 
-        from gateway.config import resolve_model_path
+        from gateway.base.config import resolve_model_path
 
         b = cls(model=backend, path=str(resolve_model_path(path, ROOT)), options=msgspec.convert(replica, cls.Options))
         b.load()

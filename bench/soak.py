@@ -80,7 +80,7 @@ def main() -> int:
     p.add_argument("--invalid-share", type=float, default=0.3)
     args = p.parse_args()
 
-    from gateway.config import load_config
+    from gateway.base.config import load_config
 
     config = load_config(args.config)
     models = args.models.split(",") if args.models else list(config.models)

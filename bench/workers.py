@@ -80,7 +80,7 @@ def cpu_by_role(pid: int) -> dict[str, float]:
     for p in _family(pid):
         cmd = _read(f"/proc/{p}/cmdline")
         total = _ticks(_read(f"/proc/{p}/stat") or "x) 0 0 0 0 0 0 0 0 0 0 0 0 0")
-        if "gateway.runtime_process" in cmd:
+        if "gateway.processes.runtime_process" in cmd:
             main = _ticks(_read(f"/proc/{p}/task/{p}/stat") or "x) 0 0 0 0 0 0 0 0 0 0 0 0 0")
             out["loop"] += main
             out["threads"] += total - main
@@ -229,7 +229,7 @@ def main() -> int:
     p.add_argument("--out", default=str(HERE / "results"))
     args = p.parse_args()
     sys.path.insert(0, str(bench.ROOT))
-    from gateway.config import load_config
+    from gateway.base.config import load_config
 
     config = load_config(args.config)
     corpus = bench.load_corpus()

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from .backend import (
+from gateway.hookspecs import hookimpl
+from gateway.plugin import (
     Backend,
     BackendError,
     BackendFailure,
@@ -15,7 +16,6 @@ from .backend import (
     ModelInfo,
     NoOptions,
 )
-from .hookspecs import hookimpl
 
 __all__ = [
     "Backend",
@@ -38,7 +38,7 @@ __version__ = "0.1.0"
 def __getattr__(name: str) -> object:
     # create_app pulls in Litestar; plugins importing `hookimpl` should not pay for that.
     if name == "create_app":
-        from .app import create_app
+        from gateway.api.app import create_app
 
         return create_app
     raise AttributeError(name)

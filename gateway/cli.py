@@ -13,13 +13,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .auth import KeyStore, hash_key, new_key
-from .config import DEFAULT_CONFIG, ConfigError, GatewayConfig, key_digest, load_config, resolve_model_path
-from .plugins import PluginError, load_plugins
-from .registry import ModelState, Registry, build_specs, check_paths
+from gateway.base.config import DEFAULT_CONFIG, ConfigError, GatewayConfig, key_digest, load_config, resolve_model_path
+from gateway.runtime.plugins import PluginError, load_plugins
+from gateway.runtime.registry import ModelState, Registry, build_specs, check_paths
+from gateway.shared.keys import KeyStore, hash_key, new_key
 
 if TYPE_CHECKING:
-    from .state import Gateway
+    from gateway.embedding.state import Gateway
 
 # Never reach for a model hub at run time; a user who wants downloads sets these to 0 explicitly.
 _OFFLINE = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1"}
@@ -38,7 +38,7 @@ def _load(args: argparse.Namespace) -> tuple[GatewayConfig, Registry]:
 
 
 def _gateway(args: argparse.Namespace) -> Gateway:
-    from .state import Gateway
+    from gateway.embedding.state import Gateway
 
     plugins = args.plugins
     return Gateway(
@@ -54,8 +54,8 @@ def _gateway(args: argparse.Namespace) -> Gateway:
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from .app import create_app
-    from .server import uvicorn_config
+    from gateway.api.app import create_app
+    from gateway.api.server import uvicorn_config
 
     config = load_config(args.config)
     keys = KeyStore.from_config(config.auth)
@@ -73,7 +73,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.port is not None:
         overrides["port"] = args.port
     if config.server.worker_count() > 1:
-        from . import workers
+        from gateway.processes import supervisor as workers
 
         digest = key_digest(key) if generated else None
         return workers.serve(config, args.config, digest, **overrides)
@@ -104,8 +104,8 @@ def _write_secret(path: Path, text: str) -> None:
 def cmd_embed(args: argparse.Namespace) -> int:
     import msgspec
 
-    from . import service
-    from .schemas import EmbeddingRequest
+    from gateway.base.schemas import EmbeddingRequest
+    from gateway.embedding import service
 
     gw = _gateway(args)
     model = gw.registry.resolve(args.model)
@@ -156,7 +156,7 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 def cmd_redis_server(args: argparse.Namespace) -> int:
     import tempfile
 
-    from . import local_redis
+    from gateway.shared import local_redis
 
     config = load_config(args.config)
     if args.port is not None:
@@ -244,7 +244,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for name, value in _OFFLINE.items():
         os.environ.setdefault(name, value)
-    from .backend import BackendError
+    from gateway.plugin import BackendError
 
     try:
         # One plugin manager for the whole command: entry points are imported once.
@@ -262,7 +262,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     except Exception as exc:
-        from .errors import GatewayError
+        from gateway.base.errors import GatewayError
 
         if isinstance(exc, GatewayError):
             return _fail(exc.message)

@@ -8,8 +8,8 @@ from typing import TYPE_CHECKING
 import pluggy
 
 if TYPE_CHECKING:
-    from .backend import Backend, Converter
-    from .placement import Placement
+    from gateway.plugin import Backend, Converter
+    from gateway.runtime.placement import Placement
 
 PROJECT = "embedding_gateway"
 hookspec = pluggy.HookspecMarker(PROJECT)

@@ -18,10 +18,10 @@ import pytest
 from litestar.testing import TestClient
 
 from gateway import Backend, BackendError, ModelInfo, hookimpl
-from gateway.auth import KeyStore
-from gateway.backend import InputRejected
-from gateway.config import parse_config
-from gateway.plugins import load_plugins
+from gateway.base.config import parse_config
+from gateway.plugin import InputRejected
+from gateway.runtime.plugins import load_plugins
+from gateway.shared.keys import KeyStore
 
 API_KEY = "test-key"
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
@@ -129,8 +129,8 @@ def make_app(
 
     `keys`: the test key by default; "config" for the keys the config names (and that follow reloads).
     """
-    from gateway.app import create_app
-    from gateway.config import load_config
+    from gateway.api.app import create_app
+    from gateway.base.config import load_config
 
     config = load_config(config_path) if config_path else parse_config(textwrap.dedent(toml), "test.toml", base_dir)
     installed = load_plugins()
@@ -167,7 +167,7 @@ def wait_loaded(client: TestClient, timeout: float = 300) -> None:
     """Block until no model is still loading. Read from the app, not /ready: /ready names models only to a key
     the app accepts, which the test key is not under `keys="config"` (it then named none, and this returned
     while the models still loaded)."""
-    from gateway.registry import ModelState
+    from gateway.runtime.registry import ModelState
 
     gateway = client.app.state.gateway
     wait_until(
@@ -198,7 +198,7 @@ def uvicorn_server(app: Any) -> Iterator[tuple[str, Any]]:
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     url = f"http://127.0.0.1:{sock.getsockname()[1]}"
-    from gateway.server import uvicorn_config
+    from gateway.api.server import uvicorn_config
 
     server = uvicorn.Server(uvicorn_config(app, app.state.gateway.config.server, log_level="warning"))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
@@ -361,7 +361,7 @@ class RedisServer:
 
         import redis
 
-        from gateway import local_redis
+        from gateway.shared import local_redis
 
         self.process = subprocess.Popen(
             local_redis.command(self.port, self.workdir), stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from gateway.batching import Batcher, QueueFull
+from gateway.runtime.batching import Batcher, QueueFull
 
 from .conftest import FAKE_TOML, FakeBackend, serve, until, wait_until
 from .test_batching import Recorder

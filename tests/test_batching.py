@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from gateway import Backend, ModelInfo
-from gateway.batching import Batcher, BatchFailed, QueueFull
+from gateway.runtime.batching import Batcher, BatchFailed, QueueFull
 
 from .conftest import FAKE_TOML, FakeBackend, fake_vector, serve, until, wait_until
 
@@ -332,8 +332,8 @@ def test_timeout_is_504():
 
 def _served_pair(backend_cls: type[Backend]) -> dict[str, Any]:
     """Loaded ServedModels: "a" on `backend_cls`, "b" on the plain fake backend."""
-    from gateway.config import parse_config
-    from gateway.registry import ServedModel, build_specs
+    from gateway.base.config import parse_config
+    from gateway.runtime.registry import ServedModel, build_specs
 
     from .conftest import FakeBackend
 

@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 from litestar.testing import TestClient
 
-from gateway.auth import KeyStore
-from gateway.cache import weights_digest
-from gateway.config import parse_config
+from gateway.base.config import parse_config
+from gateway.embedding.cache import weights_digest
+from gateway.shared.keys import KeyStore
 
 from .conftest import AUTH, FakeBackend, fake_vector, make_app, serve, until, wait_loaded, wait_until
 
@@ -507,8 +507,8 @@ def _commands(redis_server, name: str) -> int:
 
 
 def test_redis_lookups_and_writes_of_one_loop_turn_go_out_as_one_call_each(redis_server):
-    from gateway.config import RedisConfig
-    from gateway.redis_state import RedisLink, RedisStore
+    from gateway.base.config import RedisConfig
+    from gateway.shared.redis_state import RedisLink, RedisStore
 
     redis_server.client().flushall()
 
@@ -563,7 +563,7 @@ def test_a_malformed_or_mismatched_entry_is_a_counted_miss_never_a_500(redis_ser
         _written(redis_server, 1)
         r = redis_server.client()
         (name,) = r.keys("gateway:cache:*")
-        from gateway.cache import Entry
+        from gateway.embedding.cache import Entry
 
         other_width = Entry(np.ones(4, dtype=np.float32), 1).pack()  # the fake model's vectors have 8
         for bad in (b"\x01\x00", r.get(name)[:-2], r.get(name) + b"\x00\x00\x80\x7f", other_width):
@@ -579,7 +579,7 @@ def test_a_malformed_or_mismatched_entry_is_a_counted_miss_never_a_500(redis_ser
 
 
 def test_entries_are_checked_on_unpack():
-    from gateway.cache import Cache, Entry, MemoryStore
+    from gateway.embedding.cache import Cache, Entry, MemoryStore
 
     good = Entry(np.arange(4, dtype=np.float32), 7, cut=True)
     assert Entry.unpack(good.pack(), 4).vector.tolist() == [0, 1, 2, 3] and Entry.unpack(good.pack()).cut

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
+from gateway.base.config import ConfigError, load_config, parse_config
 from gateway.cli import main
-from gateway.config import ConfigError, load_config, parse_config
 
 ROOT = Path(__file__).resolve().parent.parent
 

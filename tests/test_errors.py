@@ -138,9 +138,9 @@ class _Gibberish:
 )
 def test_messages_do_not_come_from_the_decoders_wording(body, message):
     """What a client reads is worked out from the body itself: a decoder's own error text never reaches it."""
-    from gateway.decoding import BodyDecoder
-    from gateway.errors import GatewayError
-    from gateway.schemas import EmbeddingRequest
+    from gateway.api.decoding import BodyDecoder
+    from gateway.base.errors import GatewayError
+    from gateway.base.schemas import EmbeddingRequest
 
     decoder = BodyDecoder(EmbeddingRequest)
     decoder._decoder = _Gibberish()  # type: ignore[assignment]

@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 
 from gateway import Backend, BackendOverloaded, BackendUnavailable, InputRejected, hookimpl
-from gateway.circuit import CircuitBreaker, CircuitState
-from gateway.config import ConfigError, parse_config
+from gateway.base.circuit import CircuitBreaker, CircuitState
+from gateway.base.config import ConfigError, parse_config
 
 from .conftest import AUTH, FakeBackend, make_app, serve, uvicorn_server, wait_until
 from .upstream import UPSTREAM_KEY, Upstream

@@ -22,7 +22,7 @@ import pytest
 pytest.importorskip("onnxruntime")
 pytest.importorskip("llama_cpp")
 
-from gateway import hf
+from gateway.runtime import hf
 
 from .conftest import serve
 from .folders import FOLDERS
@@ -138,7 +138,7 @@ def test_gguf_refuses_a_micro_batch_its_pooling_cannot_take(converted) -> None:
         import msgspec
         from gateway_gguf import GgufBackend
         from gateway_gguf.backend import GgufOptions
-        from gateway.backend import BackendError
+        from gateway.plugin import BackendError
         path, cases = sys.argv[1], json.loads(sys.argv[2])
         for options in cases:
             b = GgufBackend(model="m", path=path, options=msgspec.convert({"n_threads": 1, **options}, GgufOptions))

@@ -23,7 +23,7 @@ import tokenizers
 from gateway_gguf import GgufBackend, GgufConverter
 from gateway_gguf.backend import GgufOptions
 
-from gateway.backend import BackendError
+from gateway.plugin import BackendError
 
 from .conftest import assert_import_is_light, check_runs_on_token_ids, count, embed
 
@@ -246,7 +246,7 @@ def test_convert_bad_source(tmp_path: Path) -> None:
 def test_plugin_registers_by_hooks() -> None:
     import gateway_gguf
 
-    from gateway.plugins import load_plugins
+    from gateway.runtime.plugins import load_plugins
 
     plugins = load_plugins(entry_points=False)
     plugins.register(gateway_gguf, name="gguf")
@@ -323,7 +323,7 @@ def test_a_gguf_written_by_llama_cpps_own_converter_serves_as_sentence_transform
 
     from sentence_transformers import SentenceTransformer
 
-    from gateway import hf
+    from gateway.runtime import hf
 
     from .conftest import serve
     from .zoo import corpus

@@ -14,7 +14,7 @@ from typing import ClassVar
 import httpx
 import pytest
 
-from gateway.config import ConfigError, parse_config
+from gateway.base.config import ConfigError, parse_config
 
 from .conftest import FAKE_TOML, FakeBackend, make_app, partial_request, serve, until, uvicorn_server, wait_until
 
@@ -37,7 +37,7 @@ def test_invented_methods_do_not_grow_the_metrics(fake_client):
 
 
 def test_a_client_chosen_path_stays_on_one_log_line(caplog):
-    from gateway.observability import ACCESS_LOG, log_field
+    from gateway.base.observability import ACCESS_LOG, log_field
 
     assert log_field("/v1/embeddings") == "/v1/embeddings"
     assert log_field('/x\nrequest_id=forged "') == '"/x\\nrequest_id=forged \\""'
@@ -133,7 +133,7 @@ def test_a_large_request_stops_tokenizing_at_its_first_input_over_the_limit():
 def test_keys_take_turns_and_a_flooding_key_cannot_fill_the_queue_for_others():
     import asyncio
 
-    from gateway.batching import Batcher, QueueFull
+    from gateway.runtime.batching import Batcher, QueueFull
 
     from .test_batching import Recorder
 
@@ -250,7 +250,7 @@ def test_module_paths_that_leave_the_model_folder_are_refused(tmp_path, minilm_p
 
     from gateway_onnx import OnnxBackend
 
-    from gateway.backend import BackendError
+    from gateway.plugin import BackendError
 
     folder = tmp_path / "escape"
     shutil.copytree(minilm_path, folder)
@@ -284,7 +284,7 @@ def test_a_key_listed_twice_is_refused(auth):
 
 
 def test_an_env_key_that_is_also_in_the_config_is_refused(monkeypatch):
-    from gateway.auth import KeyStore
+    from gateway.shared.keys import KeyStore
 
     config = parse_config('[[auth.keys]]\nkey = "restricted-key-1"\nmodels = ["fake"]\n' + FAKE_TOML)
     monkeypatch.setenv("GATEWAY_API_KEYS", "restricted-key-1")

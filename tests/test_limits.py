@@ -17,9 +17,9 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
-from gateway.auth import SLOT_LIFE_S, WINDOW_S, KeyStore, SlidingWindow
-from gateway.config import KeyConfig, RedisConfig
-from gateway.redis_state import _WINDOW, RedisLink, RedisStore, SharedWindow
+from gateway.base.config import KeyConfig, RedisConfig
+from gateway.shared.keys import SLOT_LIFE_S, WINDOW_S, KeyStore, SlidingWindow
+from gateway.shared.redis_state import _WINDOW, RedisLink, RedisStore, SharedWindow
 
 from .conftest import FAKE_TOML, make_app, serve, until, uvicorn_server
 

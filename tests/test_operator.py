@@ -10,8 +10,8 @@ from contextlib import contextmanager
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from gateway.auth import KeyStore, hash_key
-from gateway.config import parse_config
+from gateway.base.config import parse_config
+from gateway.shared.keys import KeyStore, hash_key
 
 from .conftest import API_KEY, AUTH, FAKE_TOML, FakeBackend, fake_vector, serve, wait_loaded, wait_until
 
@@ -109,7 +109,7 @@ def test_request_id_is_honoured_or_generated(fake_client):
 
 
 def test_access_log_has_no_keys_or_texts(fake_client, caplog):
-    from gateway.observability import ACCESS_LOG
+    from gateway.base.observability import ACCESS_LOG
 
     with caplog.at_level("INFO", logger="gateway.access"):
         fake_client.post(URL, json={"model": "fake", "input": "secret text"}, headers={"X-Request-ID": "r-1"})
@@ -139,7 +139,7 @@ def test_access_log_lines_arrive_in_order_stamped_when_each_request_ended(fake_c
 
 
 def test_access_log_follows_the_logger_level(fake_client, caplog):
-    from gateway.observability import ACCESS_LOG
+    from gateway.base.observability import ACCESS_LOG
 
     with caplog.at_level("WARNING", logger="gateway.access"):
         fake_client.post(URL, json={"model": "fake", "input": "x"}, headers={"X-Request-ID": "quiet-1"})
@@ -269,7 +269,7 @@ def test_tokens_of_a_failed_request_are_given_back():
     ],
 )
 def test_invalid_key_config(auth, needle):
-    from gateway.config import ConfigError
+    from gateway.base.config import ConfigError
 
     with pytest.raises(ConfigError, match=None) as info:
         parse_config(auth + KEYS_TOML)
@@ -429,7 +429,7 @@ def test_reload_while_a_model_is_still_loading_loads_it_once(tmp_path):
 def test_reload_keeps_rate_limit_levels(tmp_path):
     cfg = tmp_path / "gateway.toml"
     cfg.write_text('[[auth.keys]]\nkey = "admin-key-1"\nadmin = true\nrequests_per_minute = 3\n' + FAKE_TOML)
-    from gateway.config import load_config
+    from gateway.base.config import load_config
 
     with serve(config_path=cfg, keys="config") as client:
         h = {"Authorization": "Bearer admin-key-1"}
@@ -443,9 +443,9 @@ def test_reload_keeps_rate_limit_levels(tmp_path):
 def test_generated_key_gives_way_to_configured_keys_on_reload(tmp_path):
     from litestar.testing import TestClient
 
-    from gateway.app import create_app
-    from gateway.config import load_config
-    from gateway.plugins import load_plugins
+    from gateway.api.app import create_app
+    from gateway.base.config import load_config
+    from gateway.runtime.plugins import load_plugins
 
     from .conftest import FakePlugin
 
@@ -466,7 +466,7 @@ def test_generated_key_gives_way_to_configured_keys_on_reload(tmp_path):
 
 
 def test_bad_env_key_is_a_config_error(monkeypatch):
-    from gateway.config import AuthConfig, ConfigError
+    from gateway.base.config import AuthConfig, ConfigError
 
     monkeypatch.setenv("GATEWAY_API_KEYS", "sha256:zz")
     with pytest.raises(ConfigError, match="GATEWAY_API_KEYS: key 1: a sha256: key needs 64 hex digits"):

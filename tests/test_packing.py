@@ -8,7 +8,7 @@ import logging
 import numpy as np
 import pytest
 
-from gateway.packing import pack, pool
+from gateway.runtime.packing import pack, pool
 
 from .conftest import SENTENCES, check_runs_on_token_ids, cosine, embed
 

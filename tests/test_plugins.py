@@ -10,8 +10,8 @@ import types
 import pytest
 
 from gateway import ModelInfo, hookimpl
-from gateway.plugins import PluginError, load_plugins
-from gateway.registry import build_specs
+from gateway.runtime.plugins import PluginError, load_plugins
+from gateway.runtime.registry import build_specs
 
 from .conftest import FAKE_TOML, FakeBackend, FakePlugin, fake_vector, serve
 
@@ -56,7 +56,7 @@ def test_broken_plugin_does_not_take_the_others_down(monkeypatch):
     backends = plugins.backends()
     assert "torch" in backends
     assert "No module named 'no_such_module_xyz'" in plugins.broken["brokenbackend"]
-    from gateway.config import ConfigError, parse_config
+    from gateway.base.config import ConfigError, parse_config
 
     config = parse_config('[models.m]\nbackend = "brokenbackend"\npath = "."\n')
     with pytest.raises(ConfigError, match="plugin 'brokenbackend' failed to import"):
@@ -91,7 +91,7 @@ def test_registering_a_non_backend_is_an_error():
 
 
 def test_backend_options_validated_with_key_path():
-    from gateway.config import ConfigError, parse_config
+    from gateway.base.config import ConfigError, parse_config
 
     plugins = load_plugins()
     plugins.register(FakePlugin)

@@ -315,9 +315,9 @@ def test_replicas_that_cannot_be_placed_fail_only_that_model(ray_gateway):
     ],
 )
 def test_ray_table_is_checked_with_its_key_path(table, message):
-    from gateway.config import ConfigError, parse_config
-    from gateway.plugins import load_plugins
-    from gateway.registry import build_specs
+    from gateway.base.config import ConfigError, parse_config
+    from gateway.runtime.plugins import load_plugins
+    from gateway.runtime.registry import build_specs
 
     plugins = load_plugins()
     config = parse_config(f'[models.m]\nbackend = "onnx"\npath = "."\n[models.m.ray]\n{table}\n')
@@ -383,9 +383,9 @@ def test_a_ray_batch_that_times_out_or_keeps_losing_replicas_opens_the_circuit(e
     from gateway_ray import RayOptions
     from gateway_ray.front import RayBackend
 
-    from gateway.backend import ModelInfo
-    from gateway.batching import Batcher
-    from gateway.circuit import CircuitBreaker, CircuitState
+    from gateway.base.circuit import CircuitBreaker, CircuitState
+    from gateway.plugin import ModelInfo
+    from gateway.runtime.batching import Batcher
 
     from .conftest import FakeBackend, FakeOptions
 

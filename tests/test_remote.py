@@ -19,9 +19,9 @@ import msgspec
 import numpy as np
 import pytest
 
-from gateway.config import ConfigError, parse_config
-from gateway.plugins import load_plugins
-from gateway.registry import build_specs
+from gateway.base.config import ConfigError, parse_config
+from gateway.runtime.plugins import load_plugins
+from gateway.runtime.registry import build_specs
 
 from .conftest import SENTENCES, assert_import_is_light, serve
 from .upstream import LIMITED_KEY, ROOT, UPSTREAM_KEY, ScriptedUpstream, Upstream, free_port
@@ -343,7 +343,7 @@ def _scripted_backend(up: ScriptedUpstream, **options):
 def test_timeout_bounds_the_whole_batch_when_the_upstream_trickles(scripted):
     """8 bytes every 0.3 s: each read is quick, the whole answer would take seconds; `timeout_s = 1` ends it at
     about 1 s with a 504-kind failure (the circuit counts it, failover may follow)."""
-    from gateway.backend import BackendTimeout
+    from gateway.plugin import BackendTimeout
 
     backend = _scripted_backend(scripted, dimension=4, timeout_s=1.0)
     try:

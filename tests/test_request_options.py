@@ -8,8 +8,8 @@ import time
 import numpy as np
 import pytest
 
-from gateway.config import ConfigError, parse_config
-from gateway.quantize import Ranges, calibration_texts, quantize
+from gateway.base.config import ConfigError, parse_config
+from gateway.runtime.quantize import Ranges, calibration_texts, quantize
 
 from .conftest import FakeBackend, fake_vector, serve
 

@@ -14,11 +14,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from gateway.base.config import parse_config
 from gateway.cli import _write_secret
-from gateway.config import parse_config
-from gateway.plugins import load_plugins
-from gateway.quantize import Ranges, calibration_texts, quantize
-from gateway.registry import ModelState, ServedModel, build_specs
+from gateway.runtime.plugins import load_plugins
+from gateway.runtime.quantize import Ranges, calibration_texts, quantize
+from gateway.runtime.registry import ModelState, ServedModel, build_specs
 
 from .conftest import API_KEY, FakePlugin, fake_vector, serve, until
 from .test_batching import Recorder, _batcher, _embed
@@ -211,7 +211,7 @@ def test_a_prompt_and_the_same_words_sent_as_text_do_not_share_a_cut_vector() ->
 
 
 def test_the_cache_key_holds_the_prompt_and_the_text_apart() -> None:
-    from gateway.cache import input_key
+    from gateway.embedding.cache import input_key
 
     model = b"m" * 16
     assert input_key(model, "start", "query: ", "x") != input_key(model, "start", "", "query: x")
@@ -235,7 +235,7 @@ def _metaspace_tokenize(words: list[str]) -> Callable[[Sequence[str]], list[list
 
 
 def test_a_prompt_is_counted_as_the_tokenizer_sees_it_inside_an_input() -> None:
-    from gateway.inputs import Frame, prompt_length
+    from gateway.runtime.inputs import Frame, prompt_length
 
     words = ["query:", "I", "saw", "it", "Elephants", "crossing", "roads", "42", "is", "a", "number", "(x)"]
     words += ["marks", "hello", "world"]

@@ -25,7 +25,7 @@ pytest.importorskip("wordllama")
 
 from gateway_static import WordLlamaBackend, WordLlamaOptions
 
-from gateway.backend import BackendError
+from gateway.plugin import BackendError
 
 from .conftest import SENTENCES, assert_import_is_light, cosine, serve
 
@@ -76,7 +76,7 @@ def _package_ids(package, texts: list[str]) -> list[list[int]]:
 
 
 def test_registered_through_entry_point():
-    from gateway.plugins import load_plugins
+    from gateway.runtime.plugins import load_plugins
 
     eps = {ep.name: ep.value for ep in importlib.metadata.entry_points(group="embedding_gateway")}
     assert eps["wordllama"] == "gateway_static"
@@ -88,9 +88,9 @@ def test_import_is_light():
 
 
 def test_options_are_strict_and_checked_at_config_load():
-    from gateway.config import ConfigError, parse_config
-    from gateway.plugins import load_plugins
-    from gateway.registry import build_specs
+    from gateway.base.config import ConfigError, parse_config
+    from gateway.runtime.plugins import load_plugins
+    from gateway.runtime.registry import build_specs
 
     with pytest.raises(msgspec.ValidationError, match="unknown"):
         msgspec.convert({"max_input_tokens": 10}, WordLlamaOptions)
@@ -473,7 +473,7 @@ def test_http_a_model_that_fails_to_load_answers_503(client):
 
 
 def test_default_config_serves_it():
-    from gateway.config import load_config
+    from gateway.base.config import load_config
 
     model = load_config(Path(__file__).resolve().parent.parent / "gateway.toml").models["wordllama"]
     assert (model.backend, model.matryoshka_dimensions) == ("wordllama", [64, 128, 256])

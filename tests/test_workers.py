@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from gateway.config import ConfigError, parse_config
+from gateway.base.config import ConfigError, parse_config
 
 from .conftest import serve, wait_until
 from .upstream import free_port, serve_process
@@ -287,7 +287,9 @@ def test_a_killed_worker_is_restarted_and_costs_only_its_own_requests(tmp_path):
 
 
 def _runtime_pid(cluster: Cluster) -> int | None:
-    pids = [p for p in _descendants(cluster.proc.pid) if "gateway.runtime_process" in _cmdline(p) and _alive(p)]
+    pids = [
+        p for p in _descendants(cluster.proc.pid) if "gateway.processes.runtime_process" in _cmdline(p) and _alive(p)
+    ]
     return pids[0] if len(pids) == 1 else None
 
 

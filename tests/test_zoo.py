@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from gateway import hf
+from gateway.runtime import hf
 
 from .conftest import serve
 from .zoo import FAMILIES, REFUSED, convert, position_texts
@@ -128,7 +128,7 @@ def test_what_a_backend_cannot_run_is_refused_at_convert(zoo_folders, tmp_path, 
     from gateway_gguf import GgufConverter
     from gateway_onnx import OnnxConverter
 
-    from gateway.backend import BackendError
+    from gateway.plugin import BackendError
 
     converter = {"onnx": OnnxConverter, "gguf": GgufConverter}[backend.split("-")[0]]()
     with pytest.raises(BackendError, match=REFUSED[(family, backend)]) as info:
@@ -143,7 +143,7 @@ def test_onnx_refuses_a_folder_whose_positions_cannot_hold_its_limit(tmp_path) -
     a BackendError naming the folder and the limit, and the onnx backend's limit leaves room for the offset."""
     from gateway_onnx import OnnxConverter
 
-    from gateway.backend import BackendError
+    from gateway.plugin import BackendError
 
     from .zoo import LIMIT, build
 
@@ -190,7 +190,7 @@ def test_a_dense_activation_outside_torch_is_refused_at_convert(tmp_path) -> Non
     from gateway_gguf import GgufConverter
     from gateway_onnx import OnnxConverter
 
-    from gateway.backend import BackendError
+    from gateway.plugin import BackendError
 
     from .zoo import build
 

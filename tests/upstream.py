@@ -30,6 +30,8 @@ def serve_process(config: Path, log: Path) -> subprocess.Popen[bytes]:
             env=env,
             cwd=ROOT,
         )
+
+
 UPSTREAM_KEY = "upstream-key-123"
 #: A key the upstream limits to one request a minute: its second request gets the upstream's 429.
 LIMITED_KEY = "limited-key-1234"

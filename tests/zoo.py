@@ -31,7 +31,7 @@ _ROOT = Path(__file__).resolve().parent.parent
 @cache
 def corpus() -> tuple[str, ...]:
     """The bundled English sentences and the adversarial texts (many scripts), to train tokenizers on."""
-    from gateway import hf
+    from gateway.runtime import hf
 
     lines = (_ROOT / "bench" / "corpus.txt").read_text(encoding="utf-8").splitlines()
     return (*lines, *hf.adversarial_texts())

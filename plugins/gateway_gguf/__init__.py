@@ -16,7 +16,7 @@ from .backend import GgufBackend
 from .convert import GgufConverter
 
 if TYPE_CHECKING:
-    from gateway.backend import Backend, Converter
+    from gateway.plugin import Backend, Converter
 
 __all__ = ["GgufBackend", "GgufConverter"]
 

@@ -14,7 +14,7 @@ from collections import deque
 from pathlib import Path
 from typing import Any
 
-from gateway.backend import BackendError
+from gateway.plugin import BackendError
 
 _init_lock = threading.Lock()
 _initialized = False

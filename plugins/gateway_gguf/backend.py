@@ -23,9 +23,9 @@ from typing import Annotated, Any, ClassVar, Literal
 import msgspec
 import numpy as np
 
-from gateway import hf
-from gateway.backend import Backend, BackendError, ModelInfo
-from gateway.hf import l2_normalize
+from gateway.plugin import Backend, BackendError, ModelInfo
+from gateway.runtime import hf
+from gateway.runtime.hf import l2_normalize
 
 from . import _llama
 

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from gateway.backend import Backend, Converter
 from gateway.hookspecs import hookimpl
+from gateway.plugin import Backend, Converter
 
 from .backend import OnnxBackend, OnnxOptions
 from .convert import OnnxConverter

@@ -16,8 +16,8 @@ from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal
 import msgspec
 import numpy as np
 
-from gateway import hf, packing
-from gateway.backend import Backend, BackendError, ModelInfo
+from gateway.plugin import Backend, BackendError, ModelInfo
+from gateway.runtime import hf, packing
 
 if TYPE_CHECKING:
     import onnxruntime

@@ -21,8 +21,8 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from gateway import hf
-from gateway.backend import BackendError, Converter
+from gateway.plugin import BackendError, Converter
+from gateway.runtime import hf
 
 from .backend import SEGMENT_MASK, SEGMENT_MASK_KEY, OnnxBackend, OnnxOptions
 

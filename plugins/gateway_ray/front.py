@@ -15,7 +15,7 @@ import msgspec
 import numpy as np
 
 from gateway import Backend, BackendError, ModelInfo
-from gateway.backend import BackendTimeout, BackendUnavailable, Embedded
+from gateway.plugin import BackendTimeout, BackendUnavailable, Embedded
 
 from .replica import Replica
 from .session import SERVE_LOCK, SESSION, import_ray

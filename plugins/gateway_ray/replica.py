@@ -16,7 +16,7 @@ import msgspec
 import numpy as np
 
 from gateway import Backend, BackendError
-from gateway.backend import Embedded, check_info
+from gateway.plugin import Embedded, check_info
 
 log = logging.getLogger("gateway.ray.replica")
 
@@ -24,7 +24,7 @@ log = logging.getLogger("gateway.ray.replica")
 def find_backend(name: str, ref: str) -> type[Backend]:
     """The Backend class registered as `name` through the entry points, or, when none is (a plugin the embedding
     application registered by hand), the class at `ref` ("module:qualname")."""
-    from gateway.plugins import load_plugins
+    from gateway.runtime.plugins import load_plugins
 
     plugins = load_plugins()
     cls = plugins.backends().get(name)

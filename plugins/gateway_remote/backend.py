@@ -27,8 +27,7 @@ from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal
 import msgspec
 import numpy as np
 
-from gateway import hf
-from gateway.backend import (
+from gateway.plugin import (
     Backend,
     BackendError,
     BackendOverloaded,
@@ -38,6 +37,7 @@ from gateway.backend import (
     InputRejected,
     ModelInfo,
 )
+from gateway.runtime import hf
 
 if TYPE_CHECKING:
     import httpx
@@ -227,7 +227,7 @@ class OpenAIBackend(Backend):
         """Load the local tokenizer; the input limit its folder declares, if any."""
         from tokenizers import Tokenizer
 
-        from gateway.config import ConfigError, resolve_model_path
+        from gateway.base.config import ConfigError, resolve_model_path
 
         try:
             where = resolve_model_path(raw, Path.cwd())
@@ -266,7 +266,7 @@ class OpenAIBackend(Backend):
     def fingerprint(self) -> bytes:
         """The upstream's identity (its base URL, the model name it knows, its /models card when load read
         one, the width it answers with) and the local tokenizer's digest: no files to hash, no directory walk."""
-        from gateway.cache import weights_digest
+        from gateway.embedding.cache import weights_digest
 
         identity = {
             "base_url": self.options.base_url.rstrip("/"),

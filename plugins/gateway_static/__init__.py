@@ -7,8 +7,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from gateway.backend import Backend
 from gateway.hookspecs import hookimpl
+from gateway.plugin import Backend
 
 from .backend import WordLlamaBackend, WordLlamaOptions
 

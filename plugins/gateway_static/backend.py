@@ -23,8 +23,8 @@ from typing import TYPE_CHECKING, Annotated, Any, ClassVar
 import msgspec
 import numpy as np
 
-from gateway.backend import Backend, BackendError, ModelInfo
-from gateway.hf import l2_normalize
+from gateway.plugin import Backend, BackendError, ModelInfo
+from gateway.runtime.hf import l2_normalize
 
 if TYPE_CHECKING:
     import tokenizers

@@ -16,7 +16,7 @@ import msgspec
 import numpy as np
 
 from gateway import Backend, BackendError, ModelInfo, hookimpl
-from gateway.hf import (
+from gateway.runtime.hf import (
     POOLING_MODES,
     PackingPlan,
     PromptLengths,
@@ -27,7 +27,7 @@ from gateway.hf import (
     probe_packing,
     read_layout,
 )
-from gateway.packing import pack, pool
+from gateway.runtime.packing import pack, pool
 
 log = logging.getLogger("gateway.torch")
 

@@ -16,12 +16,12 @@ from litestar.response import Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.multiprocess import MultiProcessCollector
 
-from .auth import ApiKey, authorize
-from .config import ConfigError
-from .errors import GatewayError, error_responses
-from .registry import ModelState, ServedModel
-from .schemas import CacheClear, CacheCleared, Health, ModelCard, ModelList, ReloadResult
-from .state import Gateway
+from gateway.base.config import ConfigError
+from gateway.base.errors import GatewayError, error_responses
+from gateway.base.schemas import CacheClear, CacheCleared, Health, ModelCard, ModelList, ReloadResult
+from gateway.embedding.state import Gateway
+from gateway.runtime.registry import ModelState, ServedModel
+from gateway.shared.keys import ApiKey, authorize
 
 log = logging.getLogger("gateway")
 

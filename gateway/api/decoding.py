@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 import msgspec
 from msgspec import inspect as mi
 
-from .errors import GatewayError
+from gateway.base.errors import GatewayError
 
 T = TypeVar("T", bound=msgspec.Struct)
 

@@ -162,7 +162,7 @@ class Backend(ABC):
         the files at `path` (weights, tokenizer and configs). The cache keys entries by it, so a changed file
         never meets old entries. Called once after `load`, in the loading thread; override when the model's
         files are elsewhere, or can be named more cheaply than by reading them."""
-        from .cache import weights_digest
+        from gateway.embedding.cache import weights_digest
 
         # A model without files (a remote one, given path "") is named by its backend and options, plus what
         # its own override adds: never by a walk of "", which is the working directory.

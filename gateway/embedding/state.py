@@ -8,16 +8,16 @@ from collections.abc import Callable, Iterator, Mapping
 
 import msgspec
 
-from .auth import KeyStore
-from .backend import Backend
-from .cache import Cache, MemoryStore
-from .config import ConfigError, GatewayConfig, load_config
-from .observability import ModelStatus
-from .placement import Placement
-from .redis_state import RedisLink, RedisStore
-from .registry import BatchObserver, ModelSpec, ModelState, Registry, ServedModel, build_specs
-from .runtime_link import LinkWindow, RuntimeLink
-from .schemas import ReloadResult
+from gateway.base.config import ConfigError, GatewayConfig, load_config
+from gateway.base.observability import ModelStatus
+from gateway.base.schemas import ReloadResult
+from gateway.embedding.cache import Cache, MemoryStore
+from gateway.plugin import Backend
+from gateway.runtime.link import LinkWindow, RuntimeLink
+from gateway.runtime.placement import Placement
+from gateway.runtime.registry import BatchObserver, ModelSpec, ModelState, Registry, ServedModel, build_specs
+from gateway.shared.keys import KeyStore
+from gateway.shared.redis_state import RedisLink, RedisStore
 
 log = logging.getLogger("gateway")
 

@@ -10,7 +10,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
-from .errors import GatewayError
+from gateway.base.errors import GatewayError
 
 # Cohere/Voyage `input_type` values -> prompt names to look for, in order. A model with none of them gets no
 # prompt: it is then a symmetric model, for which the input type changes nothing.

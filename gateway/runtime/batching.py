@@ -30,8 +30,8 @@ from typing import Any
 
 import numpy as np
 
-from .backend import Backend, BackendFailure, Embedded, InputRejected, ModelInfo
-from .circuit import CircuitBreaker
+from gateway.base.circuit import CircuitBreaker
+from gateway.plugin import Backend, BackendFailure, Embedded, InputRejected, ModelInfo
 
 log = logging.getLogger("gateway.batching")
 

@@ -18,14 +18,15 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from . import cache, hf, quantize
-from .backend import Backend, BackendError, ModelInfo, check_info
-from .batching import Batcher, Progress
-from .circuit import CircuitBreaker
-from .config import ConfigError, GatewayConfig, ModelConfig, convert_at
-from .errors import GatewayError
-from .inputs import Frame, prompt_length
-from .placement import DEFAULT, InProcess, Placement
+from gateway.base.circuit import CircuitBreaker
+from gateway.base.config import ConfigError, GatewayConfig, ModelConfig, convert_at
+from gateway.base.errors import GatewayError
+from gateway.embedding import cache
+from gateway.plugin import Backend, BackendError, ModelInfo, check_info
+from gateway.runtime import hf, quantize
+from gateway.runtime.batching import Batcher, Progress
+from gateway.runtime.inputs import Frame, prompt_length
+from gateway.runtime.placement import DEFAULT, InProcess, Placement
 
 # An absolute path inside a message: from a slash at the start or after a space or quote, to the next space,
 # quote or end.
@@ -35,7 +36,7 @@ _ABSOLUTE_PATH = re.compile(r"(?<![\w.])/[^\s'\"`,;]+")
 _INLINE_CHARS = 2000
 
 if TYPE_CHECKING:
-    from .auth import ApiKey
+    from gateway.shared.keys import ApiKey
 
 #: Called after each backend batch: (model, inputs, tokens, seconds).
 BatchObserver = Callable[[str, int, int, float], None]

@@ -20,7 +20,7 @@ from typing import Any, BinaryIO, Literal, get_args
 
 import numpy as np
 
-from .backend import BackendError
+from gateway.plugin import BackendError
 
 log = logging.getLogger("gateway.hf")
 

@@ -16,15 +16,16 @@ from litestar.datastructures import State
 from litestar.middleware.base import DefineMiddleware
 from litestar.openapi import OpenAPIConfig
 
-from . import embeddings_route, schemas
-from .auth import KeyStore
-from .config import ConfigError, GatewayConfig
-from .errors import EXCEPTION_HANDLERS
-from .observability import ACCESS_LOG, MODEL_GAUGES, RequestContextMiddleware, record_batch
-from .plugins import Plugins, load_plugins
-from .routes import FRONT_ROUTES, ROUTES
-from .runtime_link import RuntimeLink
-from .state import Gateway
+from gateway.api import embeddings as embeddings_route
+from gateway.api.routes import FRONT_ROUTES, ROUTES
+from gateway.base import schemas
+from gateway.base.config import ConfigError, GatewayConfig
+from gateway.base.errors import EXCEPTION_HANDLERS
+from gateway.base.observability import ACCESS_LOG, MODEL_GAUGES, RequestContextMiddleware, record_batch
+from gateway.embedding.state import Gateway
+from gateway.runtime.link import RuntimeLink
+from gateway.runtime.plugins import Plugins, load_plugins
+from gateway.shared.keys import KeyStore
 
 log = logging.getLogger("gateway")
 

@@ -32,13 +32,13 @@ from litestar.openapi.spec import OpenAPIType, Schema
 from litestar.params import HeaderParameter, JSONBody
 from litestar.types import Receive, Scope, Send
 
-from . import service
-from .asgi import header
-from .auth import ApiKey, authorize
-from .decoding import BodyDecoder
-from .errors import GatewayError, error_body, error_responses
-from .schemas import EmbeddingRequest, EmbeddingResponse
-from .state import Gateway
+from gateway.api.decoding import BodyDecoder
+from gateway.base.asgi import header
+from gateway.base.errors import GatewayError, error_body, error_responses
+from gateway.base.schemas import EmbeddingRequest, EmbeddingResponse
+from gateway.embedding import service
+from gateway.embedding.state import Gateway
+from gateway.shared.keys import ApiKey, authorize
 
 PATHS = ["/v1/embeddings", "/api/v3/inference/embeddings"]
 _DECODER = BodyDecoder(EmbeddingRequest)

@@ -14,13 +14,13 @@ import os
 from litestar import Litestar
 from litestar.types import ASGIApp, Message, Receive, Scope, Send
 
-from .app import create_app
-from .auth import KeyStore
-from .config import ConfigError, load_config
-from .plugins import load_plugins
-from .runtime_link import CONFIG_ENV, FALLBACK_KEY_ENV, SOCKET_ENV, Generation, RuntimeLink, generation_path
-from .server import DeadlineProtocol
-from .state import Gateway
+from gateway.api.app import create_app
+from gateway.api.server import DeadlineProtocol
+from gateway.base.config import ConfigError, load_config
+from gateway.embedding.state import Gateway
+from gateway.runtime.link import CONFIG_ENV, FALLBACK_KEY_ENV, SOCKET_ENV, Generation, RuntimeLink, generation_path
+from gateway.runtime.plugins import load_plugins
+from gateway.shared.keys import KeyStore
 
 log = logging.getLogger("gateway")
 

@@ -4,7 +4,7 @@ It holds the Gateway the single-process server holds (models and their batchers,
 fronts merge into the same batches; the cache and its in-flight dedup; the keys' requests and tokens per
 minute; admission's queue; calibration) and answers the fronts' calls on a Unix socket
 (gateway/runtime_link.py). It speaks no HTTP. Started by the supervisor (gateway/workers.py) as
-`python -m gateway.runtime_process`, with the socket and config paths in its environment.
+`python -m gateway.processes.runtime_process`, with the socket and config paths in its environment.
 """
 
 from __future__ import annotations
@@ -24,13 +24,14 @@ import msgspec
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.registry import Collector
 
-from . import service
-from .auth import ApiKey, KeyStore
-from .config import ConfigError, load_config
-from .errors import GatewayError
-from .observability import ModelGauges, record_batch
-from .routes import clear_cache, model_list, readiness
-from .runtime_link import (
+from gateway.api.routes import clear_cache, model_list, readiness
+from gateway.base.config import ConfigError, load_config
+from gateway.base.errors import GatewayError
+from gateway.base.observability import ModelGauges, record_batch
+from gateway.base.schemas import Health
+from gateway.embedding import service
+from gateway.embedding.state import Gateway
+from gateway.runtime.link import (
     CONFIG_ENV,
     FALLBACK_KEY_ENV,
     SOCKET_ENV,
@@ -46,8 +47,7 @@ from .runtime_link import (
     generation_path,
     read_frame,
 )
-from .schemas import Health
-from .state import Gateway
+from gateway.shared.keys import ApiKey, KeyStore
 
 log = logging.getLogger("gateway")
 
@@ -306,8 +306,8 @@ async def run(gw: Gateway, socket_path: str, workers: int) -> None:
 
 
 def main() -> int:
-    """`python -m gateway.runtime_process`: paths from the environment the supervisor set."""
-    from .plugins import load_plugins
+    """`python -m gateway.processes.runtime_process`: paths from the environment the supervisor set."""
+    from gateway.runtime.plugins import load_plugins
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     config_path = os.environ[CONFIG_ENV]

@@ -19,14 +19,14 @@ from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from .config import ConfigError, RedisConfig
-from .observability import record_store_error
+from gateway.base.config import ConfigError, RedisConfig
+from gateway.base.observability import record_store_error
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis
     from redis.commands.core import AsyncScript
 
-    from .auth import SlidingWindow
+    from gateway.shared.keys import SlidingWindow
 
 log = logging.getLogger("gateway.redis")
 

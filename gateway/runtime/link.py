@@ -20,8 +20,8 @@ from typing import Any, TypeVar
 
 import msgspec
 
-from .errors import GatewayError
-from .schemas import EmbeddingRequest
+from gateway.base.errors import GatewayError
+from gateway.base.schemas import EmbeddingRequest
 
 log = logging.getLogger("gateway")
 

@@ -16,11 +16,11 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from .config import AuthConfig, ConfigError, KeyConfig, key_digest, key_problem
-from .errors import GatewayError
+from gateway.base.config import AuthConfig, ConfigError, KeyConfig, key_digest, key_problem
+from gateway.base.errors import GatewayError
 
 if TYPE_CHECKING:
-    from .redis_state import RedisLink, SharedWindow
+    from gateway.shared.redis_state import RedisLink, SharedWindow
 
 ENV_KEYS = "GATEWAY_API_KEYS"
 _CHALLENGE = {"WWW-Authenticate": "Bearer"}
@@ -295,7 +295,7 @@ def _window(
     local = SlidingWindow(per_minute)
     if shared is None:
         return local
-    from .redis_state import SharedWindow
+    from gateway.shared.redis_state import SharedWindow
 
     # Named by a digest of the key's digest and the limit: no key in Redis, and a changed limit starts afresh.
     name = hashlib.sha256(b"limit\0" + digest).hexdigest()[:24] + f":{what}:{per_minute}"

@@ -10,11 +10,11 @@ from typing import TYPE_CHECKING
 
 import pluggy
 
-from . import hookspecs
+from gateway import hookspecs
 
 if TYPE_CHECKING:
-    from .backend import Backend, Converter
-    from .placement import Placement
+    from gateway.plugin import Backend, Converter
+    from gateway.runtime.placement import Placement
 
 
 log = logging.getLogger("gateway.plugins")
@@ -88,7 +88,7 @@ def load_plugins(*, entry_points: bool = True) -> Plugins:
     pm.add_hookspecs(hookspecs)
     plugins = Plugins(pm)
     # The default placement is a plugin of the core, registered through the same hook as any other.
-    from . import placement
+    from gateway.runtime import placement
 
     pm.register(placement, name="gateway.placement")
     if entry_points:
@@ -115,7 +115,7 @@ def _load_entry_points(plugins: Plugins) -> None:
 
 def _check_backend(cls: object, plugin: str) -> str:
     """The backend's name, once its class is known to keep the contract (PluginError naming it if not)."""
-    from .backend import Backend
+    from gateway.plugin import Backend
 
     if not (isinstance(cls, type) and issubclass(cls, Backend)):
         raise PluginError(f"plugin {plugin!r} registered {cls!r}, which is not a Backend subclass")

@@ -10,7 +10,7 @@ from litestar import Request, Response
 from litestar.exceptions import HTTPException, ValidationException
 from litestar.openapi import ResponseSpec
 
-from .schemas import ErrorResponse
+from gateway.base.schemas import ErrorResponse
 
 log = logging.getLogger("gateway.errors")
 

@@ -13,8 +13,8 @@ from typing import Any, ClassVar
 
 import msgspec
 
-from .backend import Backend, NoOptions
-from .hookspecs import hookimpl
+from gateway.hookspecs import hookimpl
+from gateway.plugin import Backend, NoOptions
 
 #: The placement of a model whose config names none.
 DEFAULT = "in-process"

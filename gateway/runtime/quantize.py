@@ -16,7 +16,7 @@ from typing import Literal
 
 import numpy as np
 
-from .backend import BackendError
+from gateway.plugin import BackendError
 
 EmbeddingType = Literal["float", "int8", "uint8", "binary", "ubinary"]
 #: The types that need calibration ranges.

@@ -10,7 +10,7 @@ import ipaddress
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from .config import ConfigError
+from gateway.base.config import ConfigError
 
 # Loopback only, nothing written to disk: the cache and the limits' windows are rebuilt by use.
 _LOCAL_ARGS = ("--bind", "127.0.0.1", "--protected-mode", "yes", "--save", "", "--appendonly", "no")

@@ -21,9 +21,9 @@ from typing import Any
 from prometheus_client import multiprocess
 from uvicorn.supervisors import Multiprocess
 
-from .config import GatewayConfig
-from .runtime_link import CONFIG_ENV, FALLBACK_KEY_ENV, SOCKET_ENV, WORKERS_ENV, generation_path
-from .server import uvicorn_config
+from gateway.api.server import uvicorn_config
+from gateway.base.config import GatewayConfig
+from gateway.runtime.link import CONFIG_ENV, FALLBACK_KEY_ENV, SOCKET_ENV, WORKERS_ENV, generation_path
 
 log = logging.getLogger("gateway")
 
@@ -36,7 +36,7 @@ class RuntimeProcess:
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
-        self.process = subprocess.Popen([sys.executable, "-m", "gateway.runtime_process"], env=self.env)
+        self.process = subprocess.Popen([sys.executable, "-m", "gateway.processes.runtime_process"], env=self.env)
         log.info("started the runtime process [%d]", self.process.pid)
 
     def alive(self) -> bool:
@@ -118,11 +118,11 @@ def serve(config: GatewayConfig, config_path: str, key_digest: bytes | None, **o
     os.environ.update(env)
     runtime = RuntimeProcess(env)
     uv = uvicorn_config(
-        "gateway.front:create_front",
+        "gateway.processes.front:create_front",
         config.server,
         factory=True,
         workers=workers,
-        http="gateway.front:FrontProtocol",
+        http="gateway.processes.front:FrontProtocol",
         **overrides,
     )
     sock = uv.bind_socket()

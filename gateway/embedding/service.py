@@ -27,19 +27,19 @@ from typing import Any, TypeVar
 import msgspec
 import numpy as np
 
-from . import inputs, quantize
-from .auth import ApiKey
-from .backend import BackendError, BackendFailure
-from .batching import BatchFailed, Progress, QueueFull
-from .cache import Cache, Entry
-from .cache import input_key as cache_key
-from .errors import GatewayError
-from .hf import l2_normalize
-from .observability import new_id, record_failover, record_refusal
-from .registry import ServedModel
-from .runtime_link import EmbedArgs, RemoteError
-from .schemas import EmbeddingData, EmbeddingRequest, EmbeddingResponse, Usage
-from .state import Gateway
+from gateway.base.errors import GatewayError
+from gateway.base.observability import new_id, record_failover, record_refusal
+from gateway.base.schemas import EmbeddingData, EmbeddingRequest, EmbeddingResponse, Usage
+from gateway.embedding.cache import Cache, Entry
+from gateway.embedding.cache import input_key as cache_key
+from gateway.embedding.state import Gateway
+from gateway.plugin import BackendError, BackendFailure
+from gateway.runtime import inputs, quantize
+from gateway.runtime.batching import BatchFailed, Progress, QueueFull
+from gateway.runtime.hf import l2_normalize
+from gateway.runtime.link import EmbedArgs, RemoteError
+from gateway.runtime.registry import ServedModel
+from gateway.shared.keys import ApiKey
 
 log = logging.getLogger("gateway")
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .hf import POOLING_MODES, Pooling
+from gateway.runtime.hf import POOLING_MODES, Pooling
 
 
 @dataclass(frozen=True, slots=True)

@@ -15,7 +15,7 @@ import h11
 import uvicorn
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-from .config import ServerConfig
+from gateway.base.config import ServerConfig
 
 
 class DeadlineProtocol(H11Protocol):

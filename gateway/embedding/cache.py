@@ -29,7 +29,7 @@ from typing import Protocol
 import msgspec
 import numpy as np
 
-from .observability import record_cache
+from gateway.base.observability import record_cache
 
 log = logging.getLogger("gateway.cache")
 
