@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from gateway.hookspecs import hookimpl
 from gateway.plugin import (
     Backend,
     BackendError,
@@ -15,6 +14,7 @@ from gateway.plugin import (
     InputRejected,
     ModelInfo,
     NoOptions,
+    hookimpl,
 )
 
 __all__ = [
@@ -29,6 +29,8 @@ __all__ = [
     "InputRejected",
     "ModelInfo",
     "NoOptions",
+    "Placement",
+    "Placement",
     "create_app",
     "hookimpl",
 ]

@@ -1,15 +1,25 @@
-"""What a backend plugin implements. Synchronous on purpose: every runtime we wrap blocks; the core moves
-calls off the event loop and batches them."""
+"""The plugin contract, whole: the hooks a plugin implements (`hookimpl`), the Backend it registers and what
+that returns (ModelInfo, Embedded, the failures it may raise), Converters, and Placements (where batches run).
+
+Backends are synchronous on purpose: every runtime we wrap blocks; the core moves calls off the event loop and
+batches them. Everything here is importable from `gateway` itself.
+"""
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Annotated, Any, ClassVar
 
 import msgspec
 import numpy as np
+import pluggy
+
+#: The entry-point group and pluggy project name under which plugins register.
+PROJECT = "embedding_gateway"
+hookspec = pluggy.HookspecMarker(PROJECT)
+hookimpl = pluggy.HookimplMarker(PROJECT)
 
 Positive = Annotated[int, msgspec.Meta(ge=1)]
 
@@ -211,3 +221,47 @@ class Converter(ABC):
         import sys
 
         print(f"[convert {self.name}] {message}", file=sys.stderr, flush=True)
+
+
+class Placement(ABC):
+    """One way to run a model's batches; built per model load with that model's validated options.
+
+    A Placement turns the configured Backend class into the Backend the core serves: the default runs it in this
+    process; a plugin (say gateway_ray) may run it on replicas elsewhere. A model picks a placement by a table
+    named after it in gateway.toml (`[models.X.ray]`); without one it runs in-process. The placement's Options
+    Struct validates that table when the config is read.
+    """
+
+    #: The table in `[models.X]` that asks for this placement (`ray` -> `[models.X.ray]`).
+    name: ClassVar[str]
+    #: Struct that validates that table.
+    Options: ClassVar[type[msgspec.Struct]] = NoOptions
+
+    def __init__(self, options: Any) -> None:
+        self.options = options
+
+    @abstractmethod
+    def place(
+        self, backend_cls: type[Backend], *, model: str, path: str, options: Any, trust_remote_code: bool
+    ) -> Backend:
+        """A Backend for the core to load and serve: the backend itself, or a stand-in that runs it elsewhere
+        (its `load` starts the replicas and returns their ModelInfo)."""
+
+
+# The hooks: the whole plugin interface of the gateway.
+
+
+@hookspec
+def register_backends(register: Callable[[type[Backend]], None]) -> None:
+    """Register Backend classes; each is keyed by its `name` (the `backend =` value in gateway.toml)."""
+
+
+@hookspec
+def register_converters(register: Callable[[Converter], None]) -> None:
+    """Register Converter instances for `gateway convert --to NAME`."""
+
+
+@hookspec
+def register_placements(register: Callable[[type[Placement]], None]) -> None:
+    """Register Placement classes (where a model's batches run); each is keyed by its `name`, the table in
+    `[models.X]` that asks for it."""

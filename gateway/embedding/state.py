@@ -12,9 +12,8 @@ from gateway.base.config import ConfigError, GatewayConfig, load_config
 from gateway.base.observability import ModelStatus
 from gateway.base.schemas import ReloadResult
 from gateway.embedding.cache import Cache, MemoryStore
-from gateway.plugin import Backend
+from gateway.plugin import Backend, Placement
 from gateway.runtime.link import LinkWindow, RuntimeLink
-from gateway.runtime.placement import Placement
 from gateway.runtime.registry import BatchObserver, ModelSpec, ModelState, Registry, ServedModel, build_specs
 from gateway.shared.keys import KeyStore
 from gateway.shared.redis_state import RedisLink, RedisStore

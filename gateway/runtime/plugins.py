@@ -10,11 +10,10 @@ from typing import TYPE_CHECKING
 
 import pluggy
 
-from gateway import hookspecs
+from gateway import plugin as contract
 
 if TYPE_CHECKING:
-    from gateway.plugin import Backend, Converter
-    from gateway.runtime.placement import Placement
+    from gateway.plugin import Backend, Converter, Placement
 
 
 log = logging.getLogger("gateway.plugins")
@@ -84,8 +83,8 @@ class Plugins:
 
 def load_plugins(*, entry_points: bool = True) -> Plugins:
     """A fresh manager with the hookspecs and (by default) every `embedding_gateway` entry point loaded."""
-    pm = pluggy.PluginManager(hookspecs.PROJECT)
-    pm.add_hookspecs(hookspecs)
+    pm = pluggy.PluginManager(contract.PROJECT)
+    pm.add_hookspecs(contract)
     plugins = Plugins(pm)
     # The default placement is a plugin of the core, registered through the same hook as any other.
     from gateway.runtime import placement
@@ -101,7 +100,7 @@ def _load_entry_points(plugins: Plugins) -> None:
     # pluggy's load_setuptools_entrypoints stops at the first plugin that fails to import; one broken
     # plugin (say, a missing optional runtime) must not take the other backends down with it.
     pm = plugins.manager
-    for ep in importlib.metadata.entry_points(group=hookspecs.PROJECT):
+    for ep in importlib.metadata.entry_points(group=contract.PROJECT):
         if pm.get_plugin(ep.name) is not None or pm.is_blocked(ep.name):
             continue
         try:

@@ -22,11 +22,11 @@ from gateway.base.circuit import CircuitBreaker
 from gateway.base.config import ConfigError, GatewayConfig, ModelConfig, convert_at
 from gateway.base.errors import GatewayError
 from gateway.embedding import cache
-from gateway.plugin import Backend, BackendError, ModelInfo, check_info
+from gateway.plugin import Backend, BackendError, ModelInfo, Placement, check_info
 from gateway.runtime import hf, quantize
 from gateway.runtime.batching import Batcher, Progress
 from gateway.runtime.inputs import Frame, prompt_length
-from gateway.runtime.placement import DEFAULT, InProcess, Placement
+from gateway.runtime.placement import DEFAULT, InProcess
 
 # An absolute path inside a message: from a slash at the start or after a space or quote, to the next space,
 # quote or end.

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from gateway.hookspecs import hookimpl
+from gateway.plugin import hookimpl
 
 from .backend import GgufBackend
 from .convert import GgufConverter

@@ -8,8 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from gateway.hookspecs import hookimpl
-from gateway.plugin import Backend, Converter
+from gateway.plugin import Backend, Converter, hookimpl
 
 from .backend import OnnxBackend, OnnxOptions
 from .convert import OnnxConverter

@@ -13,7 +13,7 @@ from typing import Annotated, Any
 import msgspec
 
 from gateway import Backend, hookimpl
-from gateway.runtime.placement import Placement
+from gateway.plugin import Placement
 
 Positive = Annotated[int, msgspec.Meta(ge=1)]
 PositiveFloat = Annotated[float, msgspec.Meta(gt=0)]

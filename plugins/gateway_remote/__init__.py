@@ -7,8 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from gateway.hookspecs import hookimpl
-from gateway.plugin import Backend
+from gateway.plugin import Backend, hookimpl
 
 from .backend import OpenAIBackend, OpenAIOptions
 
