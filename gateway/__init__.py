@@ -14,6 +14,7 @@ from gateway.plugin import (
     InputRejected,
     ModelInfo,
     NoOptions,
+    Placement,
     hookimpl,
 )
 
@@ -29,7 +30,6 @@ __all__ = [
     "InputRejected",
     "ModelInfo",
     "NoOptions",
-    "Placement",
     "Placement",
     "create_app",
     "hookimpl",
