@@ -18,8 +18,9 @@ import httpx
 import pytest
 
 from gateway.base.config import KeyConfig, RedisConfig
-from gateway.shared.keys import SLOT_LIFE_S, WINDOW_S, KeyStore, SlidingWindow
+from gateway.shared.keys import KeyStore
 from gateway.shared.redis_state import _WINDOW, RedisLink, RedisStore, SharedWindow
+from gateway.shared.windows import SLOT_LIFE_S, WINDOW_S, SlidingWindow
 
 from .conftest import FAKE_TOML, make_app, serve, until, uvicorn_server
 

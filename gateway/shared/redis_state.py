@@ -26,13 +26,13 @@ if TYPE_CHECKING:
     from redis.asyncio import Redis
     from redis.commands.core import AsyncScript
 
-    from gateway.shared.keys import SlidingWindow
+    from gateway.shared.windows import SlidingWindow
 
 log = logging.getLogger("gateway.redis")
 
 T = TypeVar("T")
 
-# A key's sliding window (auth.py's SlidingWindow), updated atomically in Redis on Redis' own clock (so replicas
+# A key's sliding window (windows.py's SlidingWindow), updated atomically in Redis on Redis' own clock (so replicas
 # with skewed clocks agree): a hash of slot second -> amount admitted in it; slots out of the window are deleted,
 # and slots dated after Redis' present (its clock stepped back) count from now.
 # KEYS[1]: the window; ARGV: limit, amount, mode ("take", "peek" or "give"), ttl (s; 0: the key never expires),
