@@ -16,6 +16,8 @@ import msgspec
 import numpy as np
 import pluggy
 
+from gateway.base.digest import weights_digest
+
 #: The entry-point group and pluggy project name under which plugins register.
 PROJECT = "embedding_gateway"
 hookspec = pluggy.HookspecMarker(PROJECT)
@@ -172,8 +174,6 @@ class Backend(ABC):
         the files at `path` (weights, tokenizer and configs). The cache keys entries by it, so a changed file
         never meets old entries. Called once after `load`, in the loading thread; override when the model's
         files are elsewhere, or can be named more cheaply than by reading them."""
-        from gateway.embedding.cache import weights_digest
-
         # A model without files (a remote one, given path "") is named by its backend and options, plus what
         # its own override adds: never by a walk of "", which is the working directory.
         return weights_digest(self.path) if self.path else b""

@@ -16,7 +16,7 @@ import pytest
 from litestar.testing import TestClient
 
 from gateway.base.config import parse_config
-from gateway.embedding.cache import weights_digest
+from gateway.base.digest import weights_digest
 from gateway.shared.keys import KeyStore
 
 from .conftest import AUTH, FakeBackend, fake_vector, make_app, serve, until, wait_loaded, wait_until

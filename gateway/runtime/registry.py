@@ -18,10 +18,10 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from gateway.base import digest
 from gateway.base.circuit import CircuitBreaker
 from gateway.base.config import ConfigError, GatewayConfig, ModelConfig, convert_at
 from gateway.base.errors import GatewayError
-from gateway.embedding import cache
 from gateway.plugin import Backend, BackendError, ModelInfo, Placement, check_info
 from gateway.runtime import hf, quantize
 from gateway.runtime.batching import Batcher, Progress
@@ -163,7 +163,7 @@ class ServedModel:
     _calibration: np.ndarray | None = None
     _calibrating: asyncio.Future[np.ndarray] | None = None
     _ranges: dict[int, quantize.Ranges] = field(default_factory=dict)
-    # The cache's name for this model (cache.identity): None when its inputs are not cached.
+    # The cache's name for this model (digest.identity): None when its inputs are not cached.
     identity: bytes | None = None
     circuit: CircuitBreaker = field(init=False)
 
@@ -226,7 +226,7 @@ class ServedModel:
             try:
                 self._read_prompts(backend, info)
                 if spec.cached:
-                    self.identity = cache.identity(
+                    self.identity = digest.identity(
                         spec.config.backend, spec.options, backend.fingerprint(), self._limit(info)
                     )
             except Exception:

@@ -266,7 +266,7 @@ class OpenAIBackend(Backend):
     def fingerprint(self) -> bytes:
         """The upstream's identity (its base URL, the model name it knows, its /models card when load read
         one, the width it answers with) and the local tokenizer's digest: no files to hash, no directory walk."""
-        from gateway.embedding.cache import weights_digest
+        from gateway.base.digest import weights_digest
 
         identity = {
             "base_url": self.options.base_url.rstrip("/"),
