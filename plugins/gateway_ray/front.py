@@ -21,7 +21,7 @@ from .replica import Replica
 from .session import SERVE_LOCK, SESSION, import_ray
 
 if TYPE_CHECKING:
-    from . import RayOptions
+    from .options import RayOptions
 
 log = logging.getLogger("gateway.ray")
 
