@@ -184,16 +184,23 @@ def build_parser(converters: dict[str, object] | None = None) -> argparse.Argume
     """The argparse tree; converters add their own options to `convert`."""
     parser = argparse.ArgumentParser(prog="gateway", description="Embedding gateway: one HTTP API for embeddings.")
     sub = parser.add_subparsers(dest="command", required=True)
+    _add_serving(sub)
+    _add_tools(sub, converters or {})
+    return parser
 
-    def with_config(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
-        p.add_argument(
-            "--config",
-            default=os.environ.get("GATEWAY_CONFIG", DEFAULT_CONFIG),
-            help="path to gateway.toml (default: %(default)s)",
-        )
-        return p
 
-    p = with_config(sub.add_parser("serve", help="start the HTTP server"))
+def _with_config(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    p.add_argument(
+        "--config",
+        default=os.environ.get("GATEWAY_CONFIG", DEFAULT_CONFIG),
+        help="path to gateway.toml (default: %(default)s)",
+    )
+    return p
+
+
+def _add_serving(sub: argparse._SubParsersAction) -> None:
+    """The commands that run a configured gateway: serve, embed, models, redis-server."""
+    p = _with_config(sub.add_parser("serve", help="start the HTTP server"))
     p.add_argument("--host", help="bind address (default: [server].host)")
     p.add_argument("--port", type=int, help="port (default: [server].port)")
     p.add_argument(
@@ -202,20 +209,16 @@ def build_parser(converters: dict[str, object] | None = None) -> argparse.Argume
     )
     p.set_defaults(func=cmd_serve)
 
-    p = with_config(sub.add_parser("embed", help="embed texts in-process and print the JSON response"))
+    p = _with_config(sub.add_parser("embed", help="embed texts in-process and print the JSON response"))
     p.add_argument("text", nargs="+", help="texts to embed")
     p.add_argument("--model", required=True, help="model name or alias")
     p.add_argument("--dimensions", type=int, help="Matryoshka dimensions")
     p.set_defaults(func=cmd_embed)
 
-    p = with_config(sub.add_parser("models", help="list configured models"))
+    p = _with_config(sub.add_parser("models", help="list configured models"))
     p.set_defaults(func=cmd_models)
 
-    p = sub.add_parser("check-config", help="validate a config without loading any model")
-    p.add_argument("config", nargs="?", default=os.environ.get("GATEWAY_CONFIG", DEFAULT_CONFIG))
-    p.set_defaults(func=cmd_check_config)
-
-    p = with_config(
+    p = _with_config(
         sub.add_parser(
             "redis-server",
             help="run the local Redis-protocol server installed with the gateway (Valkey) on [redis]'s port",
@@ -224,11 +227,17 @@ def build_parser(converters: dict[str, object] | None = None) -> argparse.Argume
     p.add_argument("--port", type=int, help="port (default: the one in [redis] url)")
     p.set_defaults(func=cmd_redis_server)
 
+
+def _add_tools(sub: argparse._SubParsersAction, converters: dict[str, object]) -> None:
+    """The commands that need no running gateway: check-config, hash-key, convert."""
+    p = sub.add_parser("check-config", help="validate a config without loading any model")
+    p.add_argument("config", nargs="?", default=os.environ.get("GATEWAY_CONFIG", DEFAULT_CONFIG))
+    p.set_defaults(func=cmd_check_config)
+
     p = sub.add_parser("hash-key", help="print a new (or the given) API key and its sha256 form for gateway.toml")
     p.add_argument("key", nargs="?")
     p.set_defaults(func=cmd_hash_key)
 
-    converters = converters or {}
     p = sub.add_parser("convert", help="convert a model for another backend (" + ", ".join(converters) + ")")
     p.add_argument("src", help="model folder, or pkg:PACKAGE/sub/path")
     p.add_argument("--to", required=True, choices=sorted(converters), help="target format")
@@ -236,7 +245,6 @@ def build_parser(converters: dict[str, object] | None = None) -> argparse.Argume
     for conv in converters.values():
         conv.add_arguments(p)  # type: ignore[attr-defined]
     p.set_defaults(func=None, converters=converters)
-    return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:

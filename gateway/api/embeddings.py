@@ -38,6 +38,7 @@ from gateway.base.errors import GatewayError, error_body, error_responses
 from gateway.base.schemas import EmbeddingRequest, EmbeddingResponse
 from gateway.embedding import service
 from gateway.embedding.state import Gateway
+from gateway.runtime.registry import ServedModel
 from gateway.shared.keys import ApiKey, authorize
 
 PATHS = ["/v1/embeddings", "/api/v3/inference/embeddings"]
@@ -245,14 +246,7 @@ def request_schema(gw: Gateway, key: ApiKey | None) -> dict[str, Any]:
     texts["maxItems"] = server.max_items_per_request
     models = [m for name, m in gw.registry.models.items() if key is not None and key.may_use(name)]
     if key is not None:
-        names = sorted({name for m in models for name in (m.name, *m.spec.config.aliases)})
-        if names:
-            props["model"]["enum"] = names
-        dims = sorted({d for m in models for d in m.spec.config.matryoshka_dimensions or ()})
-        # Each model takes only its own values (GET /v1/models lists them); none here: no model takes any.
-        props["dimensions"]["anyOf"][0] = {"type": "integer", "enum": dims} if dims else {"not": {}}
-        prompts = sorted({name for m in models for name in m.prompt_names()})
-        props["prompt_name"]["anyOf"][0] = {"type": "string", "enum": prompts} if prompts else {"not": {}}
+        _the_keys_models(props, models)
     # A compact `encoding_format` is the type itself: `embedding_type` may only repeat it.
     body["allOf"] = [
         {
@@ -263,21 +257,7 @@ def request_schema(gw: Gateway, key: ApiKey | None) -> dict[str, Any]:
     ]
     # Each model takes only its own `dimensions` and prompt names: said per model, so that a value another
     # model takes is not schema-valid for this one.
-    for model in models:
-        own = sorted({model.name, *model.spec.config.aliases})
-        model_dims = sorted(model.spec.config.matryoshka_dimensions or ())
-        model_prompts = sorted(model.prompt_names())
-        body["allOf"].append(
-            {
-                "if": {"properties": {"model": {"enum": own}}, "required": ["model"]},
-                "then": {
-                    "properties": {
-                        "dimensions": {"enum": [*model_dims, None]},
-                        "prompt_name": {"enum": [*model_prompts, None]},
-                    }
-                },
-            }
-        )
+    body["allOf"].extend(_per_model(model) for model in models)
     # A prompt is chosen by name or by input type, not both.
     body["allOf"].append(
         {
@@ -286,6 +266,32 @@ def request_schema(gw: Gateway, key: ApiKey | None) -> dict[str, Any]:
         }
     )
     return body
+
+
+def _the_keys_models(props: dict[str, Any], models: list[ServedModel]) -> None:
+    """`model`, `dimensions` and `prompt_name` narrowed to what the key's models take, all models together."""
+    names = sorted({name for m in models for name in (m.name, *m.spec.config.aliases)})
+    if names:
+        props["model"]["enum"] = names
+    dims = sorted({d for m in models for d in m.spec.config.matryoshka_dimensions or ()})
+    # Each model takes only its own values (GET /v1/models lists them); none here: no model takes any.
+    props["dimensions"]["anyOf"][0] = {"type": "integer", "enum": dims} if dims else {"not": {}}
+    prompts = sorted({name for m in models for name in m.prompt_names()})
+    props["prompt_name"]["anyOf"][0] = {"type": "string", "enum": prompts} if prompts else {"not": {}}
+
+
+def _per_model(model: ServedModel) -> dict[str, Any]:
+    """If the body names `model`, its `dimensions` and `prompt_name` are that model's own."""
+    own = sorted({model.name, *model.spec.config.aliases})
+    return {
+        "if": {"properties": {"model": {"enum": own}}, "required": ["model"]},
+        "then": {
+            "properties": {
+                "dimensions": {"enum": [*sorted(model.spec.config.matryoshka_dimensions or ()), None]},
+                "prompt_name": {"enum": [*sorted(model.prompt_names()), None]},
+            }
+        },
+    }
 
 
 class KeyedJsonRenderPlugin(JsonRenderPlugin):

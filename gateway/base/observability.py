@@ -359,19 +359,23 @@ class RequestContextMiddleware:
                 _child(HTTP_SECONDS, method, path, code, _APP).observe(latency)
                 if status >= 500:
                     _child(HTTP_ERRORS, method, path, code, _APP).inc()
-            model = state.get("model")
-            if model is not None:
-                _child(EMBED_REQUESTS, model, str(status)).inc()
-                if status == 200:
-                    _child(TOKENS, model).inc(state.get("tokens", 0))
-                    _child(INPUTS, model).inc(state.get("inputs", 0))
-            if self.log_requests and scope["path"] not in ("/health", "/metrics"):
-                ACCESS_LOG.add(
-                    request_id,
-                    method_label(scope["method"]),
-                    scope["path"],
-                    status,
-                    model or "-",
-                    state.get("tokens", "-"),
-                    latency * 1000,
-                )
+            self._account(scope, state, status, latency)
+
+    def _account(self, scope: Scope, state: dict[str, Any], status: int, latency: float) -> None:
+        """The embedding metrics of the model the request used, and its access-log line."""
+        model = state.get("model")
+        if model is not None:
+            _child(EMBED_REQUESTS, model, str(status)).inc()
+            if status == 200:
+                _child(TOKENS, model).inc(state.get("tokens", 0))
+                _child(INPUTS, model).inc(state.get("inputs", 0))
+        if self.log_requests and scope["path"] not in ("/health", "/metrics"):
+            ACCESS_LOG.add(
+                state["request_id"],
+                method_label(scope["method"]),
+                scope["path"],
+                status,
+                model or "-",
+                state.get("tokens", "-"),
+                latency * 1000,
+            )

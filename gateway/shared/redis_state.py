@@ -540,26 +540,27 @@ class SharedWindow:
             self._seen_used, self._seen_at = float(used), self.local.clock()
             return float(wait)
         self._answered.extend(answered)
-        if not self._on_local:
-            # Carry on from the shared use as last seen, rather than granting a fresh minute at every outage;
-            # it leaves the window as if all admitted when it was seen.
-            self._on_local = True
-            self.local.fill(self._seen_used, at=self._seen_at)
-        wait = 0.0
-        counted = 0.0
-        if mode == "peek":
-            wait = self.local.wait_for(amount)
-        elif mode == "take":
-            wait = self.local.take(amount)
-            counted = 0.0 if wait else amount
-        else:
-            self.local.give_back(amount)
-            counted = -amount
+        wait, counted = self._run_locally(amount, mode)
         if sent:
             self._unsettled[field] = carried + counted
         else:
             self._carried += carried + counted
         return wait
+
+    def _run_locally(self, amount: float, mode: str) -> tuple[float, float]:
+        """Redis is down: the call on this process's own window. Returns the wait and what it counted."""
+        if not self._on_local:
+            # Carry on from the shared use as last seen, rather than granting a fresh minute at every outage;
+            # it leaves the window as if all admitted when it was seen.
+            self._on_local = True
+            self.local.fill(self._seen_used, at=self._seen_at)
+        if mode == "peek":
+            return self.local.wait_for(amount), 0.0
+        if mode == "take":
+            wait = self.local.take(amount)
+            return wait, 0.0 if wait else amount
+        self.local.give_back(amount)
+        return 0.0, -amount
 
     async def take(self, amount: float) -> float:
         return await self._run(amount, "take")
