@@ -82,7 +82,8 @@ def _parse(document: Document) -> Iterator[Region]:
         line = text.count("\n", 0, region.start) + 1
         block = Block(Path(document.path), line, region.lexemes["language"], str(region.lexemes["source"]))
         # The lexed comment ends before its closing `-->`.
-        block.skip = next((why for end, why in skips.items() if re.fullmatch(r"\s*-+>\s*", text[end : region.start])), None)
+        between = {end: text[end : region.start] for end in skips}
+        block.skip = next((skips[end] for end, gap in between.items() if re.fullmatch(r"\s*-+>\s*", gap)), None)
         end = region.end
         if block.language == "sh" and "curl " in block.source and i + 1 < len(fences):
             following = fences[i + 1]
