@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import importlib.util
 import json
 import os
 import re
@@ -360,6 +361,30 @@ def test_every_page_of_the_docs_is_read() -> None:
     """The collector finds the blocks: a README without any would mean the lexer, not the docs, changed."""
     found = {b.path for b in BLOCKS}
     assert ROOT / "README.md" in found and ROOT / "docs" / "api.md" in found
+
+
+def _hooks() -> Any:
+    """docs/hooks.py (the mkdocs hook), for the anchors GitHub gives headings."""
+    spec = importlib.util.spec_from_file_location("docs_hooks", ROOT / "docs" / "hooks.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("path", DOCS, ids=lambda p: str(p.relative_to(ROOT)))
+def test_relative_links_reach_a_file_and_a_heading(path: Path) -> None:
+    """As GitHub reads the pages (mkdocs checks the site's own links; this covers README.md and ../ links too)."""
+    hooks = _hooks()
+    text = hooks.FENCE.sub("", path.read_text())
+    broken = []
+    for target, anchor in re.findall(r"\]\((?![a-z]+:)([^)\s#]*)(?:#([^)\s]*))?\)", text):
+        file = (path.parent / target).resolve() if target else path
+        if not file.exists():
+            broken.append(f"{target}: no such file")
+        elif anchor and file.suffix == ".md" and anchor not in hooks.anchors(file.read_text()):
+            broken.append(f"{target}#{anchor}: no such heading")
+    assert not broken, broken
 
 
 @pytest.mark.parametrize(
