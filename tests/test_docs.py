@@ -48,7 +48,7 @@ VOLATILE = {"id", "created"}
 #: Float values are compared to this absolute tolerance (the shown ones are rounded; runtimes differ a little).
 FLOAT_TOLERANCE = 1e-4
 #: The skip markers allowed in all the docs together: keep the list of untested examples short.
-MAX_SKIPPED = 6
+MAX_SKIPPED = 4
 ELLIPSIS = "\u2026"
 
 
