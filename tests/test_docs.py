@@ -219,7 +219,7 @@ def check_answer(block: Block, output: str) -> None:
 
 @functools.cache
 def _plugins() -> Any:
-    from gateway.plugins import load_plugins
+    from gateway.runtime.plugins import load_plugins
 
     return load_plugins()
 
@@ -242,8 +242,8 @@ def check_config(block: Block, tmp_path: Path) -> None:
         entry_points = tomllib.loads(block.source)["project"]["entry-points"]
         assert group in entry_points, f"{block.id}: plugins register in {group!r}, the example in {list(entry_points)}"
         return
-    from gateway.config import load_config
-    from gateway.registry import build_specs
+    from gateway.base.config import load_config
+    from gateway.runtime.registry import build_specs
 
     path = tmp_path / "gateway.toml"
     path.write_text(block.source)
