@@ -69,8 +69,12 @@ def _following(app: Litestar, generation: Generation, seen: int, config_path: st
             if now == current[0]:
                 return  # another request of this worker took it meanwhile
             try:
-                config = await asyncio.get_running_loop().run_in_executor(None, load_config, config_path)
-                gw.follow(config)
+                # The reload the runtime had this front prepare (its per-worker copies loaded), else the file
+                # as the runtime read it at its (re)start.
+                if not gw.swap():
+                    config = await asyncio.get_running_loop().run_in_executor(None, load_config, config_path)
+                    await gw.follow(config)
+                gw.link.send_states()  # type: ignore[union-attr]
             except ConfigError as exc:
                 # The file changed again since the runtime read it, and is broken: the runtime's own config
                 # stands (it checks every request's key and model again).

@@ -619,9 +619,7 @@ def _added(tok: dict[str, Any]) -> dict[int, tuple[str, bool]]:
     return {int(a["id"]): (str(a["content"]), bool(a.get("special"))) for a in tok.get("added_tokens") or []}
 
 
-def _vocab_by_id(
-    tok: dict[str, Any], n_rows: int
-) -> tuple[dict[int, str], dict[int, tuple[str, bool]], list[str]]:
+def _vocab_by_id(tok: dict[str, Any], n_rows: int) -> tuple[dict[int, str], dict[int, tuple[str, bool]], list[str]]:
     """A tokenizer.json's vocabulary and added tokens by id, and the token list up to the highest id (a gap
     named as padding); a BackendError when the embedding matrix has fewer rows than that."""
     by_id = {int(i): str(t) for t, i in (tok["model"].get("vocab") or {}).items()}
