@@ -370,17 +370,24 @@ class LinkWindow:
         self.limit = limit
         self.what: Literal["requests", "tokens"] = what
 
+    async def _call(self, amount: float, mode: Literal["take", "ask", "give"]) -> float:
+        try:
+            return await self.link.call("take", TakeArgs(self.digest, amount, mode, self.what), float)
+        except RuntimeGone:
+            # The runtime died with the call (and its windows with it): the new one counts from here.
+            return await self.link.call("take", TakeArgs(self.digest, amount, mode, self.what), float)
+
     async def take(self, amount: float) -> float:
         """Take `amount` now and return 0, or take nothing and return the seconds until it would fit."""
-        return await self.link.call("take", TakeArgs(self.digest, amount, "take", self.what), float)
+        return await self._call(amount, "take")
 
     async def wait_for(self, amount: float) -> float:
         """Seconds until `amount` would fit (0: now), taking nothing."""
-        return await self.link.call("take", TakeArgs(self.digest, amount, "ask", self.what), float)
+        return await self._call(amount, "ask")
 
     async def give_back(self, amount: float) -> None:
         """Return `amount` taken for work that was not done (negative: take it without a check)."""
-        await self.link.call("take", TakeArgs(self.digest, amount, "give", self.what), float)
+        await self._call(amount, "give")
 
 
 class LinkStore:
@@ -393,7 +400,11 @@ class LinkStore:
         self.name = name
 
     async def get_many(self, keys: Sequence[bytes]) -> list[bytes | None]:
-        return await self.link.call("cache_get", list(keys), list[bytes | None])
+        try:
+            return await self.link.call("cache_get", list(keys), list[bytes | None])
+        except RuntimeGone:
+            # The runtime died with the lookup, and its memory cache with it: misses, as a Redis outage gives.
+            return [None] * len(keys)
 
     def put_many(self, items: Sequence[tuple[bytes, bytes]]) -> None:
         # Not waited for: the runtime reads this connection's frames in order, so a lookup sent after it by
