@@ -251,8 +251,11 @@ class Gateway:
         return fresh
 
     def local_states(self) -> dict[str, str]:
-        """A front: the state of its own copy of each per-worker model (the runtime's /ready adds them up)."""
-        return {name: m.state.value for name, m in self.registry.models.items() if not m.elsewhere}
+        """A front: the state of its own copy of each per-worker model (the runtime's /ready adds them up); of
+        the prepared reload's copies once there is one, which this front serves from its next request on (a
+        model the reload adds is ready once every front has its copy loaded, whether or not it had a request)."""
+        registry = self._pending.registry if self._pending is not None else self.registry
+        return {name: m.state.value for name, m in registry.models.items() if not m.elsewhere}
 
     async def prepare(self, config: GatewayConfig) -> dict[str, str]:
         """A front worker: load `config`'s new per-worker copies beside the running ones (`swap` puts them in
@@ -267,6 +270,8 @@ class Gateway:
             await asyncio.get_running_loop().run_in_executor(None, lambda: [m.load() for m in local])
             kept = self._keep_working(old, new, local)
             self._pending = _Pending(config, keys, new, fresh)
+            if self.link is not None:
+                self.link.send_states()  # before the answer, on the same connection: the runtime has them first
             return {m.name: m.error or "" for m in local if m.state == ModelState.FAILED and m.name not in kept}
 
     def drop_prepared(self) -> None:
@@ -275,6 +280,8 @@ class Gateway:
         if pending is not None:
             for m in pending.fresh:
                 m.retire_in_background(0.0)
+            if self.link is not None:
+                self.link.send_states()
 
     def swap(self) -> bool:
         """A front: put the prepared reload in service (one step, no await); False when none is prepared."""

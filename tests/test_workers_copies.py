@@ -146,15 +146,20 @@ def test_a_reload_swaps_the_copy_in_every_front_before_it_answers(cluster):
     original = cluster.config.read_text()
     body = {"model": "copied", "input": "one two three four five six seven eight"}
     try:
-        cluster.config.write_text(
-            original.replace('copies = "per-worker"', 'copies = "per-worker"\nmax_input_tokens = 4')
-        )
+        changed = original.replace('copies = "per-worker"', 'copies = "per-worker"\nmax_input_tokens = 4')
+        added = '\n[models.added]\nbackend = "wordllama"\npath = "pkg:wordllama"\ncopies = "per-worker"\n'
+        cluster.config.write_text(changed + added)
         loads = cluster.log.read_text().count("model 'copied' ready")
         r = httpx.post(f"{cluster.url}/admin/reload", headers=AUTH, timeout=60)
         assert r.status_code == 200, r.text
-        assert r.json()["changed"] == ["copied"] and r.json()["models"]["copied"] == "ready"
-        # Both fronts loaded the new copy before the answer, and the runtime none.
-        assert cluster.log.read_text().count("model 'copied' ready") == loads + 2
+        assert r.json()["changed"] == ["copied"] and r.json()["added"] == ["added"]
+        assert r.json()["models"] == {"copied": "ready", "wordllama": "ready", "added": "ready"}
+        # Both fronts loaded the new copies before the answer, and the runtime none.
+        log = cluster.log.read_text()
+        assert log.count("model 'copied' ready") == loads + 2 and log.count("model 'added' ready") == 2
+        # Ready at once, with no request to either front since: both have their copy of the added model.
+        ready = httpx.get(f"{cluster.url}/ready", headers=AUTH).json()
+        assert ready["status"] == "ready" and ready["replicas"] == {"copied": "2/2", "added": "2/2"}, ready
         for answers in _by_worker(cluster, ADMIN, body).values():
             assert answers[0].status_code == 400, answers[0].text
             assert "accepts at most 4 tokens" in answers[0].json()["error"]["message"]
