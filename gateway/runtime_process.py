@@ -3,7 +3,10 @@
 It holds the Gateway the single-process server holds (models and their batchers, so that the requests of all
 fronts merge into the same batches; the cache and its in-flight dedup; the keys' requests and tokens per
 minute; admission's queue; calibration) and answers the fronts' calls on a Unix socket
-(gateway/runtime_link.py). It speaks no HTTP. Started by the supervisor (gateway/workers.py) as
+(gateway/runtime_link.py). It speaks no HTTP. A model with `copies = "per-worker"` is not loaded here: each
+front computes it on its own copy, and this process counts its keys' limits, holds its cache entries, adds up
+the fronts' copies for /ready, and has every front load a reload's new copies before it swaps. Started by
+the supervisor (gateway/workers.py) as
 `python -m gateway.runtime_process`, with the socket and config paths in its environment.
 """
 
