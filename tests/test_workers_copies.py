@@ -5,6 +5,7 @@ and answers /ready for all. A real `gateway serve` with two front workers, over 
 from __future__ import annotations
 
 import os
+import signal
 import time
 import uuid
 from collections.abc import Iterator
@@ -16,8 +17,8 @@ from gateway.config import ConfigError, parse_config
 from gateway.plugins import load_plugins
 from gateway.registry import build_specs
 
-from .conftest import serve
-from .test_workers import ADMIN, Cluster, _vectors
+from .conftest import serve, wait_until
+from .test_workers import ADMIN, Cluster, _runtime_pid, _vectors
 
 LIMITED = "copies-limited-key"
 TOKENS = "copies-tokens-key1"
@@ -211,3 +212,21 @@ def test_a_fronts_copy_gets_its_share_of_the_cores():
     assert TorchBackend.within_cores(TorchBackend.Options(threads=8), 3).threads == 8  # configured: kept
     assert OnnxBackend.within_cores(OnnxBackend.Options(parallel_batches=2), 4).intra_op_threads == 2
     assert GgufBackend.within_cores(GgufBackend.Options(), 1).n_threads == 1
+
+
+def test_a_killed_runtime_leaves_the_copies_serving(tmp_path):
+    c = Cluster(tmp_path, toml=TOML)
+    try:
+        runtime = _runtime_pid(c)
+        assert runtime is not None
+        os.kill(runtime, signal.SIGKILL)
+        # The fronts compute it themselves: the lookups and limits wait for the new runtime, nothing fails.
+        seen = _by_worker(c, ADMIN, {"model": "copied", "input": f"while the runtime restarts {uuid.uuid4()}"})
+        assert all(r.status_code == 200 for answers in seen.values() for r in answers), seen
+        wait_until(lambda: _runtime_pid(c) not in (None, runtime), "a new runtime process", 60)
+        # The new runtime learns of the fronts' copies when they connect again.
+        wait_until(lambda: httpx.get(f"{c.url}/ready").status_code == 200, "ready again", 60)
+        assert httpx.get(f"{c.url}/ready", headers=AUTH).json()["replicas"] == {"copied": "2/2"}
+        assert c.log.read_text().count("model 'copied' ready") == 2  # the copies were not loaded again
+    finally:
+        c.stop()
