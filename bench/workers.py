@@ -1,15 +1,18 @@
 """Front workers (issue 28): `[server] workers` = 1 against 2 (or more), in one run, on the default config.
 
-    .venv/bin/python bench/workers.py [--workers 1,2] [--duration 8] [--rounds 1] [--skip storm]
+    .venv/bin/python bench/workers.py [--workers 1,2] [--duration 8] [--rounds 1] [--skip storm] [--only wordllama]
 
 One server per workers value, all up at once (gateway.toml's server settings and models minilm (torch),
 minilm-onnx-int8 and wordllama, with `[cache] store = "memory"` but `cache = false` on those three, and a
-fourth model `hits`, wordllama with the cache on). Every model answers one int8 request first, so that
-calibration has finished before anything is measured. Then, point by point, each server in turn (the order
-reversed every other round, so that a drift of the machine shows as spread):
+fourth model `hits`, wordllama with the cache on, and a fifth, `copies`: wordllama with the cache off and
+`copies = "per-worker"`, its own copy in each front (the same as `wordllama` with one worker). Every model
+answers one int8 request first, so that calibration has finished before anything is measured. Then, point
+by point, each server in turn (the order reversed every other round, so that a drift of the machine shows as
+spread):
   - GET /health, wrk 64 connections;
   - cache hits: 32 clients x 1 text over 50 repeated texts (`hits`, warmed first: every answer a hit);
   - wordllama, torch and int8: 32 clients x 1 text and 4 clients x 32 texts over bench/corpus.txt;
+  - wordllama per-worker (`copies`): 32 x 1 and 4 x 32;
   - the retry-at-once storm: 256 connections x 8 texts, each sending again the moment it has an answer.
 For each: requests and texts/s, p50/p99, answers other than 200 (and for the storm 429 apart), and the CPU
 each process spent per request, in microseconds: the fronts (all together), the runtime process's event loop
@@ -113,6 +116,8 @@ def write_config(config: Any, workers: int, dest: Path) -> None:
     hits = msgspec.to_builtins(config.models["wordllama"])
     hits.pop("aliases", None)
     lines += ["", *bench.toml_table("models.hits", hits)]
+    copies = {**hits, "cache": False, "copies": "per-worker"}
+    lines += ["", *bench.toml_table("models.copies", copies)]
     dest.write_text("\n".join(lines) + "\n", encoding="utf-8")
 
 
@@ -224,6 +229,7 @@ def main() -> int:
     p.add_argument("--wrk", default="/usr/bin/wrk")
     p.add_argument("--wrk-threads", type=int, default=1)
     p.add_argument("--skip", default="", help="comma-separated point groups to leave out: models,storm")
+    p.add_argument("--only", default="", help="comma-separated starts of the point names to run (say: wordllama)")
     p.add_argument("--port", type=int, default=8790)
     p.add_argument("--ready-timeout", type=float, default=300.0)
     p.add_argument("--out", default=str(HERE / "results"))
@@ -244,9 +250,10 @@ def main() -> int:
     bench.write_bodies(hits, "hits", corpus[:50], 1)
     specs.append({"name": "cache hits 32 x 1", "kind": "hits", "connections": 32, "texts": 1, "bodies": hits})
     groups = [
-        ("wordllama", "wordllama", ((32, 1),)),
+        ("wordllama", "wordllama", ((32, 1), (4, 32))),
         ("torch", "minilm", ((32, 1), (4, 32))),
         ("int8", "minilm-onnx-int8", ((32, 1), (4, 32))),
+        ("wordllama per-worker", "copies", ((32, 1), (4, 32))),
     ]
     if "models" not in skip:
         for label, model, shapes in groups:
@@ -263,13 +270,16 @@ def main() -> int:
                     }
                 )
     if "storm" not in skip:
-        for label, model, _ in groups:
+        for label, model, _ in groups[:3]:
             bodies = out / f"{model}-8.jsonl"
             bench.write_bodies(bodies, model, corpus, 8)
             specs.append(
                 {"name": f"storm {label} 256 x 8", "kind": "storm", "connections": 256, "texts": 8, "bodies": bodies}
             )
 
+    only = tuple(filter(None, args.only.split(",")))
+    if only:
+        specs = [spec for spec in specs if spec["name"].startswith(only)]
     counts = [int(w) for w in args.workers.split(",")]
     servers: dict[int, bench.Server] = {}
     results: dict[str, Any] = {"workers": counts, "cores": os.cpu_count(), "duration_s": args.duration, "points": {}}
@@ -283,7 +293,7 @@ def main() -> int:
             if not ok:
                 raise RuntimeError(f"workers={n}: {why}")
             # Calibration (int8 ranges) finished, and every model warm, before anything is measured.
-            for model in (*MODELS, "hits"):
+            for model in (*MODELS, "hits", "copies"):
                 post(server.port, {"model": model, "input": corpus[:4], "encoding_format": "int8"})
             for text in corpus[:50]:
                 post(server.port, {"model": "hits", "input": text})
@@ -335,7 +345,7 @@ def report(results: dict[str, Any]) -> str:
     lines += ["", "Projection from CPU per request (requests/s):", ""]
     lines += ["| point | " + " | ".join(f"w={n} on {c} cores" for n in counts for c in PROJECT_CORES) + " |"]
     lines += ["|---|" + "---|" * (len(counts) * len(PROJECT_CORES))]
-    for name in ("/health, 64 conn", "cache hits 32 x 1", "wordllama 32 x 1"):
+    for name in ("/health, 64 conn", "cache hits 32 x 1", "wordllama 32 x 1", "wordllama per-worker 32 x 1"):
         if name not in results["points"]:
             continue
         rows = results["points"][name]

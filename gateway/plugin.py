@@ -143,6 +143,16 @@ class Backend(ABC):
     #: False for a backend that reads no local model (a remote server): `path` is then refused in gateway.toml
     #: and given to the backend as "".
     uses_path: ClassVar[bool] = True
+    #: Why this backend refuses `copies = "per-worker"` (a copy in each front worker), or None when it can run
+    #: there: said in the config error.
+    per_worker_refused: ClassVar[str | None] = None
+
+    @classmethod
+    def within_cores(cls, options: Any, cores: int) -> Any:
+        """`options` with the backend's CPU threads bounded to `cores`, unless the config set them: each front
+        worker's copy (`copies = "per-worker"`) gets its share of the machine. The default: unchanged (a
+        backend that computes on the calling thread only)."""
+        return options
 
     def __init__(self, *, model: str, path: str, options: Any, trust_remote_code: bool = False) -> None:
         self.model = model

@@ -72,13 +72,13 @@ def _alive(pid: int) -> bool:
 class Cluster:
     """`python -m gateway serve` with `workers` front workers, debug logging (answers name their worker)."""
 
-    def __init__(self, tmp: Path, workers: int = 2, extra: str = "") -> None:
+    def __init__(self, tmp: Path, workers: int = 2, extra: str = "", toml: str = TOML) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.config = tmp / f"workers-{self.port}.toml"
         self.log = tmp / f"workers-{self.port}.log"
         server = f'[server]\nport = {self.port}\nworkers = {workers}\nlog_level = "debug"\naccess_log = false\n'
-        self.config.write_text(server + extra + textwrap.dedent(TOML))
+        self.config.write_text(server + extra + textwrap.dedent(toml))
         self.proc = serve_process(self.config, self.log)
         wait_until(self._ready, f"the server on {self.url} ready ({self.log})", 120)
 

@@ -121,21 +121,37 @@ async def _lifespan(app: Litestar) -> AsyncIterator[None]:
 
 @asynccontextmanager
 async def _front_lifespan(gateway: Gateway) -> AsyncIterator[None]:
-    # A front worker loads nothing: the runtime process does. Its signals are uvicorn's; SIGHUP goes to the
-    # supervisor, which has the runtime reload.
+    # A front worker loads only its own copies of the per-worker models: the runtime process loads the rest.
+    # Its signals are uvicorn's; SIGHUP goes to the supervisor, which has the runtime reload.
     loop = asyncio.get_running_loop()
     lag = loop.create_task(gateway.watch_loop_lag())
-    assert gateway.link is not None
+    link = gateway.link
+    assert link is not None
+    # The runtime's /ready adds up the fronts' copies: told on each connection and after each load.
+    link.states = gateway.local_states
+    link.on_push = lambda op, args: _pushed(gateway, op, args)
+    gateway.registry.load_all(loop, here=gateway.here, loaded=lambda: loop.call_soon_threadsafe(link.send_states))
     # Connected from the start: the runtime counts the fronts connected for /ready.
-    connect = loop.create_task(gateway.link.connect())
+    connect = loop.create_task(link.connect())
     try:
         yield
     finally:
         lag.cancel()
         connect.cancel()
-        assert gateway.link is not None
-        await gateway.link.close()
+        await link.close()
+        await loop.run_in_executor(None, gateway.registry.close)
         ACCESS_LOG.flush()
+
+
+async def _pushed(gateway: Gateway, op: str, args: msgspec.Raw) -> Any:
+    """What the runtime process asks of a front: prepare a reload (load the new per-worker copies; the failed
+    ones, by model) or drop the one prepared."""
+    if op == "prepare":
+        return await gateway.prepare(msgspec.msgpack.decode(args, type=GatewayConfig))
+    if op == "abort":
+        gateway.drop_prepared()
+        return None
+    raise ValueError(f"unknown push {op!r}")
 
 
 def _optional_bodies(app: Litestar) -> None:

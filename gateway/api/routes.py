@@ -20,6 +20,7 @@ from gateway.base.config import ConfigError
 from gateway.base.errors import GatewayError, error_responses
 from gateway.base.schemas import CacheClear, CacheCleared, Health, ModelCard, ModelList, ReloadResult
 from gateway.embedding.state import Gateway
+from gateway.runtime.link import CacheClearArgs
 from gateway.runtime.registry import ModelState, ServedModel
 from gateway.shared.keys import ApiKey, authorize
 
@@ -42,15 +43,17 @@ async def require_admin(connection: ASGIConnection[Any, Any, Any, Any], handler:
         raise GatewayError(403, "this API key may not use admin endpoints", code="forbidden")
 
 
-def _card(model: ServedModel) -> ModelCard:
+def _card(model: ServedModel, state: str | None = None) -> ModelCard:
+    """`model`'s card; `state`: its state as the whole server sees it, when not the local model's."""
     cfg = model.spec.config
     info = model.info
+    state = state or model.state.value
     return ModelCard(
         id=model.name,
         created=model.created,
         backend=cfg.backend,
-        ready=model.state == ModelState.READY,
-        state=model.state.value,  # type: ignore[arg-type]
+        ready=state == ModelState.READY,
+        state=state,  # type: ignore[arg-type]
         dimension=info.dimension if info else None,
         max_input_tokens=model.max_input_tokens if info else cfg.max_input_tokens,
         matryoshka_dimensions=cfg.matryoshka_dimensions,
@@ -70,13 +73,20 @@ async def list_models(request: Request[Any, Any, Any]) -> ModelList:
     key: ApiKey = request.scope["state"]["api_key"]
     gw = _gateway(request)
     if gw.link is not None:
-        return await gw.link.call("models", key.digest, ModelList)
+        listed = await gw.link.call("models", key.digest, ModelList)
+        # A per-worker model is described by this front's own copy (the runtime does not load it), with the
+        # state of all the fronts' copies together.
+        mine = gw.registry.models
+        listed.data = [
+            _card(mine[c.id], c.state) if c.id in mine and not mine[c.id].elsewhere else c for c in listed.data
+        ]
+        return listed
     return model_list(gw, key)
 
 
 def model_list(gw: Gateway, key: ApiKey) -> ModelList:
     """The models `key` may use, as loaded here."""
-    return ModelList(data=[_card(m) for m in gw.registry.models.values() if key.may_use(m.name)])
+    return ModelList(data=[_card(m, gw.state_of(m)[0]) for m in gw.registry.models.values() if key.may_use(m.name)])
 
 
 @get("/health", summary="Liveness")
@@ -103,10 +113,11 @@ async def ready(request: Request[Any, Any, Any]) -> Response[Health]:
 
 def readiness(gw: Gateway, key: ApiKey | None) -> Health:
     """ "ready" when every configured model is loaded here; each model's state, for a key that may use it."""
-    models = gw.registry.models
-    ok = all(m.state == ModelState.READY for m in models.values())
-    states = {name: m.state.value for name, m in models.items() if key is not None and key.may_use(name)}
-    replicas = {name: f"{r[0]}/{r[1]}" for name in states if (r := models[name].replicas) is not None}
+    seen = {name: gw.state_of(m) for name, m in gw.registry.models.items()}
+    ok = all(state == ModelState.READY for state, _ in seen.values())
+    states = {name: state for name, (state, _) in seen.items() if key is not None and key.may_use(name)}
+    # Ray replicas, or (with workers) the front workers' copies of a per-worker model.
+    replicas = {name: f"{r[0]}/{r[1]}" for name in states if (r := seen[name][1]) is not None}
     return Health(status="ready" if ok else "not ready", models=states, replicas=replicas or msgspec.UNSET)
 
 
@@ -130,25 +141,33 @@ async def admin_cache_clear(request: Request[Any, Any, Any], data: JSONBody[Cach
     gw = _gateway(request)
     name = data.model if data is not None else None
     if gw.link is not None:
-        return await gw.link.call("cache_clear", name, CacheCleared)
+        identity = None
+        if name is not None and (model := gw.registry.find(name)) is not None and not model.elsewhere:
+            # A per-worker model: the runtime does not load it, and clears its entries by this copy's name for
+            # them (every front's copy has the same).
+            identity = _identity(model)
+        return await gw.link.call("cache_clear", CacheClearArgs(name, identity), CacheCleared)
     return await clear_cache(gw, name)
 
 
-async def clear_cache(gw: Gateway, name: str | None) -> CacheCleared:
-    """Remove the cached vectors of model `name` (and of other names of its weights), or all of them."""
+def _identity(model: ServedModel) -> bytes:
+    if model.identity is None:
+        raise GatewayError(
+            400,
+            f"model {model.name!r} is not cached (not loaded, or `cache = false`)",
+            param="model",
+            code="not_cached",
+        )
+    return model.identity
+
+
+async def clear_cache(gw: Gateway, name: str | None, identity: bytes | None = None) -> CacheCleared:
+    """Remove the cached vectors of model `name` (and of other names of its weights), or all of them;
+    `identity`: a front's per-worker model's, found there."""
     if gw.cache is None:
         raise GatewayError(400, 'the cache is off (`[cache] store = "off"`)', code="cache_off")
-    identity = None
-    if name is not None:
-        model = gw.registry.resolve(name)
-        if model.identity is None:
-            raise GatewayError(
-                400,
-                f"model {model.name!r} is not cached (not loaded, or `cache = false`)",
-                param="model",
-                code="not_cached",
-            )
-        identity = model.identity
+    if name is not None and identity is None:
+        identity = _identity(gw.registry.resolve(name))
     try:
         removed = await gw.cache.clear(identity)
     except Exception as exc:  # Redis unreachable: the operator must know the entries are still there

@@ -145,6 +145,11 @@ class ModelConfig(_Strict):
     # Present: the model runs on Ray Serve replicas (plugins/gateway_ray), validated by that placement's
     # Options Struct; absent: in this process.
     ray: dict[str, Any] | None = None
+    # With `[server] workers` > 1: "shared" (one copy, in the runtime process, batching for every front) or
+    # "per-worker" (each front worker loads its own copy and computes this model's requests itself, its
+    # threads split so that the copies together use the cores once: for small models, where the hop to the
+    # runtime costs more than the model). With one worker, one copy either way.
+    copies: Literal["shared", "per-worker"] = "shared"
 
 
 class CacheConfig(_Strict):
@@ -277,6 +282,25 @@ def _check_prompts(config: GatewayConfig, where: str) -> None:
             )
 
 
+def _check_copies(config: GatewayConfig, where: str) -> None:
+    for name, model in config.models.items():
+        at = f"$.models.{name}"
+        if model.copies == "per-worker" and model.ray is not None:
+            raise ConfigError(
+                f'{where}: `{at}.copies`: "per-worker" cannot go with `[{at[2:]}.ray]`: Ray Serve replicas are '
+                "already one set of copies shared by every front worker (drop one of the two)"
+            )
+        for i, other in enumerate(model.fallbacks):
+            target = config.models.get(other)
+            if target is not None and target.copies != model.copies:
+                # A front computes a per-worker model's requests, the runtime process a shared one's: a request
+                # cannot move between the two halfway through its failover.
+                raise ConfigError(
+                    f"{where}: `{at}.fallbacks[{i}]`: model {other!r} has copies = {target.copies!r}, and "
+                    f"{name!r} has {model.copies!r}; a model and its fallbacks must have the same `copies`"
+                )
+
+
 def _check_names(config: GatewayConfig, where: str) -> None:
     seen: dict[str, str] = {}
     for name, model in config.models.items():
@@ -321,6 +345,7 @@ def parse_config(data: bytes | str, where: str = "<config>", base_dir: Path | No
     _check_fallbacks(config, where)
     _check_keys(config, where)
     _check_prompts(config, where)
+    _check_copies(config, where)
     if config.cache.store == "redis" and config.redis is None:
         raise ConfigError(f'{where}: `$.cache.store`: "redis" needs a `[redis]` table with its `url`')
     base = base_dir or Path.cwd()

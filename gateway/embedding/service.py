@@ -9,7 +9,8 @@ past the timeout), then the Matryoshka cut, the output type and the response. In
 taken from the cache and never reach the model (so they are answered while its circuit is open). A model
 that cannot serve (failing, its circuit open, or not ready while a fallback is) hands the request to its
 fallbacks, in order (`request_vectors`). With `[server] workers` > 1, a front worker hands the request to the
-runtime process at one place (`_computed`), which runs the rest there.
+runtime process at one place (`_computed`), which runs the rest there, unless the model has a copy in each
+front (`copies = "per-worker"`): then the front runs it all, with the runtime's key windows and cache.
 """
 
 from __future__ import annotations
@@ -90,6 +91,13 @@ async def _computed(
 ) -> tuple[np.ndarray, int, Output]:
     """`request_vectors`, here or, in a front worker, at the runtime process: the one place the two meet."""
     if gw.link is None:
+        return await request_vectors(gw, body, key, notes, deadline_s)
+    model = gw.registry.find(body.model)
+    if model is not None and not model.elsewhere:
+        # A per-worker model (`copies = "per-worker"`): this front's own copy computes it. The key's request is
+        # charged here, as the runtime charges the requests it computes; its limits are the runtime's windows.
+        if key is not None:
+            await key.charge_request()
         return await request_vectors(gw, body, key, notes, deadline_s)
     try:
         got = await gw.link.embed(EmbedArgs(body, key.digest if key is not None else None, deadline_s))

@@ -2,7 +2,9 @@
 
 uvicorn starts each worker in a fresh interpreter and calls `create_front` there (an app factory given as an
 import string). A front does HTTP, auth, body decoding and validation and the response's encoding; the
-runtime process (gateway/runtime_process.py) does the rest, reached through a RuntimeLink.
+runtime process (gateway/runtime_process.py) does the rest, reached through a RuntimeLink, except for the
+models with `copies = "per-worker"`: each front loads its own copy of those and computes their requests, with
+the runtime's key windows and cache, and loads a reload's new copies when the runtime asks (Gateway.prepare).
 """
 
 from __future__ import annotations
@@ -69,8 +71,12 @@ def _following(app: Litestar, generation: Generation, seen: int, config_path: st
             if now == current[0]:
                 return  # another request of this worker took it meanwhile
             try:
-                config = await asyncio.get_running_loop().run_in_executor(None, load_config, config_path)
-                gw.follow(config)
+                # The reload the runtime had this front prepare (its per-worker copies loaded), else the file
+                # as the runtime read it at its (re)start.
+                if not gw.swap():
+                    config = await asyncio.get_running_loop().run_in_executor(None, load_config, config_path)
+                    await gw.follow(config)
+                gw.link.send_states()  # type: ignore[union-attr]
             except ConfigError as exc:
                 # The file changed again since the runtime read it, and is broken: the runtime's own config
                 # stands (it checks every request's key and model again).

@@ -3,7 +3,10 @@
 It holds the Gateway the single-process server holds (models and their batchers, so that the requests of all
 fronts merge into the same batches; the cache and its in-flight dedup; the keys' requests and tokens per
 minute; admission's queue; calibration) and answers the fronts' calls on a Unix socket
-(gateway/runtime_link.py). It speaks no HTTP. Started by the supervisor (gateway/workers.py) as
+(gateway/runtime/link.py). It speaks no HTTP. A model with `copies = "per-worker"` is not loaded here: each
+front computes it on its own copy, and this process counts its keys' limits, holds its cache entries, adds up
+the fronts' copies for /ready, and has every front load a reload's new copies before it swaps. Started by
+the supervisor (gateway/processes/supervisor.py) as
 `python -m gateway.processes.runtime_process`, with the socket and config paths in its environment.
 """
 
@@ -11,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import os
 import signal
@@ -25,7 +29,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.registry import Collector
 
 from gateway.api.routes import clear_cache, model_list, readiness
-from gateway.base.config import ConfigError, load_config
+from gateway.base.config import ConfigError, GatewayConfig, load_config
 from gateway.base.errors import GatewayError
 from gateway.base.observability import ModelGauges, record_batch
 from gateway.base.schemas import Health
@@ -36,10 +40,13 @@ from gateway.runtime.link import (
     FALLBACK_KEY_ENV,
     SOCKET_ENV,
     WORKERS_ENV,
+    CacheClearArgs,
     Call,
     EmbedArgs,
     Failure,
     Generation,
+    Push,
+    Pushed,
     Reply,
     TakeArgs,
     Vectors,
@@ -90,11 +97,15 @@ async def _embed(gw: Gateway, raw: msgspec.Raw, notes: dict[str, Any]) -> Vector
 async def _take(gw: Gateway, raw: msgspec.Raw, notes: dict[str, Any]) -> float:
     args = msgspec.msgpack.decode(raw, type=TakeArgs)
     key = _key(gw, args.key)
-    window = key.requests if key is not None else None
+    window = (key.requests if args.what == "requests" else key.tokens) if key is not None else None
     if window is None:
         return 0.0
-    got = window.take(args.amount) if args.take else window.wait_for(args.amount)
-    return float(await got) if asyncio.iscoroutine(got) else float(got)  # type: ignore[arg-type]
+    if args.mode == "give":
+        got: Any = window.give_back(args.amount)
+    else:
+        got = window.take(args.amount) if args.mode == "take" else window.wait_for(args.amount)
+    got = await got if asyncio.iscoroutine(got) else got
+    return float(got or 0.0)
 
 
 async def _models(gw: Gateway, raw: msgspec.Raw, notes: dict[str, Any]) -> Any:
@@ -134,7 +145,16 @@ class _ModelGauges(Collector):
 
 
 async def _cache_clear(gw: Gateway, raw: msgspec.Raw, notes: dict[str, Any]) -> Any:
-    return await clear_cache(gw, msgspec.msgpack.decode(raw, type=str | None))
+    args = msgspec.msgpack.decode(raw, type=CacheClearArgs)
+    return await clear_cache(gw, args.name, args.identity)
+
+
+async def _cache_get(gw: Gateway, raw: msgspec.Raw, notes: dict[str, Any]) -> list[bytes | None]:
+    # A front's lookup for its per-worker model: the raw entries (the front unpacks and counts them).
+    keys = msgspec.msgpack.decode(raw, type=list[bytes])
+    if gw.cache is None:
+        return [None] * len(keys)
+    return await gw.cache.store.get_many(keys)
 
 
 Op = Callable[[Gateway, msgspec.Raw, dict[str, Any]], Awaitable[Any]]
@@ -144,6 +164,7 @@ OPS: dict[str, Op] = {
     "models": _models,
     "reload": _reload,
     "cache_clear": _cache_clear,
+    "cache_get": _cache_get,
     "gauges": _gauges,
     "ready": _ready,
 }
@@ -161,6 +182,11 @@ class RuntimeServer:
         self.fronts: dict[int, int] = {}
         #: Every front's open connection.
         self.writers: set[asyncio.StreamWriter] = set()
+        #: The state of each front's per-worker copies, by connection.
+        self.states: dict[int, dict[str, str]] = {}
+        #: Pushes to fronts awaiting their answer: by number, with the connection it went on.
+        self._pushes: dict[int, tuple[asyncio.StreamWriter, asyncio.Future[Pushed]]] = {}
+        self._push_ids = itertools.count(1)
 
     async def connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         """Serve one front's connection until it closes."""
@@ -173,6 +199,20 @@ class RuntimeServer:
                     self.fronts[id(writer)] = msgspec.msgpack.decode(call.args, type=int)
                     # The answer tells the front that a live runtime took its connection (see RuntimeLink).
                     writer.write(frame(Reply(0, True, msgspec.Raw(_ENCODER.encode(os.getpid())))))
+                    continue
+                if call.op == "states":
+                    self.states[id(writer)] = msgspec.msgpack.decode(call.args, type=dict[str, str])
+                    continue
+                if call.op == "pushed":
+                    answer = msgspec.msgpack.decode(call.args, type=Pushed)
+                    waiting = self._pushes.pop(answer.n, None)
+                    if waiting is not None and not waiting[1].done():
+                        waiting[1].set_result(answer)
+                    continue
+                if call.op == "cache_put":
+                    # Not answered (the front does not wait): stored before any later call of this front runs.
+                    if self.gw.cache is not None:
+                        self.gw.cache.store.put_many(msgspec.msgpack.decode(call.args, type=list[tuple[bytes, bytes]]))
                     continue
                 if call.op == "cancel":
                     task = mine.get(msgspec.msgpack.decode(call.args, type=int))
@@ -190,6 +230,12 @@ class RuntimeServer:
         finally:
             self.writers.discard(writer)
             self.fronts.pop(id(writer), None)
+            self.states.pop(id(writer), None)
+            for n, (w, future) in list(self._pushes.items()):
+                if w is writer:
+                    del self._pushes[n]
+                    if not future.done():
+                        future.cancel()
             for task in list(mine.values()):
                 task.cancel()
             writer.close()
@@ -214,6 +260,55 @@ class RuntimeServer:
             reply = Reply(call.id, False, msgspec.Raw(_ENCODER.encode(failure)))
         if not writer.is_closing():
             writer.write(frame(reply))
+
+    def copies(self, model: str) -> tuple[int, int, bool]:
+        """How many fronts have their copy of per-worker `model` ready, of the fronts started, and whether one
+        failed to load it."""
+        states = [s.get(model) for conn, s in self.states.items() if conn in self.fronts]
+        return sum(s == "ready" for s in states), self.workers, any(s == "failed" for s in states)
+
+    async def push(self, op: str, args: object, timeout_s: float) -> list[Pushed]:
+        """Run `op(args)` in every connected front; their answers (a front that leaves meanwhile gives none: it
+        reads the config file anew when it starts again)."""
+        waiting: list[asyncio.Future[Pushed]] = []
+        body = msgspec.Raw(_ENCODER.encode(Push(op, msgspec.Raw(_ENCODER.encode(args)))))
+        for writer in list(self.writers):
+            if writer.is_closing():
+                continue
+            n = next(self._push_ids)
+            future: asyncio.Future[Pushed] = asyncio.get_running_loop().create_future()
+            self._pushes[n] = (writer, future)
+            waiting.append(future)
+            writer.write(frame(Reply(-n, True, body)))
+        try:
+            async with asyncio.timeout(timeout_s):
+                done = await asyncio.gather(*waiting, return_exceptions=True)
+        finally:
+            for future in waiting:
+                future.cancel()
+        return [d for d in done if isinstance(d, Pushed)]
+
+    async def prepare_fronts(self, config: GatewayConfig) -> dict[str, str]:
+        """A reload's first step in every front: load the new config's per-worker copies (Gateway.prepare);
+        the models a front failed to load, and why. A front that cannot prepare refuses the reload."""
+        failed: dict[str, str] = {}
+        timeout_s = self.gw.config.server.request_timeout_s
+        try:
+            answers = await self.push("prepare", config, timeout_s)
+        except TimeoutError:
+            raise ConfigError(f"the front workers did not load the new per-worker copies in {timeout_s:g}s") from None
+        for answer in answers:
+            if not answer.ok:
+                reason = msgspec.msgpack.decode(answer.value, type=str)
+                raise ConfigError(f"a front worker could not prepare the reload: {reason}")
+            failed.update(msgspec.msgpack.decode(answer.value, type=dict[str, str]))
+        return failed
+
+    def abort_fronts(self) -> None:
+        """Have the fronts drop a prepared reload that did not happen (not waited for)."""
+        task = asyncio.get_running_loop().create_task(self.push("abort", None, 5.0))
+        self.tasks.add(task)  # type: ignore[arg-type]
+        task.add_done_callback(self.tasks.discard)  # type: ignore[arg-type]
 
     async def drain(self, timeout_s: float) -> None:
         """Answer until every front has gone and every call is answered, within `timeout_s`; then close the
@@ -252,7 +347,12 @@ class RuntimeServer:
 async def run(gw: Gateway, socket_path: str, workers: int) -> None:
     """Load the models, answer the fronts until SIGTERM/SIGINT (or the supervisor's exit), then drain."""
     loop = asyncio.get_running_loop()
-    gw.registry.load_all(loop)
+    runtime = RuntimeServer(gw, workers)
+    gw.copies, gw.prepare_fronts, gw.abort_fronts = runtime.copies, runtime.prepare_fronts, runtime.abort_fronts
+    gw.registry.load_all(loop, here=gw.here)
+    for name, model in gw.registry.models.items():
+        if model.elsewhere:
+            log.info("runtime process: model %r is not loaded here: each front worker loads its own copy", name)
     lag = loop.create_task(gw.watch_loop_lag())
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -287,7 +387,6 @@ async def run(gw: Gateway, socket_path: str, workers: int) -> None:
         stop.set()
 
     watch = loop.create_task(orphaned())
-    runtime = RuntimeServer(gw, workers)
     with contextlib.suppress(FileNotFoundError):
         os.unlink(socket_path)  # left by a runtime process that died: this one takes its place
     server = await asyncio.start_unix_server(runtime.connection, socket_path, limit=1 << 30)
@@ -323,6 +422,7 @@ def main() -> int:
         config_path=config_path,
         on_batch=record_batch,
         placements=plugins.placements(),
+        runtime=True,
     )
     asyncio.run(run(gw, os.environ[SOCKET_ENV], int(os.environ.get(WORKERS_ENV, "0"))))
     return 0

@@ -1,7 +1,8 @@
 """`gateway serve` with `[server] workers` > 1: the supervisor of one runtime process and N front workers.
 
 Layout: this process binds the port and supervises; the runtime process (gateway/runtime_process.py) loads
-the models once and owns everything the fronts share; N front workers (gateway/front.py), started by uvicorn's
+the models once (but those with `copies = "per-worker"`, of which each front loads its own) and owns
+everything the fronts share; N front workers (gateway/front.py), started by uvicorn's
 own multi-process supervisor (`uvicorn.supervisors.Multiprocess`, which restarts a dead worker), accept on
 the one listening socket and reach the runtime over a Unix socket in a private (0700) temporary folder.
 The generated API key goes down as its digest, in the environment: it is printed once, by `gateway serve`.

@@ -16,7 +16,8 @@ import mmap
 import os
 import struct
 import time
-from typing import Any, TypeVar
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, Literal, TypeVar
 
 import msgspec
 
@@ -98,11 +99,36 @@ class Vectors(msgspec.Struct, array_like=True):
 
 
 class TakeArgs(msgspec.Struct, array_like=True):
-    """A key's requests/minute window at the runtime: take `amount` (or only ask, `take` false)."""
+    """A key's requests/minute (or tokens/minute) window at the runtime: take `amount`, only ask how long until
+    it would fit, or give it back."""
 
     key: bytes
     amount: float
-    take: bool
+    mode: Literal["take", "ask", "give"]
+    what: Literal["requests", "tokens"] = "requests"
+
+
+class Push(msgspec.Struct, array_like=True):
+    """Runtime -> front, sent as a `Reply` with a negative id: operation `op` the front runs and answers with a
+    `Pushed` ("prepare" a reload's per-worker copies, "abort" it)."""
+
+    op: str
+    args: msgspec.Raw
+
+
+class Pushed(msgspec.Struct, array_like=True):
+    """Front -> runtime (the op "pushed"): the answer to push `n`."""
+
+    n: int
+    ok: bool
+    value: msgspec.Raw
+
+
+class CacheClearArgs(msgspec.Struct, array_like=True):
+    """Clear the runtime's cache: of model `name`, or of a front's per-worker copy (its cache `identity`)."""
+
+    name: str | None
+    identity: bytes | None = None
 
 
 class RuntimeGone(Exception):
@@ -172,6 +198,11 @@ class RuntimeLink:
         self._connecting: asyncio.Lock | None = None
         #: The runtime process that answered this link's hello (the one its calls go to).
         self.runtime_pid: int | None = None
+        #: The state of this front's per-worker copies, sent on every (re)connection and on `send_states`.
+        self.states: Callable[[], dict[str, str]] | None = None
+        #: Runs what the runtime pushes (see `Push`): (op, args) -> the value answered.
+        self.on_push: Callable[[str, msgspec.Raw], Awaitable[Any]] | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
 
     async def _connection(self) -> asyncio.StreamWriter:
         if self._writer is not None:
@@ -199,6 +230,9 @@ class RuntimeLink:
                     await asyncio.sleep(0.05)
             self._writer = writer
             self._reader_task = asyncio.get_running_loop().create_task(self._read(reader, writer))
+            if self.states is not None:
+                # A new runtime knows nothing of this front's copies yet.
+                self.cast("states", self.states())
             return writer
 
     async def _open(self, deadline: float) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
@@ -221,6 +255,9 @@ class RuntimeLink:
         try:
             while True:
                 reply = _REPLY.decode(await read_frame(reader))
+                if reply.id < 0:
+                    self._spawn(self._answer_push(-reply.id, msgspec.msgpack.decode(reply.value, type=Push)))
+                    continue
                 future = self._pending.pop(reply.id, None)
                 if future is not None and not future.done():
                     future.set_result(reply)
@@ -235,6 +272,36 @@ class RuntimeLink:
             for future in pending.values():
                 if not future.done():
                     future.set_exception(RuntimeGone())
+
+    def _spawn(self, coro: Awaitable[None]) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _answer_push(self, n: int, push: Push) -> None:
+        try:
+            if self.on_push is None:
+                raise GatewayError(500, f"this front takes no pushed {push.op!r}", code="runtime_protocol")
+            answer = Pushed(n, True, msgspec.Raw(_ENCODER.encode(await self.on_push(push.op, push.args))))
+        except Exception as exc:
+            log.exception("front worker: the runtime's %r failed here", push.op)
+            answer = Pushed(n, False, msgspec.Raw(_ENCODER.encode(f"{type(exc).__name__}: {exc}")))
+        self.cast("pushed", answer)
+
+    def cast(self, op: str, args: object) -> None:
+        """Send `op(args)` to the runtime without waiting for (or reading) its answer; dropped while no
+        connection is up (a cache write, or states that the next connection sends again)."""
+        if self._writer is not None and not self._writer.is_closing():
+            self._writer.write(frame(Call(0, op, msgspec.Raw(_ENCODER.encode(args)))))
+
+    def send_states(self) -> None:
+        """Tell the runtime the state of this front's per-worker copies (connecting first if need be)."""
+        if self.states is None:
+            return
+        if self._writer is not None:
+            self.cast("states", self.states())
+        else:
+            self._spawn(self.connect())  # the connection sends them
 
     async def connect(self) -> None:
         """Connect now (a front does at startup, so the runtime counts it before its first request)."""
@@ -292,17 +359,60 @@ class RuntimeLink:
 
 
 class LinkWindow:
-    """A key's requests/minute as the runtime counts it (one window for every front): SharedWindow's shape."""
+    """A key's requests (or tokens) per minute as the runtime counts it (one window for every front):
+    SharedWindow's shape."""
 
-    def __init__(self, link: RuntimeLink, digest: bytes, limit: int) -> None:
+    def __init__(
+        self, link: RuntimeLink, digest: bytes, limit: int, what: Literal["requests", "tokens"] = "requests"
+    ) -> None:
         self.link = link
         self.digest = digest
         self.limit = limit
+        self.what: Literal["requests", "tokens"] = what
+
+    async def _call(self, amount: float, mode: Literal["take", "ask", "give"]) -> float:
+        try:
+            return await self.link.call("take", TakeArgs(self.digest, amount, mode, self.what), float)
+        except RuntimeGone:
+            # The runtime died with the call (and its windows with it): the new one counts from here.
+            return await self.link.call("take", TakeArgs(self.digest, amount, mode, self.what), float)
 
     async def take(self, amount: float) -> float:
         """Take `amount` now and return 0, or take nothing and return the seconds until it would fit."""
-        return await self.link.call("take", TakeArgs(self.digest, amount, True), float)
+        return await self._call(amount, "take")
 
     async def wait_for(self, amount: float) -> float:
         """Seconds until `amount` would fit (0: now), taking nothing."""
-        return await self.link.call("take", TakeArgs(self.digest, amount, False), float)
+        return await self._call(amount, "ask")
+
+    async def give_back(self, amount: float) -> None:
+        """Return `amount` taken for work that was not done (negative: take it without a check)."""
+        await self._call(amount, "give")
+
+
+class LinkStore:
+    """The cache store of the runtime process, for a front's per-worker models (cache.Store's shape): one
+    cache for every front, cleared in one place."""
+
+    def __init__(self, link: RuntimeLink, name: str) -> None:
+        self.link = link
+        #: The runtime's store's name (metrics label their hits by it).
+        self.name = name
+
+    async def get_many(self, keys: Sequence[bytes]) -> list[bytes | None]:
+        try:
+            return await self.link.call("cache_get", list(keys), list[bytes | None])
+        except RuntimeGone:
+            # The runtime died with the lookup, and its memory cache with it: misses, as a Redis outage gives.
+            return [None] * len(keys)
+
+    def put_many(self, items: Sequence[tuple[bytes, bytes]]) -> None:
+        # Not waited for: the runtime reads this connection's frames in order, so a lookup sent after it by
+        # this front finds the entries.
+        self.link.cast("cache_put", list(items))
+
+    async def clear(self, prefix: bytes) -> int:
+        raise NotImplementedError("a front clears the cache through the runtime's cache_clear")
+
+    async def close(self) -> None:
+        return None

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import enum
 import logging
+import os
 import re
 import threading
 import time
@@ -65,6 +66,8 @@ class ModelSpec:
     #: Where its batches run (gateway/placement.py), and that placement's validated options.
     placement_cls: type[Placement] = InProcess
     placement_options: Any = None
+    #: The CPU cores this process's copy may use (`copies = "per-worker"` in a front worker); None: all.
+    cores: int | None = None
 
 
 def build_specs(
@@ -73,12 +76,14 @@ def build_specs(
     where: str = "<config>",
     broken: Mapping[str, str] | None = None,
     placements: Mapping[str, type[Placement]] | None = None,
+    workers: int = 1,
 ) -> dict[str, ModelSpec]:
     """Check each model's backend exists and its options fit the backend's Options Struct (and its placement's
     table, if it names one, that placement's Options Struct).
 
     `broken`: plugins that failed to import, by name, and why (named when a model asks for one of them).
-    `placements`: by name (default: in-process only).
+    `placements`: by name (default: in-process only). `workers`: the front workers sharing the machine, for
+    a front's specs (its `copies = "per-worker"` models get their share of the cores).
     """
     specs: dict[str, ModelSpec] = {}
     broken = broken or {}
@@ -99,6 +104,12 @@ def build_specs(
             need = "needs a model path" if cls.uses_path else "takes no path (see its options)"
             raise ConfigError(f"{where}: `$.models.{name}.path`: backend {model.backend!r} {need}")
         options = convert_at(model.options, cls.Options, f"$.models.{name}.options", where)
+        if model.copies == "per-worker" and cls.per_worker_refused is not None:
+            raise ConfigError(
+                f'{where}: `$.models.{name}.copies`: backend {model.backend!r} cannot have "per-worker" copies: '
+                f"{cls.per_worker_refused}"
+            )
+        cores = max(1, (os.cpu_count() or 1) // workers) if workers > 1 and model.copies == "per-worker" else None
         cached = config.cache.store != "off" and model.cache
         placement, table = (DEFAULT, None) if model.ray is None else ("ray", model.ray)
         placement_cls = placements.get(placement)
@@ -113,6 +124,7 @@ def build_specs(
             cached=cached,
             placement_cls=placement_cls,
             placement_options=placement_options,
+            cores=cores,
         )
     return specs
 
@@ -166,6 +178,9 @@ class ServedModel:
     # The cache's name for this model (digest.identity): None when its inputs are not cached.
     identity: bytes | None = None
     circuit: CircuitBreaker = field(init=False)
+    #: Loaded by other processes, never here (with `[server] workers` > 1: a per-worker model at the runtime
+    #: process, a shared one at a front worker): this entry only describes it.
+    elsewhere: bool = False
 
     def __post_init__(self) -> None:
         c = self.spec.config.circuit
@@ -196,11 +211,13 @@ class ServedModel:
         try:
             if spec.config.path is not None and not Path(spec.config.path).exists():
                 raise BackendError(f"model path {spec.config.path} does not exist")
+            # A front worker's copy gets its share of the cores; the cache's identity keeps the configured options.
+            options = spec.options if spec.cores is None else spec.backend_cls.within_cores(spec.options, spec.cores)
             backend = spec.placement_cls(spec.placement_options).place(
                 spec.backend_cls,
                 model=spec.name,
                 path=spec.config.path or "",
-                options=spec.options,
+                options=options,
                 trust_remote_code=spec.config.trust_remote_code,
             )
             loaded = backend.load()
@@ -261,6 +278,11 @@ class ServedModel:
             log.error("model %r failed to load: %s", spec.name, reason, exc_info=not isinstance(exc, BackendError))
         finally:
             self._loaded.set()
+
+    def skip(self) -> None:
+        """Never load this model here (see `elsewhere`): it stays `loading`, and retiring it waits for nothing."""
+        self.elsewhere = True
+        self._loaded.set()
 
     @property
     def is_ready(self) -> bool:
@@ -483,6 +505,10 @@ class Registry:
         self.models[model.name] = model
         self._index()
 
+    def find(self, name: str) -> ServedModel | None:
+        """The model called `name` (or aliased so), or None."""
+        return self._names.get(name)
+
     def resolve(self, name: str, key: ApiKey | None = None) -> ServedModel:
         """The model called `name` (or aliased so); 404 listing what exists (what `key` may use)."""
         model = self._names.get(name)
@@ -498,15 +524,29 @@ class Registry:
         """`model` and then its configured fallbacks, in order."""
         return [model, *(self.models[name] for name in model.spec.config.fallbacks if name in self.models)]
 
-    def load_all(self, loop: asyncio.AbstractEventLoop | None = None) -> threading.Thread:
+    def load_all(
+        self,
+        loop: asyncio.AbstractEventLoop | None = None,
+        here: Callable[[ModelSpec], bool] | None = None,
+        loaded: Callable[[], None] | None = None,
+    ) -> threading.Thread:
         """Load every model in one background thread (one at a time: loading in parallel only thrashes);
-        with `loop`, the models calibrated at load start calibrating there as each becomes ready."""
+        with `loop`, the models calibrated at load start calibrating there as each becomes ready. `here`: which
+        models this process loads (the others are skipped, see ServedModel.skip); `loaded`: called (in the
+        loading thread) after each model's load."""
+        for model in self.models.values():
+            if here is not None and not here(model.spec):
+                model.skip()
 
         def run() -> None:
             for model in self.models.values():
+                if model.elsewhere:
+                    continue
                 model.load()
                 if loop is not None:
                     model.calibrate_in_background(loop)
+                if loaded is not None:
+                    loaded()
 
         t = threading.Thread(target=run, name="model-loader", daemon=True)
         t.start()

@@ -138,13 +138,14 @@ class KeyStore:
         """The key with this digest (the runtime process finds a front's caller by it)."""
         return next((key for key in self._keys if key.digest == digest), None)
 
-    def counted_by(self, window: Callable[[ApiKey, int], Any]) -> KeyStore:
-        """The same keys, each requests/minute limit counted by `window(key, limit)` (a front worker's view:
-        the runtime process counts for every front), tokens not counted here (the runtime charges them)."""
+    def counted_by(self, window: Callable[[ApiKey, int, str], Any]) -> KeyStore:
+        """The same keys, each requests/minute and tokens/minute limit counted by `window(key, limit, what)`
+        (what: "requests" or "tokens"; a front worker's view: the runtime process counts for every front)."""
         out = KeyStore()
         for key in self._keys:
-            requests = window(key, key.requests.limit) if key.requests is not None else None
-            out._keys.append(dataclasses.replace(key, requests=requests, tokens=None))
+            requests = window(key, key.requests.limit, "requests") if key.requests is not None else None
+            tokens = window(key, key.tokens.limit, "tokens") if key.tokens is not None else None
+            out._keys.append(dataclasses.replace(key, requests=requests, tokens=tokens))
         return out
 
     @classmethod

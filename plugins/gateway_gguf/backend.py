@@ -120,6 +120,11 @@ class GgufBackend(Backend):
     name: ClassVar[str] = "gguf"
     Options: ClassVar[type[msgspec.Struct]] = GgufOptions
 
+    @classmethod
+    def within_cores(cls, options: Any, cores: int) -> Any:
+        # Unset, llama.cpp takes every core this process may run on.
+        return options if options.n_threads else msgspec.structs.replace(options, n_threads=cores)
+
     def __init__(self, *, model: str, path: str, options: Any, trust_remote_code: bool = False) -> None:
         super().__init__(model=model, path=path, options=options, trust_remote_code=trust_remote_code)
         self.opts: GgufOptions = options if isinstance(options, GgufOptions) else GgufOptions()

@@ -65,6 +65,13 @@ class OnnxBackend(Backend):
     name: ClassVar[str] = "onnx"
     Options: ClassVar[type[msgspec.Struct]] = OnnxOptions
 
+    @classmethod
+    def within_cores(cls, options: Any, cores: int) -> Any:
+        # Unset, each of the parallel batches takes an equal share of every core: here, of `cores`.
+        if options.intra_op_threads is not None:
+            return options
+        return msgspec.structs.replace(options, intra_op_threads=max(1, cores // options.parallel_batches))
+
     _session: onnxruntime.InferenceSession
     _count_tok: tokenizers.Tokenizer
     _embed_tok: tokenizers.Tokenizer

@@ -134,6 +134,10 @@ class OpenAIBackend(Backend):
     name = "openai"
     Options = OpenAIOptions
     uses_path: ClassVar[bool] = False
+    per_worker_refused: ClassVar[str | None] = (
+        "its model runs on a remote server: a copy per front worker would hold no model, only multiply the "
+        "connections and the in-flight limit toward that server by the workers (keep it shared)"
+    )
 
     def __init__(self, *, model: str, path: str, options: Any = None, trust_remote_code: bool = False) -> None:
         super().__init__(model=model, path=path, options=options or OpenAIOptions(base_url=""), trust_remote_code=False)

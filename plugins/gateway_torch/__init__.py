@@ -68,6 +68,11 @@ class TorchBackend(Backend):
     name = "torch"
     Options = TorchOptions
 
+    @classmethod
+    def within_cores(cls, options: Any, cores: int) -> Any:
+        # torch's default takes every core, and N front workers' copies would each take them all.
+        return options if options.threads else msgspec.structs.replace(options, threads=cores)
+
     def load(self) -> ModelInfo:
         """Load the SentenceTransformer and a private copy of its tokenizer for counting."""
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
