@@ -4,11 +4,9 @@ whole to a replica, and retries a batch once when its replica was lost."""
 from __future__ import annotations
 
 import logging
-import re
-import secrets
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import msgspec
@@ -17,7 +15,7 @@ import numpy as np
 from gateway import Backend, BackendError, ModelInfo
 from gateway.plugin import BackendTimeout, BackendUnavailable, Embedded
 
-from .replica import Replica
+from . import deployment
 from .session import SERVE_LOCK, SESSION, import_ray
 
 if TYPE_CHECKING:
@@ -82,40 +80,16 @@ class RayBackend(Backend):
 
     def _deploy(self) -> ModelInfo:
         ray, serve = import_ray()
-        from ray.serve.exceptions import ReplicaUnavailableError
-
-        # What a lost replica (its process killed, its node gone) raises on the call it was running.
-        self._lost = (
-            ray.exceptions.RayActorError,
-            ray.exceptions.WorkerCrashedError,
-            ray.exceptions.NodeDiedError,
-            ReplicaUnavailableError,
-        )
-        self._failed = ray.exceptions.RayTaskError
+        self._lost, self._failed = _failures(ray)
         opts = self._ray
-        scaling: dict[str, Any]
-        if opts.max_replicas is not None:
-            scaling = {
-                "autoscaling_config": {
-                    "min_replicas": opts.min_replicas if opts.min_replicas is not None else 1,
-                    "max_replicas": opts.max_replicas,
-                    "target_ongoing_requests": opts.target_ongoing_batches,
-                }
-            }
-        else:
-            scaling = {"num_replicas": opts.replicas or 1}
-        # Unique: a reload starts the new version beside the old one, and several gateways may share a cluster.
-        self._app = f"gateway-{re.sub(r'[^A-Za-z0-9_-]', '_', self.model)}-{secrets.token_hex(3)}"
+        self._app = deployment.app_name(self.model)
         started = time.perf_counter()
-        try:
-            handle = _retry_pickle_race(lambda: self._start(serve, scaling))
-        except Exception as exc:
-            raise BackendError(f"Ray Serve could not start the replicas: {_first_line(exc)}") from exc
-        self._wait_running(serve, opts.start_timeout_s)
+        handle = deployment.start(serve, self._app, opts, self._replica_args())
+        deployment.wait_running(serve, self._app, opts.start_timeout_s, self._stop)
         # Requests and results straight to and from the replica over gRPC, not through Ray's object store: less
         # than half the front's CPU per call (bench/README.md, "Ray: the front's CPU per batch"). Not through
         # Ray Client (ray://), whose server relays every call itself.
-        self._handle = handle if _through_ray_client() else handle.options(_by_reference=False)
+        self._handle = handle if deployment.through_ray_client() else handle.options(_by_reference=False)
         described = handle.describe.remote().result(timeout_s=opts.batch_timeout_s)
         if described.get("info") is None:
             raise BackendError(f"in a Ray replica: {described.get('error')}")
@@ -123,6 +97,29 @@ class RayBackend(Backend):
         self._local_tokenizer = self._check_front_tokenizer()
         POLLER.add(self)
         self._polled = True
+        self._log_deployed(time.perf_counter() - started)
+        return msgspec.structs.replace(
+            info,
+            # The batcher keeps as many batches in flight as there may be replicas, one each.
+            concurrent_batches=opts.most,
+            local_tokenizer=info.local_tokenizer and self._local_tokenizer,
+        )
+
+    def _replica_args(self) -> tuple[Any, ...]:
+        """What each replica builds its backend from: the class's registered name and import path, the model,
+        its path and options (as plain data, to travel to the replica), trust_remote_code."""
+        cls = self._cls
+        return (
+            cls.name,
+            f"{cls.__module__}:{cls.__qualname__}",
+            self.model,
+            self.path,
+            msgspec.to_builtins(self.options),
+            self.trust_remote_code,
+        )
+
+    def _log_deployed(self, took_s: float) -> None:
+        opts = self._ray
         log.info(
             "model %r on Ray Serve (%s): %s replicas x %g CPU, application %r, tokens counted %s, in %.1fs",
             self.model,
@@ -131,70 +128,8 @@ class RayBackend(Backend):
             opts.num_cpus,
             self._app,
             "here" if self._local_tokenizer else "by a replica",
-            time.perf_counter() - started,
+            took_s,
         )
-        return msgspec.structs.replace(
-            info,
-            # The batcher keeps as many batches in flight as there may be replicas, one each.
-            concurrent_batches=opts.most,
-            local_tokenizer=info.local_tokenizer and self._local_tokenizer,
-        )
-
-    def _start(self, serve: Any, scaling: dict[str, Any]) -> Any:
-        """Deploy the replicas (not waiting for them); the application's handle."""
-        opts, cls = self._ray, self._cls
-        with SERVE_LOCK:
-            deployment = serve.deployment(
-                Replica,
-                name="replica",
-                # One batch at a time per replica: Serve's router then spreads batches over idle replicas.
-                max_ongoing_requests=1,
-                ray_actor_options={"num_cpus": opts.num_cpus, "num_gpus": opts.num_gpus},
-                **scaling,
-            )
-            app = deployment.bind(
-                cls.name,
-                f"{cls.__module__}:{cls.__qualname__}",
-                self.model,
-                self.path,
-                msgspec.to_builtins(self.options),
-                self.trust_remote_code,
-            )
-            # Not serve.run: it waits for the replicas forever (a cluster that cannot place them), from a
-            # call that cannot be stopped; the wait is ours, bounded, and ends when the model is closed.
-            (handle,) = serve.run_many(
-                [serve.RunTarget(app, name=self._app, route_prefix=None)],
-                wait_for_ingress_deployment_creation=False,
-                wait_for_applications_running=False,
-            )
-        return handle
-
-    def _wait_running(self, serve: Any, timeout: float) -> None:
-        """Until every replica runs (BackendError with Ray Serve's reason if the deployment fails or `timeout`
-        passes first, or if the model is closed meanwhile)."""
-        deadline = time.monotonic() + timeout
-        while True:
-            with SERVE_LOCK:
-                app = serve.status().applications.get(self._app or "")
-            status = app.status if app is not None else None
-            if status == "RUNNING":
-                return
-            if status == "DEPLOY_FAILED":
-                raise BackendError(f"Ray Serve could not start the replicas: {self._deploy_message(serve)}")
-            if time.monotonic() > deadline:
-                raise BackendError(f"the replicas were not running after {timeout:g}s: {self._deploy_message(serve)}")
-            if self._stop.wait(0.2):
-                raise BackendError("closed while its replicas were starting")
-
-    def _deploy_message(self, serve: Any) -> str:
-        """What Ray Serve says about this model's deployment (say, the resources it waits for)."""
-        try:
-            with SERVE_LOCK:
-                app = serve.status().applications.get(self._app or "")
-            message = app.deployments["replica"].message if app is not None else ""
-        except Exception as exc:
-            message = f"status unavailable ({exc})"
-        return message or "Ray Serve gave no reason"
 
     def _check_front_tokenizer(self) -> bool:
         """Load the backend's tokenizer here, trusted only if it counts the probes as a replica does."""
@@ -355,26 +290,15 @@ class _StatusPoller:
 POLLER = _StatusPoller()
 
 
-def _retry_pickle_race(start: Callable[[], Any], attempts: int = 3) -> Any:
-    """`start()`, again when Ray Serve's own threads raced it: its router threads build deployment configs too,
-    each registering and unregistering a module for pickling by value, process-wide (not under SERVE_LOCK)."""
-    for attempt in range(attempts):
-        try:
-            return start()
-        except ValueError as exc:
-            if "pickle by value" not in str(exc) or attempt == attempts - 1:
-                raise
-            log.warning("Ray Serve raced itself building a deployment (%s); once more", exc)
-    raise AssertionError("unreachable")
+def _failures(ray: Any) -> tuple[tuple[type[BaseException], ...], type[BaseException]]:
+    """What a lost replica (its process killed, its node gone) raises on the call it was running, and what a
+    backend's own exception in a replica arrives as."""
+    from ray.serve.exceptions import ReplicaUnavailableError
 
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
-
-
-def _through_ray_client() -> bool:
-    """Whether this process reaches its cluster through Ray Client (a `ray://` address)."""
-    from ray.util.client import ray as client
-
-    return bool(client.is_connected())
+    lost = (
+        ray.exceptions.RayActorError,
+        ray.exceptions.WorkerCrashedError,
+        ray.exceptions.NodeDiedError,
+        ReplicaUnavailableError,
+    )
+    return lost, ray.exceptions.RayTaskError

@@ -5,8 +5,7 @@ gateway), up to `concurrent_batches` at once on a pooled HTTP/1.1 keep-alive cli
 Vectors travel as base64 (little-endian float32, a third of the bytes of float JSON) and are decoded
 bit-exact. Tokens are counted locally when a tokenizer is configured, exactly as the local backends count
 them; otherwise the model declares `counts_tokens = False` and requests are charged the upstream's `usage`.
-Upstream failures become the core's typed errors (gateway/backend.py): a client never sees the upstream's
-key or body, and the operator gets one log line naming the upstream and its status.
+Upstream failures become the core's typed errors (errors.py); the client and its deadlines are in transport.py.
 """
 
 from __future__ import annotations
@@ -14,9 +13,7 @@ from __future__ import annotations
 import base64
 import binascii
 import logging
-import os
 import re
-import socket
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -39,6 +36,8 @@ from gateway.plugin import (
 )
 from gateway.runtime import hf
 
+from . import errors, transport
+
 if TYPE_CHECKING:
     import httpx
     import tokenizers
@@ -47,8 +46,6 @@ log = logging.getLogger("gateway.remote")
 
 PositiveInt = Annotated[int, msgspec.Meta(ge=1)]
 Seconds = Annotated[float, msgspec.Meta(gt=0)]
-# An upstream's error code is repeated to clients only when it looks like an identifier (never free text).
-_SAFE_CODE = re.compile(r"[A-Za-z0-9_.\-]{1,64}")
 
 
 class OpenAIOptions(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -117,14 +114,6 @@ class _Models(msgspec.Struct):
     data: list[_Card]
 
 
-class _Error(msgspec.Struct):
-    code: str | int | None = None
-
-
-class _ErrorBody(msgspec.Struct):
-    error: _Error | str | None = None
-
-
 _REPLY = msgspec.json.Decoder(_Reply)
 
 
@@ -158,55 +147,21 @@ class OpenAIBackend(Backend):
     # -- loading ------------------------------------------------------------------------------------------
     def load(self) -> ModelInfo:
         opts: OpenAIOptions = self.options
-        try:
-            import httpx
-        except ImportError as exc:
-            raise BackendError("httpx is not installed: pip install 'embedding-gateway[remote]'") from exc
-        self._httpx = httpx
-        # httpx logs every call at INFO: one line per batch in the server's log, unless the operator chose.
-        httpx_log = logging.getLogger("httpx")
-        if httpx_log.level == logging.NOTSET:
-            httpx_log.setLevel(logging.WARNING)
-        headers = {"Content-Type": "application/json"}
-        if opts.api_key_env is not None:
-            key = os.environ.get(opts.api_key_env)
-            if not key:
-                raise BackendError(f"environment variable {opts.api_key_env} (options.api_key_env) is not set")
-            headers["Authorization"] = f"Bearer {key}"
+        self._httpx = transport.import_httpx()
+        headers = transport.headers(opts.api_key_env)
         limit = None
         if opts.tokenizer is not None:
             limit = self._load_tokenizer(opts.tokenizer)
-        limits = httpx.Limits(
-            max_connections=opts.concurrent_batches, max_keepalive_connections=opts.concurrent_batches
-        )
-        # httpcore writes a request's head and body separately: with Nagle's algorithm on, the body
-        # waits for the upstream's delayed ACK of the head (bench/README.md).
-        transport = httpx.HTTPTransport(limits=limits, socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)])
-        # httpx's timeouts bound each socket operation, so an upstream that trickles its answer could hold a batch
-        # for ever: every connect, read and write is bounded by what is left of the call's own deadline instead.
-        pool = transport._pool
-        pool._network_backend = _Deadlines(pool._network_backend, self._deadline)
-        self._client = httpx.Client(
-            base_url=opts.base_url.rstrip("/") + "/",
+        self._client = transport.open_client(
+            base_url=opts.base_url,
             headers=headers,
-            timeout=httpx.Timeout(opts.timeout_s, connect=opts.connect_timeout_s),
-            transport=transport,
+            timeout_s=opts.timeout_s,
+            connect_timeout_s=opts.connect_timeout_s,
+            connections=opts.concurrent_batches,
+            deadlines=self._deadline,
         )
         try:
-            dimension = opts.dimension
-            limit = opts.max_input_tokens or limit
-            if dimension is None or limit is None:
-                card = self._seen_card = self._card()
-                dimension = dimension or (card.dimension if card else None)
-                limit = limit or (card.max_input_tokens if card else None)
-            if limit is None:
-                raise BackendError(
-                    f"the upstream does not say model {self.upstream_model!r}'s input limit; set "
-                    "options.max_input_tokens (or options.tokenizer to a model folder)"
-                )
-            if dimension is None:
-                dimension = self._post(["dimension probe"]).vectors.shape[1]
-            self._dimension = dimension
+            self._dimension, limit = self._discover(limit)
         except BackendError:
             self.close()
             raise
@@ -215,7 +170,7 @@ class OpenAIBackend(Backend):
             raise BackendError(f"cannot reach the upstream at {opts.base_url}: {exc}") from None
         local = self._tokenizer is not None
         return ModelInfo(
-            dimension=dimension,
+            dimension=self._dimension,
             max_input_tokens=limit,
             normalized=opts.normalized,
             max_batch_size=opts.batch_size,
@@ -226,6 +181,25 @@ class OpenAIBackend(Backend):
             local_tokenizer=local,
             counts_tokens=local,
         )
+
+    def _discover(self, limit: int | None) -> tuple[int, int]:
+        """The vectors' dimension and the input limit: from the options (or the tokenizer's `limit`), else the
+        upstream's /models card, else (the dimension) one probe call."""
+        opts: OpenAIOptions = self.options
+        dimension = opts.dimension
+        limit = opts.max_input_tokens or limit
+        if dimension is None or limit is None:
+            card = self._seen_card = self._card()
+            dimension = dimension or (card.dimension if card else None)
+            limit = limit or (card.max_input_tokens if card else None)
+        if limit is None:
+            raise BackendError(
+                f"the upstream does not say model {self.upstream_model!r}'s input limit; set "
+                "options.max_input_tokens (or options.tokenizer to a model folder)"
+            )
+        if dimension is None:
+            dimension = self._post(["dimension probe"]).vectors.shape[1]
+        return dimension, limit
 
     def _load_tokenizer(self, raw: str) -> int | None:
         """Load the local tokenizer; the input limit its folder declares, if any."""
@@ -362,142 +336,12 @@ class OpenAIBackend(Backend):
 
     # -- errors -------------------------------------------------------------------------------------------
     def _transport_error(self, exc: Exception, late: bool = False) -> Exception:
-        """The typed failure for a transport error; `late`: the call's deadline had passed (a timeout, even
-        when it cut a connect short)."""
-        httpx = self._httpx
-        where = self.options.base_url
-        log.error("model %r: upstream %s: %s: %s", self.model, where, type(exc).__name__, exc)
-        if isinstance(exc, httpx.TimeoutException) and (late or not isinstance(exc, httpx.ConnectTimeout)):
-            return BackendTimeout(
-                f"the upstream of model {self.model!r} did not answer within {self.options.timeout_s:g}s"
-            )
-        return BackendUnavailable(f"the upstream of model {self.model!r} is unreachable ({type(exc).__name__})")
+        return errors.transport_error(self.model, self.options.base_url, self.options.timeout_s, exc, late)
 
     def _status_error(self, response: httpx.Response) -> Exception:
-        status = response.status_code
-        code = _error_code(response.content)
-        where = self.options.base_url
-        # The operator's line: the upstream and its status, never its body (it may echo inputs) or our key.
-        log.error(
-            "model %r: upstream %s answered HTTP %d%s (%d bytes of body, not logged)",
-            self.model,
-            where,
-            status,
-            f" code {code}" if code else "",
-            len(response.content),
-        )
-        said = f"HTTP {status}" + (f", code {code!r}" if code else "")
-        name = self.model
-        if status in (400, 413, 422):
-            return InputRejected(f"the upstream of model {name!r} rejected the input ({said})")
-        if status == 429:
-            return BackendOverloaded(
-                f"the upstream of model {name!r} is overloaded ({said}); retry later",
-                retry_after=_retry_after(response.headers.get("retry-after")),
-            )
-        if status in (401, 403):
-            return BackendUnavailable(
-                f"the upstream of model {name!r} refused the gateway's credentials ({said}); the operator has been told"
-            )
-        if status in (408, 504):
-            return BackendTimeout(f"the upstream of model {name!r} timed out ({said})")
-        return BackendUnavailable(f"the upstream of model {name!r} failed ({said})")
+        return errors.status_error(self.model, self.options.base_url, response)
 
     def close(self) -> None:
         if self._client is not None:
             self._client.close()
             self._client = None
-
-
-class _Deadlines:
-    """An httpcore network backend whose streams bound every operation by the calling thread's deadline
-    (`deadlines.at`, a time.monotonic() value; None: no deadline): a call ends by its deadline however its
-    upstream trickles."""
-
-    def __init__(self, inner: Any, deadlines: threading.local) -> None:
-        self._inner = inner
-        self._deadlines = deadlines
-
-    def left(self, timeout: float | None, error: type[Exception]) -> float | None:
-        """`timeout`, cut to the time left before the deadline; `error` when it has passed."""
-        deadline = getattr(self._deadlines, "at", None)
-        if deadline is None:
-            return timeout
-        left = deadline - time.monotonic()
-        if left <= 0:
-            raise error("the call's deadline passed")
-        return left if timeout is None else min(timeout, left)
-
-    def connect_tcp(
-        self,
-        host: str,
-        port: int,
-        timeout: float | None = None,
-        local_address: str | None = None,
-        socket_options: Any = None,
-    ) -> _DeadlineStream:
-        import httpcore
-
-        stream = self._inner.connect_tcp(
-            host, port, self.left(timeout, httpcore.ConnectTimeout), local_address, socket_options
-        )
-        return _DeadlineStream(stream, self)
-
-    def connect_unix_socket(self, path: str, timeout: float | None = None, socket_options: Any = None) -> Any:
-        import httpcore
-
-        stream = self._inner.connect_unix_socket(path, self.left(timeout, httpcore.ConnectTimeout), socket_options)
-        return _DeadlineStream(stream, self)
-
-    def sleep(self, seconds: float) -> None:
-        self._inner.sleep(seconds)
-
-
-class _DeadlineStream:
-    """A network stream of `_Deadlines`."""
-
-    def __init__(self, inner: Any, backend: _Deadlines) -> None:
-        self._inner = inner
-        self._backend = backend
-
-    def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
-        import httpcore
-
-        return self._inner.read(max_bytes, self._backend.left(timeout, httpcore.ReadTimeout))
-
-    def write(self, buffer: bytes, timeout: float | None = None) -> None:
-        import httpcore
-
-        self._inner.write(buffer, self._backend.left(timeout, httpcore.WriteTimeout))
-
-    def close(self) -> None:
-        self._inner.close()
-
-    def start_tls(self, ssl_context: Any, server_hostname: str | None = None, timeout: float | None = None) -> Any:
-        import httpcore
-
-        left = self._backend.left(timeout, httpcore.ConnectTimeout)
-        stream = self._inner.start_tls(ssl_context, server_hostname, left)
-        return _DeadlineStream(stream, self._backend)
-
-    def get_extra_info(self, info: str) -> Any:
-        return self._inner.get_extra_info(info)
-
-
-def _error_code(body: bytes) -> str | None:
-    """The `error.code` of an OpenAI-shaped error body, when it is a short identifier."""
-    try:
-        error = msgspec.json.decode(body, type=_ErrorBody).error
-    except msgspec.DecodeError:
-        return None
-    code = error.code if isinstance(error, _Error) else None
-    code = str(code) if code is not None else None
-    return code if code is not None and _SAFE_CODE.fullmatch(code) else None
-
-
-def _retry_after(raw: str | None) -> float:
-    """Seconds from a Retry-After header (a number; an HTTP date or nothing: 1)."""
-    try:
-        return max(1.0, float(raw)) if raw is not None else 1.0
-    except ValueError:
-        return 1.0
