@@ -75,23 +75,9 @@ def build_specs(
     a front's specs (its `copies = "per-worker"` models get their share of the cores).
     """
     specs: dict[str, ModelSpec] = {}
-    broken = broken or {}
     placements = placements or {DEFAULT: InProcess}
     for name, model in config.models.items():
-        cls = backends.get(model.backend)
-        if cls is None:
-            available = ", ".join(sorted(backends)) or "none installed"
-            hint = (
-                f"; plugin {model.backend!r} failed to import: {broken[model.backend]}"
-                if model.backend in broken
-                else ""
-            )
-            raise ConfigError(
-                f"{where}: `$.models.{name}.backend`: unknown backend {model.backend!r} (available: {available}){hint}"
-            )
-        if (model.path is None) == cls.uses_path:
-            need = "needs a model path" if cls.uses_path else "takes no path (see its options)"
-            raise ConfigError(f"{where}: `$.models.{name}.path`: backend {model.backend!r} {need}")
+        cls = _backend_of(name, model, backends, broken or {}, where)
         options = convert_at(model.options, cls.Options, f"$.models.{name}.options", where)
         if model.copies == "per-worker" and cls.per_worker_refused is not None:
             raise ConfigError(
@@ -100,11 +86,7 @@ def build_specs(
             )
         cores = max(1, (os.cpu_count() or 1) // workers) if workers > 1 and model.copies == "per-worker" else None
         cached = config.cache.store != "off" and model.cache
-        placement, table = (DEFAULT, None) if model.ray is None else ("ray", model.ray)
-        placement_cls = placements.get(placement)
-        if placement_cls is None:
-            raise ConfigError(f"{where}: `$.models.{name}.{placement}`: no placement plugin {placement!r} is installed")
-        placement_options = convert_at(table or {}, placement_cls.Options, f"$.models.{name}.{placement}", where)
+        placement_cls, placement_options = _placement_of(name, model, placements, where)
         specs[name] = ModelSpec(
             name=name,
             config=model,
@@ -116,6 +98,36 @@ def build_specs(
             cores=cores,
         )
     return specs
+
+
+def _backend_of(
+    name: str, model: ModelConfig, backends: Mapping[str, type[Backend]], broken: Mapping[str, str], where: str
+) -> type[Backend]:
+    """The backend class `model` names, installed and given a path exactly when it takes one."""
+    cls = backends.get(model.backend)
+    if cls is None:
+        available = ", ".join(sorted(backends)) or "none installed"
+        hint = (
+            f"; plugin {model.backend!r} failed to import: {broken[model.backend]}" if model.backend in broken else ""
+        )
+        raise ConfigError(
+            f"{where}: `$.models.{name}.backend`: unknown backend {model.backend!r} (available: {available}){hint}"
+        )
+    if (model.path is None) == cls.uses_path:
+        need = "needs a model path" if cls.uses_path else "takes no path (see its options)"
+        raise ConfigError(f"{where}: `$.models.{name}.path`: backend {model.backend!r} {need}")
+    return cls
+
+
+def _placement_of(
+    name: str, model: ModelConfig, placements: Mapping[str, type[Placement]], where: str
+) -> tuple[type[Placement], Any]:
+    """Where `model`'s batches run (its `ray` table, else in-process) and that placement's validated options."""
+    placement, table = (DEFAULT, None) if model.ray is None else ("ray", model.ray)
+    placement_cls = placements.get(placement)
+    if placement_cls is None:
+        raise ConfigError(f"{where}: `$.models.{name}.{placement}`: no placement plugin {placement!r} is installed")
+    return placement_cls, convert_at(table or {}, placement_cls.Options, f"$.models.{name}.{placement}", where)
 
 
 def configured_prompts(config: ModelConfig) -> tuple[dict[str, str], str | None]:
