@@ -39,7 +39,7 @@ from gateway.runtime import inputs, quantize
 from gateway.runtime.batching import BatchFailed, Progress, QueueFull
 from gateway.runtime.hf import l2_normalize
 from gateway.runtime.link import EmbedArgs, RemoteError
-from gateway.runtime.registry import ServedModel
+from gateway.runtime.registry import ModelHandle, ServedModel
 from gateway.shared.keys import ApiKey
 
 log = logging.getLogger("gateway")
@@ -138,7 +138,8 @@ async def request_vectors(
     "headers" for the answer: the prompt applied and, when truncating, how many inputs were cut; and
     "served_by": the model that computed the vectors (the one asked for, or a fallback of it)."""
     server = gw.config.server
-    model = gw.registry.resolve(body.model, key)
+    handle = gw.registry.handle(body.model, key)
+    model = handle.model
     if key is not None and not key.may_use(model.name):
         raise GatewayError(
             403, f"this API key may not use model {body.model!r}", param="model", code="model_not_allowed"
@@ -152,34 +153,7 @@ async def request_vectors(
     ends = time.monotonic() + timeout
     try:
         async with asyncio.timeout(timeout):
-            # Failover: the model, then its fallbacks (same embedding space, checked at config load), each with
-            # its own tokenizer, limits and batches.
-            chain = gw.registry.chain(model)
-            failed: _Failover | None = None
-            for n, candidate in enumerate(chain):
-                # Each model notes its headers apart: the answer carries only the serving model's.
-                said: dict[str, Any] = {}
-                try:
-                    vectors, total, out = await _on_model(
-                        gw, candidate, body, texts, key, ends, output, said, n < len(chain) - 1
-                    )
-                except _Failover as exc:
-                    failed = failed or exc
-                    if n == len(chain) - 1:
-                        raise failed.answer(candidate if candidate is not model else None, exc) from None
-                    record_failover(candidate.name, chain[n + 1].name, exc.reason)
-                    log.warning(
-                        "model %r could not serve a request (%s); trying fallback %r",
-                        candidate.name,
-                        exc.reason,
-                        chain[n + 1].name,
-                    )
-                    continue
-                notes["served_by"] = candidate.name
-                headers = notes.setdefault("headers", {})
-                headers.update(said.get("headers", {}))
-                headers["X-Served-Model"] = candidate.name
-                break
+            vectors, total, out = await _first_served(gw, handle, body, texts, key, ends, output, notes)
     except TimeoutError:
         raise GatewayError(
             504, f"request did not finish within {timeout:g}s (model {model.name!r})", code="timeout"
@@ -187,6 +161,47 @@ async def request_vectors(
     notes["tokens"] = total
     notes["inputs"] = len(texts)
     return vectors, total, out
+
+
+async def _first_served(
+    gw: Gateway,
+    handle: ModelHandle,
+    body: EmbeddingRequest,
+    texts: list[str],
+    key: ApiKey | None,
+    ends: float,
+    output: Output,
+    notes: MutableMapping[str, Any],
+) -> tuple[np.ndarray, int, Output]:
+    """Failover: the model, then its fallbacks (same embedding space, checked at config load), each with its own
+    tokenizer, limits and batches, until one serves; `notes` get its name and headers."""
+    chain = handle.chain
+    failed: _Failover | None = None
+    for n, candidate in enumerate(chain):
+        # Each model notes its headers apart: the answer carries only the serving model's.
+        said: dict[str, Any] = {}
+        try:
+            vectors, total, out = await _on_model(
+                gw, candidate, body, texts, key, ends, output, said, n < len(chain) - 1
+            )
+        except _Failover as exc:
+            failed = failed or exc
+            if n == len(chain) - 1:
+                raise failed.answer(candidate if candidate is not handle.model else None, exc) from None
+            record_failover(candidate.name, chain[n + 1].name, exc.reason)
+            log.warning(
+                "model %r could not serve a request (%s); trying fallback %r",
+                candidate.name,
+                exc.reason,
+                chain[n + 1].name,
+            )
+            continue
+        notes["served_by"] = candidate.name
+        headers = notes.setdefault("headers", {})
+        headers.update(said.get("headers", {}))
+        headers["X-Served-Model"] = candidate.name
+        return vectors, total, out
+    raise AssertionError("the chain's last model serves or raises")
 
 
 class _Failover(Exception):

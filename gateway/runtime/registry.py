@@ -413,6 +413,15 @@ def _batcher(
     )
 
 
+@dataclass(frozen=True, slots=True)
+class ModelHandle:
+    """One request's model, taken from the registry once: the model asked for, then its configured fallbacks in
+    order (a reload that swaps the registry meanwhile does not change what the request uses)."""
+
+    model: ServedModel
+    chain: tuple[ServedModel, ...]
+
+
 class Registry:
     """Names and aliases -> ServedModel. Replaced as a whole on reload, so lookups never see a half state."""
 
@@ -462,6 +471,11 @@ class Registry:
     def chain(self, model: ServedModel) -> list[ServedModel]:
         """`model` and then its configured fallbacks, in order."""
         return [model, *(self.models[name] for name in model.spec.config.fallbacks if name in self.models)]
+
+    def handle(self, name: str, key: ApiKey | None = None) -> ModelHandle:
+        """What a request uses of the model called `name` (or aliased so): it and its fallbacks; 404 as `resolve`."""
+        model = self.resolve(name, key)
+        return ModelHandle(model, tuple(self.chain(model)))
 
     def load_all(
         self,
