@@ -21,7 +21,8 @@ import logging
 import math
 import time
 import uuid
-from collections.abc import Callable, MutableMapping
+from collections.abc import AsyncIterator, Callable, MutableMapping
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -235,7 +236,34 @@ async def _on_model(
 ) -> tuple[np.ndarray, int, Output]:
     """The vectors (cut to `dimensions`), tokens and output of `texts` on `model`; _Failover when a fallback
     may serve instead (the model is failing, its circuit is open, or, with a fallback left, not ready)."""
-    server = gw.config.server
+    _check_can_take(model, texts, may_fail_over)
+    job = _Job(model, key, ends, gw.config.server.max_tokens_per_request)
+    with model.in_use():
+        async with _settled(job):
+            await model.ready(max(0.0, ends - time.monotonic()))
+            assert model.info is not None
+            dims = _dimensions(body.dimensions, model)
+            texts = _set_up(job, body, texts, notes, gw.loop_lag)
+            if output.kind in quantize.CALIBRATED:
+                output = Output(output.kind, output.packed, await model.ranges(dims))
+            log.debug("embedding %d texts on %r: %r", len(texts), model.name, texts)
+            if gw.cache is not None and model.identity is not None:
+                vectors, counts, cut = await _through_cache(gw.cache, job, texts, notes)
+            else:
+                vectors, counts, cut = await job.compute(texts)
+            job.charged = 0  # delivered: the charge stands
+    if job.side is not None:
+        notes.setdefault("headers", {})["X-Truncated-Inputs"] = str(sum(cut))
+    if dims is not None:
+        vectors = vectors[:, :dims]
+        if model.info.normalized:
+            vectors = l2_normalize(vectors)
+    return vectors, sum(counts), output
+
+
+def _check_can_take(model: ServedModel, texts: list[str], may_fail_over: bool) -> None:
+    """400 when `texts` would not fit the model's queue at all; _Failover when it is not ready and a fallback is
+    left (a fallback that is loaded serves now, rather than this one's load being waited for)."""
     batching = model.spec.config.batching
     if len(texts) > batching.max_queue:
         raise GatewayError(
@@ -245,67 +273,53 @@ async def _on_model(
             code="too_many_inputs",
         )
     if may_fail_over and not model.is_ready:
-        # A fallback that is loaded serves now, rather than this one's load being waited for.
-        raise _Failover(
-            GatewayError(
-                503,
-                f"model {model.name!r} is not available: {model.public_error or model.state}",
-                code="model_unavailable",
-            ),
-            "not_ready",
+        raise _Failover(model.readiness.unavailable(), "not_ready")
+
+
+def _set_up(
+    job: _Job, body: EmbeddingRequest, texts: list[str], notes: MutableMapping[str, Any], loop_lag: float
+) -> list[str]:
+    """The texts with the request's prompt in front; the job's prompt, truncation side and longest wait set."""
+    model = job.model
+    assert model.info is not None
+    texts, job.prompt, job.keep, job.side = _prepare(model, body, texts, notes)
+    if job.side is not None and not model.info.counts_tokens:
+        raise GatewayError(
+            400,
+            f"model {model.name!r} cannot truncate: its tokens are counted by its upstream, after the inputs are sent",
+            param="truncate",
+            code="truncation_not_supported",
         )
-    job = _Job(model, key, ends, server.max_tokens_per_request)
-    with model.in_use():
-        try:
-            await model.ready(max(0.0, ends - time.monotonic()))
-            assert model.info is not None
-            dims = _dimensions(body.dimensions, model)
-            texts, job.prompt, job.keep, job.side = _prepare(model, body, texts, notes)
-            if job.side is not None and not model.info.counts_tokens:
-                raise GatewayError(
-                    400,
-                    f"model {model.name!r} cannot truncate: its tokens are counted by its upstream, after "
-                    "the inputs are sent",
-                    param="truncate",
-                    code="truncation_not_supported",
-                )
-            # The event loop's own delay, paid twice (reading this request, sending its answer), comes
-            # out of the wait the model may add; never below a quarter of the limit.
-            limit = batching.max_queue_wait_ms / 1000
-            job.max_wait_s = min(max(limit - 2 * gw.loop_lag, limit / 4), ends - time.monotonic())
-            if output.kind in quantize.CALIBRATED:
-                output = Output(output.kind, output.packed, await model.ranges(dims))
-            log.debug("embedding %d texts on %r: %r", len(texts), model.name, texts)
-            if gw.cache is not None and model.identity is not None:
-                vectors, counts, cut = await _through_cache(gw.cache, job, texts, notes)
-            else:
-                vectors, counts, cut = await job.compute(texts)
-            job.charged = 0  # delivered: the charge stands
-        except QueueFull as exc:
-            record_refusal(model.name, exc.reason)
-            raise GatewayError(
-                429, str(exc), code="queue_full", headers={"Retry-After": str(exc.retry_after)}
-            ) from None
-        except BackendFailure as exc:
-            job.progress.taken_tokens = 0  # the failure was the backend's: nothing is charged
-            raise _backend_error(model, exc) from None
-        except (BatchFailed, BackendError) as exc:
-            job.progress.taken_tokens = 0  # the failure was ours: nothing is charged
-            error_id = uuid.uuid4().hex[:16]
-            log.error("request failed (error id %s): %s", error_id, exc)
-            raise GatewayError(500, f"{exc} (error id {error_id})", code=error_id) from None
-        finally:
-            # No embeddings returned (timed out, refused, failed, the client gone): what no batch took is not
-            # charged; what batches took was computed, and stays charged.
-            if job.charged and key is not None:
-                await key.refund_tokens(job.charged - job.progress.taken_tokens)
-    if job.side is not None:
-        notes.setdefault("headers", {})["X-Truncated-Inputs"] = str(sum(cut))
-    if dims is not None:
-        vectors = vectors[:, :dims]
-        if model.info.normalized:
-            vectors = l2_normalize(vectors)
-    return vectors, sum(counts), output
+    # The event loop's own delay, paid twice (reading this request, sending its answer), comes out of the wait
+    # the model may add; never below a quarter of the limit.
+    limit = model.spec.config.batching.max_queue_wait_ms / 1000
+    job.max_wait_s = min(max(limit - 2 * loop_lag, limit / 4), job.ends - time.monotonic())
+    return texts
+
+
+@asynccontextmanager
+async def _settled(job: _Job) -> AsyncIterator[None]:
+    """What a failed computation tells the client (429, 500, or the backend's own error), and the key's charge
+    settled: what no batch took is refunded unless the embeddings were delivered."""
+    model, key = job.model, job.key
+    try:
+        yield
+    except QueueFull as exc:
+        record_refusal(model.name, exc.reason)
+        raise GatewayError(429, str(exc), code="queue_full", headers={"Retry-After": str(exc.retry_after)}) from None
+    except BackendFailure as exc:
+        job.progress.taken_tokens = 0  # the failure was the backend's: nothing is charged
+        raise _backend_error(model, exc) from None
+    except (BatchFailed, BackendError) as exc:
+        job.progress.taken_tokens = 0  # the failure was ours: nothing is charged
+        error_id = uuid.uuid4().hex[:16]
+        log.error("request failed (error id %s): %s", error_id, exc)
+        raise GatewayError(500, f"{exc} (error id {error_id})", code=error_id) from None
+    finally:
+        # No embeddings returned (timed out, refused, failed, the client gone): what no batch took is not
+        # charged; what batches took was computed, and stays charged.
+        if job.charged and key is not None:
+            await key.refund_tokens(job.charged - job.progress.taken_tokens)
 
 
 def _backend_error(model: ServedModel, exc: BackendFailure) -> Exception:
