@@ -563,47 +563,20 @@ async def _tokens(
     """
     assert model.info is not None
     limit = model.max_input_tokens
-    frame = model.frame
     ids: list[list[int]] = []
     total = 0
     cut: set[int] = set()
     for start, end in _chunks(texts):
         part = await model.tokenize(texts[start:end])
         for k, one in enumerate(part, start):
-            n = len(one)
-            if n > limit:
+            if len(one) > limit:
                 if positions is not None:
                     where = f"input[{positions[k]}]"
                 else:
                     where = "input" if len(texts) == 1 else f"input[{k}]"
-                if side is None:
-                    raise GatewayError(
-                        400,
-                        f"`{where}` has {n} tokens; model {model.name!r} accepts at most {limit} tokens per input "
-                        "(set `truncate` to embed a part of it)",
-                        param=where,
-                        code="input_too_long",
-                    )
-                if not model.info.embeds_token_ids:
-                    raise GatewayError(
-                        400,
-                        f"`{where}` has {n} tokens, over the limit of {limit}, and model {model.name!r} cannot "
-                        "truncate: its backend embeds the text itself, not the token ids the gateway would cut",
-                        param="truncate",
-                        code="truncation_not_supported",
-                    )
-                fixed = frame.head + frame.tail + (keep if side == "start" else 0)
-                if limit <= fixed:
-                    raise GatewayError(
-                        400,
-                        f"`{where}` cannot be cut to {limit} tokens: its prompt takes {keep} of them",
-                        param="prompt_name",
-                        code="input_too_long",
-                    )
-                one = part[k - start] = inputs.cut(one, limit, side, frame, keep)
-                n = len(one)
+                one = part[k - start] = _cut_to_limit(model, one, where, side, keep)
                 cut.add(k)
-            total += n
+            total += len(one)
         ids.extend(part)
         if counted + total > max_total:
             so_far = "in all" if end == len(texts) else f"in its first {end} inputs"
@@ -614,6 +587,38 @@ async def _tokens(
                 code="too_many_tokens",
             )
     return ids, total, cut
+
+
+def _cut_to_limit(model: ServedModel, ids: list[int], where: str, side: inputs.Side | None, keep: int) -> list[int]:
+    """The ids of the input at `where`, over the model's limit, cut to it on `side` (keeping the first `keep`
+    tokens when cutting the start); 400 when not truncating or when the model cannot cut."""
+    assert model.info is not None
+    limit, frame, n = model.max_input_tokens, model.frame, len(ids)
+    if side is None:
+        raise GatewayError(
+            400,
+            f"`{where}` has {n} tokens; model {model.name!r} accepts at most {limit} tokens per input "
+            "(set `truncate` to embed a part of it)",
+            param=where,
+            code="input_too_long",
+        )
+    if not model.info.embeds_token_ids:
+        raise GatewayError(
+            400,
+            f"`{where}` has {n} tokens, over the limit of {limit}, and model {model.name!r} cannot "
+            "truncate: its backend embeds the text itself, not the token ids the gateway would cut",
+            param="truncate",
+            code="truncation_not_supported",
+        )
+    fixed = frame.head + frame.tail + (keep if side == "start" else 0)
+    if limit <= fixed:
+        raise GatewayError(
+            400,
+            f"`{where}` cannot be cut to {limit} tokens: its prompt takes {keep} of them",
+            param="prompt_name",
+            code="input_too_long",
+        )
+    return inputs.cut(ids, limit, side, frame, keep)
 
 
 def _chunks(texts: list[str]) -> list[tuple[int, int]]:
