@@ -379,17 +379,9 @@ class _Job:
         assert model.info is not None
         # Checked here, where work would reach the model: inputs the cache holds are answered while its
         # circuit is open, and only a request that needs the model takes the half-open state's one probe.
-        if not model.circuit.allow():
-            retry = max(1, math.ceil(model.circuit.retry_after()))
-            raise _Failover(
-                GatewayError(
-                    503,
-                    f"model {model.name!r} is failing and is not being sent requests for now; retry in {retry}s",
-                    code="circuit_open",
-                    headers={"Retry-After": str(retry)},
-                ),
-                "circuit_open",
-            )
+        refused = model.circuit_refusal()
+        if refused is not None:
+            raise _Failover(refused, "circuit_open")
         owner = self.key.name if self.key else None
         model.precheck(owner=owner, max_wait_s=self.max_wait_s)
         if not model.info.counts_tokens:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import os
 import threading
 import time
@@ -260,6 +261,19 @@ class ServedModel:
     def public_error(self) -> str | None:
         """The load error as clients may read it (see Readiness.public_error)."""
         return self.readiness.public_error
+
+    def circuit_refusal(self) -> GatewayError | None:
+        """The 503 for work while this model's circuit is open; None when work may reach it (in the half-open
+        state, the caller that gets None takes the one probe)."""
+        if self.circuit.allow():
+            return None
+        retry = max(1, math.ceil(self.circuit.retry_after()))
+        return GatewayError(
+            503,
+            f"model {self.name!r} is failing and is not being sent requests for now; retry in {retry}s",
+            code="circuit_open",
+            headers={"Retry-After": str(retry)},
+        )
 
     def _read_prompts(self, backend: Backend, info: ModelInfo) -> None:
         """The model's prompts, how its ids are framed, and each prompt's token count (in the load thread)."""
