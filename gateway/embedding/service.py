@@ -8,9 +8,10 @@ quota (429), admission and the model's batches (429 when predicted too late, 500
 past the timeout), then the Matryoshka cut, the output type and the response. Inputs already cached are
 taken from the cache and never reach the model (so they are answered while its circuit is open). A model
 that cannot serve (failing, its circuit open, or not ready while a fallback is) hands the request to its
-fallbacks, in order (`request_vectors`). With `[server] workers` > 1, a front worker hands the request to the
-runtime process at one place (`_computed`), which runs the rest there, unless the model has a copy in each
-front (`copies = "per-worker"`): then the front runs it all, with the runtime's key windows and cache.
+fallbacks, in order (`_first_served`, over the one `ModelHandle` the registry gives the request). With
+`[server] workers` > 1, a front worker hands the request to the runtime process at one place (`_computed`),
+which runs the rest there, unless the model has a copy in each front (`copies = "per-worker"`): then the front
+runs it all, with the runtime's key windows and cache.
 """
 
 from __future__ import annotations
