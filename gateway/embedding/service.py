@@ -8,9 +8,10 @@ quota (429), admission and the model's batches (429 when predicted too late, 500
 past the timeout), then the Matryoshka cut, the output type and the response. Inputs already cached are
 taken from the cache and never reach the model (so they are answered while its circuit is open). A model
 that cannot serve (failing, its circuit open, or not ready while a fallback is) hands the request to its
-fallbacks, in order (`request_vectors`). With `[server] workers` > 1, a front worker hands the request to the
-runtime process at one place (`_computed`), which runs the rest there, unless the model has a copy in each
-front (`copies = "per-worker"`): then the front runs it all, with the runtime's key windows and cache.
+fallbacks, in order (`_first_served`, over the one `ModelHandle` the registry gives the request). With
+`[server] workers` > 1, a front worker hands the request to the runtime process at one place (`_computed`),
+which runs the rest there, unless the model has a copy in each front (`copies = "per-worker"`): then the front
+runs it all, with the runtime's key windows and cache.
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ import logging
 import math
 import time
 import uuid
-from collections.abc import Callable, MutableMapping
+from collections.abc import AsyncIterator, Callable, MutableMapping
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -39,7 +41,7 @@ from gateway.runtime import inputs, quantize
 from gateway.runtime.batching import BatchFailed, Progress, QueueFull
 from gateway.runtime.hf import l2_normalize
 from gateway.runtime.link import EmbedArgs, RemoteError
-from gateway.runtime.registry import ServedModel
+from gateway.runtime.registry import ModelHandle, ServedModel
 from gateway.shared.keys import ApiKey
 
 log = logging.getLogger("gateway")
@@ -138,7 +140,8 @@ async def request_vectors(
     "headers" for the answer: the prompt applied and, when truncating, how many inputs were cut; and
     "served_by": the model that computed the vectors (the one asked for, or a fallback of it)."""
     server = gw.config.server
-    model = gw.registry.resolve(body.model, key)
+    handle = gw.registry.handle(body.model, key)
+    model = handle.model
     if key is not None and not key.may_use(model.name):
         raise GatewayError(
             403, f"this API key may not use model {body.model!r}", param="model", code="model_not_allowed"
@@ -152,34 +155,7 @@ async def request_vectors(
     ends = time.monotonic() + timeout
     try:
         async with asyncio.timeout(timeout):
-            # Failover: the model, then its fallbacks (same embedding space, checked at config load), each with
-            # its own tokenizer, limits and batches.
-            chain = gw.registry.chain(model)
-            failed: _Failover | None = None
-            for n, candidate in enumerate(chain):
-                # Each model notes its headers apart: the answer carries only the serving model's.
-                said: dict[str, Any] = {}
-                try:
-                    vectors, total, out = await _on_model(
-                        gw, candidate, body, texts, key, ends, output, said, n < len(chain) - 1
-                    )
-                except _Failover as exc:
-                    failed = failed or exc
-                    if n == len(chain) - 1:
-                        raise failed.answer(candidate if candidate is not model else None, exc) from None
-                    record_failover(candidate.name, chain[n + 1].name, exc.reason)
-                    log.warning(
-                        "model %r could not serve a request (%s); trying fallback %r",
-                        candidate.name,
-                        exc.reason,
-                        chain[n + 1].name,
-                    )
-                    continue
-                notes["served_by"] = candidate.name
-                headers = notes.setdefault("headers", {})
-                headers.update(said.get("headers", {}))
-                headers["X-Served-Model"] = candidate.name
-                break
+            vectors, total, out = await _first_served(gw, handle, body, texts, key, ends, output, notes)
     except TimeoutError:
         raise GatewayError(
             504, f"request did not finish within {timeout:g}s (model {model.name!r})", code="timeout"
@@ -187,6 +163,47 @@ async def request_vectors(
     notes["tokens"] = total
     notes["inputs"] = len(texts)
     return vectors, total, out
+
+
+async def _first_served(
+    gw: Gateway,
+    handle: ModelHandle,
+    body: EmbeddingRequest,
+    texts: list[str],
+    key: ApiKey | None,
+    ends: float,
+    output: Output,
+    notes: MutableMapping[str, Any],
+) -> tuple[np.ndarray, int, Output]:
+    """Failover: the model, then its fallbacks (same embedding space, checked at config load), each with its own
+    tokenizer, limits and batches, until one serves; `notes` get its name and headers."""
+    chain = handle.chain
+    failed: _Failover | None = None
+    for n, candidate in enumerate(chain):
+        # Each model notes its headers apart: the answer carries only the serving model's.
+        said: dict[str, Any] = {}
+        try:
+            vectors, total, out = await _on_model(
+                gw, candidate, body, texts, key, ends, output, said, n < len(chain) - 1
+            )
+        except _Failover as exc:
+            failed = failed or exc
+            if n == len(chain) - 1:
+                raise failed.answer(candidate if candidate is not handle.model else None, exc) from None
+            record_failover(candidate.name, chain[n + 1].name, exc.reason)
+            log.warning(
+                "model %r could not serve a request (%s); trying fallback %r",
+                candidate.name,
+                exc.reason,
+                chain[n + 1].name,
+            )
+            continue
+        notes["served_by"] = candidate.name
+        headers = notes.setdefault("headers", {})
+        headers.update(said.get("headers", {}))
+        headers["X-Served-Model"] = candidate.name
+        return vectors, total, out
+    raise AssertionError("the chain's last model serves or raises")
 
 
 class _Failover(Exception):
@@ -220,7 +237,34 @@ async def _on_model(
 ) -> tuple[np.ndarray, int, Output]:
     """The vectors (cut to `dimensions`), tokens and output of `texts` on `model`; _Failover when a fallback
     may serve instead (the model is failing, its circuit is open, or, with a fallback left, not ready)."""
-    server = gw.config.server
+    _check_can_take(model, texts, may_fail_over)
+    job = _Job(model, key, ends, gw.config.server.max_tokens_per_request)
+    with model.in_use():
+        async with _settled(job):
+            await model.ready(max(0.0, ends - time.monotonic()))
+            assert model.info is not None
+            dims = _dimensions(body.dimensions, model)
+            texts = _set_up(job, body, texts, notes, gw.loop_lag)
+            if output.kind in quantize.CALIBRATED:
+                output = Output(output.kind, output.packed, await model.ranges(dims))
+            log.debug("embedding %d texts on %r: %r", len(texts), model.name, texts)
+            if gw.cache is not None and model.identity is not None:
+                vectors, counts, cut = await _through_cache(gw.cache, job, texts, notes)
+            else:
+                vectors, counts, cut = await job.compute(texts)
+            job.charged = 0  # delivered: the charge stands
+    if job.side is not None:
+        notes.setdefault("headers", {})["X-Truncated-Inputs"] = str(sum(cut))
+    if dims is not None:
+        vectors = vectors[:, :dims]
+        if model.info.normalized:
+            vectors = l2_normalize(vectors)
+    return vectors, sum(counts), output
+
+
+def _check_can_take(model: ServedModel, texts: list[str], may_fail_over: bool) -> None:
+    """400 when `texts` would not fit the model's queue at all; _Failover when it is not ready and a fallback is
+    left (a fallback that is loaded serves now, rather than this one's load being waited for)."""
     batching = model.spec.config.batching
     if len(texts) > batching.max_queue:
         raise GatewayError(
@@ -230,67 +274,53 @@ async def _on_model(
             code="too_many_inputs",
         )
     if may_fail_over and not model.is_ready:
-        # A fallback that is loaded serves now, rather than this one's load being waited for.
-        raise _Failover(
-            GatewayError(
-                503,
-                f"model {model.name!r} is not available: {model.public_error or model.state}",
-                code="model_unavailable",
-            ),
-            "not_ready",
+        raise _Failover(model.readiness.unavailable(), "not_ready")
+
+
+def _set_up(
+    job: _Job, body: EmbeddingRequest, texts: list[str], notes: MutableMapping[str, Any], loop_lag: float
+) -> list[str]:
+    """The texts with the request's prompt in front; the job's prompt, truncation side and longest wait set."""
+    model = job.model
+    assert model.info is not None
+    texts, job.prompt, job.keep, job.side = _prepare(model, body, texts, notes)
+    if job.side is not None and not model.info.counts_tokens:
+        raise GatewayError(
+            400,
+            f"model {model.name!r} cannot truncate: its tokens are counted by its upstream, after the inputs are sent",
+            param="truncate",
+            code="truncation_not_supported",
         )
-    job = _Job(model, key, ends, server.max_tokens_per_request)
-    with model.in_use():
-        try:
-            await model.ready(max(0.0, ends - time.monotonic()))
-            assert model.info is not None
-            dims = _dimensions(body.dimensions, model)
-            texts, job.prompt, job.keep, job.side = _prepare(model, body, texts, notes)
-            if job.side is not None and not model.info.counts_tokens:
-                raise GatewayError(
-                    400,
-                    f"model {model.name!r} cannot truncate: its tokens are counted by its upstream, after "
-                    "the inputs are sent",
-                    param="truncate",
-                    code="truncation_not_supported",
-                )
-            # The event loop's own delay, paid twice (reading this request, sending its answer), comes
-            # out of the wait the model may add; never below a quarter of the limit.
-            limit = batching.max_queue_wait_ms / 1000
-            job.max_wait_s = min(max(limit - 2 * gw.loop_lag, limit / 4), ends - time.monotonic())
-            if output.kind in quantize.CALIBRATED:
-                output = Output(output.kind, output.packed, await model.ranges(dims))
-            log.debug("embedding %d texts on %r: %r", len(texts), model.name, texts)
-            if gw.cache is not None and model.identity is not None:
-                vectors, counts, cut = await _through_cache(gw.cache, job, texts, notes)
-            else:
-                vectors, counts, cut = await job.compute(texts)
-            job.charged = 0  # delivered: the charge stands
-        except QueueFull as exc:
-            record_refusal(model.name, exc.reason)
-            raise GatewayError(
-                429, str(exc), code="queue_full", headers={"Retry-After": str(exc.retry_after)}
-            ) from None
-        except BackendFailure as exc:
-            job.progress.taken_tokens = 0  # the failure was the backend's: nothing is charged
-            raise _backend_error(model, exc) from None
-        except (BatchFailed, BackendError) as exc:
-            job.progress.taken_tokens = 0  # the failure was ours: nothing is charged
-            error_id = uuid.uuid4().hex[:16]
-            log.error("request failed (error id %s): %s", error_id, exc)
-            raise GatewayError(500, f"{exc} (error id {error_id})", code=error_id) from None
-        finally:
-            # No embeddings returned (timed out, refused, failed, the client gone): what no batch took is not
-            # charged; what batches took was computed, and stays charged.
-            if job.charged and key is not None:
-                await key.refund_tokens(job.charged - job.progress.taken_tokens)
-    if job.side is not None:
-        notes.setdefault("headers", {})["X-Truncated-Inputs"] = str(sum(cut))
-    if dims is not None:
-        vectors = vectors[:, :dims]
-        if model.info.normalized:
-            vectors = l2_normalize(vectors)
-    return vectors, sum(counts), output
+    # The event loop's own delay, paid twice (reading this request, sending its answer), comes out of the wait
+    # the model may add; never below a quarter of the limit.
+    limit = model.spec.config.batching.max_queue_wait_ms / 1000
+    job.max_wait_s = min(max(limit - 2 * loop_lag, limit / 4), job.ends - time.monotonic())
+    return texts
+
+
+@asynccontextmanager
+async def _settled(job: _Job) -> AsyncIterator[None]:
+    """What a failed computation tells the client (429, 500, or the backend's own error), and the key's charge
+    settled: what no batch took is refunded unless the embeddings were delivered."""
+    model, key = job.model, job.key
+    try:
+        yield
+    except QueueFull as exc:
+        record_refusal(model.name, exc.reason)
+        raise GatewayError(429, str(exc), code="queue_full", headers={"Retry-After": str(exc.retry_after)}) from None
+    except BackendFailure as exc:
+        job.progress.taken_tokens = 0  # the failure was the backend's: nothing is charged
+        raise _backend_error(model, exc) from None
+    except (BatchFailed, BackendError) as exc:
+        job.progress.taken_tokens = 0  # the failure was ours: nothing is charged
+        error_id = uuid.uuid4().hex[:16]
+        log.error("request failed (error id %s): %s", error_id, exc)
+        raise GatewayError(500, f"{exc} (error id {error_id})", code=error_id) from None
+    finally:
+        # No embeddings returned (timed out, refused, failed, the client gone): what no batch took is not
+        # charged; what batches took was computed, and stays charged.
+        if job.charged and key is not None:
+            await key.refund_tokens(job.charged - job.progress.taken_tokens)
 
 
 def _backend_error(model: ServedModel, exc: BackendFailure) -> Exception:
@@ -350,17 +380,9 @@ class _Job:
         assert model.info is not None
         # Checked here, where work would reach the model: inputs the cache holds are answered while its
         # circuit is open, and only a request that needs the model takes the half-open state's one probe.
-        if not model.circuit.allow():
-            retry = max(1, math.ceil(model.circuit.retry_after()))
-            raise _Failover(
-                GatewayError(
-                    503,
-                    f"model {model.name!r} is failing and is not being sent requests for now; retry in {retry}s",
-                    code="circuit_open",
-                    headers={"Retry-After": str(retry)},
-                ),
-                "circuit_open",
-            )
+        refused = model.circuit_refusal()
+        if refused is not None:
+            raise _Failover(refused, "circuit_open")
         owner = self.key.name if self.key else None
         model.precheck(owner=owner, max_wait_s=self.max_wait_s)
         if not model.info.counts_tokens:
@@ -534,47 +556,20 @@ async def _tokens(
     """
     assert model.info is not None
     limit = model.max_input_tokens
-    frame = model.frame
     ids: list[list[int]] = []
     total = 0
     cut: set[int] = set()
     for start, end in _chunks(texts):
         part = await model.tokenize(texts[start:end])
         for k, one in enumerate(part, start):
-            n = len(one)
-            if n > limit:
+            if len(one) > limit:
                 if positions is not None:
                     where = f"input[{positions[k]}]"
                 else:
                     where = "input" if len(texts) == 1 else f"input[{k}]"
-                if side is None:
-                    raise GatewayError(
-                        400,
-                        f"`{where}` has {n} tokens; model {model.name!r} accepts at most {limit} tokens per input "
-                        "(set `truncate` to embed a part of it)",
-                        param=where,
-                        code="input_too_long",
-                    )
-                if not model.info.embeds_token_ids:
-                    raise GatewayError(
-                        400,
-                        f"`{where}` has {n} tokens, over the limit of {limit}, and model {model.name!r} cannot "
-                        "truncate: its backend embeds the text itself, not the token ids the gateway would cut",
-                        param="truncate",
-                        code="truncation_not_supported",
-                    )
-                fixed = frame.head + frame.tail + (keep if side == "start" else 0)
-                if limit <= fixed:
-                    raise GatewayError(
-                        400,
-                        f"`{where}` cannot be cut to {limit} tokens: its prompt takes {keep} of them",
-                        param="prompt_name",
-                        code="input_too_long",
-                    )
-                one = part[k - start] = inputs.cut(one, limit, side, frame, keep)
-                n = len(one)
+                one = part[k - start] = _cut_to_limit(model, one, where, side, keep)
                 cut.add(k)
-            total += n
+            total += len(one)
         ids.extend(part)
         if counted + total > max_total:
             so_far = "in all" if end == len(texts) else f"in its first {end} inputs"
@@ -585,6 +580,38 @@ async def _tokens(
                 code="too_many_tokens",
             )
     return ids, total, cut
+
+
+def _cut_to_limit(model: ServedModel, ids: list[int], where: str, side: inputs.Side | None, keep: int) -> list[int]:
+    """The ids of the input at `where`, over the model's limit, cut to it on `side` (keeping the first `keep`
+    tokens when cutting the start); 400 when not truncating or when the model cannot cut."""
+    assert model.info is not None
+    limit, frame, n = model.max_input_tokens, model.frame, len(ids)
+    if side is None:
+        raise GatewayError(
+            400,
+            f"`{where}` has {n} tokens; model {model.name!r} accepts at most {limit} tokens per input "
+            "(set `truncate` to embed a part of it)",
+            param=where,
+            code="input_too_long",
+        )
+    if not model.info.embeds_token_ids:
+        raise GatewayError(
+            400,
+            f"`{where}` has {n} tokens, over the limit of {limit}, and model {model.name!r} cannot "
+            "truncate: its backend embeds the text itself, not the token ids the gateway would cut",
+            param="truncate",
+            code="truncation_not_supported",
+        )
+    fixed = frame.head + frame.tail + (keep if side == "start" else 0)
+    if limit <= fixed:
+        raise GatewayError(
+            400,
+            f"`{where}` cannot be cut to {limit} tokens: its prompt takes {keep} of them",
+            param="prompt_name",
+            code="input_too_long",
+        )
+    return inputs.cut(ids, limit, side, frame, keep)
 
 
 def _chunks(texts: list[str]) -> list[tuple[int, int]]:

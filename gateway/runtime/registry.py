@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import enum
 import logging
+import math
 import os
-import re
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -25,13 +23,12 @@ from gateway.base.config import ConfigError, GatewayConfig, ModelConfig, convert
 from gateway.base.errors import GatewayError
 from gateway.plugin import Backend, BackendError, ModelInfo, Placement, check_info
 from gateway.runtime import hf, quantize
-from gateway.runtime.batching import Batcher, Progress
+from gateway.runtime.batching import Batcher
+from gateway.runtime.calibration import Calibration
 from gateway.runtime.inputs import Frame, prompt_length
 from gateway.runtime.placement import DEFAULT, InProcess
+from gateway.runtime.readiness import ModelState, Readiness
 
-# An absolute path inside a message: from a slash at the start or after a space or quote, to the next space,
-# quote or end.
-_ABSOLUTE_PATH = re.compile(r"(?<![\w.])/[^\s'\"`,;]+")
 # Requests up to this many characters are tokenized on the event loop (local tokenizers only): tens of
 # microseconds for the fast tokenizers, less than the hand-off to a thread and back.
 _INLINE_CHARS = 2000
@@ -41,13 +38,6 @@ if TYPE_CHECKING:
 
 #: Called after each backend batch: (model, inputs, tokens, seconds).
 BatchObserver = Callable[[str, int, int, float], None]
-
-
-class ModelState(enum.StrEnum):
-    LOADING = "loading"
-    READY = "ready"
-    FAILED = "failed"
-    UNLOADED = "unloaded"
 
 
 log = logging.getLogger("gateway.registry")
@@ -86,23 +76,9 @@ def build_specs(
     a front's specs (its `copies = "per-worker"` models get their share of the cores).
     """
     specs: dict[str, ModelSpec] = {}
-    broken = broken or {}
     placements = placements or {DEFAULT: InProcess}
     for name, model in config.models.items():
-        cls = backends.get(model.backend)
-        if cls is None:
-            available = ", ".join(sorted(backends)) or "none installed"
-            hint = (
-                f"; plugin {model.backend!r} failed to import: {broken[model.backend]}"
-                if model.backend in broken
-                else ""
-            )
-            raise ConfigError(
-                f"{where}: `$.models.{name}.backend`: unknown backend {model.backend!r} (available: {available}){hint}"
-            )
-        if (model.path is None) == cls.uses_path:
-            need = "needs a model path" if cls.uses_path else "takes no path (see its options)"
-            raise ConfigError(f"{where}: `$.models.{name}.path`: backend {model.backend!r} {need}")
+        cls = _backend_of(name, model, backends, broken or {}, where)
         options = convert_at(model.options, cls.Options, f"$.models.{name}.options", where)
         if model.copies == "per-worker" and cls.per_worker_refused is not None:
             raise ConfigError(
@@ -111,11 +87,7 @@ def build_specs(
             )
         cores = max(1, (os.cpu_count() or 1) // workers) if workers > 1 and model.copies == "per-worker" else None
         cached = config.cache.store != "off" and model.cache
-        placement, table = (DEFAULT, None) if model.ray is None else ("ray", model.ray)
-        placement_cls = placements.get(placement)
-        if placement_cls is None:
-            raise ConfigError(f"{where}: `$.models.{name}.{placement}`: no placement plugin {placement!r} is installed")
-        placement_options = convert_at(table or {}, placement_cls.Options, f"$.models.{name}.{placement}", where)
+        placement_cls, placement_options = _placement_of(name, model, placements, where)
         specs[name] = ModelSpec(
             name=name,
             config=model,
@@ -127,6 +99,36 @@ def build_specs(
             cores=cores,
         )
     return specs
+
+
+def _backend_of(
+    name: str, model: ModelConfig, backends: Mapping[str, type[Backend]], broken: Mapping[str, str], where: str
+) -> type[Backend]:
+    """The backend class `model` names, installed and given a path exactly when it takes one."""
+    cls = backends.get(model.backend)
+    if cls is None:
+        available = ", ".join(sorted(backends)) or "none installed"
+        hint = (
+            f"; plugin {model.backend!r} failed to import: {broken[model.backend]}" if model.backend in broken else ""
+        )
+        raise ConfigError(
+            f"{where}: `$.models.{name}.backend`: unknown backend {model.backend!r} (available: {available}){hint}"
+        )
+    if (model.path is None) == cls.uses_path:
+        need = "needs a model path" if cls.uses_path else "takes no path (see its options)"
+        raise ConfigError(f"{where}: `$.models.{name}.path`: backend {model.backend!r} {need}")
+    return cls
+
+
+def _placement_of(
+    name: str, model: ModelConfig, placements: Mapping[str, type[Placement]], where: str
+) -> tuple[type[Placement], Any]:
+    """Where `model`'s batches run (its `ray` table, else in-process) and that placement's validated options."""
+    placement, table = (DEFAULT, None) if model.ray is None else ("ray", model.ray)
+    placement_cls = placements.get(placement)
+    if placement_cls is None:
+        raise ConfigError(f"{where}: `$.models.{name}.{placement}`: no placement plugin {placement!r} is installed")
+    return placement_cls, convert_at(table or {}, placement_cls.Options, f"$.models.{name}.{placement}", where)
 
 
 def configured_prompts(config: ModelConfig) -> tuple[dict[str, str], str | None]:
@@ -150,17 +152,15 @@ def check_paths(specs: Mapping[str, ModelSpec]) -> list[str]:
 
 @dataclass(eq=False)
 class ServedModel:
-    """One configured model and its lifecycle."""
+    """One configured model and its lifecycle: loading, serving its batches, retiring on reload (its
+    readiness and its int8/uint8 calibration are parts of their own)."""
 
     spec: ModelSpec
     on_batch: BatchObserver | None = None
-    state: ModelState = ModelState.LOADING
-    error: str | None = None
     backend: Backend | None = None
     info: ModelInfo | None = None
     batcher: Batcher | None = None
     created: int = field(default_factory=lambda: int(time.time()))
-    _loaded: threading.Event = field(default_factory=threading.Event)
     # One tokenizer thread per model for large requests, and for every request of a backend without
     # `local_tokenizer`: such tokenizers need not be safe for concurrent use.
     _tokenize: ThreadPoolExecutor | None = None
@@ -171,13 +171,11 @@ class ServedModel:
     # The special tokens around each input's ids (truncation keeps them), and each prompt's own token count.
     frame: Frame = field(default_factory=lambda: Frame(head=0, tail=0))
     prompt_tokens: dict[str, int] = field(default_factory=dict)
-    # int8/uint8 calibration: the corpus's full vectors once computed, and the ranges per output size.
-    _calibration: np.ndarray | None = None
-    _calibrating: asyncio.Future[np.ndarray] | None = None
-    _ranges: dict[int, quantize.Ranges] = field(default_factory=dict)
     # The cache's name for this model (digest.identity): None when its inputs are not cached.
     identity: bytes | None = None
     circuit: CircuitBreaker = field(init=False)
+    readiness: Readiness = field(init=False)
+    calibration: Calibration = field(init=False)
     #: Loaded by other processes, never here (with `[server] workers` > 1: a per-worker model at the runtime
     #: process, a shared one at a front worker): this entry only describes it.
     elsewhere: bool = False
@@ -185,19 +183,26 @@ class ServedModel:
     def __post_init__(self) -> None:
         c = self.spec.config.circuit
         self.circuit = CircuitBreaker(self.spec.name, c.failures, c.open_s)
+        self.readiness = Readiness(self.spec.name)
+        self.calibration = Calibration(self, self.spec.config, self.readiness)
 
     @property
     def name(self) -> str:
         return self.spec.name
 
     @property
+    def state(self) -> ModelState:
+        return self.readiness.state
+
+    @property
+    def error(self) -> str | None:
+        """Why the load failed, as the server's log has it."""
+        return self.readiness.error
+
+    @property
     def max_input_tokens(self) -> int:
         assert self.info is not None
-        return self._limit(self.info)
-
-    def _limit(self, info: ModelInfo) -> int:
-        configured = self.spec.config.max_input_tokens
-        return min(info.max_input_tokens, configured) if configured else info.max_input_tokens
+        return _limit(self.spec, self.info)
 
     @property
     def replicas(self) -> tuple[int, int] | None:
@@ -209,61 +214,20 @@ class ServedModel:
         spec = self.spec
         started = time.perf_counter()
         try:
-            if spec.config.path is not None and not Path(spec.config.path).exists():
-                raise BackendError(f"model path {spec.config.path} does not exist")
-            # A front worker's copy gets its share of the cores; the cache's identity keeps the configured options.
-            options = spec.options if spec.cores is None else spec.backend_cls.within_cores(spec.options, spec.cores)
-            backend = spec.placement_cls(spec.placement_options).place(
-                spec.backend_cls,
-                model=spec.name,
-                path=spec.config.path or "",
-                options=options,
-                trust_remote_code=spec.config.trust_remote_code,
-            )
-            loaded = backend.load()
-            try:
-                info = check_info(backend, loaded)
-            except BackendError:
-                backend.close()
-                raise
-            dims = spec.config.matryoshka_dimensions or []
-            too_big = [d for d in dims if d > info.dimension]
-            if too_big:
-                backend.close()
-                raise BackendError(f"matryoshka_dimensions {too_big} exceed the model's dimension {info.dimension}")
-            configured = spec.config.max_input_tokens
-            if configured and configured > info.max_input_tokens:
-                log.warning(
-                    "model %r: max_input_tokens = %d is above the model's own limit %d; using %d",
-                    spec.name,
-                    configured,
-                    info.max_input_tokens,
-                    info.max_input_tokens,
-                )
+            backend = _placed(spec)
+            info = _checked_info(spec, backend, backend.load())
             try:
                 self._read_prompts(backend, info)
                 if spec.cached:
                     self.identity = digest.identity(
-                        spec.config.backend, spec.options, backend.fingerprint(), self._limit(info)
+                        spec.config.backend, spec.options, backend.fingerprint(), _limit(spec, info)
                     )
             except Exception:
                 backend.close()
                 raise
-            b = spec.config.batching
-            self.batcher = Batcher(
-                backend,
-                info,
-                model=spec.name,
-                max_batch_size=b.max_batch_size,
-                max_batch_tokens=b.max_batch_tokens,
-                max_wait_ms=b.max_wait_ms,
-                return_wait=b.return_wait,
-                max_queue=b.max_queue,
-                on_batch=self.on_batch,
-                circuit=self.circuit,
-            )
+            self.batcher = _batcher(spec, backend, info, self.on_batch, self.circuit)
             self._tokenize = ThreadPoolExecutor(1, thread_name_prefix=f"tokenize-{spec.name}")
-            self.backend, self.info, self.state = backend, info, ModelState.READY
+            self.backend, self.info, self.readiness.state = backend, info, ModelState.READY
             log.info(
                 "model %r ready (%s, dim %d, max %d tokens) in %.1fs",
                 spec.name,
@@ -274,20 +238,42 @@ class ServedModel:
             )
         except Exception as exc:  # a broken model must not take the others down
             reason = str(exc) if isinstance(exc, BackendError) else f"{type(exc).__name__}: {exc}"
-            self.state, self.error = ModelState.FAILED, reason
+            self.readiness.failed(reason)
             log.error("model %r failed to load: %s", spec.name, reason, exc_info=not isinstance(exc, BackendError))
         finally:
-            self._loaded.set()
+            self.readiness.finished()
 
     def skip(self) -> None:
         """Never load this model here (see `elsewhere`): it stays `loading`, and retiring it waits for nothing."""
         self.elsewhere = True
-        self._loaded.set()
+        self.readiness.finished()
 
     @property
     def is_ready(self) -> bool:
         """Loaded and serving now (no waiting)."""
-        return self._loaded.is_set() and self.state == ModelState.READY
+        return self.readiness.is_ready
+
+    async def ready(self, timeout: float) -> None:
+        """Wait for the load to finish; 503 if it failed or is still running after `timeout`."""
+        await self.readiness.ready(timeout)
+
+    @property
+    def public_error(self) -> str | None:
+        """The load error as clients may read it (see Readiness.public_error)."""
+        return self.readiness.public_error
+
+    def circuit_refusal(self) -> GatewayError | None:
+        """The 503 for work while this model's circuit is open; None when work may reach it (in the half-open
+        state, the caller that gets None takes the one probe)."""
+        if self.circuit.allow():
+            return None
+        retry = max(1, math.ceil(self.circuit.retry_after()))
+        return GatewayError(
+            503,
+            f"model {self.name!r} is failing and is not being sent requests for now; retry in {retry}s",
+            code="circuit_open",
+            headers={"Retry-After": str(retry)},
+        )
 
     def _read_prompts(self, backend: Backend, info: ModelInfo) -> None:
         """The model's prompts, how its ids are framed, and each prompt's token count (in the load thread)."""
@@ -309,110 +295,12 @@ class ServedModel:
             return []
 
     async def ranges(self, dims: int | None) -> quantize.Ranges:
-        """int8/uint8 ranges for vectors cut to `dims` (None: whole), from the calibration corpus embedded
-        once by this model (the first request that needs them waits for it; later ones share it)."""
-        assert self.info is not None
-        size = dims or self.info.dimension
-        found = self._ranges.get(size)
-        if found is not None:
-            return found
-        if self._calibration is None:
-            loop = asyncio.get_running_loop()
-            if self._calibrating is None or self._calibrating.get_loop() is not loop:
-                self._calibrating = loop.create_task(self._calibrate())
-            # Shielded: a request that times out must not cancel the calibration others wait for.
-            try:
-                self._calibration = await asyncio.shield(self._calibrating)
-            except Exception:
-                self._calibrating = None  # the next request tries again
-                raise
-        vectors = self._calibration[:, :size]
-        if size != self.info.dimension and self.info.normalized:
-            vectors = hf.l2_normalize(vectors)
-        ranges = self._ranges[size] = quantize.Ranges.fit(vectors)
-        return ranges
-
-    async def calibrate_now(self) -> None:
-        """Compute the int8/uint8 ranges now (`calibrate = "load"`): every size this model serves. A failure
-        is logged; the first request that needs the ranges tries again."""
-        assert self.info is not None
-        sizes = [None, *(self.spec.config.matryoshka_dimensions or [])]
-        try:
-            for size in sizes:
-                await self.ranges(size)
-        except Exception as exc:
-            if self.state == ModelState.READY:
-                log.warning("model %r: calibration at load failed (%s); int8/uint8 requests will retry", self.name, exc)
+        """int8/uint8 ranges for vectors cut to `dims` (None: whole); see Calibration.ranges."""
+        return await self.calibration.ranges(dims)
 
     def calibrate_in_background(self, loop: asyncio.AbstractEventLoop) -> None:
-        """From any thread: start `calibrate_now` on `loop` when the model is ready and configured for it."""
-        if self.state == ModelState.READY and self.spec.config.calibrate == "load":
-            with contextlib.suppress(RuntimeError):  # the loop closed while this model loaded: shutting down
-                asyncio.run_coroutine_threadsafe(self.calibrate_now(), loop)
-
-    async def _calibrate(self) -> np.ndarray:
-        texts = quantize.calibration_texts(self.spec.config.calibration_corpus)
-        assert self.info is not None
-        if not self.info.counts_tokens:
-            return await self._calibration_vectors(texts, [[] for _ in texts], self.estimate(texts))
-        ids = await self.tokenize(texts)
-        fits = [i for i, one in enumerate(ids) if len(one) <= self.max_input_tokens]
-        if not fits:
-            raise BackendError(f"model {self.name!r}: no text of the calibration corpus fits its token limit")
-        log.info("model %r: embedding %d calibration texts for int8/uint8", self.name, len(fits))
-        return await self._calibration_vectors([texts[i] for i in fits], [ids[i] for i in fits], None)
-
-    async def _calibration_vectors(self, texts: list[str], ids: list[list[int]], sizes: list[int] | None) -> np.ndarray:
-        """The corpus's vectors, sent to the batcher one batch-sized piece at a time as background work: it
-        never takes the queue room clients need (whatever `max_queue` is), and runs only while no client
-        input waits."""
-        assert self.batcher is not None
-        step = self.batcher.max_batch_size
-        parts = []
-        for start in range(0, len(texts), step):
-            end = start + step
-            parts.append(
-                await self.embed(
-                    texts[start:end],
-                    ids[start:end],
-                    owner="(calibration)",
-                    progress=Progress(),
-                    sizes=sizes[start:end] if sizes is not None else None,
-                    background=True,
-                )
-            )
-        return np.concatenate(parts)
-
-    async def ready(self, timeout: float) -> None:
-        """Wait for the load to finish; 503 if it failed or is still running after `timeout`."""
-        if not self._loaded.is_set():
-            # Polled, not waited on in a thread: a crowd of early requests must not hold the executor.
-            deadline = time.monotonic() + timeout
-            while not self._loaded.is_set() and time.monotonic() < deadline:
-                await asyncio.sleep(0.05)
-            if not self._loaded.is_set():
-                raise GatewayError(
-                    503,
-                    f"model {self.name!r} is still loading; retry shortly",
-                    code="model_loading",
-                    headers={"Retry-After": "5"},
-                )
-        if self.state != ModelState.READY:
-            raise GatewayError(
-                503,
-                f"model {self.name!r} is not available: {self.public_error or self.state}",
-                code="model_unavailable",
-            )
-
-    @property
-    def public_error(self) -> str | None:
-        """The load error as clients may read it: file system paths cut to their last part (the server's
-        log has them whole)."""
-        return (
-            _ABSOLUTE_PATH.sub(lambda m: ".../" + m.group(0).rstrip("/").rsplit("/", 1)[-1], self.error)
-            if self.error
-            else None
-        )
+        """From any thread: start calibrating on `loop` when the model is ready and configured for it."""
+        self.calibration.in_background(loop)
 
     @contextmanager
     def in_use(self) -> Iterator[None]:
@@ -425,7 +313,7 @@ class ServedModel:
 
     def retire(self, grace_s: float) -> None:
         """Close once loaded and no request uses it any more (blocking: run it in its own thread)."""
-        self._loaded.wait()
+        self.readiness.wait()
         deadline = time.monotonic() + grace_s
         while self.inflight and time.monotonic() < deadline:
             time.sleep(0.05)
@@ -471,7 +359,81 @@ class ServedModel:
                 self.backend.close()
             except Exception:
                 log.exception("closing model %r", self.name)
-        self.state = ModelState.UNLOADED
+        self.readiness.state = ModelState.UNLOADED
+
+
+def _limit(spec: ModelSpec, info: ModelInfo) -> int:
+    """The model's tokens per input: its own limit, or the configured one when lower."""
+    configured = spec.config.max_input_tokens
+    return min(info.max_input_tokens, configured) if configured else info.max_input_tokens
+
+
+def _placed(spec: ModelSpec) -> Backend:
+    """The model's backend, constructed where its placement runs it (not loaded yet)."""
+    if spec.config.path is not None and not Path(spec.config.path).exists():
+        raise BackendError(f"model path {spec.config.path} does not exist")
+    # A front worker's copy gets its share of the cores; the cache's identity keeps the configured options.
+    options = spec.options if spec.cores is None else spec.backend_cls.within_cores(spec.options, spec.cores)
+    return spec.placement_cls(spec.placement_options).place(
+        spec.backend_cls,
+        model=spec.name,
+        path=spec.config.path or "",
+        options=options,
+        trust_remote_code=spec.config.trust_remote_code,
+    )
+
+
+def _checked_info(spec: ModelSpec, backend: Backend, loaded: ModelInfo) -> ModelInfo:
+    """What the loaded backend said of itself, checked against the model's config (the backend is closed when
+    it does not fit)."""
+    try:
+        info = check_info(backend, loaded)
+    except BackendError:
+        backend.close()
+        raise
+    dims = spec.config.matryoshka_dimensions or []
+    too_big = [d for d in dims if d > info.dimension]
+    if too_big:
+        backend.close()
+        raise BackendError(f"matryoshka_dimensions {too_big} exceed the model's dimension {info.dimension}")
+    configured = spec.config.max_input_tokens
+    if configured and configured > info.max_input_tokens:
+        log.warning(
+            "model %r: max_input_tokens = %d is above the model's own limit %d; using %d",
+            spec.name,
+            configured,
+            info.max_input_tokens,
+            info.max_input_tokens,
+        )
+    return info
+
+
+def _batcher(
+    spec: ModelSpec, backend: Backend, info: ModelInfo, on_batch: BatchObserver | None, circuit: CircuitBreaker
+) -> Batcher:
+    """The model's batches, as its `[batching]` table configures them."""
+    b = spec.config.batching
+    return Batcher(
+        backend,
+        info,
+        model=spec.name,
+        max_batch_size=b.max_batch_size,
+        max_batch_tokens=b.max_batch_tokens,
+        max_wait_ms=b.max_wait_ms,
+        return_wait=b.return_wait,
+        max_queue=b.max_queue,
+        on_batch=on_batch,
+        circuit=circuit,
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class ModelHandle:
+    """One request's model, taken from the registry once: the model asked for, then its configured fallbacks in
+    order (a reload that swaps the registry meanwhile does not change what the request uses)."""
+
+    model: ServedModel
+    chain: tuple[ServedModel, ...]
 
 
 class Registry:
@@ -523,6 +485,11 @@ class Registry:
     def chain(self, model: ServedModel) -> list[ServedModel]:
         """`model` and then its configured fallbacks, in order."""
         return [model, *(self.models[name] for name in model.spec.config.fallbacks if name in self.models)]
+
+    def handle(self, name: str, key: ApiKey | None = None) -> ModelHandle:
+        """What a request uses of the model called `name` (or aliased so): it and its fallbacks; 404 as `resolve`."""
+        model = self.resolve(name, key)
+        return ModelHandle(model, tuple(self.chain(model)))
 
     def load_all(
         self,
