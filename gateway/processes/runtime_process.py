@@ -348,7 +348,8 @@ async def run(gw: Gateway, socket_path: str, workers: int) -> None:
     """Load the models, answer the fronts until SIGTERM/SIGINT (or the supervisor's exit), then drain."""
     loop = asyncio.get_running_loop()
     runtime = RuntimeServer(gw, workers)
-    gw.copies, gw.prepare_fronts, gw.abort_fronts = runtime.copies, runtime.prepare_fronts, runtime.abort_fronts
+    gw.copies = runtime.copies
+    gw.reloader.prepare_fronts, gw.reloader.abort_fronts = runtime.prepare_fronts, runtime.abort_fronts
     gw.registry.load_all(loop, here=gw.here)
     for name, model in gw.registry.models.items():
         if model.elsewhere:
