@@ -82,29 +82,7 @@ class RuntimeServer:
         try:
             while True:
                 call = _CALL.decode(await read_frame(reader))
-                if call.op == "hello":
-                    self.fronts[id(writer)] = msgspec.msgpack.decode(call.args, type=int)
-                    # The answer tells the front that a live runtime took its connection (see RuntimeLink).
-                    writer.write(frame(Reply(0, True, msgspec.Raw(_ENCODER.encode(os.getpid())))))
-                    continue
-                if call.op == "states":
-                    self.states[id(writer)] = msgspec.msgpack.decode(call.args, type=dict[str, str])
-                    continue
-                if call.op == "pushed":
-                    answer = msgspec.msgpack.decode(call.args, type=Pushed)
-                    waiting = self._pushes.pop(answer.n, None)
-                    if waiting is not None and not waiting[1].done():
-                        waiting[1].set_result(answer)
-                    continue
-                if call.op == "cache_put":
-                    # Not answered (the front does not wait): stored before any later call of this front runs.
-                    if self.gw.cache is not None:
-                        self.gw.cache.store.put_many(msgspec.msgpack.decode(call.args, type=list[tuple[bytes, bytes]]))
-                    continue
-                if call.op == "cancel":
-                    task = mine.get(msgspec.msgpack.decode(call.args, type=int))
-                    if task is not None:
-                        task.cancel()
+                if self._note(call, writer, mine):
                     continue
                 task = asyncio.get_running_loop().create_task(self._answer(call, writer))
                 mine[call.id] = task
@@ -115,17 +93,47 @@ class RuntimeServer:
         except msgspec.DecodeError as exc:
             log.error("runtime link: undecodable call from a front (%s); closing its connection", exc)
         finally:
-            self.writers.discard(writer)
-            self.fronts.pop(id(writer), None)
-            self.states.pop(id(writer), None)
-            for n, (w, future) in list(self._pushes.items()):
-                if w is writer:
-                    del self._pushes[n]
-                    if not future.done():
-                        future.cancel()
-            for task in list(mine.values()):
+            self._forget(writer, mine)
+
+    def _note(self, call: Call, writer: asyncio.StreamWriter, mine: dict[int, asyncio.Task[None]]) -> bool:
+        """Take in a front's message that is not a call to answer (its hello, its copies' states, its answer to a
+        push, a cache write, a cancel); False for a call."""
+        if call.op == "hello":
+            self.fronts[id(writer)] = msgspec.msgpack.decode(call.args, type=int)
+            # The answer tells the front that a live runtime took its connection (see RuntimeLink).
+            writer.write(frame(Reply(0, True, msgspec.Raw(_ENCODER.encode(os.getpid())))))
+        elif call.op == "states":
+            self.states[id(writer)] = msgspec.msgpack.decode(call.args, type=dict[str, str])
+        elif call.op == "pushed":
+            answer = msgspec.msgpack.decode(call.args, type=Pushed)
+            waiting = self._pushes.pop(answer.n, None)
+            if waiting is not None and not waiting[1].done():
+                waiting[1].set_result(answer)
+        elif call.op == "cache_put":
+            # Not answered (the front does not wait): stored before any later call of this front runs.
+            if self.gw.cache is not None:
+                self.gw.cache.store.put_many(msgspec.msgpack.decode(call.args, type=list[tuple[bytes, bytes]]))
+        elif call.op == "cancel":
+            task = mine.get(msgspec.msgpack.decode(call.args, type=int))
+            if task is not None:
                 task.cancel()
-            writer.close()
+        else:
+            return False
+        return True
+
+    def _forget(self, writer: asyncio.StreamWriter, mine: dict[int, asyncio.Task[None]]) -> None:
+        """A front's connection ended: drop what it registered, cancel the pushes it owed and its calls, close it."""
+        self.writers.discard(writer)
+        self.fronts.pop(id(writer), None)
+        self.states.pop(id(writer), None)
+        for n, (w, future) in list(self._pushes.items()):
+            if w is writer:
+                del self._pushes[n]
+                if not future.done():
+                    future.cancel()
+        for task in list(mine.values()):
+            task.cancel()
+        writer.close()
 
     async def _answer(self, call: Call, writer: asyncio.StreamWriter) -> None:
         notes: dict[str, Any] = {}
