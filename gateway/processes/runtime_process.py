@@ -258,6 +258,19 @@ async def run(gw: Gateway, socket_path: str, workers: int) -> None:
     generation = Generation(generation_path(socket_path))
     generation.bump()
     gw.on_reload.append(generation.bump)
+    _reload_on_sighup(gw, loop)
+    watch = loop.create_task(_stop_when_orphaned(stop, os.getppid()))
+    try:
+        await _serve(runtime, socket_path, stop)
+    finally:
+        for task in (lag, watch):
+            task.cancel()
+        await loop.run_in_executor(None, gw.registry.close)
+        await gw.close_shared()
+
+
+def _reload_on_sighup(gw: Gateway, loop: asyncio.AbstractEventLoop) -> None:
+    """Reload the config on SIGHUP (the supervisor passes its SIGHUP on to this process)."""
     reloads: set[asyncio.Task[Any]] = set()
 
     async def reload() -> None:
@@ -267,22 +280,23 @@ async def run(gw: Gateway, socket_path: str, workers: int) -> None:
             log.error("reload refused, the running config is kept: %s", exc)
 
     def sighup() -> None:
-        # The supervisor passes its SIGHUP on to this process.
         task = loop.create_task(reload())
         reloads.add(task)
         task.add_done_callback(reloads.discard)
 
     loop.add_signal_handler(signal.SIGHUP, sighup)
-    parent = os.getppid()
 
-    async def orphaned() -> None:
-        # The supervisor killed outright: nobody will stop this process, so it stops itself.
-        while os.getppid() == parent:
-            await asyncio.sleep(1.0)
-        log.warning("runtime process: the supervisor is gone; stopping")
-        stop.set()
 
-    watch = loop.create_task(orphaned())
+async def _stop_when_orphaned(stop: asyncio.Event, parent: int) -> None:
+    """The supervisor (`parent`) killed outright: nobody will stop this process, so it stops itself."""
+    while os.getppid() == parent:
+        await asyncio.sleep(1.0)
+    log.warning("runtime process: the supervisor is gone; stopping")
+    stop.set()
+
+
+async def _serve(runtime: RuntimeServer, socket_path: str, stop: asyncio.Event) -> None:
+    """Answer the fronts on `socket_path` until `stop` is set, then until they have gone (their drain)."""
     with contextlib.suppress(FileNotFoundError):
         os.unlink(socket_path)  # left by a runtime process that died: this one takes its place
     server = await asyncio.start_unix_server(runtime.connection, socket_path, limit=1 << 30)
@@ -293,11 +307,7 @@ async def run(gw: Gateway, socket_path: str, workers: int) -> None:
         # No new front from here; those connected are answered until they have gone (their drain).
         server.close()
         log.info("runtime process %d stopping: answering the fronts until they have gone", os.getpid())
-        await runtime.drain(gw.config.server.request_timeout_s)
-        for task in (lag, watch):
-            task.cancel()
-        await loop.run_in_executor(None, gw.registry.close)
-        await gw.close_shared()
+        await runtime.drain(runtime.gw.config.server.request_timeout_s)
 
 
 def main() -> int:
