@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable, Iterator, Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Mapping
 
-import msgspec
-
-from gateway.base.config import ConfigError, GatewayConfig, load_config
+from gateway.base.config import GatewayConfig
 from gateway.base.observability import ModelStatus
 from gateway.base.schemas import ReloadResult
 from gateway.embedding.cache import Cache, MemoryStore
+from gateway.embedding.reload import Reloader
 from gateway.plugin import Backend, Placement
 from gateway.runtime.link import LinkStore, LinkWindow, RuntimeLink
 from gateway.runtime.registry import BatchObserver, ModelSpec, ModelState, Registry, ServedModel, build_specs
@@ -20,23 +18,6 @@ from gateway.shared.keys import KeyStore
 from gateway.shared.redis_state import RedisLink, RedisStore
 
 log = logging.getLogger("gateway")
-
-# [server] settings fixed when the server starts (the others follow a reload).
-_RESTART_FIELDS = (
-    "host",
-    "port",
-    "max_body_bytes",
-    "access_log",
-    "log_level",
-    # uvicorn's settings (gateway/server.py), fixed when it starts.
-    "header_timeout_s",
-    "send_timeout_s",
-    "keep_alive_s",
-    "max_connections",
-    "max_header_bytes",
-    # The process layout (gateway/workers.py).
-    "workers",
-)
 
 
 def _cache(config: GatewayConfig, redis: RedisLink | None, link: RuntimeLink | None) -> Cache | None:
@@ -56,7 +37,8 @@ class Gateway:
     """Everything a request needs.
 
     `config`, `keys` and `registry` are replaced whole on reload (one assignment each, on the event loop),
-    so a request sees either the old or the new set, never a mix within one lookup.
+    so a request sees either the old or the new set, never a mix within one lookup (`reloader`,
+    gateway/embedding/reload.py, does it).
     """
 
     def __init__(
@@ -97,9 +79,8 @@ class Gateway:
         self.redis = RedisLink(config.redis, lag=lambda: self.loop_lag) if shared and config.redis else None
         self.cache = _cache(config, self.redis, link)
         self.keys = KeyStore()
-        self.keys = self._keys_for(config)
-        self.registry = Registry(self._specs(config), on_batch=on_batch)
-        self._reload_lock = asyncio.Lock()
+        self.keys = self.keys_for(config)
+        self.registry = Registry(self.specs_for(config), on_batch=on_batch)
         #: Called after each reload that took effect (say, to describe the new models in the API schema).
         self.on_reload: list[Callable[[], None]] = []
         #: How late the event loop runs what is due (seconds; see watch_loop_lag): a request waits about
@@ -108,12 +89,8 @@ class Gateway:
         #: The runtime process: how many fronts have their copy of a per-worker model ready, of how many, and
         #: whether one failed (gateway/runtime_process.py sets it).
         self.copies: Callable[[str], tuple[int, int, bool]] | None = None
-        #: The runtime process: has every front load the new config's per-worker copies before a reload swaps
-        #: (their load failures, by model), and tells them to drop those when the reload does not happen.
-        self.prepare_fronts: Callable[[GatewayConfig], Awaitable[dict[str, str]]] | None = None
-        self.abort_fronts: Callable[[], None] | None = None
-        # A front: the registry a reload prepared, put in service when the runtime's generation moves.
-        self._pending: _Pending | None = None
+        #: Builds the next config's keys and models and swaps them in (a reload; at a front, prepare and swap).
+        self.reloader = Reloader(self)
 
     def here(self, spec: ModelSpec) -> bool:
         """Whether this process loads the model: one process loads all; with workers, the runtime the shared
@@ -147,12 +124,14 @@ class Gateway:
         if self.redis is not None:
             await self.redis.close()
 
-    def _specs(self, config: GatewayConfig) -> dict[str, ModelSpec]:
+    def specs_for(self, config: GatewayConfig) -> dict[str, ModelSpec]:
+        """The specs of `config`'s models (ConfigError where one is refused)."""
         return build_specs(
             config, self.backends, self.config_path or "<config>", self.broken, self.placements, self.workers
         )
 
-    def _keys_for(self, config: GatewayConfig) -> KeyStore:
+    def keys_for(self, config: GatewayConfig) -> KeyStore:
+        """`config`'s keys (the fixed or fallback ones where they apply), counted where this process counts them."""
         if self._fixed_keys is not None:
             return self._fixed_keys
         shared = self.redis if config.redis is not None and config.redis.rate_limits else None
@@ -177,157 +156,28 @@ class Gateway:
                 )
 
     async def reload(self) -> ReloadResult:
-        """Re-read the config file: load new/changed models beside the old ones, swap, retire the old.
-
-        All or nothing: everything that can refuse the file (its models' specs, its keys) is checked before a
-        model loads, the config, keys and models are swapped in one step, and a reload that fails or is
-        cancelled after loading closes the models it loaded (the running ones never stop serving)."""
-        if self.config_path is None:
-            raise ConfigError("this gateway was not started from a config file; nothing to reload")
-        async with self._reload_lock:
-            loop = asyncio.get_running_loop()
-            config = await loop.run_in_executor(None, load_config, self.config_path)
-            specs = self._specs(config)
-            keys = self._keys_for(config)
-            old = self.registry
-            new = Registry(specs, reuse=old.models, on_batch=self.on_batch)
-            previous = {id(m) for m in old.models.values()}
-            fresh = self._fresh(new, previous)
-            try:
-                # Loaded off the loop, one at a time, while the old models keep serving.
-                await loop.run_in_executor(None, lambda: [m.load() for m in fresh if not m.elsewhere])
-                kept_old = self._keep_working(old, new, fresh)
-                failed = {m.name: m.error or "" for m in fresh if m.state == ModelState.FAILED}
-                if self.prepare_fronts is not None:
-                    # Every front loads its new per-worker copies now, beside the old: the swap below must find
-                    # them ready in every front before this reload is answered.
-                    failed.update(await self.prepare_fronts(config))
-                result = ReloadResult(
-                    status="reloaded",
-                    added=sorted(n for n in new.models if n not in old.models),
-                    changed=sorted(m.name for m in fresh if m.name in old.models and m.name not in kept_old),
-                    removed=sorted(n for n in old.models if n not in new.models),
-                    failed=failed,
-                    models={n: self.state_of(m)[0] for n, m in new.models.items()},
-                )
-            except BaseException:
-                # Refused or cancelled after loading: nothing was swapped, and what was loaded for it goes (once
-                # its load ends, which a cancelled wait does not stop).
-                for m in fresh:
-                    m.retire_in_background(0.0)
-                if self.abort_fronts is not None:
-                    self.abort_fronts()
-                raise
-            restart = [f for f in _RESTART_FIELDS if getattr(config.server, f) != getattr(self.config.server, f)]
-            if restart:
-                log.warning("reload: [server] %s changed; that takes a restart to apply", ", ".join(restart))
-            for table in ("cache", "redis"):
-                if getattr(config, table) != getattr(self.config, table):
-                    log.warning("reload: [%s] changed; that takes a restart to apply", table)
-            # The one swap: no await between these assignments, so a request sees the old set or the new one.
-            self.config, self.keys, self.registry = config, keys, new
-            live = {id(m) for m in new.models.values()}
-            for m in fresh:
-                if id(m) in live:
-                    m.calibrate_in_background(loop)
-                else:
-                    m.retire_in_background(0.0)  # failed to load, and the previous version kept serving
-            for m in old.models.values():
-                if id(m) not in live:
-                    m.retire_in_background(config.server.request_timeout_s)
-            log.info("config reloaded: %s", msgspec.json.encode(result).decode())
-            for listener in self.on_reload:
-                listener()
-            return result
-
-    def _fresh(self, new: Registry, previous: set[int]) -> list[ServedModel]:
-        """The models of `new` not kept from the running registry (ids `previous`); those loaded elsewhere are
-        marked so (never loaded here)."""
-        fresh = [m for m in new.models.values() if id(m) not in previous]
-        for m in fresh:
-            if not self.here(m.spec):
-                m.skip()
-        return fresh
+        """Re-read the config file and swap in its keys and models, all or nothing (Reloader.reload)."""
+        return await self.reloader.reload()
 
     def local_states(self) -> dict[str, str]:
         """A front: the state of its own copy of each per-worker model (the runtime's /ready adds them up); of
         the prepared reload's copies once there is one, which this front serves from its next request on (a
         model the reload adds is ready once every front has its copy loaded, whether or not it had a request)."""
-        registry = self._pending.registry if self._pending is not None else self.registry
+        registry = self.reloader.prepared or self.registry
         return {name: m.state.value for name, m in registry.models.items() if not m.elsewhere}
 
     async def prepare(self, config: GatewayConfig) -> dict[str, str]:
-        """A front worker: load `config`'s new per-worker copies beside the running ones (`swap` puts them in
-        service); the load failures, by model. Errors in `config` itself raise ConfigError."""
-        async with self._reload_lock:
-            self.drop_prepared()
-            keys = self._keys_for(config)
-            old = self.registry
-            new = Registry(self._specs(config), reuse=old.models, on_batch=self.on_batch)
-            fresh = self._fresh(new, {id(m) for m in old.models.values()})
-            local = [m for m in fresh if not m.elsewhere]
-            await asyncio.get_running_loop().run_in_executor(None, lambda: [m.load() for m in local])
-            kept = self._keep_working(old, new, local)
-            self._pending = _Pending(config, keys, new, fresh)
-            if self.link is not None:
-                self.link.send_states()  # before the answer, on the same connection: the runtime has them first
-            return {m.name: m.error or "" for m in local if m.state == ModelState.FAILED and m.name not in kept}
+        """A front worker: load `config`'s new per-worker copies beside the running ones (Reloader.prepare)."""
+        return await self.reloader.prepare(config)
 
     def drop_prepared(self) -> None:
-        """A front: forget a prepared reload that did not happen (its copies are closed)."""
-        pending, self._pending = self._pending, None
-        if pending is not None:
-            for m in pending.fresh:
-                m.retire_in_background(0.0)
-            if self.link is not None:
-                self.link.send_states()
+        """A front: forget a prepared reload that did not happen (Reloader.drop_prepared)."""
+        self.reloader.drop_prepared()
 
     def swap(self) -> bool:
-        """A front: put the prepared reload in service (one step, no await); False when none is prepared."""
-        pending, self._pending = self._pending, None
-        if pending is None:
-            return False
-        old = self.registry
-        self.config, self.keys, self.registry = pending.config, pending.keys, pending.registry
-        live = {id(m) for m in pending.registry.models.values()}
-        loop = asyncio.get_running_loop()
-        for m in pending.fresh:
-            if id(m) in live:
-                m.calibrate_in_background(loop)
-            else:
-                m.retire_in_background(0.0)
-        for m in old.models.values():
-            if id(m) not in live:
-                m.retire_in_background(pending.config.server.request_timeout_s)
-        for listener in self.on_reload:
-            listener()
-        return True
+        """A front: put the prepared reload in service; False when none is prepared (Reloader.swap)."""
+        return self.reloader.swap()
 
     async def follow(self, config: GatewayConfig) -> None:
-        """A front worker takes a config the runtime process has read without a prepared reload (a restarted
-        runtime reads the file anew): its keys, limits, the models' description and its own per-worker copies."""
-        await self.prepare(config)
-        self.swap()
-
-    @staticmethod
-    def _keep_working(old: Registry, new: Registry, fresh: list[ServedModel]) -> list[str]:
-        """Put back in `new` each working model whose changed version failed to load; their names."""
-        kept: list[str] = []
-        for m in fresh:
-            prior = old.models.get(m.name)
-            if m.state == ModelState.FAILED and prior is not None and prior.state == ModelState.READY:
-                # A changed model that fails to load must not replace a working one.
-                log.error("reload: model %r failed to load (%s); the previous version keeps serving", m.name, m.error)
-                new.replace(prior)
-                kept.append(m.name)
-        return kept
-
-
-@dataclass(eq=False)
-class _Pending:
-    """A front's reload, prepared (its per-worker copies loaded) and waiting for the runtime's swap."""
-
-    config: GatewayConfig
-    keys: KeyStore
-    registry: Registry
-    fresh: list[ServedModel]
+        """A front worker takes a config the runtime process has read without a prepared reload (Reloader.follow)."""
+        await self.reloader.follow(config)

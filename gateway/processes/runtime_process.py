@@ -5,8 +5,9 @@ fronts merge into the same batches; the cache and its in-flight dedup; the keys'
 minute; admission's queue; calibration) and answers the fronts' calls on a Unix socket
 (gateway/runtime/link.py). It speaks no HTTP. A model with `copies = "per-worker"` is not loaded here: each
 front computes it on its own copy, and this process counts its keys' limits, holds its cache entries, adds up
-the fronts' copies for /ready, and has every front load a reload's new copies before it swaps. Started by
-the supervisor (gateway/processes/supervisor.py) as
+the fronts' copies for /ready, and has every front load a reload's new copies before it swaps. This module
+serves the socket (accepting, framing, dispatching each call to gateway/processes/runtime_calls.py, which does
+what the call asks) and runs the process. Started by the supervisor (gateway/processes/supervisor.py) as
 `python -m gateway.processes.runtime_process`, with the socket and config paths in its environment.
 """
 
@@ -21,153 +22,39 @@ import signal
 import sys
 import time
 import uuid
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 import msgspec
-from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.registry import Collector
 
-from gateway.api.routes import clear_cache, model_list, readiness
 from gateway.base.config import ConfigError, GatewayConfig, load_config
 from gateway.base.errors import GatewayError
-from gateway.base.observability import ModelGauges, record_batch
+from gateway.base.observability import record_batch
 from gateway.base.schemas import Health
-from gateway.embedding import service
 from gateway.embedding.state import Gateway
+from gateway.processes.runtime_calls import OPS, ready
 from gateway.runtime.link import (
     CONFIG_ENV,
     FALLBACK_KEY_ENV,
     SOCKET_ENV,
     WORKERS_ENV,
-    CacheClearArgs,
     Call,
-    EmbedArgs,
     Failure,
     Generation,
     Push,
     Pushed,
     Reply,
-    TakeArgs,
-    Vectors,
     frame,
     generation_path,
     read_frame,
 )
-from gateway.shared.keys import ApiKey, KeyStore
+from gateway.shared.keys import KeyStore
+
+__all__ = ["OPS", "RuntimeServer", "main", "run"]
 
 log = logging.getLogger("gateway")
 
 _CALL = msgspec.msgpack.Decoder(Call)
 _ENCODER = msgspec.msgpack.Encoder()
-
-
-def _key(gw: Gateway, digest: bytes | None, admin: bool = False) -> ApiKey | None:
-    # The front checked the key against its view of the config; the runtime's is the one that counts (a reload
-    # may have removed the key, or its rights, since).
-    if digest is None:
-        return None
-    key = gw.keys.find(digest)
-    if key is None:
-        raise GatewayError(401, "invalid API key", code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
-    if admin and not key.admin:
-        raise GatewayError(403, "this API key may not use admin endpoints", code="forbidden")
-    return key
-
-
-async def _embed(gw: Gateway, raw: msgspec.Raw, notes: dict[str, Any]) -> Vectors:
-    args = msgspec.msgpack.decode(raw, type=EmbedArgs)
-    key = _key(gw, args.key)
-    if key is not None:
-        await key.charge_request()
-    vectors, tokens, output = await service.request_vectors(gw, args.body, key, notes, args.deadline_s)
-    ranges = output.ranges
-    return Vectors(
-        data=vectors.astype("<f4", copy=False).tobytes(),
-        rows=len(vectors),
-        tokens=tokens,
-        kind=output.kind,
-        packed=output.packed,
-        starts=ranges.starts.astype("<f4").tobytes() if ranges is not None else None,
-        steps=ranges.steps.astype("<f4").tobytes() if ranges is not None else None,
-        notes=notes,
-    )
-
-
-async def _take(gw: Gateway, raw: msgspec.Raw, notes: dict[str, Any]) -> float:
-    args = msgspec.msgpack.decode(raw, type=TakeArgs)
-    key = _key(gw, args.key)
-    window = (key.requests if args.what == "requests" else key.tokens) if key is not None else None
-    if window is None:
-        return 0.0
-    if args.mode == "give":
-        got: Any = window.give_back(args.amount)
-    else:
-        got = window.take(args.amount) if args.mode == "take" else window.wait_for(args.amount)
-    got = await got if asyncio.iscoroutine(got) else got
-    return float(got or 0.0)
-
-
-async def _models(gw: Gateway, raw: msgspec.Raw, notes: dict[str, Any]) -> Any:
-    key = _key(gw, msgspec.msgpack.decode(raw, type=bytes))
-    assert key is not None
-    return model_list(gw, key)
-
-
-async def _ready(gw: Gateway, raw: msgspec.Raw, notes: dict[str, Any]) -> Any:
-    digest = msgspec.msgpack.decode(raw, type=bytes | None)
-    key = gw.keys.find(digest) if digest is not None else None
-    return readiness(gw, key)
-
-
-async def _reload(gw: Gateway, raw: msgspec.Raw, notes: dict[str, Any]) -> Any:
-    try:
-        return await gw.reload()
-    except ConfigError as exc:
-        log.error("reload refused: %s", exc)
-        raise GatewayError(400, f"reload refused, the running config is kept: {exc}", code="invalid_config") from None
-
-
-async def _gauges(gw: Gateway, raw: msgspec.Raw, notes: dict[str, Any]) -> bytes:
-    registry = CollectorRegistry(auto_describe=False)
-    registry.register(_ModelGauges(gw))
-    return generate_latest(registry)
-
-
-class _ModelGauges(Collector):
-    def __init__(self, gw: Gateway) -> None:
-        self.gw = gw
-
-    def collect(self) -> Any:
-        gauges = ModelGauges()
-        gauges.add(self.gw.model_status)
-        return gauges.collect()
-
-
-async def _cache_clear(gw: Gateway, raw: msgspec.Raw, notes: dict[str, Any]) -> Any:
-    args = msgspec.msgpack.decode(raw, type=CacheClearArgs)
-    return await clear_cache(gw, args.name, args.identity)
-
-
-async def _cache_get(gw: Gateway, raw: msgspec.Raw, notes: dict[str, Any]) -> list[bytes | None]:
-    # A front's lookup for its per-worker model: the raw entries (the front unpacks and counts them).
-    keys = msgspec.msgpack.decode(raw, type=list[bytes])
-    if gw.cache is None:
-        return [None] * len(keys)
-    return await gw.cache.store.get_many(keys)
-
-
-Op = Callable[[Gateway, msgspec.Raw, dict[str, Any]], Awaitable[Any]]
-OPS: dict[str, Op] = {
-    "embed": _embed,
-    "take": _take,
-    "models": _models,
-    "reload": _reload,
-    "cache_clear": _cache_clear,
-    "cache_get": _cache_get,
-    "gauges": _gauges,
-    "ready": _ready,
-}
 
 
 class RuntimeServer:
@@ -195,29 +82,7 @@ class RuntimeServer:
         try:
             while True:
                 call = _CALL.decode(await read_frame(reader))
-                if call.op == "hello":
-                    self.fronts[id(writer)] = msgspec.msgpack.decode(call.args, type=int)
-                    # The answer tells the front that a live runtime took its connection (see RuntimeLink).
-                    writer.write(frame(Reply(0, True, msgspec.Raw(_ENCODER.encode(os.getpid())))))
-                    continue
-                if call.op == "states":
-                    self.states[id(writer)] = msgspec.msgpack.decode(call.args, type=dict[str, str])
-                    continue
-                if call.op == "pushed":
-                    answer = msgspec.msgpack.decode(call.args, type=Pushed)
-                    waiting = self._pushes.pop(answer.n, None)
-                    if waiting is not None and not waiting[1].done():
-                        waiting[1].set_result(answer)
-                    continue
-                if call.op == "cache_put":
-                    # Not answered (the front does not wait): stored before any later call of this front runs.
-                    if self.gw.cache is not None:
-                        self.gw.cache.store.put_many(msgspec.msgpack.decode(call.args, type=list[tuple[bytes, bytes]]))
-                    continue
-                if call.op == "cancel":
-                    task = mine.get(msgspec.msgpack.decode(call.args, type=int))
-                    if task is not None:
-                        task.cancel()
+                if self._note(call, writer, mine):
                     continue
                 task = asyncio.get_running_loop().create_task(self._answer(call, writer))
                 mine[call.id] = task
@@ -228,17 +93,47 @@ class RuntimeServer:
         except msgspec.DecodeError as exc:
             log.error("runtime link: undecodable call from a front (%s); closing its connection", exc)
         finally:
-            self.writers.discard(writer)
-            self.fronts.pop(id(writer), None)
-            self.states.pop(id(writer), None)
-            for n, (w, future) in list(self._pushes.items()):
-                if w is writer:
-                    del self._pushes[n]
-                    if not future.done():
-                        future.cancel()
-            for task in list(mine.values()):
+            self._forget(writer, mine)
+
+    def _note(self, call: Call, writer: asyncio.StreamWriter, mine: dict[int, asyncio.Task[None]]) -> bool:
+        """Take in a front's message that is not a call to answer (its hello, its copies' states, its answer to a
+        push, a cache write, a cancel); False for a call."""
+        if call.op == "hello":
+            self.fronts[id(writer)] = msgspec.msgpack.decode(call.args, type=int)
+            # The answer tells the front that a live runtime took its connection (see RuntimeLink).
+            writer.write(frame(Reply(0, True, msgspec.Raw(_ENCODER.encode(os.getpid())))))
+        elif call.op == "states":
+            self.states[id(writer)] = msgspec.msgpack.decode(call.args, type=dict[str, str])
+        elif call.op == "pushed":
+            answer = msgspec.msgpack.decode(call.args, type=Pushed)
+            waiting = self._pushes.pop(answer.n, None)
+            if waiting is not None and not waiting[1].done():
+                waiting[1].set_result(answer)
+        elif call.op == "cache_put":
+            # Not answered (the front does not wait): stored before any later call of this front runs.
+            if self.gw.cache is not None:
+                self.gw.cache.store.put_many(msgspec.msgpack.decode(call.args, type=list[tuple[bytes, bytes]]))
+        elif call.op == "cancel":
+            task = mine.get(msgspec.msgpack.decode(call.args, type=int))
+            if task is not None:
                 task.cancel()
-            writer.close()
+        else:
+            return False
+        return True
+
+    def _forget(self, writer: asyncio.StreamWriter, mine: dict[int, asyncio.Task[None]]) -> None:
+        """A front's connection ended: drop what it registered, cancel the pushes it owed and its calls, close it."""
+        self.writers.discard(writer)
+        self.fronts.pop(id(writer), None)
+        self.states.pop(id(writer), None)
+        for n, (w, future) in list(self._pushes.items()):
+            if w is writer:
+                del self._pushes[n]
+                if not future.done():
+                    future.cancel()
+        for task in list(mine.values()):
+            task.cancel()
+        writer.close()
 
     async def _answer(self, call: Call, writer: asyncio.StreamWriter) -> None:
         notes: dict[str, Any] = {}
@@ -336,7 +231,7 @@ class RuntimeServer:
     async def _ready(self, raw: msgspec.Raw) -> Health:
         # Ready when the models are and every front worker is connected (a front restarted by uvicorn counts
         # again once it has connected).
-        health = await _ready(self.gw, raw, {})
+        health = await ready(self.gw, raw, {})
         fronts = len(self.fronts)
         health.workers = f"{fronts}/{self.workers}"
         if fronts < self.workers:
@@ -348,7 +243,8 @@ async def run(gw: Gateway, socket_path: str, workers: int) -> None:
     """Load the models, answer the fronts until SIGTERM/SIGINT (or the supervisor's exit), then drain."""
     loop = asyncio.get_running_loop()
     runtime = RuntimeServer(gw, workers)
-    gw.copies, gw.prepare_fronts, gw.abort_fronts = runtime.copies, runtime.prepare_fronts, runtime.abort_fronts
+    gw.copies = runtime.copies
+    gw.reloader.prepare_fronts, gw.reloader.abort_fronts = runtime.prepare_fronts, runtime.abort_fronts
     gw.registry.load_all(loop, here=gw.here)
     for name, model in gw.registry.models.items():
         if model.elsewhere:
@@ -362,6 +258,19 @@ async def run(gw: Gateway, socket_path: str, workers: int) -> None:
     generation = Generation(generation_path(socket_path))
     generation.bump()
     gw.on_reload.append(generation.bump)
+    _reload_on_sighup(gw, loop)
+    watch = loop.create_task(_stop_when_orphaned(stop, os.getppid()))
+    try:
+        await _serve(runtime, socket_path, stop)
+    finally:
+        for task in (lag, watch):
+            task.cancel()
+        await loop.run_in_executor(None, gw.registry.close)
+        await gw.close_shared()
+
+
+def _reload_on_sighup(gw: Gateway, loop: asyncio.AbstractEventLoop) -> None:
+    """Reload the config on SIGHUP (the supervisor passes its SIGHUP on to this process)."""
     reloads: set[asyncio.Task[Any]] = set()
 
     async def reload() -> None:
@@ -371,22 +280,23 @@ async def run(gw: Gateway, socket_path: str, workers: int) -> None:
             log.error("reload refused, the running config is kept: %s", exc)
 
     def sighup() -> None:
-        # The supervisor passes its SIGHUP on to this process.
         task = loop.create_task(reload())
         reloads.add(task)
         task.add_done_callback(reloads.discard)
 
     loop.add_signal_handler(signal.SIGHUP, sighup)
-    parent = os.getppid()
 
-    async def orphaned() -> None:
-        # The supervisor killed outright: nobody will stop this process, so it stops itself.
-        while os.getppid() == parent:
-            await asyncio.sleep(1.0)
-        log.warning("runtime process: the supervisor is gone; stopping")
-        stop.set()
 
-    watch = loop.create_task(orphaned())
+async def _stop_when_orphaned(stop: asyncio.Event, parent: int) -> None:
+    """The supervisor (`parent`) killed outright: nobody will stop this process, so it stops itself."""
+    while os.getppid() == parent:
+        await asyncio.sleep(1.0)
+    log.warning("runtime process: the supervisor is gone; stopping")
+    stop.set()
+
+
+async def _serve(runtime: RuntimeServer, socket_path: str, stop: asyncio.Event) -> None:
+    """Answer the fronts on `socket_path` until `stop` is set, then until they have gone (their drain)."""
     with contextlib.suppress(FileNotFoundError):
         os.unlink(socket_path)  # left by a runtime process that died: this one takes its place
     server = await asyncio.start_unix_server(runtime.connection, socket_path, limit=1 << 30)
@@ -397,11 +307,7 @@ async def run(gw: Gateway, socket_path: str, workers: int) -> None:
         # No new front from here; those connected are answered until they have gone (their drain).
         server.close()
         log.info("runtime process %d stopping: answering the fronts until they have gone", os.getpid())
-        await runtime.drain(gw.config.server.request_timeout_s)
-        for task in (lag, watch):
-            task.cancel()
-        await loop.run_in_executor(None, gw.registry.close)
-        await gw.close_shared()
+        await runtime.drain(runtime.gw.config.server.request_timeout_s)
 
 
 def main() -> int:
