@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/ipc.py [--calls 3000] [--width 384] [--in-flight 1,32]
 
-Starts a runtime-side server in a subprocess (gateway/runtime_process.py's RuntimeServer, its `embed` call
+Starts a runtime-side server in a subprocess (gateway/processes/runtime_process.py's RuntimeServer, its `embed` call
 answered with constant vectors: no model, no batcher) and calls it from this process with gateway/
 runtime_link.py's client, exactly the messages a front sends: the decoded request, the key's digest, and back
 float32 vectors with their notes. Prints microseconds of process CPU per call on each side, for a 1-text

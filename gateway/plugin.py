@@ -50,7 +50,7 @@ class ModelInfo(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields
     concurrent_batches: Positive = 1
     #: True when the runtime pads a batch to its longest input: the core then groups similar lengths and
     #: splits a batch where padding would cost more than a call. False for a runtime that packs inputs
-    #: without padding (gateway/packing.py) or takes them one at a time.
+    #: without padding (gateway/runtime/packing.py) or takes them one at a time.
     pads_to_longest: bool = True
     #: The fixed cost of one `embed` call, in tokens of compute (weighs padding against calls).
     call_overhead_tokens: Annotated[int, msgspec.Meta(ge=0)] = 32

@@ -43,7 +43,8 @@ def create_app(
 
     `plugins`: the installed ones by default; `keys`: fixed keys (config keys ignored); `fallback_keys`: used
     while the config names no key; `config_path`: the file a reload re-reads; `link`: the app is a front
-    worker, and the runtime process at the other end of it loads and serves the models (gateway/workers.py).
+    worker, and the runtime process at the other end of it loads and serves the models
+    (gateway/processes/supervisor.py).
     """
     plugins = plugins or load_plugins()
     gateway = Gateway(

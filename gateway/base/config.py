@@ -53,7 +53,8 @@ class ServerConfig(_Strict):
     # /metrics answers only with a valid key (any key), and /ready names models only to a key.
     metrics_require_key: bool = False
     # HTTP front processes on the one port ("auto": one per core). With more than one, a runtime process owns
-    # the models, batches, cache and limits, and the fronts reach it over a local socket (gateway/workers.py).
+    # the models, batches, cache and limits, and the fronts reach it over a local socket
+    # (gateway/processes/supervisor.py).
     workers: Positive | Literal["auto"] = 1
 
     def worker_count(self) -> int:

@@ -8,7 +8,7 @@ and the prompt and the text apart (a cut that keeps the prompt's tokens makes `p
 string sent without a prompt different inputs): two names of one model share entries, a changed weight file
 never meets an old entry, and no text or API key appears in a key.
 
-Stores: `MemoryStore` (in-process, LRU bounded by bytes) and `RedisStore` (redis_state.py), shared by
+Stores: `MemoryStore` (in-process, LRU bounded by bytes) and `RedisStore` (shared/redis_state.py), shared by
 every gateway process. Written by hand: the cache libraries on PyPI key by function arguments and store one
 value per call, where this needs per-input entries with partial hits and bytes-bounded eviction.
 """

@@ -28,13 +28,13 @@ _RESTART_FIELDS = (
     "max_body_bytes",
     "access_log",
     "log_level",
-    # uvicorn's settings (gateway/server.py), fixed when it starts.
+    # uvicorn's settings (gateway/api/server.py), fixed when it starts.
     "header_timeout_s",
     "send_timeout_s",
     "keep_alive_s",
     "max_connections",
     "max_header_bytes",
-    # The process layout (gateway/workers.py).
+    # The process layout (gateway/processes/supervisor.py).
     "workers",
 )
 

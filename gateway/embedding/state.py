@@ -87,7 +87,7 @@ class Gateway:
         #: this long to be read, and again for its answer to go out.
         self.loop_lag = 0.0
         #: The runtime process: how many fronts have their copy of a per-worker model ready, of how many, and
-        #: whether one failed (gateway/runtime_process.py sets it).
+        #: whether one failed (gateway/processes/runtime_process.py sets it).
         self.copies: Callable[[str], tuple[int, int, bool]] | None = None
         #: Builds the next config's keys and models and swaps them in (a reload; at a front, prepare and swap).
         self.reloader = Reloader(self)

@@ -2,7 +2,7 @@
 
 uvicorn starts each worker in a fresh interpreter and calls `create_front` there (an app factory given as an
 import string). A front does HTTP, auth, body decoding and validation and the response's encoding; the
-runtime process (gateway/runtime_process.py) does the rest, reached through a RuntimeLink, except for the
+runtime process (gateway/processes/runtime_process.py) does the rest, reached through a RuntimeLink, except for the
 models with `copies = "per-worker"`: each front loads its own copy of those and computes their requests, with
 the runtime's key windows and cache, and loads a reload's new copies when the runtime asks (Gateway.prepare).
 """

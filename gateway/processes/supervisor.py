@@ -1,8 +1,8 @@
 """`gateway serve` with `[server] workers` > 1: the supervisor of one runtime process and N front workers.
 
-Layout: this process binds the port and supervises; the runtime process (gateway/runtime_process.py) loads
+Layout: this process binds the port and supervises; the runtime process (gateway/processes/runtime_process.py) loads
 the models once (but those with `copies = "per-worker"`, of which each front loads its own) and owns
-everything the fronts share; N front workers (gateway/front.py), started by uvicorn's
+everything the fronts share; N front workers (gateway/processes/front.py), started by uvicorn's
 own multi-process supervisor (`uvicorn.supervisors.Multiprocess`, which restarts a dead worker), accept on
 the one listening socket and reach the runtime over a Unix socket in a private (0700) temporary folder.
 The generated API key goes down as its digest, in the environment: it is printed once, by `gateway serve`.
@@ -66,7 +66,7 @@ class Supervisor(Multiprocess):
 
     def handle_hup(self) -> None:
         # uvicorn would restart its workers; here SIGHUP means what it means with one process: reload the
-        # config. The runtime reloads, and the fronts take its new config (gateway/front.py).
+        # config. The runtime reloads, and the fronts take its new config (gateway/processes/front.py).
         if self.runtime.process is not None and self.runtime.alive():
             log.info("SIGHUP: the runtime process reloads the config")
             self.runtime.process.send_signal(signal.SIGHUP)

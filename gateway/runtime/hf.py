@@ -591,7 +591,7 @@ def local_attention(config: Mapping[str, Any]) -> int | None:
 
 @dataclass(frozen=True, slots=True)
 class PackingPlan:
-    """How a model can run packed rows (gateway/packing.py), found by running it (`probe_packing`)."""
+    """How a model can run packed rows (gateway/runtime/packing.py), found by running it (`probe_packing`)."""
 
     #: The position of each input's first token: 0, or RoBERTa's / MPNet's padding index + 1. None when no
     #: offset reproduces the model's own positions (then packing is refused).

@@ -2,7 +2,7 @@
 
 One Unix stream socket in a private (0700) folder; each front holds one connection and keeps many calls in
 flight on it, matched by id. A frame is a 4-byte big-endian length and a msgpack body: a `Call` one way, a
-`Reply` the other. The runtime side is gateway/runtime_process.py; this module is the wire format and the
+`Reply` the other. The runtime side is gateway/processes/runtime_process.py; this module is the wire format and the
 fronts' client.
 """
 

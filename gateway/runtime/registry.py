@@ -53,7 +53,7 @@ class ModelSpec:
     options: Any
     # Whether its inputs go through the cache (a store is configured and the model does not opt out).
     cached: bool = False
-    #: Where its batches run (gateway/placement.py), and that placement's validated options.
+    #: Where its batches run (gateway/runtime/placement.py), and that placement's validated options.
     placement_cls: type[Placement] = InProcess
     placement_options: Any = None
     #: The CPU cores this process's copy may use (`copies = "per-worker"` in a front worker); None: all.

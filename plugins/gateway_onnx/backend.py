@@ -52,7 +52,7 @@ class OnnxOptions(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     # None: True exactly when modules.json lists a Normalize module.
     normalize: bool | None = None
     # With a graph from `gateway convert` (it takes position_ids): inputs share rows of this many tokens
-    # with no padding (gateway/packing.py); 0 pads each batch to its longest input instead.
+    # with no padding (gateway/runtime/packing.py); 0 pads each batch to its longest input instead.
     pack_tokens: Annotated[int, msgspec.Meta(ge=0, le=65_536)] = 64
     # Batches run at once (sessions are safe to run from several threads); with intra_op_threads unset,
     # each gets an equal share of the cores. Two single-threaded batches beat one batch over 2 threads once

@@ -243,7 +243,7 @@ class OnnxConverter(Converter):
 
         # transformers 5's forward takes more keyword arguments than the legacy exporter passes
         # positionally ("got multiple values for argument"): a wrapper fixes the inputs and calls by keyword.
-        # DistilBERT/MPNet have no token types; a packed graph (gateway/packing.py) takes position ids and
+        # DistilBERT/MPNet have no token types; a packed graph (gateway/runtime/packing.py) takes position ids and
         # reads attention_mask as segment ids (1, 2, ... per input of a row, 0 on padding), from which it
         # builds the block-diagonal mask. A plain 0/1 mask is one segment per row, so it still works.
         names = ["input_ids", "attention_mask"] + [n for n in extra if n != "position_ids" or packed]

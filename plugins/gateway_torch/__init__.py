@@ -48,7 +48,7 @@ class TorchOptions(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     threads: int | None = None
     # None: as the model defines (a Normalize module); True/False force it.
     normalize: bool | None = None
-    # Inputs share batch rows of this many tokens, with no padding (gateway/packing.py); 0 pads each batch
+    # Inputs share batch rows of this many tokens, with no padding (gateway/runtime/packing.py); 0 pads each batch
     # to its longest input instead. Checked against the model's own encode at load, and turned off with a
     # warning for a model where the two disagree (e.g. positions that do not start at 0).
     pack_tokens: Annotated[int, msgspec.Meta(ge=0, le=65_536)] = 64
