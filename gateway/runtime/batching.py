@@ -3,12 +3,8 @@
 Written by hand: no maintained library batches across asyncio requests into a synchronous runtime with a
 token budget (Infinity and TEI each carry their own). Worker threads own the backend; the event loop only
 enqueues and awaits futures. The queue and the choice of each batch (keys taking turns) live in
-`batch_queue`; this module computes the batches.
-
-Admission is by predicted wait: the batcher measures how fast the model drains its queue (tokens per second
-of wall time while it has work), and a request is admitted only if its key's share of the queued work and
-its own are predicted to finish within the caller's limit. Otherwise it is refused at once with the
-time after which it would fit, rather than left to wait.
+`batch_queue`, whether a request may join it (by predicted wait) in `admission`; this module computes the
+batches.
 """
 
 from __future__ import annotations
@@ -16,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import math
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -25,21 +20,12 @@ import numpy as np
 
 from gateway.base.circuit import CircuitBreaker
 from gateway.plugin import Backend, BackendFailure, Embedded, InputRejected, ModelInfo
+from gateway.runtime.admission import Admission, QueueFull
 from gateway.runtime.batch_queue import BatchQueue, Item, Progress, Request, share_counted, split_by_padding
 
 __all__ = ["BatchFailed", "Batcher", "Progress", "QueueFull", "split_by_padding"]
 
 log = logging.getLogger("gateway.batching")
-
-
-class QueueFull(Exception):
-    """The model cannot take this request now: `reason` is "wait" (predicted wait over the limit) or "queue"
-    (the queue's bound on inputs); `retry_after` is in whole seconds."""
-
-    def __init__(self, message: str, retry_after: float, reason: str) -> None:
-        super().__init__(message)
-        self.retry_after = max(1, math.ceil(retry_after))
-        self.reason = reason
 
 
 class BatchFailed(Exception):
@@ -74,10 +60,6 @@ def _notify_done(reqs: list[Request]) -> None:
     for loop, group in by_loop.items():
         with contextlib.suppress(RuntimeError):
             loop.call_soon_threadsafe(_resolve_done, group)
-
-
-# Weight of the newest batch in the drain-rate estimate (an exponential moving average).
-_RATE_WEIGHT = 0.2
 
 
 class Batcher:
@@ -121,8 +103,9 @@ class Batcher:
         self._cond = self._queue.lock
         # Background requests (the queue's), kept under this name for the tests that watch them arrive.
         self._idle = self._queue.background
-        # Tokens per second the model drains while it has work, all workers together; None until measured.
-        self._rate: float | None = None
+        self._admission = Admission(
+            self._queue, model=model, max_queue=max_queue, max_batch_tokens=self.max_batch_tokens
+        )
         self._threads = [
             threading.Thread(target=self._run, name=f"batcher-{model}-{i}", daemon=True)
             for i in range(info.concurrent_batches)
@@ -138,11 +121,11 @@ class Batcher:
     @property
     def drain_rate(self) -> float | None:
         """Tokens per second the model drains while it has work (None until a batch has been measured)."""
-        return self._rate
+        return self._admission.rate
 
     def predicted_wait(self) -> float:
         """Seconds until the work queued now is done, at the measured drain rate (0 before any measurement)."""
-        return self._queue.pending_tokens / self._rate if self._rate else 0.0
+        return self._admission.predicted_wait()
 
     async def embed(
         self,
@@ -188,7 +171,7 @@ class Batcher:
             if self._queue.closed:
                 raise RuntimeError(f"model {self.model!r} is shutting down")
             if not background:
-                self._admit(owner, len(texts), own, max_wait_s)
+                self._admission.check(owner, len(texts), own, max_wait_s)
             self._queue.put(req)
         try:
             return await req.future
@@ -204,48 +187,7 @@ class Batcher:
         """QueueFull now if a request from `owner` would be refused whatever its size: called before the
         request is tokenized, so that refusing a flood costs little."""
         with self._cond:
-            self._admit(owner, 0, 0, max_wait_s)
-
-    def _admit(self, owner: str | None, inputs: int, own: int, max_wait_s: float | None) -> None:
-        """Under the lock: raise QueueFull unless a request of `inputs` inputs and `own` tokens from `owner`
-        may join the queue now."""
-        q = self._queue
-        mine = q.owners.get(owner)
-        queued_mine = mine.inputs if mine is not None else 0
-        # The bound on memory: a key with inputs queued stops at max_queue; a key with none may still add one
-        # request (up to twice the bound in all), so that one key's flood cannot lock every other key out.
-        if q.pending + inputs > (self.max_queue if queued_mine else 2 * self.max_queue):
-            excess = q.pending + inputs - self.max_queue
-            retry = excess * (q.pending_tokens / max(1, q.pending)) / self._rate if self._rate else 1.0
-            raise QueueFull(
-                f"model {self.model!r} is overloaded: {q.pending} inputs queued (limit {self.max_queue}); "
-                "retry shortly",
-                retry,
-                "queue",
-            )
-        if max_wait_s is None or not self._rate:
-            return
-        # Keys take turns, so this request finishes after its key's queued work, its own, and from every
-        # other key as much as that (or all that key has queued, if less).
-        mine_tokens = mine.tokens if mine is not None else 0
-        turn = mine_tokens + own
-        others = sum(min(o.tokens, turn) for key, o in q.owners.items() if key != owner)
-        finish = (turn + others) / self._rate
-        if finish <= max_wait_s:
-            return
-        if not mine_tokens and own > max_wait_s * self._rate:
-            # Too large to finish in time even alone: admitted when its key has nothing queued and its first
-            # batch would start in time (it then shares every batch with the requests behind it).
-            first = sum(min(o.tokens, self.max_batch_tokens) for key, o in q.owners.items() if key != owner)
-            if first / self._rate <= max_wait_s:
-                return
-            finish = first / self._rate
-        raise QueueFull(
-            f"model {self.model!r} is overloaded: this request would finish in about {finish:.1f}s, over the "
-            f"limit of {max_wait_s:.1f}s; retry in {max(1, math.ceil(finish - max_wait_s))}s",
-            finish - max_wait_s,
-            "wait",
-        )
+            self._admission.check(owner, 0, 0, max_wait_s)
 
     def _run(self) -> None:
         # When this worker's last batch ended, if work was waiting then: the time from there to the end of
@@ -270,9 +212,7 @@ class Batcher:
             ended = time.perf_counter()
             with self._cond:
                 if tokens:
-                    sample = tokens / max(ended - (busy_since or started), 1e-6) * len(self._threads)
-                    rate = self._rate
-                    self._rate = sample if rate is None else rate + _RATE_WEIGHT * (sample - rate)
+                    self._admission.measure(tokens, ended - (busy_since or started), len(self._threads))
                 busy_since = ended if self._queue.pending else None
 
     def _fail(self, batch: list[Item], err: Exception) -> None:
