@@ -71,6 +71,34 @@ class Request:
     # input waits.
     background: bool = False
 
+    @classmethod
+    def new(
+        cls,
+        texts: Sequence[str],
+        token_ids: Sequence[Sequence[int]],
+        tokens: list[int],
+        dimension: int,
+        *,
+        owner: str | None,
+        progress: Progress | None,
+        background: bool,
+    ) -> Request:
+        """A request for `texts` on the running event loop, all its inputs waiting for vectors of `dimension`."""
+        loop = asyncio.get_running_loop()
+        return cls(
+            loop=loop,
+            future=loop.create_future(),
+            texts=texts,
+            tokens=tokens,
+            token_ids=token_ids,
+            vectors=np.empty((len(texts), dimension), dtype=np.float32),
+            waiting=list(range(len(texts))),
+            remaining=len(texts),
+            owner=owner,
+            progress=progress,
+            background=background,
+        )
+
 
 #: One input of a batch: its request and its index there.
 Item = tuple[Request, int]
@@ -93,7 +121,7 @@ def _in_turn(reqs: list[Request], share: int) -> Iterator[Item]:
         depth += share
 
 
-def share_counted(batch: list[Item], counted: int) -> None:
+def _share_counted(batch: list[Item], counted: int) -> None:
     """Under the lock: the `counted` tokens of a batch, given to its requests' progress in proportion to
     their estimated tokens in it, in whole tokens that add up to `counted` (largest remainder)."""
     weights: dict[int, list[Any]] = {}
@@ -135,7 +163,7 @@ class BatchQueue:
     """The requests waiting for one model, what is queued per key, and the choice of each next batch.
 
     `lock` guards all of it (and the requests' fields); methods documented "under the lock" expect the
-    caller to hold it, `take` and `close` take it themselves.
+    caller to hold it, the others take it themselves.
     """
 
     def __init__(
@@ -196,11 +224,25 @@ class BatchQueue:
         if req in self.requests:
             self.requests.remove(req)
 
-    def batch_done(self, answered: int, elapsed: float) -> None:
-        """Under the lock: a batch computed in `elapsed` seconds and answered `answered` requests."""
-        self._expect = self.pending + answered
-        self._last_compute_s = elapsed
-        self._finished_at = time.monotonic()
+    def complete(self, batch: list[Item], vectors: np.ndarray, counted: int | None, elapsed: float) -> list[Request]:
+        """Each input's vector of a batch computed in `elapsed` seconds to its request (and the tokens the
+        backend `counted`, when it did, to their progress); the requests it completed, for the caller to wake."""
+        finished: list[Request] = []
+        with self.lock:
+            if counted is not None:
+                _share_counted(batch, counted)
+            for (req, i), vec in zip(batch, vectors, strict=True):
+                if req.done:
+                    continue
+                req.vectors[i] = vec
+                req.remaining -= 1
+                if req.remaining == 0:
+                    req.done = True
+                    finished.append(req)
+            self._expect = self.pending + len(finished)
+            self._last_compute_s = elapsed
+            self._finished_at = time.monotonic()
+        return finished
 
     def close(self) -> None:
         """Let the workers finish what is queued, then `take` answers None."""

@@ -21,7 +21,7 @@ import numpy as np
 from gateway.base.circuit import CircuitBreaker
 from gateway.plugin import Backend, BackendFailure, Embedded, InputRejected, ModelInfo
 from gateway.runtime.admission import Admission, QueueFull
-from gateway.runtime.batch_queue import BatchQueue, Item, Progress, Request, share_counted, split_by_padding
+from gateway.runtime.batch_queue import BatchQueue, Item, Progress, Request, split_by_padding
 
 __all__ = ["BatchFailed", "Batcher", "Progress", "QueueFull", "split_by_padding"]
 
@@ -151,37 +151,28 @@ class Batcher:
             raise ValueError("one id list per text")
         if len(texts) > self.max_queue and not background:
             raise ValueError(f"{len(texts)} inputs can never fit model {self.model!r}'s queue of {self.max_queue}")
-        loop = asyncio.get_running_loop()
         tokens = list(sizes) if sizes is not None else list(map(len, token_ids))
-        req = Request(
-            loop=loop,
-            future=loop.create_future(),
-            texts=texts,
-            tokens=tokens,
-            token_ids=token_ids,
-            vectors=np.empty((len(texts), self.dimension), dtype=np.float32),
-            waiting=list(range(len(texts))),
-            remaining=len(texts),
-            owner=owner,
-            progress=progress,
-            background=background,
+        req = Request.new(
+            texts, token_ids, tokens, self.dimension, owner=owner, progress=progress, background=background
         )
-        own = sum(tokens)
         with self._cond:
             if self._queue.closed:
                 raise RuntimeError(f"model {self.model!r} is shutting down")
             if not background:
-                self._admission.check(owner, len(texts), own, max_wait_s)
+                self._admission.check(owner, len(texts), sum(tokens), max_wait_s)
             self._queue.put(req)
         try:
             return await req.future
         except asyncio.CancelledError:
-            # The client went away (or timed out): drop what has not started so nobody computes it.
-            with self._cond:
-                if not req.done:
-                    req.done = True
-                    self._queue.drop(req)
+            self._cancel(req)
             raise
+
+    def _cancel(self, req: Request) -> None:
+        # The client went away (or timed out): drop what has not started so nobody computes it.
+        with self._cond:
+            if not req.done:
+                req.done = True
+                self._queue.drop(req)
 
     def precheck(self, owner: str | None = None, max_wait_s: float | None = None) -> None:
         """QueueFull now if a request from `owner` would be refused whatever its size: called before the
@@ -230,58 +221,13 @@ class Batcher:
         batch.sort(key=lambda ri: ri[0].tokens[ri[1]])
         started = time.perf_counter()
         try:
-            texts = [req.texts[i] for req, i in batch]
-            ids = [req.token_ids[i] for req, i in batch]
-            if self.pads_to_longest and len(batch) > 1:
-                lengths = [req.tokens[i] for req, i in batch]
-                ends = split_by_padding(lengths, self.call_overhead_tokens)
-                parts = [self._call(texts[a:b], ids[a:b]) for a, b in zip([0, *ends], ends, strict=False)]
-                vectors = np.concatenate([v for v, _ in parts])
-                counts = [c for _, c in parts]
-                counted = None if None in counts else sum(c for c in counts if c is not None)
-            else:
-                vectors, counted = self._call(texts, ids)
+            vectors, counted = self._embed_batch(batch)
         except Exception as exc:
-            groups: dict[int, list[Item]] = {}
-            for req, i in batch:
-                groups.setdefault(id(req), []).append((req, i))
-            typed = isinstance(exc, BackendFailure)
-            if typed and exc.fail_over and self.circuit is not None:
-                self.circuit.failure()
-            # A runtime that is down, slow or overloaded fails every request alike: retrying each would only
-            # hammer it. Only a rejected input (or an untyped error) may be one request's fault.
-            if len(groups) > 1 and (not typed or isinstance(exc, InputRejected)):
-                # Several requests shared the failed batch: run each request's inputs on their own, so only
-                # the request that holds the bad input fails.
-                log.warning(
-                    "batch of %d inputs failed on model %r (%s); retrying per request", len(batch), self.model, exc
-                )
-                return sum(self._compute(group) for group in groups.values())
-            if typed:
-                # The backend logged the details; this is what its clients are told.
-                log.warning("batch of %d inputs failed on model %r: %s", len(batch), self.model, exc)
-                self._fail(batch, exc)
-                return 0
-            log.error("batch of %d inputs failed on model %r", len(batch), self.model, exc_info=exc)
-            self._fail(batch, BatchFailed(f"model {self.model!r} failed on a batch: {type(exc).__name__}"))
-            return 0
+            return self._recover(batch, exc)
         if self.circuit is not None:
             self.circuit.success()
         elapsed = time.perf_counter() - started
-        finished: list[Request] = []
-        with self._cond:
-            if counted is not None:
-                share_counted(batch, counted)
-            for (req, i), vec in zip(batch, vectors, strict=True):
-                if req.done:
-                    continue
-                req.vectors[i] = vec
-                req.remaining -= 1
-                if req.remaining == 0:
-                    req.done = True
-                    finished.append(req)
-            self._queue.batch_done(len(finished), elapsed)
-        _notify_done(finished)
+        self._deliver(batch, vectors, counted, elapsed)
         tokens = sum(req.tokens[i] for req, i in batch)
         if self._on_batch is not None:
             try:
@@ -289,6 +235,50 @@ class Batcher:
             except Exception:
                 log.exception("batch metrics callback failed")
         return tokens
+
+    def _embed_batch(self, batch: list[Item]) -> tuple[np.ndarray, int | None]:
+        """The vectors of a length-sorted `batch` (for a backend that pads, in calls cut where padding costs
+        least), and the tokens the backend counted (None unless every call reported them)."""
+        texts = [req.texts[i] for req, i in batch]
+        ids = [req.token_ids[i] for req, i in batch]
+        if not (self.pads_to_longest and len(batch) > 1):
+            return self._call(texts, ids)
+        lengths = [req.tokens[i] for req, i in batch]
+        ends = split_by_padding(lengths, self.call_overhead_tokens)
+        parts = [self._call(texts[a:b], ids[a:b]) for a, b in zip([0, *ends], ends, strict=False)]
+        vectors = np.concatenate([v for v, _ in parts])
+        counts = [c for _, c in parts]
+        return vectors, None if None in counts else sum(c for c in counts if c is not None)
+
+    def _recover(self, batch: list[Item], exc: Exception) -> int:
+        """After `batch` failed with `exc`: each request's inputs again on their own where the fault may be one
+        request's, else the batch's requests fail; the tokens computed."""
+        groups: dict[int, list[Item]] = {}
+        for req, i in batch:
+            groups.setdefault(id(req), []).append((req, i))
+        typed = isinstance(exc, BackendFailure)
+        if typed and exc.fail_over and self.circuit is not None:
+            self.circuit.failure()
+        # A runtime that is down, slow or overloaded fails every request alike: retrying each would only
+        # hammer it. Only a rejected input (or an untyped error) may be one request's fault.
+        if len(groups) > 1 and (not typed or isinstance(exc, InputRejected)):
+            # Several requests shared the failed batch: run each request's inputs on their own, so only
+            # the request that holds the bad input fails.
+            log.warning("batch of %d inputs failed on model %r (%s); retrying per request", len(batch), self.model, exc)
+            return sum(self._compute(group) for group in groups.values())
+        if typed:
+            # The backend logged the details; this is what its clients are told.
+            log.warning("batch of %d inputs failed on model %r: %s", len(batch), self.model, exc)
+            self._fail(batch, exc)
+            return 0
+        log.error("batch of %d inputs failed on model %r", len(batch), self.model, exc_info=exc)
+        self._fail(batch, BatchFailed(f"model {self.model!r} failed on a batch: {type(exc).__name__}"))
+        return 0
+
+    def _deliver(self, batch: list[Item], vectors: np.ndarray, counted: int | None, elapsed: float) -> None:
+        """Each input's vector to its request (and the backend's token count to their progress); wakes the
+        requests the batch completed."""
+        _notify_done(self._queue.complete(batch, vectors, counted, elapsed))
 
     def _call(self, texts: list[str], token_ids: list[Sequence[int]]) -> tuple[np.ndarray, int | None]:
         # The vectors, and the tokens the backend counted when it reports them (Embedded).
