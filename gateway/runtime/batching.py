@@ -100,6 +100,7 @@ class Batcher:
             max_wait=self.max_wait,
             return_wait=return_wait,
         )
+        # One lock for the queue, admission and every request's state: the queue's, which workers wait on.
         self._cond = self._queue.lock
         # Background requests (the queue's), kept under this name for the tests that watch them arrive.
         self._idle = self._queue.background
