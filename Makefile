@@ -14,7 +14,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
 # The llama-cpp-python sdist the lock pins vendors llama.cpp's own converter at the runtime's version: a test runs it
-# (tests/test_gguf.py). Fetched once, offline after that, by the lock's own hash.
+# (tests/plugins/test_gguf.py). Fetched once, offline after that, by the lock's own hash.
 LLAMA_SDIST := $(VENV)/sdist/llama_cpp_python-$(shell sed -n 's/^llama-cpp-python==\([^ ]*\).*/\1/p' $(LOCK)).tar.gz
 
 MODELS := models/minilm-onnx/model.onnx models/minilm-onnx-int8/model.onnx models/minilm-f16.gguf models/minilm-q8_0.gguf
@@ -50,7 +50,7 @@ test-latest:
 	.venv-latest/bin/python -m pip install --quiet --upgrade pip
 	.venv-latest/bin/python -m pip install --quiet --upgrade --upgrade-strategy eager -e '.[test]'
 	.venv-latest/bin/python -m pip list --format=freeze | grep -iE '^(litestar|msgspec|uvicorn|pluggy)=='
-	.venv-latest/bin/python -m pytest -q tests/test_errors.py tests/test_fuzz.py
+	.venv-latest/bin/python -m pytest -q tests/api/test_errors.py tests/api/test_fuzz.py
 
 models: $(MODELS)
 

@@ -401,7 +401,7 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServ
 @pytest.fixture(scope="session")
 def st_folders(minilm_path: str, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """The folders of tests/folders.py (re-saved, prompted, prompts left out, raw and lower-cased), built once."""
-    from .folders import build_all
+    from .parity.folders import build_all
 
     return build_all(minilm_path, tmp_path_factory.mktemp("st-folders"))
 
@@ -409,7 +409,7 @@ def st_folders(minilm_path: str, tmp_path_factory: pytest.TempPathFactory) -> di
 @pytest.fixture(scope="session")
 def zoo_folders(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """One tiny random-weight sentence-transformers folder per architecture (tests/zoo.py), built once."""
-    from .zoo import build_zoo
+    from .parity.zoo import build_zoo
 
     return build_zoo(tmp_path_factory.mktemp("zoo"))
 
@@ -417,6 +417,6 @@ def zoo_folders(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 @pytest.fixture(scope="session")
 def zoo_converted(zoo_folders: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, Path]]:
     """The zoo converted once per session to ONNX (fp32, int8) and GGUF (f16, q8_0), where not refused."""
-    from .zoo import convert_zoo
+    from .parity.zoo import convert_zoo
 
     return convert_zoo(zoo_folders, tmp_path_factory.mktemp("zoo-converted"))

@@ -1,0 +1,1 @@
+"""gateway/embedding: the use case through HTTP: request path, options, cache, failover."""

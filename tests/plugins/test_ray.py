@@ -1,0 +1,418 @@
+"""Models on Ray Serve replicas ([models.X.ray]), end to end through HTTP on a small local Ray started by the
+gateway itself: the same vectors and token counts as in-process, a replica killed mid-batch costs no request,
+Ray missing or unreachable fails only the model that asks for it, and nothing of Ray outlives the gateway."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+
+from ..conftest import AUTH, SENTENCES, cosine, fake_vector, make_app, serve, uvicorn_server
+
+MODELS = Path(__file__).resolve().parents[2] / "models"
+INT8 = MODELS / "minilm-onnx-int8"
+GGUF = MODELS / "minilm-f16.gguf"
+
+pytestmark = pytest.mark.skipif(not INT8.is_dir() or not GGUF.is_file(), reason="needs `make models`")
+
+
+def ray_processes(tmp: str) -> list[str]:
+    """Live processes started for the Ray whose temp dir is `tmp` (they inherit RAY_TMPDIR; zombies are gone)."""
+    found = []
+    mark = f"RAY_TMPDIR={tmp}".encode()
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit() or int(proc.name) == os.getpid():
+            continue
+        try:
+            environ = (proc / "environ").read_bytes().split(b"\0")
+            state = (proc / "stat").read_text().rsplit(")", 1)[1].split()[0]
+            name = (proc / "cmdline").read_bytes().split(b"\0")[0].decode(errors="replace")
+        except OSError:  # gone meanwhile
+            continue
+        if mark in environ and state != "Z":
+            found.append(f"{proc.name} {name}")
+    return found
+
+
+@pytest.fixture(scope="module")
+def ray_tmp() -> Iterator[str]:
+    """A Ray temp dir of this module's own (short: Ray's socket paths must fit in 107 bytes)."""
+    tmp = tempfile.mkdtemp(prefix="gw-ray-", dir="/tmp")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("RAY_TMPDIR", tmp)
+        yield tmp
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+def test_missing_ray_fails_only_the_model_that_asks_for_it(monkeypatch, ray_tmp):
+    monkeypatch.setitem(sys.modules, "ray", None)  # as if the `ray` extra were not installed
+    toml = f"""
+    [models.fake]
+    backend = "fake"
+    path = "."
+
+    [models.int8-ray]
+    backend = "onnx"
+    path = "{INT8}"
+    [models.int8-ray.ray]
+    replicas = 1
+    """
+    with serve(toml) as client:
+        r = client.post("/v1/embeddings", json={"model": "int8-ray", "input": "hello"})
+        assert r.status_code == 503
+        message = r.json()["error"]["message"]
+        assert "model 'int8-ray' is not available" in message
+        assert "pip install 'embedding-gateway[ray]'" in message
+        assert client.post("/v1/embeddings", json={"model": "fake", "input": "hello"}).status_code == 200
+        assert client.get("/ready").json()["models"] == {"fake": "ready", "int8-ray": "failed"}
+    assert not ray_processes(ray_tmp)
+
+
+def test_unreachable_cluster_fails_only_that_model(ray_tmp):
+    toml = f"""
+    [models.fake]
+    backend = "fake"
+    path = "."
+
+    [models.int8-ray]
+    backend = "onnx"
+    path = "{INT8}"
+    [models.int8-ray.ray]
+    address = "127.0.0.1:1"
+    """
+    with serve(toml) as client:
+        r = client.post("/v1/embeddings", json={"model": "int8-ray", "input": "hello"})
+        assert r.status_code == 503
+        assert "cannot reach Ray at '127.0.0.1:1'" in r.json()["error"]["message"]
+        assert client.post("/v1/embeddings", json={"model": "fake", "input": "hello"}).status_code == 200
+    assert not ray_processes(ray_tmp)
+
+
+#: Each architecture of the zoo (tests/zoo.py) on Ray, on the cheapest backend that runs it (one replica each).
+ZOO_ON_RAY = {
+    "bert-cls": "gguf",
+    "xlm-roberta": "gguf",
+    "qwen3": "gguf",
+    "mpnet": "onnx",
+    "modernbert": "gguf",
+    "gemma3": "gguf",
+}
+
+
+@pytest.fixture(scope="module")
+def ray_gateway(ray_tmp, minilm_path, tmp_path_factory, zoo_converted) -> Iterator[tuple[str, Any, Path]]:
+    """One gateway serving every bundled backend twice, in-process and on Ray (int8 on 2 replicas x 1 CPU), a
+    slow fake model on 2 replicas, and each zoo architecture on Ray; the gateway starts its own Ray and must leave
+    nothing behind."""
+    started = tmp_path_factory.mktemp("started")
+    # name: backend, path, [options], [ray]; jit off: the trace takes seconds to check at load, same vectors.
+    pairs = {
+        "torch": ("torch", minilm_path, "jit = false", "num_cpus = 0"),
+        "int8": ("onnx", INT8, "", "replicas = 2\nnum_cpus = 1"),
+        "gguf": ("gguf", GGUF, "", "num_cpus = 0"),
+        "wordllama": ("wordllama", "pkg:wordllama", "", "num_cpus = 0"),
+    }
+    parts = []
+    for name, (backend, path, options, ray) in pairs.items():
+        extra = "matryoshka_dimensions = [64, 128, 256]\n" if backend == "wordllama" else ""
+        for model in (name, f"{name}-ray"):
+            parts.append(f'[models.{model}]\nbackend = "{backend}"\npath = "{path}"\n{extra}')
+            parts.append(f"[models.{model}.options]\n{options}\n")
+        parts.append(f"[models.{name}-ray.ray]\n{ray}\n")
+    parts.append(
+        f'[models.fake-ray]\nbackend = "fake"\npath = "."\n[models.fake-ray.options]\ndelay_s = 0.5\n'
+        f'started_dir = "{started}"\nreject_on = "REJECT"\n[models.fake-ray.ray]\nreplicas = 2\nnum_cpus = 0\n'
+    )
+    for family, backend in ZOO_ON_RAY.items():
+        options = {"torch": "threads = 1\njit = false", "onnx": "intra_op_threads = 1", "gguf": "n_threads = 1"}
+        parts.append(
+            f'[models.zoo-{family}]\nbackend = "{backend}"\npath = "{zoo_converted[backend][family]}"\n'
+            f"[models.zoo-{family}.options]\n{options[backend]}\n[models.zoo-{family}.ray]\nnum_cpus = 0\n"
+        )
+    app = make_app("\n".join(parts))
+    with uvicorn_server(app) as (url, _server):
+        yield url, app, started
+    import ray
+
+    assert not ray.is_initialized()
+    assert not ray_processes(ray_tmp)
+
+
+def _embed(url: str, model: str, texts: Any, **extra: Any) -> httpx.Response:
+    return httpx.post(f"{url}/v1/embeddings", json={"model": model, "input": texts, **extra}, headers=AUTH, timeout=120)
+
+
+@pytest.mark.parametrize("name", ["torch", "int8", "gguf", "wordllama"])
+def test_same_vectors_and_tokens_as_in_process(ray_gateway, name):
+    url, app, _ = ray_gateway
+    texts = SENTENCES[:8]
+    here, there = _embed(url, name, texts).json(), _embed(url, f"{name}-ray", texts).json()
+    assert there["usage"] == here["usage"]
+    for a, b in zip(here["data"], there["data"], strict=True):
+        assert cosine(a["embedding"], b["embedding"]) >= 0.99999
+    # Tokens are counted in front, by the backend's tokenizer loaded without its weights.
+    backend = app.state.gateway.registry.resolve(f"{name}-ray").backend
+    assert backend._local_tokenizer
+    # Limits are checked in front too, with the in-process model's message.
+    too_long = " ".join(["word"] * 9000)
+    a, b = _embed(url, name, too_long), _embed(url, f"{name}-ray", too_long)
+    assert (a.status_code, a.json()["error"]["message"].replace(f"'{name}'", "M")) == (
+        b.status_code,
+        b.json()["error"]["message"].replace(f"'{name}-ray'", "M"),
+    )
+    assert b.status_code == 400
+
+
+@pytest.mark.parametrize("family", list(ZOO_ON_RAY))
+def test_each_architecture_on_ray_as_sentence_transformers(ray_gateway, zoo_folders, family):
+    """The zoo's architectures placed on Ray replicas: the vectors and token counts of sentence-transformers'
+    own encode of the folder (one query-prompted request, lengths to past the limit, truncated)."""
+    from sentence_transformers import SentenceTransformer
+
+    from ..parity.zoo import FAMILIES, position_texts
+
+    url, _, _ = ray_gateway
+    texts = [*SENTENCES[:4], *position_texts()]
+    prompt_name = FAMILIES[family].query_prompt
+    body = {"truncate": True, **({"prompt_name": prompt_name} if prompt_name else {})}
+    r = _embed(url, f"zoo-{family}", texts, **body)
+    assert r.status_code == 200, r.text
+    st = SentenceTransformer(str(zoo_folders[family]), device="cpu")
+    want = st.encode(texts, prompt_name=prompt_name, show_progress_bar=False)
+    floor = 0.999 if ZOO_ON_RAY[family] == "gguf" else 0.9999
+    assert min(cosine(d["embedding"], w) for d, w in zip(r.json()["data"], want, strict=True)) >= floor
+    prompt = st.prompts.get(prompt_name or "", "")
+    ids = st.tokenizer([prompt + t for t in texts])["input_ids"]
+    assert r.json()["usage"]["total_tokens"] == sum(min(len(i), st.max_seq_length) for i in ids)
+
+
+def test_dimensions_on_ray(ray_gateway):
+    url, _, _ = ray_gateway
+    here = _embed(url, "wordllama", SENTENCES[:3], dimensions=64).json()
+    there = _embed(url, "wordllama-ray", SENTENCES[:3], dimensions=64).json()
+    for a, b in zip(here["data"], there["data"], strict=True):
+        assert len(b["embedding"]) == 64
+        assert cosine(a["embedding"], b["embedding"]) >= 0.99999
+
+
+def test_ready_and_metrics_show_replicas(ray_gateway):
+    url, _, _ = ray_gateway
+    body = httpx.get(f"{url}/ready", headers=AUTH).json()
+    assert body["replicas"]["int8-ray"] == "2/2"
+    assert body["replicas"]["gguf-ray"] == "1/1"
+    assert "int8" not in body["replicas"]  # in-process: no replicas
+    metrics = httpx.get(f"{url}/metrics").text
+    assert 'gateway_replicas_ready{model="int8-ray"} 2.0' in metrics
+    assert 'gateway_replicas{model="int8-ray"} 2.0' in metrics
+
+
+def test_one_status_call_a_period_for_all_models_on_ray(ray_gateway, monkeypatch):
+    """Replica counts of every model on Ray come from one serve.status() a second, not one per model: each costs
+    the front about 8 ms of CPU (bench/README.md, "Ray: the front's CPU per batch")."""
+    from ray import serve
+
+    url, _, _ = ray_gateway
+    on_ray = list(httpx.get(f"{url}/ready", headers=AUTH).json()["replicas"])
+    assert len(on_ray) >= 10
+    calls: list[float] = []
+    real = serve.status
+
+    def counted() -> Any:
+        calls.append(time.monotonic())
+        return real()
+
+    monkeypatch.setattr(serve, "status", counted)
+    time.sleep(3.2)
+    monkeypatch.setattr(serve, "status", real)
+    assert 2 <= len(calls) <= 5, f"{len(calls)} serve.status() calls in 3.2s for {len(on_ray)} models on Ray"
+    assert [t.name for t in threading.enumerate()].count("ray-status") == 1
+
+
+def test_replica_killed_mid_batch_costs_no_request(ray_gateway, caplog):
+    url, _, started = ray_gateway
+    for f in started.iterdir():
+        f.unlink()
+    texts = ["killed mid batch", "still answered"]
+    result: dict[str, httpx.Response] = {}
+    thread = threading.Thread(target=lambda: result.setdefault("r", _embed(url, "fake-ray", texts)))
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not any(started.iterdir()):
+        assert time.monotonic() < deadline, "the batch never started"
+        time.sleep(0.01)
+    victim = int(next(started.iterdir()).name)
+    os.kill(victim, 9)
+    thread.join(60)
+    r = result["r"]
+    assert r.status_code == 200, r.text
+    for item, text in zip(r.json()["data"], texts, strict=True):
+        np.testing.assert_allclose(item["embedding"], fake_vector(text), atol=1e-6)
+    assert any("a replica was lost during embed" in rec.getMessage() for rec in caplog.records)
+    # The batch ran again on a replica that is not the dead one, and Ray Serve restarts the dead one.
+    assert {int(f.name) for f in started.iterdir()} - {victim}
+    deadline = time.monotonic() + 60
+    while httpx.get(f"{url}/ready", headers=AUTH).json()["replicas"]["fake-ray"] != "2/2":
+        assert time.monotonic() < deadline, "the killed replica did not come back"
+        time.sleep(0.2)
+
+
+def test_a_typed_failure_in_a_replica_reaches_the_client_as_in_process(ray_gateway, caplog):
+    """InputRejected raised by the backend in its replica: 400 with its own message (no remote traceback), only
+    for the request that holds the input, and no retry (the replica is fine)."""
+    url, _, _ = ray_gateway
+    results: dict[str, httpx.Response] = {}
+    texts = {"bad": ["fine", "please REJECT me"], "good": ["also fine"]}
+    threads = [
+        threading.Thread(target=lambda k=k: results.setdefault(k, _embed(url, "fake-ray", texts[k]))) for k in texts
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert results["bad"].status_code == 400
+    assert results["bad"].json()["error"]["message"] == "fake rejects inputs with 'REJECT'"
+    assert results["good"].status_code == 200
+    assert not any("a replica was lost" in rec.getMessage() for rec in caplog.records)
+
+
+def test_replicas_that_cannot_be_placed_fail_only_that_model(ray_gateway):
+    """A model asking for more CPUs than the Ray has: failed with Ray Serve's reason, its replicas removed; the
+    gateway's other models (and the Ray they share) serve on."""
+    url, _, _ = ray_gateway
+    toml = f"""
+    [models.too-big]
+    backend = "onnx"
+    path = "{INT8}"
+    [models.too-big.ray]
+    num_cpus = 64
+    start_timeout_s = 2
+    """
+    with serve(toml, plugins=()) as client:
+        r = client.post("/v1/embeddings", json={"model": "too-big", "input": "hello"})
+        assert r.status_code == 503
+        assert "the replicas were not running after 2s" in r.json()["error"]["message"]
+    assert _embed(url, "int8-ray", ["still here"]).status_code == 200
+
+
+@pytest.mark.parametrize(
+    ("table", "message"),
+    [
+        ("replicas = 2\nmax_replicas = 3", "set `replicas`, or `min_replicas` and `max_replicas` for autoscaling"),
+        ("min_replicas = 1", "`min_replicas` needs `max_replicas` - at `$.models.m.ray`"),
+        ("replica = 2", "unknown field `replica` - at `$.models.m.ray`"),
+        ("num_cpus = -1", "Expected `float` >= 0.0 - at `$.models.m.ray.num_cpus`"),
+    ],
+)
+def test_ray_table_is_checked_with_its_key_path(table, message):
+    from gateway.base.config import ConfigError, parse_config
+    from gateway.runtime.plugins import load_plugins
+    from gateway.runtime.registry import build_specs
+
+    plugins = load_plugins()
+    config = parse_config(f'[models.m]\nbackend = "onnx"\npath = "."\n[models.m.ray]\n{table}\n')
+    with pytest.raises(ConfigError) as info:
+        build_specs(config, plugins.backends(), "x.toml", placements=plugins.placements())
+    assert str(info.value).startswith("x.toml: ")
+    assert message in str(info.value)
+
+
+# -- the front's failures, on a fake handle (no Ray needed) ---------------------------------------------------
+
+
+class _Lost(Exception):
+    """Stands for RayActorError: the replica running the call died."""
+
+
+class _NeverRaised(Exception):
+    pass
+
+
+class _Handle:
+    """A Serve handle whose every call ends in `error`; records the batch sizes sent and the cancellations."""
+
+    def __init__(self, error: BaseException) -> None:
+        self.error = error
+        self.calls: list[int] = []
+        self.cancelled = 0
+
+    @property
+    def embed(self) -> Any:
+        handle = self
+
+        class _Response:
+            def __init__(self, texts: list[str]) -> None:
+                handle.calls.append(len(texts))
+
+            def result(self, timeout_s: float) -> Any:
+                raise handle.error
+
+            def cancel(self) -> None:
+                handle.cancelled += 1
+
+        class _Method:
+            def remote(self, texts: list[str], ids: list[list[int]]) -> _Response:
+                return _Response(texts)
+
+        return _Method()
+
+
+@pytest.mark.parametrize(
+    ("error", "calls", "cancelled", "kind", "message"),
+    [
+        (TimeoutError(), [4], 1, "BackendTimeout", "model 'm': its replica did not answer within 0.5s"),
+        (_Lost("actor died"), [4, 4], 0, "BackendUnavailable", "model 'm': its replicas were lost twice"),
+    ],
+)
+def test_a_ray_batch_that_times_out_or_keeps_losing_replicas_opens_the_circuit(error, calls, cancelled, kind, message):
+    """The real RayBackend and Batcher on a fake handle: a timeout (cancelled) or a replica lost on the retry too
+    is a typed failure of the whole batch, sent no more (not re-run per request), and counted by the circuit so
+    that the model's fallbacks take over."""
+    import asyncio
+
+    from gateway_ray import RayOptions
+    from gateway_ray.front import RayBackend
+
+    from gateway.base.circuit import CircuitBreaker, CircuitState
+    from gateway.plugin import ModelInfo
+    from gateway.runtime.batching import Batcher
+
+    from ..conftest import FakeBackend, FakeOptions
+
+    backend = RayBackend(
+        FakeBackend,
+        model="m",
+        path=".",
+        options=FakeOptions(),
+        trust_remote_code=False,
+        ray=RayOptions(batch_timeout_s=0.5),
+    )
+    handle = _Handle(error)
+    backend._handle, backend._lost, backend._failed = handle, (_Lost,), _NeverRaised
+    circuit = CircuitBreaker("m", failures=1, open_s=60)
+    info = ModelInfo(dimension=8, max_input_tokens=16, normalized=True, max_batch_size=4)
+    batcher = Batcher(backend, info, model="m", circuit=circuit, max_wait_ms=200)
+
+    async def main() -> list[Any]:
+        calls = [batcher.embed([f"text {i}"], [[101, 4, 102]]) for i in range(4)]
+        return await asyncio.gather(*calls, return_exceptions=True)
+
+    try:
+        answers = asyncio.run(main())
+    finally:
+        batcher.close()
+    status = 504 if kind == "BackendTimeout" else 502
+    full = message if kind == "BackendTimeout" else message + " running this batch"
+    assert [(type(a).__name__, getattr(a, "status", None), str(a)) for a in answers] == [(kind, status, full)] * 4
+    assert handle.calls == calls and handle.cancelled == cancelled
+    assert circuit.state == CircuitState.OPEN

@@ -1,0 +1,1 @@
+"""gateway/processes: [server] workers > 1 through real `gateway serve` processes."""

@@ -1,0 +1,1 @@
+"""gateway/runtime: batching, admission, packing, plugin loading (the core on a fake backend)."""

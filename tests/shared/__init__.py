@@ -1,0 +1,1 @@
+"""gateway/shared: API keys' limits, in-process and over Redis."""
