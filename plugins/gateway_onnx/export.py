@@ -15,7 +15,7 @@ from typing import Any
 from gateway.plugin import BackendError
 from gateway.runtime import hf
 
-from .backend import SEGMENT_MASK, SEGMENT_MASK_KEY
+from .session import SEGMENT_MASK, SEGMENT_MASK_KEY
 
 OPSET = 17
 #: Graph metadata our converter writes: "packed" or "padded", why padded, the model's first position, and
