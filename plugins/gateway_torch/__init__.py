@@ -70,26 +70,13 @@ class TorchBackend(Backend):
 
     def load(self) -> ModelInfo:
         """Load the SentenceTransformer and a private copy of its tokenizer for counting."""
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")
-        os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-        # OpenMP workers spin after each parallel region by default; beside an event loop on few cores that
-        # spinning is stolen time (read once, when torch's OpenMP starts).
-        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-        try:
-            import torch
-            from sentence_transformers import SentenceTransformer
-        except ImportError as exc:
-            raise BackendError(f"the torch backend needs the `torch` extra: {exc}") from exc
-        try:
-            from sentence_transformers.sentence_transformer.modules import Normalize
-        except ImportError:  # sentence-transformers < 6
-            from sentence_transformers.models import Normalize
+        torch, sentence_transformer, normalize_module = _import_torch()
         opts: TorchOptions = self.options
         if opts.threads:
             torch.set_num_threads(opts.threads)
         try:
             # str(): SentenceTransformer treats a Path as a hub id.
-            model = SentenceTransformer(
+            model = sentence_transformer(
                 str(self.path), device=opts.device, trust_remote_code=self.trust_remote_code, local_files_only=True
             )
         except Exception as exc:
@@ -98,19 +85,10 @@ class TorchBackend(Backend):
         self._torch = torch
         self._model = model
         self._lock = threading.Lock()
-        has_normalize = any(isinstance(m, Normalize) for m in model)
+        has_normalize = any(isinstance(m, normalize_module) for m in model)
         self._normalize = bool(opts.normalize) and not has_normalize
         normalized = has_normalize if opts.normalize is None else opts.normalize
-        # sentence-transformers 6 puts a Lowercase step into its tokenizer for `do_lower_case`; older ones
-        # lower-case the text: the counter's copy gets the step either way.
-        lower = bool(getattr(model[0], "do_lower_case", False))
-        self._counter = self._make_counter(model.tokenizer, lower)
-        # The folder's prompts arrive in front of the texts (the core prepends them): found again here so that
-        # sentence-transformers neither adds its default prompt a second time nor pools a prompt it leaves out.
-        self._prompts = PromptLengths(
-            {k: v for k, v in model.prompts.items() if v}, self.tokenize, set(model.tokenizer.all_special_ids)
-        )
-        self._include_prompt = getattr(model[1], "include_prompt", True) if len(model) > 1 else True
+        self._read_tokenizer_and_prompts(model)
         limit = model.max_seq_length or getattr(model.tokenizer, "model_max_length", None) or 512
         dim = model.get_embedding_dimension() if hasattr(model, "get_embedding_dimension") else None
         dim = dim or model.get_sentence_embedding_dimension()
@@ -139,6 +117,19 @@ class TorchBackend(Backend):
             local_tokenizer=True,
             embeds_token_ids=self._packer is not None or self._pads_ids,
         )
+
+    def _read_tokenizer_and_prompts(self, model: Any) -> None:
+        """The counting tokenizer and the model's prompts, as the core sends texts (prompt in front)."""
+        # sentence-transformers 6 puts a Lowercase step into its tokenizer for `do_lower_case`; older ones
+        # lower-case the text: the counter's copy gets the step either way.
+        lower = bool(getattr(model[0], "do_lower_case", False))
+        self._counter = self._make_counter(model.tokenizer, lower)
+        # The folder's prompts arrive in front of the texts (the core prepends them): found again here so that
+        # sentence-transformers neither adds its default prompt a second time nor pools a prompt it leaves out.
+        self._prompts = PromptLengths(
+            {k: v for k, v in model.prompts.items() if v}, self.tokenize, set(model.tokenizer.all_special_ids)
+        )
+        self._include_prompt = getattr(model[1], "include_prompt", True) if len(model) > 1 else True
 
     def _make_packer(self, model: Any, row_tokens: int) -> _Packer | None:
         modules = list(model)
@@ -307,6 +298,25 @@ class TorchBackend(Backend):
         """Drop the model so its memory can be reclaimed."""
         self._model = None
         self._packer = None
+
+
+def _import_torch() -> tuple[Any, Any, type]:
+    """torch, SentenceTransformer and its Normalize module, after the environment they read at import."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    # OpenMP workers spin after each parallel region by default; beside an event loop on few cores that
+    # spinning is stolen time (read once, when torch's OpenMP starts).
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    try:
+        import torch
+        from sentence_transformers import SentenceTransformer
+    except ImportError as exc:
+        raise BackendError(f"the torch backend needs the `torch` extra: {exc}") from exc
+    try:
+        from sentence_transformers.sentence_transformer.modules import Normalize
+    except ImportError:  # sentence-transformers < 6
+        from sentence_transformers.models import Normalize
+    return torch, SentenceTransformer, Normalize
 
 
 def _pads_ids(model: Any) -> bool:
