@@ -132,24 +132,9 @@ class TorchBackend(Backend):
         self._include_prompt = getattr(model[1], "include_prompt", True) if len(model) > 1 else True
 
     def _make_packer(self, model: Any, row_tokens: int) -> _Packer | None:
-        modules = list(model)
-        first, second, rest = modules[0], modules[1] if len(modules) > 1 else None, modules[2:]
-        st_mode = getattr(second, "pooling_mode", None)
-        if st_mode is None and hasattr(second, "get_pooling_mode_str"):  # sentence-transformers < 6
-            st_mode = second.get_pooling_mode_str()
-        mode = pooling_name(str(st_mode))
-        why = ""
-        if not hasattr(first, "auto_model") or getattr(first, "backend", "torch") != "torch":
-            why = "its first module is not a transformers model"
-        elif mode is None:
-            why = f"pooling mode {st_mode!r} is not one of {', '.join(POOLING_MODES)}"
-        elif any(type(m).__name__ != "Normalize" for m in rest):
-            why = "modules after pooling other than Normalize"
-        elif getattr(model.tokenizer, "backend_tokenizer", None) is None:
-            why = "no fast tokenizer"
-        elif (window := local_attention(first.auto_model.config.to_dict())) is not None:
-            # transformers builds the local window from a 2D mask; a packed 4D mask would bypass it.
-            why = f"local attention (window {window}) cannot be expressed in a packed mask"
+        """The packed forward, or None (with a warning saying why) where the model cannot be packed or its packed
+        vectors differ from its own encode."""
+        first, mode, why = _packable(model)
         if why:
             log.warning("model %r: packing off (%s); batches are padded", self.model, why)
             return None
@@ -164,6 +149,16 @@ class TorchBackend(Backend):
             log.warning("model %r: packing off (%s); batches are padded", self.model, why)
             return None
         packer.plan = plan
+        if not self._packed_agrees(packer):
+            return None
+        if self.options.jit:
+            why = packer.trace(self._torch)
+            if why:
+                log.warning("model %r: TorchScript off (%s); the packed forward runs eagerly", self.model, why)
+        return packer
+
+    def _packed_agrees(self, packer: _Packer) -> bool:
+        """Whether the packed forward gives the model's own vectors on the probes (warning when not)."""
         # The texts as the core sends them: also with each of the model's prompts in front.
         probes = [*_PROBES, _LONG_PROBE]
         probes += [prompt + text for prompt, _ in self._prompts.prompts for text in _PROBES[1:]]
@@ -180,17 +175,13 @@ class TorchBackend(Backend):
             )
         except Exception as exc:  # a model whose forward takes no position_ids or mask of this shape
             log.warning("model %r: packing off (%s: %s); batches are padded", self.model, type(exc).__name__, exc)
-            return None
+            return False
         if not cosine > 0.9999:
             log.warning(
                 "model %r: packing off (packed vectors differ, cosine %.6f); batches are padded", self.model, cosine
             )
-            return None
-        if self.options.jit:
-            why = packer.trace(self._torch)
-            if why:
-                log.warning("model %r: TorchScript off (%s); the packed forward runs eagerly", self.model, why)
-        return packer
+            return False
+        return True
 
     @staticmethod
     def _make_counter(tokenizer: Any, lower: bool) -> Callable[[Sequence[str]], list[list[int]]]:
@@ -317,6 +308,30 @@ def _import_torch() -> tuple[Any, Any, type]:
     except ImportError:  # sentence-transformers < 6
         from sentence_transformers.models import Normalize
     return torch, SentenceTransformer, Normalize
+
+
+def _packable(model: Any) -> tuple[Any, Any, str]:
+    """(transformer module, pooling mode, "") where the model's modules can run packed, else the reason why not
+    in the last place."""
+    modules = list(model)
+    first, second, rest = modules[0], modules[1] if len(modules) > 1 else None, modules[2:]
+    st_mode = getattr(second, "pooling_mode", None)
+    if st_mode is None and hasattr(second, "get_pooling_mode_str"):  # sentence-transformers < 6
+        st_mode = second.get_pooling_mode_str()
+    mode = pooling_name(str(st_mode))
+    why = ""
+    if not hasattr(first, "auto_model") or getattr(first, "backend", "torch") != "torch":
+        why = "its first module is not a transformers model"
+    elif mode is None:
+        why = f"pooling mode {st_mode!r} is not one of {', '.join(POOLING_MODES)}"
+    elif any(type(m).__name__ != "Normalize" for m in rest):
+        why = "modules after pooling other than Normalize"
+    elif getattr(model.tokenizer, "backend_tokenizer", None) is None:
+        why = "no fast tokenizer"
+    elif (window := local_attention(first.auto_model.config.to_dict())) is not None:
+        # transformers builds the local window from a 2D mask; a packed 4D mask would bypass it.
+        why = f"local attention (window {window}) cannot be expressed in a packed mask"
+    return first, mode, why
 
 
 def _pads_ids(model: Any) -> bool:
