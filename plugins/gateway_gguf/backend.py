@@ -17,6 +17,7 @@ import logging
 import os
 import threading
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal
 
@@ -107,11 +108,124 @@ class GgufOptions(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     #: Most sequences packed into one llama.cpp call (a call also never exceeds n_ubatch tokens): each call
     #: has a fixed graph and thread start-up cost (bench/README.md, "gguf"), and the token cap keeps the
     #: packed attention small. llama.cpp's mean-pooling graph needs n_ubatch to be a multiple of it (see
-    #: `_micro_batch`).
+    #: `micro_batch`).
     seqs_per_call: PositiveInt = 16
     #: llama.cpp's extra weight buffers (repacked / AMX kernels). Off: on AVX-512+AMX machines the AMX int8
     #: kernel for Q8_0 crashed the process with SIGILL; f16 never uses them.
     extra_buffers: bool = False
+
+
+def gguf_file(path: str) -> Path:
+    """The GGUF file `path` names: the file itself, or the one .gguf file in a folder."""
+    found = Path(path).expanduser()
+    if not found.exists():
+        raise BackendError(f"GGUF file {found} does not exist")
+    if found.is_dir():
+        ggufs = sorted(found.glob("*.gguf"))
+        if len(ggufs) != 1:
+            raise BackendError(f"{found} is a folder with {len(ggufs)} .gguf files; point `path` at one file")
+        found = ggufs[0]
+    check_magic(found)
+    return found
+
+
+@dataclass(frozen=True)
+class _Extras:
+    """What our converter wrote beside llama.cpp's keys: the tokenizer, normalize, prompts, Dense layers."""
+
+    dense: tuple[hf.DenseLayer, ...]
+    # The source's own tokenizer (None for a GGUF without one: llama.cpp's tokenizer then).
+    hf_tok: Any
+    normalize: bool
+    prompt_lengths: hf.PromptLengths | None
+
+
+def _read_extras(path: Path, opts: GgufOptions) -> _Extras:
+    meta = hf.read_gguf_metadata(path, arrays_under=hf.GGUF_DENSE_PREFIX)
+    hf_tok = None
+    if isinstance(meta.get(HF_TOKENIZER_KEY), str):
+        from tokenizers import Tokenizer
+
+        try:
+            hf_tok = Tokenizer.from_str(meta[HF_TOKENIZER_KEY])
+        except Exception as exc:
+            raise BackendError(f"{path}: the tokenizer it carries ({HF_TOKENIZER_KEY}) cannot be read: {exc}") from exc
+        hf_tok.no_padding()
+        hf_tok.no_truncation()
+    normalize = meta.get(NORMALIZE_KEY)
+    prompt_lengths = None
+    if meta.get(INCLUDE_PROMPT_KEY) is False:
+        prompts, _ = hf.read_prompts(path)
+        if prompts and hf_tok is None:
+            raise BackendError(f"{path}: leaves its prompts out of pooling but carries no tokenizer.json")
+        specials = hf.special_ids(hf_tok) if hf_tok is not None else set()
+        layout = hf.Layout(root=path, transformer_dir=path, include_prompt=False)
+        tok = hf_tok
+
+        def tokenize(texts: Sequence[str]) -> list[list[int]]:
+            return [list(e.ids) for e in tok.encode_batch(list(texts))]
+
+        prompt_lengths = hf.prompt_lengths(layout, prompts, tokenize, specials)
+    return _Extras(
+        dense=hf.gguf_dense_layers(path, meta),
+        hf_tok=hf_tok,
+        normalize=opts.normalize if opts.normalize is not None else normalize is not False,
+        prompt_lengths=prompt_lengths,
+    )
+
+
+def micro_batch(limit: int, n_ubatch: int | None, seqs: int) -> int:
+    """llama.cpp's micro-batch size for inputs of up to `limit` tokens and `seqs` sequences per call.
+
+    When it reserves its graphs, llama.cpp rounds the micro-batch up to a multiple of the sequence count
+    but keeps one output per requested token; the mean-pooling product then gets operands of different
+    sizes, fails GGML_ASSERT(ggml_can_mul_mat) and aborts the process (e.g. 256 tokens with 12, 3 or 5
+    sequences). So the default is the limit rounded up to a multiple of `seqs` (a little more scratch
+    memory, nothing else), and an explicit n_ubatch that is not a multiple is refused at load.
+    """
+    if n_ubatch is None:
+        return -(-limit // seqs) * seqs
+    if n_ubatch % seqs:
+        lower, upper = n_ubatch // seqs * seqs, -(-n_ubatch // seqs) * seqs
+        choices = f"{lower} or {upper}" if lower else f"{upper}"
+        raise BackendError(
+            f"options.n_ubatch = {n_ubatch} is not a multiple of seqs_per_call = {seqs}: llama.cpp's pooling "
+            f"graph cannot be built for it (the runtime would abort); use n_ubatch = {choices}, or change "
+            "seqs_per_call"
+        )
+    return n_ubatch
+
+
+def _fill(batch: Any, seqs: list[list[int]]) -> None:
+    """llama.cpp's batch holding `seqs`, token by token, sequence i under sequence id i, every state kept."""
+    k = 0
+    for s, tokens in enumerate(seqs):
+        for p, tok in enumerate(tokens):
+            batch.token[k] = tok
+            batch.pos[k] = p
+            batch.n_seq_id[k] = 1
+            batch.seq_id[k][0] = s
+            batch.logits[k] = True
+            k += 1
+    batch.n_tokens = k
+
+
+def _pooled_by_hand(
+    lib: Any, ctx: Any, batch: Any, seqs: list[list[int]], skip: list[int], dim: int, pooling: Any
+) -> np.ndarray:
+    """Each input's token states from a context that returns them, pooled here as sentence-transformers pools,
+    leaving out its first `skip` tokens (a prompt that the source model's pooling excludes)."""
+    out = np.empty((len(seqs), dim), dtype=np.float32)
+    for i, tokens in enumerate(seqs):
+        _fill(batch, [tokens])
+        rc = lib.llama_decode(ctx, batch)
+        if rc != 0:
+            raise BackendError(f"llama.cpp decode failed (code {rc}) on an input of {len(tokens)} tokens")
+        ptr = lib.llama_get_embeddings(ctx)
+        states = np.ctypeslib.as_array(ctypes.cast(ptr, ctypes.POINTER(ctypes.c_float)), (len(tokens), dim)).copy()
+        mask = hf.exclude_prompts(np.ones((1, len(tokens)), dtype=np.int64), [skip[i]])
+        out[i] = hf.pool(states[None], mask, pooling)[0]
+    return out
 
 
 class GgufBackend(Backend):
@@ -142,6 +256,7 @@ class GgufBackend(Backend):
         self._dim = 0
         self._max_tokens = 0
         self._n_ubatch = 0
+        self._n_batch = 0
         self._seqs_per_call = 1
         self._normalize = True
         # The source's own tokenizer (None for a GGUF without one: llama.cpp's tokenizer then).
@@ -152,120 +267,34 @@ class GgufBackend(Backend):
 
     # -- loading -----------------------------------------------------------------------------------------
 
-    def _file(self) -> Path:
-        path = Path(self.path).expanduser()
-        if not path.exists():
-            raise BackendError(f"GGUF file {path} does not exist")
-        if path.is_dir():
-            ggufs = sorted(path.glob("*.gguf"))
-            if len(ggufs) != 1:
-                raise BackendError(f"{path} is a folder with {len(ggufs)} .gguf files; point `path` at one file")
-            path = ggufs[0]
-        check_magic(path)
-        return path
-
     def load_tokenizer(self) -> bool:
         """The GGUF's tokenizer alone: the source's tokenizer.json it carries, else llama.cpp's own from the
         vocabulary (vocab_only: no weights, no context)."""
         lib = _llama.lib()
-        path = self._file()
+        path = gguf_file(self.path)
         self.close()
-        self._read_metadata(path)
+        self._take_extras(path)
         model = _llama.load_model(path, vocab_only=True)
         self._lib, self._model, self._vocab = lib, model, lib.llama_model_get_vocab(model)
         return True
 
-    def _read_metadata(self, path: Path) -> dict[str, Any]:
-        """What our converter wrote beside llama.cpp's keys: the tokenizer, normalize, prompts."""
-        meta = hf.read_gguf_metadata(path, arrays_under=hf.GGUF_DENSE_PREFIX)
-        self._dense = hf.gguf_dense_layers(path, meta)
-        self._hf_tok = None
-        if isinstance(meta.get(HF_TOKENIZER_KEY), str):
-            from tokenizers import Tokenizer
-
-            try:
-                tok = Tokenizer.from_str(meta[HF_TOKENIZER_KEY])
-            except Exception as exc:
-                raise BackendError(
-                    f"{path}: the tokenizer it carries ({HF_TOKENIZER_KEY}) cannot be read: {exc}"
-                ) from exc
-            tok.no_padding()
-            tok.no_truncation()
-            self._hf_tok = tok
-        normalize = meta.get(NORMALIZE_KEY)
-        self._normalize = self.opts.normalize if self.opts.normalize is not None else normalize is not False
-        self._prompt_lengths = None
-        if meta.get(INCLUDE_PROMPT_KEY) is False:
-            prompts, _ = hf.read_prompts(path)
-            specials = hf.special_ids(self._hf_tok) if self._hf_tok is not None else set()
-            if prompts and self._hf_tok is None:
-                raise BackendError(f"{path}: leaves its prompts out of pooling but carries no tokenizer.json")
-            layout = hf.Layout(root=path, transformer_dir=path, include_prompt=False)
-            self._prompt_lengths = hf.prompt_lengths(layout, prompts, self.tokenize, specials)
-        return meta
-
-    @staticmethod
-    def _micro_batch(limit: int, n_ubatch: int | None, seqs: int) -> int:
-        """llama.cpp's micro-batch size for inputs of up to `limit` tokens and `seqs` sequences per call.
-
-        When it reserves its graphs, llama.cpp rounds the micro-batch up to a multiple of the sequence count
-        but keeps one output per requested token; the mean-pooling product then gets operands of different
-        sizes, fails GGML_ASSERT(ggml_can_mul_mat) and aborts the process (e.g. 256 tokens with 12, 3 or 5
-        sequences). So the default is the limit rounded up to a multiple of `seqs` (a little more scratch
-        memory, nothing else), and an explicit n_ubatch that is not a multiple is refused at load.
-        """
-        if n_ubatch is None:
-            return -(-limit // seqs) * seqs
-        if n_ubatch % seqs:
-            lower, upper = n_ubatch // seqs * seqs, -(-n_ubatch // seqs) * seqs
-            choices = f"{lower} or {upper}" if lower else f"{upper}"
-            raise BackendError(
-                f"options.n_ubatch = {n_ubatch} is not a multiple of seqs_per_call = {seqs}: llama.cpp's pooling "
-                f"graph cannot be built for it (the runtime would abort); use n_ubatch = {choices}, or change "
-                "seqs_per_call"
-            )
-        return n_ubatch
+    def _take_extras(self, path: Path) -> None:
+        extras = _read_extras(path, self.opts)
+        self._dense, self._hf_tok = extras.dense, extras.hf_tok
+        self._normalize, self._prompt_lengths = extras.normalize, extras.prompt_lengths
 
     def load(self) -> ModelInfo:
         lib = _llama.lib()
-        path = self._file()
-        o = self.opts
-        threads = o.n_threads or _cpu_count()
-        self._seqs_per_call = min(o.seqs_per_call, int(lib.llama_max_parallel_sequences()))
+        path = gguf_file(self.path)
+        threads = self.opts.n_threads or _cpu_count()
+        self._seqs_per_call = min(self.opts.seqs_per_call, int(lib.llama_max_parallel_sequences()))
         self.close()  # a second load() replaces the first model instead of leaking it
-        self._read_metadata(path)
+        self._take_extras(path)
         # Metadata llama.cpp reads comes from llama.cpp itself after loading the weights (mmap).
-        model = _llama.load_model(path, extra_buffers=o.extra_buffers)
+        model = _llama.load_model(path, extra_buffers=self.opts.extra_buffers)
         try:
             arch = _meta(lib, model, "general.architecture") or "?"
-            limit = int(lib.llama_model_n_ctx_train(model))
-            if limit < 1:
-                raise BackendError(f"{path}: the GGUF declares no context length ({arch}.context_length)")
-            seq_len = _meta_int(lib, model, MAX_SEQ_LENGTH_KEY)
-            if seq_len is not None and 0 < seq_len < limit:
-                limit = seq_len
-            n_ubatch = self._micro_batch(limit, o.n_ubatch, self._seqs_per_call)
-            n_batch = max(o.n_batch or n_ubatch, n_ubatch)
-            n_ctx = max(o.n_ctx or n_batch, n_batch)
-            # llama.cpp encodes a whole sequence in one micro-batch: an input longer than n_ubatch aborts
-            # the process (GGML_ASSERT), so the advertised limit never exceeds it.
-            self._max_tokens = min(limit, n_ubatch)
-            self._n_ubatch = n_ubatch
-            pooling = _POOLING_IDS[o.pooling] if o.pooling else _meta_int(lib, model, f"{arch}.pooling_type")
-            if pooling not in _POOLING_NAMES:
-                raise BackendError(
-                    f"{path}: the GGUF declares no usable pooling ({arch}.pooling_type={pooling!r}); "
-                    "set options.pooling to 'mean', 'cls' or 'last'"
-                )
-            ctx = _llama.new_context(
-                model,
-                n_ctx=n_ctx,
-                n_batch=n_batch,
-                n_ubatch=n_ubatch,
-                n_seq_max=self._seqs_per_call,
-                threads=threads,
-                pooling=pooling,
-            )
+            ctx, pooling = self._new_context(lib, model, path, arch, threads)
         except BackendError:
             lib.llama_model_free(model)
             raise
@@ -278,16 +307,16 @@ class GgufBackend(Backend):
             self.close()
             raise BackendError(f"{path}: its first Dense layer takes {self._dense[0].in_features} features, not {dim}")
         # One reusable batch: token, pos, seq_id and logits arrays sized for a full micro-batch.
-        self._batch = lib.llama_batch_init(n_batch, 0, 1)
+        self._batch = lib.llama_batch_init(self._n_batch, 0, 1)
         log.info(
             "gguf %s: arch=%s dim=%d max_input_tokens=%d pooling=%s threads=%d seqs_per_call=%d",
             path.name,
             arch,
             self._dim,
             self._max_tokens,
-            _POOLING_NAMES[pooling],
+            self._pooling,
             threads,
-            o.seqs_per_call,
+            self.opts.seqs_per_call,
         )
         return ModelInfo(
             dimension=self._dense[-1].out_features if self._dense else self._dim,
@@ -300,6 +329,39 @@ class GgufBackend(Backend):
             local_tokenizer=True,
             embeds_token_ids=True,
         )
+
+    def _new_context(self, lib: Any, model: Any, path: Path, arch: str, threads: int) -> tuple[Any, int]:
+        """llama.cpp's context for the model: its sizes from the input limit and the options, its pooling."""
+        o = self.opts
+        limit = int(lib.llama_model_n_ctx_train(model))
+        if limit < 1:
+            raise BackendError(f"{path}: the GGUF declares no context length ({arch}.context_length)")
+        seq_len = _meta_int(lib, model, MAX_SEQ_LENGTH_KEY)
+        if seq_len is not None and 0 < seq_len < limit:
+            limit = seq_len
+        n_ubatch = micro_batch(limit, o.n_ubatch, self._seqs_per_call)
+        n_batch = max(o.n_batch or n_ubatch, n_ubatch)
+        n_ctx = max(o.n_ctx or n_batch, n_batch)
+        # llama.cpp encodes a whole sequence in one micro-batch: an input longer than n_ubatch aborts
+        # the process (GGML_ASSERT), so the advertised limit never exceeds it.
+        self._max_tokens = min(limit, n_ubatch)
+        self._n_ubatch, self._n_batch = n_ubatch, n_batch
+        pooling = _POOLING_IDS[o.pooling] if o.pooling else _meta_int(lib, model, f"{arch}.pooling_type")
+        if pooling not in _POOLING_NAMES:
+            raise BackendError(
+                f"{path}: the GGUF declares no usable pooling ({arch}.pooling_type={pooling!r}); "
+                "set options.pooling to 'mean', 'cls' or 'last'"
+            )
+        ctx = _llama.new_context(
+            model,
+            n_ctx=n_ctx,
+            n_batch=n_batch,
+            n_ubatch=n_ubatch,
+            n_seq_max=self._seqs_per_call,
+            threads=threads,
+            pooling=pooling,
+        )
+        return ctx, pooling
 
     def close(self) -> None:
         with self._lock:
@@ -347,16 +409,7 @@ class GgufBackend(Backend):
     def _run(self, seqs: list[list[int]], out: np.ndarray, rows: list[int]) -> None:
         """Encode `seqs` in one llama.cpp call and write their pooled vectors into out[rows]."""
         lib, ctx, batch = self._lib, self._ctx, self._batch
-        k = 0
-        for s, tokens in enumerate(seqs):
-            for p, tok in enumerate(tokens):
-                batch.token[k] = tok
-                batch.pos[k] = p
-                batch.n_seq_id[k] = 1
-                batch.seq_id[k][0] = s
-                batch.logits[k] = True
-                k += 1
-        batch.n_tokens = k
+        _fill(batch, seqs)
         mem = lib.llama_get_memory(ctx)
         if mem:  # encoder-only models have no KV cache; a decoder-style one must start clean each call
             lib.llama_memory_clear(mem, True)
@@ -400,7 +453,6 @@ class GgufBackend(Backend):
     def _embed_without_prompts(self, seqs: list[list[int]], skip: list[int]) -> np.ndarray:
         """llama.cpp pools every token of a sequence in its graph; to leave a prompt out, each input runs with
         a second context that returns token states, pooled here as sentence-transformers pools."""
-        out = np.empty((len(seqs), self._dim), dtype=np.float32)
         with self._lock:
             if self._ctx is None:
                 raise BackendError(f"model {self.model!r} is closed")
@@ -414,24 +466,7 @@ class GgufBackend(Backend):
                     threads=self._threads,
                     pooling=0,  # LLAMA_POOLING_TYPE_NONE: one state per token
                 )
-            lib, ctx, batch = self._lib, self._token_ctx, self._batch
-            for i, tokens in enumerate(seqs):
-                for p, tok in enumerate(tokens):
-                    batch.token[p] = tok
-                    batch.pos[p] = p
-                    batch.n_seq_id[p] = 1
-                    batch.seq_id[p][0] = 0
-                    batch.logits[p] = True
-                batch.n_tokens = len(tokens)
-                rc = lib.llama_decode(ctx, batch)
-                if rc != 0:
-                    raise BackendError(f"llama.cpp decode failed (code {rc}) on an input of {len(tokens)} tokens")
-                ptr = lib.llama_get_embeddings(ctx)
-                states = np.ctypeslib.as_array(
-                    ctypes.cast(ptr, ctypes.POINTER(ctypes.c_float)), (len(tokens), self._dim)
-                ).copy()
-                mask = hf.exclude_prompts(np.ones((1, len(tokens)), dtype=np.int64), [skip[i]])
-                out[i] = hf.pool(states[None], mask, self._pooling)[0]
+            out = _pooled_by_hand(self._lib, self._token_ctx, self._batch, seqs, skip, self._dim, self._pooling)
         # A Dense the runtime applies ran on each token's state here: it is linear with no bias (see the
         # converter's _runtime_dense), so pooling afterwards gives the same vector.
         out = hf.apply_dense(out, self._dense)
