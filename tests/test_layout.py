@@ -1,6 +1,7 @@
-"""The import graph of gateway/ and the bundled plugins: no circles, and no import from a lower layer up to a
-higher one (docs/architecture.md draws the layers). Every import counts, a lazy one inside a function and a
-TYPE_CHECKING one included: each is a dependency a reader has to follow."""
+"""The shape of gateway/ and the bundled plugins: no import circle, no import from a lower layer up to a
+higher one (docs/architecture.md draws the layers), and no function or class too long to read whole. Every
+import counts, a lazy one inside a function and a TYPE_CHECKING one included: each is a dependency a reader has
+to follow."""
 
 from __future__ import annotations
 
@@ -150,3 +151,34 @@ def test_the_checks_see_a_circle_and_an_upward_import(graph: dict[str, set[str]]
     module = tmp_path / "lazy.py"
     module.write_text("def f():\n    from gateway.embedding import cache\n")
     assert _imports("gateway.base.lazy", module, set(graph)) == {"gateway.embedding.cache"}
+
+
+# A reader should take in a function at a glance and a class in one sitting; where one must stay whole, its
+# docstring says why, starting with "Kept whole:".
+MAX_FUNCTION_LINES = 50
+MAX_CLASS_LINES = 250
+
+
+def _oversized(file: Path) -> list[str]:
+    found = []
+    for node in ast.walk(ast.parse(file.read_text(), str(file))):
+        if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            continue
+        limit = MAX_CLASS_LINES if isinstance(node, ast.ClassDef) else MAX_FUNCTION_LINES
+        lines = node.end_lineno - node.lineno + 1  # type: ignore[operator]
+        if lines > limit and not (ast.get_docstring(node) or "").startswith("Kept whole:"):
+            where = file.relative_to(ROOT) if file.is_relative_to(ROOT) else file.name
+            found.append(f"{where}:{node.lineno} {node.name}: {lines} lines (limit {limit})")
+    return found
+
+
+def test_no_function_over_50_lines_and_no_class_over_250() -> None:
+    over = [line for file in _modules().values() for line in _oversized(file)]
+    assert not over, "split by job, or say why it must stay whole:\n" + "\n".join(over)
+
+
+def test_the_size_check_sees_a_long_function(tmp_path: Path) -> None:
+    module = tmp_path / "probe.py"
+    body = "\n".join(f"    x{i} = {i}" for i in range(50))
+    module.write_text(f'def long():\n{body}\n\n\ndef kept():\n    """Kept whole: a probe."""\n{body}\n')
+    assert _oversized(module) == [f"probe.py:1 long: 51 lines (limit {MAX_FUNCTION_LINES})"]
