@@ -8,7 +8,6 @@ and a plugin nobody configured must not cost a second of import time or fail for
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal
@@ -18,6 +17,8 @@ import numpy as np
 
 from gateway.plugin import Backend, BackendError, ModelInfo
 from gateway.runtime import hf, packing
+
+from .session import SEGMENT_MASK, SEGMENT_MASK_KEY, model_files, open_session, read_graph
 
 if TYPE_CHECKING:
     import onnxruntime
@@ -29,10 +30,8 @@ _GRAPH_LEVELS = ("disable", "basic", "extended", "all")
 # Rows per onnxruntime call when `embed` gets more inputs than a core batch (benchmarks, direct use):
 # sorting by length and running in slices keeps padding low without huge activations.
 _SLICE = 64
-# The metadata entry `gateway convert` writes into a graph that reads attention_mask as segment ids (1, 2, ...
-# per input of a row): only such a graph may be packed. Any other graph reads a non-zero mask as "attend".
-SEGMENT_MASK_KEY = "gateway.attention_mask"
-SEGMENT_MASK = "segment_ids"
+# The segment-mask marks live with the graph reading (session.py); still importable from here, as before.
+__all__ = ["SEGMENT_MASK", "SEGMENT_MASK_KEY", "OnnxBackend", "OnnxOptions"]
 
 
 class OnnxOptions(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -95,116 +94,12 @@ class OnnxBackend(Backend):
         self._dense: tuple[hf.DenseLayer, ...] = ()
 
     # -- loading ------------------------------------------------------------------------------------
-    def _paths(self) -> tuple[Path, Path]:
-        opts: OnnxOptions = self.options
-        root = Path(self.path)
-        # A path straight to an .onnx file is accepted too: its folder is the model folder.
-        if root.is_file() and root.suffix == ".onnx":
-            return root.parent, root
-        if not root.is_dir():
-            raise BackendError(f"model folder {root} does not exist")
-        onnx_file = root / opts.file
-        if not onnx_file.is_file():
-            found = sorted(str(p.relative_to(root)) for p in root.rglob("*.onnx"))
-            hint = (
-                f"; .onnx files there: {', '.join(found[:5])} (set options.file)"
-                if found
-                else ("; convert one with `gateway convert SRC --to onnx --out DIR`")
-            )
-            raise BackendError(f"ONNX file {onnx_file} not found{hint}")
-        return root, onnx_file
-
-    def _providers(self) -> list[str]:
-        import onnxruntime as ort
-
-        available = ort.get_available_providers()
-        wanted = list(self.options.providers) or ["CPUExecutionProvider"]
-        missing = [p for p in wanted if p not in available]
-        if missing:
-            extra = (
-                " (CUDA needs the onnxruntime-gpu package and a visible GPU)"
-                if any("CUDA" in p or "Tensorrt" in p for p in missing)
-                else ""
-            )
-            raise BackendError(
-                f"execution provider(s) {', '.join(missing)} not available in this onnxruntime build"
-                f"{extra}; available: {', '.join(available)}"
-            )
-        return wanted
-
-    def _load_tokenizer(self, model_dir: Path, onnx_file: Path, layout: hf.Layout) -> None:
-        from tokenizers import Tokenizer
-
-        candidates = [model_dir / "tokenizer.json", onnx_file.parent / "tokenizer.json"]
-        tok_file = next((p for p in candidates if p.is_file()), None)
-        if tok_file is None:
-            raise BackendError(
-                f"no tokenizer.json in {model_dir}; `gateway convert` writes one, or save the model's fast "
-                "tokenizer there"
-            )
-        try:
-            tok = Tokenizer.from_file(str(tok_file))
-        except Exception as exc:
-            raise BackendError(f"cannot load tokenizer {tok_file}: {exc}") from exc
-        # Keep the file's pad id before dropping its padding: all-MiniLM's tokenizer.json pads every input
-        # to a fixed 128 and truncates at 128, neither of which sentence-transformers uses.
-        padding = tok.padding
-        if padding is not None:
-            self._pad_id = int(padding["pad_id"])
-        else:
-            pad = tok.token_to_id("[PAD]") if tok.token_to_id("[PAD]") is not None else tok.token_to_id("<pad>")
-            self._pad_id = int(pad or 0)
-        tok.no_padding()
-        tok.no_truncation()
-        if layout.do_lower_case:
-            # sentence-transformers lower-cases before a tokenizer that may not (a cased vocabulary).
-            hf.lower_case(tok)
-        self._count_tok = tok
-        # A second copy truncates at the model limit, as sentence-transformers does; the core normally
-        # rejects longer inputs first, but a position beyond the embedding table would crash the graph.
-        embed_tok = Tokenizer.from_str(tok.to_str())
-        embed_tok.enable_truncation(max_length=self._max_tokens)
-        self._embed_tok = embed_tok
-        prompts, _ = hf.read_prompts(model_dir)
-        self._prompt_lengths = hf.prompt_lengths(layout, prompts, self.tokenize, hf.special_ids(tok))
-
     def load(self) -> ModelInfo:
-        import onnxruntime as ort
+        import onnxruntime  # noqa: F401 - a missing extra is reported before anything about the folder
 
-        opts: OnnxOptions = self.options
-        model_dir, onnx_file = self._paths()
-        layout = hf.read_layout(model_dir)
-        if layout.unsupported:
-            # LayerNorm, custom modules: serving without them would return other vectors, silently.
-            raise BackendError(f"{model_dir}: module {layout.unsupported[0]!r} is not supported by the onnx backend")
-        self._dense = hf.dense_layers(layout, self.trust_remote_code)
-        self._pooling = opts.pooling or layout.pooling or "mean"
-        self._normalize = layout.normalize if opts.normalize is None else opts.normalize
-        self._max_tokens = hf.max_input_tokens(layout)
-        self._load_tokenizer(model_dir, onnx_file, layout)
-
-        so = ort.SessionOptions()
-        so.graph_optimization_level = {
-            "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
-            "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
-            "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
-            "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
-        }[opts.graph_optimization]
-        if opts.intra_op_threads is not None:
-            so.intra_op_num_threads = opts.intra_op_threads
-        elif opts.parallel_batches > 1:
-            so.intra_op_num_threads = max(1, (os.cpu_count() or 1) // opts.parallel_batches)
-        so.add_session_config_entry("session.intra_op.allow_spinning", "1" if opts.allow_spinning else "0")
-        providers = self._providers()
-        try:
-            self._session = ort.InferenceSession(str(onnx_file), sess_options=so, providers=providers)
-        except Exception as exc:
-            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise BackendError(f"cannot load ONNX model {onnx_file}: {reason}") from exc
-        self._inspect_graph(onnx_file)
-        # Both paths run on ids alone (a single text's token types are all 0), so the ids counted on arrival
-        # are reused in the batch, and the core can cut over-long inputs for requests that ask it to.
-        self._use_ids = not self._pooled_output
+        model_dir, onnx_file = model_files(self.path, self.options.file)
+        self._read_folder(model_dir, onnx_file)
+        self._open_session(onnx_file)
         try:
             probe = self.embed(["warm up"], self.tokenize(["warm up"]))
         except BackendError:
@@ -225,7 +120,7 @@ class OnnxBackend(Backend):
             dimension=self._dimension,
             max_input_tokens=self._max_tokens,
             normalized=self._normalize,
-            concurrent_batches=opts.parallel_batches,
+            concurrent_batches=self.options.parallel_batches,
             pads_to_longest=not self._packed,
             # The per-call cost in tokens of compute: bench/README.md, "onnx".
             call_overhead_tokens=24,
@@ -233,44 +128,46 @@ class OnnxBackend(Backend):
             embeds_token_ids=self._use_ids,
         )
 
+    def _read_folder(self, model_dir: Path, onnx_file: Path) -> None:
+        """What the folder says beside the graph: its modules (pooling, Dense, Normalize), limit and tokenizer."""
+        opts: OnnxOptions = self.options
+        layout = hf.read_layout(model_dir)
+        if layout.unsupported:
+            # LayerNorm, custom modules: serving without them would return other vectors, silently.
+            raise BackendError(f"{model_dir}: module {layout.unsupported[0]!r} is not supported by the onnx backend")
+        self._dense = hf.dense_layers(layout, self.trust_remote_code)
+        self._pooling = opts.pooling or layout.pooling or "mean"
+        self._normalize = layout.normalize if opts.normalize is None else opts.normalize
+        self._max_tokens = hf.max_input_tokens(layout)
+        self._load_tokenizer(model_dir, onnx_file, layout)
+
+    def _open_session(self, onnx_file: Path) -> None:
+        """The onnxruntime session, and how each batch feeds it and reads it (session.py)."""
+        self._session = open_session(onnx_file, self.options)
+        graph = read_graph(self._session, onnx_file)
+        self._input_names, self._int32_inputs = graph.input_names, graph.int32_inputs
+        self._output_index, self._pooled_output = graph.output_index, graph.pooled_output
+        # Packed only where our converter marked the graph as reading attention_mask as segment ids: a foreign
+        # graph with position_ids (optimum's, say) would let the inputs sharing a row attend to each other.
+        self._packed = graph.segment_mask and "position_ids" in self._input_names and self.options.pack_tokens > 0
+        # Both paths run on ids alone (a single text's token types are all 0), so the ids counted on arrival
+        # are reused in the batch, and the core can cut over-long inputs for requests that ask it to.
+        self._use_ids = not self._pooled_output
+
     def load_tokenizer(self) -> bool:
         """The tokenizer alone, from the model folder's tokenizer.json (no session, no weights)."""
-        model_dir, onnx_file = self._paths()
+        model_dir, onnx_file = model_files(self.path, self.options.file)
         layout = hf.read_layout(model_dir)
         self._max_tokens = hf.max_input_tokens(layout)
         self._load_tokenizer(model_dir, onnx_file, layout)
         return True
 
-    def _inspect_graph(self, onnx_file: Path) -> None:
-        inputs = self._session.get_inputs()
-        self._input_names = [i.name for i in inputs]
-        self._int32_inputs = {i.name for i in inputs if i.type == "tensor(int32)"}
-        unknown = set(self._input_names) - {"input_ids", "attention_mask", "token_type_ids", "position_ids"}
-        if unknown or "input_ids" not in self._input_names:
-            raise BackendError(
-                f"{onnx_file}: inputs {self._input_names} are not an encoder's "
-                "(expected input_ids, attention_mask and optionally token_type_ids, position_ids)"
-            )
-        # Packed only where our converter marked the graph as reading attention_mask as segment ids: a foreign
-        # graph with position_ids (optimum's, say) would let the inputs sharing a row attend to each other.
-        marked = self._session.get_modelmeta().custom_metadata_map.get(SEGMENT_MASK_KEY) == SEGMENT_MASK
-        self._packed = marked and "position_ids" in self._input_names and self.options.pack_tokens > 0
-        outputs = self._session.get_outputs()
-        # Per-token states are pooled here; a graph that already pools (a 2-D output) is used as is.
-        by_name = {o.name: i for i, o in enumerate(outputs)}
-        for name in ("last_hidden_state", "token_embeddings"):
-            if name in by_name:
-                self._output_index = by_name[name]
-                return
-        for i, o in enumerate(outputs):
-            if len(o.shape) == 3:
-                self._output_index = i
-                return
-        for name in ("sentence_embedding", "pooler_output"):
-            if name in by_name:
-                self._output_index, self._pooled_output = by_name[name], True
-                return
-        raise BackendError(f"{onnx_file}: no [batch, sequence, hidden] output among {list(by_name)}")
+    def _load_tokenizer(self, model_dir: Path, onnx_file: Path, layout: hf.Layout) -> None:
+        self._count_tok, self._embed_tok, self._pad_id = _tokenizers(
+            model_dir, onnx_file, layout.do_lower_case, self._max_tokens
+        )
+        prompts, _ = hf.read_prompts(model_dir)
+        self._prompt_lengths = hf.prompt_lengths(layout, prompts, self.tokenize, hf.special_ids(self._count_tok))
 
     # -- serving ------------------------------------------------------------------------------------
     def tokenize(self, texts: Sequence[str]) -> list[list[int]]:
@@ -358,3 +255,40 @@ class OnnxBackend(Backend):
     def close(self) -> None:
         # Dropping the session frees its arena; the core drops the backend right after.
         self.__dict__.pop("_session", None)
+
+
+def _tokenizers(
+    model_dir: Path, onnx_file: Path, lower: bool, max_tokens: int
+) -> tuple[tokenizers.Tokenizer, tokenizers.Tokenizer, int]:
+    """(counting tokenizer, embedding tokenizer, pad id) from the folder's tokenizer.json: the first neither
+    pads nor truncates, the second truncates at `max_tokens`."""
+    from tokenizers import Tokenizer
+
+    candidates = [model_dir / "tokenizer.json", onnx_file.parent / "tokenizer.json"]
+    tok_file = next((p for p in candidates if p.is_file()), None)
+    if tok_file is None:
+        raise BackendError(
+            f"no tokenizer.json in {model_dir}; `gateway convert` writes one, or save the model's fast tokenizer there"
+        )
+    try:
+        tok = Tokenizer.from_file(str(tok_file))
+    except Exception as exc:
+        raise BackendError(f"cannot load tokenizer {tok_file}: {exc}") from exc
+    # Keep the file's pad id before dropping its padding: all-MiniLM's tokenizer.json pads every input
+    # to a fixed 128 and truncates at 128, neither of which sentence-transformers uses.
+    padding = tok.padding
+    if padding is not None:
+        pad_id = int(padding["pad_id"])
+    else:
+        pad = tok.token_to_id("[PAD]") if tok.token_to_id("[PAD]") is not None else tok.token_to_id("<pad>")
+        pad_id = int(pad or 0)
+    tok.no_padding()
+    tok.no_truncation()
+    if lower:
+        # sentence-transformers lower-cases before a tokenizer that may not (a cased vocabulary).
+        hf.lower_case(tok)
+    # A second copy truncates at the model limit, as sentence-transformers does; the core normally
+    # rejects longer inputs first, but a position beyond the embedding table would crash the graph.
+    embed_tok = Tokenizer.from_str(tok.to_str())
+    embed_tok.enable_truncation(max_length=max_tokens)
+    return tok, embed_tok, pad_id

@@ -75,26 +75,13 @@ class TorchBackend(Backend):
 
     def load(self) -> ModelInfo:
         """Load the SentenceTransformer and a private copy of its tokenizer for counting."""
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")
-        os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-        # OpenMP workers spin after each parallel region by default; beside an event loop on few cores that
-        # spinning is stolen time (read once, when torch's OpenMP starts).
-        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-        try:
-            import torch
-            from sentence_transformers import SentenceTransformer
-        except ImportError as exc:
-            raise BackendError(f"the torch backend needs the `torch` extra: {exc}") from exc
-        try:
-            from sentence_transformers.sentence_transformer.modules import Normalize
-        except ImportError:  # sentence-transformers < 6
-            from sentence_transformers.models import Normalize
+        torch, sentence_transformer, normalize_module = _import_torch()
         opts: TorchOptions = self.options
         if opts.threads:
             torch.set_num_threads(opts.threads)
         try:
             # str(): SentenceTransformer treats a Path as a hub id.
-            model = SentenceTransformer(
+            model = sentence_transformer(
                 str(self.path), device=opts.device, trust_remote_code=self.trust_remote_code, local_files_only=True
             )
         except Exception as exc:
@@ -103,19 +90,10 @@ class TorchBackend(Backend):
         self._torch = torch
         self._model = model
         self._lock = threading.Lock()
-        has_normalize = any(isinstance(m, Normalize) for m in model)
+        has_normalize = any(isinstance(m, normalize_module) for m in model)
         self._normalize = bool(opts.normalize) and not has_normalize
         normalized = has_normalize if opts.normalize is None else opts.normalize
-        # sentence-transformers 6 puts a Lowercase step into its tokenizer for `do_lower_case`; older ones
-        # lower-case the text: the counter's copy gets the step either way.
-        lower = bool(getattr(model[0], "do_lower_case", False))
-        self._counter = self._make_counter(model.tokenizer, lower)
-        # The folder's prompts arrive in front of the texts (the core prepends them): found again here so that
-        # sentence-transformers neither adds its default prompt a second time nor pools a prompt it leaves out.
-        self._prompts = PromptLengths(
-            {k: v for k, v in model.prompts.items() if v}, self.tokenize, set(model.tokenizer.all_special_ids)
-        )
-        self._include_prompt = getattr(model[1], "include_prompt", True) if len(model) > 1 else True
+        self._read_tokenizer_and_prompts(model)
         limit = model.max_seq_length or getattr(model.tokenizer, "model_max_length", None) or 512
         dim = model.get_embedding_dimension() if hasattr(model, "get_embedding_dimension") else None
         dim = dim or model.get_sentence_embedding_dimension()
@@ -145,25 +123,23 @@ class TorchBackend(Backend):
             embeds_token_ids=self._packer is not None or self._pads_ids,
         )
 
+    def _read_tokenizer_and_prompts(self, model: Any) -> None:
+        """The counting tokenizer and the model's prompts, as the core sends texts (prompt in front)."""
+        # sentence-transformers 6 puts a Lowercase step into its tokenizer for `do_lower_case`; older ones
+        # lower-case the text: the counter's copy gets the step either way.
+        lower = bool(getattr(model[0], "do_lower_case", False))
+        self._counter = self._make_counter(model.tokenizer, lower)
+        # The folder's prompts arrive in front of the texts (the core prepends them): found again here so that
+        # sentence-transformers neither adds its default prompt a second time nor pools a prompt it leaves out.
+        self._prompts = PromptLengths(
+            {k: v for k, v in model.prompts.items() if v}, self.tokenize, set(model.tokenizer.all_special_ids)
+        )
+        self._include_prompt = getattr(model[1], "include_prompt", True) if len(model) > 1 else True
+
     def _make_packer(self, model: Any, row_tokens: int) -> _Packer | None:
-        modules = list(model)
-        first, second, rest = modules[0], modules[1] if len(modules) > 1 else None, modules[2:]
-        st_mode = getattr(second, "pooling_mode", None)
-        if st_mode is None and hasattr(second, "get_pooling_mode_str"):  # sentence-transformers < 6
-            st_mode = second.get_pooling_mode_str()
-        mode = pooling_name(str(st_mode))
-        why = ""
-        if not hasattr(first, "auto_model") or getattr(first, "backend", "torch") != "torch":
-            why = "its first module is not a transformers model"
-        elif mode is None:
-            why = f"pooling mode {st_mode!r} is not one of {', '.join(POOLING_MODES)}"
-        elif any(type(m).__name__ != "Normalize" for m in rest):
-            why = "modules after pooling other than Normalize"
-        elif getattr(model.tokenizer, "backend_tokenizer", None) is None:
-            why = "no fast tokenizer"
-        elif (window := local_attention(first.auto_model.config.to_dict())) is not None:
-            # transformers builds the local window from a 2D mask; a packed 4D mask would bypass it.
-            why = f"local attention (window {window}) cannot be expressed in a packed mask"
+        """The packed forward, or None (with a warning saying why) where the model cannot be packed or its packed
+        vectors differ from its own encode."""
+        first, mode, why = _packable(model)
         if why:
             log.warning("model %r: packing off (%s); batches are padded", self.model, why)
             return None
@@ -178,6 +154,16 @@ class TorchBackend(Backend):
             log.warning("model %r: packing off (%s); batches are padded", self.model, why)
             return None
         packer.plan = plan
+        if not self._packed_agrees(packer):
+            return None
+        if self.options.jit:
+            why = packer.trace(self._torch)
+            if why:
+                log.warning("model %r: TorchScript off (%s); the packed forward runs eagerly", self.model, why)
+        return packer
+
+    def _packed_agrees(self, packer: _Packer) -> bool:
+        """Whether the packed forward gives the model's own vectors on the probes (warning when not)."""
         # The texts as the core sends them: also with each of the model's prompts in front.
         probes = [*_PROBES, _LONG_PROBE]
         probes += [prompt + text for prompt, _ in self._prompts.prompts for text in _PROBES[1:]]
@@ -194,17 +180,13 @@ class TorchBackend(Backend):
             )
         except Exception as exc:  # a model whose forward takes no position_ids or mask of this shape
             log.warning("model %r: packing off (%s: %s); batches are padded", self.model, type(exc).__name__, exc)
-            return None
+            return False
         if not cosine > 0.9999:
             log.warning(
                 "model %r: packing off (packed vectors differ, cosine %.6f); batches are padded", self.model, cosine
             )
-            return None
-        if self.options.jit:
-            why = packer.trace(self._torch)
-            if why:
-                log.warning("model %r: TorchScript off (%s); the packed forward runs eagerly", self.model, why)
-        return packer
+            return False
+        return True
 
     @staticmethod
     def _make_counter(tokenizer: Any, lower: bool) -> Callable[[Sequence[str]], list[list[int]]]:
@@ -312,6 +294,49 @@ class TorchBackend(Backend):
         """Drop the model so its memory can be reclaimed."""
         self._model = None
         self._packer = None
+
+
+def _import_torch() -> tuple[Any, Any, type]:
+    """torch, SentenceTransformer and its Normalize module, after the environment they read at import."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    # OpenMP workers spin after each parallel region by default; beside an event loop on few cores that
+    # spinning is stolen time (read once, when torch's OpenMP starts).
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    try:
+        import torch
+        from sentence_transformers import SentenceTransformer
+    except ImportError as exc:
+        raise BackendError(f"the torch backend needs the `torch` extra: {exc}") from exc
+    try:
+        from sentence_transformers.sentence_transformer.modules import Normalize
+    except ImportError:  # sentence-transformers < 6
+        from sentence_transformers.models import Normalize
+    return torch, SentenceTransformer, Normalize
+
+
+def _packable(model: Any) -> tuple[Any, Any, str]:
+    """(transformer module, pooling mode, "") where the model's modules can run packed, else the reason why not
+    in the last place."""
+    modules = list(model)
+    first, second, rest = modules[0], modules[1] if len(modules) > 1 else None, modules[2:]
+    st_mode = getattr(second, "pooling_mode", None)
+    if st_mode is None and hasattr(second, "get_pooling_mode_str"):  # sentence-transformers < 6
+        st_mode = second.get_pooling_mode_str()
+    mode = pooling_name(str(st_mode))
+    why = ""
+    if not hasattr(first, "auto_model") or getattr(first, "backend", "torch") != "torch":
+        why = "its first module is not a transformers model"
+    elif mode is None:
+        why = f"pooling mode {st_mode!r} is not one of {', '.join(POOLING_MODES)}"
+    elif any(type(m).__name__ != "Normalize" for m in rest):
+        why = "modules after pooling other than Normalize"
+    elif getattr(model.tokenizer, "backend_tokenizer", None) is None:
+        why = "no fast tokenizer"
+    elif (window := local_attention(first.auto_model.config.to_dict())) is not None:
+        # transformers builds the local window from a 2D mask; a packed 4D mask would bypass it.
+        why = f"local attention (window {window}) cannot be expressed in a packed mask"
+    return first, mode, why
 
 
 def _pads_ids(model: Any) -> bool:
