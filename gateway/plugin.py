@@ -187,15 +187,16 @@ class Backend(ABC):
         """The model's own token ids for each text, special tokens included, untruncated: their lengths are
         what requests are charged and checked against."""
 
-    @abstractmethod
     def embed(self, texts: Sequence[str], token_ids: Sequence[Sequence[int]]) -> np.ndarray | Embedded:
         """Vectors for `texts` as float32 [len(texts), dimension], in input order (`Embedded` when the model
-        does not count tokens itself, see `ModelInfo.counts_tokens`).
+        does not count tokens itself, see `ModelInfo.counts_tokens`). Every backend implements `embed` or
+        `score` (a backend that only reranks leaves this one out).
 
         `token_ids` are what `tokenize` returned for these texts, none longer than the model's input limit;
         a runtime that works on ids uses them instead of tokenizing again, one that takes text ignores them.
         Raise a `BackendFailure` subclass to give clients a precise answer; any other exception is a 500.
         """
+        raise NotImplementedError(f"backend {type(self).name!r} cannot embed")
 
     def tokenize_pairs(self, pairs: Sequence[tuple[str, str]]) -> list[list[int]]:
         """For a rerank model: the token ids of each (query, document) pair as the model reads it (both texts in

@@ -100,6 +100,48 @@ class OtherFakeBackend(FakeBackend):
         return -super().embed(texts, token_ids)
 
 
+class FakeRerankOptions(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    max_tokens: int = 16
+    # Each batch sleeps this long (pairs of concurrent requests then meet in one).
+    delay_s: float = 0.0
+
+
+class FakeReranker(Backend):
+    """Scores a pair by the words its query and document share, less a tenth per document word; tokens of a
+    pair = [CLS] query [SEP] document [SEP]."""
+
+    name = "fake-rerank"
+    Options = FakeRerankOptions
+    # Each batch's pairs, as it starts.
+    batches: ClassVar[list[list[tuple[str, str]]]] = []
+
+    def load(self) -> ModelInfo:
+        return ModelInfo(
+            dimension=1, max_input_tokens=self.options.max_tokens, normalized=False, max_batch_size=8, task="rerank"
+        )
+
+    def tokenize(self, texts: Sequence[str]) -> list[list[int]]:
+        return [[101, *(len(w) for w in t.split()), 102] for t in texts]
+
+    def tokenize_pairs(self, pairs: Sequence[tuple[str, str]]) -> list[list[int]]:
+        return [[101, *(len(w) for w in q.split()), 102, *(len(w) for w in d.split()), 102] for q, d in pairs]
+
+    def fingerprint(self) -> bytes:
+        return type(self).name.encode()
+
+    def score(self, pairs: Sequence[tuple[str, str]], token_ids: Sequence[Sequence[int]]) -> np.ndarray:
+        FakeReranker.batches.append(list(pairs))
+        if self.options.delay_s:
+            time.sleep(self.options.delay_s)
+        return np.array([fake_score(q, d) for q, d in pairs], dtype=np.float32)
+
+
+def fake_score(query: str, document: str) -> float:
+    """The raw score FakeReranker gives a pair."""
+    words = document.lower().split()
+    return len(set(query.lower().split()) & set(words)) - 0.1 * len(words)
+
+
 def fake_vector(text: str, dim: int = 8) -> np.ndarray:
     """The vector FakeBackend returns for `text` (unit length)."""
     seed = int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little")
@@ -115,6 +157,7 @@ class FakePlugin:
     def register_backends(register: Callable[[type[Backend]], None]) -> None:
         register(FakeBackend)
         register(OtherFakeBackend)
+        register(FakeReranker)
 
 
 def make_app(
