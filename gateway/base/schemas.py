@@ -94,6 +94,8 @@ class ModelCard(msgspec.Struct, kw_only=True):
     fallbacks: list[str] = []
     embedding_space: str | None = None
     error: str | None = None
+    # "embed" (the embedding routes) or "rerank" (the rerank routes; `dimension` is then 1, one score per pair).
+    task: Literal["embed", "rerank"] = "embed"
 
 
 class ModelList(msgspec.Struct, kw_only=True):

@@ -58,8 +58,8 @@ def client(cross_folder: Path) -> Iterator[TestClient]:
 
 def test_folder_recognised_as_a_reranker(cross_folder, client):
     assert hf.folder_task(cross_folder) == "rerank"
-    states = {m["id"]: m["state"] for m in client.get("/v1/models").json()["data"]}
-    assert states == {"tiny-ce": "ready", "tiny-ce-said": "ready"}
+    cards = {m["id"]: (m["state"], m["task"]) for m in client.get("/v1/models").json()["data"]}
+    assert cards == {"tiny-ce": ("ready", "rerank"), "tiny-ce-said": ("ready", "rerank")}
 
 
 @pytest.mark.parametrize("model", ["tiny-ce", "tiny-ce-said"])
