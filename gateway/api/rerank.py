@@ -87,8 +87,7 @@ async def serve_rerank(request: Request[Any, Any, Any]) -> RerankResponse:
     body: RerankRequest = await _body(request, _COHERE)
     docs = [d if isinstance(d, str) else d.text for d in body.documents]
     cut = body.truncate or body.max_tokens_per_doc is not None
-    hint = "set `truncate` to true to cut it"
-    query = RerankQuery(model=body.model, query=body.query, documents=docs, truncate=cut, truncate_hint=hint)
+    query = RerankQuery(model=body.model, query=body.query, documents=docs, truncate=cut)
     got = await _ranked(request, query)
     order = _order(got.relevance, int(body.top_n) if body.top_n is not None else None)
     results = [
@@ -118,14 +117,8 @@ async def serve_tei_rerank(request: Request[Any, Any, Any]) -> list[TeiRank]:
     """Rerank texts against a query (text-embeddings-inference's shape)."""
     body: TeiRerankRequest = await _body(request, _TEI)
     model = body.model if body.model is not None else _only_reranker(_gateway(request))
-    hint = "set `truncate` to true to cut it"
     query = RerankQuery(
-        model=model,
-        query=body.query,
-        documents=body.texts,
-        truncate=bool(body.truncate),
-        field="texts",
-        truncate_hint=hint,
+        model=model, query=body.query, documents=body.texts, truncate=bool(body.truncate), field="texts"
     )
     got = await _ranked(request, query)
     scores = got.raw if body.raw_scores else got.relevance
@@ -149,9 +142,9 @@ def _only_reranker(gw: Gateway) -> str:
 
 
 async def _ranked(request: Request[Any, Any, Any], query: RerankQuery) -> Ranked:
+    # The scope's state is the request's notes: the access log and metrics read the model and tokens there.
     state = request.scope["state"]
-    got = await ranked(_gateway(request), query, state.get("api_key"), state, _deadline(request))
-    return got
+    return await ranked(_gateway(request), query, state.get("api_key"), state, _deadline(request))
 
 
 def _deadline(request: Request[Any, Any, Any]) -> float | None:

@@ -145,8 +145,6 @@ class RerankQuery(msgspec.Struct, kw_only=True):
     truncate: bool = False
     # The request's own name for the documents (`documents`, or TEI's `texts`), which errors name.
     field: str = "documents"
-    # How this route's clients ask for truncation, said when a pair is over the limit.
-    truncate_hint: str = "set `truncate` to true to cut it"
 
 
 RerankText = Annotated[str, msgspec.Meta(min_length=1, description="A query or a document; never empty.")]

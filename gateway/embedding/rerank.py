@@ -179,7 +179,7 @@ def _pair_tokens(model: ServedModel, query: RerankQuery, ids: list[list[int]], m
             raise GatewayError(
                 400,
                 f"the query with `{where}` has {len(one)} tokens; model {model.name!r} accepts at most {limit} "
-                f"tokens per query/document pair ({query.truncate_hint})",
+                f"tokens per query/document pair (set `truncate` to true to cut it)",
                 param=where,
                 code="input_too_long",
             )
