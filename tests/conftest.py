@@ -6,6 +6,7 @@ import asyncio
 import hashlib
 import os
 import textwrap
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -102,8 +103,6 @@ class OtherFakeBackend(FakeBackend):
 
 class FakeRerankOptions(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     max_tokens: int = 16
-    # Each batch sleeps this long (pairs of concurrent requests then meet in one).
-    delay_s: float = 0.0
 
 
 class FakeReranker(Backend):
@@ -114,6 +113,8 @@ class FakeReranker(Backend):
     Options = FakeRerankOptions
     # Each batch's pairs, as it starts.
     batches: ClassVar[list[list[tuple[str, str]]]] = []
+    # Set by a test: a batch holding the query "hold" waits for it (a busy model, with requests queued behind).
+    gate: ClassVar[threading.Event | None] = None
 
     def load(self) -> ModelInfo:
         return ModelInfo(
@@ -131,8 +132,8 @@ class FakeReranker(Backend):
 
     def score(self, pairs: Sequence[tuple[str, str]], token_ids: Sequence[Sequence[int]]) -> np.ndarray:
         FakeReranker.batches.append(list(pairs))
-        if self.options.delay_s:
-            time.sleep(self.options.delay_s)
+        if FakeReranker.gate is not None and any(q == "hold" for q, _ in pairs):
+            FakeReranker.gate.wait(30)
         return np.array([fake_score(q, d) for q, d in pairs], dtype=np.float32)
 
 

@@ -193,24 +193,31 @@ def test_config_refuses_embedding_keys_on_a_reranker():
 
 
 def test_concurrent_requests_share_batches():
-    FakeReranker.batches = []
-    toml = '[models.ranker]\nbackend = "fake-rerank"\npath = "."\ntask = "rerank"\n[models.ranker.options]\n'
-    toml += "delay_s = 0.3\n"
-    with serve(toml) as c:
-        # One request occupies the model; the three sent meanwhile wait in its queue and go in one batch.
-        first = threading.Thread(target=c.post, args=("/rerank",), kwargs={"json": {"query": "q", "texts": ["x"]}})
-        first.start()
-        wait_until(lambda: FakeReranker.batches, "the first batch started")
-        got: dict[int, Any] = {}
+    FakeReranker.batches, FakeReranker.gate = [], threading.Event()
+    toml = '[models.ranker]\nbackend = "fake-rerank"\npath = "."\ntask = "rerank"\n'
+    try:
+        with serve(toml) as c:
+            # One request holds the model; the three sent meanwhile queue behind it, then go in one batch.
+            hold = {"query": "hold", "texts": ["x"]}
+            first = threading.Thread(target=c.post, args=("/rerank",), kwargs={"json": hold})
+            first.start()
+            wait_until(lambda: FakeReranker.batches, "the first batch started")
+            got: dict[int, Any] = {}
 
-        def send(i: int) -> None:
-            got[i] = c.post("/v2/rerank", json={"model": "ranker", "query": f"q{i}", "documents": [f"d{i} a", "b"]})
+            def send(i: int) -> None:
+                body = {"model": "ranker", "query": f"q{i}", "documents": [f"d{i} a", "b"]}
+                got[i] = c.post("/v2/rerank", json=body)
 
-        threads = [threading.Thread(target=send, args=(i,)) for i in range(3)]
-        for t in [*threads]:
-            t.start()
-        for t in [first, *threads]:
-            t.join()
+            threads = [threading.Thread(target=send, args=(i,)) for i in range(3)]
+            for t in threads:
+                t.start()
+            batcher = c.app.state.gateway.registry.find("ranker").batcher
+            wait_until(lambda: batcher.queued == 6, "the three requests' pairs queued")
+            FakeReranker.gate.set()
+            for t in [first, *threads]:
+                t.join()
+    finally:
+        FakeReranker.gate = None
     for i, r in got.items():
         assert r.status_code == 200, r.text
         want = {0: fake_score(f"q{i}", f"d{i} a"), 1: fake_score(f"q{i}", "b")}
