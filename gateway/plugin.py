@@ -10,7 +10,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Annotated, Any, ClassVar
+from typing import Annotated, Any, ClassVar, Literal
 
 import msgspec
 import numpy as np
@@ -24,6 +24,9 @@ hookspec = pluggy.HookspecMarker(PROJECT)
 hookimpl = pluggy.HookimplMarker(PROJECT)
 
 Positive = Annotated[int, msgspec.Meta(ge=1)]
+
+#: What a model does: "embed" (texts in, vectors out) or "rerank" (query/document pairs in, one score each out).
+Task = Literal["embed", "rerank"]
 
 
 class NoOptions(msgspec.Struct, forbid_unknown_fields=True):
@@ -67,6 +70,12 @@ class ModelInfo(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields
     #: text's length, per-input limits are the runtime's to enforce (raise InputRejected), and `embed`
     #: returns `Embedded` with the tokens the runtime counted, which is what requests are charged.
     counts_tokens: bool = True
+    #: What the loaded model does: "rerank" for a model that `score`s pairs (its `dimension` is then 1, one
+    #: score per pair). The core refuses a model whose loaded task is not the configured one.
+    task: Task = "embed"
+    #: For a rerank model: what turns its raw score (a logit) into the relevance score clients get, as
+    #: sentence-transformers' `CrossEncoder.predict` applies it by default ("sigmoid" for one label).
+    score_activation: Literal["sigmoid", "identity"] = "sigmoid"
 
 
 @dataclass(frozen=True, slots=True)
@@ -159,6 +168,15 @@ class Backend(ABC):
         self.path = path
         self.options = options
         self.trust_remote_code = trust_remote_code
+        #: What the model is configured for (`task` in gateway.toml): set by the core before `load`, so that a
+        #: backend that serves both loads a reranker ("rerank") or an embedder ("embed") from the folder.
+        self.task: Task = "embed"
+
+    @classmethod
+    def can_score(cls) -> bool:
+        """True when this backend implements `score` (and `tokenize_pairs`): only such a backend may load a
+        model configured with `task = "rerank"`."""
+        return cls.score is not Backend.score
 
     @abstractmethod
     def load(self) -> ModelInfo:
@@ -169,15 +187,33 @@ class Backend(ABC):
         """The model's own token ids for each text, special tokens included, untruncated: their lengths are
         what requests are charged and checked against."""
 
-    @abstractmethod
     def embed(self, texts: Sequence[str], token_ids: Sequence[Sequence[int]]) -> np.ndarray | Embedded:
         """Vectors for `texts` as float32 [len(texts), dimension], in input order (`Embedded` when the model
-        does not count tokens itself, see `ModelInfo.counts_tokens`).
+        does not count tokens itself, see `ModelInfo.counts_tokens`). Every backend implements `embed` or
+        `score` (a backend that only reranks leaves this one out).
 
         `token_ids` are what `tokenize` returned for these texts, none longer than the model's input limit;
         a runtime that works on ids uses them instead of tokenizing again, one that takes text ignores them.
         Raise a `BackendFailure` subclass to give clients a precise answer; any other exception is a 500.
         """
+        raise NotImplementedError(f"backend {type(self).name!r} cannot embed")
+
+    def tokenize_pairs(self, pairs: Sequence[tuple[str, str]]) -> list[list[int]]:
+        """For a rerank model: the token ids of each (query, document) pair as the model reads it (both texts in
+        one input, special tokens included), untruncated: their lengths are what requests are charged and
+        checked against `max_input_tokens`. Implement it together with `score`."""
+        raise NotImplementedError(f"backend {type(self).name!r} cannot tokenize pairs")
+
+    def score(self, pairs: Sequence[tuple[str, str]], token_ids: Sequence[Sequence[int]]) -> np.ndarray:
+        """For a rerank model: one raw score (the model's logit) per (query, document) pair, as float32 [n] in
+        input order; the core applies `ModelInfo.score_activation` for clients that want relevance scores.
+
+        `token_ids` are what `tokenize_pairs` returned; a pair over `max_input_tokens` reaches here only when
+        its request asked to truncate, and is then cut as the model's own tokenizer cuts a pair (longest
+        first). Optional: a backend that implements it can serve `task = "rerank"` models (see `can_score`).
+        Raise a `BackendFailure` subclass to give clients a precise answer, as in `embed`.
+        """
+        raise NotImplementedError(f"backend {type(self).name!r} cannot score pairs")
 
     def fingerprint(self) -> bytes:
         """What, besides the backend and its options, decides this model's vectors: by default a digest of

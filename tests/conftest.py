@@ -6,6 +6,7 @@ import asyncio
 import hashlib
 import os
 import textwrap
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -100,6 +101,48 @@ class OtherFakeBackend(FakeBackend):
         return -super().embed(texts, token_ids)
 
 
+class FakeRerankOptions(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    max_tokens: int = 16
+
+
+class FakeReranker(Backend):
+    """Scores a pair by the words its query and document share, less a tenth per document word; tokens of a
+    pair = [CLS] query [SEP] document [SEP]."""
+
+    name = "fake-rerank"
+    Options = FakeRerankOptions
+    # Each batch's pairs, as it starts.
+    batches: ClassVar[list[list[tuple[str, str]]]] = []
+    # Set by a test: a batch holding the query "hold" waits for it (a busy model, with requests queued behind).
+    gate: ClassVar[threading.Event | None] = None
+
+    def load(self) -> ModelInfo:
+        return ModelInfo(
+            dimension=1, max_input_tokens=self.options.max_tokens, normalized=False, max_batch_size=8, task="rerank"
+        )
+
+    def tokenize(self, texts: Sequence[str]) -> list[list[int]]:
+        return [[101, *(len(w) for w in t.split()), 102] for t in texts]
+
+    def tokenize_pairs(self, pairs: Sequence[tuple[str, str]]) -> list[list[int]]:
+        return [[101, *(len(w) for w in q.split()), 102, *(len(w) for w in d.split()), 102] for q, d in pairs]
+
+    def fingerprint(self) -> bytes:
+        return type(self).name.encode()
+
+    def score(self, pairs: Sequence[tuple[str, str]], token_ids: Sequence[Sequence[int]]) -> np.ndarray:
+        FakeReranker.batches.append(list(pairs))
+        if FakeReranker.gate is not None and any(q == "hold" for q, _ in pairs):
+            FakeReranker.gate.wait(30)
+        return np.array([fake_score(q, d) for q, d in pairs], dtype=np.float32)
+
+
+def fake_score(query: str, document: str) -> float:
+    """The raw score FakeReranker gives a pair."""
+    words = document.lower().split()
+    return len(set(query.lower().split()) & set(words)) - 0.1 * len(words)
+
+
 def fake_vector(text: str, dim: int = 8) -> np.ndarray:
     """The vector FakeBackend returns for `text` (unit length)."""
     seed = int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little")
@@ -115,6 +158,7 @@ class FakePlugin:
     def register_backends(register: Callable[[type[Backend]], None]) -> None:
         register(FakeBackend)
         register(OtherFakeBackend)
+        register(FakeReranker)
 
 
 def make_app(

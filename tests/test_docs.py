@@ -308,6 +308,9 @@ def check_plugin(block: Block, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
     assert backends, f"{block.id}: the plugin defines no Backend"
     for cls in backends:
         path = 'path = "."\n' if cls.uses_path else ""
+        if cls.embed is Backend.embed:  # a reranker only: it serves a rerank model
+            _check_reranker(block, module, cls.name, path)
+            continue
         with serve(f'[models.example]\nbackend = "{cls.name}"\n{path}', plugins=(module,)) as client:
             r = client.post("/v1/embeddings", json={"model": "example", "input": ["the food was good", "good food"]})
             assert r.status_code == 200, f"{block.id}: {r.text}"
@@ -315,6 +318,18 @@ def check_plugin(block: Block, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
             assert card["backend"] == cls.name and card["state"] == "ready", card
             assert all(len(d["embedding"]) == card["dimension"] for d in r.json()["data"])
     monkeypatch.delitem(sys.modules, package)
+
+
+def _check_reranker(block: Block, module: Any, name: str, path: str) -> None:
+    from .conftest import serve
+
+    toml = f'[models.example]\nbackend = "{name}"\n{path}task = "rerank"\n'
+    with serve(toml, plugins=(module,)) as client:
+        body = {"model": "example", "query": "good food", "documents": ["the food was good", "bad weather"]}
+        r = client.post("/v2/rerank", json=body)
+        assert r.status_code == 200, f"{block.id}: {r.text}"
+        results = r.json()["results"]
+        assert len(results) == 2 and results[0]["relevance_score"] >= results[1]["relevance_score"], results
 
 
 def run_python(block: Block, server: Server) -> None:

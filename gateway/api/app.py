@@ -17,6 +17,7 @@ from litestar.middleware.base import DefineMiddleware
 from litestar.openapi import OpenAPIConfig
 
 from gateway.api import embeddings as embeddings_route
+from gateway.api import rerank as rerank_routes
 from gateway.api.routes import FRONT_ROUTES, ROUTES
 from gateway.base import schemas
 from gateway.base.config import ConfigError, GatewayConfig
@@ -59,7 +60,11 @@ def create_app(
         link=link,
     )
     app = Litestar(
-        route_handlers=[embeddings_route.serve_embeddings, *(ROUTES if link is None else FRONT_ROUTES)],
+        route_handlers=[
+            embeddings_route.serve_embeddings,
+            *(ROUTES if link is None else FRONT_ROUTES),
+            *rerank_routes.ROUTES,
+        ],
         exception_handlers=EXCEPTION_HANDLERS,
         request_max_body_size=config.server.max_body_bytes,
         # Request ids, the access log and the HTTP metrics in one middleware (see observability.py).
@@ -74,6 +79,7 @@ def create_app(
         ),
     )
     embeddings_route.document(app)
+    rerank_routes.document(app)
     gateway.on_reload.append(lambda: embeddings_route.describe_request(app))
     _strict_request_schemas(app)
     _optional_bodies(app)

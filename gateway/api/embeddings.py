@@ -32,6 +32,7 @@ from litestar.openapi.spec import OpenAPIType, Schema
 from litestar.params import HeaderParameter, JSONBody
 from litestar.types import Receive, Scope, Send
 
+from gateway.api import rerank
 from gateway.api.decoding import BodyDecoder
 from gateway.base.asgi import header
 from gateway.base.errors import GatewayError, error_body, error_responses
@@ -229,6 +230,8 @@ def describe_request(app: Litestar) -> None:
     learn what is served; `KeyedJsonRenderPlugin` gives a key's own). Called again after each reload."""
     gw: Gateway = app.state.gateway
     app.openapi_schema.components.schemas["EmbeddingRequest"] = openapi_schema(request_schema(gw, None))
+    for name, body in rerank.request_schemas(gw, None).items():
+        app.openapi_schema.components.schemas[name] = openapi_schema(body)
     # Litestar renders /schema from a dict it builds at the first fetch: dropped, so this reload's shows.
     app.plugins.get(OpenAPIPlugin)._openapi_schema = None
 
@@ -244,7 +247,10 @@ def request_schema(gw: Gateway, key: ApiKey | None) -> dict[str, Any]:
     for one in (text, texts["items"]):
         one["maxLength"] = server.max_input_chars
     texts["maxItems"] = server.max_items_per_request
-    models = [m for name, m in gw.registry.models.items() if key is not None and key.may_use(name)]
+    # Only embedding models: a rerank model is refused here.
+    models = [
+        m for name, m in gw.registry.models.items() if key is not None and key.may_use(name) and m.spec.task == "embed"
+    ]
     if key is not None:
         _the_keys_models(props, models)
     # A compact `encoding_format` is the type itself: `embedding_type` may only repeat it.
@@ -308,6 +314,8 @@ class KeyedJsonRenderPlugin(JsonRenderPlugin):
         components = document.get("components", {})
         keyed = openapi_schema(request_schema(gw, key)).to_schema()
         schemas = {**components.get("schemas", {}), "EmbeddingRequest": keyed}
+        for name, body in rerank.request_schemas(gw, key).items():
+            schemas[name] = openapi_schema(body).to_schema()
         return self.render_json(request, {**document, "components": {**components, "schemas": schemas}})
 
 
@@ -353,4 +361,5 @@ _SCHEMA_FIELDS = {
     "exclusiveMinimum": "exclusive_minimum",
     "exclusiveMaximum": "exclusive_maximum",
     "additionalProperties": "additional_properties",
+    "multipleOf": "multiple_of",
 }

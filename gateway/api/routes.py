@@ -64,6 +64,7 @@ def _card(model: ServedModel, state: str | None = None) -> ModelCard:
         fallbacks=list(cfg.fallbacks),
         embedding_space=cfg.embedding_space,
         error=model.public_error,
+        task=model.spec.task,
     )
 
 

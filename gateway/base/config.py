@@ -34,6 +34,8 @@ class ServerConfig(_Strict):
     # Checked before tokenizing, which would cost seconds for megabytes of text before any token limit could
     # refuse them; far beyond any input an 8k-token model accepts.
     max_input_chars: Positive = 100_000
+    # Documents one rerank request may score against its query (Cohere's own limit is 1000).
+    max_documents_per_request: Positive = 1000
     max_body_bytes: Positive = 8 * 1024 * 1024
     request_timeout_s: Seconds = 120.0
     # Deadlines for slow clients: the request line and headers, the body (408), a response the client has
@@ -112,6 +114,9 @@ class CircuitConfig(_Strict):
 
 class ModelConfig(_Strict):
     backend: str
+    # "embed" (texts in, vectors out: /v1/embeddings) or "rerank" (query/document pairs in, one relevance score
+    # each: /v1/rerank, /rerank). None: "rerank" for a sentence-transformers CrossEncoder folder, else "embed".
+    task: Literal["embed", "rerank"] | None = None
     # None for a backend that reads no local files (a remote server: its address is an option).
     path: str | None = None
     aliases: list[str] = []
@@ -302,6 +307,20 @@ def _check_copies(config: GatewayConfig, where: str) -> None:
                 )
 
 
+def _check_tasks(config: GatewayConfig, where: str) -> None:
+    for name, model in config.models.items():
+        if model.task == "rerank":
+            check_reranker(name, model, where)
+
+
+def check_reranker(name: str, model: ModelConfig, where: str) -> None:
+    """ConfigError naming the key when a rerank model sets what only an embedding model can use."""
+    # Scores have no dimensions to cut, and failover between rerankers is not built: refused rather than ignored.
+    for key, value in (("matryoshka_dimensions", model.matryoshka_dimensions), ("fallbacks", model.fallbacks)):
+        if value:
+            raise ConfigError(f'{where}: `$.models.{name}.{key}`: a model with task = "rerank" takes no {key}')
+
+
 def _check_names(config: GatewayConfig, where: str) -> None:
     seen: dict[str, str] = {}
     for name, model in config.models.items():
@@ -347,6 +366,7 @@ def parse_config(data: bytes | str, where: str = "<config>", base_dir: Path | No
     _check_keys(config, where)
     _check_prompts(config, where)
     _check_copies(config, where)
+    _check_tasks(config, where)
     if config.cache.store == "redis" and config.redis is None:
         raise ConfigError(f'{where}: `$.cache.store`: "redis" needs a `[redis]` table with its `url`')
     base = base_dir or Path.cwd()

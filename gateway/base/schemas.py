@@ -94,6 +94,8 @@ class ModelCard(msgspec.Struct, kw_only=True):
     fallbacks: list[str] = []
     embedding_space: str | None = None
     error: str | None = None
+    # "embed" (the embedding routes) or "rerank" (the rerank routes; `dimension` is then 1, one score per pair).
+    task: Literal["embed", "rerank"] = "embed"
 
 
 class ModelList(msgspec.Struct, kw_only=True):
@@ -128,3 +130,115 @@ class Health(msgspec.Struct, kw_only=True):
     replicas: dict[str, str] | msgspec.UnsetType = msgspec.UNSET
     # "connected/started" front workers, with `[server] workers` > 1; absent with one process.
     workers: str | msgspec.UnsetType = msgspec.UNSET
+
+
+# Rerank: a query and documents in, one relevance score per document out (gateway/api/rerank.py).
+
+
+class RerankQuery(msgspec.Struct, kw_only=True):
+    """One rerank request as every route's parser hands it to the use case (gateway/embedding/rerank.py)."""
+
+    model: str
+    query: str
+    documents: list[str]
+    # Pairs over the model's token limit: cut (longest first, as sentence-transformers does) or refused (400).
+    truncate: bool = False
+    # The request's own name for the documents (`documents`, or TEI's `texts`), which errors name.
+    field: str = "documents"
+
+
+RerankText = Annotated[str, msgspec.Meta(min_length=1, description="A query or a document; never empty.")]
+# A count as Cohere's and Jina's clients may write it: 3 or 3.0 (a JSON number the schema calls an integer).
+Count = Annotated[int, msgspec.Meta(ge=1)] | Annotated[float, msgspec.Meta(ge=1, multiple_of=1)]
+
+
+class RerankDocument(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    text: RerankText
+
+
+class RerankRequest(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """Body of POST /v1/rerank, /v2/rerank and /api/v3/inference/rerank: Cohere's and Jina's shape."""
+
+    model: str
+    query: RerankText
+    documents: Annotated[list[RerankText | RerankDocument], msgspec.Meta(min_length=1)]
+    # The best `top_n` results only (all by default).
+    top_n: Count | None = None
+    # Each result carries its document's text (`{"text": ...}`).
+    return_documents: bool = False
+    # A query/document pair over the model's token limit: refused (false) or cut, longest text first (true).
+    truncate: bool = False
+    # Cohere's: present, pairs over the model's limit are cut as with `truncate` (the number itself is not used).
+    max_tokens_per_doc: Count | None = None
+    # Cohere's; accepted, not used.
+    priority: Annotated[int, msgspec.Meta(ge=0)] | Annotated[float, msgspec.Meta(ge=0, multiple_of=1)] | None = None
+
+
+class RerankResultDocument(msgspec.Struct, kw_only=True):
+    text: str
+
+
+class RerankResult(msgspec.Struct, kw_only=True):
+    index: int
+    relevance_score: float
+    document: RerankResultDocument | msgspec.UnsetType = msgspec.UNSET
+
+
+class RerankTokens(msgspec.Struct, kw_only=True):
+    input_tokens: int
+
+
+class RerankBilled(msgspec.Struct, kw_only=True):
+    search_units: int
+    input_tokens: int
+
+
+class RerankMeta(msgspec.Struct, kw_only=True):
+    billed_units: RerankBilled
+    tokens: RerankTokens
+
+
+class RerankUsage(msgspec.Struct, kw_only=True):
+    prompt_tokens: int
+    total_tokens: int
+
+
+class RerankResponse(msgspec.Struct, kw_only=True):
+    """Results sorted by relevance, best first; `meta` (Cohere's) and `usage` (Jina's) count the tokens of
+    every query/document pair as the model read it."""
+
+    id: str
+    model: str
+    results: list[RerankResult]
+    meta: RerankMeta
+    usage: RerankUsage
+
+
+class TeiRerankRequest(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """Body of POST /rerank: text-embeddings-inference's shape (the server's one model unless `model` names
+    another)."""
+
+    query: RerankText
+    texts: Annotated[list[RerankText], msgspec.Meta(min_length=1)]
+    # The model's logits instead of its relevance scores.
+    raw_scores: bool = False
+    return_text: bool = False
+    # A pair over the model's token limit: refused (false, TEI's default) or cut, longest text first.
+    truncate: bool | None = None
+    # Only "Right" (the end of the longer text is cut, as sentence-transformers cuts a pair).
+    truncation_direction: Literal["Right", "right"] = "Right"
+    # Ours: the model to use when the server has several rerank models.
+    model: str | None = None
+
+
+class TeiRank(msgspec.Struct, kw_only=True):
+    index: int
+    score: float
+    text: str | msgspec.UnsetType = msgspec.UNSET
+
+
+class TeiError(msgspec.Struct, kw_only=True):
+    """An error answer of POST /rerank, in TEI's shape."""
+
+    error: str
+    error_type: str

@@ -147,6 +147,14 @@ async def request_vectors(
             403, f"this API key may not use model {body.model!r}", param="model", code="model_not_allowed"
         )
     notes["model"] = model.name
+    if model.spec.task != "embed":
+        raise GatewayError(
+            400,
+            f'model {model.name!r} is a rerank model (task "{model.spec.task}"); embeddings need a model with '
+            'task = "embed" (rerank it at /v1/rerank or /rerank)',
+            param="model",
+            code="wrong_task",
+        )
     texts = _texts(body, server.max_items_per_request, server.max_input_chars)
     output = _output(body)
     if key is not None:

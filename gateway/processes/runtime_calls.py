@@ -17,7 +17,8 @@ from gateway.api.routes import clear_cache, model_list, readiness
 from gateway.base.config import ConfigError
 from gateway.base.errors import GatewayError
 from gateway.base.observability import ModelGauges
-from gateway.embedding import service
+from gateway.embedding import rerank, service
+from gateway.embedding.rerank import Ranked, RerankArgs
 from gateway.embedding.state import Gateway
 from gateway.runtime.link import CacheClearArgs, EmbedArgs, TakeArgs, Vectors
 from gateway.shared.keys import ApiKey
@@ -55,6 +56,12 @@ async def _embed(gw: Gateway, raw: msgspec.Raw, notes: dict[str, Any]) -> Vector
         steps=ranges.steps.astype("<f4").tobytes() if ranges is not None else None,
         notes=notes,
     )
+
+
+async def _rerank(gw: Gateway, raw: msgspec.Raw, notes: dict[str, Any]) -> Ranked:
+    # The front charged the request when it checked the key (its windows are the runtime's).
+    args = msgspec.msgpack.decode(raw, type=RerankArgs)
+    return await rerank.rerank(gw, args.query, _key(gw, args.key), notes, args.deadline_s)
 
 
 async def _take(gw: Gateway, raw: msgspec.Raw, notes: dict[str, Any]) -> float:
@@ -123,6 +130,7 @@ async def _cache_get(gw: Gateway, raw: msgspec.Raw, notes: dict[str, Any]) -> li
 Op = Callable[[Gateway, msgspec.Raw, dict[str, Any]], Awaitable[Any]]
 OPS: dict[str, Op] = {
     "embed": _embed,
+    "rerank": _rerank,
     "take": _take,
     "models": _models,
     "reload": _reload,

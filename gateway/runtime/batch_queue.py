@@ -51,7 +51,7 @@ class Request:
 
     loop: asyncio.AbstractEventLoop
     future: asyncio.Future[np.ndarray]
-    texts: Sequence[str]
+    texts: Sequence[str] | Sequence[tuple[str, str]]
     tokens: Sequence[int]
     # The backend's own ids for each text (what its `tokenize` returned), handed back with the batch.
     token_ids: Sequence[Sequence[int]]
@@ -74,7 +74,7 @@ class Request:
     @classmethod
     def new(
         cls,
-        texts: Sequence[str],
+        texts: Sequence[str] | Sequence[tuple[str, str]],
         token_ids: Sequence[Sequence[int]],
         tokens: list[int],
         dimension: int,

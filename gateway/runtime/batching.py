@@ -15,11 +15,12 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 
 from gateway.base.circuit import CircuitBreaker
-from gateway.plugin import Backend, BackendFailure, Embedded, InputRejected, ModelInfo
+from gateway.plugin import Backend, BackendFailure, Embedded, InputRejected, ModelInfo, Task
 from gateway.runtime.admission import Admission, QueueFull
 from gateway.runtime.batch_queue import BatchQueue, Item, Progress, Request, split_by_padding
 
@@ -78,13 +79,16 @@ class Batcher:
         max_queue: int = 4096,
         on_batch: Callable[[str, int, int, float], None] | None = None,
         circuit: CircuitBreaker | None = None,
+        task: Task = "embed",
     ) -> None:
         """`info`: what the loaded backend declared; batch limits left None take its defaults; `circuit`
-        learns the outcome of every batch."""
+        learns the outcome of every batch. `task` "rerank": the inputs are (query, document) pairs, batches
+        call the backend's `score`, and each input's result is one value (a row of width 1)."""
         self.backend = backend
         self.circuit = circuit
         self.model = model
-        self.dimension = info.dimension
+        self.scoring = task == "rerank"
+        self.dimension = 1 if self.scoring else info.dimension
         self.pads_to_longest = info.pads_to_longest
         self.call_overhead_tokens = info.call_overhead_tokens
         self.max_batch_size = max_batch_size or info.max_batch_size
@@ -130,7 +134,7 @@ class Batcher:
 
     async def embed(
         self,
-        texts: Sequence[str],
+        texts: Sequence[str] | Sequence[tuple[str, str]],
         token_ids: Sequence[Sequence[int]],
         *,
         owner: str | None = None,
@@ -139,7 +143,8 @@ class Batcher:
         sizes: Sequence[int] | None = None,
         background: bool = False,
     ) -> np.ndarray:
-        """Vectors for `texts` (float32 [n, dim], input order); `token_ids` are the backend's ids for each
+        """Vectors for `texts` (float32 [n, dim], input order; for a scoring batcher, `texts` are pairs and the
+        result their scores, [n, 1]); `token_ids` are the backend's ids for each
         text, handed to its `embed` with the batch; `sizes`: each text's estimated tokens, for a backend that
         does not count them (its ids are then empty).
 
@@ -281,9 +286,15 @@ class Batcher:
         requests the batch completed."""
         _notify_done(self._queue.complete(batch, vectors, counted, elapsed))
 
-    def _call(self, texts: list[str], token_ids: list[Sequence[int]]) -> tuple[np.ndarray, int | None]:
+    def _call(self, texts: list[Any], token_ids: list[Sequence[int]]) -> tuple[np.ndarray, int | None]:
         # The vectors, and the tokens the backend counted when it reports them (Embedded).
-        out = self.backend.embed(texts, token_ids)
+        if self.scoring:
+            scores = np.asarray(self.backend.score(texts, token_ids), dtype=np.float32)
+            if scores.shape != (len(texts),):
+                raise RuntimeError(f"backend returned {scores.shape} scores for {len(texts)} pairs")
+            out: np.ndarray | Embedded = scores.reshape(-1, 1)
+        else:
+            out = self.backend.embed(texts, token_ids)
         counted = None
         if isinstance(out, Embedded):
             vectors, counted = out.vectors, out.tokens

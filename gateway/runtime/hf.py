@@ -131,6 +131,30 @@ def read_layout(root: Path) -> Layout:
     )
 
 
+def folder_task(root: Path) -> Literal["embed", "rerank"]:
+    """ "rerank" for a sentence-transformers CrossEncoder folder (its config says so, or its transformer has a
+    sequence-classification head and no pooling follows it), else "embed" (also for a folder that is
+    missing or unreadable: loading it says what is wrong)."""
+    try:
+        st = _json_or(root / "config_sentence_transformers.json", {})
+        config = _json_or(root / "config.json", {})
+        modules = _json_or(root / "modules.json", [])
+    except BackendError:
+        return "embed"
+    if isinstance(st, dict) and st.get("model_type") == "CrossEncoder":
+        return "rerank"
+    heads = (config.get("architectures") if isinstance(config, dict) else None) or []
+    classifies = any(str(a).endswith("ForSequenceClassification") for a in heads)
+    pooled = isinstance(modules, list) and any(
+        isinstance(m, dict) and str(m.get("type", "")).endswith(".Pooling") for m in modules
+    )
+    return "rerank" if classifies and not pooled else "embed"
+
+
+def _json_or(path: Path, default: Any) -> Any:
+    return read_json(path) if path.is_file() else default
+
+
 def _pooling(config_file: Path) -> tuple[Pooling, bool]:
     config = read_json(config_file)
     if not isinstance(config, dict):

@@ -125,6 +125,8 @@ def _check_backend(cls: object, plugin: str) -> str:
     missing = sorted(getattr(cls, "__abstractmethods__", ()))
     if missing:
         raise PluginError(f"{where} does not implement {', '.join(missing)}")
+    if cls.embed is Backend.embed and not cls.can_score():
+        raise PluginError(f"{where} implements neither `embed` nor `score`")
     try:
         inspect.signature(cls.embed).bind(None, ["text"], [[1]])
     except TypeError:

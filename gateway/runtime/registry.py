@@ -19,9 +19,9 @@ import numpy as np
 
 from gateway.base import digest
 from gateway.base.circuit import CircuitBreaker
-from gateway.base.config import ConfigError, GatewayConfig, ModelConfig, convert_at
+from gateway.base.config import ConfigError, GatewayConfig, ModelConfig, check_reranker, convert_at
 from gateway.base.errors import GatewayError
-from gateway.plugin import Backend, BackendError, ModelInfo, Placement, check_info
+from gateway.plugin import Backend, BackendError, ModelInfo, Placement, Task, check_info
 from gateway.runtime import hf, quantize
 from gateway.runtime.batching import Batcher
 from gateway.runtime.calibration import Calibration
@@ -58,6 +58,8 @@ class ModelSpec:
     placement_options: Any = None
     #: The CPU cores this process's copy may use (`copies = "per-worker"` in a front worker); None: all.
     cores: int | None = None
+    #: What the model does: its `task`, else what its folder is (hf.folder_task).
+    task: Task = "embed"
 
 
 def build_specs(
@@ -88,6 +90,7 @@ def build_specs(
         cores = max(1, (os.cpu_count() or 1) // workers) if workers > 1 and model.copies == "per-worker" else None
         cached = config.cache.store != "off" and model.cache
         placement_cls, placement_options = _placement_of(name, model, placements, where)
+        task = _task_of(name, model, where)
         specs[name] = ModelSpec(
             name=name,
             config=model,
@@ -97,8 +100,32 @@ def build_specs(
             placement_cls=placement_cls,
             placement_options=placement_options,
             cores=cores,
+            task=task,
         )
+    _check_fallback_tasks(specs, where)
     return specs
+
+
+def _task_of(name: str, model: ModelConfig, where: str) -> Task:
+    """The model's task: configured, else recognised from its folder (a CrossEncoder folder reranks); a
+    recognised reranker is checked as a configured one is."""
+    if model.task is not None:
+        return model.task
+    task = hf.folder_task(Path(model.path)) if model.path is not None else "embed"
+    if task == "rerank":
+        check_reranker(name, model, f"{where} (its folder at {model.path} is a CrossEncoder)")
+    return task
+
+
+def _check_fallback_tasks(specs: Mapping[str, ModelSpec], where: str) -> None:
+    # A reranker takes no fallbacks (config checks it); an embedding model's fallback must embed too.
+    for name, spec in specs.items():
+        for i, other in enumerate(spec.config.fallbacks):
+            if other in specs and specs[other].task != spec.task:
+                raise ConfigError(
+                    f"{where}: `$.models.{name}.fallbacks[{i}]`: model {other!r} has task {specs[other].task!r}, "
+                    f"not {spec.task!r}"
+                )
 
 
 def _backend_of(
@@ -347,6 +374,18 @@ class ServedModel:
         assert self.batcher is not None
         return await self.batcher.embed(texts, token_ids, **admission)
 
+    async def tokenize_pairs(self, pairs: list[tuple[str, str]]) -> list[list[int]]:
+        """A rerank model's token ids for each (query, document) pair, on its tokenizer thread."""
+        backend = self.backend
+        assert backend is not None and self._tokenize is not None
+        return await asyncio.get_running_loop().run_in_executor(self._tokenize, backend.tokenize_pairs, pairs)
+
+    async def score(self, pairs: list[tuple[str, str]], token_ids: list[list[int]], **admission: Any) -> np.ndarray:
+        """A rerank model's raw scores for `pairs` (float32 [n]), computed in its batches with other requests'
+        pairs (`admission`: see Batcher.embed)."""
+        assert self.batcher is not None
+        return (await self.batcher.embed(pairs, token_ids, **admission))[:, 0]
+
     def close(self) -> None:
         """Finish queued work, then release the model."""
         if self.batcher is not None:
@@ -369,18 +408,31 @@ def _limit(spec: ModelSpec, info: ModelInfo) -> int:
 
 
 def _placed(spec: ModelSpec) -> Backend:
-    """The model's backend, constructed where its placement runs it (not loaded yet)."""
+    """The model's backend, constructed where its placement runs it (not loaded yet), told the model's task."""
     if spec.config.path is not None and not Path(spec.config.path).exists():
         raise BackendError(f"model path {spec.config.path} does not exist")
+    if spec.task == "rerank" and not spec.backend_cls.can_score():
+        raise BackendError(
+            f'backend {spec.config.backend!r} cannot serve a model with task = "rerank": it does not implement '
+            "`score` (query/document pairs in, one score each out; see docs/plugins.md)"
+        )
     # A front worker's copy gets its share of the cores; the cache's identity keeps the configured options.
     options = spec.options if spec.cores is None else spec.backend_cls.within_cores(spec.options, spec.cores)
-    return spec.placement_cls(spec.placement_options).place(
+    backend = spec.placement_cls(spec.placement_options).place(
         spec.backend_cls,
         model=spec.name,
         path=spec.config.path or "",
         options=options,
         trust_remote_code=spec.config.trust_remote_code,
     )
+    if spec.task == "rerank" and not backend.can_score():
+        # A placement's stand-in (one that runs the backend elsewhere) must carry the pairs there too.
+        raise BackendError(
+            f"placement {spec.placement_cls.name!r} cannot run `score` for backend {spec.config.backend!r}, "
+            'so it cannot serve a model with task = "rerank"'
+        )
+    backend.task = spec.task
+    return backend
 
 
 def _checked_info(spec: ModelSpec, backend: Backend, loaded: ModelInfo) -> ModelInfo:
@@ -391,6 +443,12 @@ def _checked_info(spec: ModelSpec, backend: Backend, loaded: ModelInfo) -> Model
     except BackendError:
         backend.close()
         raise
+    if info.task != spec.task:
+        backend.close()
+        raise BackendError(
+            f"backend {spec.config.backend!r} loaded a model for task {info.task!r}, but the model is configured "
+            f"for task {spec.task!r} (set `task` in gateway.toml, or check the folder)"
+        )
     dims = spec.config.matryoshka_dimensions or []
     too_big = [d for d in dims if d > info.dimension]
     if too_big:
@@ -424,6 +482,7 @@ def _batcher(
         max_queue=b.max_queue,
         on_batch=on_batch,
         circuit=circuit,
+        task=info.task,
     )
 
 

@@ -18,6 +18,7 @@ import numpy as np
 from gateway.plugin import Backend, BackendError, ModelInfo
 from gateway.runtime import hf, packing
 
+from .rerank import OnnxScoring
 from .session import SEGMENT_MASK, SEGMENT_MASK_KEY, model_files, open_session, read_graph
 
 if TYPE_CHECKING:
@@ -60,7 +61,7 @@ class OnnxOptions(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     parallel_batches: Annotated[int, msgspec.Meta(ge=1, le=64)] = 1
 
 
-class OnnxBackend(Backend):
+class OnnxBackend(OnnxScoring, Backend):
     name: ClassVar[str] = "onnx"
     Options: ClassVar[type[msgspec.Struct]] = OnnxOptions
 
@@ -98,6 +99,10 @@ class OnnxBackend(Backend):
         import onnxruntime  # noqa: F401 - a missing extra is reported before anything about the folder
 
         model_dir, onnx_file = model_files(self.path, self.options.file)
+        if self.task == "rerank":
+            self._max_tokens = hf.max_input_tokens(hf.read_layout(model_dir))
+            self._count_tok, self._embed_tok, self._pad_id = _tokenizers(model_dir, onnx_file, False, self._max_tokens)
+            return self._load_reranker(model_dir, onnx_file)
         self._read_folder(model_dir, onnx_file)
         self._open_session(onnx_file)
         try:
@@ -255,6 +260,7 @@ class OnnxBackend(Backend):
     def close(self) -> None:
         # Dropping the session frees its arena; the core drops the backend right after.
         self.__dict__.pop("_session", None)
+        self.__dict__.pop("_scores_session", None)
 
 
 def _tokenizers(

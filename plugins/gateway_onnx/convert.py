@@ -29,6 +29,7 @@ from gateway.runtime import hf
 from .check import CHECK_SENTENCES, check_folder
 from .check import Mismatch as _Mismatch
 from .export import export_graph, mark_graph, one_line, quantize_int8
+from .rerank_convert import check_reranker, convert_reranker
 
 # Small files a served model needs beside the graph; weights (safetensors/bin) are deliberately left out.
 _COPY_FILES = (
@@ -68,6 +69,11 @@ class OnnxConverter(Converter):
         quantize = getattr(args, "quantize", None)
         trust_remote_code = bool(getattr(args, "trust_remote_code", False))
         layout, dense = _read_source(src_dir, out_dir, trust_remote_code)
+        if hf.folder_task(src_dir) == "rerank":
+            convert_reranker(src_dir, out_dir, quantize, trust_remote_code, self.say)
+            _copy_support_files(src_dir, layout.transformer_dir, out_dir, layout, dense, self.say)
+            check_reranker(src_dir, out_dir, quantize, self.say)
+            return
         hf_dir = layout.transformer_dir
         out_dir.mkdir(parents=True, exist_ok=True)
 

@@ -15,7 +15,7 @@ from typing import Any
 from gateway.plugin import BackendError
 from gateway.runtime import hf
 
-from .session import SEGMENT_MASK, SEGMENT_MASK_KEY
+from .session import SEGMENT_MASK, SEGMENT_MASK_KEY, TASK_KEY
 
 OPSET = 17
 #: Graph metadata our converter writes: "packed" or "padded", why padded, the model's first position, and
@@ -187,4 +187,54 @@ def mark_graph(path: Path, packed: bool, plan: hf.PackingPlan, reason: str) -> N
     graph.metadata_props.extend(kept)
     for key, value in marks.items():
         graph.metadata_props.add(key=key, value=value)
+    onnx.save(graph, str(path))
+
+
+def export_scores_graph(model: Any, names: list[str], path: Path, say: Callable[[str], None]) -> None:
+    """Trace a sequence-classification `model` to an fp32 ONNX graph at `path`: inputs `names` (input_ids,
+    attention_mask[, token_type_ids]), output `logits` [batch, labels], batch and sequence dynamic."""
+    import torch
+
+    class Scores(torch.nn.Module):
+        # By keyword, as `_wrap` calls an encoder (transformers 5 takes more arguments than are passed).
+        def __init__(self, inner: Any) -> None:
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, *args: torch.Tensor) -> torch.Tensor:
+            return self.inner(**dict(zip(names, args, strict=True))).logits
+
+    dummy = _example_inputs(model, names, packed=False)
+    if "token_type_ids" in names:  # a pair's second text has token type 1: the traced graph must take it
+        types = dummy[names.index("token_type_ids")]
+        types[:, 4:] = 1
+    axes = {name: {0: "batch", 1: "sequence"} for name in names}
+    axes["logits"] = {0: "batch"}
+    say(f"exporting the classifier's logits, ONNX opset {OPSET} (inputs {', '.join(names)})")
+    try:
+        with torch.no_grad():
+            torch.onnx.export(
+                Scores(model).eval(),
+                dummy,
+                str(path),
+                input_names=names,
+                output_names=["logits"],
+                dynamic_axes=axes,
+                opset_version=OPSET,
+                do_constant_folding=True,
+                dynamo=False,
+            )
+    except Exception as exc:
+        raise BackendError(f"ONNX export failed: {one_line(exc)}") from exc
+
+
+def mark_task(path: Path, task: str) -> None:
+    """Record what the graph computes in its metadata (the onnx backend refuses a graph of another task)."""
+    import onnx
+
+    graph = onnx.load(str(path))
+    kept = [p for p in graph.metadata_props if p.key != TASK_KEY]
+    del graph.metadata_props[:]
+    graph.metadata_props.extend(kept)
+    graph.metadata_props.add(key=TASK_KEY, value=task)
     onnx.save(graph, str(path))

@@ -21,6 +21,8 @@ if TYPE_CHECKING:
 # per input of a row): only such a graph may be packed. Any other graph reads a non-zero mask as "attend".
 SEGMENT_MASK_KEY = "gateway.attention_mask"
 SEGMENT_MASK = "segment_ids"
+#: Graph metadata naming what the graph computes: "rerank" for a cross-encoder's logits (absent: an encoder).
+TASK_KEY = "gateway.task"
 
 
 def model_files(path: str, file: str) -> tuple[Path, Path]:
@@ -105,6 +107,8 @@ class GraphIO:
 def read_graph(session: onnxruntime.InferenceSession, onnx_file: Path) -> GraphIO:
     """The session's inputs (refused unless an encoder's) and the output to read: per-token states by name,
     else the first 3-D one, else a sentence embedding."""
+    if session.get_modelmeta().custom_metadata_map.get(TASK_KEY) == "rerank":
+        raise BackendError(f'{onnx_file} is a reranker\'s graph (its logits): serve it with task = "rerank"')
     inputs = session.get_inputs()
     input_names = [i.name for i in inputs]
     unknown = set(input_names) - {"input_ids", "attention_mask", "token_type_ids", "position_ids"}

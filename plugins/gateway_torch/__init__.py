@@ -28,6 +28,7 @@ from gateway.runtime.hf import (
     read_layout,
 )
 from gateway.runtime.packing import pack, pool
+from gateway_torch.rerank import CrossEncoderScoring
 
 log = logging.getLogger("gateway.torch")
 
@@ -62,8 +63,8 @@ class TorchOptions(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     parallel_batches: Annotated[int, msgspec.Meta(ge=1, le=64)] = 1
 
 
-class TorchBackend(Backend):
-    """A sentence-transformers model run by torch."""
+class TorchBackend(CrossEncoderScoring, Backend):
+    """A sentence-transformers model run by torch (a CrossEncoder for `task = "rerank"`)."""
 
     name = "torch"
     Options = TorchOptions
@@ -79,6 +80,8 @@ class TorchBackend(Backend):
         opts: TorchOptions = self.options
         if opts.threads:
             torch.set_num_threads(opts.threads)
+        if self.task == "rerank":
+            return self._load_reranker(torch)
         try:
             # str(): SentenceTransformer treats a Path as a hub id.
             model = sentence_transformer(
@@ -294,6 +297,7 @@ class TorchBackend(Backend):
         """Drop the model so its memory can be reclaimed."""
         self._model = None
         self._packer = None
+        self._cross = None
 
 
 def _import_torch() -> tuple[Any, Any, type]:

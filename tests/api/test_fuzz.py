@@ -30,6 +30,13 @@ matryoshka_dimensions = [2, 4, 8]
 prompts = {query = "query: ", document = "passage: "}
 [models.fake.options]
 max_tokens = 1000
+
+[models.ranker]
+backend = "fake-rerank"
+path = "."
+task = "rerank"
+[models.ranker.options]
+max_tokens = 1000
 """
 
 
@@ -60,6 +67,10 @@ def test_api_conforms(api_schema, with_key):
         "/v1/models",
         "/admin/reload",
         "/admin/cache/clear",
+        "/v1/rerank",
+        "/v2/rerank",
+        "/api/v3/inference/rerank",
+        "/rerank",
     }
     statuses: Counter[int] = Counter()
     for op in operations:
@@ -69,7 +80,7 @@ def test_api_conforms(api_schema, with_key):
 
 
 def _fuzz(op, with_key: bool, statuses: Counter[int]) -> None:
-    embeddings = op.path.endswith("/embeddings")
+    embeddings = op.path.endswith(("/embeddings", "rerank"))
 
     @given(case=op.as_strategy())
     @settings(

@@ -43,6 +43,7 @@ def test_models_list(fake_client):
             "fallbacks": [],
             "embedding_space": None,
             "error": None,
+            "task": "embed",
         }
 
 

@@ -410,3 +410,21 @@ def convert_zoo(folders: dict[str, Path], root: Path) -> dict[str, dict[str, Pat
                 convert(GgufConverter(), folder, root / f"{family}-{kind}.gguf", "--type", kind)
                 out[cell][family] = root / f"{family}-{kind}.gguf"
     return out
+
+
+def build_cross_encoder(dst: Path, *, seed: int = 0, num_labels: int = 1) -> Path:
+    """A tiny random-weight BERT reranker (a sequence-classification head with `num_labels`, WordPiece) saved
+    by sentence-transformers as a CrossEncoder folder at `dst`."""
+    import torch
+    from sentence_transformers import CrossEncoder
+    from transformers import BertForSequenceClassification
+
+    config, tokenizer = _bert()
+    config.num_labels = num_labels
+    torch.manual_seed(seed)
+    raw = dst.with_name(dst.name + "-hf")
+    BertForSequenceClassification(config).eval().save_pretrained(str(raw))
+    tokenizer.model_max_length = LIMIT
+    tokenizer.save_pretrained(str(raw))
+    CrossEncoder(str(raw), device="cpu").save(str(dst))
+    return dst

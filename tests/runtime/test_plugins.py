@@ -145,6 +145,19 @@ def test_a_backend_that_leaves_part_of_the_contract_out_is_refused_at_registrati
     with pytest.raises(PluginError, match=r"backend .*OldEmbed: embed must take \(texts, token_ids\)"):
         _plugin_with(OldEmbed).backends()
 
+    class NoWork(Backend):
+        # `embed` is optional for a backend that scores pairs instead; one that does neither serves nothing.
+        name = "no-work"
+
+        def load(self):
+            return ModelInfo(dimension=2, max_input_tokens=8, normalized=False)
+
+        def tokenize(self, texts):
+            return [[1] for _ in texts]
+
+    with pytest.raises(PluginError, match=r"backend .*NoWork implements neither `embed` nor `score`"):
+        _plugin_with(NoWork).backends()
+
 
 @pytest.mark.parametrize(
     ("returned", "reason"),
