@@ -16,6 +16,7 @@ from litestar.datastructures import State
 from litestar.middleware.base import DefineMiddleware
 from litestar.openapi import OpenAPIConfig
 
+from gateway.api import compat
 from gateway.api import embeddings as embeddings_route
 from gateway.api.routes import FRONT_ROUTES, ROUTES
 from gateway.base import schemas
@@ -59,7 +60,11 @@ def create_app(
         link=link,
     )
     app = Litestar(
-        route_handlers=[embeddings_route.serve_embeddings, *(ROUTES if link is None else FRONT_ROUTES)],
+        route_handlers=[
+            embeddings_route.serve_embeddings,
+            *(ROUTES if link is None else FRONT_ROUTES),
+            *compat.ROUTES,
+        ],
         exception_handlers=EXCEPTION_HANDLERS,
         request_max_body_size=config.server.max_body_bytes,
         # Request ids, the access log and the HTTP metrics in one middleware (see observability.py).
@@ -70,11 +75,13 @@ def create_app(
             title="Embedding gateway",
             version="0.1.0",
             path="/schema",
-            render_plugins=embeddings_route.render_plugins(),
+            render_plugins=embeddings_route.render_plugins({d.component: d.schema for d in compat.DESCRIBED}),
         ),
     )
     embeddings_route.document(app)
+    compat.document(app)
     gateway.on_reload.append(lambda: embeddings_route.describe_request(app))
+    gateway.on_reload.append(lambda: compat.redescribe(app))
     _strict_request_schemas(app)
     _optional_bodies(app)
     return app

@@ -84,6 +84,31 @@ async def embed_json(
     return await _off_loop(vectors, lambda *a: msgspec.json.encode(_response(*a)), vectors, body, tokens, output)
 
 
+async def vectors(
+    gw: Gateway,
+    body: EmbeddingRequest,
+    key: ApiKey | None = None,
+    notes: MutableMapping[str, Any] | None = None,
+) -> tuple[np.ndarray, int, Output]:
+    """`body`'s float vectors (cut to `dimensions`), its token count, and how it asked them encoded (with the
+    int8/uint8 ranges when it asked a calibrated type): for the routes that answer in another API's shape
+    (gateway/api/compat), which encode the vectors themselves. The same path as `embed`, here or at the
+    runtime process."""
+    return await _computed(gw, body, key, notes if notes is not None else {}, None)
+
+
+def values(vectors: np.ndarray, kind: quantize.EmbeddingType, ranges: quantize.Ranges | None) -> list[Any]:
+    """The rows of `vectors` as JSON numbers of type `kind` (floats with 9 decimals, as `embed` writes them)."""
+    if kind != "float":
+        return quantize.quantize(vectors, kind, ranges).tolist()  # type: ignore[no-any-return]
+    return np.round(vectors.astype(np.float64), 9).tolist()  # type: ignore[no-any-return]
+
+
+async def off_loop(vectors: np.ndarray, fn: Callable[..., T], *args: Any) -> T:
+    """`fn(*args)`, on a worker thread when `vectors` are large enough for encoding them to hold the loop."""
+    return await _off_loop(vectors, fn, *args)
+
+
 async def _computed(
     gw: Gateway,
     body: EmbeddingRequest,
