@@ -50,6 +50,7 @@ class TeiError(msgspec.Struct, kw_only=True):
     error_type: str
 
 
+_TYPES = {401: "Unauthorized", 403: "Unauthorized", 429: "Overloaded", 503: "Unhealthy"}
 _OVER_A_LIMIT = {"too_many_inputs", "input_too_long", "too_many_tokens"}
 
 
@@ -58,7 +59,9 @@ def _error(status: int, message: str, code: str | None) -> tuple[int, Any]:
         if code == "empty_input":
             return 400, {"error": message, "error_type": "Empty"}
         return (413 if code in _OVER_A_LIMIT else 422), {"error": message, "error_type": "Validation"}
-    kind = {401: "Unauthorized", 403: "Unauthorized", 429: "Overloaded", 503: "Unhealthy"}.get(status, "Backend" if status >= 500 else "Validation")
+    kind = {401: "Unauthorized", 403: "Unauthorized", 429: "Overloaded", 503: "Unhealthy"}.get(
+        status, "Backend" if status >= 500 else "Validation"
+    )
     return status, {"error": message, "error_type": kind}
 
 
