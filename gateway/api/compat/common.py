@@ -9,6 +9,7 @@ answer; auth, limits, the cache, prompts, truncation, compact types and metrics 
 from __future__ import annotations
 
 import asyncio
+import logging
 import re
 import uuid
 from collections.abc import Callable, Mapping
@@ -29,6 +30,8 @@ from gateway.embedding import service
 from gateway.embedding.state import Gateway
 from gateway.runtime.registry import ServedModel
 from gateway.shared.keys import ApiKey, authorize
+
+log = logging.getLogger("gateway.errors")
 
 #: (status, message, code) -> (status, JSON body) in the shape's own error form.
 ErrorBody = Callable[[int, str, "str | None"], tuple[int, Any]]
@@ -66,7 +69,7 @@ class Shape:
 
         def internal(request: Request[Any, Any, Any], exc: Exception) -> Response[Any]:
             error_id = uuid.uuid4().hex[:16]
-            request.logger.error("internal error %s on %s", error_id, request.url.path, exc_info=exc)
+            log.error("internal error %s on %s %s", error_id, request.method, request.url.path, exc_info=exc)
             return self.answer(GatewayError(500, f"internal error (id {error_id}); the server log has the details"))
 
         return {
