@@ -36,7 +36,7 @@ from gateway.base.schemas import EmbeddingData, EmbeddingRequest, EmbeddingRespo
 from gateway.embedding.cache import Cache, Entry
 from gateway.embedding.cache import input_key as cache_key
 from gateway.embedding.state import Gateway
-from gateway.plugin import BackendError, BackendFailure
+from gateway.plugin import BackendError, BackendFailure, TokenSpan
 from gateway.runtime import inputs, quantize
 from gateway.runtime.batching import BatchFailed, Progress, QueueFull
 from gateway.runtime.hf import l2_normalize
@@ -107,6 +107,32 @@ def values(vectors: np.ndarray, kind: quantize.EmbeddingType, ranges: quantize.R
 async def off_loop(vectors: np.ndarray, fn: Callable[..., T], *args: Any) -> T:
     """`fn(*args)`, on a worker thread when `vectors` are large enough for encoding them to hold the loop."""
     return await _off_loop(vectors, fn, *args)
+
+
+async def token_spans(
+    gw: Gateway,
+    body: EmbeddingRequest,
+    key: ApiKey | None,
+    add_special_tokens: bool,
+    notes: MutableMapping[str, Any] | None = None,
+) -> list[list[TokenSpan]]:
+    """The tokens of `body`'s inputs on its model (TEI's /tokenize), its prompt in front as an embedding request
+    would have it: the model (404, 403), the inputs (400), readiness (503), then the backend's tokenizer."""
+    model = gw.registry.handle(body.model, key).model
+    if key is not None and not key.may_use(model.name):
+        raise GatewayError(
+            403, f"this API key may not use model {body.model!r}", param="model", code="model_not_allowed"
+        )
+    if notes is not None:
+        notes["model"] = model.name
+    server = gw.config.server
+    texts = _texts(body, server.max_items_per_request, server.max_input_chars)
+    await model.ready(server.request_timeout_s)
+    assert model.info is not None
+    name = inputs.choose_prompt(model.name, model.prompts, model.default_prompt_name, body.prompt_name, None)
+    if name is not None:
+        texts = [model.prompts[name] + text for text in texts]
+    return await model.token_spans(texts, add_special_tokens)
 
 
 async def _computed(

@@ -19,8 +19,12 @@ import ollama
 import pytest
 from huggingface_hub import InferenceClient
 from huggingface_hub.errors import HfHubHTTPError
+from litestar.testing import TestClient
 
-from ..upstream import free_port, serve_process
+from gateway import Backend, hookimpl
+
+from ..conftest import AUTH, FakeBackend, make_app, serve, wait_loaded
+from ..upstream import ROOT, free_port, serve_process
 
 KEY = "compat-key-123"
 #: A key that may use only `other`, not wordllama (the model TEI's route serves).
@@ -241,3 +245,66 @@ def test_an_empty_text_is_named(url: str) -> None:
     r = httpx.post(f"{url}/embed", json={"inputs": ["a", ""]}, headers={"Authorization": f"Bearer {KEY}"})
     assert r.status_code == 422 and r.json()["error_type"] == "Validation", r.text
     assert "`inputs[1]`" in r.json()["error"], r.text
+
+
+# -- TEI's /tokenize ------------------------------------------------------------------------------------------------
+
+
+def test_tei_tokenize_shows_the_tokens_the_model_counts(url: str) -> None:
+    auth = {"Authorization": f"Bearer {KEY}"}
+    r = httpx.post(f"{url}/tokenize", json={"inputs": TEXTS}, headers=auth)
+    assert r.status_code == 200, r.text
+    for text, tokens in zip(TEXTS, r.json(), strict=True):
+        assert len(tokens) == openai_answer(url, [text])["usage"]["total_tokens"]
+        assert all(t["text"] == text[t["start"] : t["stop"]] and not t["special"] for t in tokens), tokens
+    # The prompt is tokenized in front, as an embedding request with `prompt_name` has it.
+    r = httpx.post(f"{url}/tokenize", json={"inputs": "hello", "prompt_name": "query"}, headers=auth)
+    tokens = r.json()[0]
+    assert len(tokens) == openai_answer(url, ["hello"], prompt_name="query")["usage"]["total_tokens"]
+    assert "".join(t["text"] for t in tokens).replace(" ", "") == "query:hello"
+
+
+def test_tei_tokenize_marks_special_tokens_on_a_bert_model() -> None:
+    toml = f'[models.minilm]\nbackend = "onnx"\npath = "{ROOT / "models" / "minilm-onnx"}"\n'
+    with serve(toml, plugins=()) as client:
+        r = client.post("/tokenize", json={"inputs": ["Hello wörld!"]})
+        assert r.status_code == 200, r.text
+        assert r.json() == [
+            [
+                {"id": 101, "text": "[CLS]", "special": True, "start": None, "stop": None},
+                {"id": 7592, "text": "Hello", "special": False, "start": 0, "stop": 5},
+                {"id": 2088, "text": "wörld", "special": False, "start": 6, "stop": 11},
+                {"id": 999, "text": "!", "special": False, "start": 11, "stop": 12},
+                {"id": 102, "text": "[SEP]", "special": True, "start": None, "stop": None},
+            ]
+        ]
+        ids = client.post("/v1/embeddings", json={"model": "minilm", "input": "Hello wörld!"}).json()["usage"]
+        assert ids["total_tokens"] == 5
+        r = client.post("/tokenize", json={"inputs": "Hello wörld!", "add_special_tokens": False})
+        assert [t["id"] for t in r.json()[0]] == [7592, 2088, 999]
+
+
+class _NoSpans(FakeBackend):
+    """A backend that keeps the contract's default: it cannot show its tokens."""
+
+    name = "nospans"
+    token_spans = Backend.token_spans
+
+
+class _NoSpansPlugin:
+    @staticmethod
+    @hookimpl
+    def register_backends(register: Any) -> None:
+        register(_NoSpans)
+
+
+def test_tei_tokenize_on_a_backend_that_cannot_show_tokens_says_so() -> None:
+    app = make_app('[models.n]\nbackend = "nospans"\npath = "."\n', plugins=(_NoSpansPlugin,))
+    with TestClient(app=app) as client:
+        wait_loaded(client)
+        r = client.post("/tokenize", json={"inputs": "a b"}, headers=AUTH)
+    assert r.status_code == 422, r.text
+    assert r.json() == {
+        "error": "model 'n' cannot show its tokens: backend 'nospans' gives no token text or offsets",
+        "error_type": "Validation",
+    }

@@ -61,6 +61,7 @@ def test_api_conforms(api_schema, with_key):
         "/admin/reload",
         "/admin/cache/clear",
         "/embed",
+        "/tokenize",
         "/api/embed",
         "/api/embeddings",
         "/v2/embed",

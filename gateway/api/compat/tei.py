@@ -1,6 +1,6 @@
-"""text-embeddings-inference's embed route: `POST /embed`, errors as TEI's `{"error", "error_type"}`.
+"""text-embeddings-inference's routes: `POST /embed` and `POST /tokenize`; errors as TEI's `{"error", "error_type"}`.
 
-Decisions: TEI serves one model and its requests name none, so `/embed` serves the first model of gateway.toml.
+Decisions: TEI serves one model and its requests name none, so these routes serve the first model of gateway.toml.
 Unknown fields are refused, as on our own routes; every field huggingface_hub's `feature_extraction` sends for
 TEI is known except `encoding_format` (an OpenAI field, refused as unknown). `truncate` absent leaves the
 model's configured default (TEI's is its `--auto-truncate` flag); `truncation_direction` `Right` (TEI's
@@ -28,6 +28,7 @@ from gateway.api.decoding import BodyDecoder
 from gateway.base.schemas import EmbeddingRequest, Text
 from gateway.embedding import service
 from gateway.embedding.state import Gateway
+from gateway.plugin import TokenSpan
 from gateway.runtime.hf import l2_normalize
 from gateway.shared.keys import ApiKey
 
@@ -42,6 +43,14 @@ class TeiEmbedRequest(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     truncation_direction: Literal["Right", "Left", "right", "left"] = "Right"
     prompt_name: Annotated[str, msgspec.Meta(min_length=1)] | None = None
     dimensions: Annotated[int, msgspec.Meta(ge=1)] | None = None
+
+
+class TeiTokenizeRequest(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """Body of POST /tokenize (TEI's shape)."""
+
+    inputs: Text | Annotated[list[Text], msgspec.Meta(min_length=1)]
+    add_special_tokens: bool = True
+    prompt_name: Annotated[str, msgspec.Meta(min_length=1)] | None = None
 
 
 class TeiError(msgspec.Struct, kw_only=True):
@@ -68,6 +77,11 @@ def _error(status: int, message: str, code: str | None) -> tuple[int, Any]:
 
 SHAPE = Shape(_error, {"input": "inputs"})
 _DECODER = BodyDecoder(TeiEmbedRequest)
+_TOKENIZE = BodyDecoder(TeiTokenizeRequest)
+_RESPONSES = {
+    s: ResponseSpec(data_container=TeiError, description="TEI-shaped error")
+    for s in (400, 401, 403, 404, 413, 422, 429, 500, 503, 504)
+}
 
 
 def _truncate(body: TeiEmbedRequest) -> bool | Literal["start", "end"] | None:
@@ -101,19 +115,35 @@ async def tei_embed(request: Request[Any, Any, Any]) -> Response[bytes]:
     return answer(request, await service.off_loop(rows, encode))
 
 
+@post("/tokenize", status_code=200, include_in_schema=False, exception_handlers=SHAPE.handlers())
+async def tei_tokenize(request: Request[Any, Any, Any]) -> Response[bytes]:
+    """TEI's /tokenize on the first configured model: each input's tokens, their text and character offsets."""
+    body: TeiTokenizeRequest = await read(request, _TOKENIZE)
+    gw = gateway_of(request)
+    ours = EmbeddingRequest(model=default_model(gw).name, input=body.inputs, prompt_name=body.prompt_name)
+    state = request.scope["state"]
+    spans = await service.token_spans(gw, ours, state["api_key"], body.add_special_tokens, state)
+    return answer(request, msgspec.json.encode(spans))
+
+
 @post(
     "/embed",
     status_code=200,
     summary="Create embeddings (text-embeddings-inference)",
-    responses={
-        s: ResponseSpec(data_container=TeiError, description="TEI-shaped error")
-        for s in (400, 401, 403, 404, 413, 422, 429, 500, 503, 504)
-    },
+    responses=_RESPONSES,
 )
 async def _embed(data: JSONBody[TeiEmbedRequest]) -> list[list[float]]:
     """TEI's `POST /embed` on the first configured model: `inputs` (a string or a list), `normalize`,
     `truncate`, `truncation_direction`, `prompt_name`, `dimensions`; a list of vectors back."""
     raise NotImplementedError  # never routed: it only describes `tei_embed` for /schema
+
+
+@post("/tokenize", status_code=200, summary="Tokenize (text-embeddings-inference)", responses=_RESPONSES)
+async def _tokenize(data: JSONBody[TeiTokenizeRequest]) -> list[list[TokenSpan]]:
+    """TEI's `POST /tokenize` on the first configured model: `inputs`, `add_special_tokens`, `prompt_name`; for
+    each input its tokens (`id`, `text`, `special`, and `start`/`stop`, character offsets, null for a special
+    token)."""
+    raise NotImplementedError  # never routed: it only describes `tei_tokenize` for /schema
 
 
 def _keyed(gw: Gateway, key: ApiKey, body: dict[str, Any]) -> None:
@@ -122,12 +152,16 @@ def _keyed(gw: Gateway, key: ApiKey, body: dict[str, Any]) -> None:
     model = next(iter(gw.registry.models.values()), None)
     if model is None or not key.may_use(model.name):
         return
-    dims = sorted(model.spec.config.matryoshka_dimensions or ())
-    props["dimensions"]["anyOf"][0] = {"type": "integer", "enum": dims} if dims else {"not": {}}
+    if "dimensions" in props:
+        dims = sorted(model.spec.config.matryoshka_dimensions or ())
+        props["dimensions"]["anyOf"][0] = {"type": "integer", "enum": dims} if dims else {"not": {}}
     prompts = sorted(model.prompt_names())
     props["prompt_name"]["anyOf"][0] = {"type": "string", "enum": prompts} if prompts else {"not": {}}
 
 
-DESCRIBED = [Described("TeiEmbedRequest", TeiEmbedRequest, lambda gw, props: texts_limits(gw, props["inputs"]), _keyed)]
-ROUTES = [tei_embed]
-DESCRIPTIONS = [_embed]
+DESCRIBED = [
+    Described("TeiEmbedRequest", TeiEmbedRequest, lambda gw, props: texts_limits(gw, props["inputs"]), _keyed),
+    Described("TeiTokenizeRequest", TeiTokenizeRequest, lambda gw, props: texts_limits(gw, props["inputs"]), _keyed),
+]
+ROUTES = [tei_embed, tei_tokenize]
+DESCRIPTIONS = [_embed, _tokenize]
