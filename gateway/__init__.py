@@ -15,7 +15,9 @@ from gateway.plugin import (
     ModelInfo,
     NoOptions,
     Placement,
+    TokenSpan,
     hookimpl,
+    tokenizer_spans,
 )
 
 __all__ = [
@@ -31,8 +33,10 @@ __all__ = [
     "ModelInfo",
     "NoOptions",
     "Placement",
+    "TokenSpan",
     "create_app",
     "hookimpl",
+    "tokenizer_spans",
 ]
 __version__ = "0.1.0"
 

@@ -78,6 +78,36 @@ class ModelInfo(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields
     score_activation: Literal["sigmoid", "identity"] = "sigmoid"
 
 
+class TokenSpan(msgspec.Struct, frozen=True, kw_only=True):
+    """One token of a text as `Backend.token_spans` shows it (TEI's `/tokenize` shape): its id, its text (the
+    characters it covers, or the token itself for a special token), and where it is in the text (character
+    offsets; None for a special token)."""
+
+    id: int
+    text: str
+    special: bool
+    start: int | None
+    stop: int | None
+
+
+def tokenizer_spans(tokenizer: Any, texts: Sequence[str], add_special_tokens: bool) -> list[list[TokenSpan]]:
+    """`token_spans` from a `tokenizers.Tokenizer` (the one `tokenize` counts with, so the ids are the same)."""
+    out: list[list[TokenSpan]] = []
+    for text, enc in zip(
+        texts, tokenizer.encode_batch(list(texts), add_special_tokens=add_special_tokens), strict=True
+    ):
+        spans = []
+        for id_, token, special, (start, stop) in zip(
+            enc.ids, enc.tokens, enc.special_tokens_mask, enc.offsets, strict=True
+        ):
+            if special:
+                spans.append(TokenSpan(id=id_, text=token, special=True, start=None, stop=None))
+            else:
+                spans.append(TokenSpan(id=id_, text=text[start:stop], special=False, start=start, stop=stop))
+        out.append(spans)
+    return out
+
+
 @dataclass(frozen=True, slots=True)
 class Embedded:
     """What `embed` returns for a backend with `counts_tokens = False`: the vectors and the tokens the runtime
@@ -226,6 +256,13 @@ class Backend(ABC):
 
     def close(self) -> None:  # noqa: B027 - optional hook, a no-op by default
         """Release the model's resources."""
+
+    def token_spans(self, texts: Sequence[str], add_special_tokens: bool) -> list[list[TokenSpan]]:
+        """Optional: each text's tokens with their text and character offsets (TEI's `POST /tokenize`), the same
+        ids `tokenize` gives when `add_special_tokens` (without the special ones otherwise). A backend whose
+        tokenizer is a `tokenizers.Tokenizer` returns `tokenizer_spans(it, texts, add_special_tokens)`; the
+        default refuses (the route then answers that this model cannot show its tokens)."""
+        raise NotImplementedError
 
     def load_tokenizer(self) -> bool:
         """Optional: make `tokenize` work without loading the model (no weights), for a front process that

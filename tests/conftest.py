@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
+import re
 import textwrap
 import threading
 import time
@@ -20,7 +21,7 @@ from litestar.testing import TestClient
 
 from gateway import Backend, BackendError, ModelInfo, hookimpl
 from gateway.base.config import parse_config
-from gateway.plugin import InputRejected
+from gateway.plugin import InputRejected, TokenSpan
 from gateway.runtime.plugins import load_plugins
 from gateway.shared.keys import KeyStore
 
@@ -69,6 +70,23 @@ class FakeBackend(Backend):
 
     def tokenize(self, texts: Sequence[str]) -> list[list[int]]:
         return [[101, *(len(w) for w in t.split()), 102] for t in texts]
+
+    def token_spans(self, texts: Sequence[str], add_special_tokens: bool) -> list[list[TokenSpan]]:
+        """What `tokenize` counts, with each word's place in the text (TEI's /tokenize)."""
+        out = []
+        for text in texts:
+            words = [
+                TokenSpan(id=len(m.group()), text=m.group(), special=False, start=m.start(), stop=m.end())
+                for m in re.finditer(r"\S+", text)
+            ]
+            if add_special_tokens:
+                words = [
+                    TokenSpan(id=101, text="[CLS]", special=True, start=None, stop=None),
+                    *words,
+                    TokenSpan(id=102, text="[SEP]", special=True, start=None, stop=None),
+                ]
+            out.append(words)
+        return out
 
     def fingerprint(self) -> bytes:
         # No weight files: its vectors depend on its class and options only (the core adds the options).

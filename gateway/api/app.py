@@ -16,6 +16,7 @@ from litestar.datastructures import State
 from litestar.middleware.base import DefineMiddleware
 from litestar.openapi import OpenAPIConfig
 
+from gateway.api import compat
 from gateway.api import embeddings as embeddings_route
 from gateway.api import rerank as rerank_routes
 from gateway.api.routes import FRONT_ROUTES, ROUTES
@@ -64,6 +65,7 @@ def create_app(
             embeddings_route.serve_embeddings,
             *(ROUTES if link is None else FRONT_ROUTES),
             *rerank_routes.ROUTES,
+            *compat.ROUTES,
         ],
         exception_handlers=EXCEPTION_HANDLERS,
         request_max_body_size=config.server.max_body_bytes,
@@ -75,12 +77,14 @@ def create_app(
             title="Embedding gateway",
             version="0.1.0",
             path="/schema",
-            render_plugins=embeddings_route.render_plugins(),
+            render_plugins=embeddings_route.render_plugins({d.component: d.schema for d in compat.DESCRIBED}),
         ),
     )
     embeddings_route.document(app)
     rerank_routes.document(app)
+    compat.document(app)
     gateway.on_reload.append(lambda: embeddings_route.describe_request(app))
+    gateway.on_reload.append(lambda: compat.redescribe(app))
     _strict_request_schemas(app)
     _optional_bodies(app)
     return app

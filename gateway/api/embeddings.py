@@ -12,6 +12,7 @@ error messages (decoding.py), and the route's OpenAPI description (`document`).
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable, Mapping
 from typing import Annotated, Any
 
 import msgspec
@@ -305,6 +306,11 @@ class KeyedJsonRenderPlugin(JsonRenderPlugin):
     use, their `dimensions` and prompts (what a client or a fuzzer needs to build valid requests); to anyone
     else, the document without them. The HTML pages and the YAML copy are always the anonymous document."""
 
+    def __init__(self, others: Mapping[str, Callable[[Gateway, ApiKey], dict[str, Any]]] | None = None) -> None:
+        super().__init__()
+        # Other routes' request schemas that name a key's models (component name -> schema for a key).
+        self.others = dict(others or {})
+
     def render(self, request: Request[Any, Any, Any], document: dict[str, Any]) -> bytes:
         gw: Gateway = request.app.state.gateway
         try:
@@ -316,17 +322,22 @@ class KeyedJsonRenderPlugin(JsonRenderPlugin):
         schemas = {**components.get("schemas", {}), "EmbeddingRequest": keyed}
         for name, body in rerank.request_schemas(gw, key).items():
             schemas[name] = openapi_schema(body).to_schema()
+        for name, schema in self.others.items():
+            schemas[name] = openapi_schema(schema(gw, key)).to_schema()
         return self.render_json(request, {**document, "components": {**components, "schemas": schemas}})
 
 
-def render_plugins() -> list[OpenAPIRenderPlugin]:
-    """Litestar's default /schema pages and files, with the keyed JSON document (redoc stays at /schema)."""
+def render_plugins(
+    others: Mapping[str, Callable[[Gateway, ApiKey], dict[str, Any]]] | None = None,
+) -> list[OpenAPIRenderPlugin]:
+    """Litestar's default /schema pages and files, with the keyed JSON document (redoc stays at /schema);
+    `others`: further request schemas that a key's copy narrows to its models."""
     return [
         RedocRenderPlugin(),
         SwaggerRenderPlugin(),
         RapidocRenderPlugin(),
         StoplightRenderPlugin(),
-        KeyedJsonRenderPlugin(),
+        KeyedJsonRenderPlugin(others),
         YamlRenderPlugin(),
     ]
 

@@ -36,7 +36,7 @@ from gateway.base.schemas import EmbeddingData, EmbeddingRequest, EmbeddingRespo
 from gateway.embedding.cache import Cache, Entry
 from gateway.embedding.cache import input_key as cache_key
 from gateway.embedding.state import Gateway
-from gateway.plugin import BackendError, BackendFailure
+from gateway.plugin import BackendError, BackendFailure, TokenSpan
 from gateway.runtime import inputs, quantize
 from gateway.runtime.batching import BatchFailed, Progress, QueueFull
 from gateway.runtime.hf import l2_normalize
@@ -82,6 +82,57 @@ async def embed_json(
     """`embed`, encoded as the JSON body of the HTTP answer."""
     vectors, tokens, output = await _computed(gw, body, key, notes if notes is not None else {}, deadline_s)
     return await _off_loop(vectors, lambda *a: msgspec.json.encode(_response(*a)), vectors, body, tokens, output)
+
+
+async def vectors(
+    gw: Gateway,
+    body: EmbeddingRequest,
+    key: ApiKey | None = None,
+    notes: MutableMapping[str, Any] | None = None,
+) -> tuple[np.ndarray, int, Output]:
+    """`body`'s float vectors (cut to `dimensions`), its token count, and how it asked them encoded (with the
+    int8/uint8 ranges when it asked a calibrated type): for the routes that answer in another API's shape
+    (gateway/api/compat), which encode the vectors themselves. The same path as `embed`, here or at the
+    runtime process."""
+    return await _computed(gw, body, key, notes if notes is not None else {}, None)
+
+
+def values(vectors: np.ndarray, kind: quantize.EmbeddingType, ranges: quantize.Ranges | None) -> list[Any]:
+    """The rows of `vectors` as JSON numbers of type `kind` (floats with 9 decimals, as `embed` writes them)."""
+    if kind != "float":
+        return quantize.quantize(vectors, kind, ranges).tolist()  # type: ignore[no-any-return]
+    return np.round(vectors.astype(np.float64), 9).tolist()  # type: ignore[no-any-return]
+
+
+async def off_loop(vectors: np.ndarray, fn: Callable[..., T], *args: Any) -> T:
+    """`fn(*args)`, on a worker thread when `vectors` are large enough for encoding them to hold the loop."""
+    return await _off_loop(vectors, fn, *args)
+
+
+async def token_spans(
+    gw: Gateway,
+    body: EmbeddingRequest,
+    key: ApiKey | None,
+    add_special_tokens: bool,
+    notes: MutableMapping[str, Any] | None = None,
+) -> list[list[TokenSpan]]:
+    """The tokens of `body`'s inputs on its model (TEI's /tokenize), its prompt in front as an embedding request
+    would have it: the model (404, 403), the inputs (400), readiness (503), then the backend's tokenizer."""
+    model = gw.registry.handle(body.model, key).model
+    if key is not None and not key.may_use(model.name):
+        raise GatewayError(
+            403, f"this API key may not use model {body.model!r}", param="model", code="model_not_allowed"
+        )
+    if notes is not None:
+        notes["model"] = model.name
+    server = gw.config.server
+    texts = _texts(body, server.max_items_per_request, server.max_input_chars)
+    await model.ready(server.request_timeout_s)
+    assert model.info is not None
+    name = inputs.choose_prompt(model.name, model.prompts, model.default_prompt_name, body.prompt_name, None)
+    if name is not None:
+        texts = [model.prompts[name] + text for text in texts]
+    return await model.token_spans(texts, add_special_tokens)
 
 
 async def _computed(

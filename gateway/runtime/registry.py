@@ -21,7 +21,7 @@ from gateway.base import digest
 from gateway.base.circuit import CircuitBreaker
 from gateway.base.config import ConfigError, GatewayConfig, ModelConfig, check_reranker, convert_at
 from gateway.base.errors import GatewayError
-from gateway.plugin import Backend, BackendError, ModelInfo, Placement, Task, check_info
+from gateway.plugin import Backend, BackendError, ModelInfo, Placement, Task, TokenSpan, check_info
 from gateway.runtime import hf, quantize
 from gateway.runtime.batching import Batcher
 from gateway.runtime.calibration import Calibration
@@ -358,6 +358,28 @@ class ServedModel:
         if info.local_tokenizer and sum(len(t) for t in texts) <= _INLINE_CHARS:
             return backend.tokenize(texts)
         return await asyncio.get_running_loop().run_in_executor(self._tokenize, backend.tokenize, texts)
+
+    async def token_spans(self, texts: list[str], add_special_tokens: bool) -> list[list[TokenSpan]]:
+        """The backend's tokens of each text with their text and offsets, on the model's tokenizer thread; 400
+        when its backend cannot show them, or when it runs in another process."""
+        backend = self.backend
+        if backend is None or self.elsewhere:
+            raise GatewayError(
+                400,
+                f"model {self.name!r} runs in the runtime process, whose tokens this worker cannot show "
+                "(`[server] workers` > 1)",
+                code="tokenize_not_supported",
+            )
+        loop = asyncio.get_running_loop()
+        try:
+            return await loop.run_in_executor(self._tokenize, backend.token_spans, texts, add_special_tokens)
+        except NotImplementedError:
+            raise GatewayError(
+                400,
+                f"model {self.name!r} cannot show its tokens: backend {self.spec.config.backend!r} gives no "
+                "token text or offsets",
+                code="tokenize_not_supported",
+            ) from None
 
     def estimate(self, texts: list[str]) -> list[int]:
         """Tokens per text as guessed from its length, for a backend that cannot count them up front (only

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal
 import msgspec
 import numpy as np
 
-from gateway.plugin import Backend, BackendError, ModelInfo
+from gateway.plugin import Backend, BackendError, ModelInfo, TokenSpan, tokenizer_spans
 from gateway.runtime import hf, packing
 
 from .rerank import OnnxScoring
@@ -181,6 +181,9 @@ class OnnxBackend(OnnxScoring, Backend):
             # then wait for a core beside the runtime's (bench/README.md, "Tokenizing one text").
             return [self._count_tok.encode(texts[0]).ids]
         return [e.ids for e in self._count_tok.encode_batch(list(texts))]
+
+    def token_spans(self, texts: Sequence[str], add_special_tokens: bool) -> list[list[TokenSpan]]:
+        return tokenizer_spans(self._count_tok, texts, add_special_tokens)
 
     def _feed(self, arrays: dict[str, np.ndarray]) -> np.ndarray:
         feed = {

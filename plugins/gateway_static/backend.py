@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Annotated, Any, ClassVar
 import msgspec
 import numpy as np
 
-from gateway.plugin import Backend, BackendError, ModelInfo
+from gateway.plugin import Backend, BackendError, ModelInfo, TokenSpan, tokenizer_spans
 from gateway.runtime.hf import l2_normalize
 
 if TYPE_CHECKING:
@@ -231,6 +231,12 @@ class WordLlamaBackend(Backend):
         if len(texts) == 1:
             return [tokenizer.encode(texts[0], add_special_tokens=False).ids]
         return [e.ids for e in tokenizer.encode_batch(list(texts), add_special_tokens=False)]
+
+    def token_spans(self, texts: Sequence[str], add_special_tokens: bool) -> list[list[TokenSpan]]:
+        if self._tokenizer is None:
+            raise BackendError(f"model {self.model!r} is not loaded")
+        # The package's embeddings take no special tokens, so there are none to show.
+        return tokenizer_spans(self._tokenizer, texts, add_special_tokens=False)
 
     def embed(self, texts: Sequence[str], token_ids: Sequence[Sequence[int]]) -> np.ndarray:
         """The mean of each input's rows, summed in the package's order (its `avg_pool`), so the vectors equal

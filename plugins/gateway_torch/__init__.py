@@ -16,6 +16,7 @@ import msgspec
 import numpy as np
 
 from gateway import Backend, BackendError, ModelInfo, hookimpl
+from gateway.plugin import TokenSpan, tokenizer_spans
 from gateway.runtime.hf import (
     POOLING_MODES,
     PackingPlan,
@@ -218,6 +219,12 @@ class TorchBackend(CrossEncoderScoring, Backend):
         """Ids with [CLS]/[SEP] (what the model consumes; the model's lower-casing applied), untruncated."""
         return self._counter(texts)
 
+    def token_spans(self, texts: Sequence[str], add_special_tokens: bool) -> list[list[TokenSpan]]:
+        """From the counting tokenizer when it is a fast one (a slow tokenizer has no offsets to show)."""
+        if not isinstance(self._counter, _FastCounter):
+            raise NotImplementedError
+        return tokenizer_spans(self._counter.tokenizer, texts, add_special_tokens)
+
     def embed(self, texts: Sequence[str], token_ids: Sequence[Sequence[int]]) -> np.ndarray:
         """One forward pass over the whole batch (the core already sized and sorted it): packed, on the ids
         counted on arrival, or padded through the model's own encode."""
@@ -355,23 +362,28 @@ def _pads_ids(model: Any) -> bool:
     )
 
 
-def _fast_counter(fast: Any, lower: bool) -> Callable[[Sequence[str]], list[list[int]]]:
-    # A private copy: the encode path mutates its tokenizer's truncation settings on every call, and a Rust
-    # tokenizer being mutated cannot be read from another thread ("Already borrowed").
-    fast = copy.deepcopy(fast)
-    fast.no_padding()
-    fast.no_truncation()
-    if lower:
-        lower_case(fast)
+class _FastCounter:
+    """Counts with a private copy of the fast tokenizer: the encode path mutates its tokenizer's truncation
+    settings on every call, and a Rust tokenizer being mutated cannot be read from another thread ("Already
+    borrowed")."""
 
-    def count(texts: Sequence[str]) -> list[list[int]]:
+    def __init__(self, fast: Any, lower: bool) -> None:
+        self.tokenizer = copy.deepcopy(fast)
+        self.tokenizer.no_padding()
+        self.tokenizer.no_truncation()
+        if lower:
+            lower_case(self.tokenizer)
+
+    def __call__(self, texts: Sequence[str]) -> list[list[int]]:
         if len(texts) == 1:
             # On this thread: encode_batch hands even one text to the tokenizers' thread pool, whose threads
             # then wait for a core beside torch's (bench/README.md, "Tokenizing one text").
-            return [fast.encode(texts[0]).ids]
-        return [e.ids for e in fast.encode_batch(list(texts))]
+            return [self.tokenizer.encode(texts[0]).ids]
+        return [e.ids for e in self.tokenizer.encode_batch(list(texts))]
 
-    return count
+
+def _fast_counter(fast: Any, lower: bool) -> Callable[[Sequence[str]], list[list[int]]]:
+    return _FastCounter(fast, lower)
 
 
 class _Packer:

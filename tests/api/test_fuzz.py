@@ -71,6 +71,11 @@ def test_api_conforms(api_schema, with_key):
         "/v2/rerank",
         "/api/v3/inference/rerank",
         "/rerank",
+        "/embed",
+        "/tokenize",
+        "/api/embed",
+        "/api/embeddings",
+        "/v2/embed",
     }
     statuses: Counter[int] = Counter()
     for op in operations:
@@ -80,7 +85,7 @@ def test_api_conforms(api_schema, with_key):
 
 
 def _fuzz(op, with_key: bool, statuses: Counter[int]) -> None:
-    embeddings = op.path.endswith(("/embeddings", "rerank"))
+    embeddings = op.path.endswith(("/embeddings", "rerank", "/embed"))
 
     @given(case=op.as_strategy())
     @settings(
