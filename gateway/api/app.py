@@ -44,9 +44,8 @@ def create_app(
     """Build the app; models load in the background once it starts (see /ready).
 
     `plugins`: the installed ones by default; `keys`: fixed keys (config keys ignored); `fallback_keys`: used
-    while the config names no key; `config_path`: the file a reload re-reads; `link`: the app is a front
-    worker, and the runtime process at the other end of it loads and serves the models
-    (gateway/processes/supervisor.py).
+    while the config names no key; `config_path`: the file a reload re-reads; `link`: the app is a front worker,
+    and the runtime process at its other end loads and serves the models (gateway/processes/supervisor.py).
     """
     plugins = plugins or load_plugins()
     gateway = Gateway(
@@ -61,12 +60,7 @@ def create_app(
         link=link,
     )
     app = Litestar(
-        route_handlers=[
-            embeddings_route.serve_embeddings,
-            *(ROUTES if link is None else FRONT_ROUTES),
-            *rerank_routes.ROUTES,
-            *compat.ROUTES,
-        ],
+        route_handlers=_routes(front=link is not None),
         exception_handlers=EXCEPTION_HANDLERS,
         request_max_body_size=config.server.max_body_bytes,
         # Request ids, the access log and the HTTP metrics in one middleware (see observability.py).
@@ -88,6 +82,16 @@ def create_app(
     _strict_request_schemas(app)
     _optional_bodies(app)
     return app
+
+
+def _routes(front: bool) -> list[Any]:
+    """Every route: the hot embeddings route, the others (a front worker's own set), rerank, other APIs' shapes."""
+    return [
+        embeddings_route.serve_embeddings,
+        *(FRONT_ROUTES if front else ROUTES),
+        *rerank_routes.ROUTES,
+        *compat.ROUTES,
+    ]
 
 
 @asynccontextmanager

@@ -111,12 +111,7 @@ class Batcher:
         self._admission = Admission(
             self._queue, model=model, max_queue=max_queue, max_batch_tokens=self.max_batch_tokens
         )
-        self._threads = [
-            threading.Thread(target=self._run, name=f"batcher-{model}-{i}", daemon=True)
-            for i in range(info.concurrent_batches)
-        ]
-        for t in self._threads:
-            t.start()
+        self._threads = _workers(self, info.concurrent_batches)
 
     @property
     def queued(self) -> int:
@@ -313,3 +308,13 @@ class Batcher:
         for t in self._threads:
             if t is not threading.current_thread():
                 t.join(timeout)
+
+
+def _workers(batcher: Batcher, n: int) -> list[threading.Thread]:
+    """The batcher's worker threads, started: each takes batches and calls the backend."""
+    threads = [
+        threading.Thread(target=batcher._run, name=f"batcher-{batcher.model}-{i}", daemon=True) for i in range(n)
+    ]
+    for t in threads:
+        t.start()
+    return threads

@@ -91,9 +91,7 @@ class TorchBackend(CrossEncoderScoring, Backend):
         except Exception as exc:
             raise BackendError(f"cannot load sentence-transformers model from {self.path}: {exc}") from exc
         model.eval()
-        self._torch = torch
-        self._model = model
-        self._lock = threading.Lock()
+        self._torch, self._model, self._lock = torch, model, threading.Lock()
         has_normalize = any(isinstance(m, normalize_module) for m in model)
         self._normalize = bool(opts.normalize) and not has_normalize
         normalized = has_normalize if opts.normalize is None else opts.normalize
