@@ -114,3 +114,17 @@ def tokenize(vocab: Any, text: str) -> list[int]:
         if n < 0:
             raise BackendError(f"llama.cpp could not tokenize an input of {len(data)} bytes")
     return buf[:n]
+
+
+def fill_batch(batch: Any, seqs: list[list[int]]) -> None:
+    """llama.cpp's batch holding `seqs`, token by token, sequence i under sequence id i, every state kept."""
+    k = 0
+    for s, tokens in enumerate(seqs):
+        for p, tok in enumerate(tokens):
+            batch.token[k] = tok
+            batch.pos[k] = p
+            batch.n_seq_id[k] = 1
+            batch.seq_id[k][0] = s
+            batch.logits[k] = True
+            k += 1
+    batch.n_tokens = k

@@ -29,6 +29,7 @@ from gateway.runtime import hf
 from gateway.runtime.hf import l2_normalize
 
 from . import _llama
+from .rerank import POOLING_RANK, GgufScoring
 
 log = logging.getLogger("gateway.gguf")
 
@@ -196,20 +197,6 @@ def micro_batch(limit: int, n_ubatch: int | None, seqs: int) -> int:
     return n_ubatch
 
 
-def _fill(batch: Any, seqs: list[list[int]]) -> None:
-    """llama.cpp's batch holding `seqs`, token by token, sequence i under sequence id i, every state kept."""
-    k = 0
-    for s, tokens in enumerate(seqs):
-        for p, tok in enumerate(tokens):
-            batch.token[k] = tok
-            batch.pos[k] = p
-            batch.n_seq_id[k] = 1
-            batch.seq_id[k][0] = s
-            batch.logits[k] = True
-            k += 1
-    batch.n_tokens = k
-
-
 def _pooled_by_hand(
     lib: Any, ctx: Any, batch: Any, seqs: list[list[int]], skip: list[int], dim: int, pooling: Any
 ) -> np.ndarray:
@@ -217,7 +204,7 @@ def _pooled_by_hand(
     leaving out its first `skip` tokens (a prompt that the source model's pooling excludes)."""
     out = np.empty((len(seqs), dim), dtype=np.float32)
     for i, tokens in enumerate(seqs):
-        _fill(batch, [tokens])
+        _llama.fill_batch(batch, [tokens])
         rc = lib.llama_decode(ctx, batch)
         if rc != 0:
             raise BackendError(f"llama.cpp decode failed (code {rc}) on an input of {len(tokens)} tokens")
@@ -228,8 +215,8 @@ def _pooled_by_hand(
     return out
 
 
-class GgufBackend(Backend):
-    """One GGUF embedding model in llama.cpp (CPU)."""
+class GgufBackend(GgufScoring, Backend):
+    """One GGUF embedding model, or reranker (`task = "rerank"`), in llama.cpp (CPU)."""
 
     name: ClassVar[str] = "gguf"
     Options: ClassVar[type[msgspec.Struct]] = GgufOptions
@@ -264,6 +251,9 @@ class GgufBackend(Backend):
         self._prompt_lengths: hf.PromptLengths | None = None
         # Dense layers the runtime does not apply itself (our converter's keys), applied after pooling.
         self._dense: tuple[hf.DenseLayer, ...] = ()
+        # A reranker's word and token-type rows (None: its pairs go in as token ids) and its input-vector batch.
+        self._table: Any = None
+        self._embd_batch: Any = None
 
     # -- loading -----------------------------------------------------------------------------------------
 
@@ -294,12 +284,17 @@ class GgufBackend(Backend):
         model = _llama.load_model(path, extra_buffers=self.opts.extra_buffers)
         try:
             arch = _meta(lib, model, "general.architecture") or "?"
+            if self.task == "rerank":
+                meta = hf.read_gguf_metadata(path)
+                why = self._check_reranker(lib, model, path, arch, meta)
+                if why:
+                    raise BackendError(why)
             ctx, pooling = self._new_context(lib, model, path, arch, threads)
         except BackendError:
             lib.llama_model_free(model)
             raise
         self._lib, self._model, self._ctx = lib, model, ctx
-        self._threads, self._pooling = threads, _POOLING_NAMES[pooling]
+        self._threads, self._pooling = threads, _POOLING_NAMES.get(pooling, "mean")
         self._vocab = lib.llama_model_get_vocab(model)
         self._dim = int(lib.llama_model_n_embd(model))
         if self._dense and self._dense[0].in_features != self._dim:
@@ -308,6 +303,12 @@ class GgufBackend(Backend):
             raise BackendError(f"{path}: its first Dense layer takes {self._dense[0].in_features} features, not {dim}")
         # One reusable batch: token, pos, seq_id and logits arrays sized for a full micro-batch.
         self._batch = lib.llama_batch_init(self._n_batch, 0, 1)
+        if self.task == "rerank":
+            try:
+                return self._load_reranker(lib, model, path, meta)
+            except BackendError:
+                self.close()
+                raise
         log.info(
             "gguf %s: arch=%s dim=%d max_input_tokens=%d pooling=%s threads=%d seqs_per_call=%d",
             path.name,
@@ -347,7 +348,9 @@ class GgufBackend(Backend):
         self._max_tokens = min(limit, n_ubatch)
         self._n_ubatch, self._n_batch = n_ubatch, n_batch
         pooling = _POOLING_IDS[o.pooling] if o.pooling else _meta_int(lib, model, f"{arch}.pooling_type")
-        if pooling not in _POOLING_NAMES:
+        if pooling == POOLING_RANK and self.task != "rerank":
+            raise BackendError(f'{path} is a reranker (llama.cpp rank pooling): serve it with task = "rerank"')
+        if pooling not in _POOLING_NAMES and self.task != "rerank":
             raise BackendError(
                 f"{path}: the GGUF declares no usable pooling ({arch}.pooling_type={pooling!r}); "
                 "set options.pooling to 'mean', 'cls' or 'last'"
@@ -370,13 +373,16 @@ class GgufBackend(Backend):
                 return
             if self._batch is not None:
                 lib.llama_batch_free(self._batch)
+            if self._embd_batch is not None:
+                lib.llama_batch_free(self._embd_batch)
             if self._ctx is not None:
                 lib.llama_free(self._ctx)
             if self._token_ctx is not None:
                 lib.llama_free(self._token_ctx)
             if self._model is not None:
                 lib.llama_model_free(self._model)
-            self._batch = self._ctx = self._token_ctx = self._model = self._vocab = None
+            self._batch = self._embd_batch = self._ctx = self._token_ctx = self._model = self._vocab = None
+            self._table = None
 
     # -- tokens ------------------------------------------------------------------------------------------
 
@@ -409,7 +415,7 @@ class GgufBackend(Backend):
     def _run(self, seqs: list[list[int]], out: np.ndarray, rows: list[int]) -> None:
         """Encode `seqs` in one llama.cpp call and write their pooled vectors into out[rows]."""
         lib, ctx, batch = self._lib, self._ctx, self._batch
-        _fill(batch, seqs)
+        _llama.fill_batch(batch, seqs)
         mem = lib.llama_get_memory(ctx)
         if mem:  # encoder-only models have no KV cache; a decoder-style one must start clean each call
             lib.llama_memory_clear(mem, True)

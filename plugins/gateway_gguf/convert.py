@@ -26,6 +26,7 @@ import numpy as np
 from gateway.plugin import BackendError, Converter
 from gateway.runtime import hf
 
+from .rerank import ACTIVATION_KEY
 from .backend import HF_TOKENIZER_KEY, INCLUDE_PROMPT_KEY, MAX_SEQ_LENGTH_KEY, NORMALIZE_KEY
 from .source import ARCHITECTURES, Source, rope_layers
 from .verify import verify
@@ -35,6 +36,13 @@ from .vocab import add_vocabulary
 # pools itself) and masked-LM / NSP heads.
 _SKIP_PREFIXES = ("pooler.", "cls.", "bert.pooler.")
 _SKIP_SUFFIXES = ("position_ids",)
+#: A cross-encoder's head -> llama.cpp's rank-pooling tensors (`cls`: dense then tanh on the [CLS] state;
+#: `cls.output`: the one-score projection). BERT's head is its pooler then `classifier`; RoBERTa's is
+#: `classifier.dense` then `classifier.out_proj` (its pooler unused). llama.cpp's own converter at this version
+#: drops BERT's pooler and writes `classifier` alone as `cls.output`: the graph then skips the pooler's dense and
+#: tanh, and the scores are not the model's (measured in tests/plugins/test_gguf_rerank.py), so we map it.
+_BERT_HEAD = {"pooler.dense.": "cls.", "classifier.": "cls.output."}
+_ROBERTA_HEAD = {"classifier.dense.": "cls.", "classifier.out_proj.": "cls.output."}
 
 
 class GgufConverter(Converter):
@@ -101,11 +109,13 @@ class GgufConverter(Converter):
 
     def _pooling(self, source: Source, arch_name: str) -> str:
         """The folder's pooling, or the architecture's usual one when it has no sentence-transformers config."""
+        if source.task == "rerank":
+            return "rank"  # llama.cpp's rank pooling: the [CLS] state through the classifier head
         pooling = source.pooling
         if pooling is None:
             pooling = "last" if arch_name == "qwen3" else "mean"
             self.say(f"no sentence-transformers pooling config; writing {pooling} pooling")
-        if pooling != "mean" and pooling != "cls" and pooling != "last":
+        if pooling not in ("mean", "cls", "last"):
             raise BackendError(f"unsupported pooling {pooling!r}")
         return pooling
 
@@ -172,10 +182,19 @@ def _add_weights(writer: Any, source: Source, shape: _Shape, qtype: str, gguf: A
     """The transformer's tensors under llama.cpp's names; (rows of the word embeddings, tensors added)."""
     arch_name = shape.arch_name
     tensor_map = gguf.TensorNameMap(shape.arch, shape.n_layers)
+    head = _head_names(source)
+    head_written: set[str] = set()
     n_vocab_rows = 0
     n_tensors = 0
     for hf_name, data in source.tensors():
         name = hf_name.removeprefix("bert.").removeprefix("roberta.")
+        head_name = next((to + name[len(fr) :] for fr, to in head.items() if name.startswith(fr)), None)
+        if head_name is not None:
+            array, raw = _encode(np.ascontiguousarray(data, dtype=np.float32), None, qtype, gguf)
+            writer.add_tensor(head_name, array, raw_dtype=raw)
+            head_written.add(head_name)
+            n_tensors += 1
+            continue
         if name.startswith(_SKIP_PREFIXES) or name.endswith(_SKIP_SUFFIXES) or name == "lm_head.weight":
             continue
         if arch_name == "modern-bert" and name.startswith(("head.", "decoder.", "classifier.")):
@@ -198,7 +217,16 @@ def _add_weights(writer: Any, source: Source, shape: _Shape, qtype: str, gguf: A
         n_tensors += 1
     if not n_vocab_rows:
         raise BackendError(f"{source.model_dir}: no word-embedding tensor found")
+    if head and not {"cls.weight", "cls.output.weight"} <= head_written:
+        raise BackendError(f"{source.model_dir}: the cross-encoder's head is incomplete (wrote {sorted(head_written)})")
     return n_vocab_rows, n_tensors
+
+
+def _head_names(source: Source) -> dict[str, str]:
+    """HF prefix -> GGUF prefix of the classifier head's tensors (empty for an embedding model)."""
+    if source.task != "rerank":
+        return {}
+    return _BERT_HEAD if source.model_type == "bert" else _ROBERTA_HEAD
 
 
 def _encode(data: np.ndarray, kind: Any, qtype: str, gguf: Any) -> tuple[np.ndarray, Any]:
@@ -263,9 +291,12 @@ def _add_hyperparameters(writer: Any, source: Source, shape: _Shape, pooling: st
     else:
         writer.add_layer_norm_eps(float(cfg.get("layer_norm_eps", 1e-12)))
         writer.add_causal_attention(False)
-    writer.add_pooling_type(
-        {"mean": gguf.PoolingType.MEAN, "cls": gguf.PoolingType.CLS, "last": gguf.PoolingType.LAST}[pooling]
-    )
+    kinds = gguf.PoolingType
+    writer.add_pooling_type({"mean": kinds.MEAN, "cls": kinds.CLS, "last": kinds.LAST, "rank": kinds.RANK}[pooling])
+    if pooling == "rank":
+        # llama.cpp sizes `cls.output` and the score it returns per sequence by the labels (one here).
+        labels = cfg.get("id2label") or {"0": "LABEL_0"}
+        writer.add_classifier_output_labels([str(v) for _, v in sorted(labels.items(), key=lambda kv: int(kv[0]))])
     writer.add_file_type(gguf.LlamaFileType.MOSTLY_F16 if qtype == "f16" else gguf.LlamaFileType.MOSTLY_Q8_0)
     if qtype != "f16":
         writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
@@ -277,6 +308,9 @@ def _add_gateway_keys(writer: Any, source: Source) -> None:
         # Our own key (llama.cpp ignores it): the length sentence-transformers caps inputs at.
         writer.add_uint32(MAX_SEQ_LENGTH_KEY, source.max_seq_length)
     writer.add_bool(NORMALIZE_KEY, source.normalize)
+    if source.task == "rerank":
+        # What CrossEncoder.predict applies to the logit by default: the backend names it to the core.
+        writer.add_string(ACTIVATION_KEY, source.activation)
     writer.add_bool(INCLUDE_PROMPT_KEY, source.layout.include_prompt)
     if source.prompts:
         # The folder's prompts travel with the file (the gateway applies them, as for the folder).

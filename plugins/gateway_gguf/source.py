@@ -64,6 +64,14 @@ class Source:
         why = _arch_refusal(model_type, self.config)
         if why:
             raise BackendError(f"{root}: {why}")
+        #: "rerank" for a CrossEncoder folder (a sequence-classification head): its classifier is written too.
+        self.task = hf.folder_task(root)
+        self.activation = "sigmoid"
+        if self.task == "rerank":
+            why = _reranker_refusal(model_type, self.config)
+            if why:
+                raise BackendError(f"{root}: {why}")
+            self.activation = cross_encoder_activation(root)
         self.dense = hf.dense_layers(layout)
         if self.config.get("position_embedding_type", "absolute") != "absolute":
             raise BackendError(f"{root}: only absolute position embeddings are supported by llama.cpp's bert")
@@ -182,6 +190,35 @@ def _arch_refusal(model_type: str, cfg: dict[str, Any]) -> str:
             if params.get("rope_type", "default") != "default":
                 return f"RoPE scaling {params.get('rope_type')!r} ({kind}) is not written by this converter"
     return ""
+
+
+def _reranker_refusal(model_type: str, cfg: dict[str, Any]) -> str:
+    """Why this classifier cannot be a one-score reranker in llama.cpp's rank pooling, or "": its graph runs
+    BERT's and RoBERTa's heads (the [CLS] state through a dense layer and tanh, then the output projection)."""
+    if ARCHITECTURES[model_type] != "bert":
+        return (
+            f"a {model_type} classifier is not written as a GGUF reranker (the converter writes BERT and "
+            "XLM-RoBERTa cross-encoders, whose heads llama.cpp's rank pooling runs)"
+        )
+    labels = cfg.get("id2label")
+    n_labels = len(labels) if isinstance(labels, dict) and labels else int(cfg.get("num_labels", 1))
+    if n_labels != 1:
+        return f"the classifier has {n_labels} labels; a reranker gives one score per pair"
+    return ""
+
+
+def cross_encoder_activation(root: Path) -> str:
+    """What `CrossEncoder.predict` applies by default to the folder's one logit, by sentence-transformers' rule:
+    the torch activation its config names, else sigmoid for one label ("sigmoid" or "identity")."""
+    config_file = root / "config_sentence_transformers.json"
+    config = hf.read_json(config_file) if config_file.is_file() else {}
+    named = config.get("activation_fn") if isinstance(config, dict) else None
+    if named is None:
+        return "sigmoid"
+    kind = str(named).rsplit(".", 1)[-1]
+    if str(named).startswith("torch.") and kind in ("Sigmoid", "Identity"):
+        return kind.lower()
+    raise BackendError(f"{config_file}: activation {named!r} is not supported in a GGUF (only Sigmoid and Identity)")
 
 
 def rope_layers(cfg: dict[str, Any]) -> dict[str, dict[str, Any]]:

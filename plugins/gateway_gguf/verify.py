@@ -58,7 +58,10 @@ def verify(source: Source, path: Path, qtype: str, say: Callable[[str], None]) -
         f"llama.cpp's tokenizer matches tokenizer.json on {len(texts) - len(differ)} of {len(texts)} texts; "
         "the GGUF carries tokenizer.json, which the gguf backend uses"
     )
-    _check_vectors(source, path, list(hf.adversarial_texts()), qtype, say)
+    if source.task == "rerank":
+        _check_scores(source, path, qtype, say)
+    else:
+        _check_vectors(source, path, list(hf.adversarial_texts()), qtype, say)
 
 
 def _check_vectors(source: Source, path: Path, texts: list[str], qtype: str, say: Callable[[str], None]) -> None:
@@ -93,3 +96,44 @@ def _check_vectors(source: Source, path: Path, texts: list[str], qtype: str, say
             f"the GGUF's vectors disagree with sentence-transformers on {texts[worst]!r}: "
             f"cosine {cos[worst]:.4f} < {floor}"
         )
+
+
+# Pairs the reranker check scores: several scripts, and one over a small model's limit (cut as predict cuts it).
+CHECK_QUERIES = ("what is the capital of france", "¿dónde está la biblioteca?", "東京")
+CHECK_DOCUMENTS = (
+    "Paris is the capital and most populous city of France.",
+    "The library is next to the café.",
+    "東京は日本の首都です。",
+    "I love pizza 🍕🔥!",
+    "The quick brown fox jumps over the lazy dog. " * 40,
+)
+#: Worst |logit difference| against CrossEncoder.predict a converted reranker may show: f16 weights, and q8_0's
+#: (measured on tests/plugins/test_gguf_rerank.py's tiny cross-encoder; see there).
+SCORE_TOLERANCE = {"f16": 1e-2, "q8_0": 0.25}
+
+
+def _check_scores(source: Source, path: Path, qtype: str, say: Callable[[str], None]) -> None:
+    """The GGUF's rank scores against the source's `CrossEncoder.predict` logits on the same pairs; BackendError
+    past the type's tolerance."""
+    try:
+        import torch
+        from sentence_transformers import CrossEncoder
+    except ImportError:
+        say("sentence-transformers missing: skipped the score check")
+        return
+    from .backend import GgufBackend, GgufOptions
+
+    pairs = [(q, d) for q in CHECK_QUERIES for d in CHECK_DOCUMENTS]
+    backend = GgufBackend(model="convert-check", path=str(path), options=GgufOptions(n_threads=1))
+    backend.task = "rerank"
+    try:
+        backend.load()
+        got = backend.score(pairs, backend.tokenize_pairs(pairs))
+    finally:
+        backend.close()
+    cross = CrossEncoder(str(source.root), device="cpu", local_files_only=True)
+    want = np.asarray(cross.predict(pairs, activation_fn=torch.nn.Identity(), show_progress_bar=False))
+    worst = float(np.max(np.abs(got - want)))
+    say(f"scores vs the source's CrossEncoder.predict on {len(pairs)} pairs: max |logit diff| {worst:.2e}")
+    if worst > SCORE_TOLERANCE[qtype]:
+        raise BackendError(f"the GGUF reranker disagrees with the source: max |logit diff| {worst:.2e}")
