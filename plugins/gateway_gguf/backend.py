@@ -251,9 +251,6 @@ class GgufBackend(GgufScoring, Backend):
         self._prompt_lengths: hf.PromptLengths | None = None
         # Dense layers the runtime does not apply itself (our converter's keys), applied after pooling.
         self._dense: tuple[hf.DenseLayer, ...] = ()
-        # A reranker's word and token-type rows (None: its pairs go in as token ids) and its input-vector batch.
-        self._table: Any = None
-        self._embd_batch: Any = None
 
     # -- loading -----------------------------------------------------------------------------------------
 
@@ -285,10 +282,7 @@ class GgufBackend(GgufScoring, Backend):
         try:
             arch = _meta(lib, model, "general.architecture") or "?"
             if self.task == "rerank":
-                meta = hf.read_gguf_metadata(path)
-                why = self._check_reranker(lib, model, path, arch, meta)
-                if why:
-                    raise BackendError(why)
+                self._check_reranker(lib, model, path, arch)
             ctx, pooling = self._new_context(lib, model, path, arch, threads)
         except BackendError:
             lib.llama_model_free(model)
@@ -304,11 +298,7 @@ class GgufBackend(GgufScoring, Backend):
         # One reusable batch: token, pos, seq_id and logits arrays sized for a full micro-batch.
         self._batch = lib.llama_batch_init(self._n_batch, 0, 1)
         if self.task == "rerank":
-            try:
-                return self._load_reranker(lib, model, path, meta)
-            except BackendError:
-                self.close()
-                raise
+            return self._load_reranker(lib, path)
         log.info(
             "gguf %s: arch=%s dim=%d max_input_tokens=%d pooling=%s threads=%d seqs_per_call=%d",
             path.name,
@@ -373,16 +363,14 @@ class GgufBackend(GgufScoring, Backend):
                 return
             if self._batch is not None:
                 lib.llama_batch_free(self._batch)
-            if self._embd_batch is not None:
-                lib.llama_batch_free(self._embd_batch)
+            self._free_scoring(lib)
             if self._ctx is not None:
                 lib.llama_free(self._ctx)
             if self._token_ctx is not None:
                 lib.llama_free(self._token_ctx)
             if self._model is not None:
                 lib.llama_model_free(self._model)
-            self._batch = self._embd_batch = self._ctx = self._token_ctx = self._model = self._vocab = None
-            self._table = None
+            self._batch = self._ctx = self._token_ctx = self._model = self._vocab = None
 
     # -- tokens ------------------------------------------------------------------------------------------
 

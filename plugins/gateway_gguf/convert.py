@@ -26,8 +26,8 @@ import numpy as np
 from gateway.plugin import BackendError, Converter
 from gateway.runtime import hf
 
-from .rerank import ACTIVATION_KEY
 from .backend import HF_TOKENIZER_KEY, INCLUDE_PROMPT_KEY, MAX_SEQ_LENGTH_KEY, NORMALIZE_KEY
+from .rerank import ACTIVATION_KEY
 from .source import ARCHITECTURES, Source, rope_layers
 from .verify import verify
 from .vocab import add_vocabulary

@@ -14,13 +14,14 @@ from __future__ import annotations
 import ctypes
 import math
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from gateway.plugin import BackendError, ModelInfo
+from gateway.runtime import hf
 
 from . import _llama
 
@@ -73,10 +74,21 @@ class GgufScoring:
     _n_batch: int
     _seqs_per_call: int
     _dim: int
+    # The word and token-type rows (None: pairs go in as token ids) and the input-vector batch, set by a load.
+    _table: _TokenTable | None = None
+    _embd_batch: Any = None
+    _rerank_meta: dict[str, Any]
 
-    def _check_reranker(self, lib: Any, model: Any, path: Path, arch: str, meta: dict[str, Any]) -> str:
-        """Why llama.cpp cannot score pairs with this GGUF as its source scores them, or ""; the message a load
-        is refused with."""
+    close: Callable[[], None]  # GgufBackend's
+
+    def _check_reranker(self, lib: Any, model: Any, path: Path, arch: str) -> None:
+        """BackendError saying why llama.cpp cannot score pairs with this GGUF as its source scores them."""
+        self._rerank_meta = hf.read_gguf_metadata(path)
+        why = self._reranker_refusal(lib, model, path, arch, self._rerank_meta)
+        if why:
+            raise BackendError(why)
+
+    def _reranker_refusal(self, lib: Any, model: Any, path: Path, arch: str, meta: dict[str, Any]) -> str:
         missing = [f for f in ("llama_model_n_cls_out", "llama_get_embeddings_seq") if not hasattr(lib, f)]
         if missing:
             return (
@@ -84,7 +96,7 @@ class GgufScoring:
                 "scores (upgrade llama-cpp-python)"
             )
         if self.opts.pooling is not None:
-            return f"options.pooling = {self.opts.pooling!r} does not apply to a reranker (its GGUF's rank pooling does)"
+            return f"options.pooling = {self.opts.pooling!r} does not apply to a reranker (the GGUF pools by rank)"
         pooling = meta.get(f"{arch}.pooling_type")
         if pooling != POOLING_RANK:
             return (
@@ -101,7 +113,20 @@ class GgufScoring:
             )
         return ""
 
-    def _load_reranker(self, lib: Any, model: Any, path: Path, meta: dict[str, Any]) -> ModelInfo:
+    def _load_reranker(self, lib: Any, path: Path) -> ModelInfo:
+        """The rest of a reranker's load, after its context (closed again on failure)."""
+        try:
+            return self._reranker_info(lib, path, self._rerank_meta)
+        except BackendError:
+            self.close()
+            raise
+
+    def _free_scoring(self, lib: Any) -> None:
+        if self._embd_batch is not None:
+            lib.llama_batch_free(self._embd_batch)
+        self._embd_batch = self._table = None
+
+    def _reranker_info(self, lib: Any, path: Path, meta: dict[str, Any]) -> ModelInfo:
         """The table for token types and the pair tokenizer; a probe pair checks that a score comes back."""
         table = _TokenTable(path)
         types = table.types
