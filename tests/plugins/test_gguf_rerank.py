@@ -104,6 +104,13 @@ def _relevance(client: TestClient, model: str, docs: list[str] = DOCS) -> tuple[
     return np.array([got[i] for i in range(len(docs))]), [x["index"] for x in results]
 
 
+def _swapped(want: np.ndarray, order: list[int]) -> list[tuple[int, int]]:
+    """The pairs of documents (i, j) that predict ranks i over j and the answer ranks j over i."""
+    rank = {doc: r for r, doc in enumerate(order)}
+    n = len(want)
+    return [(i, j) for i in range(n) for j in range(n) if want[i] > want[j] and rank[i] > rank[j]]
+
+
 def test_the_converted_file_is_a_reranker_as_llama_cpp_reads_one(folders):
     import gguf
 
@@ -126,8 +133,7 @@ def test_scores_equal_cross_encoder_predict(client, want, model, floor):
     # The scores spread (a wide initializer): the order is a real check. Two documents may swap only where
     # predict's own scores are closer than what the runtime's rounding moves them (2 x the floor).
     assert float(np.ptp(want)) > 0.3
-    rank = {doc: r for r, doc in enumerate(order)}
-    swapped = [(i, j) for i in range(len(DOCS)) for j in range(len(DOCS)) if want[i] > want[j] and rank[i] > rank[j]]
+    swapped = _swapped(want, order)
     print(f"gguf {model}: {len(swapped)} of {len(DOCS) * (len(DOCS) - 1) // 2} pairs of documents swapped")
     assert all(abs(want[i] - want[j]) <= 2 * floor for i, j in swapped), swapped
 
@@ -203,3 +209,39 @@ def test_an_embedding_gguf_is_refused_as_a_reranker(tmp_path):
         card = c.get("/v1/models").json()["data"][0]
         assert card["state"] == "failed", card
         assert "is not a reranker GGUF (bert.pooling_type is 2, not rank = 4)" in card["error"]
+
+
+def _xlm_roberta_cross_encoder(dst: Path) -> Path:
+    """A tiny random-weight XLM-RoBERTa reranker (its head: classifier.dense, tanh, classifier.out_proj) saved by
+    sentence-transformers as a CrossEncoder folder."""
+    import torch
+    from sentence_transformers import CrossEncoder
+    from transformers import XLMRobertaForSequenceClassification
+
+    from ..parity.zoo import _xlm_roberta
+
+    config, tokenizer = _xlm_roberta()
+    config.num_labels = 1
+    torch.manual_seed(0)
+    raw = dst.with_name(dst.name + "-hf")
+    XLMRobertaForSequenceClassification(config).eval().save_pretrained(str(raw))
+    tokenizer.model_max_length = LIMIT
+    tokenizer.save_pretrained(str(raw))
+    CrossEncoder(str(raw), device="cpu").save(str(dst))
+    return dst
+
+
+def test_xlm_roberta_reranker_scores_equal_predict(tmp_path):
+    from gateway_gguf import GgufConverter
+    from sentence_transformers import CrossEncoder
+
+    src = _xlm_roberta_cross_encoder(tmp_path / "xlmr")
+    out = tmp_path / "xlmr-f16.gguf"
+    GgufConverter().convert(str(src), str(out), argparse.Namespace(gguf_type="f16"))
+    want = np.asarray(CrossEncoder(str(src), device="cpu").predict([(QUERY, d) for d in DOCS]))
+    with serve(f'[models.x]\nbackend = "gguf"\npath = "{out}"\ntask = "rerank"\n', plugins=()) as c:
+        got, order = _relevance(c, "x")
+    worst = float(np.max(np.abs(got - want)))
+    print(f"gguf xlm-roberta f16: max |relevance diff| {worst:.2e} over {len(DOCS)} documents")
+    assert worst <= F16_FLOOR
+    assert all(abs(want[i] - want[j]) <= 2 * F16_FLOOR for i, j in _swapped(want, order))
