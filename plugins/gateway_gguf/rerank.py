@@ -50,6 +50,10 @@ class _TokenTable:
         self._plain = words.tensor_type in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16)
         self._dequantize = gguf.quants.dequantize
         self.types = np.asarray(types.data, dtype=np.float32) if types is not None else None
+        try:
+            self.rows([0])  # a weight type gguf's reader cannot dequantize fails here, not on a request
+        except (NotImplementedError, ValueError) as exc:
+            raise BackendError(f"{path}: cannot read token_embd.weight ({words.tensor_type.name}): {exc}") from exc
 
     def rows(self, ids: Sequence[int]) -> np.ndarray:
         picked = self._words[np.asarray(ids, dtype=np.int64)]

@@ -107,9 +107,10 @@ CHECK_DOCUMENTS = (
     "I love pizza 🍕🔥!",
     "The quick brown fox jumps over the lazy dog. " * 40,
 )
-#: Worst |logit difference| against CrossEncoder.predict a converted reranker may show: f16 weights, and q8_0's
-#: (measured on tests/plugins/test_gguf_rerank.py's tiny cross-encoder; see there).
-SCORE_TOLERANCE = {"f16": 1e-2, "q8_0": 0.25}
+#: Worst |logit difference| against CrossEncoder.predict a converted reranker may show, f16 and q8_0: about 3x
+#: what tests/plugins/test_gguf_rerank.py's tiny cross-encoders show (f16 up to 0.006, q8_0 up to 0.12 on these
+#: pairs), well under what a wrong head or lost token types cost there (0.95 and 2.8).
+SCORE_TOLERANCE = {"f16": 0.02, "q8_0": 0.5}
 
 
 def _check_scores(source: Source, path: Path, qtype: str, say: Callable[[str], None]) -> None:

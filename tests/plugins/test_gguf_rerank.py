@@ -187,6 +187,14 @@ def test_reranker_served_as_an_embedding_model_is_refused(folders):
         assert card["state"] == "failed" and 'serve it with task = "rerank"' in card["error"]
 
 
+def test_pooling_option_refused_for_a_reranker(folders):
+    toml = f'[models.r]\nbackend = "gguf"\npath = "{folders["f16"]}"\ntask = "rerank"\n'
+    toml += '[models.r.options]\npooling = "cls"\n'
+    with serve(toml, plugins=()) as c:
+        card = c.get("/v1/models").json()["data"][0]
+        assert card["state"] == "failed" and "options.pooling = 'cls' does not apply to a reranker" in card["error"]
+
+
 def test_multi_label_classifier_refused_by_the_converter(tmp_path):
     from gateway_gguf import GgufConverter
 
