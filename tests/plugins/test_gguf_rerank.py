@@ -61,6 +61,7 @@ DOCS = [
 #: BERT's erf GELU), q8_0 0.026-0.044.
 F16_FLOOR = 3e-3
 Q8_FLOOR = 0.1
+Q8_MIN_TAU = 0.85
 
 
 @pytest.fixture(scope="module")
@@ -130,12 +131,18 @@ def test_scores_equal_cross_encoder_predict(client, want, model, floor):
     worst = float(np.max(np.abs(got - want)))
     print(f"gguf {model}: max |relevance diff| {worst:.2e} over {len(DOCS)} documents")
     assert worst <= floor
-    # The scores spread (a wide initializer): the order is a real check. Two documents may swap only where
-    # predict's own scores are closer than what the runtime's rounding moves them (2 x the floor).
+    # The scores spread (a wide initializer): the order is a real check.
     assert float(np.ptp(want)) > 0.3
     swapped = _swapped(want, order)
-    print(f"gguf {model}: {len(swapped)} of {len(DOCS) * (len(DOCS) - 1) // 2} pairs of documents swapped")
-    assert all(abs(want[i] - want[j]) <= 2 * floor for i, j in swapped), swapped
+    n_pairs = len(DOCS) * (len(DOCS) - 1) // 2
+    print(f"gguf {model}: {len(swapped)} of {n_pairs} pairs of documents swapped")
+    if model == "f16":
+        # Two documents may swap only where predict's own scores are closer than f16 rounding moves them.
+        assert all(abs(want[i] - want[j]) <= 2 * floor for i, j in swapped), swapped
+    else:
+        # q8_0 moves scores by more than many gaps here: its stated floor on order is Kendall's tau >= 0.85
+        # (measured 0.92-0.97 over six builds: 7 to 19 of 496 pairs swapped).
+        assert 1 - 2 * len(swapped) / n_pairs >= Q8_MIN_TAU
 
 
 def test_raw_scores_are_the_logits(client, cross_encoder):
