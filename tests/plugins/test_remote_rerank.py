@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from ..conftest import serve
-from ..parity.zoo import LIMIT, build_cross_encoder
+from ..parity.zoo import LIMIT
 from ..upstream import UPSTREAM_KEY, Upstream, free_port
 
 QUERY = "where is the capital of france"
@@ -30,8 +30,8 @@ UP = {"Authorization": f"Bearer {UPSTREAM_KEY}"}
 
 
 @pytest.fixture(scope="module")
-def cross_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_cross_encoder(tmp_path_factory.mktemp("remote-rerank") / "tiny-ce")
+def cross_folder(tiny_cross_encoder: Path) -> Path:
+    return tiny_cross_encoder
 
 
 @pytest.fixture(scope="module")
