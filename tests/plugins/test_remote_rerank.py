@@ -214,3 +214,26 @@ def test_upstream_down_502_then_the_circuit_opens_503(front):
     assert r.status_code == 503, r.text
     assert "model 'ce-dead' is failing and is not being sent requests for now" in r.json()["error"]
     assert 50 <= int(r.headers["retry-after"]) <= 60
+
+
+def test_logits_from_sigmoid_relevance_and_bad_answers():
+    """The inversion behind a Cohere-shaped upstream's scores, at its edges; answers that are not one score per
+    document, or not a sigmoid's output, are refused (the backend turns that into a 502)."""
+    from gateway_remote import rerank
+
+    x = np.array([-30.0, -3.5, 0.0, 0.25, 12.0], dtype=np.float32).astype(np.float64)
+    p = 1 / (1 + np.exp(-x))
+    assert np.allclose(rerank.logits(p), x, atol=1e-6)
+    edge = rerank.logits(np.array([0.0, 1.0]))
+    assert np.isfinite(edge).all() and edge[0] < -700 and edge[1] > 36
+    ok = (
+        b'{"results": [{"index": 1, "relevance_score": 0.2}, {"index": 0, "relevance_score": 0.5}], '
+        b'"usage": {"total_tokens": 9}}'
+    )
+    scores, reported = rerank.reply("cohere", ok, 2, "sigmoid")
+    assert np.allclose(scores, [0.0, np.log(0.2 / 0.8)]) and 9 in reported
+    with pytest.raises(ValueError, match="no sigmoid gives"):
+        rerank.reply("cohere", ok.replace(b"0.2", b"1.5"), 2, "sigmoid")
+    assert rerank.reply("cohere", ok.replace(b"0.2", b"1.5"), 2, "identity")[0][1] == 1.5
+    with pytest.raises(ValueError, match=r"indices not 0\.\.2"):
+        rerank.reply("tei", b'[{"index": 0, "score": 1.0}, {"index": 0, "score": 2.0}]', 3, "sigmoid")
