@@ -234,9 +234,11 @@ class Backend(ABC):
         checked against `max_input_tokens`. Implement it together with `score`."""
         raise NotImplementedError(f"backend {type(self).name!r} cannot tokenize pairs")
 
-    def score(self, pairs: Sequence[tuple[str, str]], token_ids: Sequence[Sequence[int]]) -> np.ndarray:
+    def score(self, pairs: Sequence[tuple[str, str]], token_ids: Sequence[Sequence[int]]) -> np.ndarray | Embedded:
         """For a rerank model: one raw score (the model's logit) per (query, document) pair, as float32 [n] in
-        input order; the core applies `ModelInfo.score_activation` for clients that want relevance scores.
+        input order (`Embedded` with the tokens the runtime counted when the model does not count them itself,
+        see `ModelInfo.counts_tokens`; `tokenize_pairs` is then never called and `token_ids` are empty); the core
+        applies `ModelInfo.score_activation` for clients that want relevance scores.
 
         `token_ids` are what `tokenize_pairs` returned; a pair over `max_input_tokens` reaches here only when
         its request asked to truncate, and is then cut as the model's own tokenizer cuts a pair (longest

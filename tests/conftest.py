@@ -482,3 +482,12 @@ def zoo_converted(zoo_folders: dict[str, Path], tmp_path_factory: pytest.TempPat
     from .parity.zoo import convert_zoo
 
     return convert_zoo(zoo_folders, tmp_path_factory.mktemp("zoo-converted"))
+
+
+@pytest.fixture(scope="session")
+def tiny_cross_encoder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny random-weight BERT reranker (tests/parity/zoo.py) as a CrossEncoder folder, built once for the
+    placements and backends that serve one (Ray, remote)."""
+    from .parity.zoo import build_cross_encoder
+
+    return build_cross_encoder(tmp_path_factory.mktemp("cross-encoder") / "tiny-ce")

@@ -44,9 +44,10 @@ def free_port() -> int:
 
 
 class Upstream:
-    """`python -m gateway serve` on `port` with wordllama and the int8 MiniLM; start, kill, start again."""
+    """`python -m gateway serve` on `port` with wordllama and the int8 MiniLM (and `models`, more TOML tables);
+    start, kill, start again."""
 
-    def __init__(self, tmp: Path, port: int | None = None) -> None:
+    def __init__(self, tmp: Path, port: int | None = None, models: str = "") -> None:
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.config = tmp / f"upstream-{self.port}.toml"
@@ -70,6 +71,7 @@ class Upstream:
                 path = "{ROOT / "models" / "minilm-onnx-int8"}"
                 """
             )
+            + textwrap.dedent(models)
         )
         self.proc: subprocess.Popen[bytes] | None = None
 

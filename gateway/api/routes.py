@@ -65,6 +65,7 @@ def _card(model: ServedModel, state: str | None = None) -> ModelCard:
         embedding_space=cfg.embedding_space,
         error=model.public_error,
         task=model.spec.task,
+        score_activation=info.score_activation if info and info.task == "rerank" else msgspec.UNSET,
     )
 
 

@@ -96,6 +96,9 @@ class ModelCard(msgspec.Struct, kw_only=True):
     error: str | None = None
     # "embed" (the embedding routes) or "rerank" (the rerank routes; `dimension` is then 1, one score per pair).
     task: Literal["embed", "rerank"] = "embed"
+    # A loaded rerank model's activation from raw scores to relevance scores (a gateway in front of this one
+    # reads it to recover the raw scores); absent otherwise.
+    score_activation: Literal["sigmoid", "identity"] | msgspec.UnsetType = msgspec.UNSET
 
 
 class ModelList(msgspec.Struct, kw_only=True):

@@ -150,6 +150,9 @@ async def _scored(
                 job.max_wait_s = min(limit, ends - time.monotonic())
                 model.precheck(owner=owner, max_wait_s=job.max_wait_s)
                 pairs = [(query.query, doc) for doc in query.documents]
+                assert model.info is not None
+                if not model.info.counts_tokens:
+                    return await _scored_upstream(job, model, query, pairs, owner, ends)
                 ids = await model.tokenize_pairs(pairs)
                 counts = _pair_tokens(model, query, ids, job.max_tokens)
                 await job.charge(sum(counts))
@@ -159,6 +162,41 @@ async def _scored(
         except _Failover as exc:  # a rerank model has no fallbacks: its own error is the answer
             raise exc.error from None
     return raw, sum(counts)
+
+
+async def _scored_upstream(
+    job: _Job, model: ServedModel, query: RerankQuery, pairs: list[tuple[str, str]], owner: str | None, ends: float
+) -> tuple[np.ndarray, int]:
+    """`_scored` for a model whose tokens are counted by its runtime (a remote one without a local tokenizer):
+    batches and the quota go by an estimate until the runtime has counted, then the charge is corrected; its
+    per-pair limit is the runtime's to enforce, so a request that asks to truncate is refused here."""
+    if query.truncate:
+        raise GatewayError(
+            400,
+            f"model {model.name!r} cannot truncate: its tokens are counted by its upstream, after the pairs are sent",
+            param="truncate",
+            code="truncation_not_supported",
+        )
+    most = model.spec.config.batching.max_queue
+    if len(pairs) > most:
+        raise GatewayError(
+            400,
+            f"`{query.field}` has {len(pairs)} items; model {model.name!r} queues at most {most} inputs",
+            param=query.field,
+            code="too_many_inputs",
+        )
+    sizes = model.estimate([q + " " + d for q, d in pairs])
+    estimate = sum(sizes)
+    await job.charge(estimate)
+    before = job.progress.counted_tokens
+    wait = min(job.max_wait_s, ends - time.monotonic())
+    empty: list[list[int]] = [[] for _ in pairs]
+    raw = await model.score(pairs, empty, owner=owner, max_wait_s=wait, progress=job.progress, sizes=sizes)
+    counted = job.progress.counted_tokens - before
+    if job.key is not None and counted != estimate:
+        await job.key.refund_tokens(estimate - counted)  # the estimate, corrected either way
+    job.charged = 0  # delivered: the charge stands
+    return raw, counted
 
 
 def _pair_tokens(model: ServedModel, query: RerankQuery, ids: list[list[int]], max_total: int) -> list[int]:

@@ -284,10 +284,14 @@ class Batcher:
     def _call(self, texts: list[Any], token_ids: list[Sequence[int]]) -> tuple[np.ndarray, int | None]:
         # The vectors, and the tokens the backend counted when it reports them (Embedded).
         if self.scoring:
-            scores = np.asarray(self.backend.score(texts, token_ids), dtype=np.float32)
+            got = self.backend.score(texts, token_ids)
+            # A backend that counts tokens at its runtime (a remote one) says how many with its scores.
+            scores = np.asarray(got.vectors if isinstance(got, Embedded) else got, dtype=np.float32)
             if scores.shape != (len(texts),):
                 raise RuntimeError(f"backend returned {scores.shape} scores for {len(texts)} pairs")
-            out: np.ndarray | Embedded = scores.reshape(-1, 1)
+            out: np.ndarray | Embedded = (
+                Embedded(scores.reshape(-1, 1), got.tokens) if isinstance(got, Embedded) else scores.reshape(-1, 1)
+            )
         else:
             out = self.backend.embed(texts, token_ids)
         counted = None

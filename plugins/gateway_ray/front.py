@@ -107,7 +107,7 @@ class RayBackend(Backend):
 
     def _replica_args(self) -> tuple[Any, ...]:
         """What each replica builds its backend from: the class's registered name and import path, the model,
-        its path and options (as plain data, to travel to the replica), trust_remote_code."""
+        its path and options (as plain data, to travel to the replica), trust_remote_code, and its task."""
         cls = self._cls
         return (
             cls.name,
@@ -116,6 +116,7 @@ class RayBackend(Backend):
             self.path,
             msgspec.to_builtins(self.options),
             self.trust_remote_code,
+            self.task,
         )
 
     def _log_deployed(self, took_s: float) -> None:
@@ -176,6 +177,14 @@ class RayBackend(Backend):
 
     def embed(self, texts: Sequence[str], token_ids: Sequence[Sequence[int]]) -> np.ndarray | Embedded:
         return self._call("embed", list(texts), [list(ids) for ids in token_ids])
+
+    def tokenize_pairs(self, pairs: Sequence[tuple[str, str]]) -> list[list[int]]:
+        # A replica's: a backend's tokenizer loaded without weights (`load_tokenizer`) counts texts, not pairs.
+        return self._call("tokenize_pairs", list(pairs))
+
+    def score(self, pairs: Sequence[tuple[str, str]], token_ids: Sequence[Sequence[int]]) -> np.ndarray | Embedded:
+        # The core refuses a rerank model whose configured backend cannot score before this stand-in is built.
+        return self._call("score", list(pairs), [list(ids) for ids in token_ids])
 
     def fingerprint(self) -> bytes:
         # The replicas serve the same files: the cache shares entries with the in-process model.

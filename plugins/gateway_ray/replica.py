@@ -16,7 +16,7 @@ import msgspec
 import numpy as np
 
 from gateway import Backend, BackendError
-from gateway.plugin import Embedded, check_info
+from gateway.plugin import Embedded, Task, check_info
 
 log = logging.getLogger("gateway.ray.replica")
 
@@ -47,7 +47,9 @@ class Replica:
     """One copy of the model. A load failure is kept and reported (`describe`, `check_health`) rather than
     raised, so that the gateway can show the backend's own reason instead of Ray Serve's."""
 
-    def __init__(self, backend: str, ref: str, model: str, path: str, options: Any, trust_remote_code: bool) -> None:
+    def __init__(
+        self, backend: str, ref: str, model: str, path: str, options: Any, trust_remote_code: bool, task: Task = "embed"
+    ) -> None:
         self._backend: Backend | None = None
         self._info: dict[str, Any] | None = None
         self._error: str | None = None
@@ -59,6 +61,8 @@ class Replica:
                 options=msgspec.convert(options, cls.Options),
                 trust_remote_code=trust_remote_code,
             )
+            # As the core tells an in-process backend: a reranker loads as one ("rerank") from the same folder.
+            instance.task = task
             info = check_info(instance, instance.load())
             self._backend, self._info = instance, msgspec.to_builtins(info)
         except Exception as exc:
@@ -76,6 +80,13 @@ class Replica:
     def embed(self, texts: Sequence[str], token_ids: Sequence[Sequence[int]]) -> np.ndarray | Embedded:
         out = self._loaded().embed(texts, token_ids)
         # As is when it is not an array (`Embedded`, or garbage the front's batcher refuses as it would here).
+        return np.ascontiguousarray(out) if isinstance(out, np.ndarray) else out
+
+    def tokenize_pairs(self, pairs: Sequence[tuple[str, str]]) -> list[list[int]]:
+        return [list(ids) for ids in self._loaded().tokenize_pairs(pairs)]
+
+    def score(self, pairs: Sequence[tuple[str, str]], token_ids: Sequence[Sequence[int]]) -> np.ndarray | Embedded:
+        out = self._loaded().score(pairs, token_ids)
         return np.ascontiguousarray(out) if isinstance(out, np.ndarray) else out
 
     def check_health(self) -> None:

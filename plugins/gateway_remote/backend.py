@@ -1,6 +1,7 @@
 """OpenAI-compatible remote backend (`backend = "openai"`): the batches the core merges are sent to another
 server's `POST {base_url}/embeddings` (TEI, Infinity, vLLM, Ollama, OpenAI, or another instance of this
-gateway), up to `concurrent_batches` at once on a pooled HTTP/1.1 keep-alive client.
+gateway), up to `concurrent_batches` at once on a pooled HTTP/1.1 keep-alive client. A model with
+`task = "rerank"` sends its pairs to the upstream's `POST {base_url}/rerank` instead (rerank.py).
 
 Vectors travel as base64 (little-endian float32, a third of the bytes of float JSON) and are decoded
 bit-exact. Tokens are counted locally when a tokenizer is configured, exactly as the local backends count
@@ -36,7 +37,7 @@ from gateway.plugin import (
 )
 from gateway.runtime import hf
 
-from . import errors, transport
+from . import errors, rerank, transport
 
 if TYPE_CHECKING:
     import httpx
@@ -83,6 +84,16 @@ class OpenAIOptions(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     #: Inputs per upstream call, and calls in flight at once (pooled keep-alive connections).
     batch_size: PositiveInt = 64
     concurrent_batches: PositiveInt = 4
+    #: For a model with task = "rerank": the shape of the upstream's `{base_url}/rerank`. "cohere": Cohere's and
+    #: Jina's (`query`, `documents` -> `results[{index, relevance_score}]`), which this gateway answers at
+    #: /v1/rerank and /v2/rerank; "tei": text-embeddings-inference's (`query`, `texts`, `raw_scores: true`).
+    rerank_api: rerank.RerankApi = "cohere"
+    #: For a rerank model: what turns the upstream model's logits into its relevance scores. With "cohere", the
+    #: relevance scores the upstream answers are turned back into logits when "sigmoid", passed on as they are
+    #: when "identity" (an upstream whose scores are not a known function of logits). Default: what the
+    #: upstream's /models card says (this gateway publishes it), else "sigmoid" for "tei" (TEI's own activation
+    #: for one label) and "identity" for "cohere".
+    score_activation: rerank.Activation | None = None
 
     def __post_init__(self) -> None:
         if not re.match(r"https?://[^/\s]+", self.base_url):
@@ -108,6 +119,9 @@ class _Card(msgspec.Struct):
     id: str
     dimension: int | None = None
     max_input_tokens: int | None = None
+    # This gateway's: what the model does, and a reranker's activation.
+    task: str | None = None
+    score_activation: str | None = None
 
 
 class _Models(msgspec.Struct):
@@ -117,8 +131,8 @@ class _Models(msgspec.Struct):
 _REPLY = msgspec.json.Decoder(_Reply)
 
 
-class OpenAIBackend(Backend):
-    """One model served by a remote OpenAI-compatible embeddings server."""
+class OpenAIBackend(rerank.RemoteScoring, Backend):
+    """One model served by a remote OpenAI-compatible embeddings server (or rerank server: rerank.py)."""
 
     name = "openai"
     Options = OpenAIOptions
@@ -139,6 +153,9 @@ class OpenAIBackend(Backend):
         # What load learned of the upstream (its /models card, the tokenizer file): part of the fingerprint.
         self._seen_card: _Card | None = None
         self._tokenizer_file: Path | None = None
+        # A reranker's input limit and activation (rerank.RemoteScoring).
+        self._limit = 0
+        self._activation: rerank.Activation = "identity"
 
     @property
     def upstream_model(self) -> str:
@@ -161,6 +178,8 @@ class OpenAIBackend(Backend):
             deadlines=self._deadline,
         )
         try:
+            if self.task == "rerank":
+                return self._load_reranker(limit)
             self._dimension, limit = self._discover(limit)
         except BackendError:
             self.close()
@@ -253,6 +272,8 @@ class OpenAIBackend(Backend):
             "dimension": self._dimension,
             "tokenizer": weights_digest(str(self._tokenizer_file)).hex() if self._tokenizer_file else None,
         }
+        if self.task == "rerank":
+            identity["rerank"] = [self.options.rerank_api, self._activation]
         return msgspec.json.encode(identity)
 
     @contextmanager
@@ -278,35 +299,42 @@ class OpenAIBackend(Backend):
         out = self._post(list(texts))
         return out.vectors if self._tokenizer is not None else out
 
-    def _post(self, texts: list[str]) -> Embedded:
-        """One upstream call: the vectors, in input order, and the tokens the upstream counted."""
+    def _send(self, route: str, body: bytes, deadline: float) -> bytes:
+        """POST `body` to the upstream's `route`, done by `deadline`; the answer's body, or the typed failure."""
         assert self._client is not None, "not loaded"
-        body = msgspec.json.encode(
-            {"model": self.upstream_model, "input": texts, "encoding_format": self.options.encoding_format}
-        )
-        deadline = time.monotonic() + self.options.timeout_s
         try:
             with self._within(deadline):
-                response = self._client.post("embeddings", content=body)
+                response = self._client.post(route, content=body)
         except self._httpx.HTTPError as exc:
             raise self._transport_error(exc, late=time.monotonic() >= deadline) from None
         if response.status_code != 200:
             raise self._status_error(response)
+        return response.content
+
+    def _post(self, texts: list[str]) -> Embedded:
+        """One upstream call: the vectors, in input order, and the tokens the upstream counted."""
+        body = msgspec.json.encode(
+            {"model": self.upstream_model, "input": texts, "encoding_format": self.options.encoding_format}
+        )
+        content = self._send("embeddings", body, time.monotonic() + self.options.timeout_s)
         try:
-            reply = _REPLY.decode(response.content)
+            reply = _REPLY.decode(content)
             vectors = self._vectors(reply, len(texts))
         except (msgspec.DecodeError, ValueError, binascii.Error) as exc:
             log.error("model %r: upstream %s answered an invalid body: %s", self.model, self.options.base_url, exc)
             raise BackendUnavailable(f"the upstream of model {self.model!r} answered an invalid response") from None
-        return Embedded(vectors, self._counted(reply.usage, texts))
+        usage = reply.usage
+        return Embedded(
+            vectors, self._counted([] if usage is None else [usage.prompt_tokens, usage.total_tokens], texts)
+        )
 
-    def _counted(self, usage: _Usage | None, texts: list[str]) -> int:
-        """The tokens the upstream reports for `texts`, when they can be true: at least one per input, and at
-        most one per byte plus a margin for special tokens and prompts per input. Otherwise (none reported, 0,
-        negative, absurd) our estimate: a charge is never zero, never negative, never unbounded."""
+    def _counted(self, reported: Sequence[int | None], texts: list[str]) -> int:
+        """The tokens the upstream reports for `texts` (the first of `reported` that can be true: at least one
+        per input, and at most one per byte plus a margin for special tokens and prompts per input). Otherwise
+        (none reported, 0, negative, absurd) our estimate: a charge is never zero, never negative, never
+        unbounded."""
         least = len(texts)
         most = sum(len(t.encode("utf-8", "surrogatepass")) for t in texts) + 64 * len(texts)
-        reported = [] if usage is None else [usage.prompt_tokens, usage.total_tokens]
         for n in reported:
             if n is not None and least <= n <= most:
                 return n

@@ -111,10 +111,12 @@ ZOO_ON_RAY = {
 
 
 @pytest.fixture(scope="module")
-def ray_gateway(ray_tmp, minilm_path, tmp_path_factory, zoo_converted) -> Iterator[tuple[str, Any, Path]]:
+def ray_gateway(
+    ray_tmp, minilm_path, tmp_path_factory, zoo_converted, tiny_cross_encoder
+) -> Iterator[tuple[str, Any, Path]]:
     """One gateway serving every bundled backend twice, in-process and on Ray (int8 on 2 replicas x 1 CPU), a
-    slow fake model on 2 replicas, and each zoo architecture on Ray; the gateway starts its own Ray and must leave
-    nothing behind."""
+    slow fake model on 2 replicas, each zoo architecture on Ray, and the tiny torch reranker twice; the gateway
+    starts its own Ray and must leave nothing behind."""
     started = tmp_path_factory.mktemp("started")
     # name: backend, path, [options], [ray]; jit off: the trace takes seconds to check at load, same vectors.
     pairs = {
@@ -122,6 +124,7 @@ def ray_gateway(ray_tmp, minilm_path, tmp_path_factory, zoo_converted) -> Iterat
         "int8": ("onnx", INT8, "", "replicas = 2\nnum_cpus = 1"),
         "gguf": ("gguf", GGUF, "", "num_cpus = 0"),
         "wordllama": ("wordllama", "pkg:wordllama", "", "num_cpus = 0"),
+        "ce": ("torch", tiny_cross_encoder, "threads = 1", "num_cpus = 0"),
     }
     parts = []
     for name, (backend, path, options, ray) in pairs.items():
@@ -172,6 +175,29 @@ def test_same_vectors_and_tokens_as_in_process(ray_gateway, name):
         b.json()["error"]["message"].replace(f"'{name}-ray'", "M"),
     )
     assert b.status_code == 400
+
+
+def test_rerank_on_ray_equals_in_process(ray_gateway):
+    """A reranker's pairs go to its replica (tokens and scores there): the same order, scores and tokens as the
+    same model in-process, relevance (Cohere's shape) and logits (TEI's) alike."""
+    from .test_torch_rerank import DOCS, QUERY
+
+    url, _, _ = ray_gateway
+    body = {"query": QUERY, "documents": DOCS}
+    here = httpx.post(f"{url}/v2/rerank", json={"model": "ce", **body}, headers=AUTH, timeout=120).json()
+    r = httpx.post(f"{url}/v2/rerank", json={"model": "ce-ray", **body}, headers=AUTH, timeout=120)
+    assert r.status_code == 200, r.text
+    there = r.json()
+    assert [x["index"] for x in there["results"]] == [x["index"] for x in here["results"]]
+    for a, b in zip(here["results"], there["results"], strict=True):
+        assert abs(a["relevance_score"] - b["relevance_score"]) <= 1e-6
+    assert there["usage"] == here["usage"]
+    tei = {"query": QUERY, "texts": DOCS, "raw_scores": True}
+    logits = [
+        {x["index"]: x["score"] for x in httpx.post(f"{url}/rerank", json={"model": m, **tei}, headers=AUTH).json()}
+        for m in ("ce", "ce-ray")
+    ]
+    assert max(abs(logits[0][i] - logits[1][i]) for i in range(len(DOCS))) <= 1e-5
 
 
 @pytest.mark.parametrize("family", list(ZOO_ON_RAY))
