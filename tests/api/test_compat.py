@@ -121,7 +121,7 @@ def test_huggingface_hub_feature_extraction(url: str, monkeypatch: pytest.Monkey
     np.testing.assert_allclose(got[0], openai_route(url, [LONG], truncate="start")[0], atol=1e-6)
     with pytest.raises(HfHubHTTPError) as caught:
         client.feature_extraction(LONG, truncate=False)
-    assert caught.value.response.status_code == 413
+    assert caught.value.response.status_code == 400
     assert caught.value.response.json() == {
         "error": "`inputs` has 40 tokens; model 'wordllama' accepts at most 32 tokens per input "
         "(set `truncate` to embed a part of it)",
@@ -186,12 +186,12 @@ def test_cohere_embed_by_type(url: str) -> None:
 
 _OVER = "`{at}` has 40 tokens; model 'wordllama' accepts at most 32 tokens per input (set `truncate` to embed a part"
 BAD = [
-    # TEI: empty 400 "Empty" from the pipeline, limits 413 "Validation", other invalid bodies 422 "Validation".
-    ("/embed", {"inputs": []}, 422, "`inputs` must not be an empty list"),
-    ("/embed", {"inputs": ["a"] * 9}, 413, "`inputs` has 9 items; the limit is 8 per request"),
-    ("/embed", {"inputs": LONG, "truncate": False}, 413, _OVER.format(at="inputs")),
-    ("/embed", {"inputs": "a", "truncation_direction": "Middle"}, 422, "`truncation_direction`"),
-    ("/embed", {"inputs": "a", "model": "wordllama"}, 422, "`model`"),
+    # TEI: 400 in TEI's body, "Empty" for an empty input from the pipeline, "Validation" for the rest.
+    ("/embed", {"inputs": []}, 400, "`inputs` must not be an empty list"),
+    ("/embed", {"inputs": ["a"] * 9}, 400, "`inputs` has 9 items; the limit is 8 per request"),
+    ("/embed", {"inputs": LONG, "truncate": False}, 400, _OVER.format(at="inputs")),
+    ("/embed", {"inputs": "a", "truncation_direction": "Middle"}, 400, "`truncation_direction`"),
+    ("/embed", {"inputs": "a", "model": "wordllama"}, 400, "`model`"),
     # Ollama: {"error": ...} with our statuses.
     ("/api/embed", {"model": "wordllama", "input": []}, 400, "`input` must not be an empty list"),
     ("/api/embed", {"model": "wordllama", "input": ["a"] * 9}, 400, "`input` has 9 items; the limit is 8"),
@@ -243,7 +243,7 @@ def test_keys_apply_as_on_the_openai_route(url: str, path: str, body: dict[str, 
 
 def test_an_empty_text_is_named(url: str) -> None:
     r = httpx.post(f"{url}/embed", json={"inputs": ["a", ""]}, headers={"Authorization": f"Bearer {KEY}"})
-    assert r.status_code == 422 and r.json()["error_type"] == "Validation", r.text
+    assert r.status_code == 400 and r.json()["error_type"] == "Validation", r.text
     assert "`inputs[1]`" in r.json()["error"], r.text
 
 
@@ -303,7 +303,7 @@ def test_tei_tokenize_on_a_backend_that_cannot_show_tokens_says_so() -> None:
     with TestClient(app=app) as client:
         wait_loaded(client)
         r = client.post("/tokenize", json={"inputs": "a b"}, headers=AUTH)
-    assert r.status_code == 422, r.text
+    assert r.status_code == 400, r.text
     assert r.json() == {
         "error": "model 'n' cannot show its tokens: backend 'nospans' gives no token text or offsets",
         "error_type": "Validation",

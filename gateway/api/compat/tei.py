@@ -7,9 +7,9 @@ model's configured default (TEI's is its `--auto-truncate` flag); `truncation_di
 default) cuts the end, `Left` the start, in TEI's spelling or lower case. `normalize: true` (the default)
 scales each vector to unit length; `normalize: false` answers the model's own output, which is already unit
 length for a model that normalizes (a sentence-transformers folder ending in a Normalize module), where TEI
-would answer the pooled vector before it. Statuses follow TEI: an empty input 400 (`Empty`), an input or
-request over a limit 413 (`Validation`), any other invalid request 422 (`Validation`), 429 `Overloaded`,
-503 `Unhealthy`, other server errors `Backend`.
+would answer the pooled vector before it. Bad input is a 400, as on every route, in TEI's body with TEI's
+`error_type` names: `Empty` for an empty input, `Validation` for any other (TEI itself answers 413 or 422 there;
+its clients raise on either), 429 `Overloaded`, 503 `Unhealthy`, other server errors `Backend`.
 """
 
 from __future__ import annotations
@@ -61,14 +61,11 @@ class TeiError(msgspec.Struct, kw_only=True):
 
 
 _TYPES = {401: "Unauthorized", 403: "Unauthorized", 429: "Overloaded", 503: "Unhealthy"}
-_OVER_A_LIMIT = {"too_many_inputs", "input_too_long", "too_many_tokens"}
 
 
 def _error(status: int, message: str, code: str | None) -> tuple[int, Any]:
     if status == 400:
-        if code == "empty_input":
-            return 400, {"error": message, "error_type": "Empty"}
-        return (413 if code in _OVER_A_LIMIT else 422), {"error": message, "error_type": "Validation"}
+        return 400, {"error": message, "error_type": "Empty" if code == "empty_input" else "Validation"}
     kind = {401: "Unauthorized", 403: "Unauthorized", 429: "Overloaded", 503: "Unhealthy"}.get(
         status, "Backend" if status >= 500 else "Validation"
     )
@@ -80,7 +77,7 @@ _DECODER = BodyDecoder(TeiEmbedRequest)
 _TOKENIZE = BodyDecoder(TeiTokenizeRequest)
 _RESPONSES = {
     s: ResponseSpec(data_container=TeiError, description="TEI-shaped error")
-    for s in (400, 401, 403, 404, 413, 422, 429, 500, 503, 504)
+    for s in (400, 401, 403, 404, 413, 429, 500, 503, 504)
 }
 
 
