@@ -205,7 +205,8 @@ def export_scores_graph(model: Any, names: list[str], path: Path, say: Callable[
             return self.inner(**dict(zip(names, args, strict=True))).logits
 
     dummy = _example_inputs(model, names, packed=False)
-    if "token_type_ids" in names:  # a pair's second text has token type 1: the traced graph must take it
+    if "token_type_ids" in names and getattr(model.config, "type_vocab_size", 1) > 1:
+        # A BERT pair's second text has token type 1: the traced graph must take it (XLM-R has one type only).
         types = dummy[names.index("token_type_ids")]
         types[:, 4:] = 1
     axes = {name: {0: "batch", 1: "sequence"} for name in names}

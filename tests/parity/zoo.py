@@ -412,18 +412,20 @@ def convert_zoo(folders: dict[str, Path], root: Path) -> dict[str, dict[str, Pat
     return out
 
 
-def build_cross_encoder(dst: Path, *, seed: int = 0, num_labels: int = 1) -> Path:
-    """A tiny random-weight BERT reranker (a sequence-classification head with `num_labels`, WordPiece) saved
-    by sentence-transformers as a CrossEncoder folder at `dst`."""
+def build_cross_encoder(dst: Path, *, seed: int = 0, num_labels: int = 1, arch: str = "bert") -> Path:
+    """A tiny random-weight reranker (a sequence-classification head with `num_labels`) saved by
+    sentence-transformers as a CrossEncoder folder at `dst`: BERT with WordPiece, or `arch="xlm-roberta"` (its
+    head: classifier.dense, tanh, classifier.out_proj; a SentencePiece tokenizer)."""
     import torch
     from sentence_transformers import CrossEncoder
-    from transformers import BertForSequenceClassification
+    from transformers import BertForSequenceClassification, XLMRobertaForSequenceClassification
 
-    config, tokenizer = _bert()
+    config, tokenizer = _xlm_roberta() if arch == "xlm-roberta" else _bert()
+    head = XLMRobertaForSequenceClassification if arch == "xlm-roberta" else BertForSequenceClassification
     config.num_labels = num_labels
     torch.manual_seed(seed)
     raw = dst.with_name(dst.name + "-hf")
-    BertForSequenceClassification(config).eval().save_pretrained(str(raw))
+    head(config).eval().save_pretrained(str(raw))
     tokenizer.model_max_length = LIMIT
     tokenizer.save_pretrained(str(raw))
     CrossEncoder(str(raw), device="cpu").save(str(dst))

@@ -226,31 +226,11 @@ def test_an_embedding_gguf_is_refused_as_a_reranker(tmp_path):
         assert "is not a reranker GGUF (bert.pooling_type is 2, not rank = 4)" in card["error"]
 
 
-def _xlm_roberta_cross_encoder(dst: Path) -> Path:
-    """A tiny random-weight XLM-RoBERTa reranker (its head: classifier.dense, tanh, classifier.out_proj) saved by
-    sentence-transformers as a CrossEncoder folder."""
-    import torch
-    from sentence_transformers import CrossEncoder
-    from transformers import XLMRobertaForSequenceClassification
-
-    from ..parity.zoo import _xlm_roberta
-
-    config, tokenizer = _xlm_roberta()
-    config.num_labels = 1
-    torch.manual_seed(0)
-    raw = dst.with_name(dst.name + "-hf")
-    XLMRobertaForSequenceClassification(config).eval().save_pretrained(str(raw))
-    tokenizer.model_max_length = LIMIT
-    tokenizer.save_pretrained(str(raw))
-    CrossEncoder(str(raw), device="cpu").save(str(dst))
-    return dst
-
-
 def test_xlm_roberta_reranker_scores_equal_predict(tmp_path):
     from gateway_gguf import GgufConverter
     from sentence_transformers import CrossEncoder
 
-    src = _xlm_roberta_cross_encoder(tmp_path / "xlmr")
+    src = build_cross_encoder(tmp_path / "xlmr", arch="xlm-roberta")
     out = tmp_path / "xlmr-f16.gguf"
     GgufConverter().convert(str(src), str(out), argparse.Namespace(gguf_type="f16"))
     want = np.asarray(CrossEncoder(str(src), device="cpu").predict([(QUERY, d) for d in DOCS]))

@@ -87,3 +87,17 @@ def test_an_embedding_task_is_refused_for_the_reranker_graph(folders):
     with serve(f'[models.e]\nbackend = "onnx"\npath = "{folders["fp32"]}"\ntask = "embed"\n', plugins=()) as c:
         card = c.get("/v1/models").json()["data"][0]
         assert card["state"] == "failed" and 'serve it with task = "rerank"' in card["error"]
+
+
+def test_xlm_roberta_reranker_fp32_scores_equal_predict(tmp_path):
+    """The second architecture family, exported and served: XLM-RoBERTa's head and SentencePiece pairs."""
+    from gateway_onnx import OnnxConverter
+    from sentence_transformers import CrossEncoder
+
+    src = build_cross_encoder(tmp_path / "xlmr", arch="xlm-roberta")
+    OnnxConverter().convert(str(src), str(tmp_path / "fp32"), argparse.Namespace(quantize=None))
+    want = CrossEncoder(str(src), device="cpu").predict([(QUERY, d) for d in DOCS])
+    with serve(f'[models.x]\nbackend = "onnx"\npath = "{tmp_path / "fp32"}"\n', plugins=()) as c:
+        got = _relevance(c, "x")
+    assert float(np.max(np.abs(got - want))) <= 1e-4
+    assert list(np.argsort(-got, kind="stable")) == list(np.argsort(-want, kind="stable"))

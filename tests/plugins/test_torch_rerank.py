@@ -114,3 +114,17 @@ def test_multi_label_classifier_refused_at_load(tmp_path):
     with serve(f'[models.c]\nbackend = "torch"\npath = "{folder}"\ntask = "rerank"\n', plugins=()) as c:
         card = c.get("/v1/models").json()["data"][0]
         assert card["state"] == "failed" and "3 labels; a reranker gives one score per pair" in card["error"]
+
+
+def test_xlm_roberta_reranker_scores_equal_predict(tmp_path):
+    """The second architecture family: XLM-RoBERTa's head (dense, tanh, out_proj) and SentencePiece pairs."""
+    from sentence_transformers import CrossEncoder
+
+    folder = build_cross_encoder(tmp_path / "xlmr", arch="xlm-roberta")
+    want = CrossEncoder(str(folder), device="cpu").predict([(QUERY, d) for d in DOCS])
+    with serve(f'[models.x]\nbackend = "torch"\npath = "{folder}"\n', plugins=()) as c:
+        r = c.post("/v2/rerank", json={"model": "x", "query": QUERY, "documents": DOCS})
+    assert r.status_code == 200, r.text
+    got = {x["index"]: x["relevance_score"] for x in r.json()["results"]}
+    assert max(abs(got[i] - float(want[i])) for i in range(len(DOCS))) <= 1e-4
+    assert [x["index"] for x in r.json()["results"]] == list(np.argsort(-want, kind="stable"))
