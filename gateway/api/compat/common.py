@@ -119,11 +119,16 @@ def model_named(gw: Gateway, name: str) -> str:
 
 
 def default_model(gw: Gateway) -> ServedModel:
-    """The model a route without a `model` field serves (TEI's): the first one in gateway.toml."""
-    models = list(gw.registry.models.values())
+    """The model a route without a `model` field serves (TEI's): the first embedding model in gateway.toml."""
+    models = embedding_models(gw)
     if not models:
-        raise GatewayError(404, "no model is configured", code="model_not_found")
+        raise GatewayError(404, "no embedding model is configured", code="model_not_found")
     return models[0]
+
+
+def embedding_models(gw: Gateway) -> list[ServedModel]:
+    """The configured models that embed (not the rerankers), in gateway.toml's order."""
+    return [m for m in gw.registry.models.values() if m.spec.task == "embed"]
 
 
 # -- OpenAPI ---------------------------------------------------------------------------------------------------
@@ -168,7 +173,7 @@ def text_limits(gw: Gateway, prop: dict[str, Any]) -> None:
 def per_model(gw: Gateway, key: ApiKey, body: dict[str, Any], model_field: str, dims_field: str | None) -> None:
     """`model_field` narrowed to the names the key may use and, for each, `dims_field` to its own sizes."""
     props = body["properties"]
-    models = [m for name, m in gw.registry.models.items() if key.may_use(name)]
+    models = [m for m in embedding_models(gw) if key.may_use(m.name)]
     names = sorted({name for m in models for name in (m.name, *m.spec.config.aliases)})
     if names:
         props[model_field]["enum"] = names

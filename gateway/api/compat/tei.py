@@ -1,6 +1,7 @@
 """text-embeddings-inference's routes: `POST /embed` and `POST /tokenize`; errors as TEI's `{"error", "error_type"}`.
 
-Decisions: TEI serves one model and its requests name none, so these routes serve the first model of gateway.toml.
+Decisions: TEI serves one model and its requests name none, so these routes serve the first embedding model
+of gateway.toml.
 Unknown fields are refused, as on our own routes; every field huggingface_hub's `feature_extraction` sends for
 TEI is known except `encoding_format` (an OpenAI field, refused as unknown). `truncate` absent leaves the
 model's configured default (TEI's is its `--auto-truncate` flag); `truncation_direction` `Right` (TEI's
@@ -22,7 +23,16 @@ from litestar import Request, Response, post
 from litestar.openapi import ResponseSpec
 from litestar.params import JSONBody
 
-from gateway.api.compat.common import Described, Shape, answer, default_model, read, texts_limits, vectors
+from gateway.api.compat.common import (
+    Described,
+    Shape,
+    answer,
+    default_model,
+    embedding_models,
+    read,
+    texts_limits,
+    vectors,
+)
 from gateway.api.compat.common import gateway as gateway_of
 from gateway.api.decoding import BodyDecoder
 from gateway.base.schemas import EmbeddingRequest, Text
@@ -146,7 +156,7 @@ async def _tokenize(data: JSONBody[TeiTokenizeRequest]) -> list[list[TokenSpan]]
 def _keyed(gw: Gateway, key: ApiKey, body: dict[str, Any]) -> None:
     # The one model the route serves: its own `dimensions` and prompt names.
     props = body["properties"]
-    model = next(iter(gw.registry.models.values()), None)
+    model = next(iter(embedding_models(gw)), None)
     if model is None or not key.may_use(model.name):
         return
     if "dimensions" in props:
