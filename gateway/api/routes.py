@@ -19,6 +19,7 @@ from prometheus_client.multiprocess import MultiProcessCollector
 from gateway.base.config import ConfigError
 from gateway.base.errors import GatewayError, error_responses
 from gateway.base.schemas import CacheClear, CacheCleared, Health, ModelCard, ModelList, ReloadResult
+from gateway.embedding import check
 from gateway.embedding.state import Gateway
 from gateway.runtime.link import CacheClearArgs
 from gateway.runtime.registry import ModelState, ServedModel
@@ -194,6 +195,15 @@ class MetricsController(PrometheusController):
     guards = [metrics_guard]  # noqa: RUF012 - Litestar reads the class attribute
 
 
+@get("/admin/check", guards=[require_admin], responses=error_responses(401, 403, 404, 503))
+async def admin_check(
+    request: Request[Any, Any, Any], models: list[str] | None = None, against: str | None = None
+) -> check.CheckReport:
+    """`gateway check` on this server: each model (`models`, default all) against its reference (`against`, or
+    the first model of its `embedding_space`): tokens equal, min/mean cosine, Spearman on the bundled pairs."""
+    return await check.run(_gateway(request), models, against)
+
+
 @get("/metrics", guards=[metrics_guard], include_in_schema=False)
 async def front_metrics(request: Request[Any, Any, Any]) -> Response[bytes]:
     """/metrics of a front worker: every process' counters and histograms summed (prometheus_client's
@@ -206,6 +216,6 @@ async def front_metrics(request: Request[Any, Any, Any]) -> Response[bytes]:
     return Response(text, media_type=CONTENT_TYPE_LATEST)
 
 
-ROUTES = [list_models, health, ready, admin_reload, admin_cache_clear, MetricsController]
+ROUTES = [list_models, health, ready, admin_reload, admin_cache_clear, admin_check, MetricsController]
 #: A front worker's (`[server] workers` > 1): the same, with /metrics summed over the processes.
 FRONT_ROUTES = [list_models, health, ready, admin_reload, admin_cache_clear, front_metrics]
