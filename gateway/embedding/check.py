@@ -86,14 +86,20 @@ def is_eight_bit(model: ServedModel) -> bool:
 def plan(gw: Gateway, names: list[str] | None, against: str | None) -> list[tuple[ServedModel, ServedModel | None]]:
     """Each model to check with its reference: 404 for a name not configured."""
     registry = gw.registry
-    models = [registry.resolve(n) for n in names] if names else list(registry.models.values())
+    models = [_embedding(registry.resolve(n)) for n in names] if names else list(registry.models.values())
     models = [m for m in models if m.spec.task == "embed"]
-    reference = registry.resolve(against) if against else None
+    reference = _embedding(registry.resolve(against)) if against else None
     out: list[tuple[ServedModel, ServedModel | None]] = []
     for model in models:
         ref = reference if reference is not None else _space_reference(gw, model)
         out.append((model, ref if ref is not model else None))
     return out
+
+
+def _embedding(model: ServedModel) -> ServedModel:
+    if model.spec.task != "embed":
+        raise GatewayError(400, f"model {model.name!r} is a {model.spec.task} model, not an embedding model")
+    return model
 
 
 def _space_reference(gw: Gateway, model: ServedModel) -> ServedModel | None:

@@ -112,6 +112,11 @@ embedding_space = "s"
 [models.alone]
 backend = "fake"
 path = "."
+
+[models.ranker]
+backend = "fake-rerank"
+path = "."
+task = "rerank"
 """
 
 
@@ -129,6 +134,8 @@ def test_admin_check_over_http_and_the_cli_against_it(capsys):
         narrowed = client.get("/admin/check", params={"models": ["alone"], "against": "fake"}).json()
         assert [(row["model"], row["reference"]) for row in narrowed["rows"]] == [("alone", "fake")]
         assert client.get("/admin/check", params={"models": "nope"}).status_code == 404
+        refused = client.get("/admin/check", params={"against": "ranker"})
+        assert refused.status_code == 400 and "not an embedding model" in refused.json()["error"]["message"]
         assert client.get("/admin/check", headers={"Authorization": "Bearer wrong"}).status_code == 401
         with uvicorn_server(client.app) as (url, _):
             assert main(["check", "--url", url, "--key", API_KEY]) == 0
