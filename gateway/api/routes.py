@@ -10,7 +10,7 @@ from litestar import Request, get, post
 from litestar.connection import ASGIConnection
 from litestar.handlers.base import BaseRouteHandler
 from litestar.openapi import ResponseSpec
-from litestar.params import JSONBody
+from litestar.params import FromQuery, JSONBody
 from litestar.plugins.prometheus import PrometheusController
 from litestar.response import Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
@@ -199,7 +199,7 @@ class MetricsController(PrometheusController):
 # would call requests valid that answer 404 (docs/api.md describes it).
 @get("/admin/check", guards=[require_admin], include_in_schema=False)
 async def admin_check(
-    request: Request[Any, Any, Any], models: list[str] | None = None, against: str | None = None
+    request: Request[Any, Any, Any], models: FromQuery[list[str] | None] = None, against: FromQuery[str | None] = None
 ) -> check.CheckReport:
     """`gateway check` on this server: each model (`models`, default all) against its reference (`against`, or
     the first model of its `embedding_space`): tokens equal, min/mean cosine, Spearman on the bundled pairs."""
