@@ -1,4 +1,4 @@
-"""The `gateway` command: serve | embed | models | check-config | convert | hash-key | redis-server."""
+"""The `gateway` command: serve | embed | check | models | check-config | convert | hash-key | redis-server."""
 
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ from gateway.runtime.registry import ModelState, Registry, build_specs, check_pa
 from gateway.shared.keys import KeyStore, hash_key, new_key
 
 if TYPE_CHECKING:
+    from gateway.embedding.check import CheckReport
     from gateway.embedding.state import Gateway
 
 # Never reach for a model hub at run time; a user who wants downloads sets these to 0 explicitly.
@@ -121,6 +122,63 @@ def cmd_embed(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_check(args: argparse.Namespace) -> int:
+    from gateway.embedding import check
+
+    if args.url:
+        if not args.key:
+            return _fail("--url needs --key (an admin API key of that server)")
+        report = _remote_check(args.url, args.key, args.models, args.against)
+    else:
+        gw = _gateway(args)
+        plan = check.plan(gw, args.models, args.against)
+        loaded = list({id(m): m for pair in plan for m in pair if m is not None}.values())
+        try:
+            for model in loaded:
+                model.load()
+                if model.state != ModelState.READY:
+                    return _fail(f"model {model.name!r}: {model.error}")
+            report = asyncio.run(check.run(gw, args.models, args.against))
+        finally:
+            for model in loaded:
+                model.close()
+    print(check.table(report))
+    failed = [r.model for r in report.rows if not r.passed]
+    if failed:
+        print(f"check failed: {', '.join(failed)}", file=sys.stderr)
+    return 0 if report.passed else 1
+
+
+def _remote_check(url: str, key: str, models: list[str] | None, against: str | None) -> CheckReport:
+    """GET /admin/check on a running gateway; a GatewayError with the server's own message on a refusal."""
+    import json
+    import urllib.error
+    import urllib.parse
+    import urllib.request
+
+    import msgspec
+
+    from gateway.base.errors import GatewayError
+    from gateway.embedding.check import CheckReport
+
+    query = urllib.parse.urlencode([("models", m) for m in models or []] + ([("against", against)] if against else []))
+    request = urllib.request.Request(
+        f"{url.rstrip('/')}/admin/check" + (f"?{query}" if query else ""), headers={"Authorization": f"Bearer {key}"}
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=600) as response:
+            return msgspec.json.decode(response.read(), type=CheckReport)
+    except urllib.error.HTTPError as exc:
+        try:
+            message = json.loads(exc.read())["error"]["message"]
+        except (ValueError, KeyError, TypeError):
+            message = exc.reason
+        raise GatewayError(exc.code, f"{url} answered {exc.code}: {message}") from None
+    except (urllib.error.URLError, OSError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise GatewayError(503, f"cannot reach {url}: {reason}") from None
+
+
 def cmd_models(args: argparse.Namespace) -> int:
     _, registry = _load(args)
     rows = [("model", "backend", "aliases", "max tokens", "dimensions", "path")]
@@ -214,6 +272,15 @@ def _add_serving(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", required=True, help="model name or alias")
     p.add_argument("--dimensions", type=int, help="Matryoshka dimensions")
     p.set_defaults(func=cmd_embed)
+
+    p = _with_config(
+        sub.add_parser("check", help="check that models agree with their references (in-process, or --url)")
+    )
+    p.add_argument("--models", nargs="+", metavar="M", help="models to check (default: every embedding model)")
+    p.add_argument("--against", metavar="MODEL", help="the reference (default: the first of each embedding_space)")
+    p.add_argument("--url", help="check on a running gateway instead (GET /admin/check)")
+    p.add_argument("--key", default=os.environ.get("GATEWAY_API_KEY"), help="its admin API key (with --url)")
+    p.set_defaults(func=cmd_check)
 
     p = _with_config(sub.add_parser("models", help="list configured models"))
     p.set_defaults(func=cmd_models)

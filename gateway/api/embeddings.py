@@ -20,20 +20,12 @@ from litestar import Litestar, Request, post
 from litestar._openapi.plugin import OpenAPIPlugin
 from litestar.exceptions import HTTPException, MethodNotAllowedException
 from litestar.handlers import asgi
-from litestar.openapi.plugins import (
-    JsonRenderPlugin,
-    OpenAPIRenderPlugin,
-    RapidocRenderPlugin,
-    RedocRenderPlugin,
-    StoplightRenderPlugin,
-    SwaggerRenderPlugin,
-    YamlRenderPlugin,
-)
+from litestar.openapi.plugins import JsonRenderPlugin, OpenAPIRenderPlugin, YamlRenderPlugin
 from litestar.openapi.spec import OpenAPIType, Schema
 from litestar.params import HeaderParameter, JSONBody
 from litestar.types import Receive, Scope, Send
 
-from gateway.api import rerank
+from gateway.api import docs, rerank
 from gateway.api.decoding import BodyDecoder
 from gateway.base.asgi import header
 from gateway.base.errors import GatewayError, error_body, error_responses
@@ -330,13 +322,10 @@ class KeyedJsonRenderPlugin(JsonRenderPlugin):
 def render_plugins(
     others: Mapping[str, Callable[[Gateway, ApiKey], dict[str, Any]]] | None = None,
 ) -> list[OpenAPIRenderPlugin]:
-    """Litestar's default /schema pages and files, with the keyed JSON document (redoc stays at /schema);
-    `others`: further request schemas that a key's copy narrows to its models."""
+    """The /schema page (Swagger UI, its files served by the gateway: docs.py) and the document as JSON (keyed)
+    and YAML; `others`: further request schemas that a key's copy narrows to its models."""
     return [
-        RedocRenderPlugin(),
-        SwaggerRenderPlugin(),
-        RapidocRenderPlugin(),
-        StoplightRenderPlugin(),
+        docs.swagger_plugin(),
         KeyedJsonRenderPlugin(others),
         YamlRenderPlugin(),
     ]

@@ -10,7 +10,7 @@ from litestar import Request, get, post
 from litestar.connection import ASGIConnection
 from litestar.handlers.base import BaseRouteHandler
 from litestar.openapi import ResponseSpec
-from litestar.params import JSONBody
+from litestar.params import FromQuery, JSONBody
 from litestar.plugins.prometheus import PrometheusController
 from litestar.response import Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
@@ -19,6 +19,7 @@ from prometheus_client.multiprocess import MultiProcessCollector
 from gateway.base.config import ConfigError
 from gateway.base.errors import GatewayError, error_responses
 from gateway.base.schemas import CacheClear, CacheCleared, Health, ModelCard, ModelList, ReloadResult
+from gateway.embedding import check
 from gateway.embedding.state import Gateway
 from gateway.runtime.link import CacheClearArgs
 from gateway.runtime.registry import ModelState, ServedModel
@@ -194,6 +195,17 @@ class MetricsController(PrometheusController):
     guards = [metrics_guard]  # noqa: RUF012 - Litestar reads the class attribute
 
 
+# Out of the OpenAPI schema: its parameters name configured models, which a static schema cannot list, so it
+# would call requests valid that answer 404 (docs/api.md describes it).
+@get("/admin/check", guards=[require_admin], include_in_schema=False)
+async def admin_check(
+    request: Request[Any, Any, Any], models: FromQuery[list[str] | None] = None, against: FromQuery[str | None] = None
+) -> check.CheckReport:
+    """`gateway check` on this server: each model (`models`, default all) against its reference (`against`, or
+    the first model of its `embedding_space`): tokens equal, min/mean cosine, Spearman on the bundled pairs."""
+    return await check.run(_gateway(request), models, against)
+
+
 @get("/metrics", guards=[metrics_guard], include_in_schema=False)
 async def front_metrics(request: Request[Any, Any, Any]) -> Response[bytes]:
     """/metrics of a front worker: every process' counters and histograms summed (prometheus_client's
@@ -206,6 +218,6 @@ async def front_metrics(request: Request[Any, Any, Any]) -> Response[bytes]:
     return Response(text, media_type=CONTENT_TYPE_LATEST)
 
 
-ROUTES = [list_models, health, ready, admin_reload, admin_cache_clear, MetricsController]
+ROUTES = [list_models, health, ready, admin_reload, admin_cache_clear, admin_check, MetricsController]
 #: A front worker's (`[server] workers` > 1): the same, with /metrics summed over the processes.
 FRONT_ROUTES = [list_models, health, ready, admin_reload, admin_cache_clear, front_metrics]
