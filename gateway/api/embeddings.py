@@ -27,7 +27,7 @@ from litestar.types import Receive, Scope, Send
 
 from gateway.api import docs, rerank
 from gateway.api.decoding import BodyDecoder
-from gateway.base.asgi import header
+from gateway.base.asgi import client_deadline, header
 from gateway.base.errors import GatewayError, error_body, error_responses
 from gateway.base.schemas import EmbeddingRequest, EmbeddingResponse
 from gateway.embedding import service
@@ -105,18 +105,7 @@ async def _embeddings(scope: Scope, receive: Receive) -> bytes:
 
 
 def _client_deadline(scope: Scope) -> float | None:
-    # X-Request-Timeout-Ms: the client's own limit, which may only shorten the server's.
-    raw = header(scope, b"x-request-timeout-ms")
-    if raw is None:
-        return None
-    if not raw.isdigit() or not 0 < int(raw) <= 86_400_000:
-        raise GatewayError(
-            400,
-            "`X-Request-Timeout-Ms` must be a whole number of milliseconds between 1 and 86400000",
-            param="X-Request-Timeout-Ms",
-            code="invalid_header",
-        )
-    return int(raw) / 1000
+    return client_deadline(header(scope, b"x-request-timeout-ms"))
 
 
 def _client_closed() -> GatewayError:

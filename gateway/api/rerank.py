@@ -18,6 +18,7 @@ from litestar.params import JSONBody
 
 from gateway.api.decoding import BodyDecoder
 from gateway.api.routes import require_key
+from gateway.base.asgi import client_deadline
 from gateway.base.errors import EXCEPTION_HANDLERS, GatewayError, error_body, error_responses
 from gateway.base.observability import new_id
 from gateway.base.schemas import (
@@ -148,17 +149,7 @@ async def _ranked(request: Request[Any, Any, Any], query: RerankQuery) -> Ranked
 
 
 def _deadline(request: Request[Any, Any, Any]) -> float | None:
-    raw = request.headers.get("x-request-timeout-ms")
-    if raw is None:
-        return None
-    if not raw.isdigit() or not 0 < int(raw) <= 86_400_000:
-        raise GatewayError(
-            400,
-            "`X-Request-Timeout-Ms` must be a whole number of milliseconds between 1 and 86400000",
-            param="X-Request-Timeout-Ms",
-            code="invalid_header",
-        )
-    return int(raw) / 1000
+    return client_deadline(request.headers.get("x-request-timeout-ms"))
 
 
 def _order(scores: list[float], top_n: int | None) -> list[int]:

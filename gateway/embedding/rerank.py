@@ -67,10 +67,6 @@ async def rerank(
     otherwise. `notes` gets the model, then the tokens and inputs of an answered request."""
     server = gw.config.server
     model = gw.registry.handle(query.model, key).model
-    if key is not None and not key.may_use(model.name):
-        raise GatewayError(
-            403, f"this API key may not use model {query.model!r}", param="model", code="model_not_allowed"
-        )
     notes["model"] = model.name
     if model.spec.task != "rerank":
         raise GatewayError(

@@ -568,8 +568,11 @@ class Registry:
         return [model, *(self.models[name] for name in model.spec.config.fallbacks if name in self.models)]
 
     def handle(self, name: str, key: ApiKey | None = None) -> ModelHandle:
-        """What a request uses of the model called `name` (or aliased so): it and its fallbacks; 404 as `resolve`."""
+        """What a request uses of the model called `name` (or aliased so): it and its fallbacks; 404 as `resolve`,
+        403 when `key` may not use it."""
         model = self.resolve(name, key)
+        if key is not None and not key.may_use(model.name):
+            raise GatewayError(403, f"this API key may not use model {name!r}", param="model", code="model_not_allowed")
         return ModelHandle(model, tuple(self.chain(model)))
 
     def load_all(
