@@ -23,6 +23,7 @@ from gateway.base.errors import GatewayError
 from gateway.base.schemas import RerankQuery
 from gateway.embedding.service import _Failover, _Job, _settled
 from gateway.embedding.state import Gateway
+from gateway.runtime import inputs
 from gateway.runtime.registry import ServedModel
 from gateway.shared.keys import ApiKey
 
@@ -118,15 +119,7 @@ def _check_texts(query: RerankQuery, max_documents: int, max_chars: int) -> None
         )
     named = [("query", query.query), *((f"{docs}[{i}]", d) for i, d in enumerate(query.documents))]
     for where, text in named:
-        if not text:
-            raise GatewayError(400, f"`{where}` is an empty string", param=where, code="empty_input")
-        if len(text) > max_chars:
-            raise GatewayError(
-                400,
-                f"`{where}` has {len(text)} characters; the limit is {max_chars} characters per input",
-                param=where,
-                code="input_too_long",
-            )
+        inputs.check_text(where, text, max_chars)
 
 
 async def _scored(

@@ -693,16 +693,7 @@ def _texts(body: EmbeddingRequest, max_items: int, max_chars: int) -> list[str]:
             code="too_many_inputs",
         )
     for i, text in enumerate(texts):
-        where = "input" if isinstance(body.input, str) else f"input[{i}]"
-        if not text:
-            raise GatewayError(400, f"`{where}` is an empty string", param=where, code="empty_input")
-        if len(text) > max_chars:
-            raise GatewayError(
-                400,
-                f"`{where}` has {len(text)} characters; the limit is {max_chars} characters per input",
-                param=where,
-                code="input_too_long",
-            )
+        inputs.check_text("input" if isinstance(body.input, str) else f"input[{i}]", text, max_chars)
     return texts
 
 

@@ -117,3 +117,16 @@ def cut(ids: Sequence[int], limit: int, side: Side, frame: Frame, keep: int = 0)
     body_end = len(ids) - frame.tail
     room = limit - front - frame.tail
     return [*ids[:front], *ids[body_end - room : body_end], *tail]
+
+
+def check_text(where: str, text: str, max_chars: int) -> None:
+    """400 naming `where` (the field, as the client sent it) for an empty input or one over `max_chars`."""
+    if not text:
+        raise GatewayError(400, f"`{where}` is an empty string", param=where, code="empty_input")
+    if len(text) > max_chars:
+        raise GatewayError(
+            400,
+            f"`{where}` has {len(text)} characters; the limit is {max_chars} characters per input",
+            param=where,
+            code="input_too_long",
+        )
