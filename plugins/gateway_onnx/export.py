@@ -124,7 +124,6 @@ def export_graph(
 ) -> None:
     """Trace `model` to an fp32 ONNX graph at `path`: inputs input_ids, attention_mask and those of `extra` it
     takes (position_ids only when packed), output last_hidden_state, batch and sequence dynamic."""
-    import torch
 
     names = ["input_ids", "attention_mask"] + [n for n in extra if n != "position_ids" or packed]
     wrapper = _wrap(model, names, packed, plan)
@@ -132,21 +131,7 @@ def export_graph(
     axes = {name: {0: "batch", 1: "sequence"} for name in names}
     axes["last_hidden_state"] = {0: "batch", 1: "sequence"}
     say(f"exporting ONNX opset {OPSET} (inputs {', '.join(names)})")
-    try:
-        with torch.no_grad():
-            torch.onnx.export(
-                wrapper,
-                dummy,
-                str(path),
-                input_names=names,
-                output_names=["last_hidden_state"],
-                dynamic_axes=axes,
-                opset_version=OPSET,
-                do_constant_folding=True,
-                dynamo=False,
-            )
-    except Exception as exc:
-        raise BackendError(f"ONNX export failed: {one_line(exc)}") from exc
+    _trace(wrapper, dummy, path, names, "last_hidden_state", axes)
 
 
 def quantize_int8(fp32: Path, int8: Path, say: Callable[[str], None]) -> None:
@@ -212,14 +197,23 @@ def export_scores_graph(model: Any, names: list[str], path: Path, say: Callable[
     axes = {name: {0: "batch", 1: "sequence"} for name in names}
     axes["logits"] = {0: "batch"}
     say(f"exporting the classifier's logits, ONNX opset {OPSET} (inputs {', '.join(names)})")
+    _trace(Scores(model).eval(), dummy, path, names, "logits", axes)
+
+
+def _trace(
+    module: Any, dummy: tuple[Any, ...], path: Path, names: list[str], output: str, axes: dict[str, Any]
+) -> None:
+    """torch.onnx.export's legacy tracer (the graph every onnxruntime provider runs), at our opset, one output."""
+    import torch
+
     try:
         with torch.no_grad():
             torch.onnx.export(
-                Scores(model).eval(),
+                module,
                 dummy,
                 str(path),
                 input_names=names,
-                output_names=["logits"],
+                output_names=[output],
                 dynamic_axes=axes,
                 opset_version=OPSET,
                 do_constant_folding=True,
