@@ -11,6 +11,7 @@ from __future__ import annotations
 import ctypes
 import threading
 from collections import deque
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -116,15 +117,50 @@ def tokenize(vocab: Any, text: str) -> list[int]:
     return buf[:n]
 
 
-def fill_batch(batch: Any, seqs: list[list[int]]) -> None:
-    """llama.cpp's batch holding `seqs`, token by token, sequence i under sequence id i, every state kept."""
+def fill_batch(batch: Any, seqs: Sequence[Sequence[int]], tokens: bool = True) -> None:
+    """llama.cpp's batch holding `seqs`, token by token, sequence i under sequence id i, every state kept;
+    `tokens` False: only the tokens' places (the caller wrote their input vectors into `batch.embd`)."""
     k = 0
-    for s, tokens in enumerate(seqs):
-        for p, tok in enumerate(tokens):
-            batch.token[k] = tok
+    for s, ids in enumerate(seqs):
+        for p, tok in enumerate(ids):
+            if tokens:
+                batch.token[k] = tok
             batch.pos[k] = p
             batch.n_seq_id[k] = 1
             batch.seq_id[k][0] = s
             batch.logits[k] = True
             k += 1
     batch.n_tokens = k
+
+
+def calls(lengths: Sequence[int], per_call: int, n_ubatch: int) -> Iterator[list[int]]:
+    """The inputs of each llama.cpp call, by index: consecutive ones, up to `per_call` sequences and one
+    micro-batch of `n_ubatch` tokens."""
+    chunk: list[int] = []
+    used = 0
+    for i, n in enumerate(lengths):
+        if chunk and (len(chunk) >= per_call or used + n > n_ubatch):
+            yield chunk
+            chunk, used = [], 0
+        chunk.append(i)
+        used += n
+    if chunk:
+        yield chunk
+
+
+def decode(lib: Any, ctx: Any, batch: Any, what: str) -> None:
+    """One llama.cpp call on `batch` (`what` names it in the error)."""
+    mem = lib.llama_get_memory(ctx)
+    if mem:  # encoder-only models have no KV cache; a decoder-style one must start clean each call
+        lib.llama_memory_clear(mem, True)
+    rc = lib.llama_decode(ctx, batch)
+    if rc != 0:
+        raise BackendError(f"llama.cpp decode failed (code {rc}) on {what}")
+
+
+def pooled(lib: Any, ctx: Any, seq: int, missing: str) -> Any:
+    """Sequence `seq`'s pooled output of the last call, as a float pointer (BackendError `missing` if none)."""
+    ptr = lib.llama_get_embeddings_seq(ctx, seq)
+    if not ptr:
+        raise BackendError(missing)
+    return ctypes.cast(ptr, ctypes.POINTER(ctypes.c_float))

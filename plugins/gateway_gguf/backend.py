@@ -404,17 +404,10 @@ class GgufBackend(GgufScoring, Backend):
         """Encode `seqs` in one llama.cpp call and write their pooled vectors into out[rows]."""
         lib, ctx, batch = self._lib, self._ctx, self._batch
         _llama.fill_batch(batch, seqs)
-        mem = lib.llama_get_memory(ctx)
-        if mem:  # encoder-only models have no KV cache; a decoder-style one must start clean each call
-            lib.llama_memory_clear(mem, True)
-        rc = lib.llama_decode(ctx, batch)
-        if rc != 0:
-            raise BackendError(f"llama.cpp decode failed (code {rc}) on a batch of {len(seqs)} inputs")
+        _llama.decode(lib, ctx, batch, f"a batch of {len(seqs)} inputs")
         for s, row in enumerate(rows):
-            ptr = lib.llama_get_embeddings_seq(ctx, s)
-            if not ptr:
-                raise BackendError("llama.cpp returned no pooled embedding (is the GGUF an embedding model?)")
-            out[row] = np.ctypeslib.as_array(ctypes.cast(ptr, ctypes.POINTER(ctypes.c_float)), (self._dim,))
+            ptr = _llama.pooled(lib, ctx, s, "llama.cpp returned no pooled embedding (is the GGUF an embedding model?)")
+            out[row] = np.ctypeslib.as_array(ptr, (self._dim,))
 
     def embed(self, texts: Sequence[str], token_ids: Sequence[Sequence[int]]) -> np.ndarray:
         """Vectors from llama.cpp's own ids, which `tokenize` handed out: each input is tokenized once."""
@@ -424,23 +417,11 @@ class GgufBackend(GgufScoring, Backend):
             if any(skip):
                 return self._embed_without_prompts(seqs, skip)
         out = np.empty((len(seqs), self._dim), dtype=np.float32)
-        per_call = self._seqs_per_call
         with self._lock:
             if self._ctx is None:
                 raise BackendError(f"model {self.model!r} is closed")
-            # Pack consecutive inputs up to `seqs_per_call` sequences and one micro-batch of tokens.
-            chunk: list[list[int]] = []
-            rows: list[int] = []
-            used = 0
-            for i, tokens in enumerate(seqs):
-                if chunk and (len(chunk) >= per_call or used + len(tokens) > self._n_ubatch):
-                    self._run(chunk, out, rows)
-                    chunk, rows, used = [], [], 0
-                chunk.append(tokens)
-                rows.append(i)
-                used += len(tokens)
-            if chunk:
-                self._run(chunk, out, rows)
+            for rows in _llama.calls([len(t) for t in seqs], self._seqs_per_call, self._n_ubatch):
+                self._run([seqs[i] for i in rows], out, rows)
         out = hf.apply_dense(out, self._dense)
         return l2_normalize(out) if self._normalize and len(out) else out
 

@@ -170,16 +170,8 @@ class GgufScoring:
         with self._lock:
             if self._ctx is None:
                 raise BackendError(f"model {self.model!r} is closed")
-            chunk: list[int] = []
-            used = 0
-            for i, (ids, _) in enumerate(seqs):
-                if chunk and (len(chunk) >= self._seqs_per_call or used + len(ids) > self._n_ubatch):
-                    self._score_run([seqs[j] for j in chunk], out, chunk)
-                    chunk, used = [], 0
-                chunk.append(i)
-                used += len(ids)
-            if chunk:
-                self._score_run([seqs[j] for j in chunk], out, chunk)
+            for rows in _llama.calls([len(ids) for ids, _ in seqs], self._seqs_per_call, self._n_ubatch):
+                self._score_run([seqs[i] for i in rows], out, rows)
         return out
 
     def _score_run(self, seqs: list[tuple[list[int], list[int]]], out: np.ndarray, rows: list[int]) -> None:
@@ -190,17 +182,9 @@ class GgufScoring:
         else:
             batch = self._embd_batch
             self._fill_vectors(batch, seqs)
-        mem = lib.llama_get_memory(ctx)
-        if mem:
-            lib.llama_memory_clear(mem, True)
-        rc = lib.llama_decode(ctx, batch)
-        if rc != 0:
-            raise BackendError(f"llama.cpp decode failed (code {rc}) on a batch of {len(seqs)} pairs")
+        _llama.decode(lib, ctx, batch, f"a batch of {len(seqs)} pairs")
         for s, row in enumerate(rows):
-            ptr = lib.llama_get_embeddings_seq(ctx, s)
-            if not ptr:
-                raise BackendError("llama.cpp returned no rank score (is the GGUF a reranker?)")
-            out[row] = ctypes.cast(ptr, ctypes.POINTER(ctypes.c_float))[0]
+            out[row] = _llama.pooled(lib, ctx, s, "llama.cpp returned no rank score (is the GGUF a reranker?)")[0]
 
     def _fill_vectors(self, batch: Any, seqs: list[tuple[list[int], list[int]]]) -> None:
         """The batch as input vectors: each token's word row plus its type's difference from type 0."""
@@ -212,12 +196,4 @@ class GgufScoring:
         vectors += (types - types[0])[kinds]
         flat = np.ascontiguousarray(vectors, dtype=np.float32).ravel()
         ctypes.memmove(batch.embd, flat.ctypes.data, flat.nbytes)
-        k = 0
-        for s, (tokens, _) in enumerate(seqs):
-            for p in range(len(tokens)):
-                batch.pos[k] = p
-                batch.n_seq_id[k] = 1
-                batch.seq_id[k][0] = s
-                batch.logits[k] = True
-                k += 1
-        batch.n_tokens = k
+        _llama.fill_batch(batch, [tokens for tokens, _ in seqs], tokens=False)
