@@ -670,6 +670,20 @@ def adversarial_texts() -> tuple[str, ...]:
     return tuple(json.loads(line) for line in raw.splitlines() if line.strip() and not line.startswith("#"))
 
 
+def reranker_check_pairs() -> list[tuple[str, str]]:
+    """The (query, document) pairs every reranker converter's check scores against CrossEncoder.predict: several
+    scripts, and one document over a small model's limit (cut as predict cuts it)."""
+    queries = ("what is the capital of france", "¿dónde está la biblioteca?", "東京")
+    documents = (
+        "Paris is the capital and most populous city of France.",
+        "The library is next to the café.",
+        "東京は日本の首都です。",
+        "I love pizza 🍕🔥!",
+        "The quick brown fox jumps over the lazy dog. " * 40,
+    )
+    return [(q, d) for q in queries for d in documents]
+
+
 # -- GGUF metadata (the keys our converter adds; no gguf package in the core) -----------------------------
 
 GGUF_PROMPTS_KEY = "sentence_transformers.prompts"

@@ -98,15 +98,6 @@ def _check_vectors(source: Source, path: Path, texts: list[str], qtype: str, say
         )
 
 
-# Pairs the reranker check scores: several scripts, and one over a small model's limit (cut as predict cuts it).
-CHECK_QUERIES = ("what is the capital of france", "¿dónde está la biblioteca?", "東京")
-CHECK_DOCUMENTS = (
-    "Paris is the capital and most populous city of France.",
-    "The library is next to the café.",
-    "東京は日本の首都です。",
-    "I love pizza 🍕🔥!",
-    "The quick brown fox jumps over the lazy dog. " * 40,
-)
 #: Worst |logit difference| against CrossEncoder.predict a converted reranker may show, f16 and q8_0: about 3x
 #: what tests/plugins/test_gguf_rerank.py's tiny cross-encoders show (f16 up to 0.006, q8_0 up to 0.12 on these
 #: pairs), well under what a wrong head or lost token types cost there (0.95 and 2.8).
@@ -124,7 +115,7 @@ def _check_scores(source: Source, path: Path, qtype: str, say: Callable[[str], N
         return
     from .backend import GgufBackend, GgufOptions
 
-    pairs = [(q, d) for q in CHECK_QUERIES for d in CHECK_DOCUMENTS]
+    pairs = hf.reranker_check_pairs()
     backend = GgufBackend(model="convert-check", path=str(path), options=GgufOptions(n_threads=1))
     backend.task = "rerank"
     try:

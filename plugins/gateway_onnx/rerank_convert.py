@@ -12,18 +12,10 @@ from pathlib import Path
 import numpy as np
 
 from gateway.plugin import BackendError
+from gateway.runtime import hf
 
 from .export import export_scores_graph, mark_task, one_line, quantize_int8
 
-# Pairs the check scores: short and long, several scripts, one over a small model's limit (cut as predict cuts).
-CHECK_QUERIES = ("what is the capital of france", "¿dónde está la biblioteca?", "東京")
-CHECK_DOCUMENTS = (
-    "Paris is the capital and most populous city of France.",
-    "The library is next to the café.",
-    "東京は日本の首都です。",
-    "I love pizza 🍕🔥!",
-    "The quick brown fox jumps over the lazy dog. " * 40,
-)
 #: Worst |logit difference| a converted reranker may show against its source (fp32; int8 is reported).
 FP32_TOLERANCE = 1e-3
 
@@ -69,7 +61,7 @@ def check_reranker(src_dir: Path, out_dir: Path, quantize: str | None, say: Call
 
     from .backend import OnnxBackend, OnnxOptions
 
-    pairs = [(q, d) for q in CHECK_QUERIES for d in CHECK_DOCUMENTS]
+    pairs = hf.reranker_check_pairs()
     backend = OnnxBackend(model="convert-check", path=str(out_dir), options=OnnxOptions())
     backend.task = "rerank"
     backend.load()
