@@ -21,7 +21,7 @@ import numpy as np
 
 from gateway.base.errors import GatewayError
 from gateway.base.schemas import RerankQuery
-from gateway.embedding.service import _Failover, _Job, _settled
+from gateway.embedding.service import Failover, Job, settled
 from gateway.embedding.state import Gateway
 from gateway.runtime import inputs
 from gateway.runtime.registry import ServedModel
@@ -126,10 +126,10 @@ async def _scored(
     gw: Gateway, model: ServedModel, query: RerankQuery, key: ApiKey | None, ends: float
 ) -> tuple[np.ndarray, int]:
     """The raw scores of the query's pairs on `model`, and their tokens as the model reads them."""
-    job = _Job(model, key, ends, gw.config.server.max_tokens_per_request)
+    job = Job(model, key, ends, gw.config.server.max_tokens_per_request)
     with model.in_use():
         try:
-            async with _settled(job):
+            async with settled(job):
                 await model.ready(max(0.0, ends - time.monotonic()))
                 refused = model.circuit_refusal()
                 if refused is not None:
@@ -148,13 +148,13 @@ async def _scored(
                 wait = min(job.max_wait_s, ends - time.monotonic())
                 raw = await model.score(pairs, ids, owner=owner, max_wait_s=wait, progress=job.progress)
                 job.charged = 0  # delivered: the charge stands
-        except _Failover as exc:  # a rerank model has no fallbacks: its own error is the answer
+        except Failover as exc:  # a rerank model has no fallbacks: its own error is the answer
             raise exc.error from None
     return raw, sum(counts)
 
 
 async def _scored_upstream(
-    job: _Job, model: ServedModel, query: RerankQuery, pairs: list[tuple[str, str]], owner: str | None, ends: float
+    job: Job, model: ServedModel, query: RerankQuery, pairs: list[tuple[str, str]], owner: str | None, ends: float
 ) -> tuple[np.ndarray, int]:
     """`_scored` for a model whose tokens are counted by its runtime (a remote one without a local tokenizer):
     batches and the quota go by an estimate until the runtime has counted, then the charge is corrected; its

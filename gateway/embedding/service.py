@@ -229,7 +229,7 @@ async def _first_served(
     """Failover: the model, then its fallbacks (same embedding space, checked at config load), each with its own
     tokenizer, limits and batches, until one serves; `notes` get its name and headers."""
     chain = handle.chain
-    failed: _Failover | None = None
+    failed: Failover | None = None
     for n, candidate in enumerate(chain):
         # Each model notes its headers apart: the answer carries only the serving model's.
         said: dict[str, Any] = {}
@@ -237,7 +237,7 @@ async def _first_served(
             vectors, total, out = await _on_model(
                 gw, candidate, body, texts, key, ends, output, said, n < len(chain) - 1
             )
-        except _Failover as exc:
+        except Failover as exc:
             failed = failed or exc
             if n == len(chain) - 1:
                 raise failed.answer(candidate if candidate is not handle.model else None, exc) from None
@@ -257,7 +257,7 @@ async def _first_served(
     raise AssertionError("the chain's last model serves or raises")
 
 
-class _Failover(Exception):
+class Failover(Exception):
     """A model cannot serve this request now, and a fallback may: `error` is the answer if none can."""
 
     def __init__(self, error: GatewayError, reason: str) -> None:
@@ -265,7 +265,7 @@ class _Failover(Exception):
         self.error = error
         self.reason = reason
 
-    def answer(self, last: ServedModel | None, exc: _Failover) -> GatewayError:
+    def answer(self, last: ServedModel | None, exc: Failover) -> GatewayError:
         """The requested model's own error, naming what the last fallback said when there was one."""
         if last is None:
             return self.error
@@ -286,12 +286,12 @@ async def _on_model(
     notes: MutableMapping[str, Any],
     may_fail_over: bool,
 ) -> tuple[np.ndarray, int, Output]:
-    """The vectors (cut to `dimensions`), tokens and output of `texts` on `model`; _Failover when a fallback
+    """The vectors (cut to `dimensions`), tokens and output of `texts` on `model`; Failover when a fallback
     may serve instead (the model is failing, its circuit is open, or, with a fallback left, not ready)."""
     _check_can_take(model, texts, may_fail_over)
-    job = _Job(model, key, ends, gw.config.server.max_tokens_per_request)
+    job = Job(model, key, ends, gw.config.server.max_tokens_per_request)
     with model.in_use():
-        async with _settled(job):
+        async with settled(job):
             await model.ready(max(0.0, ends - time.monotonic()))
             assert model.info is not None
             dims = _dimensions(body.dimensions, model)
@@ -314,7 +314,7 @@ async def _on_model(
 
 
 def _check_can_take(model: ServedModel, texts: list[str], may_fail_over: bool) -> None:
-    """400 when `texts` would not fit the model's queue at all; _Failover when it is not ready and a fallback is
+    """400 when `texts` would not fit the model's queue at all; Failover when it is not ready and a fallback is
     left (a fallback that is loaded serves now, rather than this one's load being waited for)."""
     batching = model.spec.config.batching
     if len(texts) > batching.max_queue:
@@ -325,11 +325,11 @@ def _check_can_take(model: ServedModel, texts: list[str], may_fail_over: bool) -
             code="too_many_inputs",
         )
     if may_fail_over and not model.is_ready:
-        raise _Failover(model.readiness.unavailable(), "not_ready")
+        raise Failover(model.readiness.unavailable(), "not_ready")
 
 
 def _set_up(
-    job: _Job, body: EmbeddingRequest, texts: list[str], notes: MutableMapping[str, Any], loop_lag: float
+    job: Job, body: EmbeddingRequest, texts: list[str], notes: MutableMapping[str, Any], loop_lag: float
 ) -> list[str]:
     """The texts with the request's prompt in front; the job's prompt, truncation side and longest wait set."""
     model = job.model
@@ -350,7 +350,7 @@ def _set_up(
 
 
 @asynccontextmanager
-async def _settled(job: _Job) -> AsyncIterator[None]:
+async def settled(job: Job) -> AsyncIterator[None]:
     """What a failed computation tells the client (429, 500, or the backend's own error), and the key's charge
     settled: what no batch took is refunded unless the embeddings were delivered."""
     model, key = job.model, job.key
@@ -375,17 +375,17 @@ async def _settled(job: _Job) -> AsyncIterator[None]:
 
 
 def _backend_error(model: ServedModel, exc: BackendFailure) -> Exception:
-    """The client's answer to a typed backend failure (a _Failover when a fallback may serve instead)."""
+    """The client's answer to a typed backend failure (a Failover when a fallback may serve instead)."""
     headers = {"Retry-After": str(max(1, math.ceil(exc.retry_after or 1)))} if exc.status in (429, 503) else None
     param = "input" if exc.status == 400 else None
     error = GatewayError(exc.status, exc.message, param=param, code=exc.code, headers=headers)
     if exc.fail_over:
-        return _Failover(error, "timeout" if exc.status == 504 else "unavailable")
+        return Failover(error, "timeout" if exc.status == 504 else "unavailable")
     return error
 
 
 @dataclass(eq=False)
-class _Job:
+class Job:
     """One request's work on its model: how to tokenize, whom to charge, how long it may wait."""
 
     model: ServedModel
@@ -433,7 +433,7 @@ class _Job:
         # circuit is open, and only a request that needs the model takes the half-open state's one probe.
         refused = model.circuit_refusal()
         if refused is not None:
-            raise _Failover(refused, "circuit_open")
+            raise Failover(refused, "circuit_open")
         owner = self.key.name if self.key else None
         model.precheck(owner=owner, max_wait_s=self.max_wait_s)
         if not model.info.counts_tokens:
@@ -477,7 +477,7 @@ def _share(total: int, weights: list[int]) -> list[int]:
 
 
 async def _through_cache(
-    cache: Cache, job: _Job, texts: list[str], notes: MutableMapping[str, Any]
+    cache: Cache, job: Job, texts: list[str], notes: MutableMapping[str, Any]
 ) -> tuple[np.ndarray, list[int], list[bool]]:
     """`job.compute` for the inputs no cache entry holds, computed once however often they repeat (in this
     request, or in others in flight now); entries for the rest. Same vectors, counts and order as uncached."""
@@ -524,7 +524,7 @@ class _Abandoned(Exception):
 
 async def _compute_into(
     cache: Cache,
-    job: _Job,
+    job: Job,
     texts: list[str],
     positions: list[int],
     keys: list[bytes],
