@@ -18,7 +18,18 @@ from prometheus_client.multiprocess import MultiProcessCollector
 
 from gateway.base.config import ConfigError
 from gateway.base.errors import GatewayError, error_responses
-from gateway.base.schemas import CacheClear, CacheCleared, Health, ModelCard, ModelList, ReloadResult
+from gateway.base.circuit import CircuitState
+from gateway.base.schemas import (
+    CacheClear,
+    CacheCleared,
+    Health,
+    ModelCard,
+    ModelLimits,
+    ModelList,
+    ModelRuntime,
+    ModelRuntimeList,
+    ReloadResult,
+)
 from gateway.embedding import check
 from gateway.embedding.state import Gateway
 from gateway.runtime.link import CacheClearArgs
@@ -90,6 +101,52 @@ async def list_models(request: Request[Any, Any, Any]) -> ModelList:
 def model_list(gw: Gateway, key: ApiKey) -> ModelList:
     """The models `key` may use, as loaded here."""
     return ModelList(data=[_card(m, gw.state_of(m)[0]) for m in gw.registry.models.values() if key.may_use(m.name)])
+
+
+@get("/admin/models", guards=[require_admin], responses=error_responses(401, 403, 429))
+async def admin_models(request: Request[Any, Any, Any]) -> ModelRuntimeList:
+    """Every configured model as an operator sees it: its card, where its batches run (in-process, a placement's
+    replicas, a remote upstream), replicas ready, circuit, queue depth and predicted wait, and its limits."""
+    gw = _gateway(request)
+    if gw.link is not None:
+        return await gw.link.call("admin_models", None, ModelRuntimeList)
+    return model_runtimes(gw)
+
+
+_CIRCUIT = {CircuitState.CLOSED: "closed", CircuitState.HALF_OPEN: "half-open", CircuitState.OPEN: "open"}
+
+
+def model_runtimes(gw: Gateway) -> ModelRuntimeList:
+    """Each model's card with its live figures (the same the metrics' gauges report) and configured limits."""
+    data = []
+    for status in gw.model_status():
+        model = gw.registry.models[status.name]
+        cfg = model.spec.config
+        b, c = cfg.batching, cfg.circuit
+        limits = ModelLimits(
+            max_batch_size=b.max_batch_size,
+            max_batch_tokens=b.max_batch_tokens,
+            max_wait_ms=b.max_wait_ms,
+            max_queue_wait_ms=b.max_queue_wait_ms,
+            max_queue=b.max_queue,
+            circuit_failures=c.failures,
+            circuit_open_s=c.open_s,
+        )
+        replicas = status.replicas or (None, None)
+        data.append(
+            ModelRuntime(
+                id=status.name,
+                placement="remote" if cfg.backend == "remote" else model.spec.placement_cls.name,
+                replicas_ready=replicas[0],
+                replicas=replicas[1],
+                circuit=_CIRCUIT[CircuitState(status.circuit)],  # type: ignore[arg-type]
+                queue_depth=status.queued,
+                predicted_wait_s=status.predicted_wait_s,
+                limits=limits,
+                card=_card(model, gw.state_of(model)[0]),
+            )
+        )
+    return ModelRuntimeList(data=data)
 
 
 @get("/health", summary="Liveness")
@@ -218,6 +275,6 @@ async def front_metrics(request: Request[Any, Any, Any]) -> Response[bytes]:
     return Response(text, media_type=CONTENT_TYPE_LATEST)
 
 
-ROUTES = [list_models, health, ready, admin_reload, admin_cache_clear, admin_check, MetricsController]
+ROUTES = [list_models, health, ready, admin_models, admin_reload, admin_cache_clear, admin_check, MetricsController]
 #: A front worker's (`[server] workers` > 1): the same, with /metrics summed over the processes.
-FRONT_ROUTES = [list_models, health, ready, admin_reload, admin_cache_clear, front_metrics]
+FRONT_ROUTES = [list_models, health, ready, admin_models, admin_reload, admin_cache_clear, front_metrics]

@@ -106,6 +106,40 @@ class ModelList(msgspec.Struct, kw_only=True):
     data: list[ModelCard]
 
 
+class ModelLimits(msgspec.Struct, kw_only=True):
+    """A model's batching, queue and circuit limits as configured (`[models.X.batching]`, `[models.X.circuit]`)."""
+
+    max_batch_size: int | None
+    max_batch_tokens: int | None
+    max_wait_ms: float
+    max_queue_wait_ms: float
+    max_queue: int
+    circuit_failures: int
+    circuit_open_s: float
+
+
+class ModelRuntime(msgspec.Struct, kw_only=True):
+    """What an operator looks at for one model (`GET /admin/models`): its card plus where it runs and how full."""
+
+    id: str
+    # "in-process", a placement plugin's name ("ray"), or "remote" for a backend that calls an upstream server.
+    placement: str
+    # Replicas ready and wanted, for a model whose batches run on replicas; absent for one in this process.
+    replicas_ready: int | None = None
+    replicas: int | None = None
+    circuit: Literal["closed", "half-open", "open"]
+    # Inputs waiting for a batch, and the seconds until the work queued now is done.
+    queue_depth: int
+    predicted_wait_s: float
+    limits: ModelLimits
+    card: ModelCard
+
+
+class ModelRuntimeList(msgspec.Struct, kw_only=True):
+    object: Literal["list"] = "list"
+    data: list[ModelRuntime]
+
+
 class ReloadResult(msgspec.Struct, kw_only=True):
     status: str
     added: list[str]

@@ -13,7 +13,7 @@ import msgspec
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.registry import Collector
 
-from gateway.api.routes import clear_cache, model_list, readiness
+from gateway.api.routes import clear_cache, model_list, model_runtimes, readiness
 from gateway.base.config import ConfigError
 from gateway.base.errors import GatewayError
 from gateway.base.observability import ModelGauges
@@ -90,6 +90,10 @@ async def ready(gw: Gateway, raw: msgspec.Raw, notes: dict[str, Any]) -> Any:
     return readiness(gw, key)
 
 
+async def _admin_models(gw: Gateway, raw: msgspec.Raw, notes: dict[str, Any]) -> Any:
+    return model_runtimes(gw)
+
+
 async def _reload(gw: Gateway, raw: msgspec.Raw, notes: dict[str, Any]) -> Any:
     try:
         return await gw.reload()
@@ -133,6 +137,7 @@ OPS: dict[str, Op] = {
     "rerank": _rerank,
     "take": _take,
     "models": _models,
+    "admin_models": _admin_models,
     "reload": _reload,
     "cache_clear": _cache_clear,
     "cache_get": _cache_get,
