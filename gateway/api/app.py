@@ -16,7 +16,7 @@ from litestar.datastructures import State
 from litestar.middleware.base import DefineMiddleware
 from litestar.openapi import OpenAPIConfig
 
-from gateway.api import compat, docs
+from gateway.api import compat, console, docs
 from gateway.api import embeddings as embeddings_route
 from gateway.api import rerank as rerank_routes
 from gateway.api.routes import FRONT_ROUTES, ROUTES
@@ -92,6 +92,7 @@ def _routes(front: bool) -> list[Any]:
         *rerank_routes.ROUTES,
         *compat.ROUTES,
         *docs.ROUTES,
+        *console.ROUTES,
     ]
 
 
