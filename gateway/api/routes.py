@@ -16,9 +16,9 @@ from litestar.response import Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.multiprocess import MultiProcessCollector
 
+from gateway.base.circuit import CircuitState
 from gateway.base.config import ConfigError
 from gateway.base.errors import GatewayError, error_responses
-from gateway.base.circuit import CircuitState
 from gateway.base.schemas import (
     CacheClear,
     CacheCleared,

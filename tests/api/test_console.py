@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import itertools
 import os
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -21,17 +20,18 @@ from tests.conftest import cosine, make_app, serve, uvicorn_server, wait_until
 CHROMIUM = "/usr/bin/chromium"
 ROOT = Path(__file__).resolve().parents[2]
 ADMIN, USER = "console-admin-key", "console-user-key"
-KEYS = f"""
+ADMIN_KEY = f"""
 [[auth.keys]]
 key = "{ADMIN}"
 admin = true
-
+"""
+FAKES = (
+    ADMIN_KEY
+    + f"""
 [[auth.keys]]
 key = "{USER}"
 models = ["fake"]
 """
-FAKES = (
-    KEYS
     + """
 [models.fake]
 backend = "fake"
@@ -98,7 +98,9 @@ class Page:
         a failed resource (its own console line, not the page's)."""
         self.context.close()
         origin = urlparse(self.url)
-        elsewhere = [u for u in self.requests if (urlparse(u).scheme, urlparse(u).netloc) != (origin.scheme, origin.netloc)]
+        elsewhere = [
+            u for u in self.requests if (urlparse(u).scheme, urlparse(u).netloc) != (origin.scheme, origin.netloc)
+        ]
         assert not elsewhere, f"the console loaded URLs outside the gateway: {elsewhere}"
         allowed = f"the server responded with a status of {refused}"
         assert [e for e in self.errors if refused is None or allowed not in e] == [], self.errors
@@ -132,8 +134,16 @@ def test_an_admin_key_shows_every_model_with_placement_and_circuit(tab: Page) ->
     page.wait_for_selector("#models tbody tr")
     rows = {r[0]: r for r in _cells(page, "#models")}
     assert set(rows) == {"fake", "fake-twin", "other"}
-    model, state, task, backend, placement, replicas, dim, max_tokens, limits, _, circuit, queue = rows["fake"]
-    assert (state, task, backend, placement, replicas, dim, max_tokens) == ("ready", "embed", "fake", "in-process", "-", "8", "16")
+    _, state, task, backend, placement, replicas, dim, max_tokens, limits, _prompts, circuit, queue = rows["fake"]
+    assert (state, task, backend, placement, replicas, dim, max_tokens) == (
+        "ready",
+        "embed",
+        "fake",
+        "in-process",
+        "-",
+        "8",
+        "16",
+    )
     assert limits == "batch auto, queue 4096, wait 2000 ms" and circuit == "closed" and queue == "0"
     assert page.text_content("#models-note") == ""
     tab.close()
@@ -152,7 +162,9 @@ def test_a_user_key_sees_its_models_and_admin_panels_say_so(tab: Page) -> None:
 
 
 def _api_vectors(url: str, model: str, texts: list[str]) -> np.ndarray:
-    r = httpx.post(f"{url}/v1/embeddings", json={"model": model, "input": texts}, headers={"Authorization": f"Bearer {ADMIN}"})
+    r = httpx.post(
+        f"{url}/v1/embeddings", json={"model": model, "input": texts}, headers={"Authorization": f"Bearer {ADMIN}"}
+    )
     assert r.status_code == 200, r.text
     return np.array([d["embedding"] for d in r.json()["data"]])
 
@@ -175,8 +187,12 @@ def _assert_playground_matches_api(page: Any, url: str, models: list[str], texts
             expected = [f"{cosine(vectors[m][i], vectors[m][j]):.4f}" for j in range(len(texts))]
             assert row[1:] == expected, (m, i)
         heading = page.text_content(f".result[data-model='{m}'] h3")
-        tokens = httpx.post(f"{url}/v1/embeddings", json={"model": m, "input": texts}, headers={"Authorization": f"Bearer {ADMIN}"})
-        assert heading.startswith(f"{m}: {tokens.json()['usage']['prompt_tokens']} tokens, ") and heading.endswith(" ms")
+        tokens = httpx.post(
+            f"{url}/v1/embeddings", json={"model": m, "input": texts}, headers={"Authorization": f"Bearer {ADMIN}"}
+        )
+        assert heading.startswith(f"{m}: {tokens.json()['usage']['prompt_tokens']} tokens, ") and heading.endswith(
+            " ms"
+        )
     cross = {r[0]: r[1:] for r in _cells(page, ".cross-model")}
     agreement = {}
     for a, b in itertools.combinations(models, 2):
@@ -242,10 +258,11 @@ def test_first_load_weight_and_no_outside_urls(tab: Page) -> None:
 @pytest.fixture(scope="module")
 def minilm_server(minilm_path: str) -> Iterator[tuple[str, list[str]]]:
     gguf = ROOT / "models" / "minilm-q8_0.gguf"
-    toml = KEYS + f'\n[models.minilm]\nbackend = "torch"\npath = "{minilm_path}"\n'
+    space = 'embedding_space = "minilm"\n'
+    toml = ADMIN_KEY + f'\n[models.minilm]\nbackend = "torch"\npath = "{minilm_path}"\n{space}'
     models = ["minilm"]
     if gguf.exists():  # `make models` builds it; without it the playground compares torch with itself
-        toml += f'\n[models.minilm-gguf-q8]\nbackend = "gguf"\npath = "{gguf}"\n'
+        toml += f'\n[models.minilm-gguf-q8]\nbackend = "gguf"\npath = "{gguf}"\n{space}'
         models.append("minilm-gguf-q8")
     with uvicorn_server(make_app(toml, keys="config", plugins=())) as (url, _):
         yield url, models
@@ -263,6 +280,11 @@ def test_the_playground_with_minilm_shows_backends_agree(browser: Any, minilm_se
         assert agreement["minilm vs minilm-gguf-q8"] > 0.98
     page.click("#run-check")
     page.wait_for_selector("#check-table", timeout=120_000)
+    rows = {r[0]: r for r in _cells(page, "#check-table")}
+    if len(models) > 1:
+        assert rows["minilm-gguf-q8"][1] == "minilm" and rows["minilm-gguf-q8"][-1] == "ok", rows
+    # The figures' second sample (the first gives only a baseline): the screenshot shows them.
+    wait_until(lambda: page.text_content("#chart-rps .value") != "-", "the live figures", timeout=30)
     out = ROOT / "bench" / "results"
     out.mkdir(parents=True, exist_ok=True)
     page.screenshot(path=str(out / "console.png"), full_page=True)
@@ -287,7 +309,9 @@ def keyed_client() -> Iterator[Any]:
         (f"Bearer {USER}", 403, "this API key may not use admin endpoints"),
     ],
 )
-def test_admin_models_refuses_without_an_admin_key(keyed_client: Any, auth: str | None, status: int, message: str) -> None:
+def test_admin_models_refuses_without_an_admin_key(
+    keyed_client: Any, auth: str | None, status: int, message: str
+) -> None:
     r = keyed_client.get("/admin/models", headers={"Authorization": auth} if auth else {})
     assert r.status_code == status
     assert r.json()["error"]["message"].startswith(message), r.json()
@@ -317,4 +341,3 @@ def test_the_screenshot_is_copied_for_the_docs() -> None:
     # docs/console.png is committed from a run of the MiniLM test above; it must stay a real PNG.
     png = ROOT / "docs" / "console.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert shutil.which  # noqa: B018 - keeps the import used where the copy step is documented
