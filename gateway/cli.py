@@ -11,9 +11,10 @@ import sys
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 from gateway.base.config import DEFAULT_CONFIG, ConfigError, GatewayConfig, key_digest, load_config, resolve_model_path
+from gateway.base.schemas import ModelRuntimeList
 from gateway.runtime.plugins import PluginError, load_plugins
 from gateway.runtime.registry import ModelState, Registry, build_specs, check_paths
 from gateway.shared.keys import KeyStore, hash_key, new_key
@@ -21,6 +22,8 @@ from gateway.shared.keys import KeyStore, hash_key, new_key
 if TYPE_CHECKING:
     from gateway.embedding.check import CheckReport
     from gateway.embedding.state import Gateway
+
+T = TypeVar("T")
 
 # Never reach for a model hub at run time; a user who wants downloads sets these to 0 explicitly.
 _OFFLINE = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1"}
@@ -151,23 +154,29 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 def _remote_check(url: str, key: str, models: list[str] | None, against: str | None) -> CheckReport:
     """GET /admin/check on a running gateway; a GatewayError with the server's own message on a refusal."""
+    import urllib.parse
+
+    from gateway.embedding.check import CheckReport
+
+    query = urllib.parse.urlencode([("models", m) for m in models or []] + ([("against", against)] if against else []))
+    return _remote_get(url, "/admin/check" + (f"?{query}" if query else ""), key, CheckReport)
+
+
+def _remote_get(url: str, path: str, key: str, kind: type[T]) -> T:
+    """GET `path` on the gateway at `url` with an API key, decoded as `kind`; a GatewayError with the server's
+    own message on a refusal, or naming why it could not be reached."""
     import json
     import urllib.error
-    import urllib.parse
     import urllib.request
 
     import msgspec
 
     from gateway.base.errors import GatewayError
-    from gateway.embedding.check import CheckReport
 
-    query = urllib.parse.urlencode([("models", m) for m in models or []] + ([("against", against)] if against else []))
-    request = urllib.request.Request(
-        f"{url.rstrip('/')}/admin/check" + (f"?{query}" if query else ""), headers={"Authorization": f"Bearer {key}"}
-    )
+    request = urllib.request.Request(f"{url.rstrip('/')}{path}", headers={"Authorization": f"Bearer {key}"})
     try:
         with urllib.request.urlopen(request, timeout=600) as response:
-            return msgspec.json.decode(response.read(), type=CheckReport)
+            return msgspec.json.decode(response.read(), type=kind)
     except urllib.error.HTTPError as exc:
         try:
             message = json.loads(exc.read())["error"]["message"]
@@ -180,6 +189,10 @@ def _remote_check(url: str, key: str, models: list[str] | None, against: str | N
 
 
 def cmd_models(args: argparse.Namespace) -> int:
+    if args.url:
+        if not args.key:
+            return _fail("--url needs --key (an admin API key of that server)")
+        return _print_runtimes(_remote_get(args.url, "/admin/models", args.key, ModelRuntimeList))
     _, registry = _load(args)
     rows = [("model", "backend", "aliases", "max tokens", "dimensions", "path")]
     for name, m in registry.models.items():
@@ -194,10 +207,37 @@ def cmd_models(args: argparse.Namespace) -> int:
                 cfg.path or "-",
             )
         )
+    _print_table(rows)
+    return 0
+
+
+def _print_runtimes(listed: ModelRuntimeList) -> int:
+    """`gateway models --url`: what GET /admin/models says of each model (the console's models panel)."""
+    rows = [("model", "state", "task", "backend", "placement", "replicas", "dim", "max tokens", "circuit", "queue")]
+    for m in listed.data:
+        card = m.card
+        rows.append(
+            (
+                m.id,
+                card.state if card.error is None else f"{card.state}: {card.error}",
+                card.task,
+                card.backend,
+                m.placement,
+                "-" if m.replicas is None else f"{m.replicas_ready}/{m.replicas}",
+                str(card.dimension or "-"),
+                str(card.max_input_tokens or "-"),
+                m.circuit,
+                str(m.queue_depth),
+            )
+        )
+    _print_table(rows)
+    return 0
+
+
+def _print_table(rows: list[tuple[str, ...]]) -> None:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for r in rows:
         print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
-    return 0
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
@@ -282,7 +322,9 @@ def _add_serving(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--key", default=os.environ.get("GATEWAY_API_KEY"), help="its admin API key (with --url)")
     p.set_defaults(func=cmd_check)
 
-    p = _with_config(sub.add_parser("models", help="list configured models"))
+    p = _with_config(sub.add_parser("models", help="list configured models (or, with --url, a running server's)"))
+    p.add_argument("--url", help="list a running gateway's models instead (GET /admin/models)")
+    p.add_argument("--key", default=os.environ.get("GATEWAY_API_KEY"), help="its admin API key (with --url)")
     p.set_defaults(func=cmd_models)
 
     p = _with_config(

@@ -341,3 +341,19 @@ def test_the_screenshot_is_copied_for_the_docs() -> None:
     # docs/console.png is committed from a run of the MiniLM test above; it must stay a real PNG.
     png = ROOT / "docs" / "console.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_gateway_models_url_prints_what_admin_models_says(fake_server: str, capsys: Any, monkeypatch: Any) -> None:
+    from gateway.cli import main
+
+    monkeypatch.delenv("GATEWAY_API_KEY", raising=False)
+    assert main(["models", "--url", fake_server, "--key", ADMIN]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split() == [
+        "model", "state", "task", "backend", "placement", "replicas", "dim", "max", "tokens", "circuit", "queue"
+    ]  # fmt: skip
+    assert lines[1].split() == ["fake", "ready", "embed", "fake", "in-process", "-", "8", "16", "closed", "0"]
+    assert main(["models", "--url", fake_server, "--key", USER]) == 2
+    assert f"{fake_server} answered 403: this API key may not use admin endpoints" in capsys.readouterr().err
+    assert main(["models", "--url", fake_server]) == 2
+    assert "--url needs --key" in capsys.readouterr().err
