@@ -208,6 +208,19 @@ def test_ready_counts_the_workers(cluster):
     assert r.status_code == 200 and r.json() == {"status": "ready", "models": {}, "workers": "2/2"}
 
 
+def test_admin_models_comes_from_the_runtime(cluster):
+    # The console's models panel with workers: the runtime process holds the models and their queues.
+    r = httpx.get(f"{cluster.url}/admin/models", headers={"Authorization": f"Bearer {ADMIN}"})
+    assert r.status_code == 200, r.text
+    [model] = r.json()["data"]
+    assert (model["id"], model["placement"], model["circuit"], model["card"]["state"]) == (
+        "wordllama",
+        "in-process",
+        "closed",
+        "ready",
+    )
+
+
 def test_reload_and_sighup_reach_every_worker_before_the_answer(cluster):
     original = cluster.config.read_text()
     body = {"model": "wordllama", "input": "after the reload"}
