@@ -260,7 +260,11 @@ async def admin_check(
 ) -> check.CheckReport:
     """`gateway check` on this server: each model (`models`, default all) against its reference (`against`, or
     the first model of its `embedding_space`): tokens equal, min/mean cosine, Spearman on the bundled pairs."""
-    return await check.run(_gateway(request), models, against)
+    gw = _gateway(request)
+    if gw.link is not None:
+        # With workers the runtime process holds the models; the check runs there.
+        return await gw.link.call("check", check.CheckArgs(models, against), check.CheckReport)
+    return await check.run(gw, models, against)
 
 
 @get("/metrics", guards=[metrics_guard], include_in_schema=False)
@@ -277,4 +281,6 @@ async def front_metrics(request: Request[Any, Any, Any]) -> Response[bytes]:
 
 ROUTES = [list_models, health, ready, admin_models, admin_reload, admin_cache_clear, admin_check, MetricsController]
 #: A front worker's (`[server] workers` > 1): the same, with /metrics summed over the processes.
-FRONT_ROUTES = [list_models, health, ready, admin_models, admin_reload, admin_cache_clear, front_metrics]
+FRONT_ROUTES = [
+    list_models, health, ready, admin_models, admin_reload, admin_cache_clear, admin_check, front_metrics,
+]

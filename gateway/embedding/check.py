@@ -48,6 +48,13 @@ class CheckRow(msgspec.Struct, kw_only=True):
     problems: list[str] = []
 
 
+class CheckArgs(msgspec.Struct, frozen=True):
+    """A front's `/admin/check` for the runtime process: which models, against which reference."""
+
+    models: list[str] | None = None
+    against: str | None = None
+
+
 class CheckReport(msgspec.Struct, kw_only=True):
     """Every checked model; `passed` when each row did."""
 

@@ -17,7 +17,7 @@ from gateway.api.routes import clear_cache, model_list, model_runtimes, readines
 from gateway.base.config import ConfigError
 from gateway.base.errors import GatewayError
 from gateway.base.observability import ModelGauges
-from gateway.embedding import rerank, service
+from gateway.embedding import check, rerank, service
 from gateway.embedding.rerank import Ranked, RerankArgs
 from gateway.embedding.state import Gateway
 from gateway.runtime.link import CacheClearArgs, EmbedArgs, TakeArgs, Vectors
@@ -94,6 +94,11 @@ async def _admin_models(gw: Gateway, raw: msgspec.Raw, notes: dict[str, Any]) ->
     return model_runtimes(gw)
 
 
+async def _check(gw: Gateway, raw: msgspec.Raw, notes: dict[str, Any]) -> Any:
+    args = msgspec.msgpack.decode(raw, type=check.CheckArgs)
+    return await check.run(gw, args.models, args.against)
+
+
 async def _reload(gw: Gateway, raw: msgspec.Raw, notes: dict[str, Any]) -> Any:
     try:
         return await gw.reload()
@@ -138,6 +143,7 @@ OPS: dict[str, Op] = {
     "take": _take,
     "models": _models,
     "admin_models": _admin_models,
+    "check": _check,
     "reload": _reload,
     "cache_clear": _cache_clear,
     "cache_get": _cache_get,

@@ -221,6 +221,16 @@ def test_admin_models_comes_from_the_runtime(cluster):
     )
 
 
+def test_admin_check_runs_at_the_runtime(cluster):
+    # `gateway check --url` and the console's check panel with workers: the models are in the runtime process.
+    r = httpx.get(f"{cluster.url}/admin/check", headers={"Authorization": f"Bearer {ADMIN}"}, timeout=120)
+    assert r.status_code == 200, r.text
+    [row] = r.json()["rows"]
+    assert row["model"] == "wordllama" and row["spearman"] > 0.5, row
+    r = httpx.get(f"{cluster.url}/admin/check", params={"models": "nope"}, headers={"Authorization": f"Bearer {ADMIN}"})
+    assert r.status_code == 404 and "nope" in r.json()["error"]["message"], r.text
+
+
 def test_reload_and_sighup_reach_every_worker_before_the_answer(cluster):
     original = cluster.config.read_text()
     body = {"model": "wordllama", "input": "after the reload"}
