@@ -282,5 +282,12 @@ async def front_metrics(request: Request[Any, Any, Any]) -> Response[bytes]:
 ROUTES = [list_models, health, ready, admin_models, admin_reload, admin_cache_clear, admin_check, MetricsController]
 #: A front worker's (`[server] workers` > 1): the same, with /metrics summed over the processes.
 FRONT_ROUTES = [
-    list_models, health, ready, admin_models, admin_reload, admin_cache_clear, admin_check, front_metrics,
+    list_models,
+    health,
+    ready,
+    admin_models,
+    admin_reload,
+    admin_cache_clear,
+    admin_check,
+    front_metrics,
 ]
