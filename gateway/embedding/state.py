@@ -9,6 +9,7 @@ from collections.abc import Callable, Iterator, Mapping
 from gateway.base.config import GatewayConfig
 from gateway.base.observability import ModelStatus
 from gateway.base.schemas import ReloadResult
+from gateway.embedding.batch_store import StoreHandle
 from gateway.embedding.cache import Cache, MemoryStore
 from gateway.embedding.reload import Reloader
 from gateway.plugin import Backend, Placement
@@ -91,6 +92,11 @@ class Gateway:
         self.copies: Callable[[str], tuple[int, int, bool]] | None = None
         #: Builds the next config's keys and models and swaps them in (a reload; at a front, prepare and swap).
         self.reloader = Reloader(self)
+        #: The Batch API's files and jobs (None: `[batches] enabled = false`); its folder is the one the server
+        #: started with (a reload does not move it). `poke_batches`: tells this process's job runner, if it has
+        #: one, that a job was created or cancelled.
+        self.batches = StoreHandle(config.batches.data_dir) if config.batches.enabled else None
+        self.poke_batches: Callable[[], None] | None = None
 
     def here(self, spec: ModelSpec) -> bool:
         """Whether this process loads the model: one process loads all; with workers, the runtime the shared

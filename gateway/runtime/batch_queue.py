@@ -293,26 +293,36 @@ class BatchQueue:
             return batch
 
     def _take_background(self) -> list[Item]:
-        """Under the lock, with no client input queued: the next batch of the oldest background request."""
-        req = self.background[0]
-        part: list[int] = []
+        """Under the lock, with no client input queued: the next batch of background inputs, oldest request first,
+        filled from the requests after it while room is left (a Batch API job sends each line as a request of
+        its own: they merge here into full batches)."""
+        batch: list[Item] = []
         longest = total = 0
-        for i in req.waiting:
-            n = req.tokens[i]
-            size = (len(part) + 1) * max(longest, n) if self.pads_to_longest else total + n
-            if part and (len(part) >= self.max_batch_size or size > self.max_batch_tokens):
+        now = time.monotonic()
+        while self.background:
+            req = self.background[0]
+            took = 0
+            full = False
+            for i in req.waiting:
+                n = req.tokens[i]
+                size = (len(batch) + 1) * max(longest, n) if self.pads_to_longest else total + n
+                if batch and (len(batch) >= self.max_batch_size or size > self.max_batch_tokens):
+                    full = True
+                    break
+                batch.append((req, i))
+                took += 1
+                longest, total = max(longest, n), total + n
+                if req.progress is not None:
+                    req.progress.taken_tokens += n
+            req.waiting = req.waiting[took:]
+            req.served = now
+            if not req.waiting:
+                self.background.popleft()
+            if full:
                 break
-            part.append(i)
-            longest, total = max(longest, n), total + n
-        req.waiting = req.waiting[len(part) :]
-        req.served = time.monotonic()
-        if req.progress is not None:
-            req.progress.taken_tokens += total
-        if not req.waiting:
-            self.background.popleft()
         if self.background:
             self.lock.notify()
-        return [(req, i) for i in part]
+        return batch
 
     def _wait_for_inputs(self) -> None:
         # Under the lock: until something is queued, then, if configured, a little longer for more. Queued
