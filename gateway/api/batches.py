@@ -12,13 +12,13 @@ import shutil
 import uuid
 from collections.abc import AsyncGenerator
 from pathlib import Path
-from typing import IO, Any, Literal
+from typing import IO, Annotated, Any, Literal
 
 import msgspec
 from litestar import Request, delete, get, post
 from litestar._multipart import parse_multipart_form
 from litestar.datastructures import UploadFile
-from litestar.params import Parameter
+from litestar.params import FromPath, FromQuery, JSONBody, QueryParameter
 from litestar.response import File
 
 from gateway.api.routes import require_key
@@ -177,9 +177,9 @@ async def upload_file(request: Request[Any, Any, Any]) -> FileObject:
 @get("/v1/files", guards=[require_key], responses=error_responses(401))
 async def list_files(
     request: Request[Any, Any, Any],
-    purpose: str | None = None,
-    limit: int = Parameter(default=10_000, ge=1, le=10_000),
-    after: str | None = None,
+    purpose: FromQuery[str | None] = None,
+    limit: Annotated[int, QueryParameter(ge=1, le=10_000)] = 10_000,
+    after: FromQuery[str | None] = None,
 ) -> FileList:
     """The key's files, newest first."""
     store = await _store(request)
@@ -197,27 +197,27 @@ async def list_files(
 
 
 @get("/v1/files/{file_id:str}", guards=[require_key], responses=error_responses(401, 404))
-async def get_file(request: Request[Any, Any, Any], file_id: str) -> FileObject:
+async def get_file(request: Request[Any, Any, Any], file_id: FromPath[str]) -> FileObject:
     """One file's description."""
     return (await _file(request, file_id))[1]
 
 
 @get("/v1/files/{file_id:str}/content", guards=[require_key], responses=error_responses(401, 404))
-async def file_content(request: Request[Any, Any, Any], file_id: str) -> File:
+async def file_content(request: Request[Any, Any, Any], file_id: FromPath[str]) -> File:
     """A file's bytes (a batch's output or error lines, or an uploaded input)."""
     store, found = await _file(request, file_id)
     return File(path=store.file_path(found.id), filename=found.filename, media_type="application/octet-stream")
 
 
 @delete("/v1/files/{file_id:str}", guards=[require_key], status_code=200, responses=error_responses(401, 404))
-async def delete_file(request: Request[Any, Any, Any], file_id: str) -> FileDeleted:
+async def delete_file(request: Request[Any, Any, Any], file_id: FromPath[str]) -> FileDeleted:
     """Delete a file (a job already running keeps reading its input: the file is gone from the list only after)."""
     store, found = await _file(request, file_id)
     await store.call(store.delete_file, found.id)
     return FileDeleted(id=found.id)
 
 
-def _check_create(data: BatchCreate) -> None:
+def _check_create(data: JSONBody[BatchCreate]) -> None:
     if data.endpoint != ENDPOINT:
         raise GatewayError(
             400,
@@ -243,7 +243,7 @@ def _check_create(data: BatchCreate) -> None:
 
 
 @post("/v1/batches", guards=[require_key], status_code=200, responses=error_responses(400, 401))
-async def create_batch(request: Request[Any, Any, Any], data: BatchCreate) -> BatchObject:
+async def create_batch(request: Request[Any, Any, Any], data: JSONBody[BatchCreate]) -> BatchObject:
     """Start a job over an uploaded file of `/v1/embeddings` requests."""
     _check_create(data)
     gw: Gateway = request.app.state.gateway
@@ -270,7 +270,9 @@ async def create_batch(request: Request[Any, Any, Any], data: BatchCreate) -> Ba
 
 @get("/v1/batches", guards=[require_key], responses=error_responses(401))
 async def list_batches(
-    request: Request[Any, Any, Any], limit: int = Parameter(default=20, ge=1, le=100), after: str | None = None
+    request: Request[Any, Any, Any],
+    limit: Annotated[int, QueryParameter(ge=1, le=100)] = 20,
+    after: FromQuery[str | None] = None,
 ) -> BatchList:
     """The key's batches, newest first (`after`: the last id of the previous page)."""
     store = await _store(request)
@@ -283,7 +285,7 @@ async def list_batches(
 
 
 @get("/v1/batches/{batch_id:str}", guards=[require_key], responses=error_responses(401, 404))
-async def get_batch(request: Request[Any, Any, Any], batch_id: str) -> BatchObject:
+async def get_batch(request: Request[Any, Any, Any], batch_id: FromPath[str]) -> BatchObject:
     """One batch: its status, counts and, once done, its output and error files."""
     return (await _batch(request, batch_id))[1]
 
@@ -291,7 +293,7 @@ async def get_batch(request: Request[Any, Any, Any], batch_id: str) -> BatchObje
 @post(
     "/v1/batches/{batch_id:str}/cancel", guards=[require_key], status_code=200, responses=error_responses(400, 401, 404)
 )
-async def cancel_batch(request: Request[Any, Any, Any], batch_id: str) -> BatchObject:
+async def cancel_batch(request: Request[Any, Any, Any], batch_id: FromPath[str]) -> BatchObject:
     """Stop a job after the chunk it is computing; what it computed is in its output file."""
     store, found = await _batch(request, batch_id)
     if found.status in _DONE:
