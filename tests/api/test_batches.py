@@ -18,7 +18,7 @@ from litestar.testing import TestClient
 from gateway.base.config import KeyConfig
 from gateway.shared.keys import KeyStore
 
-from ..conftest import API_KEY, FakeBackend, fake_vector, serve, wait_until
+from ..conftest import API_KEY, SENTENCES, FakeBackend, fake_vector, serve, wait_until
 
 
 def _toml(data_dir: Path, delay_s: float = 0.0, chunk_lines: int = 4, extra: str = "") -> str:
@@ -290,3 +290,28 @@ def test_interactive_requests_are_served_while_a_job_runs(tmp_path):
         assert job_batches and max(map(len, job_batches)) == 4
         client.batches.cancel(batch.id)
         _finished(client, batch.id)
+
+
+def test_real_minilm_job_equals_the_embeddings_route(tmp_path, minilm_path):
+    toml = f"""
+    [batches]
+    data_dir = "{tmp_path}"
+    chunk_lines = 4
+
+    [models.minilm]
+    backend = "torch"
+    path = "{minilm_path}"
+    """
+    with serve(toml, plugins=()) as http:
+        client = _client(http)
+        lines = [
+            {"custom_id": f"s{i}", "method": "POST", "url": "/v1/embeddings", "body": {"model": "minilm", "input": s}}
+            for i, s in enumerate(SENTENCES)
+        ]
+        batch = _run(client, lines, timeout=120)
+        assert batch.status == "completed" and batch.request_counts.completed == len(SENTENCES)
+        out = {x["custom_id"]: x["response"]["body"] for x in _lines(client, batch.output_file_id)}
+        direct = client.embeddings.create(model="minilm", input=SENTENCES, encoding_format="float")
+    for i, row in enumerate(direct.data):
+        got = np.array(out[f"s{i}"]["data"][0]["embedding"])
+        np.testing.assert_allclose(got, np.array(row.embedding), rtol=0, atol=1e-6)
