@@ -140,8 +140,9 @@ class BatchRunner:
                 if not lines:
                     await store.call(store.finalizing, job.id)
                     break
-                first = done.next_chunk * self.chunk_lines
-                results = await asyncio.gather(*(self._line(owner, first + i, raw) for i, raw in enumerate(lines)))
+                results = await self._chunk(owner, done.next_chunk * self.chunk_lines, lines)
+                if results is None:
+                    return  # stopping while the chunk waited for quota: it was not recorded, a restart redoes it
                 done = await asyncio.to_thread(_append, out, err, results, done)
                 await store.call(store.record_chunk, job.id, done)
                 status, _ = await store.call(store.progress, job.id)
@@ -150,6 +151,17 @@ class BatchRunner:
         status, done = await store.call(store.progress, job.id)
         if status in ("finalizing", "cancelling"):
             await asyncio.to_thread(self._finish, job.id, "completed" if status == "finalizing" else "cancelled", done)
+
+    async def _chunk(self, owner: str, first: int, lines: list[bytes]) -> list[Done | Failed] | None:
+        """The results of a chunk's lines (numbered from `first`), computed together; None if the runner stopped
+        while a line waited for its key's quota (the chunk's other lines are cancelled)."""
+        stopped = False
+        try:
+            async with asyncio.TaskGroup() as group:
+                tasks = [group.create_task(self._line(owner, first + i, raw)) for i, raw in enumerate(lines)]
+        except* _Stopping:
+            stopped = True
+        return None if stopped else [t.result() for t in tasks]
 
     def _finish(self, batch_id: str, status: Any, done: Progress) -> None:
         """The work files become the job's output and error files (ids derived from the job's, so that a restart
@@ -194,8 +206,10 @@ class BatchRunner:
                 vectors, tokens, output = await service.request_vectors(self.gw, body, key, {}, None, background=True)
             except GatewayError as exc:
                 if exc.status == 429 and exc.code == "rate_limit_exceeded":
-                    # Out of token quota: a job waits for it, it does not fail for it.
+                    # Out of token quota: a job waits for it, it does not fail for it (nor holds up a shutdown).
                     await asyncio.sleep(min(float(exc.headers.get("Retry-After", 1)), _QUOTA_RECHECK_S))
+                    if self._stopping:
+                        raise _Stopping from None
                     continue
                 return Failed(custom_id, exc.status, exc.code or "error", exc.message, exc.param)
             except Exception as exc:
@@ -210,6 +224,10 @@ class BatchRunner:
             return key
         window = self._job_windows.setdefault(owner, SlidingWindow(self.job_tokens_per_minute))
         return dataclasses.replace(key, requests=None, tokens=window)
+
+
+class _Stopping(Exception):
+    """The runner stops while a line waits for quota: its chunk is abandoned, unrecorded."""
 
 
 def _parse(n: int, raw: bytes) -> tuple[str, EmbeddingRequest] | Failed:

@@ -15,7 +15,7 @@ import openai
 import pytest
 from litestar.testing import TestClient
 
-from gateway.base.config import KeyConfig
+from gateway.base.config import ConfigError, KeyConfig, parse_config
 from gateway.shared.keys import KeyStore
 
 from ..conftest import API_KEY, SENTENCES, FakeBackend, fake_vector, serve, wait_until
@@ -315,3 +315,29 @@ def test_real_minilm_job_equals_the_embeddings_route(tmp_path, minilm_path):
     for i, row in enumerate(direct.data):
         got = np.array(out[f"s{i}"]["data"][0]["embedding"])
         np.testing.assert_allclose(got, np.array(row.embedding), rtol=0, atol=1e-6)
+
+
+def test_job_lines_are_not_bound_by_the_request_timeout(tmp_path):
+    # 32 lines on a model computing 4 per 0.05 s: the last wait about 0.4 s, past the 0.2 s request timeout.
+    with serve(
+        _toml(tmp_path, delay_s=0.05, chunk_lines=32, extra="") + "\n[server]\nrequest_timeout_s = 0.2\n"
+    ) as http:
+        batch = _run(_client(http), [_line(f"r{i}", f"t {i}") for i in range(32)])
+    assert batch.status == "completed" and batch.request_counts.failed == 0
+
+
+def test_batches_config():
+    config = parse_config('[batches]\ndata_dir = "jobs"\nchunk_lines = 8\n', "x.toml", Path("/srv/gw"))
+    assert config.batches.data_dir == "/srv/gw/jobs" and config.batches.chunk_lines == 8
+    assert parse_config("").batches.enabled and parse_config("").batches.max_lines == 50_000
+    with pytest.raises(ConfigError, match=r"unknown field `bogus` - at `\$\.batches`"):
+        parse_config("[batches]\nbogus = 1\n", "x.toml")
+    with pytest.raises(ConfigError, match="chunk_lines"):
+        parse_config("[batches]\nchunk_lines = 0\n", "x.toml")
+
+
+def test_turned_off(tmp_path):
+    with serve(_toml(tmp_path, extra="enabled = false")) as http:
+        r = http.get("/v1/batches")
+        assert r.status_code == 404 and "enabled = false" in r.json()["error"]["message"]
+    assert not (tmp_path / "batches.sqlite3").exists()
