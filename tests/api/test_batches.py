@@ -341,3 +341,28 @@ def test_turned_off(tmp_path):
         r = http.get("/v1/batches")
         assert r.status_code == 404 and "enabled = false" in r.json()["error"]["message"]
     assert not (tmp_path / "batches.sqlite3").exists()
+
+
+def test_a_job_out_of_token_quota_waits_for_it(tmp_path, monkeypatch):
+    from gateway.embedding import batch_runner
+    from gateway.shared.windows import SlidingWindow
+
+    monkeypatch.setattr(batch_runner, "_QUOTA_RECHECK_S", 0.02)
+    keys = KeyStore(entries=[KeyConfig(key="key-q", name="q", tokens_per_minute=10)])
+    now = [1000.0]
+    key = keys.named("q")
+    assert key is not None
+    key.tokens = SlidingWindow(10, clock=lambda: now[0])
+    with serve(_toml(tmp_path, chunk_lines=1), keys=keys) as http:
+        client = _client(http, "key-q")
+        # 4 tokens a line ([CLS] one two [SEP]) against 10 a minute: two lines, then the job waits for quota.
+        uploaded = client.files.create(
+            file=("in.jsonl", io.BytesIO(_jsonl([_line(f"r{i}", "one two") for i in range(3)]))), purpose="batch"
+        )
+        batch = client.batches.create(input_file_id=uploaded.id, endpoint="/v1/embeddings", completion_window="24h")
+        wait_until(lambda: client.batches.retrieve(batch.id).request_counts.completed == 2, "two lines done")
+        waiting = client.batches.retrieve(batch.id)
+        assert waiting.status == "in_progress" and waiting.request_counts.failed == 0
+        now[0] += 62  # a minute on: the quota is back
+        done = _finished(client, batch.id)
+    assert done.status == "completed" and (done.request_counts.completed, done.request_counts.failed) == (3, 0)
