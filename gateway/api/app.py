@@ -79,6 +79,7 @@ def create_app(
     embeddings_route.document(app)
     rerank_routes.document(app)
     compat.document(app)
+    batch_routes.document(app)
     gateway.on_reload.append(lambda: embeddings_route.describe_request(app))
     gateway.on_reload.append(lambda: compat.redescribe(app))
     _strict_request_schemas(app)

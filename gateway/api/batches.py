@@ -15,9 +15,11 @@ from pathlib import Path
 from typing import IO, Annotated, Any, Literal
 
 import msgspec
-from litestar import Request, delete, get, post
+from litestar import Litestar, Request, delete, get, post
 from litestar._multipart import parse_multipart_form
 from litestar.datastructures import UploadFile
+from litestar.exceptions import ClientException
+from litestar.openapi.spec import OpenAPIFormat, OpenAPIMediaType, OpenAPIType, RequestBody, Schema
 from litestar.params import FromPath, FromQuery, JSONBody, QueryParameter
 from litestar.response import File
 
@@ -138,9 +140,16 @@ async def upload_file(request: Request[Any, Any, Any]) -> FileObject:
         raise GatewayError(
             400, "upload a file as multipart/form-data with fields `file` and `purpose`", code="invalid_upload"
         )
-    form = await parse_multipart_form(
-        _limited(request.stream(), limits.max_file_bytes + _MULTIPART_SLACK), options["boundary"].encode(), 8
-    )
+    try:
+        form = await parse_multipart_form(
+            _limited(request.stream(), limits.max_file_bytes + _MULTIPART_SLACK), options["boundary"].encode(), 8
+        )
+    except ClientException as exc:
+        raise GatewayError(
+            400,
+            f"unreadable multipart body ({exc.detail}): send the fields `file` and `purpose`",
+            code="invalid_upload",
+        ) from None
     purpose, upload = form.get("purpose"), form.get("file")
     if not isinstance(upload, UploadFile):
         raise GatewayError(400, "the upload has no `file` part", param="file", code="missing_file")
@@ -163,10 +172,6 @@ async def upload_file(request: Request[Any, Any, Any]) -> FileObject:
                 f"file has more than {limits.max_lines} requests (`[batches] max_lines`)",
                 param="file",
                 code="too_many_lines",
-            )
-        if not lines:
-            raise GatewayError(
-                400, "file holds no requests: a JSONL file has one request per line", param="file", code="empty_file"
             )
         return await store.call(store.add_file, _key(request).name, "batch", upload.filename or "upload.jsonl", staged)
     finally:
@@ -242,7 +247,7 @@ def _check_create(data: JSONBody[BatchCreate]) -> None:
         )
 
 
-@post("/v1/batches", guards=[require_key], status_code=200, responses=error_responses(400, 401))
+@post("/v1/batches", guards=[require_key], status_code=200, responses=error_responses(400, 401, 404))
 async def create_batch(request: Request[Any, Any, Any], data: JSONBody[BatchCreate]) -> BatchObject:
     """Start a job over an uploaded file of `/v1/embeddings` requests."""
     _check_create(data)
@@ -251,7 +256,8 @@ async def create_batch(request: Request[Any, Any, Any], data: JSONBody[BatchCrea
     store = await _store(request)
     found = await store.call(store.get_file, data.input_file_id, _seen_by(key)) if store is not None else None
     if store is None or found is None:
-        raise GatewayError(400, f"no such file: {data.input_file_id!r}", param="input_file_id", code="file_not_found")
+        # 404 as for the file's own routes: a file that does not exist and another key's look the same.
+        raise GatewayError(404, f"no such file: {data.input_file_id!r}", param="input_file_id", code="file_not_found")
     if found.purpose != "batch":
         raise GatewayError(
             400,
@@ -260,6 +266,13 @@ async def create_batch(request: Request[Any, Any, Any], data: JSONBody[BatchCrea
             code="invalid_file",
         )
     total = await asyncio.to_thread(count_lines, store.file_path(found.id), gw.config.batches.max_lines)
+    if not total:
+        raise GatewayError(
+            400,
+            f"file {found.id!r} holds no requests: a JSONL file has one request per line",
+            param="input_file_id",
+            code="empty_file",
+        )
     batch = await store.call(
         store.create_batch, key.name, found.id, data.endpoint, data.completion_window, data.metadata, total
     )
@@ -305,6 +318,40 @@ async def cancel_batch(request: Request[Any, Any, Any], batch_id: FromPath[str])
     if gw.poke_batches is not None:
         gw.poke_batches()
     return (await _batch(request, batch_id))[1]
+
+
+def document(app: Litestar) -> None:
+    """What the schema cannot learn from the handlers: the upload's multipart body (read as a stream, within
+    `max_file_bytes`, not through a signature) and the values POST /v1/batches takes."""
+    schema = app.openapi_schema
+    upload = schema.paths["/v1/files"].post if schema.paths else None
+    if upload is not None:
+        form = Schema(
+            type=OpenAPIType.OBJECT,
+            required=["file", "purpose"],
+            additional_properties=False,
+            properties={
+                "file": Schema(type=OpenAPIType.STRING, format=OpenAPIFormat.BINARY),
+                "purpose": Schema(type=OpenAPIType.STRING, enum=["batch"]),
+            },
+        )
+        upload.request_body = RequestBody(required=True, content={"multipart/form-data": OpenAPIMediaType(schema=form)})
+    create = (schema.components.schemas or {}).get("BatchCreate")
+    if create is not None and create.properties is not None:
+        create.additional_properties = False  # unknown fields are refused (forbid_unknown_fields)
+        create.properties["endpoint"] = Schema(type=OpenAPIType.STRING, enum=[ENDPOINT])
+        create.properties["completion_window"] = Schema(type=OpenAPIType.STRING, enum=["24h"])
+        create.properties["metadata"] = Schema(
+            one_of=[
+                Schema(
+                    type=OpenAPIType.OBJECT,
+                    max_properties=16,
+                    property_names=Schema(type=OpenAPIType.STRING, max_length=64),
+                    additional_properties=Schema(type=OpenAPIType.STRING, max_length=512),
+                ),
+                Schema(type=OpenAPIType.NULL),
+            ]
+        )
 
 
 ROUTES = [

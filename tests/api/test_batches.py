@@ -142,14 +142,15 @@ def test_bad_requests_are_named(fake_batches):
     with pytest.raises(openai.BadRequestError) as info:
         client.files.create(file=("in.jsonl", io.BytesIO(b'{"a": 1}\n')), purpose="fine-tune")
     assert "purpose" in info.value.message
+    empty = client.files.create(file=("in.jsonl", io.BytesIO(b"\n\n")), purpose="batch")
     with pytest.raises(openai.BadRequestError) as info:
-        client.files.create(file=("in.jsonl", io.BytesIO(b"\n\n")), purpose="batch")
+        client.batches.create(input_file_id=empty.id, endpoint="/v1/embeddings", completion_window="24h")
     assert info.value.code == "empty_file"
     uploaded = client.files.create(file=("in.jsonl", io.BytesIO(_jsonl([_line("a", "x")]))), purpose="batch")
     with pytest.raises(openai.BadRequestError) as info:
         client.batches.create(input_file_id=uploaded.id, endpoint="/v1/chat/completions", completion_window="24h")
     assert "/v1/chat/completions" in info.value.message and info.value.code == "invalid_endpoint"
-    with pytest.raises(openai.BadRequestError) as info:
+    with pytest.raises(openai.NotFoundError) as info:
         client.batches.create(input_file_id="file-nope", endpoint="/v1/embeddings", completion_window="24h")
     assert "file-nope" in info.value.message
     with pytest.raises(openai.BadRequestError):
@@ -199,7 +200,7 @@ def test_keys_see_only_their_own(tmp_path):
         ):
             with pytest.raises(openai.NotFoundError):
                 call()
-        with pytest.raises(openai.BadRequestError):
+        with pytest.raises(openai.NotFoundError):
             bob.batches.create(input_file_id=batch.input_file_id, endpoint="/v1/embeddings", completion_window="24h")
         assert [b.id for b in bob.batches.list()] == [] and list(bob.files.list()) == []
         assert [b.id for b in root.batches.list()] == [batch.id]
