@@ -76,10 +76,8 @@ def create_app(
             render_plugins=embeddings_route.render_plugins({d.component: d.schema for d in compat.DESCRIBED}),
         ),
     )
-    embeddings_route.document(app)
-    rerank_routes.document(app)
-    compat.document(app)
-    batch_routes.document(app)
+    for document in (embeddings_route.document, rerank_routes.document, compat.document, batch_routes.document):
+        document(app)
     gateway.on_reload.append(lambda: embeddings_route.describe_request(app))
     gateway.on_reload.append(lambda: compat.redescribe(app))
     _strict_request_schemas(app)
