@@ -16,6 +16,7 @@ from litestar.datastructures import State
 from litestar.middleware.base import DefineMiddleware
 from litestar.openapi import OpenAPIConfig
 
+from gateway.api import batches as batch_routes
 from gateway.api import compat, console, docs
 from gateway.api import embeddings as embeddings_route
 from gateway.api import rerank as rerank_routes
@@ -24,6 +25,7 @@ from gateway.base import schemas
 from gateway.base.config import ConfigError, GatewayConfig
 from gateway.base.errors import EXCEPTION_HANDLERS
 from gateway.base.observability import ACCESS_LOG, MODEL_GAUGES, RequestContextMiddleware, record_batch
+from gateway.embedding.batch_runner import start_runner, stop_runner
 from gateway.embedding.state import Gateway
 from gateway.runtime.link import RuntimeLink
 from gateway.runtime.plugins import Plugins, load_plugins
@@ -74,9 +76,8 @@ def create_app(
             render_plugins=embeddings_route.render_plugins({d.component: d.schema for d in compat.DESCRIBED}),
         ),
     )
-    embeddings_route.document(app)
-    rerank_routes.document(app)
-    compat.document(app)
+    for document in (embeddings_route.document, rerank_routes.document, compat.document, batch_routes.document):
+        document(app)
     gateway.on_reload.append(lambda: embeddings_route.describe_request(app))
     gateway.on_reload.append(lambda: compat.redescribe(app))
     _strict_request_schemas(app)
@@ -90,6 +91,7 @@ def _routes(front: bool) -> list[Any]:
         embeddings_route.serve_embeddings,
         *(FRONT_ROUTES if front else ROUTES),
         *rerank_routes.ROUTES,
+        *batch_routes.ROUTES,
         *compat.ROUTES,
         *docs.ROUTES,
         *console.ROUTES,
@@ -107,6 +109,7 @@ async def _lifespan(app: Litestar) -> AsyncIterator[None]:
     gateway.registry.load_all(loop)
     MODEL_GAUGES.add(gateway.model_status)
     lag = loop.create_task(gateway.watch_loop_lag())
+    jobs = start_runner(gateway)
     reload_tasks: set[asyncio.Task[Any]] = set()
 
     async def on_sighup() -> None:
@@ -129,6 +132,8 @@ async def _lifespan(app: Litestar) -> AsyncIterator[None]:
         lag.cancel()
         with suppress(ValueError, RuntimeError, NotImplementedError):
             loop.remove_signal_handler(signal.SIGHUP)
+        # Batch jobs stop between chunks, while the models still serve the chunk in progress.
+        await stop_runner(gateway, jobs)
         # Queued work finishes before models are released (graceful shutdown).
         await loop.run_in_executor(None, gateway.registry.close)
         await gateway.close_shared()
@@ -155,6 +160,8 @@ async def _front_lifespan(gateway: Gateway) -> AsyncIterator[None]:
     finally:
         lag.cancel()
         connect.cancel()
+        if gateway.batches is not None:
+            await asyncio.to_thread(gateway.batches.close)
         await link.close()
         await loop.run_in_executor(None, gateway.registry.close)
         ACCESS_LOG.flush()

@@ -180,10 +180,28 @@ class RedisConfig(_Strict):
     rate_limits: bool = True
 
 
+class BatchesConfig(_Strict):
+    """OpenAI's Batch API (`/v1/files`, `/v1/batches`): files and jobs kept on disk, computed at low priority."""
+
+    enabled: bool = True
+    # The job database (SQLite) and the files beside it; a relative path is taken from the config file's folder
+    # (or the working directory when there is no file), as model paths are.
+    data_dir: str = ".gateway-data/batches"
+    # Bounds on one uploaded file (OpenAI's own: 200 MB and 50,000 requests).
+    max_file_bytes: Positive = 200 * 1024 * 1024
+    max_lines: Positive = 50_000
+    # Lines computed together and recorded as done in one step: the unit of progress, cancel and resume.
+    chunk_lines: Positive = 256
+    # A quota of job tokens per key and minute, apart from the key's own; None: jobs are charged to the key's
+    # tokens/minute as its requests are (a job waits for quota, it never fails for lack of it).
+    job_tokens_per_minute: Positive | None = None
+
+
 class GatewayConfig(_Strict):
     server: ServerConfig = msgspec.field(default_factory=ServerConfig)
     auth: AuthConfig = msgspec.field(default_factory=AuthConfig)
     cache: CacheConfig = msgspec.field(default_factory=CacheConfig)
+    batches: BatchesConfig = msgspec.field(default_factory=BatchesConfig)
     redis: RedisConfig | None = None
     models: dict[str, ModelConfig] = {}
 
@@ -370,6 +388,7 @@ def parse_config(data: bytes | str, where: str = "<config>", base_dir: Path | No
     if config.cache.store == "redis" and config.redis is None:
         raise ConfigError(f'{where}: `$.cache.store`: "redis" needs a `[redis]` table with its `url`')
     base = base_dir or Path.cwd()
+    config.batches.data_dir = str(resolve_model_path(config.batches.data_dir, base))
     for name, model in config.models.items():
         if model.path is None:
             continue

@@ -182,10 +182,14 @@ async def request_vectors(
     key: ApiKey | None,
     notes: MutableMapping[str, Any],
     deadline_s: float | None,
+    background: bool = False,
 ) -> tuple[np.ndarray, int, Output]:
     """The request's vectors (cut to `dimensions`), its token count and how to encode them. `notes` also gets
     "headers" for the answer: the prompt applied and, when truncating, how many inputs were cut; and
-    "served_by": the model that computed the vectors (the one asked for, or a fallback of it)."""
+    "served_by": the model that computed the vectors (the one asked for, or a fallback of it).
+
+    `background`: a Batch API job's line: computed at the batcher's low priority (only while no client input
+    waits), never refused by admission nor bound by `request_timeout_s`."""
     server = gw.config.server
     handle = gw.registry.handle(body.model, key)
     model = handle.model
@@ -203,10 +207,10 @@ async def request_vectors(
     if key is not None:
         await key.check_token_quota()
     timeout = min(server.request_timeout_s, deadline_s) if deadline_s is not None else server.request_timeout_s
-    ends = time.monotonic() + timeout
+    ends = math.inf if background else time.monotonic() + timeout
     try:
-        async with asyncio.timeout(timeout):
-            vectors, total, out = await _first_served(gw, handle, body, texts, key, ends, output, notes)
+        async with asyncio.timeout(None if background else timeout):
+            vectors, total, out = await _first_served(gw, handle, body, texts, key, ends, output, notes, background)
     except TimeoutError:
         raise GatewayError(
             504, f"request did not finish within {timeout:g}s (model {model.name!r})", code="timeout"
@@ -225,6 +229,7 @@ async def _first_served(
     ends: float,
     output: Output,
     notes: MutableMapping[str, Any],
+    background: bool = False,
 ) -> tuple[np.ndarray, int, Output]:
     """Failover: the model, then its fallbacks (same embedding space, checked at config load), each with its own
     tokenizer, limits and batches, until one serves; `notes` get its name and headers."""
@@ -235,7 +240,7 @@ async def _first_served(
         said: dict[str, Any] = {}
         try:
             vectors, total, out = await _on_model(
-                gw, candidate, body, texts, key, ends, output, said, n < len(chain) - 1
+                gw, candidate, body, texts, key, ends, output, said, n < len(chain) - 1, background
             )
         except Failover as exc:
             failed = failed or exc
@@ -285,11 +290,12 @@ async def _on_model(
     output: Output,
     notes: MutableMapping[str, Any],
     may_fail_over: bool,
+    background: bool = False,
 ) -> tuple[np.ndarray, int, Output]:
     """The vectors (cut to `dimensions`), tokens and output of `texts` on `model`; Failover when a fallback
     may serve instead (the model is failing, its circuit is open, or, with a fallback left, not ready)."""
-    _check_can_take(model, texts, may_fail_over)
-    job = Job(model, key, ends, gw.config.server.max_tokens_per_request)
+    _check_can_take(model, texts, may_fail_over, background)
+    job = Job(model, key, ends, gw.config.server.max_tokens_per_request, background=background)
     with model.in_use():
         async with settled(job):
             await model.ready(max(0.0, ends - time.monotonic()))
@@ -313,11 +319,12 @@ async def _on_model(
     return vectors, sum(counts), output
 
 
-def _check_can_take(model: ServedModel, texts: list[str], may_fail_over: bool) -> None:
-    """400 when `texts` would not fit the model's queue at all; Failover when it is not ready and a fallback is
-    left (a fallback that is loaded serves now, rather than this one's load being waited for)."""
+def _check_can_take(model: ServedModel, texts: list[str], may_fail_over: bool, background: bool = False) -> None:
+    """400 when `texts` would not fit the model's queue at all (background work takes no room in it); Failover
+    when it is not ready and a fallback is left (a fallback that is loaded serves now, rather than this one's
+    load being waited for)."""
     batching = model.spec.config.batching
-    if len(texts) > batching.max_queue:
+    if len(texts) > batching.max_queue and not background:
         raise GatewayError(
             400,
             f"`input` has {len(texts)} items; model {model.name!r} queues at most {batching.max_queue} inputs",
@@ -406,6 +413,8 @@ class Job:
     owed: int = 0
     # Whether the request has passed its one check against the key's tokens/minute.
     admitted: bool = False
+    # A Batch API job's work: the batcher's low priority, no admission (see request_vectors).
+    background: bool = False
 
     async def charge(self, tokens: int) -> None:
         """Count `tokens` against the key's tokens/minute, given back if the request fails. The request's first
@@ -435,14 +444,17 @@ class Job:
         if refused is not None:
             raise Failover(refused, "circuit_open")
         owner = self.key.name if self.key else None
-        model.precheck(owner=owner, max_wait_s=self.max_wait_s)
+        if not self.background:
+            model.precheck(owner=owner, max_wait_s=self.max_wait_s)
         if not model.info.counts_tokens:
             return await self._compute_counted_upstream(texts, owner)
         token_ids, total, cut = await _tokens(model, texts, self.max_tokens, self.side, self.keep, counted, positions)
         owed, self.owed = self.owed, 0
         await self.charge(owed + total)
         wait = min(self.max_wait_s, self.ends - time.monotonic())
-        vectors = await model.embed(texts, token_ids, owner=owner, max_wait_s=wait, progress=self.progress)
+        vectors = await model.embed(
+            texts, token_ids, owner=owner, max_wait_s=wait, progress=self.progress, background=self.background
+        )
         return vectors, [len(ids) for ids in token_ids], [i in cut for i in range(len(texts))]
 
     async def _compute_counted_upstream(
@@ -456,7 +468,13 @@ class Job:
         before = self.progress.counted_tokens
         wait = min(self.max_wait_s, self.ends - time.monotonic())
         vectors = await self.model.embed(
-            texts, [[] for _ in texts], owner=owner, max_wait_s=wait, progress=self.progress, sizes=sizes
+            texts,
+            [[] for _ in texts],
+            owner=owner,
+            max_wait_s=wait,
+            progress=self.progress,
+            sizes=sizes,
+            background=self.background,
         )
         counted = self.progress.counted_tokens - before
         if self.key is not None and counted != estimate:
@@ -756,3 +774,8 @@ def _encode(vectors: np.ndarray, output: Output) -> list[EmbeddingData]:
     # resolution near 1) make the JSON a third smaller for the same vectors.
     rows = np.round(vectors.astype(np.float64), 9).tolist()
     return [EmbeddingData(embedding=row, index=i) for i, row in enumerate(rows)]
+
+
+def response(vectors: np.ndarray, body: EmbeddingRequest, tokens: int, output: Output) -> EmbeddingResponse:
+    """The `/v1/embeddings` answer for `request_vectors`' result (a Batch API output line's body)."""
+    return _response(vectors, body, tokens, output)

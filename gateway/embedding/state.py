@@ -9,6 +9,7 @@ from collections.abc import Callable, Iterator, Mapping
 from gateway.base.config import GatewayConfig
 from gateway.base.observability import ModelStatus
 from gateway.base.schemas import ReloadResult
+from gateway.embedding.batch_store import StoreHandle
 from gateway.embedding.cache import Cache, MemoryStore
 from gateway.embedding.reload import Reloader
 from gateway.plugin import Backend, Placement
@@ -40,6 +41,12 @@ class Gateway:
     so a request sees either the old or the new set, never a mix within one lookup (`reloader`,
     gateway/embedding/reload.py, does it).
     """
+
+    #: The runtime process: how many fronts have their copy of a per-worker model ready, of how many, and
+    #: whether one failed (gateway/processes/runtime_process.py sets it).
+    copies: Callable[[str], tuple[int, int, bool]] | None = None
+    #: Tells this process's Batch API job runner, if it has one, that a job was created or cancelled.
+    poke_batches: Callable[[], None] | None = None
 
     def __init__(
         self,
@@ -86,11 +93,10 @@ class Gateway:
         #: How late the event loop runs what is due (seconds; see watch_loop_lag): a request waits about
         #: this long to be read, and again for its answer to go out.
         self.loop_lag = 0.0
-        #: The runtime process: how many fronts have their copy of a per-worker model ready, of how many, and
-        #: whether one failed (gateway/processes/runtime_process.py sets it).
-        self.copies: Callable[[str], tuple[int, int, bool]] | None = None
         #: Builds the next config's keys and models and swaps them in (a reload; at a front, prepare and swap).
         self.reloader = Reloader(self)
+        #: The Batch API's store (None: turned off; a reload keeps its folder).
+        self.batches = StoreHandle(config.batches.data_dir) if config.batches.enabled else None
 
     def here(self, spec: ModelSpec) -> bool:
         """Whether this process loads the model: one process loads all; with workers, the runtime the shared

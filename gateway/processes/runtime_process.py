@@ -30,6 +30,7 @@ from gateway.base.config import ConfigError, GatewayConfig, load_config
 from gateway.base.errors import GatewayError
 from gateway.base.observability import record_batch
 from gateway.base.schemas import Health
+from gateway.embedding.batch_runner import start_runner, stop_runner
 from gateway.embedding.state import Gateway
 from gateway.processes.runtime_calls import OPS, ready
 from gateway.runtime.link import (
@@ -260,11 +261,14 @@ async def run(gw: Gateway, socket_path: str, workers: int) -> None:
     gw.on_reload.append(generation.bump)
     _reload_on_sighup(gw, loop)
     watch = loop.create_task(_stop_when_orphaned(stop, os.getppid()))
+    # Batch API jobs run here, where the batchers are; the fronts write their files and rows.
+    jobs = start_runner(gw)
     try:
         await _serve(runtime, socket_path, stop)
     finally:
         for task in (lag, watch):
             task.cancel()
+        await stop_runner(gw, jobs)
         await loop.run_in_executor(None, gw.registry.close)
         await gw.close_shared()
 

@@ -293,26 +293,31 @@ class BatchQueue:
             return batch
 
     def _take_background(self) -> list[Item]:
-        """Under the lock, with no client input queued: the next batch of the oldest background request."""
-        req = self.background[0]
-        part: list[int] = []
-        longest = total = 0
-        for i in req.waiting:
-            n = req.tokens[i]
-            size = (len(part) + 1) * max(longest, n) if self.pads_to_longest else total + n
-            if part and (len(part) >= self.max_batch_size or size > self.max_batch_tokens):
+        """Under the lock, with no client input queued: the next batch of background inputs, chosen as a client
+        batch is (`_pick`) from the oldest requests' inputs, the oldest input its anchor. A Batch API job sends
+        each line as a request of its own: they merge here into full, length-sorted batches."""
+        window = self.max_batch_size * (_CANDIDATES if self.pads_to_longest else 1)
+        candidates: list[Item] = []
+        for req in self.background:
+            candidates.extend((req, i) for i in req.waiting[: window - len(candidates)])
+            if len(candidates) >= window:
                 break
-            part.append(i)
-            longest, total = max(longest, n), total + n
-        req.waiting = req.waiting[len(part) :]
-        req.served = time.monotonic()
-        if req.progress is not None:
-            req.progress.taken_tokens += total
-        if not req.waiting:
-            self.background.popleft()
+        batch = self._pick(candidates)
+        taken: dict[int, set[int]] = {}
+        for req, i in batch:
+            taken.setdefault(id(req), set()).add(i)
+        now = time.monotonic()
+        for req in [r for r in self.background if id(r) in taken]:
+            mine = taken[id(req)]
+            req.waiting = [i for i in req.waiting if i not in mine]
+            req.served = now
+            if req.progress is not None:
+                req.progress.taken_tokens += sum(req.tokens[i] for i in mine)
+            if not req.waiting:
+                self.background.remove(req)
         if self.background:
             self.lock.notify()
-        return [(req, i) for i in part]
+        return batch
 
     def _wait_for_inputs(self) -> None:
         # Under the lock: until something is queued, then, if configured, a little longer for more. Queued
@@ -348,7 +353,10 @@ class BatchQueue:
         consecutive lengths that holds an anchor input and starts as short as possible (less padding); the
         anchor is the next input of the first key's request served longest ago, so nothing waits forever.
         """
-        candidates = self._candidates()
+        return self._pick(self._candidates())
+
+    def _pick(self, candidates: list[Item]) -> list[Item]:
+        """The batch out of `candidates` (the anchor first; see `_choose`)."""
         anchor = candidates[0]
         if not self.pads_to_longest:
             # Lengths cost nothing extra together (packed rows, or one sequence at a time): take inputs in

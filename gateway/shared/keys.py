@@ -138,6 +138,10 @@ class KeyStore:
         """The key with this digest (the runtime process finds a front's caller by it)."""
         return next((key for key in self._keys if key.digest == digest), None)
 
+    def named(self, name: str) -> ApiKey | None:
+        """The key called `name` (a Batch API job runs on behalf of the key that created it, found by its name)."""
+        return next((key for key in self._keys if key.name == name), None)
+
     def counted_by(self, window: Callable[[ApiKey, int, str], Any]) -> KeyStore:
         """The same keys, each requests/minute and tokens/minute limit counted by `window(key, limit, what)`
         (what: "requests" or "tokens"; a front worker's view: the runtime process counts for every front)."""
