@@ -25,7 +25,7 @@ from litestar.response import File
 
 from gateway.api.routes import require_key
 from gateway.base.errors import GatewayError, error_responses
-from gateway.embedding.batch_runner import ENDPOINT, count_lines
+from gateway.embedding.batch_runner import ENDPOINT, count_lines, scan_lines
 from gateway.embedding.batch_store import BatchObject, BatchStore, FileObject
 from gateway.embedding.state import Gateway
 from gateway.shared.keys import ApiKey
@@ -265,7 +265,7 @@ async def create_batch(request: Request[Any, Any, Any], data: JSONBody[BatchCrea
             param="input_file_id",
             code="invalid_file",
         )
-    total = await asyncio.to_thread(count_lines, store.file_path(found.id), gw.config.batches.max_lines)
+    total, duplicates = await asyncio.to_thread(scan_lines, store.file_path(found.id), gw.config.batches.max_lines)
     if not total:
         raise GatewayError(
             400,
@@ -273,9 +273,14 @@ async def create_batch(request: Request[Any, Any, Any], data: JSONBody[BatchCrea
             param="input_file_id",
             code="empty_file",
         )
+    window_s = gw.config.batches.completion_window_s
     batch = await store.call(
-        store.create_batch, key.name, found.id, data.endpoint, data.completion_window, data.metadata, total
+        store.create_batch, key.name, found.id, data.endpoint, data.completion_window, data.metadata, total, window_s
     )
+    if duplicates:
+        # OpenAI's validation: a file that reuses a custom_id fails as a whole, each reuse named with its line.
+        await store.call(store.fail, batch.id, duplicates)
+        return (await _batch(request, batch.id))[1]
     if gw.poke_batches is not None:
         gw.poke_batches()
     return batch

@@ -195,6 +195,9 @@ class BatchesConfig(_Strict):
     # A quota of job tokens per key and minute, apart from the key's own; None: jobs are charged to the key's
     # tokens/minute as its requests are (a job waits for quota, it never fails for lack of it).
     job_tokens_per_minute: Positive | None = None
+    # How long a job may take (`completion_window` "24h", OpenAI's only one): past it the job ends "expired".
+    # Tests shorten it; a shorter window is a promise the server may not keep under load.
+    completion_window_s: Positive = 24 * 3600
 
 
 class GatewayConfig(_Strict):

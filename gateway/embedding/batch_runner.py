@@ -20,6 +20,7 @@ import dataclasses
 import hashlib
 import logging
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -32,7 +33,7 @@ from gateway.base.errors import GatewayError, error_body
 from gateway.base.observability import new_id
 from gateway.base.schemas import EmbeddingRequest
 from gateway.embedding import service
-from gateway.embedding.batch_store import BatchObject, BatchStore, Progress, StoreHandle
+from gateway.embedding.batch_store import BatchError, BatchObject, BatchStore, Progress, StoreHandle
 from gateway.embedding.state import Gateway
 from gateway.shared.keys import ApiKey
 from gateway.shared.windows import SlidingWindow
@@ -42,6 +43,10 @@ log = logging.getLogger("gateway.batches")
 ENDPOINT = "/v1/embeddings"
 # A job waiting for its key's token quota looks again after at most this long.
 _QUOTA_RECHECK_S = 5.0
+# A job whose turn fails inside the runner (its files cannot be written, say) is tried again this many times,
+# after 1, 2, 4... times this long, then fails.
+_RETRIES = 4
+_BACKOFF_S = 2.0
 
 
 @dataclass(slots=True)
@@ -67,7 +72,8 @@ class Failed:
 
 
 class BatchRunner:
-    """Computes the store's jobs, oldest first, one at a time, until `stop`."""
+    """Computes the store's jobs chunk by chunk, taking turns (owners in turn, then each owner's jobs in turn, so
+    that a small job is not held behind a big one), until `stop`."""
 
     def __init__(self, gw: Gateway, handle: StoreHandle, config: BatchesConfig, poll_s: float = 0.5) -> None:
         self.gw = gw
@@ -82,6 +88,13 @@ class BatchRunner:
         self._task: asyncio.Task[None] | None = None
         # Each key's job quota, when one is configured apart from the key's own.
         self._job_windows: dict[str, SlidingWindow] = {}
+        # The jobs being computed (their input read so far), and whose turn it is: the turn each owner and each
+        # job last had (the lowest goes next).
+        self._open: dict[str, _Open] = {}
+        self._turn = 0
+        self._turns: dict[str, int] = {}
+        # Jobs whose last turn failed inside the runner: (failures in a row, when to try again).
+        self._failures: dict[str, tuple[int, float]] = {}
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._loop())
@@ -105,52 +118,128 @@ class BatchRunner:
                 await self._task
 
     async def _loop(self) -> None:
-        while not self._stopping:
-            try:
-                if self.store is None:
-                    self.store = await asyncio.to_thread(self.handle.get, False)
-                job = await self.store.call(self.store.next_job) if self.store is not None else None
-                if job is not None:
-                    await self._run(job)
-                    continue
-            except Exception:
-                log.exception("batch runner: a job failed; trying again shortly")
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), self.poll_s)
-            self._wake.clear()
+        try:
+            while not self._stopping:
+                try:
+                    if self.store is None:
+                        self.store = await asyncio.to_thread(self.handle.get, False)
+                    if self.store is not None and await self._step(self.store):
+                        continue
+                except Exception:
+                    log.exception("batch runner: a step failed; trying again shortly")
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), self.poll_s)
+                self._wake.clear()
+        finally:
+            for state in self._open.values():
+                state.reader.close()
+            self._open.clear()
 
-    async def _run(self, job: BatchObject) -> None:
-        """Compute `job` from its last recorded chunk to its end (or a cancel, or until the runner stops)."""
-        store = self.store
-        assert store is not None
+    async def _step(self, store: BatchStore) -> bool:
+        """One turn: the next job's next chunk (or its end). False when no job has work now."""
+        jobs = await store.call(store.active_jobs)
+        for gone in set(self._open) - {job.id for _, job in jobs}:
+            self._close(gone)
+        picked = self._pick(jobs)
+        if picked is None:
+            return False
+        owner, job = picked
+        try:
+            await self._take_turn(store, owner, job)
+        except Exception as exc:
+            await self._failed(store, job, exc)
+            return True
+        self._failures.pop(job.id, None)
+        return True
+
+    def _pick(self, jobs: list[tuple[str, BatchObject]]) -> tuple[str, BatchObject] | None:
+        """The job whose turn it is: of the owner served longest ago, that owner's job served longest ago (the
+        oldest first among equals); jobs waiting to retry sit out."""
+        now = time.monotonic()
+        ready = [(o, j) for o, j in jobs if self._failures.get(j.id, (0, 0.0))[1] <= now]
+        if not ready:
+            return None
+        owner, job = min(ready, key=lambda oj: (self._turns.get("owner:" + oj[0], 0), self._turns.get(oj[1].id, 0)))
+        self._turn += 1
+        self._turns["owner:" + owner] = self._turns[job.id] = self._turn
+        return owner, job
+
+    async def _take_turn(self, store: BatchStore, owner: str, job: BatchObject) -> None:
+        """`job`'s next chunk computed and recorded, or its end written (completed, cancelled or expired)."""
+        if job.status in ("validating", "in_progress") and job.expires_at is not None and time.time() >= job.expires_at:
+            await self._expire(store, job)
+            return
+        state = self._open.get(job.id) or await self._open_job(store, owner, job)
+        if state is None:
+            return
+        status = job.status
+        if status in ("validating", "in_progress"):
+            lines = await asyncio.to_thread(state.reader.take, self.chunk_lines)
+            if lines:
+                results = await self._chunk(owner, state.done.next_chunk * self.chunk_lines, lines)
+                if results is not None:  # None: stopping while the chunk waited for quota; a restart redoes it
+                    done = await asyncio.to_thread(_append, state.out, state.err, results, state.done)
+                    await store.call(store.record_chunk, job.id, done)
+                    state.done = done
+                return
+            await store.call(store.finalizing, job.id)
+            status = "finalizing"
+        self._close(job.id)
+        final = "completed" if status == "finalizing" else "cancelled"
+        await asyncio.to_thread(self._finish, job.id, final, state.done)
+
+    async def _open_job(self, store: BatchStore, owner: str, job: BatchObject) -> _Open | None:
+        """`job` made ready to go on from its last recorded chunk (what was written past it dropped); None when
+        its input file is gone (the job failed)."""
         source = store.file_path(job.input_file_id)
         if not source.exists():
-            await store.call(store.fail, job.id, "file_not_found", f"input file {job.input_file_id!r} is gone")
-            return
+            gone = BatchError(code="file_not_found", message=f"input file {job.input_file_id!r} is gone")
+            await store.call(store.fail, job.id, [gone])
+            return None
         await store.call(store.start, job.id)
         status, done = await store.call(store.progress, job.id)
         out, err = store.work_paths(job.id)
-        await asyncio.to_thread(_trim, out, done.out_bytes)
-        await asyncio.to_thread(_trim, err, done.err_bytes)
-        owner = await store.call(store.owner_of, job.id)
+        # A job found finalizing or cancelling may have moved its work files already (stopped mid-finish).
+        moved = status in ("finalizing", "cancelling")
+        await asyncio.to_thread(_trim, out, done.out_bytes, moved)
+        await asyncio.to_thread(_trim, err, done.err_bytes, moved)
         reader = await asyncio.to_thread(_Lines, source, done.next_chunk * self.chunk_lines)
-        try:
-            while status == "in_progress" and not self._stopping:
-                lines = await asyncio.to_thread(reader.take, self.chunk_lines)
-                if not lines:
-                    await store.call(store.finalizing, job.id)
-                    break
-                results = await self._chunk(owner, done.next_chunk * self.chunk_lines, lines)
-                if results is None:
-                    return  # stopping while the chunk waited for quota: it was not recorded, a restart redoes it
-                done = await asyncio.to_thread(_append, out, err, results, done)
-                await store.call(store.record_chunk, job.id, done)
-                status, _ = await store.call(store.progress, job.id)
-        finally:
-            reader.close()
-        status, done = await store.call(store.progress, job.id)
-        if status in ("finalizing", "cancelling"):
-            await asyncio.to_thread(self._finish, job.id, "completed" if status == "finalizing" else "cancelled", done)
+        self._open[job.id] = state = _Open(reader, done, out, err)
+        return state
+
+    def _close(self, batch_id: str) -> None:
+        state = self._open.pop(batch_id, None)
+        if state is not None:
+            state.reader.close()
+
+    async def _failed(self, store: BatchStore, job: BatchObject, exc: Exception) -> None:
+        """A turn failed inside the runner (not a line's failure): the job is tried again from its last recorded
+        chunk after a backoff, and after `_RETRIES` failures in a row it fails, naming the cause."""
+        self._close(job.id)
+        failures = self._failures.get(job.id, (0, 0.0))[0] + 1
+        cause = f"{type(exc).__name__}: {exc}"
+        if failures > _RETRIES:
+            log.error("batch %s failed after %d tries: %s", job.id, failures, cause)
+            self._failures.pop(job.id, None)
+            message = f"the job failed {failures} times in a row inside the server; last: {cause}"
+            await store.call(store.fail, job.id, [BatchError(code="internal_error", message=message)])
+            return
+        delay = _BACKOFF_S * 2 ** (failures - 1)
+        log.warning("batch %s: %s; trying again in %.1f s", job.id, cause, delay, exc_info=exc)
+        self._failures[job.id] = (failures, time.monotonic() + delay)
+
+    async def _expire(self, store: BatchStore, job: BatchObject) -> None:
+        """Past its `expires_at`: the job's unfinished lines go to its error file (`batch_expired`), what it
+        computed stays in its output file, and it ends "expired"."""
+        self._close(job.id)
+        _, done = await store.call(store.progress, job.id)
+        out, err = store.work_paths(job.id)
+        await asyncio.to_thread(_trim, out, done.out_bytes, False)
+        await asyncio.to_thread(_trim, err, done.err_bytes, False)
+        source = store.file_path(job.input_file_id)
+        done = await asyncio.to_thread(_expire_lines, source, err, done, self.chunk_lines)
+        await store.call(store.record_chunk, job.id, done)
+        await asyncio.to_thread(self._finish, job.id, "expired", done)
 
     async def _chunk(self, owner: str, first: int, lines: list[bytes]) -> list[Done | Failed] | None:
         """The results of a chunk's lines (numbered from `first`), computed together; None if the runner stopped
@@ -178,6 +267,7 @@ class BatchRunner:
             target = store.file_path(file_id)
             if work.exists():
                 os.replace(work, target)
+                _sync_dir(target.parent)
             outputs[kind] = (file_id, target)
         store.finish(batch_id, status, outputs)
         log.info("batch %s %s: %d lines done, %d failed", batch_id, status, done.completed, done.failed)
@@ -224,6 +314,16 @@ class BatchRunner:
             return key
         window = self._job_windows.setdefault(owner, SlidingWindow(self.job_tokens_per_minute))
         return dataclasses.replace(key, requests=None, tokens=window)
+
+
+@dataclass(slots=True)
+class _Open:
+    """A job being computed: its input, read up to its next chunk; its progress; its work files."""
+
+    reader: _Lines
+    done: Progress
+    out: Path
+    err: Path
 
 
 class _Stopping(Exception):
@@ -286,14 +386,111 @@ def count_lines(path: Path, limit: int) -> int:
     return n
 
 
-def _trim(path: Path, size: int) -> None:
-    """Drop what a chunk wrote past the last recorded one (the server stopped between its write and its record)."""
+#: Of a file reusing custom_ids, at most this many reuses are named in the batch's `errors`.
+_MAX_DUPLICATES = 100
+
+
+def scan_lines(path: Path, limit: int) -> tuple[int, list[BatchError]]:
+    """The requests in a JSONL file (as `count_lines`) and each line whose `custom_id` an earlier line has
+    (OpenAI's `duplicate_custom_id`; at most `_MAX_DUPLICATES`). A line that is not JSON is left to the job."""
+    n = 0
+    seen: set[str] = set()
+    duplicates: list[BatchError] = []
+    with open(path, "rb") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            n += 1
+            if n > limit:
+                break
+            try:
+                custom_id = msgspec.json.decode(line, type=_CustomId).custom_id
+            except msgspec.DecodeError:
+                continue
+            if not isinstance(custom_id, str):
+                continue
+            if custom_id in seen and len(duplicates) < _MAX_DUPLICATES:
+                message = (
+                    f"The custom_id {custom_id!r} on line {number} is a duplicate of an earlier request's: "
+                    "the custom_id of each request in a batch must be unique."
+                )
+                duplicates.append(
+                    BatchError(code="duplicate_custom_id", message=message, param="custom_id", line=number)
+                )
+            seen.add(custom_id)
+    return n, duplicates
+
+
+def _trim(path: Path, size: int, may_be_moved: bool) -> None:
+    """Drop what a chunk wrote past the last recorded one (the server stopped between its write and its record).
+    A work file missing or shorter than recorded lost recorded lines: an error, unless `may_be_moved` (a finish
+    in progress moved it to its output file)."""
     if not path.exists():
+        if may_be_moved:
+            return
+        if size:
+            raise FileNotFoundError(f"work file {path} holding {size} recorded bytes is gone")
         path.touch()
-    if path.stat().st_size != size:
+    have = path.stat().st_size
+    if have < size:
+        raise ValueError(f"work file {path} holds {have} bytes, fewer than the {size} recorded")
+    if have > size:
         with open(path, "r+b") as f:
             f.truncate(size)
             os.fsync(f.fileno())
+
+
+def _sync_dir(folder: Path) -> None:
+    """A rename in `folder` on disk, before the database says the renamed file exists."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+_EXPIRED = "This request could not be executed before the completion window expired."
+
+
+def _expire_lines(source: Path, err: Path, done: Progress, chunk_lines: int) -> Progress:
+    """The lines of `source` past the job's progress, as `batch_expired` error lines appended to `err`
+    (durably); the job's progress after them (every line accounted for)."""
+    reader = _Lines(source, done.next_chunk * chunk_lines)
+    try:
+        lines = reader.take(2**62)
+    finally:
+        reader.close()
+    data = b"".join(_expired_line(raw) for raw in lines)
+    if data:
+        with open(err, "ab") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+    return dataclasses.replace(
+        done,
+        next_chunk=done.next_chunk + -(-len(lines) // chunk_lines),
+        failed=done.failed + len(lines),
+        err_bytes=done.err_bytes + len(data),
+    )
+
+
+def _expired_line(raw: bytes) -> bytes:
+    """OpenAI's error line for a request the job did not reach before it expired."""
+    try:
+        custom_id = msgspec.json.decode(raw, type=_CustomId).custom_id
+    except msgspec.DecodeError:
+        custom_id = None
+    line = {
+        "id": "batch_req_" + new_id(),
+        "custom_id": custom_id if isinstance(custom_id, str) else None,
+        "response": None,
+        "error": {"code": "batch_expired", "message": _EXPIRED},
+    }
+    return msgspec.json.encode(line) + b"\n"
+
+
+class _CustomId(msgspec.Struct):
+    custom_id: Any = None
 
 
 def _append(out: Path, err: Path, results: list[Done | Failed], done: Progress) -> Progress:
@@ -313,6 +510,7 @@ def _append(out: Path, err: Path, results: list[Done | Failed], done: Progress) 
         failed=done.failed + failed,
         out_bytes=done.out_bytes + len(good),
         err_bytes=done.err_bytes + len(bad),
+        tokens=done.tokens + sum(r.tokens for r in results if isinstance(r, Done)),
     )
 
 

@@ -30,6 +30,10 @@ BatchStatus = Literal[
 #: Statuses of a job the runner still has work for.
 ACTIVE = ("validating", "in_progress", "finalizing", "cancelling")
 COMPLETION_WINDOW_S = 24 * 3600
+#: The column stamped when a job ends in each final status.
+_ENDED_AT = {"completed": "completed_at", "cancelled": "cancelled_at", "failed": "failed_at", "expired": "expired_at"}
+#: Columns added after the table's first release, added to an older database when it is opened.
+_ADDED = {"expired_at": "INTEGER", "tokens": "INTEGER NOT NULL DEFAULT 0"}
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS files (
@@ -43,7 +47,8 @@ CREATE TABLE IF NOT EXISTS batches (
     cancelling_at INTEGER, cancelled_at INTEGER, expires_at INTEGER, output_file_id TEXT, error_file_id TEXT,
     errors TEXT, total INTEGER NOT NULL DEFAULT 0, completed INTEGER NOT NULL DEFAULT 0,
     failed INTEGER NOT NULL DEFAULT 0, next_chunk INTEGER NOT NULL DEFAULT 0,
-    out_bytes INTEGER NOT NULL DEFAULT 0, err_bytes INTEGER NOT NULL DEFAULT 0
+    out_bytes INTEGER NOT NULL DEFAULT 0, err_bytes INTEGER NOT NULL DEFAULT 0, expired_at INTEGER,
+    tokens INTEGER NOT NULL DEFAULT 0
 );
 """
 
@@ -80,6 +85,25 @@ class BatchErrors(msgspec.Struct, kw_only=True):
     data: list[BatchError]
 
 
+class InputTokensDetails(msgspec.Struct, kw_only=True):
+    # The embedding cache's hits are charged as computed tokens, so none counts as "cached" in OpenAI's sense.
+    cached_tokens: int = 0
+
+
+class OutputTokensDetails(msgspec.Struct, kw_only=True):
+    reasoning_tokens: int = 0
+
+
+class BatchUsage(msgspec.Struct, kw_only=True):
+    """OpenAI's batch usage: an embeddings job's input tokens (of its completed lines); it outputs none."""
+
+    input_tokens: int
+    input_tokens_details: InputTokensDetails = msgspec.field(default_factory=InputTokensDetails)
+    output_tokens: int = 0
+    output_tokens_details: OutputTokensDetails = msgspec.field(default_factory=OutputTokensDetails)
+    total_tokens: int
+
+
 class BatchObject(msgspec.Struct, kw_only=True):
     """OpenAI's batch object."""
 
@@ -103,6 +127,7 @@ class BatchObject(msgspec.Struct, kw_only=True):
     cancelled_at: int | None = None
     request_counts: RequestCounts
     metadata: dict[str, str] | None = None
+    usage: BatchUsage | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,12 +139,13 @@ class Progress:
     failed: int
     out_bytes: int
     err_bytes: int
+    tokens: int = 0
 
 
 _BATCH_COLUMNS = (
     "id, owner, input_file_id, endpoint, completion_window, metadata, status, created_at, in_progress_at, "
     "finalizing_at, completed_at, failed_at, cancelling_at, cancelled_at, expires_at, output_file_id, "
-    "error_file_id, errors, total, completed, failed"
+    "error_file_id, errors, total, completed, failed, expired_at, tokens"
 )
 
 
@@ -131,7 +157,7 @@ def new_id(prefix: str) -> str:
 def _batch(row: tuple[Any, ...]) -> tuple[str, BatchObject]:
     """(owner, the batch object) from a row of `_BATCH_COLUMNS`."""
     (bid, owner, file_id, endpoint, window, metadata, status, created, started, finalizing, completed, failed_at,
-     cancelling, cancelled, expires, out_id, err_id, errors, total, done, failed) = row  # fmt: skip
+     cancelling, cancelled, expires, out_id, err_id, errors, total, done, failed, expired_at, tokens) = row  # fmt: skip
     return owner, BatchObject(
         id=bid,
         endpoint=endpoint,
@@ -149,8 +175,10 @@ def _batch(row: tuple[Any, ...]) -> tuple[str, BatchObject]:
         failed_at=failed_at,
         cancelling_at=cancelling,
         cancelled_at=cancelled,
+        expired_at=expired_at,
         request_counts=RequestCounts(total=total, completed=done, failed=failed),
         metadata=msgspec.json.decode(metadata) if metadata else None,
+        usage=BatchUsage(input_tokens=tokens, total_tokens=tokens),
     )
 
 
@@ -168,6 +196,18 @@ class BatchStore:
         self._db.execute("PRAGMA busy_timeout=10000")
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.executescript(_SCHEMA)
+        self._add_columns()
+
+    def _add_columns(self) -> None:
+        """A database written before a column was added gets it (empty), so that its jobs go on."""
+        have = {row[1] for row in self._db.execute("PRAGMA table_info(batches)")}
+        for name, kind in _ADDED.items():
+            if name not in have:
+                try:
+                    self._db.execute(f"ALTER TABLE batches ADD COLUMN {name} {kind}")
+                except sqlite3.OperationalError as exc:  # another process added it first
+                    if "duplicate column" not in str(exc):
+                        raise
 
     async def call(self, fn: Callable[..., T], *args: Any) -> T:
         """`fn(*args)` (a method of this store) on a worker thread: SQLite and the disk never hold the loop."""
@@ -231,14 +271,22 @@ class BatchStore:
         self.file_path(file_id).unlink(missing_ok=True)
 
     def create_batch(
-        self, owner: str, file_id: str, endpoint: str, window: str, metadata: dict[str, str] | None, total: int
+        self,
+        owner: str,
+        file_id: str,
+        endpoint: str,
+        window: str,
+        metadata: dict[str, str] | None,
+        total: int,
+        window_s: int = COMPLETION_WINDOW_S,
     ) -> BatchObject:
+        """A new job, due within `window_s` seconds (its `expires_at`)."""
         batch_id = new_id("batch_")
         now = int(time.time())
         self._run(
             "INSERT INTO batches (id, owner, input_file_id, endpoint, completion_window, metadata, status, "
             "created_at, expires_at, total) VALUES (?, ?, ?, ?, ?, ?, 'validating', ?, ?, ?)",
-            (batch_id, owner, file_id, endpoint, window, _json(metadata), now, now + COMPLETION_WINDOW_S, total),
+            (batch_id, owner, file_id, endpoint, window, _json(metadata), now, now + window_s, total),
         )
         found = self.get_batch(batch_id, None)
         assert found is not None
@@ -278,17 +326,16 @@ class BatchStore:
             (int(time.time()), batch_id),
         )
 
-    def next_job(self) -> BatchObject | None:
-        """The oldest job with work left (or its end to write), if any."""
+    def active_jobs(self) -> list[tuple[str, BatchObject]]:
+        """(owner, job) of every job with work left (or its end to write), oldest first."""
         marks = ", ".join("?" * len(ACTIVE))
-        rows = self._run(
-            f"SELECT {_BATCH_COLUMNS} FROM batches WHERE status IN ({marks}) ORDER BY rowid LIMIT 1", ACTIVE
-        )
-        return _batch(rows[0])[1] if rows else None
+        rows = self._run(f"SELECT {_BATCH_COLUMNS} FROM batches WHERE status IN ({marks}) ORDER BY rowid", ACTIVE)
+        return [_batch(row) for row in rows]
 
     def progress(self, batch_id: str) -> tuple[BatchStatus, Progress]:
         rows = self._run(
-            "SELECT status, next_chunk, completed, failed, out_bytes, err_bytes FROM batches WHERE id = ?", (batch_id,)
+            "SELECT status, next_chunk, completed, failed, out_bytes, err_bytes, tokens FROM batches WHERE id = ?",
+            (batch_id,),
         )
         status, *rest = rows[0]
         return status, Progress(*rest)
@@ -304,16 +351,24 @@ class BatchStore:
         self._transaction(
             [
                 (
-                    "UPDATE batches SET next_chunk = ?, completed = ?, failed = ?, out_bytes = ?, err_bytes = ? "
-                    "WHERE id = ?",
-                    (done.next_chunk, done.completed, done.failed, done.out_bytes, done.err_bytes, batch_id),
+                    "UPDATE batches SET next_chunk = ?, completed = ?, failed = ?, out_bytes = ?, err_bytes = ?, "
+                    "tokens = ? WHERE id = ?",
+                    (
+                        done.next_chunk,
+                        done.completed,
+                        done.failed,
+                        done.out_bytes,
+                        done.err_bytes,
+                        done.tokens,
+                        batch_id,
+                    ),
                 )
             ]
         )
 
     def finish(self, batch_id: str, status: BatchStatus, outputs: dict[str, tuple[str, Path]]) -> None:
         """The job's end: its output and error files (kind "output"/"error" -> (file id, path)) become files
-        of its owner, and its status `status` ("completed", "cancelled", "failed"), in one transaction."""
+        of its owner, and its status `status` ("completed", "cancelled", "failed", "expired"), in one transaction."""
         owner = self.owner_of(batch_id)
         now = int(time.time())
         steps: list[tuple[str, tuple[Any, ...]]] = []
@@ -327,7 +382,7 @@ class BatchStore:
             )
         out = outputs.get("output", (None, None))[0]
         err = outputs.get("error", (None, None))[0]
-        when = {"completed": "completed_at", "cancelled": "cancelled_at", "failed": "failed_at"}[status]
+        when = _ENDED_AT[status]
         steps.append(
             (
                 f"UPDATE batches SET status = ?, {when} = ?, output_file_id = ?, error_file_id = ?, "
@@ -337,12 +392,13 @@ class BatchStore:
         )
         self._transaction(steps)
 
-    def fail(self, batch_id: str, code: str, message: str) -> None:
-        """The job cannot run at all (its input file is gone): "failed", with the reason in `errors`."""
-        errors = msgspec.json.encode(BatchErrors(data=[BatchError(code=code, message=message)])).decode()
+    def fail(self, batch_id: str, errors: list[BatchError]) -> None:
+        """The job cannot run (its input file is gone, its input is invalid, it kept failing): "failed", with
+        the reasons in `errors`."""
+        encoded = msgspec.json.encode(BatchErrors(data=errors)).decode()
         self._run(
             "UPDATE batches SET status = 'failed', failed_at = ?, errors = ? WHERE id = ?",
-            (int(time.time()), errors, batch_id),
+            (int(time.time()), encoded, batch_id),
         )
 
     def finalizing(self, batch_id: str) -> None:

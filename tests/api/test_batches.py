@@ -367,3 +367,144 @@ def test_a_job_out_of_token_quota_waits_for_it(tmp_path, monkeypatch):
         now[0] += 62  # a minute on: the quota is back
         done = _finished(client, batch.id)
     assert done.status == "completed" and (done.request_counts.completed, done.request_counts.failed) == (3, 0)
+
+
+def _create(client: openai.OpenAI, lines: list[Any], **kwargs: Any) -> Any:
+    uploaded = client.files.create(file=("in.jsonl", io.BytesIO(_jsonl(lines))), purpose="batch")
+    return client.batches.create(
+        input_file_id=uploaded.id, endpoint="/v1/embeddings", completion_window="24h", **kwargs
+    )
+
+
+def test_jobs_take_turns(tmp_path):
+    # A big job first, then a small one of another key: the small one finishes long before the big one.
+    keys = KeyStore(entries=[KeyConfig(key="key-big", name="big"), KeyConfig(key="key-small", name="small")])
+    with serve(_toml(tmp_path, delay_s=0.05, chunk_lines=2), keys=keys) as http:
+        big_client, small_client = _client(http, "key-big"), _client(http, "key-small")
+        big = _create(big_client, [_line(f"b{i}", f"big {i}") for i in range(300)])
+        wait_until(lambda: big_client.batches.retrieve(big.id).request_counts.completed >= 2, "the big job started")
+        small = _finished(small_client, _create(small_client, [_line(f"s{i}", f"small {i}") for i in range(6)]).id)
+        assert small.status == "completed" and small.request_counts.completed == 6
+        now = big_client.batches.retrieve(big.id)
+        assert now.status == "in_progress" and now.request_counts.completed < 100, now.request_counts
+        # Two jobs of one key take turns as well.
+        other = _finished(big_client, _create(big_client, [_line(f"o{i}", f"other {i}") for i in range(4)]).id)
+        assert other.status == "completed" and big_client.batches.retrieve(big.id).status == "in_progress"
+        big_client.batches.cancel(big.id)
+        _finished(big_client, big.id)
+
+
+def _failing_append(monkeypatch: pytest.MonkeyPatch, doomed: dict[str, int]) -> None:
+    """Writing a chunk of the batches in `doomed` fails (a full disk) as many times as each one's count says."""
+    from gateway.embedding import batch_runner
+
+    append = batch_runner._append
+    monkeypatch.setattr(batch_runner, "_BACKOFF_S", 0.05)
+    monkeypatch.setattr(batch_runner, "_RETRIES", 2)
+
+    def failing(out: Path, *args: Any) -> Any:
+        if doomed.get(out.stem, 0) > 0:
+            doomed[out.stem] -= 1
+            raise OSError(28, "No space left on device")
+        return append(out, *args)
+
+    monkeypatch.setattr(batch_runner, "_append", failing)
+
+
+def test_a_job_that_keeps_failing_fails_and_never_blocks_the_others(tmp_path, monkeypatch):
+    doomed: dict[str, int] = {}
+    _failing_append(monkeypatch, doomed)
+    with serve(_toml(tmp_path, delay_s=0.02, chunk_lines=2)) as http:
+        client = _client(http)
+        bad = _create(client, [_line(f"r{i}", f"t {i}") for i in range(40)])
+        doomed[bad.id] = 10**6
+        good = _finished(client, _create(client, [_line(f"g{i}", f"good {i}") for i in range(20)]).id)
+        assert good.status == "completed" and good.request_counts.completed == 20
+        failed = _finished(client, bad.id)
+    assert failed.status == "failed" and failed.failed_at
+    (error,) = failed.errors.data
+    assert error.code == "internal_error" and "No space left on device" in error.message
+    assert "3 times" in error.message  # the first try and two retries
+
+
+def test_a_job_that_fails_a_few_times_is_retried_and_completes(tmp_path, monkeypatch):
+    doomed: dict[str, int] = {}
+    _failing_append(monkeypatch, doomed)
+    with serve(_toml(tmp_path, delay_s=0.02, chunk_lines=2)) as http:
+        client = _client(http)
+        batch = _create(client, [_line(f"r{i}", f"t {i}") for i in range(20)])
+        doomed[batch.id] = 2
+        done = _finished(client, batch.id)
+        out = _lines(client, done.output_file_id)
+    assert done.status == "completed" and done.request_counts.completed == 20 and doomed[batch.id] == 0
+    assert sorted(x["custom_id"] for x in out) == sorted(f"r{i}" for i in range(20))  # each exactly once
+
+
+def test_a_job_past_its_window_expires(tmp_path):
+    n = 200
+    with serve(_toml(tmp_path, delay_s=0.05, chunk_lines=2, extra="completion_window_s = 1")) as http:
+        client = _client(http)
+        batch = _create(client, [_line(f"r{i}", f"t {i}") for i in range(n)])
+        assert batch.expires_at == batch.created_at + 1
+        done = _finished(client, batch.id)
+        out, errors = _lines(client, done.output_file_id), _lines(client, done.error_file_id)
+    assert done.status == "expired" and done.expired_at and done.expired_at >= done.expires_at
+    counts = done.request_counts
+    assert counts.completed == len(out) < n and counts.failed == len(errors) and counts.completed + counts.failed == n
+    assert sorted(x["custom_id"] for x in out + errors) == sorted(f"r{i}" for i in range(n))  # each exactly once
+    assert all(x["response"] is None and x["error"]["code"] == "batch_expired" for x in errors)
+    assert "completion window expired" in errors[0]["error"]["message"]
+
+
+def test_duplicate_custom_ids_fail_the_batch(fake_batches):
+    _, client = fake_batches
+    lines = [_line("a", "x"), _line("b", "y"), _line("a", "z"), _line("c", "w"), _line("b", "v"), b"{oops"]
+    batch = _create(client, lines)
+    assert batch.status == "failed" and batch.failed_at and batch.output_file_id is None
+    assert [(e.code, e.line, e.param) for e in batch.errors.data] == [
+        ("duplicate_custom_id", 3, "custom_id"),
+        ("duplicate_custom_id", 5, "custom_id"),
+    ]
+    assert "'a'" in batch.errors.data[0].message and "unique" in batch.errors.data[0].message
+    assert client.batches.retrieve(batch.id).status == "failed"
+
+
+def test_usage_counts_the_jobs_tokens(tmp_path):
+    with serve(_toml(tmp_path, delay_s=0.05, chunk_lines=2)) as http:
+        client = _client(http)
+        batch = _create(client, [_line(f"r{i}", "one two three " * (i % 5)) for i in range(60)] + [_line("bad", [])])
+        assert batch.usage.input_tokens == 0 and batch.usage.total_tokens == 0
+        wait_until(lambda: client.batches.retrieve(batch.id).request_counts.completed >= 4, "two chunks done")
+        midway = client.batches.retrieve(batch.id)
+        done = _finished(client, batch.id)
+        out = _lines(client, done.output_file_id)
+    total = sum(x["response"]["body"]["usage"]["prompt_tokens"] for x in out)
+    assert 0 < midway.usage.input_tokens < total
+    usage = done.usage
+    assert (usage.input_tokens, usage.output_tokens, usage.total_tokens) == (total, 0, total)
+    assert usage.input_tokens_details.cached_tokens == 0 and usage.output_tokens_details.reasoning_tokens == 0
+
+
+def test_a_finish_cut_short_is_done_again_without_losing_the_output(tmp_path):
+    # Stopped after the work file became the output file but before the database said so: the next start
+    # finishes the job again and the output file keeps its lines.
+    import sqlite3
+
+    lines = [_line(f"r{i}", f"t {i}") for i in range(6)]
+    with serve(_toml(tmp_path)) as http:
+        client = _client(http)
+        batch = _run(client, lines)
+        before = client.files.content(batch.output_file_id).content
+    db = sqlite3.connect(tmp_path / "batches.sqlite3")
+    with db:
+        db.execute(
+            "UPDATE batches SET status = 'finalizing', completed_at = NULL, output_file_id = NULL WHERE id = ?",
+            (batch.id,),
+        )
+        db.execute("DELETE FROM files WHERE id = ?", (batch.output_file_id,))
+    db.close()
+    with serve(_toml(tmp_path)) as http:
+        client = _client(http)
+        done = _finished(client, batch.id)
+        assert done.status == "completed" and done.output_file_id == batch.output_file_id
+        assert client.files.content(done.output_file_id).content == before
