@@ -138,8 +138,11 @@ class BatchRunner:
     async def _step(self, store: BatchStore) -> bool:
         """One turn: the next job's next chunk (or its end). False when no job has work now."""
         jobs = await store.call(store.active_jobs)
-        for gone in set(self._open) - {job.id for _, job in jobs}:
+        active = {job.id for _, job in jobs}
+        for gone in set(self._open) - active:
             self._close(gone)
+        for ended in [k for k in self._turns if not k.startswith("owner:") and k not in active]:
+            del self._turns[ended]
         picked = self._pick(jobs)
         if picked is None:
             return False
