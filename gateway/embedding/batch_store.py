@@ -22,6 +22,8 @@ from typing import Any, Literal, TypeVar
 
 import msgspec
 
+from gateway.base.errors import GatewayError
+
 T = TypeVar("T")
 
 BatchStatus = Literal[
@@ -32,8 +34,8 @@ ACTIVE = ("validating", "in_progress", "finalizing", "cancelling")
 COMPLETION_WINDOW_S = 24 * 3600
 #: The column stamped when a job ends in each final status.
 _ENDED_AT = {"completed": "completed_at", "cancelled": "cancelled_at", "failed": "failed_at", "expired": "expired_at"}
-#: Columns added after the table's first release, added to an older database when it is opened.
-_ADDED = {"expired_at": "INTEGER", "tokens": "INTEGER NOT NULL DEFAULT 0"}
+#: The layout of the tables below; a database of another layout is refused, not guessed at.
+SCHEMA_VERSION = 1
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS files (
@@ -195,19 +197,20 @@ class BatchStore:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA busy_timeout=10000")
         self._db.execute("PRAGMA synchronous=FULL")
-        self._db.executescript(_SCHEMA)
-        self._add_columns()
+        self._check_version()
 
-    def _add_columns(self) -> None:
-        """A database written before a column was added gets it (empty), so that its jobs go on."""
-        have = {row[1] for row in self._db.execute("PRAGMA table_info(batches)")}
-        for name, kind in _ADDED.items():
-            if name not in have:
-                try:
-                    self._db.execute(f"ALTER TABLE batches ADD COLUMN {name} {kind}")
-                except sqlite3.OperationalError as exc:  # another process added it first
-                    if "duplicate column" not in str(exc):
-                        raise
+    def _check_version(self) -> None:
+        version = self._db.execute("PRAGMA user_version").fetchone()[0]
+        if version == 0:
+            self._db.executescript(_SCHEMA)
+            self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+        elif version != SCHEMA_VERSION:
+            raise GatewayError(
+                503,
+                f"{self.root / DB_NAME} holds Batch API jobs in layout {version}, this gateway reads layout "
+                f"{SCHEMA_VERSION}: finish them with the gateway that wrote them, or set [batches] data_dir",
+                code="batch_store_unavailable",
+            )
 
     async def call(self, fn: Callable[..., T], *args: Any) -> T:
         """`fn(*args)` (a method of this store) on a worker thread: SQLite and the disk never hold the loop."""

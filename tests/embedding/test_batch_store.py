@@ -1,38 +1,30 @@
-"""The Batch API's job database: one written before columns were added still opens and its jobs go on."""
+"""The Batch API's job database: one of another layout is refused with a message naming it, never guessed at."""
 
 from __future__ import annotations
 
 import sqlite3
 from pathlib import Path
 
-from gateway.embedding.batch_store import BatchStore
+import pytest
 
-# The batches table as the Batch API first shipped it (no expired_at, no tokens).
-_FIRST = """
-CREATE TABLE batches (
-    id TEXT PRIMARY KEY, owner TEXT NOT NULL, input_file_id TEXT NOT NULL, endpoint TEXT NOT NULL,
-    completion_window TEXT NOT NULL, metadata TEXT, status TEXT NOT NULL, created_at INTEGER NOT NULL,
-    in_progress_at INTEGER, finalizing_at INTEGER, completed_at INTEGER, failed_at INTEGER,
-    cancelling_at INTEGER, cancelled_at INTEGER, expires_at INTEGER, output_file_id TEXT, error_file_id TEXT,
-    errors TEXT, total INTEGER NOT NULL DEFAULT 0, completed INTEGER NOT NULL DEFAULT 0,
-    failed INTEGER NOT NULL DEFAULT 0, next_chunk INTEGER NOT NULL DEFAULT 0,
-    out_bytes INTEGER NOT NULL DEFAULT 0, err_bytes INTEGER NOT NULL DEFAULT 0
-);
-INSERT INTO batches (id, owner, input_file_id, endpoint, completion_window, status, created_at, expires_at,
-    total, completed, next_chunk)
-    VALUES ('batch_old', 'k', 'file-x', '/v1/embeddings', '24h', 'in_progress', 1, 86401, 8, 4, 1);
-"""
+from gateway.base.errors import GatewayError
+from gateway.embedding.batch_store import DB_NAME, SCHEMA_VERSION, BatchStore
 
 
-def test_a_database_of_the_first_release_gets_the_new_columns(tmp_path: Path) -> None:
-    db = sqlite3.connect(tmp_path / "batches.sqlite3")
-    db.executescript(_FIRST)
+def test_a_new_database_is_stamped_and_opens_again(tmp_path: Path) -> None:
+    BatchStore(tmp_path).close()
+    db = sqlite3.connect(tmp_path / DB_NAME)
+    assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
     db.close()
     store = BatchStore(tmp_path)
-    ((owner, job),) = store.active_jobs()
-    assert owner == "k" and job.id == "batch_old" and job.request_counts.completed == 4
-    assert job.expired_at is None and job.usage is not None and job.usage.input_tokens == 0
-    status, progress = store.progress("batch_old")
-    assert status == "in_progress" and (progress.next_chunk, progress.tokens) == (1, 0)
+    assert store.active_jobs() == []
     store.close()
-    BatchStore(tmp_path).close()  # opened again: the columns are there, nothing to add
+
+
+def test_a_database_of_another_layout_is_refused(tmp_path: Path) -> None:
+    db = sqlite3.connect(tmp_path / DB_NAME)
+    db.execute(f"PRAGMA user_version={SCHEMA_VERSION + 1}")
+    db.close()
+    with pytest.raises(GatewayError) as err:
+        BatchStore(tmp_path)
+    assert err.value.status == 503 and f"layout {SCHEMA_VERSION + 1}" in str(err.value)
