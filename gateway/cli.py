@@ -125,10 +125,28 @@ def cmd_embed(args: argparse.Namespace) -> int:
 
 
 def cmd_embed_file(args: argparse.Namespace) -> int:
+    from gateway.embedding import bulk
+
+    try:
+        plan = _plan(args)
+        options = bulk.Options(args.model, args.dimensions, args.prompt_name, args.input_type, _truncate(args.truncate))
+        summary = asyncio.run(_embed_file(args, plan, options))
+    except bulk.BulkError as exc:
+        return _fail(str(exc))
+    print(
+        f"embed-file: {summary.written} texts written to {plan.out} in {summary.seconds:.1f}s "
+        f"({summary.written / max(summary.seconds, 1e-9):.0f} texts/s); {summary.skipped} already there; "
+        f"{summary.tokens} tokens",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def _plan(args: argparse.Namespace) -> Plan:
     from gateway.embedding import bulk, bulk_io
 
     source, out = Path(args.input), Path(args.out)
-    plan = bulk.Plan(
+    return bulk.Plan(
         source=source,
         input_format=bulk_io.input_format(source, args.input_format),
         text_field=args.text_field,
@@ -141,18 +159,6 @@ def cmd_embed_file(args: argparse.Namespace) -> int:
         resume=args.resume,
         overwrite=args.overwrite,
     )
-    options = bulk.Options(args.model, args.dimensions, args.prompt_name, args.input_type, _truncate(args.truncate))
-    try:
-        summary = asyncio.run(_embed_file(args, plan, options))
-    except bulk_io.BulkError as exc:
-        return _fail(str(exc))
-    print(
-        f"embed-file: {summary.written} texts written to {out} in {summary.seconds:.1f}s "
-        f"({summary.written / max(summary.seconds, 1e-9):.0f} texts/s); {summary.skipped} already there; "
-        f"{summary.tokens} tokens",
-        file=sys.stderr,
-    )
-    return 0
 
 
 def _truncate(value: str | None) -> bool | str | None:

@@ -119,8 +119,10 @@ class Progress:
     _bar: Any = None
     _started: float = field(default_factory=time.monotonic)
     _said: float = 0.0
+    _resumed_at: int = 0
 
     def __post_init__(self) -> None:
+        self._resumed_at = self.done
         if self.stream.isatty():
             try:
                 from tqdm import tqdm
@@ -142,7 +144,7 @@ class Progress:
 
     def line(self, now: float) -> str:
         """`done/total (pct) rate texts/s ETA`."""
-        rate = self.done / max(now - self._started, 1e-9)
+        rate = (self.done - self._resumed_at) / max(now - self._started, 1e-9)
         left = (self.total - self.done) / rate if rate else float("inf")
         eta = time.strftime("%H:%M:%S", time.gmtime(left)) if left != float("inf") else "?"
         pct = 100 * self.done / max(self.total, 1)
@@ -277,8 +279,14 @@ async def _embed_windows(
         while pending:
             await _write_first(sink, pending, summary, bar)
     finally:
-        for _, task in pending:
-            task.cancel()
+        # A failed window stops the run: the windows after it are cancelled and waited for.
+        await _cancel([task for _, task in pending])
+
+
+async def _cancel(tasks: list[asyncio.Task[Any]]) -> None:
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
 
 
 async def _write_first(
@@ -312,7 +320,12 @@ async def _window(
             except GatewayError as exc:
                 raise _named(plan, exc, [window[i] for i in group]) from None
 
-    results = await asyncio.gather(*(one(g) for g in groups))
+    tasks = [asyncio.create_task(one(g)) for g in groups]
+    try:
+        results = await asyncio.gather(*tasks)
+    except BaseException:
+        await _cancel(tasks)
+        raise
     dim = results[0][0].shape[1]
     vectors = np.empty((len(window), dim), dtype=np.float32)
     tokens: list[int | None] = [None] * len(window)
