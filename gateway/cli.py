@@ -155,6 +155,7 @@ def _plan(args: argparse.Namespace) -> Plan:
         output_format=bulk_io.output_format(out, args.output_format),
         window=args.window,
         request_size=args.request_size,
+        request_chars=args.request_chars,
         concurrency=args.concurrency,
         resume=args.resume,
         overwrite=args.overwrite,
@@ -385,7 +386,10 @@ def _add_embed_file(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--url", help="send the texts to this running gateway's /v1/embeddings instead of in-process")
     p.add_argument("--key", default=os.environ.get("GATEWAY_API_KEY"), help="its API key (with --url)")
     p.add_argument("--concurrency", type=int, default=2, help="requests in flight (default: %(default)s)")
-    p.add_argument("--request-size", type=int, default=256, help="texts per request (default: %(default)s)")
+    p.add_argument("--request-size", type=int, default=256, help="texts per request, at most (default: %(default)s)")
+    p.add_argument(
+        "--request-chars", type=int, default=8192, help="characters per request, about (default: %(default)s)"
+    )
     p.add_argument("--window", type=int, default=4096, help="texts sorted by length together (default: %(default)s)")
     p.set_defaults(func=cmd_embed_file)
 

@@ -79,6 +79,7 @@ class Plan:
     output_format: Any
     window: int = 4096
     request_size: int = 256
+    request_chars: int = 8192
     concurrency: int = 2
     resume: bool = False
     overwrite: bool = False
@@ -188,8 +189,8 @@ class Started:
 
 def start(plan: Plan, options: Options) -> Started:
     """Check the input whole and prepare the output (resumed, refused or replaced), before any model loads."""
-    if min(plan.window, plan.request_size, plan.concurrency) < 1:
-        raise BulkError("--window, --request-size and --concurrency must be at least 1")
+    if min(plan.window, plan.request_size, plan.request_chars, plan.concurrency) < 1:
+        raise BulkError("--window, --request-size, --request-chars and --concurrency must be at least 1")
     total = count(plan.source, plan.input_format, plan.text_field, plan.id_field)
     if total == 0:
         raise BulkError(f"{plan.source}: no records to embed")
@@ -311,7 +312,7 @@ async def _window(
     """One window's vectors and token counts in input order, computed longest texts first in requests of like
     length (`plan.request_size` texts each)."""
     order = sorted(range(len(window)), key=lambda i: len(window[i].text), reverse=True)
-    groups = [order[i : i + plan.request_size] for i in range(0, len(order), plan.request_size)]
+    groups = _groups(order, [len(r.text) for r in window], plan.request_size, plan.request_chars)
 
     async def one(group: list[int]) -> tuple[np.ndarray, list[int | None]]:
         async with gate:
@@ -334,6 +335,21 @@ async def _window(
         for i, n in zip(group, counts, strict=True):
             tokens[i] = n
     return vectors, tokens
+
+
+def _groups(order: list[int], sizes: list[int], most: int, chars: int) -> list[list[int]]:
+    """`order` cut into requests of at most `most` texts and about `chars` characters (at least one text each):
+    a request is a fraction of a second of the model's work, so the next one queued behind it is admitted
+    (the model refuses work predicted to wait past its queue limit) and the model never runs dry."""
+    groups: list[list[int]] = [[]]
+    held = 0
+    for i in order:
+        if groups[-1] and (len(groups[-1]) == most or held + sizes[i] > chars):
+            groups.append([])
+            held = 0
+        groups[-1].append(i)
+        held += sizes[i]
+    return groups
 
 
 def _named(plan: Plan, exc: GatewayError, sent: list[Record]) -> BulkError:
