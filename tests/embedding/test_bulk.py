@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import csv
+import io
 import json
 import os
 import signal
@@ -280,3 +281,16 @@ def test_progress_lines_when_not_a_terminal(tmp_path: Path) -> None:
         stream.seek(0)
         line = stream.read()
     assert line.startswith("embed-file: 50/100 (50.0%) ") and " texts/s ETA " in line
+
+
+def test_a_bar_on_a_terminal(tmp_path: Path) -> None:
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    stream = Terminal()
+    progress = bulk.Progress(total=100, done=20, stream=stream)
+    progress.add(30)
+    progress.close()
+    shown = stream.getvalue()
+    assert "50/100" in shown and "text/s" in shown and not shown.startswith("embed-file:")
