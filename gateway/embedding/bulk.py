@@ -300,7 +300,8 @@ async def _write_first(
     window, task = pending[0]
     vectors, tokens = await task
     pending.popleft()
-    sink.write([r.id for r in window], vectors, tokens)
+    # Off the loop: the requests of the windows behind this one go on being answered while it is written.
+    await asyncio.to_thread(sink.write, [r.id for r in window], vectors, tokens)
     summary.written += len(window)
     summary.tokens += sum(t for t in tokens if t is not None)
     bar.add(len(window), final=not pending)
