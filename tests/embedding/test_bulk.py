@@ -294,3 +294,20 @@ def test_a_bar_on_a_terminal(tmp_path: Path) -> None:
     progress.close()
     shown = stream.getvalue()
     assert "50/100" in shown and "text/s" in shown and not shown.startswith("embed-file:")
+
+
+def test_resume_refuses_another_input_or_other_options(tmp_path: Path) -> None:
+    source = write_input(tmp_path / "in.jsonl", ["one", "two", "three"], ["a", "b", "c"])
+    out = tmp_path / "out.parquet"
+    plan = plan_for(source, out, resume=True)
+    started = bulk.start(plan, bulk.Options("minilm"))  # a run that wrote one chunk, then died
+    started.sink.write(["a", "b"], np.ones((2, 4), np.float32), [1, 1])
+    with pytest.raises(BulkError, match="was started with other input or options"):
+        bulk.start(plan, bulk.Options("minilm", dimensions=64))
+    write_input(source, ["one", "two", "three"], ["a", "x", "c"])
+    with pytest.raises(BulkError, match="row 2 holds id 'b' but the input has 'x' there"):
+        asyncio.run(bulk.run(bulk.start(plan, bulk.Options("minilm")), _never, bulk.Progress))
+
+
+async def _never(texts: list[str]) -> Any:
+    raise AssertionError("nothing is embedded before the written prefix is checked")
