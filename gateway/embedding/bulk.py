@@ -26,7 +26,7 @@ import numpy as np
 from gateway.base.errors import GatewayError
 from gateway.base.schemas import EmbeddingRequest, InputType
 from gateway.embedding import service
-from gateway.embedding.bulk_io import BulkError, NumpySink, ParquetSink, Record, count, records
+from gateway.embedding.bulk_io import BulkError, NumpySink, ParquetSink, Record, count, pyarrow_modules, records
 from gateway.embedding.state import Gateway
 
 # A request's vectors and each input's token count (None where the HTTP API gives only the request's total).
@@ -191,6 +191,8 @@ def start(plan: Plan, options: Options) -> Started:
     """Check the input whole and prepare the output (resumed, refused or replaced), before any model loads."""
     if min(plan.window, plan.request_size, plan.request_chars, plan.concurrency) < 1:
         raise BulkError("--window, --request-size, --request-chars and --concurrency must be at least 1")
+    if plan.output_format == "parquet":
+        pyarrow_modules()  # a missing extra is named now, not after the first window is computed
     total = count(plan.source, plan.input_format, plan.text_field, plan.id_field)
     if total == 0:
         raise BulkError(f"{plan.source}: no records to embed")

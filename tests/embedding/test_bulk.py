@@ -311,3 +311,13 @@ def test_resume_refuses_another_input_or_other_options(tmp_path: Path) -> None:
 
 async def _never(texts: list[str]) -> Any:
     raise AssertionError("nothing is embedded before the written prefix is checked")
+
+
+def test_parquet_without_pyarrow_names_the_extra(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    source = write_input(tmp_path / "in.jsonl", ["one"], ["a"])
+    monkeypatch.setitem(sys.modules, "pyarrow", None)  # what `import pyarrow` finds when it is not installed
+    monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)
+    with pytest.raises(BulkError, match=r"Parquet needs pyarrow: pip install 'embedding-gateway\[bulk\]'"):
+        asyncio.run(
+            bulk.run(bulk.start(plan_for(source, tmp_path / "o.parquet"), bulk.Options("m")), _never, bulk.Progress)
+        )
