@@ -69,6 +69,66 @@ def raw_main(args: argparse.Namespace) -> int:
     return 0
 
 
+def paired_main(args: argparse.Namespace) -> int:
+    """Subprocess entry (`--paired M`): one model loaded once, its raw loop (batches of the first `--raw-batches`
+    size, length-sorted) run just before and just after each embed-file run on the same process and backend;
+    one JSON line per round. Drift between the two figures is then seconds, not minutes."""
+    import asyncio
+
+    from gateway.base.config import load_config
+    from gateway.embedding import bulk
+    from gateway.embedding.state import Gateway
+    from gateway.runtime.plugins import load_plugins
+    from gateway.shared.keys import KeyStore
+
+    plugins = load_plugins()
+    config = load_config(args.model_config)
+    gw = Gateway(config, plugins.backends(), broken=plugins.broken, placements=plugins.placements(), keys=KeyStore())
+    model = gw.registry.resolve(args.paired)
+    model.load()
+    backend = bench.Raw.__new__(bench.Raw)
+    backend.backend, backend.concurrent_batches = model.backend, model.info.concurrent_batches  # type: ignore[union-attr]
+    texts = [json.loads(line)["text"] for line in Path(args.corpus).read_text().splitlines()]
+    tokens = backend.count(texts)
+    ordered = [texts[i] for i in sorted(range(len(texts)), key=lambda i: tokens[i])]
+    size = args.raw_batches[0]
+    batches = [ordered[i : i + size] for i in range(0, len(ordered), size)]
+    plan = bulk.Plan(Path(args.corpus), "jsonl", "text", "id", Path(args.corpus).with_suffix(".parquet"), "parquet")
+    plan.overwrite, plan.window, plan.request_size = True, args.window, args.request_size
+    plan.request_chars, plan.concurrency = args.request_chars, args.concurrency
+    options = bulk.Options(args.paired)
+
+    def raw() -> float:
+        started = time.perf_counter()
+        bench.run_all(backend, batches)
+        return len(texts) / (time.perf_counter() - started)
+
+    async def embed_file() -> bulk.Summary:
+        quiet = lambda total, done: bulk.Progress(total, done, every_s=1e9)  # noqa: E731
+        return await bulk.run(bulk.start(plan, options), bulk.in_process(gw, options), quiet)
+
+    raw()  # warm-up, both ways
+    asyncio.run(embed_file())
+    for _ in range(args.rounds):
+        before = raw()
+        summary = asyncio.run(embed_file())
+        after = raw()
+        rate = summary.written / summary.seconds
+        out = {"raw_before": before, "embed_file": rate, "raw_after": after, "ratio": 2 * rate / (before + after)}
+        print("PAIRJSON " + json.dumps(out), flush=True)
+    model.close()
+    return 0
+
+
+def run_paired(args: argparse.Namespace, model: str, config: Path, corpus_path: Path) -> list[dict[str, Any]]:
+    cmd = [sys.executable, __file__, "--paired", model, "--model-config", str(config), "--corpus", str(corpus_path)]
+    cmd += ["--raw-batches", ",".join(map(str, args.raw_batches)), "--rounds", str(args.rounds)]
+    cmd += ["--window", str(args.window), "--request-size", str(args.request_size)]
+    cmd += ["--request-chars", str(args.request_chars), "--concurrency", str(args.concurrency)]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True, env=_env(), cwd=ROOT).stdout
+    return [json.loads(line[9:]) for line in out.splitlines() if line.startswith("PAIRJSON ")]
+
+
 def run_raw(args: argparse.Namespace, model: str, corpus_path: Path) -> dict[str, Any]:
     cmd = [sys.executable, __file__, "--raw", model, "--corpus", str(corpus_path), "--config", args.config]
     cmd += ["--raw-batches", ",".join(map(str, args.raw_batches))]
@@ -121,11 +181,18 @@ def main() -> int:
     p.add_argument("--request-size", type=int, default=256)
     p.add_argument("--request-chars", type=int, default=8192)
     p.add_argument("--concurrency", type=int, default=2)
+    p.add_argument(
+        "--paired-n", type=int, default=0, help="also the paired check (raw before and after, one process) on N texts"
+    )
+    p.add_argument("--paired", help=argparse.SUPPRESS)
+    p.add_argument("--model-config", help=argparse.SUPPRESS)
     p.add_argument("--raw", help=argparse.SUPPRESS)
     p.add_argument("--corpus", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.raw:
         return raw_main(args)
+    if args.paired:
+        return paired_main(args)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     results_dir = HERE / "results" / f"{stamp}-embed-file"
     results_dir.mkdir(parents=True, exist_ok=True)
@@ -136,7 +203,7 @@ def main() -> int:
         corpus_path.write_text("".join(json.dumps({"id": i, "text": t}) + "\n" for i, t in enumerate(corpus(args.n))))
         models = args.models.split(",")
         configs = {m: model_config(args, m, work / f"{m}.toml") for m in models}
-        for round_ in range(args.rounds):
+        for round_ in range(args.rounds if args.n else 0):
             for model in models:
                 raw = run_raw(args, model, corpus_path)
                 ef = run_embed_file(args, configs[model], model, corpus_path, work)
@@ -144,7 +211,18 @@ def main() -> int:
                 row["ratio"] = ef["rate"] / raw["best_rate"]
                 rows.append(row)
                 print(json.dumps(row), file=sys.stderr, flush=True)
-    (results_dir / "results.json").write_text(json.dumps({"args": vars(args), "rows": rows}, indent=2))
+        paired: dict[str, list[dict[str, Any]]] = {}
+        if args.paired_n:
+            small = work / "paired.jsonl"
+            small.write_text(
+                "".join(json.dumps({"id": i, "text": t}) + "\n" for i, t in enumerate(corpus(args.paired_n)))
+            )
+            for model in models:
+                paired[model] = run_paired(args, model, configs[model], small)
+                print(json.dumps({model: paired[model]}), file=sys.stderr, flush=True)
+    (results_dir / "results.json").write_text(
+        json.dumps({"args": vars(args), "rows": rows, "paired": paired}, indent=2)
+    )
     print("| round | model | raw best (batch) | embed-file texts/s | ratio | embed-file wall (load included) |")
     print("|---|---|---|---|---|---|")
     for r in rows:
@@ -153,6 +231,15 @@ def main() -> int:
             f"| {r['round']} | {r['model']} | {raw['best_rate']:.0f} ({raw['best_size']}) | "
             f"{r['embed_file']['rate']:.0f} | {r['ratio']:.2f} | {r['embed_file']['wall_s']:.1f} s |"
         )
+    if paired:
+        print(f"\nPaired, {args.paired_n} texts, raw batches of {args.raw_batches[0]}, one process per model:\n")
+        print("| model | raw before | embed-file | raw after | ratio |\n|---|---|---|---|---|")
+        for model, points in paired.items():
+            for pt in points:
+                print(
+                    f"| {model} | {pt['raw_before']:.0f} | {pt['embed_file']:.0f} | {pt['raw_after']:.0f} | "
+                    f"{pt['ratio']:.2f} |"
+                )
     print(f"\n{args.n} texts; results in {results_dir}")
     return 0
 
