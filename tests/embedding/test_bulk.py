@@ -225,6 +225,9 @@ def test_url_equals_in_process_and_a_bad_key_is_named(torch_client: Any, config:
 
     with uvicorn_server(app) as (url, _):
         asyncio.run(over(url, API_KEY, tmp_path / "remote.parquet"))
+        argv = ["embed-file", str(source), "--model", "minilm-mrl", "--out", str(tmp_path / "cli.npy")]
+        argv += ["--dimensions", "128", "--truncate", "true", "--url", url, "--key", API_KEY]
+        assert main(argv) == 0
         with pytest.raises(BulkError, match=r"refused the key \(401\)"):
             asyncio.run(over(url, "wrong-key", tmp_path / "refused.parquet"))
     local, remote = read_output(tmp_path / "local.parquet"), read_output(tmp_path / "remote.parquet")
@@ -232,6 +235,9 @@ def test_url_equals_in_process_and_a_bad_key_is_named(torch_client: Any, config:
     np.testing.assert_allclose(remote[1], local[1], atol=2e-6)
     # The API reports one token total per request, not each input's: --url writes none.
     assert remote[2] == [None] * len(texts)
+    by_cli = read_output(tmp_path / "cli.npy")
+    assert by_cli[0] == local[0] and by_cli[2] == remote[2]
+    np.testing.assert_allclose(by_cli[1], local[1], atol=2e-6)
 
 
 @pytest.mark.parametrize(
