@@ -11,15 +11,16 @@ import sys
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING, TypeVar, get_args
 
 from gateway.base.config import DEFAULT_CONFIG, ConfigError, GatewayConfig, key_digest, load_config, resolve_model_path
-from gateway.base.schemas import ModelRuntimeList
+from gateway.base.schemas import InputType, ModelRuntimeList
 from gateway.runtime.plugins import PluginError, load_plugins
 from gateway.runtime.registry import ModelState, Registry, build_specs, check_paths
 from gateway.shared.keys import KeyStore, hash_key, new_key
 
 if TYPE_CHECKING:
+    from gateway.embedding.bulk import Options, Plan, Summary
     from gateway.embedding.check import CheckReport
     from gateway.embedding.state import Gateway
 
@@ -123,6 +124,71 @@ def cmd_embed(args: argparse.Namespace) -> int:
         model.close()
     sys.stdout.write(msgspec.json.encode(response).decode() + "\n")
     return 0
+
+
+def cmd_embed_file(args: argparse.Namespace) -> int:
+    from gateway.embedding import bulk
+
+    try:
+        plan = _plan(args)
+        options = bulk.Options(args.model, args.dimensions, args.prompt_name, args.input_type, _truncate(args.truncate))
+        summary = asyncio.run(_embed_file(args, plan, options))
+    except bulk.BulkError as exc:
+        return _fail(str(exc))
+    print(
+        f"embed-file: {summary.written} texts written to {plan.out} in {summary.seconds:.1f}s "
+        f"({summary.written / max(summary.seconds, 1e-9):.0f} texts/s); {summary.skipped} already there; "
+        f"{summary.tokens} tokens",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def _plan(args: argparse.Namespace) -> Plan:
+    from gateway.embedding import bulk, bulk_io
+
+    source, out = Path(args.input), Path(args.out)
+    return bulk.Plan(
+        source=source,
+        input_format=bulk_io.input_format(source, args.input_format),
+        text_field=args.text_field,
+        id_field=args.id_field,
+        out=out,
+        output_format=bulk_io.output_format(out, args.output_format),
+        window=args.window,
+        request_size=args.request_size,
+        request_chars=args.request_chars,
+        concurrency=args.concurrency,
+        resume=args.resume,
+        overwrite=args.overwrite,
+    )
+
+
+def _truncate(value: str | None) -> bool | str | None:
+    return {None: None, "true": True, "false": False}.get(value, value)  # type: ignore[arg-type]
+
+
+async def _embed_file(args: argparse.Namespace, plan: Plan, options: Options) -> Summary:
+    """The run in-process (only `--model` loaded, after the input is checked) or, with --url, against a running
+    gateway."""
+    from gateway.embedding import bulk, bulk_http
+
+    if args.url:
+        if not args.key:
+            raise bulk.BulkError("--url needs --key (an API key of that server, or GATEWAY_API_KEY)")
+        started = bulk.start(plan, options)
+        async with bulk_http.client(args.url, args.key, args.concurrency) as http:
+            return await bulk.run(started, bulk_http.over_http(http, options), bulk.Progress)
+    gw = _gateway(args)
+    model = gw.registry.resolve(args.model)
+    started = bulk.start(plan, options)
+    await asyncio.to_thread(model.load)
+    if model.state != ModelState.READY:
+        raise bulk.BulkError(f"model {model.name!r}: {model.error}")
+    try:
+        return await bulk.run(started, bulk.in_process(gw, options), bulk.Progress)
+    finally:
+        model.close()
 
 
 def cmd_check(args: argparse.Namespace) -> int:
@@ -313,6 +379,8 @@ def _add_serving(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dimensions", type=int, help="Matryoshka dimensions")
     p.set_defaults(func=cmd_embed)
 
+    _add_embed_file(sub)
+
     p = _with_config(
         sub.add_parser("check", help="check that models agree with their references (in-process, or --url)")
     )
@@ -335,6 +403,36 @@ def _add_serving(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--port", type=int, help="port (default: the one in [redis] url)")
     p.set_defaults(func=cmd_redis_server)
+
+
+def _add_embed_file(sub: argparse._SubParsersAction) -> None:
+    p = _with_config(
+        sub.add_parser("embed-file", help="embed a JSONL, CSV or Parquet file of texts into Parquet or NumPy")
+    )
+    p.add_argument("input", help="the texts: .jsonl, .csv (a header row) or .parquet")
+    p.add_argument("--model", required=True, help="model name or alias")
+    p.add_argument("--out", required=True, help="the vectors: .parquet (id, vector, tokens) or .npy (+ OUT.ids.jsonl)")
+    p.add_argument("--input-format", choices=["jsonl", "csv", "parquet"], help="default: from INPUT's extension")
+    p.add_argument("--output-format", choices=["parquet", "npy"], help="default: from OUT's extension")
+    p.add_argument("--text-field", default="text", help="the field (column) holding the text (default: %(default)s)")
+    p.add_argument(
+        "--id-field", default="id", help="the field holding the id; absent: its line number (default: %(default)s)"
+    )
+    p.add_argument("--dimensions", type=int, help="Matryoshka dimensions, as the API's `dimensions`")
+    p.add_argument("--prompt-name", help="one of the model's named prompts, as the API's `prompt_name`")
+    p.add_argument("--input-type", choices=list(get_args(InputType)), help="as the API's `input_type`")
+    p.add_argument("--truncate", choices=["true", "false", "end", "start"], help="as the API's `truncate`")
+    p.add_argument("--resume", action="store_true", help="continue a broken run from what OUT already holds")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
+    p.add_argument("--url", help="send the texts to this running gateway's /v1/embeddings instead of in-process")
+    p.add_argument("--key", default=os.environ.get("GATEWAY_API_KEY"), help="its API key (with --url)")
+    p.add_argument("--concurrency", type=int, default=2, help="requests in flight (default: %(default)s)")
+    p.add_argument("--request-size", type=int, default=256, help="texts per request, at most (default: %(default)s)")
+    p.add_argument(
+        "--request-chars", type=int, default=8192, help="characters per request, about (default: %(default)s)"
+    )
+    p.add_argument("--window", type=int, default=4096, help="texts sorted by length together (default: %(default)s)")
+    p.set_defaults(func=cmd_embed_file)
 
 
 def _add_tools(sub: argparse._SubParsersAction, converters: dict[str, object]) -> None:

@@ -185,8 +185,9 @@ async def request_vectors(
     background: bool = False,
 ) -> tuple[np.ndarray, int, Output]:
     """The request's vectors (cut to `dimensions`), its token count and how to encode them. `notes` also gets
-    "headers" for the answer: the prompt applied and, when truncating, how many inputs were cut; and
-    "served_by": the model that computed the vectors (the one asked for, or a fallback of it).
+    "headers" for the answer: the prompt applied and, when truncating, how many inputs were cut;
+    "served_by": the model that computed the vectors (the one asked for, or a fallback of it); and
+    "token_counts": each input's tokens, in input order (what `gateway embed-file` writes per row).
 
     `background`: a Batch API job's line: computed at the batcher's low priority (only while no client input
     waits), never refused by admission nor bound by `request_timeout_s`."""
@@ -255,6 +256,7 @@ async def _first_served(
             )
             continue
         notes["served_by"] = candidate.name
+        notes["token_counts"] = said["token_counts"]
         headers = notes.setdefault("headers", {})
         headers.update(said.get("headers", {}))
         headers["X-Served-Model"] = candidate.name
@@ -310,6 +312,7 @@ async def _on_model(
             else:
                 vectors, counts, cut = await job.compute(texts)
             job.charged = 0  # delivered: the charge stands
+    notes["token_counts"] = counts
     if job.side is not None:
         notes.setdefault("headers", {})["X-Truncated-Inputs"] = str(sum(cut))
     if dims is not None:
