@@ -49,7 +49,7 @@ path = "."
 TEXTS = ["the cat sat on the mat", "a dog lay on the rug", "stock prices fell today"]
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def browser() -> Iterator[Any]:
     if not os.path.exists(CHROMIUM):
         pytest.skip("chromium not installed (make test installs Debian's chromium as root with apt)")
