@@ -76,6 +76,8 @@ class Batcher:
         max_batch_tokens: int | None = None,
         max_wait_ms: float = 0.0,
         return_wait: float = 0.0,
+        background_batch_ms: float = 0.0,
+        background_grace_ms: float = 0.0,
         max_queue: int = 4096,
         on_batch: Callable[[str, int, int, float], None] | None = None,
         circuit: CircuitBreaker | None = None,
@@ -103,6 +105,8 @@ class Batcher:
             pads_to_longest=self.pads_to_longest,
             max_wait=self.max_wait,
             return_wait=return_wait,
+            background_batch=background_batch_ms / 1000.0,
+            background_grace=background_grace_ms / 1000.0,
         )
         # One lock for the queue, admission and every request's state: the queue's, which workers wait on.
         self._cond = self._queue.lock
@@ -205,6 +209,8 @@ class Batcher:
             with self._cond:
                 if tokens:
                     self._admission.measure(tokens, ended - (busy_since or started), len(self._threads))
+                    rate = self._admission.rate
+                    self._queue.batch_rate = rate / len(self._threads) if rate else None
                 busy_since = ended if self._queue.pending else None
 
     def _fail(self, batch: list[Item], err: Exception) -> None:
