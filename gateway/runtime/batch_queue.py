@@ -284,7 +284,7 @@ class BatchQueue:
                     # background batch started meanwhile would hold that request for the batch's whole time.
                     left = self._client_at + self.background_grace - time.monotonic()
                     if left <= 0:
-                        return self._take_background()
+                        return _take_background(self)
                     self.lock.wait(left)
                     continue
                 # Everything queued was cancelled while this worker waited for more: start over.
@@ -311,38 +311,6 @@ class BatchQueue:
             if self.pending:
                 self.lock.notify()
             return batch
-
-    def _take_background(self) -> list[Item]:
-        """Under the lock, with no client input queued: the next batch of background inputs, chosen as a client
-        batch is (`_pick`) from the oldest requests' inputs, the oldest input its anchor. A Batch API job sends
-        each line as a request of its own: they merge here into full, length-sorted batches. With
-        `background_batch` set and the drain rate measured, the batch holds at most about that long's tokens, so
-        that a client input arriving while it computes waits at most about that long."""
-        budget = self.max_batch_tokens
-        if self.background_batch and self.batch_rate:
-            budget = min(budget, max(1, int(self.batch_rate * self.background_batch)))
-        window = self.max_batch_size * (_CANDIDATES if self.pads_to_longest else 1)
-        candidates: list[Item] = []
-        for req in self.background:
-            candidates.extend((req, i) for i in req.waiting[: window - len(candidates)])
-            if len(candidates) >= window:
-                break
-        batch = self._pick(candidates, budget)
-        taken: dict[int, set[int]] = {}
-        for req, i in batch:
-            taken.setdefault(id(req), set()).add(i)
-        now = time.monotonic()
-        for req in [r for r in self.background if id(r) in taken]:
-            mine = taken[id(req)]
-            req.waiting = [i for i in req.waiting if i not in mine]
-            req.served = now
-            if req.progress is not None:
-                req.progress.taken_tokens += sum(req.tokens[i] for i in mine)
-            if not req.waiting:
-                self.background.remove(req)
-        if self.background:
-            self.lock.notify()
-        return batch
 
     def _wait_for_inputs(self) -> None:
         # Under the lock: until something is queued, then, if configured, a little longer for more. Queued
@@ -427,3 +395,36 @@ class BatchQueue:
                 if len(candidates) >= window:
                     break
         return candidates
+
+
+def _take_background(queue: BatchQueue) -> list[Item]:
+    """Under the queue's lock, with no client input queued: the next batch of background inputs, chosen as a client
+    batch is (`_pick`) from the oldest requests' inputs, the oldest input its anchor. A Batch API job sends
+    each line as a request of its own: they merge here into full, length-sorted batches. With
+    `background_batch` set and the drain rate measured, the batch holds at most about that long's tokens, so
+    that a client input arriving while it computes waits at most about that long."""
+    budget = queue.max_batch_tokens
+    if queue.background_batch and queue.batch_rate:
+        budget = min(budget, max(1, int(queue.batch_rate * queue.background_batch)))
+    window = queue.max_batch_size * (_CANDIDATES if queue.pads_to_longest else 1)
+    candidates: list[Item] = []
+    for req in queue.background:
+        candidates.extend((req, i) for i in req.waiting[: window - len(candidates)])
+        if len(candidates) >= window:
+            break
+    batch = queue._pick(candidates, budget)
+    taken: dict[int, set[int]] = {}
+    for req, i in batch:
+        taken.setdefault(id(req), set()).add(i)
+    now = time.monotonic()
+    for req in [r for r in queue.background if id(r) in taken]:
+        mine = taken[id(req)]
+        req.waiting = [i for i in req.waiting if i not in mine]
+        req.served = now
+        if req.progress is not None:
+            req.progress.taken_tokens += sum(req.tokens[i] for i in mine)
+        if not req.waiting:
+            queue.background.remove(req)
+    if queue.background:
+        queue.lock.notify()
+    return batch
