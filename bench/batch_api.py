@@ -10,10 +10,10 @@ model in turn, `gateway embed-file` and the Batch API alternate (embed-file firs
 in even ones), so that drift hits both alike:
   embed-file: bench/embed_file.py's run (its own process, cache off, its printed texts/s);
   server: `gateway serve` on a config holding that model alone, cache off, a fresh batches folder, the model's
-      `[batching]` as `--variants` names (`default`, or `key=value+key=value` pairs added to it; `;` between
-      variants: each gets a server of its own); after /ready, one int8 request waits out the calibration
-      (`calibrate = "load"` on torch runs in the batcher's background lane: it must not be measured as the job);
-      then
+      `[batching]` as `--variants` names (`default`, or `key=value+key=value` pairs added to it, `options.K=V`
+      for the backend's option K; `;` between variants: each gets a server of its own); after /ready, one
+      int8 request waits out the calibration (`calibrate = "load"` on torch runs in the batcher's background
+      lane: it must not be measured as the job); then
       (a) idle: `--latency-requests` POST /v1/embeddings of one text each from one keep-alive client (c1);
           the job alone: the official `openai` client uploads the JSONL, creates the batch and polls (every
           0.1 s) until it is completed; texts/s from `batches.create` to the poll that saw it completed;
@@ -206,12 +206,20 @@ def serve_variant(
     restart: bool,
 ) -> dict[str, Any]:
     """One server with this `[batching]`: idle c1, the job alone, the job with c1, and (if `restart`) the kill."""
+    import msgspec
+
     from gateway.base.config import load_config
 
     config = load_config(args.config)
+    # `options.K=V`: the backend's own option K (the runtime's threads, say); the rest are `[batching]` keys.
+    options = {k.split(".", 1)[1]: v for k, v in overrides.items() if k.startswith("options.")}
+    batching = {k: v for k, v in overrides.items() if not k.startswith("options.")}
+    if options:
+        spec = config.models[model]
+        config.models[model] = msgspec.structs.replace(spec, options={**spec.options, **options})
     tag = f"{model}-{label}".replace("=", "").replace("+", "_").replace(".", "")
     path = work / f"{tag}.toml"
-    bench.write_model_config(config, model, path, access_log=False, **overrides)
+    bench.write_model_config(config, model, path, access_log=False, **batching)
     data = work / f"{tag}-data"
     with path.open("a", encoding="utf-8") as f:
         f.write(f"\n[batches]\ndata_dir = {json.dumps(str(data))}\n")
