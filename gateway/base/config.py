@@ -99,6 +99,17 @@ class BatchingConfig(_Strict):
     # this long (from the model's measured drain rate, its key's fair share of it, and the client's own
     # X-Request-Timeout-Ms if shorter); otherwise 429 at once, with Retry-After from the prediction.
     max_queue_wait_ms: Annotated[float, msgspec.Meta(gt=0)] = 2000.0
+    # Background work (Batch API jobs, calibration) runs only while no client input waits, but a client request
+    # that arrives while a background batch computes waits for it: such a batch is cut to about this much
+    # compute at the measured drain rate: a lower p99 during a job, for less job throughput (bench/README.md,
+    # "Bulk: the Batch API"). 0: as big as client batches.
+    background_batch_ms: Annotated[float, msgspec.Meta(ge=0)] = 0.0
+    # After client work (an input arrived, or a batch holding one ended), background batches wait this long:
+    # a client that just got its answer sends its next request within moments, and a background batch started
+    # meanwhile would hold that request for the batch's whole time (one client's p50 during a job: 8-11x idle
+    # without it, 0.9-1.1x with it; bench/README.md, "Bulk: the Batch API"). Client requests that come closer
+    # together than this hold a job back until they pause. 0: no wait.
+    background_grace_ms: Annotated[float, msgspec.Meta(ge=0)] = 2.0
     # Inputs (not requests) waiting per model: a bound on memory. A key with inputs queued is refused past
     # it; a key with none queued may still add one request, so a flood from one key cannot lock out others.
     max_queue: Positive = 4096

@@ -44,6 +44,8 @@ class Admission:
         sample = tokens / max(seconds, 1e-6) * workers
         rate = self.rate
         self.rate = sample if rate is None else rate + _RATE_WEIGHT * (sample - rate)
+        # What one batch computes at: what cuts a background batch by time.
+        self.queue.batch_rate = self.rate / workers
 
     def predicted_wait(self) -> float:
         """Seconds until the work queued now is done, at the measured drain rate (0 before any measurement)."""

@@ -174,13 +174,24 @@ class BatchQueue:
         pads_to_longest: bool,
         max_wait: float,
         return_wait: float,
+        background_batch: float = 0.0,
+        background_grace: float = 0.0,
     ) -> None:
-        """`max_wait` (seconds): how long a worker waits for a full batch; `return_wait`: see `_wait_for_inputs`."""
+        """`max_wait` (seconds): how long a worker waits for a full batch; `return_wait`: see `_wait_for_inputs`;
+        `background_batch` and `background_grace` (seconds): see `_take_background` and `take`."""
         self.max_batch_size = max_batch_size
         self.max_batch_tokens = max_batch_tokens
         self.pads_to_longest = pads_to_longest
         self.max_wait = max_wait
         self.return_wait = return_wait
+        self.background_batch = background_batch
+        self.background_grace = background_grace
+        # Tokens per second one batch computes at (the measured drain rate over the workers; None until
+        # measured): what sizes a background batch by time.
+        self.batch_rate: float | None = None
+        # When a client input last arrived or a batch holding one ended: background work waits
+        # `background_grace` after it.
+        self._client_at = 0.0
         self.lock = threading.Condition()
         self.closed = False
         self.requests: deque[Request] = deque()
@@ -210,6 +221,7 @@ class BatchQueue:
             mine = self.owners.setdefault(req.owner, KeyShare(served=req.arrived))
             mine.inputs += len(req.texts)
             mine.tokens += own
+            self._client_at = time.monotonic()
         self.lock.notify()
 
     def drop(self, req: Request) -> None:
@@ -242,6 +254,8 @@ class BatchQueue:
             self._expect = self.pending + len(finished)
             self._last_compute_s = elapsed
             self._finished_at = time.monotonic()
+            if any(not req.background for req, _ in batch):
+                self._client_at = self._finished_at
         return finished
 
     def close(self) -> None:
@@ -266,7 +280,13 @@ class BatchQueue:
             self._wait_for_inputs()
             while not self.pending:
                 if self.background:
-                    return self._take_background()
+                    # A client that just got its answer tends to send its next request within moments: a
+                    # background batch started meanwhile would hold that request for the batch's whole time.
+                    left = self._client_at + self.background_grace - time.monotonic()
+                    if left <= 0:
+                        return _take_background(self)
+                    self.lock.wait(left)
+                    continue
                 # Everything queued was cancelled while this worker waited for more: start over.
                 if self.closed:
                     return None
@@ -291,33 +311,6 @@ class BatchQueue:
             if self.pending:
                 self.lock.notify()
             return batch
-
-    def _take_background(self) -> list[Item]:
-        """Under the lock, with no client input queued: the next batch of background inputs, chosen as a client
-        batch is (`_pick`) from the oldest requests' inputs, the oldest input its anchor. A Batch API job sends
-        each line as a request of its own: they merge here into full, length-sorted batches."""
-        window = self.max_batch_size * (_CANDIDATES if self.pads_to_longest else 1)
-        candidates: list[Item] = []
-        for req in self.background:
-            candidates.extend((req, i) for i in req.waiting[: window - len(candidates)])
-            if len(candidates) >= window:
-                break
-        batch = self._pick(candidates)
-        taken: dict[int, set[int]] = {}
-        for req, i in batch:
-            taken.setdefault(id(req), set()).add(i)
-        now = time.monotonic()
-        for req in [r for r in self.background if id(r) in taken]:
-            mine = taken[id(req)]
-            req.waiting = [i for i in req.waiting if i not in mine]
-            req.served = now
-            if req.progress is not None:
-                req.progress.taken_tokens += sum(req.tokens[i] for i in mine)
-            if not req.waiting:
-                self.background.remove(req)
-        if self.background:
-            self.lock.notify()
-        return batch
 
     def _wait_for_inputs(self) -> None:
         # Under the lock: until something is queued, then, if configured, a little longer for more. Queued
@@ -355,15 +348,17 @@ class BatchQueue:
         """
         return self._pick(self._candidates())
 
-    def _pick(self, candidates: list[Item]) -> list[Item]:
-        """The batch out of `candidates` (the anchor first; see `_choose`)."""
+    def _pick(self, candidates: list[Item], budget: int | None = None) -> list[Item]:
+        """The batch out of `candidates` (the anchor first; see `_choose`), within `budget` tokens (None:
+        max_batch_tokens)."""
+        budget = self.max_batch_tokens if budget is None else budget
         anchor = candidates[0]
         if not self.pads_to_longest:
             # Lengths cost nothing extra together (packed rows, or one sequence at a time): take inputs in
             # turn order, within the token budget.
             batch = candidates[: self.max_batch_size]
             total = sum(req.tokens[i] for req, i in batch)
-            while len(batch) > 1 and total > self.max_batch_tokens:
+            while len(batch) > 1 and total > budget:
                 req, i = batch.pop()
                 total -= req.tokens[i]
             return batch
@@ -372,7 +367,7 @@ class BatchQueue:
         start = max(0, at - self.max_batch_size + 1)
         batch = candidates[start : start + self.max_batch_size]
         # Budget is the padded size of the batch, what the runtime actually allocates.
-        while len(batch) > 1 and len(batch) * batch[-1][0].tokens[batch[-1][1]] > self.max_batch_tokens:
+        while len(batch) > 1 and len(batch) * batch[-1][0].tokens[batch[-1][1]] > budget:
             batch.pop(-1 if batch[-1] is not anchor else 0)
         return batch
 
@@ -400,3 +395,36 @@ class BatchQueue:
                 if len(candidates) >= window:
                     break
         return candidates
+
+
+def _take_background(queue: BatchQueue) -> list[Item]:
+    """Under the queue's lock, with no client input queued: the next batch of background inputs, chosen as a client
+    batch is (`_pick`) from the oldest requests' inputs, the oldest input its anchor. A Batch API job sends
+    each line as a request of its own: they merge here into full, length-sorted batches. With
+    `background_batch` set and the drain rate measured, the batch holds at most about that long's tokens, so
+    that a client input arriving while it computes waits at most about that long."""
+    budget = queue.max_batch_tokens
+    if queue.background_batch and queue.batch_rate:
+        budget = min(budget, max(1, int(queue.batch_rate * queue.background_batch)))
+    window = queue.max_batch_size * (_CANDIDATES if queue.pads_to_longest else 1)
+    candidates: list[Item] = []
+    for req in queue.background:
+        candidates.extend((req, i) for i in req.waiting[: window - len(candidates)])
+        if len(candidates) >= window:
+            break
+    batch = queue._pick(candidates, budget)
+    taken: dict[int, set[int]] = {}
+    for req, i in batch:
+        taken.setdefault(id(req), set()).add(i)
+    now = time.monotonic()
+    for req in [r for r in queue.background if id(r) in taken]:
+        mine = taken[id(req)]
+        req.waiting = [i for i in req.waiting if i not in mine]
+        req.served = now
+        if req.progress is not None:
+            req.progress.taken_tokens += sum(req.tokens[i] for i in mine)
+        if not req.waiting:
+            queue.background.remove(req)
+    if queue.background:
+        queue.lock.notify()
+    return batch

@@ -76,6 +76,8 @@ class Batcher:
         max_batch_tokens: int | None = None,
         max_wait_ms: float = 0.0,
         return_wait: float = 0.0,
+        background_batch_ms: float = 0.0,
+        background_grace_ms: float = 0.0,
         max_queue: int = 4096,
         on_batch: Callable[[str, int, int, float], None] | None = None,
         circuit: CircuitBreaker | None = None,
@@ -103,6 +105,8 @@ class Batcher:
             pads_to_longest=self.pads_to_longest,
             max_wait=self.max_wait,
             return_wait=return_wait,
+            background_batch=background_batch_ms / 1000.0,
+            background_grace=background_grace_ms / 1000.0,
         )
         # One lock for the queue, admission and every request's state: the queue's, which workers wait on.
         self._cond = self._queue.lock
@@ -243,10 +247,10 @@ class Batcher:
         texts = [req.texts[i] for req, i in batch]
         ids = [req.token_ids[i] for req, i in batch]
         if not (self.pads_to_longest and len(batch) > 1):
-            return self._call(texts, ids)
+            return _call(self, texts, ids)
         lengths = [req.tokens[i] for req, i in batch]
         ends = split_by_padding(lengths, self.call_overhead_tokens)
-        parts = [self._call(texts[a:b], ids[a:b]) for a, b in zip([0, *ends], ends, strict=False)]
+        parts = [_call(self, texts[a:b], ids[a:b]) for a, b in zip([0, *ends], ends, strict=False)]
         vectors = np.concatenate([v for v, _ in parts])
         counts = [c for _, c in parts]
         return vectors, None if None in counts else sum(c for c in counts if c is not None)
@@ -281,31 +285,6 @@ class Batcher:
         requests the batch completed."""
         _notify_done(self._queue.complete(batch, vectors, counted, elapsed))
 
-    def _call(self, texts: list[Any], token_ids: list[Sequence[int]]) -> tuple[np.ndarray, int | None]:
-        # The vectors, and the tokens the backend counted when it reports them (Embedded).
-        if self.scoring:
-            got = self.backend.score(texts, token_ids)
-            # A backend that counts tokens at its runtime (a remote one) says how many with its scores.
-            scores = np.asarray(got.vectors if isinstance(got, Embedded) else got, dtype=np.float32)
-            if scores.shape != (len(texts),):
-                raise RuntimeError(f"backend returned {scores.shape} scores for {len(texts)} pairs")
-            out: np.ndarray | Embedded = (
-                Embedded(scores.reshape(-1, 1), got.tokens) if isinstance(got, Embedded) else scores.reshape(-1, 1)
-            )
-        else:
-            out = self.backend.embed(texts, token_ids)
-        counted = None
-        if isinstance(out, Embedded):
-            vectors, counted = out.vectors, out.tokens
-        else:
-            vectors = out
-        shape = getattr(vectors, "shape", None)
-        if shape != (len(texts), self.dimension):
-            raise RuntimeError(f"backend returned shape {shape} for {len(texts)} inputs of width {self.dimension}")
-        if not np.isfinite(vectors).all():
-            raise RuntimeError("backend returned NaN or infinite values")
-        return vectors, counted
-
     def close(self, timeout: float | None = 30.0) -> None:
         """Finish what is queued, then stop the workers."""
         self._queue.close()
@@ -322,3 +301,30 @@ def _workers(batcher: Batcher, n: int) -> list[threading.Thread]:
     for t in threads:
         t.start()
     return threads
+
+
+def _call(batcher: Batcher, texts: list[Any], token_ids: list[Sequence[int]]) -> tuple[np.ndarray, int | None]:
+    """One backend call of a batch (or part of one): the vectors, and the tokens the backend counted when it
+    reports them (Embedded)."""
+    if batcher.scoring:
+        got = batcher.backend.score(texts, token_ids)
+        # A backend that counts tokens at its runtime (a remote one) says how many with its scores.
+        scores = np.asarray(got.vectors if isinstance(got, Embedded) else got, dtype=np.float32)
+        if scores.shape != (len(texts),):
+            raise RuntimeError(f"backend returned {scores.shape} scores for {len(texts)} pairs")
+        out: np.ndarray | Embedded = (
+            Embedded(scores.reshape(-1, 1), got.tokens) if isinstance(got, Embedded) else scores.reshape(-1, 1)
+        )
+    else:
+        out = batcher.backend.embed(texts, token_ids)
+    counted = None
+    if isinstance(out, Embedded):
+        vectors, counted = out.vectors, out.tokens
+    else:
+        vectors = out
+    shape = getattr(vectors, "shape", None)
+    if shape != (len(texts), batcher.dimension):
+        raise RuntimeError(f"backend returned shape {shape} for {len(texts)} inputs of width {batcher.dimension}")
+    if not np.isfinite(vectors).all():
+        raise RuntimeError("backend returned NaN or infinite values")
+    return vectors, counted

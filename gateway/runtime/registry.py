@@ -501,6 +501,8 @@ def _batcher(
         max_batch_tokens=b.max_batch_tokens,
         max_wait_ms=b.max_wait_ms,
         return_wait=b.return_wait,
+        background_batch_ms=b.background_batch_ms,
+        background_grace_ms=b.background_grace_ms,
         max_queue=b.max_queue,
         on_batch=on_batch,
         circuit=circuit,

@@ -516,3 +516,48 @@ def test_requests_cancelled_while_a_worker_waits_for_more_do_not_kill_it(kw):
     asyncio.run(main())
     b.close()
     assert "given up on" not in [t for x in backend.batches for t in x]
+
+
+@pytest.mark.parametrize("ms", [0.0, 10.0])
+def test_background_batches_are_cut_to_background_batch_ms_of_work(ms):
+    """With `background_batch_ms`, a background batch holds at most that long's tokens at the measured drain
+    rate (at least one input), so a client input arriving meanwhile waits about that long at most; without it,
+    background batches are as big as client ones."""
+    backend = Recorder(delay=0.04)
+    b = _batcher(backend, max_batch_size=8, background_batch_ms=ms)
+    background = [f"bg{i:08d}" for i in range(16)]  # 10 tokens each
+
+    async def main() -> np.ndarray:
+        # One client batch of 10 tokens in at least 40 ms: the drain rate is at most 250 tokens/s, so 10 ms of
+        # work is at most 2.5 tokens, less than one input, however slow the machine (slower only lowers it).
+        await _embed(b, ["c" * 10])
+        return await b.embed(background, backend.tokenize(background), background=True)
+
+    vectors = asyncio.run(main())
+    b.close()
+    np.testing.assert_allclose(vectors, np.stack([fake_vector(t) for t in background]))
+    sizes = [len(batch) for batch in backend.batches[1:]]
+    assert sizes == ([1] * 16 if ms else [8, 8]), sizes
+
+
+@pytest.mark.parametrize("grace", [0.0, 2000.0])
+def test_background_grace_lets_a_client_that_just_got_its_answer_go_first(grace):
+    """After client work, background batches wait `background_grace_ms`: a client's next request sent within it
+    is computed before any background input; the background work still finishes once the grace is over."""
+    backend = Recorder()
+    b = _batcher(backend, max_batch_size=8, background_grace_ms=grace)
+    background = [f"bg{i}" for i in range(4)]
+
+    async def main() -> np.ndarray:
+        await _embed(b, ["first"])
+        work = asyncio.ensure_future(b.embed(background, backend.tokenize(background), background=True))
+        await until(lambda: b._idle or backend.batches[1:], "the background work queued")
+        await asyncio.sleep(0.05)  # the client's think time, well within the grace
+        await _embed(b, ["next"])
+        return await work
+
+    vectors = asyncio.run(main())
+    b.close()
+    np.testing.assert_allclose(vectors, np.stack([fake_vector(t) for t in background]))
+    order = [t for batch in backend.batches for t in batch]
+    assert (order.index("next") < order.index("bg0")) == bool(grace), order
