@@ -110,6 +110,10 @@ class BatchingConfig(_Strict):
     # without it, 0.9-1.1x with it; bench/README.md, "Bulk: the Batch API"). Client requests that come closer
     # together than this hold a job back until they pause. 0: no wait.
     background_grace_ms: Annotated[float, msgspec.Meta(ge=0)] = 2.0
+    # The most inputs in one background batch (Batch API jobs, in-process embed-file, calibration); still bound
+    # by max_batch_tokens and background_batch_ms. No client waits on a background batch's latency, and larger
+    # batches compute more texts per second (bench/README.md, "Bulk: embed-file"). None: twice max_batch_size.
+    background_batch_size: Positive | None = None
     # Inputs (not requests) waiting per model: a bound on memory. A key with inputs queued is refused past
     # it; a key with none queued may still add one request, so a flood from one key cannot lock out others.
     max_queue: Positive = 4096

@@ -176,10 +176,13 @@ class BatchQueue:
         return_wait: float,
         background_batch: float = 0.0,
         background_grace: float = 0.0,
+        background_batch_size: int | None = None,
     ) -> None:
         """`max_wait` (seconds): how long a worker waits for a full batch; `return_wait`: see `_wait_for_inputs`;
-        `background_batch` and `background_grace` (seconds): see `_take_background` and `take`."""
+        `background_batch` and `background_grace` (seconds): see `_take_background` and `take`;
+        `background_batch_size`: the most inputs of a background batch (None: twice max_batch_size)."""
         self.max_batch_size = max_batch_size
+        self.background_batch_size = background_batch_size or 2 * max_batch_size
         self.max_batch_tokens = max_batch_tokens
         self.pads_to_longest = pads_to_longest
         self.max_wait = max_wait
@@ -348,15 +351,16 @@ class BatchQueue:
         """
         return self._pick(self._candidates())
 
-    def _pick(self, candidates: list[Item], budget: int | None = None) -> list[Item]:
-        """The batch out of `candidates` (the anchor first; see `_choose`), within `budget` tokens (None:
-        max_batch_tokens)."""
+    def _pick(self, candidates: list[Item], budget: int | None = None, size: int | None = None) -> list[Item]:
+        """The batch out of `candidates` (the anchor first; see `_choose`): at most `size` inputs (None:
+        max_batch_size) within `budget` tokens (None: max_batch_tokens)."""
         budget = self.max_batch_tokens if budget is None else budget
+        size = self.max_batch_size if size is None else size
         anchor = candidates[0]
         if not self.pads_to_longest:
             # Lengths cost nothing extra together (packed rows, or one sequence at a time): take inputs in
             # turn order, within the token budget.
-            batch = candidates[: self.max_batch_size]
+            batch = candidates[:size]
             total = sum(req.tokens[i] for req, i in batch)
             while len(batch) > 1 and total > budget:
                 req, i = batch.pop()
@@ -364,8 +368,8 @@ class BatchQueue:
             return batch
         candidates.sort(key=lambda ri: ri[0].tokens[ri[1]])
         at = next(k for k, c in enumerate(candidates) if c is anchor)
-        start = max(0, at - self.max_batch_size + 1)
-        batch = candidates[start : start + self.max_batch_size]
+        start = max(0, at - size + 1)
+        batch = candidates[start : start + size]
         # Budget is the padded size of the batch, what the runtime actually allocates.
         while len(batch) > 1 and len(batch) * batch[-1][0].tokens[batch[-1][1]] > budget:
             batch.pop(-1 if batch[-1] is not anchor else 0)
@@ -402,17 +406,20 @@ def _take_background(queue: BatchQueue) -> list[Item]:
     batch is (`_pick`) from the oldest requests' inputs, the oldest input its anchor. A Batch API job sends
     each line as a request of its own: they merge here into full, length-sorted batches. With
     `background_batch` set and the drain rate measured, the batch holds at most about that long's tokens, so
-    that a client input arriving while it computes waits at most about that long."""
+    that a client input arriving while it computes waits at most about that long. A background batch holds up
+    to `background_batch_size` inputs: no client waits on its latency, and bigger batches compute more texts
+    per second (bench/README.md, "Bulk: embed-file")."""
     budget = queue.max_batch_tokens
     if queue.background_batch and queue.batch_rate:
         budget = min(budget, max(1, int(queue.batch_rate * queue.background_batch)))
-    window = queue.max_batch_size * (_CANDIDATES if queue.pads_to_longest else 1)
+    size = queue.background_batch_size
+    window = size * (_CANDIDATES if queue.pads_to_longest else 1)
     candidates: list[Item] = []
     for req in queue.background:
         candidates.extend((req, i) for i in req.waiting[: window - len(candidates)])
         if len(candidates) >= window:
             break
-    batch = queue._pick(candidates, budget)
+    batch = queue._pick(candidates, budget, size)
     taken: dict[int, set[int]] = {}
     for req, i in batch:
         taken.setdefault(id(req), set()).add(i)

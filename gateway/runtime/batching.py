@@ -78,6 +78,7 @@ class Batcher:
         return_wait: float = 0.0,
         background_batch_ms: float = 0.0,
         background_grace_ms: float = 0.0,
+        background_batch_size: int | None = None,
         max_queue: int = 4096,
         on_batch: Callable[[str, int, int, float], None] | None = None,
         circuit: CircuitBreaker | None = None,
@@ -86,17 +87,14 @@ class Batcher:
         """`info`: what the loaded backend declared; batch limits left None take its defaults; `circuit`
         learns the outcome of every batch. `task` "rerank": the inputs are (query, document) pairs, batches
         call the backend's `score`, and each input's result is one value (a row of width 1)."""
-        self.backend = backend
-        self.circuit = circuit
-        self.model = model
+        self.backend, self.circuit, self.model = backend, circuit, model
         self.scoring = task == "rerank"
         self.dimension = 1 if self.scoring else info.dimension
         self.pads_to_longest = info.pads_to_longest
         self.call_overhead_tokens = info.call_overhead_tokens
         self.max_batch_size = max_batch_size or info.max_batch_size
         self.max_batch_tokens = max_batch_tokens or info.max_batch_tokens
-        self.max_wait = max_wait_ms / 1000.0
-        self.return_wait = return_wait
+        self.max_wait, self.return_wait = max_wait_ms / 1000.0, return_wait
         self.max_queue = max_queue
         self._on_batch = on_batch
         self._queue = BatchQueue(
@@ -107,6 +105,7 @@ class Batcher:
             return_wait=return_wait,
             background_batch=background_batch_ms / 1000.0,
             background_grace=background_grace_ms / 1000.0,
+            background_batch_size=background_batch_size,
         )
         # One lock for the queue, admission and every request's state: the queue's, which workers wait on.
         self._cond = self._queue.lock

@@ -503,6 +503,7 @@ def _batcher(
         return_wait=b.return_wait,
         background_batch_ms=b.background_batch_ms,
         background_grace_ms=b.background_grace_ms,
+        background_batch_size=b.background_batch_size,
         max_queue=b.max_queue,
         on_batch=on_batch,
         circuit=circuit,

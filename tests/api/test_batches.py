@@ -286,9 +286,10 @@ def test_interactive_requests_are_served_while_a_job_runs(tmp_path):
         assert client.batches.retrieve(batch.id).status == "in_progress"
         # Behind at most the job batch computing when it arrived, not behind the job's queued lines.
         assert took < 2.0, took
-        # The job's lines merge into full batches (the fake's max_batch_size is 4), not one line per batch.
+        # The job's lines merge into full background batches (twice the fake's max_batch_size of 4), not one line
+        # per batch.
         job_batches = [b for b in FakeBackend.batches if b and b[0].startswith("t ")]
-        assert job_batches and max(map(len, job_batches)) == 4
+        assert job_batches and max(map(len, job_batches)) == 8
         client.batches.cancel(batch.id)
         _finished(client, batch.id)
 

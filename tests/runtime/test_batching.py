@@ -522,7 +522,7 @@ def test_requests_cancelled_while_a_worker_waits_for_more_do_not_kill_it(kw):
 def test_background_batches_are_cut_to_background_batch_ms_of_work(ms):
     """With `background_batch_ms`, a background batch holds at most that long's tokens at the measured drain
     rate (at least one input), so a client input arriving meanwhile waits about that long at most; without it,
-    background batches are as big as client ones."""
+    background batches are `background_batch_size` (default: twice max_batch_size)."""
     backend = Recorder(delay=0.04)
     b = _batcher(backend, max_batch_size=8, background_batch_ms=ms)
     background = [f"bg{i:08d}" for i in range(16)]  # 10 tokens each
@@ -537,7 +537,49 @@ def test_background_batches_are_cut_to_background_batch_ms_of_work(ms):
     b.close()
     np.testing.assert_allclose(vectors, np.stack([fake_vector(t) for t in background]))
     sizes = [len(batch) for batch in backend.batches[1:]]
-    assert sizes == ([1] * 16 if ms else [8, 8]), sizes
+    assert sizes == ([1] * 16 if ms else [16]), sizes
+
+
+@pytest.mark.parametrize("pads", [False, True])
+@pytest.mark.parametrize(
+    ("size", "tokens", "want"),
+    [(None, 10_000, [8, 8, 8]), (12, 10_000, [12, 12]), (12, 20, [5, 5, 5, 5, 4])],
+)
+def test_background_batches_take_up_to_background_batch_size_and_client_batches_max_batch_size(
+    size, tokens, want, pads
+):
+    """No client waits on a background batch: it takes up to `background_batch_size` inputs (default: twice
+    max_batch_size), still within max_batch_tokens, while client batches queued beside it keep max_batch_size."""
+    gate = threading.Event()
+    backend = Recorder(gate=gate)
+    b = _batcher(
+        backend,
+        {"pads_to_longest": pads},
+        max_batch_size=4,
+        max_batch_tokens=tokens,
+        background_batch_size=size,
+        background_grace_ms=0,
+    )
+    client = [f"c{i:03d}" for i in range(10)]  # 4 tokens each, as the background inputs
+    background = [f"b{i:03d}" for i in range(24)]
+
+    async def main() -> list[np.ndarray]:
+        # Both queued while a first batch holds the worker: what each batch takes is the queue's choice alone.
+        hold = asyncio.ensure_future(_embed(b, ["hold"]))
+        await until(lambda: backend.started == [["hold"]], "the first batch holds the worker")
+        work = asyncio.ensure_future(b.embed(background, backend.tokenize(background), background=True))
+        await until(lambda: b._idle, "the background work queued")
+        clients = asyncio.ensure_future(_embed(b, client))
+        await until(lambda: b.queued == len(client), "the client inputs queued")
+        gate.set()
+        return await asyncio.gather(hold, clients, work)
+
+    _, got_client, got_background = asyncio.run(main())
+    b.close()
+    np.testing.assert_allclose(got_client, np.stack([fake_vector(t) for t in client]))
+    np.testing.assert_allclose(got_background, np.stack([fake_vector(t) for t in background]))
+    sizes = [len(batch) for batch in backend.batches[1:]]
+    assert sizes == [4, 4, 2, *want], sizes
 
 
 @pytest.mark.parametrize("grace", [0.0, 2000.0])
