@@ -102,7 +102,7 @@ class BatchingConfig(_Strict):
     # Background work (Batch API jobs, calibration) runs only while no client input waits, but a client request
     # that arrives while a background batch computes waits for it: such a batch is cut to about this much
     # compute at the measured drain rate: a lower p99 during a job, for less job throughput (bench/README.md,
-    # "Bulk: the Batch API"). 0: as big as client batches.
+    # "Bulk: the Batch API"). 0: no such cut (background_batch_size inputs within max_batch_tokens).
     background_batch_ms: Annotated[float, msgspec.Meta(ge=0)] = 0.0
     # After client work (an input arrived, or a batch holding one ended), background batches wait this long:
     # a client that just got its answer sends its next request within moments, and a background batch started
