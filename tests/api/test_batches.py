@@ -509,3 +509,52 @@ def test_a_finish_cut_short_is_done_again_without_losing_the_output(tmp_path):
         done = _finished(client, batch.id)
         assert done.status == "completed" and done.output_file_id == batch.output_file_id
         assert client.files.content(done.output_file_id).content == before
+
+
+def test_a_job_over_several_backends_and_options_equals_the_embeddings_route(tmp_path):
+    # Job lines take the same pipeline as /v1/embeddings on every backend: ONNX, GGUF (llama.cpp) and wordllama,
+    # with `dimensions`, a prompt-free list input and base64 output among the lines.
+    root = Path(__file__).resolve().parents[2]
+    toml = f"""
+    [batches]
+    data_dir = "{tmp_path}"
+    chunk_lines = 3
+
+    [models.onnx]
+    backend = "onnx"
+    path = "{root / "models/minilm-onnx"}"
+    [models.gguf]
+    backend = "gguf"
+    path = "{root / "models/minilm-q8_0.gguf"}"
+    [models.wordllama]
+    backend = "wordllama"
+    path = "pkg:wordllama"
+    matryoshka_dimensions = [64, 128, 256]
+    """
+    bodies = [
+        {"model": "onnx", "input": SENTENCES[0]},
+        {"model": "onnx", "input": SENTENCES[1:4], "encoding_format": "base64"},
+        {"model": "gguf", "input": SENTENCES[4]},
+        {"model": "gguf", "input": SENTENCES[5:7]},
+        {"model": "wordllama", "input": SENTENCES[7], "dimensions": 64},
+        {"model": "wordllama", "input": SENTENCES[:3]},
+    ]
+    lines = [{"custom_id": f"l{i}", "method": "POST", "url": "/v1/embeddings", "body": b} for i, b in enumerate(bodies)]
+    with serve(toml, plugins=()) as http:
+        client = _client(http)
+        batch = _run(client, lines, timeout=180)
+        assert batch.status == "completed" and batch.request_counts.completed == len(bodies), batch
+        out = {x["custom_id"]: x["response"]["body"] for x in _lines(client, batch.output_file_id)}
+        for i, body in enumerate(bodies):
+            direct = http.post("/v1/embeddings", json=body, headers={"Authorization": f"Bearer {API_KEY}"})
+            assert direct.status_code == 200, direct.text
+            want, got = direct.json(), out[f"l{i}"]
+            assert got["model"] == want["model"] and got["usage"] == want["usage"], (got["usage"], want["usage"])
+            for a, b in zip(got["data"], want["data"], strict=True):
+                np.testing.assert_allclose(_vector(a["embedding"]), _vector(b["embedding"]), rtol=0, atol=1e-5)
+
+
+def _vector(value: Any) -> np.ndarray:
+    if isinstance(value, str):
+        return np.frombuffer(base64.b64decode(value), dtype=np.float32)
+    return np.array(value, dtype=np.float32)
