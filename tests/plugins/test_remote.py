@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import base64
 import importlib.metadata
+import io
+import json
 import logging
 import socket
 import time
@@ -17,12 +19,14 @@ from concurrent.futures import ThreadPoolExecutor
 
 import msgspec
 import numpy as np
+import openai
 import pytest
 
 from gateway.base.config import ConfigError, parse_config
 from gateway.runtime.plugins import load_plugins
 from gateway.runtime.registry import build_specs
 
+from ..api.test_batches import _client, _finished, _lines
 from ..conftest import SENTENCES, assert_import_is_light, serve
 from ..upstream import LIMITED_KEY, ROOT, UPSTREAM_KEY, ScriptedUpstream, Upstream, free_port
 
@@ -397,3 +401,36 @@ def test_the_width_learned_from_the_upstream_names_the_model(scripted):
         scripted.dimension = 4
         for backend in backends:
             backend.close()
+
+
+def test_a_batch_api_job_on_a_remote_model_equals_the_embeddings_route(upstream, tmp_path, monkeypatch):
+    # A job's lines reach the upstream through the same remote backend (batched, failover-aware) as requests.
+    monkeypatch.setenv("REMOTE_TEST_KEY", UPSTREAM_KEY)
+    toml = f"""
+    [batches]
+    data_dir = "{tmp_path}"
+    chunk_lines = 2
+
+    [models.wl]
+    backend = "openai"
+    [models.wl.options]
+    base_url = "{upstream.url}/v1"
+    model = "wordllama"
+    api_key_env = "REMOTE_TEST_KEY"
+    """
+    bodies = [{"model": "wl", "input": s} for s in SENTENCES[:5]] + [{"model": "wl", "input": SENTENCES[5:8]}]
+    lines = [{"custom_id": f"r{i}", "method": "POST", "url": "/v1/embeddings", "body": b} for i, b in enumerate(bodies)]
+    with serve(toml, plugins=()) as http:
+        client: openai.OpenAI = _client(http)
+        jsonl = "".join(json.dumps(x) + "\n" for x in lines).encode()
+        uploaded = client.files.create(file=("in.jsonl", io.BytesIO(jsonl)), purpose="batch")
+        created = client.batches.create(input_file_id=uploaded.id, endpoint="/v1/embeddings", completion_window="24h")
+        batch = _finished(client, created.id, timeout=120)
+        assert batch.status == "completed" and batch.request_counts.completed == len(bodies), batch
+        out = {x["custom_id"]: x["response"]["body"] for x in _lines(client, batch.output_file_id)}
+        for i, body in enumerate(bodies):
+            want = _post(http, "wl", body["input"]).json()
+            got = out[f"r{i}"]
+            assert got["usage"] == want["usage"]
+            for a, b in zip(got["data"], want["data"], strict=True):
+                np.testing.assert_allclose(a["embedding"], b["embedding"], rtol=0, atol=1e-6)
