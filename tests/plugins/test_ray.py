@@ -4,6 +4,8 @@ Ray missing or unreachable fails only the model that asks for it, and nothing of
 
 from __future__ import annotations
 
+import io
+import json
 import os
 import shutil
 import sys
@@ -16,9 +18,10 @@ from typing import Any
 
 import httpx
 import numpy as np
+import openai
 import pytest
 
-from ..conftest import AUTH, SENTENCES, cosine, fake_vector, make_app, serve, uvicorn_server
+from ..conftest import API_KEY, AUTH, SENTENCES, cosine, fake_vector, make_app, serve, uvicorn_server, wait_until
 
 MODELS = Path(__file__).resolve().parents[2] / "models"
 INT8 = MODELS / "minilm-onnx-int8"
@@ -143,6 +146,7 @@ def ray_gateway(
             f'[models.zoo-{family}]\nbackend = "{backend}"\npath = "{zoo_converted[backend][family]}"\n'
             f"[models.zoo-{family}.options]\n{options[backend]}\n[models.zoo-{family}.ray]\nnum_cpus = 0\n"
         )
+    parts.append(f'[batches]\ndata_dir = "{tmp_path_factory.mktemp("batches")}"\n')
     app = make_app("\n".join(parts))
     with uvicorn_server(app) as (url, _server):
         yield url, app, started
@@ -175,6 +179,26 @@ def test_same_vectors_and_tokens_as_in_process(ray_gateway, name):
         b.json()["error"]["message"].replace(f"'{name}-ray'", "M"),
     )
     assert b.status_code == 400
+
+
+def test_a_batch_api_job_on_ray_replicas_equals_the_embeddings_route(ray_gateway):
+    # A job's lines are batched in front and computed by the replicas, as requests are.
+    url, _, _ = ray_gateway
+    bodies = [{"model": m, "input": s} for m in ("int8-ray", "gguf-ray") for s in SENTENCES[:4]]
+    lines = [{"custom_id": f"j{i}", "method": "POST", "url": "/v1/embeddings", "body": b} for i, b in enumerate(bodies)]
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key=API_KEY, max_retries=0)
+    jsonl = "".join(json.dumps(x) + "\n" for x in lines).encode()
+    uploaded = client.files.create(file=("in.jsonl", io.BytesIO(jsonl)), purpose="batch")
+    batch = client.batches.create(input_file_id=uploaded.id, endpoint="/v1/embeddings", completion_window="24h")
+    wait_until(lambda: client.batches.retrieve(batch.id).status == "completed", "the job on Ray", timeout=120)
+    out = client.files.content(client.batches.retrieve(batch.id).output_file_id).content.splitlines()
+    got = {x["custom_id"]: x["response"]["body"] for x in map(json.loads, out)}
+    assert len(got) == len(bodies)
+    for i, body in enumerate(bodies):
+        want = _embed(url, body["model"], body["input"]).json()
+        assert got[f"j{i}"]["usage"] == want["usage"]
+        # int8 vectors move with their batch-mates (dynamic quantization's per-batch scale).
+        assert cosine(got[f"j{i}"]["data"][0]["embedding"], want["data"][0]["embedding"]) >= 0.999
 
 
 def test_rerank_on_ray_equals_in_process(ray_gateway):
