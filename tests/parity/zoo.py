@@ -47,7 +47,15 @@ def _trained(model: Any, trainer: Any, normalizer: Any = None, pre_tokenizer: An
     if pre_tokenizer is not None:
         tok.pre_tokenizer = pre_tokenizer
     tok.train_from_iterator(corpus(), trainer)
-    return json.loads(tok.to_str())["model"]
+    model = json.loads(tok.to_str())["model"]
+    vocab = model["vocab"]
+    if isinstance(vocab, dict):
+        # The trainer hands out ids in a hash map's order, which changes from one process to the next: the same
+        # tokens with other ids made every build a different model. Specials keep their ids; the rest are sorted.
+        k = len(trainer.special_tokens)
+        specials = sorted((t for t in vocab if vocab[t] < k), key=vocab.__getitem__)
+        model["vocab"] = {t: i for i, t in enumerate(specials + sorted(t for t in vocab if vocab[t] >= k))}
+    return model
 
 
 def wordpiece_vocab(specials: list[str], unk: str) -> dict[str, int]:
