@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import base64
 import importlib.metadata
-import io
-import json
 import logging
 import socket
 import time
@@ -26,7 +24,7 @@ from gateway.base.config import ConfigError, parse_config
 from gateway.runtime.plugins import load_plugins
 from gateway.runtime.registry import build_specs
 
-from ..api.test_batches import _client, _finished, _lines
+from ..api.test_batches import _client, _lines, _run
 from ..conftest import SENTENCES, assert_import_is_light, serve
 from ..upstream import LIMITED_KEY, ROOT, UPSTREAM_KEY, ScriptedUpstream, Upstream, free_port
 
@@ -422,10 +420,7 @@ def test_a_batch_api_job_on_a_remote_model_equals_the_embeddings_route(upstream,
     lines = [{"custom_id": f"r{i}", "method": "POST", "url": "/v1/embeddings", "body": b} for i, b in enumerate(bodies)]
     with serve(toml, plugins=()) as http:
         client: openai.OpenAI = _client(http)
-        jsonl = "".join(json.dumps(x) + "\n" for x in lines).encode()
-        uploaded = client.files.create(file=("in.jsonl", io.BytesIO(jsonl)), purpose="batch")
-        created = client.batches.create(input_file_id=uploaded.id, endpoint="/v1/embeddings", completion_window="24h")
-        batch = _finished(client, created.id, timeout=120)
+        batch = _run(client, lines, timeout=120)
         assert batch.status == "completed" and batch.request_counts.completed == len(bodies), batch
         out = {x["custom_id"]: x["response"]["body"] for x in _lines(client, batch.output_file_id)}
         for i, body in enumerate(bodies):
