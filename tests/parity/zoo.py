@@ -1,9 +1,10 @@
 """A zoo of tiny random-weight embedding models, one per architecture people serve, built offline.
 
 Each is a `transformers` config with two small layers and random weights (seeded), a tokenizer of the family's
-kind trained by `tokenizers` on the bundled texts and then rebuilt by the family's own tokenizer class (so
-its tokenizer.json is exactly what transformers runs), saved by sentence-transformers with the pooling,
-normalization and prompts that the real family uses. The weights do not matter for correctness between
+kind trained by `tokenizers` on the bundled texts (once: committed in tests/parity/vocabs/, so every run builds
+the same models; `python -m tests.parity.zoo --train` after the texts change) and then rebuilt by the family's
+own tokenizer class (so its tokenizer.json is exactly what transformers runs), saved by sentence-transformers
+with the pooling, normalization and prompts that the real family uses. The weights do not matter for correctness between
 runtimes: the same weights must give the same vectors on every backend.
 
 Plain functions, so tests (and a person at a shell) can build any of them into a folder of their own.
@@ -11,6 +12,7 @@ Plain functions, so tests (and a person at a shell) can build any of them into a
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -37,8 +39,33 @@ def corpus() -> tuple[str, ...]:
     return (*lines, *hf.adversarial_texts())
 
 
-def _trained(model: Any, trainer: Any, normalizer: Any = None, pre_tokenizer: Any = None) -> dict[str, Any]:
-    """The `tokenizers` model trained on the corpus, as its JSON (vocab, merges)."""
+#: The trained tokenizer models, committed: the WordPiece and Unigram trainers break ties in a per-process order
+#: (measured: two WordPiece and many Unigram outcomes over six runs), which made every run's zoo other models.
+VOCABS = Path(__file__).resolve().parent / "vocabs"
+_training = False
+
+
+def _digest(model: Any, trainer: Any, normalizer: Any, pre_tokenizer: Any) -> str:
+    """What a trained vocabulary depends on: the corpus and the settings (the trainer's own repr is not stable)."""
+    specials = [t.content for t in trainer.special_tokens]
+    settings = f"{model!r} {normalizer!r} {pre_tokenizer!r} vocab_size={trainer.vocab_size} specials={specials}"
+    return hashlib.sha256("\n".join((settings, *corpus())).encode()).hexdigest()
+
+
+def _trained(name: str, model: Any, trainer: Any, normalizer: Any = None, pre_tokenizer: Any = None) -> dict[str, Any]:
+    """The `tokenizers` model trained on the corpus, as its JSON (vocab, merges): read from `VOCABS/name.json`,
+    or trained afresh and written there while `train_vocabs` runs (`python -m tests.parity.zoo --train`)."""
+    stored = VOCABS / f"{name}.json"
+    digest = _digest(model, trainer, normalizer, pre_tokenizer)
+    if not _training:
+        saved = json.loads(stored.read_text(encoding="utf-8")) if stored.exists() else {}
+        if saved.get("sha256") != digest:
+            raise RuntimeError(
+                f"{stored} is missing or was trained on other texts or settings (bench/corpus.txt, "
+                "hf.adversarial_texts or the zoo changed): run `python -m tests.parity.zoo --train` and commit "
+                "tests/parity/vocabs/"
+            )
+        return saved["model"]  # type: ignore[no-any-return]
     from tokenizers import Tokenizer
 
     tok = Tokenizer(model)
@@ -50,20 +77,23 @@ def _trained(model: Any, trainer: Any, normalizer: Any = None, pre_tokenizer: An
     model = json.loads(tok.to_str())["model"]
     vocab = model["vocab"]
     if isinstance(vocab, dict):
-        # The trainer hands out ids in a hash map's order, which changes from one process to the next: the same
-        # tokens with other ids made every build a different model. Specials keep their ids; the rest are sorted.
+        # The trainer hands out ids in a hash map's order: specials keep their ids; the rest are sorted.
         k = len(trainer.special_tokens)
         specials = sorted((t for t in vocab if vocab[t] < k), key=vocab.__getitem__)
         model["vocab"] = {t: i for i, t in enumerate(specials + sorted(t for t in vocab if vocab[t] >= k))}
+    VOCABS.mkdir(exist_ok=True)
+    record = {"sha256": digest, "model": model}
+    stored.write_text(json.dumps(record, ensure_ascii=False, indent=0) + "\n", encoding="utf-8")
     return model
 
 
-def wordpiece_vocab(specials: list[str], unk: str) -> dict[str, int]:
+def wordpiece_vocab(name: str, specials: list[str], unk: str) -> dict[str, int]:
     """A WordPiece vocabulary (BERT's normalizer and pre-tokenizer), specials first."""
     from tokenizers import models, normalizers, pre_tokenizers, trainers
 
     trainer = trainers.WordPieceTrainer(vocab_size=VOCAB, special_tokens=specials)
     model = _trained(
+        name,
         models.WordPiece(unk_token=unk),
         trainer,
         normalizers.BertNormalizer(lowercase=True),
@@ -72,7 +102,7 @@ def wordpiece_vocab(specials: list[str], unk: str) -> dict[str, int]:
     return dict(model["vocab"])
 
 
-def bpe_model(specials: list[str], *, byte_level: bool) -> tuple[dict[str, int], list[tuple[str, str]]]:
+def bpe_model(name: str, specials: list[str], *, byte_level: bool) -> tuple[dict[str, int], list[tuple[str, str]]]:
     """Vocabulary and merges of a BPE: byte-level (GPT-2 / Qwen / ModernBERT) or SentencePiece-style over
     U+2581-marked words with byte fallback (Gemma)."""
     from tokenizers import models, normalizers, pre_tokenizers, trainers
@@ -81,13 +111,14 @@ def bpe_model(specials: list[str], *, byte_level: bool) -> tuple[dict[str, int],
         trainer = trainers.BpeTrainer(
             vocab_size=VOCAB, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
         )
-        model = _trained(models.BPE(), trainer, pre_tokenizer=pre_tokenizers.ByteLevel(add_prefix_space=False))
+        model = _trained(name, models.BPE(), trainer, pre_tokenizer=pre_tokenizers.ByteLevel(add_prefix_space=False))
     else:
         # Gemma spells bytes it has no piece for as <0xNN>: those pieces must be in the vocabulary.
         trainer = trainers.BpeTrainer(
             vocab_size=VOCAB + 256, special_tokens=[*specials, *(f"<0x{b:02X}>" for b in range(256))]
         )
         model = _trained(
+            name,
             models.BPE(unk_token="<unk>", byte_fallback=True),
             trainer,
             normalizers.Replace(" ", "\u2581"),
@@ -97,12 +128,12 @@ def bpe_model(specials: list[str], *, byte_level: bool) -> tuple[dict[str, int],
     return dict(model["vocab"]), merges
 
 
-def unigram_vocab(specials: list[str]) -> list[tuple[str, float]]:
+def unigram_vocab(name: str, specials: list[str]) -> list[tuple[str, float]]:
     """A SentencePiece Unigram vocabulary with scores (XLM-RoBERTa's kind), specials first."""
     from tokenizers import models, pre_tokenizers, trainers
 
     trainer = trainers.UnigramTrainer(vocab_size=VOCAB, special_tokens=specials, unk_token="<unk>")
-    model = _trained(models.Unigram(), trainer, pre_tokenizer=pre_tokenizers.Metaspace())
+    model = _trained(name, models.Unigram(), trainer, pre_tokenizer=pre_tokenizers.Metaspace())
     return [(str(piece), float(score)) for piece, score in model["vocab"]]
 
 
@@ -129,7 +160,7 @@ class Family:
 def _bert() -> tuple[Any, Any]:
     from transformers import BertConfig, BertTokenizer
 
-    vocab = wordpiece_vocab(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"], "[UNK]")
+    vocab = wordpiece_vocab("bert", ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"], "[UNK]")
     config = BertConfig(
         vocab_size=len(vocab),
         hidden_size=HIDDEN,
@@ -146,7 +177,7 @@ def _mpnet() -> tuple[Any, Any]:
     from transformers import MPNetConfig, MPNetTokenizer
 
     # As all-mpnet-base-v2: <pad> at 1 (MPNet's embeddings take 1 as the padding index whatever the config says).
-    vocab = wordpiece_vocab(["<s>", "<pad>", "</s>", "[UNK]", "<mask>"], "[UNK]")
+    vocab = wordpiece_vocab("mpnet", ["<s>", "<pad>", "</s>", "[UNK]", "<mask>"], "[UNK]")
     config = MPNetConfig(
         vocab_size=len(vocab),
         hidden_size=HIDDEN,
@@ -167,7 +198,7 @@ def _xlm_roberta() -> tuple[Any, Any]:
     from transformers import XLMRobertaConfig, XLMRobertaTokenizer
 
     # XLMRobertaTokenizer wants <unk> at id 3.
-    vocab = unigram_vocab(["<s>", "<pad>", "</s>", "<unk>", "<mask>"])
+    vocab = unigram_vocab("xlm-roberta", ["<s>", "<pad>", "</s>", "<unk>", "<mask>"])
     config = XLMRobertaConfig(
         vocab_size=len(vocab),
         hidden_size=HIDDEN,
@@ -189,7 +220,7 @@ def _modernbert() -> tuple[Any, Any]:
     from transformers import ModernBertConfig, PreTrainedTokenizerFast
 
     specials = ["[UNK]", "[CLS]", "[SEP]", "[PAD]", "[MASK]", "<|endoftext|>"]
-    vocab, merges = bpe_model(specials, byte_level=True)
+    vocab, merges = bpe_model("modernbert", specials, byte_level=True)
     # ModernBERT ships a plain tokenizer.json (OLMo's byte-level BPE with BERT's specials around it).
     tok = Tokenizer(models.BPE(vocab=vocab, merges=merges))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -232,7 +263,7 @@ def _qwen3() -> tuple[Any, Any]:
     from tokenizers import processors
     from transformers import Qwen2Tokenizer, Qwen3Config
 
-    vocab, merges = bpe_model(["<|endoftext|>", "<|im_start|>", "<|im_end|>"], byte_level=True)
+    vocab, merges = bpe_model("qwen3", ["<|endoftext|>", "<|im_start|>", "<|im_end|>"], byte_level=True)
     # Qwen3-Embedding pads on the left and ends every input with <|endoftext|>, the token it pools.
     tokenizer = Qwen2Tokenizer(vocab=vocab, merges=merges, padding_side="left")
     eos = vocab["<|endoftext|>"]
@@ -260,7 +291,7 @@ def _qwen3() -> tuple[Any, Any]:
 def _gemma3() -> tuple[Any, Any]:
     from transformers import Gemma3TextConfig, GemmaTokenizer
 
-    vocab, merges = bpe_model(["<pad>", "<eos>", "<bos>", "<unk>", "<mask>"], byte_level=False)
+    vocab, merges = bpe_model("gemma3", ["<pad>", "<eos>", "<bos>", "<unk>", "<mask>"], byte_level=False)
     # EmbeddingGemma wraps each input in <bos> ... <eos>.
     tokenizer = GemmaTokenizer(vocab=vocab, merges=merges, add_bos_token=True, add_eos_token=True)
     config = Gemma3TextConfig(
@@ -438,3 +469,23 @@ def build_cross_encoder(dst: Path, *, seed: int = 0, num_labels: int = 1, arch: 
     tokenizer.save_pretrained(str(raw))
     CrossEncoder(str(raw), device="cpu").save(str(dst))
     return dst
+
+
+def train_vocabs() -> None:
+    """Train every family's tokenizer on the corpus again and write it to `VOCABS` (after the corpus changed)."""
+    global _training
+    _training = True
+    try:
+        for family in FAMILIES.values():
+            family.build()
+    finally:
+        _training = False
+
+
+if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--train", action="store_true", help="train the tokenizers again into tests/parity/vocabs/")
+    if parser.parse_args().train:
+        train_vocabs()
