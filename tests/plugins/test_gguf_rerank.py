@@ -69,7 +69,7 @@ def folders(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     from gateway_gguf import GgufConverter
 
     root = tmp_path_factory.mktemp("gguf-rerank")
-    # Seed 3: its builds spread the 32 pairs widely (relevance range 0.58-0.67), so the floors below say something.
+    # Seed 3: it spreads the 32 pairs widely (a relevance range of 0.67), so the floors below say something.
     src = build_cross_encoder(root / "ce", seed=3)
     out = {"source": src}
     for qtype in ("f16", "q8_0"):

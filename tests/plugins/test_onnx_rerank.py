@@ -27,9 +27,10 @@ DOCS = [
     "a",
     " ".join(["paris"] * (LIMIT + 10)),  # over the limit: cut as predict cuts it (the requests truncate)
 ]
-#: int8's stated floor: worst |relevance difference| against predict (measured 2026-12-07 on this tiny model:
-#: 0.051 over 64 corpus pairs, Spearman 0.994; random weights with a wide initializer are harsh on int8).
-INT8_FLOOR = 0.1
+#: int8's stated floor: worst |relevance difference| against predict, with room for other CPUs' int8 kernels.
+#: Random weights with a wide initializer are harsh on int8, most of all on the over-limit document (one token
+#: repeated): its difference is the worst here, twice that of any of 64 corpus pairs (bench/README.md).
+INT8_FLOOR = 0.15
 
 
 @pytest.fixture(scope="module")
