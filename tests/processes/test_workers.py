@@ -267,6 +267,7 @@ class _Load:
         self.texts = texts
         self.stop = threading.Event()
         self.results: list[tuple[str, object]] = []
+        self.sent_by = [0] * threads
         self.threads = [threading.Thread(target=self._run, args=(i,), daemon=True) for i in range(threads)]
         for t in self.threads:
             t.start()
@@ -277,6 +278,7 @@ class _Load:
             i += 1
             tag = uuid.uuid4()
             body = {"model": "wordllama", "input": [f"load {n} {i} {k} {tag} " * 3 for k in range(self.texts)]}
+            self.sent_by[n] += 1
             try:
                 r = self.cluster.post(ADMIN, body)
                 self.results.append(
@@ -284,6 +286,9 @@ class _Load:
                 )
             except httpx.TransportError as exc:
                 self.results.append(("?", type(exc).__name__))
+
+    def unanswered(self) -> int:
+        return sum(self.sent_by) - len(self.results)
 
     def finish(self) -> list[tuple[str, object]]:
         self.stop.set()
@@ -321,9 +326,15 @@ def test_a_killed_runtime_is_restarted_and_its_requests_retried(tmp_path):
     try:
         old = _runtime_pid(c)
         assert old is not None
-        # 1000 texts a request, 4 clients: requests are in flight at the runtime when it is killed.
-        load = _Load(c, threads=4, texts=1000)
+        load = _Load(c, threads=4, texts=100)
         wait_until(lambda: len(load.results) >= 4, "answers under load", 120)
+        # Stopped before it is killed, so that requests are certainly in flight at it: a runtime killed at a
+        # random moment was often between requests (CI saw no retry), the fronts' parsing and encoding being
+        # most of a request's time. A stopped runtime takes no more answers out: every client's next request
+        # is sent and waits at it (a second is ample for a front to pass it on).
+        os.kill(old, signal.SIGSTOP)
+        wait_until(lambda: load.unanswered() == len(load.threads), "a request from every client", 60)
+        time.sleep(1)
         os.kill(old, signal.SIGKILL)
         wait_until(lambda: _runtime_pid(c) not in (None, old), "a new runtime process", 60)
         done = len(load.results)
