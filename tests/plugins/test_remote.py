@@ -343,17 +343,19 @@ def _scripted_backend(up: ScriptedUpstream, **options):
 
 
 def test_timeout_bounds_the_whole_batch_when_the_upstream_trickles(scripted):
-    """8 bytes every 0.3 s: each read is quick, the whole answer would take seconds; `timeout_s = 1` ends it at
-    about 1 s with a 504-kind failure (the circuit counts it, failover may follow)."""
+    """4 bytes every 0.3 s: each read is quick, the whole answer (175 bytes) would take over 13 s; `timeout_s = 1`
+    ends it at about 1 s with a 504-kind failure (the circuit counts it, failover may follow)."""
     from gateway.plugin import BackendTimeout
 
     backend = _scripted_backend(scripted, dimension=4, timeout_s=1.0)
     try:
-        scripted.trickle, scripted.every_s = 8, 0.3
+        scripted.trickle, scripted.every_s = 4, 0.3
         started = time.monotonic()
         with pytest.raises(BackendTimeout, match="the upstream of model 'm' did not answer within 1s"):
             backend.embed(["one", "two", "three"], [[], [], []])
-        assert time.monotonic() - started < 1.6
+        # Well under the 13 s the trickle takes (what a per-read timeout alone would wait), with room for a
+        # loaded machine's pauses past the 1 s deadline.
+        assert time.monotonic() - started < 4.0
         scripted.trickle = None
         assert backend.embed(["one"], [[]]).vectors.tolist() == [[1, 1, 1, 1]]  # the next batch is served
     finally:
