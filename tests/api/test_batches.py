@@ -5,8 +5,9 @@ from __future__ import annotations
 import base64
 import io
 import json
-import time
+import threading
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -270,28 +271,54 @@ def test_a_restarted_gateway_finishes_the_job(tmp_path):
     assert {x["custom_id"]: x["response"]["body"]["data"][0]["embedding"] for x in out} == _expected(n)
 
 
-def test_interactive_requests_are_served_while_a_job_runs(tmp_path):
+def test_interactive_requests_are_served_while_a_job_runs(tmp_path, monkeypatch):
+    """A client's request goes before the job's lines queued when it arrived (into the first batch the worker
+    takes), and is answered while the job runs on."""
     FakeBackend.batches = []
-    with serve(_toml(tmp_path, delay_s=0.02, chunk_lines=64)) as http:
-        client = _client(http)
-        uploaded = client.files.create(
-            file=("in.jsonl", io.BytesIO(_jsonl([_line(f"r{i}", f"t {i}") for i in range(400)]))), purpose="batch"
-        )
-        batch = client.batches.create(input_file_id=uploaded.id, endpoint="/v1/embeddings", completion_window="24h")
-        wait_until(lambda: client.batches.retrieve(batch.id).request_counts.completed >= 64, "a chunk done")
-        started = time.monotonic()
-        r = http.post("/v1/embeddings", json={"model": "fake", "input": "interactive"})
-        took = time.monotonic() - started
-        assert r.status_code == 200
-        assert client.batches.retrieve(batch.id).status == "in_progress"
-        # Behind at most the job batch computing when it arrived, not behind the job's queued lines.
-        assert took < 2.0, took
-        # The job's lines merge into full background batches (twice the fake's max_batch_size of 4), not one line
-        # per batch.
-        job_batches = [b for b in FakeBackend.batches if b and b[0].startswith("t ")]
-        assert job_batches and max(map(len, job_batches)) == 8
-        client.batches.cancel(batch.id)
-        _finished(client, batch.id)
+    # Two job batches hold the fake's one worker until released: one holding the second chunk's first line (the
+    # chunk's other lines queue behind it), and one of the last chunk's (the job cannot finish before the test
+    # has looked at it). Events, not timings: a pause of the test does not change what it sees.
+    holds = {"t 64": threading.Event(), "t 399": threading.Event()}
+    held = {text: threading.Event() for text in holds}
+    embed = FakeBackend.embed
+
+    def holding(self: FakeBackend, texts: Any, token_ids: Any) -> Any:
+        for text, release in holds.items():
+            if text in texts:
+                held[text].set()
+                release.wait(60)
+        return embed(self, texts, token_ids)
+
+    monkeypatch.setattr(FakeBackend, "embed", holding)
+    try:
+        with serve(_toml(tmp_path, chunk_lines=64)) as http:
+            client = _client(http)
+            batcher = http.app.state.gateway.registry.find("fake").batcher
+            lines = [_line(f"r{i}", f"t {i}") for i in range(400)]
+            uploaded = client.files.create(file=("in.jsonl", io.BytesIO(_jsonl(lines))), purpose="batch")
+            batch = client.batches.create(input_file_id=uploaded.id, endpoint="/v1/embeddings", completion_window="24h")
+            wait_until(held["t 64"].is_set, "the second chunk's first batch computing", 60)
+            wait_until(lambda: len(batcher._idle) >= 40, "the second chunk's other lines queued", 60)
+            with ThreadPoolExecutor(1) as pool:
+                answer = pool.submit(http.post, "/v1/embeddings", json={"model": "fake", "input": "interactive"})
+                wait_until(lambda: batcher.queued >= 1, "the interactive request queued", 60)
+                holds["t 64"].set()
+                r = answer.result(60)
+            assert r.status_code == 200
+            # The worker's next batch after the held one is the client's, ahead of the job's queued lines.
+            after = FakeBackend.batches[next(i for i, b in enumerate(FakeBackend.batches) if "t 64" in b) + 1]
+            assert after == ["interactive"], FakeBackend.batches
+            assert client.batches.retrieve(batch.id).status == "in_progress"
+            # The job's lines merge into full background batches (twice the fake's max_batch_size of 4), not one
+            # line per batch.
+            job_batches = [b for b in FakeBackend.batches if b and b[0].startswith("t ")]
+            assert job_batches and max(map(len, job_batches)) == 8
+            client.batches.cancel(batch.id)
+            holds["t 399"].set()
+            assert _finished(client, batch.id).status in ("cancelled", "completed")
+    finally:
+        for release in holds.values():
+            release.set()
 
 
 def test_real_minilm_job_equals_the_embeddings_route(tmp_path, minilm_path):
