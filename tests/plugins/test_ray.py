@@ -5,6 +5,7 @@ Ray missing or unreachable fails only the model that asks for it, and nothing of
 from __future__ import annotations
 
 import io
+import itertools
 import json
 import os
 import shutil
@@ -270,11 +271,20 @@ def test_ready_and_metrics_show_replicas(ray_gateway):
 def test_one_status_call_a_period_for_all_models_on_ray(ray_gateway, monkeypatch):
     """Replica counts of every model on Ray come from one serve.status() a second, not one per model: each costs
     the front about 8 ms of CPU (bench/README.md, "Ray: the front's CPU per batch")."""
+    from gateway_ray.front import _STATUS_EVERY_S
     from ray import serve
 
     url, _, _ = ray_gateway
     on_ray = list(httpx.get(f"{url}/ready", headers=AUTH).json()["replicas"])
     assert len(on_ray) >= 10
+
+    def running() -> bool:
+        counts = httpx.get(f"{url}/ready", headers=AUTH).json()["replicas"].values()
+        return all(int(count.split("/")[0]) > 0 for count in counts)
+
+    # The poller looks every 0.1 s until each model's replicas first run (its counts are what /ready shows), then
+    # once a period: counted from then on.
+    wait_until(running, "every model's replicas running", 120)
     calls: list[float] = []
     real = serve.status
 
@@ -283,9 +293,14 @@ def test_one_status_call_a_period_for_all_models_on_ray(ray_gateway, monkeypatch
         return real()
 
     monkeypatch.setattr(serve, "status", counted)
-    time.sleep(3.2)
-    monkeypatch.setattr(serve, "status", real)
-    assert 2 <= len(calls) <= 5, f"{len(calls)} serve.status() calls in 3.2s for {len(on_ray)} models on Ray"
+    try:
+        wait_until(lambda: len(calls) >= 3, "three serve.status() calls", 60)
+    finally:
+        monkeypatch.setattr(serve, "status", real)
+    # One call a period for all of them: a call per model would come len(on_ray) times a period, most gaps near
+    # 0. A loaded machine only makes the gaps longer.
+    gaps = [b - a for a, b in itertools.pairwise(calls)]
+    assert min(gaps) >= 0.9 * _STATUS_EVERY_S, f"gaps {gaps} between serve.status() calls, {len(on_ray)} models"
     assert [t.name for t in threading.enumerate()].count("ray-status") == 1
 
 
