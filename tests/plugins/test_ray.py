@@ -9,6 +9,7 @@ import itertools
 import json
 import os
 import shutil
+import signal
 import sys
 import tempfile
 import threading
@@ -304,21 +305,46 @@ def test_one_status_call_a_period_for_all_models_on_ray(ray_gateway, monkeypatch
     assert [t.name for t in threading.enumerate()].count("ray-status") == 1
 
 
+def _stopped(pid: int) -> bool:
+    """Whether process `pid` is stopped (by SIGSTOP)."""
+    try:
+        return (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0] == "T"
+    except OSError:
+        return False
+
+
+def _kill_mid_batch(url: str, started: Path, texts: list[str], result: dict[str, httpx.Response]) -> int:
+    """Sends `texts` to fake-ray and SIGKILLs the replica computing them while it certainly still is; its pid.
+
+    The fake sleeps its delay_s (0.5 s) after touching its file: a replica stopped (SIGSTOP) less than that after
+    the file's time is still inside the batch, and dies there. A test paused past that (a loaded machine) lets the
+    replica go on, waits for the answer and tries again, rather than killing a replica that may be done."""
+    for _ in range(5):
+        for f in started.iterdir():
+            f.unlink()
+        result.clear()
+        thread = threading.Thread(target=lambda: result.setdefault("r", _embed(url, "fake-ray", texts)))
+        thread.start()
+        wait_until(lambda: any(started.iterdir()), "the batch started", 60)
+        mark = next(started.iterdir())
+        victim = int(mark.name)
+        os.kill(victim, signal.SIGSTOP)
+        wait_until(lambda pid=victim: _stopped(pid), "the replica stopped", 60)
+        # The file's time is the kernel's coarse clock, at or before the touch: this errs on the safe side.
+        if time.time() - mark.stat().st_mtime < 0.4:
+            os.kill(victim, signal.SIGKILL)
+            thread.join(60)
+            return victim
+        os.kill(victim, signal.SIGCONT)
+        thread.join(60)
+    pytest.fail("five tries stopped the replica only after its batch's 0.5 s")
+
+
 def test_replica_killed_mid_batch_costs_no_request(ray_gateway, caplog):
     url, _, started = ray_gateway
-    for f in started.iterdir():
-        f.unlink()
     texts = ["killed mid batch", "still answered"]
     result: dict[str, httpx.Response] = {}
-    thread = threading.Thread(target=lambda: result.setdefault("r", _embed(url, "fake-ray", texts)))
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not any(started.iterdir()):
-        assert time.monotonic() < deadline, "the batch never started"
-        time.sleep(0.01)
-    victim = int(next(started.iterdir()).name)
-    os.kill(victim, 9)
-    thread.join(60)
+    victim = _kill_mid_batch(url, started, texts, result)
     r = result["r"]
     assert r.status_code == 200, r.text
     for item, text in zip(r.json()["data"], texts, strict=True):
