@@ -290,8 +290,8 @@ def test_interactive_requests_are_served_while_a_job_runs(tmp_path, monkeypatch)
         return embed(self, texts, token_ids)
 
     monkeypatch.setattr(FakeBackend, "embed", holding)
-    try:
-        with serve(_toml(tmp_path, chunk_lines=64)) as http:
+    with serve(_toml(tmp_path, chunk_lines=64)) as http, ThreadPoolExecutor(1) as pool:
+        try:
             client = _client(http)
             batcher = http.app.state.gateway.registry.find("fake").batcher
             lines = [_line(f"r{i}", f"t {i}") for i in range(400)]
@@ -299,11 +299,10 @@ def test_interactive_requests_are_served_while_a_job_runs(tmp_path, monkeypatch)
             batch = client.batches.create(input_file_id=uploaded.id, endpoint="/v1/embeddings", completion_window="24h")
             wait_until(held["t 64"].is_set, "the second chunk's first batch computing", 60)
             wait_until(lambda: len(batcher._idle) >= 40, "the second chunk's other lines queued", 60)
-            with ThreadPoolExecutor(1) as pool:
-                answer = pool.submit(http.post, "/v1/embeddings", json={"model": "fake", "input": "interactive"})
-                wait_until(lambda: batcher.queued >= 1, "the interactive request queued", 60)
-                holds["t 64"].set()
-                r = answer.result(60)
+            answer = pool.submit(http.post, "/v1/embeddings", json={"model": "fake", "input": "interactive"})
+            wait_until(lambda: batcher.queued >= 1, "the interactive request queued", 60)
+            holds["t 64"].set()
+            r = answer.result(60)
             assert r.status_code == 200
             # The worker's next batch after the held one is the client's, ahead of the job's queued lines.
             after = FakeBackend.batches[next(i for i, b in enumerate(FakeBackend.batches) if "t 64" in b) + 1]
@@ -316,9 +315,10 @@ def test_interactive_requests_are_served_while_a_job_runs(tmp_path, monkeypatch)
             client.batches.cancel(batch.id)
             holds["t 399"].set()
             assert _finished(client, batch.id).status in ("cancelled", "completed")
-    finally:
-        for release in holds.values():
-            release.set()
+        finally:
+            # Before the pool and the app close: they wait for what the holds keep.
+            for release in holds.values():
+                release.set()
 
 
 def test_real_minilm_job_equals_the_embeddings_route(tmp_path, minilm_path):
