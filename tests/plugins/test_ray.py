@@ -313,17 +313,22 @@ def _stopped(pid: int) -> bool:
         return False
 
 
-def _kill_mid_batch(url: str, started: Path, texts: list[str], result: dict[str, httpx.Response]) -> int:
-    """Sends `texts` to fake-ray and SIGKILLs the replica computing them while it certainly still is; its pid.
+def _kill_mid_batch(
+    url: str, started: Path, texts: list[str], result: dict[str, httpx.Response]
+) -> tuple[int, list[str]]:
+    """Sends `texts` to fake-ray and SIGKILLs the replica computing them while it certainly still is: its pid and
+    the texts sent.
 
     The fake sleeps its delay_s (0.5 s) after touching its file: a replica stopped (SIGSTOP) less than that after
     the file's time is still inside the batch, and dies there. A test paused past that (a loaded machine) lets the
-    replica go on, waits for the answer and tries again, rather than killing a replica that may be done."""
-    for _ in range(5):
+    replica go on, waits for the answer and tries again (other texts: the cache holds the answered ones), rather
+    than killing a replica that may be done."""
+    for attempt in range(5):
+        sent = texts if attempt == 0 else [f"{t} ({attempt})" for t in texts]
         for f in started.iterdir():
             f.unlink()
         result.clear()
-        thread = threading.Thread(target=lambda: result.setdefault("r", _embed(url, "fake-ray", texts)))
+        thread = threading.Thread(target=lambda sent=sent: result.setdefault("r", _embed(url, "fake-ray", sent)))
         thread.start()
         wait_until(lambda: any(started.iterdir()), "the batch started", 60)
         mark = next(started.iterdir())
@@ -334,7 +339,7 @@ def _kill_mid_batch(url: str, started: Path, texts: list[str], result: dict[str,
         if time.time() - mark.stat().st_mtime < 0.4:
             os.kill(victim, signal.SIGKILL)
             thread.join(60)
-            return victim
+            return victim, sent
         os.kill(victim, signal.SIGCONT)
         thread.join(60)
     pytest.fail("five tries stopped the replica only after its batch's 0.5 s")
@@ -342,9 +347,8 @@ def _kill_mid_batch(url: str, started: Path, texts: list[str], result: dict[str,
 
 def test_replica_killed_mid_batch_costs_no_request(ray_gateway, caplog):
     url, _, started = ray_gateway
-    texts = ["killed mid batch", "still answered"]
     result: dict[str, httpx.Response] = {}
-    victim = _kill_mid_batch(url, started, texts, result)
+    victim, texts = _kill_mid_batch(url, started, ["killed mid batch", "still answered"], result)
     r = result["r"]
     assert r.status_code == 200, r.text
     for item, text in zip(r.json()["data"], texts, strict=True):
