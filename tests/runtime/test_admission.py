@@ -10,7 +10,7 @@ import pytest
 
 from gateway.runtime.batching import Batcher, QueueFull
 
-from ..conftest import FAKE_TOML, FakeBackend, serve, until, wait_until
+from ..conftest import FAKE_TOML, FakeBackend, fake_gate, serve, until, wait_until
 from .test_batching import Recorder
 
 URL = "/v1/embeddings"
@@ -149,11 +149,11 @@ def test_a_bad_client_deadline_is_a_400(fake_client, value):
 
 
 def _hold_the_worker(client) -> threading.Thread:
-    """A request whose batch ("hold", the slow one) is computing when this returns."""
+    """A request whose batch ("hold") is held at FakeBackend's gate when this returns."""
     FakeBackend.batches, FakeBackend.finished = [], []
     hold = threading.Thread(target=client.post, args=(URL,), kwargs={"json": {"model": "fake", "input": "hold"}})
     hold.start()
-    wait_until(lambda: FakeBackend.batches == [["hold"]], "the hold batch computing")
+    wait_until(lambda: FakeBackend.holding == [["hold"]], "the hold batch held at the gate")
     return hold
 
 
@@ -167,23 +167,23 @@ def _never_computed(client, text: str) -> None:
 
 
 def test_the_client_deadline_shortens_the_timeout_and_nothing_of_a_timed_out_request_is_computed():
-    toml = FAKE_TOML + '[models.fake.options]\ndelay_s = 1.0\nslow_on = "hold"\n'
-    with serve(toml) as client:
+    with serve(FAKE_TOML) as client, fake_gate() as gate:
         hold = _hold_the_worker(client)
         r = client.post(URL, json={"model": "fake", "input": "late"}, headers={"X-Request-Timeout-Ms": "200"})
         assert r.status_code == 504 and "within 0.2s" in r.json()["error"]["message"]
-        # Answered at its deadline, while the 1 s batch ahead of it still ran: it did not wait for that batch.
-        assert hold.is_alive()
+        # Answered at its deadline while the batch ahead of it was still held: it did not wait for that batch.
+        assert FakeBackend.holding == [["hold"]] and hold.is_alive()
+        gate.set()
         hold.join()
         _never_computed(client, "late")
 
 
 def test_inputs_of_a_request_past_request_timeout_s_are_never_computed():
-    toml = (
-        "[server]\nrequest_timeout_s = 0.2\n" + FAKE_TOML + '[models.fake.options]\ndelay_s = 0.4\nslow_on = "hold"\n'
-    )
-    with serve(toml) as client:
+    with serve("[server]\nrequest_timeout_s = 0.2\n" + FAKE_TOML) as client, fake_gate() as gate:
         hold = _hold_the_worker(client)
         assert client.post(URL, json={"model": "fake", "input": "late"}).status_code == 504
+        # Timed out while the batch ahead of it was still held, so its input was queued when its time ran out.
+        assert FakeBackend.holding == [["hold"]]
+        gate.set()
         hold.join()
         _never_computed(client, "late")
