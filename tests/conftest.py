@@ -54,6 +54,10 @@ class FakeBackend(Backend):
     # Each batch as it starts, and as it ends (when it did not fail).
     batches: ClassVar[list[list[str]]] = []
     finished: ClassVar[list[list[str]]] = []
+    # Set by `fake_gate`: a batch holding the text "hold" waits for it before it computes (a busy model that the
+    # test releases once it has seen what it needs); `holding` lists the batches waiting at it now.
+    gate: ClassVar[threading.Event | None] = None
+    holding: ClassVar[list[list[str]]] = []
 
     def load(self) -> ModelInfo:
         if self.options.load_delay_s:
@@ -100,6 +104,15 @@ class FakeBackend(Backend):
             raise RuntimeError("boom")
         if self.options.reject_on is not None and any(self.options.reject_on in t for t in texts):
             raise InputRejected(f"fake rejects inputs with {self.options.reject_on!r}")
+        gate = FakeBackend.gate
+        if gate is not None and "hold" in texts:
+            FakeBackend.holding.append(list(texts))
+            try:
+                # Long enough for any machine; a test that never opens the gate fails here, saying so.
+                if not gate.wait(60):
+                    raise RuntimeError("FakeBackend.gate stayed closed for 60 s")
+            finally:
+                FakeBackend.holding.remove(list(texts))
         if self.options.delay_s and (self.options.slow_on is None or any(self.options.slow_on in t for t in texts)):
             time.sleep(self.options.delay_s)
         if self.options.embeds_ids:
@@ -177,6 +190,20 @@ class FakePlugin:
         register(FakeBackend)
         register(OtherFakeBackend)
         register(FakeReranker)
+
+
+@contextmanager
+def fake_gate() -> Iterator[threading.Event]:
+    """FakeBackend.gate for the block (closed): a batch holding "hold" waits until the test sets it. Leaving the
+    block opens and removes it, so a failed test leaves no worker held; enter it after `serve`, so that it is
+    left first."""
+    gate = threading.Event()
+    FakeBackend.gate, FakeBackend.holding = gate, []
+    try:
+        yield gate
+    finally:
+        gate.set()
+        FakeBackend.gate = None
 
 
 def make_app(

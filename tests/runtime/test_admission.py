@@ -10,7 +10,7 @@ import pytest
 
 from gateway.runtime.batching import Batcher, QueueFull
 
-from ..conftest import FAKE_TOML, FakeBackend, serve, until, wait_until
+from ..conftest import FAKE_TOML, FakeBackend, fake_gate, serve, until, wait_until
 from .test_batching import Recorder
 
 URL = "/v1/embeddings"
@@ -113,27 +113,42 @@ def test_overload_over_http_is_a_fast_429_with_retry_after_from_the_prediction()
     with serve(SLOW) as client:
         for _ in range(3):  # the drain rate is measured on real batches first
             assert client.post(URL, json={"model": "fake", "input": ["a b", "c d", "e f", "g h"]}).status_code == 200
-        results: list[tuple[int, float, dict]] = []
+        batcher = client.app.state.gateway.registry.find("fake").batcher
+        rate = batcher.drain_rate
+        assert rate is not None
+        results: list[tuple[int, dict]] = []
 
         def call(i: int) -> None:
-            t = time.perf_counter()
             r = client.post(URL, json={"model": "fake", "input": [f"t{i} x", f"t{i} y", f"t{i} z", f"t{i} w"]})
-            results.append((r.status_code, time.perf_counter() - t, dict(r.headers) | {"body": r.json()}))
+            results.append((r.status_code, dict(r.headers) | {"body": r.json()}))
 
-        threads = [threading.Thread(target=call, args=(i,)) for i in range(12)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        statuses = sorted(s for s, _, _ in results)
-        assert set(statuses) == {200, 429}, statuses
-        for status, took, info in results:
+        with fake_gate() as gate:
+            hold = threading.Thread(
+                target=client.post, args=(URL,), kwargs={"json": {"model": "fake", "input": "hold"}}
+            )
+            hold.start()
+            wait_until(lambda: FakeBackend.holding == [["hold"]], "the hold batch held at the gate")
+            threads = [threading.Thread(target=call, args=(i,)) for i in range(12)]
+            for t in threads:
+                t.start()
+            # Every request is refused or queued while the batch ahead of them is held: a 429 comes at once, not
+            # after waiting for a batch (which cannot end before the gate opens).
+            wait_until(lambda: len(results) + batcher.queued // 4 == 12, "each request refused or queued")
+            refused = len(results)
+            assert FakeBackend.holding == [["hold"]] and batcher.drain_rate == rate
+            assert all(status == 429 for status, _ in results), results
+            # From the prediction: 16 tokens a request, queued while the key's tokens would finish within 0.5 s
+            # at the measured rate (the first always: its key had nothing queued).
+            assert 12 - refused == max(1, sum(16 * k / rate <= 0.5 for k in range(1, 13))), (refused, rate)
+            gate.set()
+            hold.join()
+            for t in threads:
+                t.join()
+        assert sorted(s for s, _ in results) == [200] * (12 - refused) + [429] * refused
+        for status, info in results:
             if status == 429:
-                assert took < 0.3, took  # refused at once, not after waiting
                 assert int(info["retry-after"]) >= 1
                 assert "would finish in about" in info["body"]["error"]["message"]
-            else:
-                assert took < 0.5 + 0.2 + 0.3, took  # the limit, one batch, and the test's own overhead
         metrics = client.get("/metrics").text
         assert 'gateway_admissions_refused_total{model="fake",reason="wait"}' in metrics
         assert 'gateway_predicted_wait_seconds{model="fake"}' in metrics
@@ -149,11 +164,11 @@ def test_a_bad_client_deadline_is_a_400(fake_client, value):
 
 
 def _hold_the_worker(client) -> threading.Thread:
-    """A request whose batch ("hold", the slow one) is computing when this returns."""
+    """A request whose batch ("hold") is held at FakeBackend's gate when this returns."""
     FakeBackend.batches, FakeBackend.finished = [], []
     hold = threading.Thread(target=client.post, args=(URL,), kwargs={"json": {"model": "fake", "input": "hold"}})
     hold.start()
-    wait_until(lambda: FakeBackend.batches == [["hold"]], "the hold batch computing")
+    wait_until(lambda: FakeBackend.holding == [["hold"]], "the hold batch held at the gate")
     return hold
 
 
@@ -167,23 +182,23 @@ def _never_computed(client, text: str) -> None:
 
 
 def test_the_client_deadline_shortens_the_timeout_and_nothing_of_a_timed_out_request_is_computed():
-    toml = FAKE_TOML + '[models.fake.options]\ndelay_s = 1.0\nslow_on = "hold"\n'
-    with serve(toml) as client:
+    with serve(FAKE_TOML) as client, fake_gate() as gate:
         hold = _hold_the_worker(client)
         r = client.post(URL, json={"model": "fake", "input": "late"}, headers={"X-Request-Timeout-Ms": "200"})
         assert r.status_code == 504 and "within 0.2s" in r.json()["error"]["message"]
-        # Answered at its deadline, while the 1 s batch ahead of it still ran: it did not wait for that batch.
-        assert hold.is_alive()
+        # Answered at its deadline while the batch ahead of it was still held: it did not wait for that batch.
+        assert FakeBackend.holding == [["hold"]] and hold.is_alive()
+        gate.set()
         hold.join()
         _never_computed(client, "late")
 
 
 def test_inputs_of_a_request_past_request_timeout_s_are_never_computed():
-    toml = (
-        "[server]\nrequest_timeout_s = 0.2\n" + FAKE_TOML + '[models.fake.options]\ndelay_s = 0.4\nslow_on = "hold"\n'
-    )
-    with serve(toml) as client:
+    with serve("[server]\nrequest_timeout_s = 0.2\n" + FAKE_TOML) as client, fake_gate() as gate:
         hold = _hold_the_worker(client)
         assert client.post(URL, json={"model": "fake", "input": "late"}).status_code == 504
+        # Timed out while the batch ahead of it was still held, so its input was queued when its time ran out.
+        assert FakeBackend.holding == [["hold"]]
+        gate.set()
         hold.join()
         _never_computed(client, "late")
