@@ -101,10 +101,27 @@ def _routes(front: bool) -> list[Any]:
 @asynccontextmanager
 async def _lifespan(app: Litestar) -> AsyncIterator[None]:
     gateway: Gateway = app.state.gateway
-    if gateway.link is not None:
-        async with _front_lifespan(gateway):
-            yield
+    if gateway.running:
+        # A second lifespan on a running app would load the models again and start a second job runner on the
+        # same store (each job's chunks computed twice), and its end would close what the first still serves.
+        log.warning("the app's lifespan started again while it runs: the first one keeps the models and jobs")
+        yield
         return
+    gateway.running = True
+    try:
+        if gateway.link is not None:
+            async with _front_lifespan(gateway):
+                yield
+        else:
+            async with _single_lifespan(gateway):
+                yield
+    finally:
+        gateway.running = False
+
+
+@asynccontextmanager
+async def _single_lifespan(gateway: Gateway) -> AsyncIterator[None]:
+    # The server in one process: it loads the models and runs the Batch API jobs.
     loop = asyncio.get_running_loop()
     gateway.registry.load_all(loop)
     MODEL_GAUGES.add(gateway.model_status)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import logging
 import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -19,7 +20,7 @@ from litestar.testing import TestClient
 from gateway.base.config import ConfigError, KeyConfig, parse_config
 from gateway.shared.keys import KeyStore
 
-from ..conftest import API_KEY, SENTENCES, FakeBackend, fake_vector, serve, wait_until
+from ..conftest import API_KEY, AUTH, SENTENCES, FakeBackend, fake_vector, make_app, serve, wait_loaded, wait_until
 
 
 def _toml(data_dir: Path, delay_s: float = 0.0, chunk_lines: int = 4, extra: str = "") -> str:
@@ -585,3 +586,32 @@ def _vector(value: Any) -> np.ndarray:
     if isinstance(value, str):
         return np.frombuffer(base64.b64decode(value), dtype=np.float32)
     return np.array(value, dtype=np.float32)
+
+
+def test_a_second_lifespan_on_the_running_app_changes_nothing(tmp_path, caplog):
+    """A harness that starts the app's lifespan again while it runs (schemathesis does) gets no second set of
+    models or job runner, and its end closes nothing the first still serves."""
+    FakeBackend.batches = []
+    app = make_app(_toml(tmp_path))
+    gateway_log = logging.getLogger("gateway")  # its records do not reach the root logger, where caplog listens
+    gateway_log.addHandler(caplog.handler)
+    try:
+        with TestClient(app=app, timeout=60) as http:
+            http.headers.update(AUTH)
+            wait_loaded(http)
+            gw = app.state.gateway
+            registry, poke = gw.registry, gw.poke_batches
+            with TestClient(app=app, timeout=60) as again:
+                assert gw.registry is registry and gw.poke_batches is poke  # nothing loaded or started twice
+                r = again.post("/v1/embeddings", json={"model": "fake", "input": "through the second"}, headers=AUTH)
+                assert r.status_code == 200, r.text
+                batch = _run(_client(again), [_line(f"r{i}", f"twice? {i}") for i in range(12)])
+                assert batch.status == "completed" and batch.request_counts.completed == 12
+            assert "lifespan started again" in caplog.text
+            # Each job line computed once (one runner), and the models and the job store still serve after its end.
+            computed = [t for b in FakeBackend.batches for t in b if t.startswith("twice? ")]
+            assert sorted(computed) == sorted(f"twice? {i}" for i in range(12))
+            assert http.post("/v1/embeddings", json={"model": "fake", "input": "after it"}).status_code == 200
+            assert _run(_client(http), [_line("a", "after the second lifespan")]).status == "completed"
+    finally:
+        gateway_log.removeHandler(caplog.handler)
