@@ -47,6 +47,9 @@ class Gateway:
     copies: Callable[[str], tuple[int, int, bool]] | None = None
     #: Tells this process's Batch API job runner, if it has one, that a job was created or cancelled.
     poke_batches: Callable[[], None] | None = None
+    #: Whether a lifespan of the app runs this gateway (models loaded, job runner started): a second one at the
+    #: same time (a test harness's own, as schemathesis starts) leaves everything to the first.
+    running: bool = False
 
     def __init__(
         self,
@@ -97,9 +100,6 @@ class Gateway:
         self.reloader = Reloader(self)
         #: The Batch API's store (None: turned off; a reload keeps its folder).
         self.batches = StoreHandle(config.batches.data_dir) if config.batches.enabled else None
-        #: Whether a lifespan of the app runs this gateway (models loaded, job runner started): a second one at
-        #: the same time (a test harness's own, as schemathesis starts) leaves everything to the first.
-        self.running = False
 
     def here(self, spec: ModelSpec) -> bool:
         """Whether this process loads the model: one process loads all; with workers, the runtime the shared
